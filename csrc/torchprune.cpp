@@ -1,0 +1,49 @@
+// The op schemas of torchprune, all in one place. Implementations are registered per dispatch
+// key next to their kernels (csrc/cpu/*.cpp, later csrc/cuda/register.cpp); fake kernels and
+// autograd live in torchprune/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import torchprune._C` only has to load this shared library: loading runs the static
+// registrations below and in the kernel files. The Python module itself is empty.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",                                          // name
+      "torchprune C++ ops (see torch.ops.torchprune)",  // doc
+      -1,                                            // no per-interpreter state
+      nullptr,                                       // no methods: ops go through torch.ops
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(torchprune, m) {
+  // Fake (meta) kernels are registered from Python; torch imports this module when it needs them.
+  m.set_python_module("torchprune._ops");
+
+  // y = x @ where(mask, weight, 0)^T + bias, over any number of leading dims of x.
+  m.def(
+      "masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Gradients of masked_linear w.r.t. (x, weight, bias). An output whose output_mask entry is
+  // false is not computed and comes back as an empty tensor of shape [0]. grad_weight is exactly
+  // zero where mask is false.
+  m.def(
+      "masked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mask, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+
+  // 2-D convolution (cross-correlation, NCHW) with where(mask, weight, 0) as the weight.
+  m.def(
+      "masked_conv2d(Tensor x, Tensor weight, Tensor mask, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Same contract as masked_linear_backward.
+  m.def(
+      "masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mask, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}

@@ -1,0 +1,272 @@
+"""The C++ ops of torchprune: loading, fake kernels, autograd, and typed Python wrappers.
+
+The ops live under ``torch.ops.torchprune``; their schemas are in ``csrc/torchprune.cpp`` and their
+CPU kernels in ``csrc/cpu/``. This module adds what the C++ side does not have:
+
+* fake kernels (``torch.library.register_fake``): output shapes and strides without running the
+  kernel, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace straight through the ops;
+* autograd (``torch.library.register_autograd``): each backward is itself an op
+  (``masked_linear_backward``, ``masked_conv2d_backward``), so compiled backward graphs see it too.
+  Double backward is not supported: the backward ops have no autograd formula of their own;
+* thin wrappers (:func:`masked_linear`, :func:`masked_conv2d`) with types and docstrings.
+
+Every op validates its arguments in C++; the fake kernels repeat the checks that decide output
+shapes, with the same messages, so a bad call fails the same way while tracing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops in torch.ops.torchprune)
+except ImportError as error:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        "torchprune's C++ ops (torchprune._C) could not be loaded: they are not built, or were "
+        "built against a different PyTorch. Build them against the torch you have, from the "
+        'repository root: pip install --no-build-isolation -e ".[test]"  (or, for the ops only: '
+        f"python setup.py build_ext --inplace). Original error: {error}"
+    ) from error
+
+__all__ = ["masked_linear", "masked_conv2d"]
+
+IntPair = Union[int, Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Python wrappers
+
+
+def masked_linear(
+    x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
+    """``x @ where(mask, weight, 0).T + bias`` without storing a second, masked copy of ``weight``.
+
+    ``x`` has shape ``(..., in_features)`` (any number of leading dims, including size 0),
+    ``weight`` ``(out_features, in_features)``, ``mask`` a bool tensor of ``weight``'s shape and
+    ``bias`` ``(out_features,)`` or None. Pruned entries count as exactly 0 (even if the stored
+    weight holds inf/nan), and the gradient w.r.t. ``weight`` is exactly 0 there.
+
+    >>> w = torch.randn(8, 4); mask = w.abs() > 0.5
+    >>> y = masked_linear(torch.randn(2, 4), w, mask)
+    >>> y.shape
+    torch.Size([2, 8])
+    """
+    return torch.ops.torchprune.masked_linear(x, weight, mask, bias)
+
+
+def masked_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = (1, 1),
+    padding: IntPair = (0, 0),
+    dilation: IntPair = (1, 1),
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv2d(x, where(mask, weight, 0), bias, ...)`` with no stored masked copy of ``weight``.
+
+    ``x`` is ``(N, C_in, H, W)`` (N may be 0), ``weight`` ``(C_out, C_in / groups, kH, kW)``,
+    ``mask`` a bool tensor of ``weight``'s shape, ``bias`` ``(C_out,)`` or None. ``stride``,
+    ``padding`` (zeros) and ``dilation`` take an int or a pair of ints. The gradient w.r.t.
+    ``weight`` is exactly 0 where ``mask`` is false.
+
+    >>> w = torch.randn(16, 3, 3, 3); mask = w.abs() > 0.5
+    >>> y = masked_conv2d(torch.randn(2, 3, 32, 32), w, mask, padding=1)
+    >>> y.shape
+    torch.Size([2, 16, 32, 32])
+    """
+    return torch.ops.torchprune.masked_conv2d(
+        x, weight, mask, bias, _pair(stride), _pair(padding), _pair(dilation), groups
+    )
+
+
+def _pair(value: IntPair) -> List[int]:
+    """An int or a 2-sequence of ints as a list of 2 ints (the schema's int[2])."""
+    if isinstance(value, int):
+        return [value, value]
+    return list(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and strides of the outputs, the same as the CPU kernels produce.
+
+
+def _check(condition, message: Callable[[], str]) -> None:
+    torch._check(condition, message)  # raises RuntimeError, like TORCH_CHECK in the kernels
+
+
+def _shape(sizes) -> str:
+    return "[" + ", ".join(str(size) for size in sizes) + "]"
+
+
+def _check_mask(op: str, weight: Tensor, mask: Tensor) -> None:
+    _check(
+        mask.dtype == torch.bool,
+        lambda: f"{op}: `mask` must be a bool tensor (torch.bool) with the shape of `weight`, "
+        f"got {mask.dtype}",
+    )
+    _check(
+        mask.shape == weight.shape,
+        lambda: f"{op}: `mask` must have the same shape as `weight` {_shape(weight.shape)}, "
+        f"got {_shape(mask.shape)}",
+    )
+
+
+def _check_linear(op: str, x: Tensor, weight: Tensor, mask: Tensor) -> None:
+    _check(
+        weight.dim() == 2,
+        lambda: f"{op}: `weight` must be 2-D, got a {weight.dim()}-D tensor of shape "
+        f"{_shape(weight.shape)}",
+    )
+    _check(
+        x.dim() >= 1,
+        lambda: f"{op}: `x` must have at least 1 dimension (..., in_features), got a 0-D tensor",
+    )
+    _check(
+        x.shape[-1] == weight.shape[1],
+        lambda: f"{op}: `x` must have last dimension in_features = weight.size(1) = "
+        f"{weight.shape[1]}, got shape {_shape(x.shape)}",
+    )
+    _check_mask(op, weight, mask)
+
+
+@torch.library.register_fake("torchprune::masked_linear")
+def _masked_linear_fake(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _check_linear("masked_linear", x, weight, mask)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("torchprune::masked_linear_backward")
+def _masked_linear_backward_fake(
+    grad_out: Tensor, x: Tensor, weight: Tensor, mask: Tensor, output_mask: List[bool]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_linear("masked_linear_backward", x, weight, mask)
+    grad_x = x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)
+    grad_weight = x.new_empty(weight.shape) if output_mask[1] else x.new_empty(0)
+    grad_bias = x.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0)
+    return grad_x, grad_weight, grad_bias
+
+
+def _check_conv2d(op: str, x: Tensor, weight: Tensor, mask: Tensor, groups: int) -> None:
+    _check(
+        x.dim() == 4,
+        lambda: f"{op}: `x` must be 4-D (N, C, H, W), got a {x.dim()}-D tensor of shape "
+        f"{_shape(x.shape)}",
+    )
+    _check(groups >= 1, lambda: f"{op}: `groups` must be >= 1, got {groups}")
+    _check_mask(op, weight, mask)
+
+
+# The kernels convolve with a fresh contiguous masked weight; ATen's own meta functions for that
+# convolution give the output strides (channels_last in, channels_last out), so reuse them.
+@torch.library.register_fake("torchprune::masked_conv2d")
+def _masked_conv2d_fake(
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+) -> Tensor:
+    _check_conv2d("masked_conv2d", x, weight, mask, groups)
+    return torch.ops.aten.convolution(
+        x, weight.contiguous(), bias, stride, padding, dilation, False, [0, 0], groups
+    )
+
+
+@torch.library.register_fake("torchprune::masked_conv2d_backward")
+def _masked_conv2d_backward_fake(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    output_mask: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_conv2d("masked_conv2d_backward", x, weight, mask, groups)
+    bias_sizes = [weight.shape[0]] if output_mask[2] else None
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_out, x, weight.contiguous(), bias_sizes, stride, padding, dilation, False, [0, 0],
+        groups, output_mask,
+    )
+    return (
+        grad_x if output_mask[0] else x.new_empty(0),
+        grad_weight.contiguous() if output_mask[1] else x.new_empty(0),
+        grad_bias if output_mask[2] else x.new_empty(0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd. Only the gradients autograd asks for are computed (ctx.needs_input_grad), and the
+# mask never gets one. Double backward is not supported (see the module docstring).
+
+
+def _masked_linear_setup_context(ctx, inputs, output) -> None:
+    x, weight, mask, bias = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.has_bias = bias is not None
+
+
+def _masked_linear_backward(ctx, grad_out: Tensor):
+    x, weight, mask = ctx.saved_tensors
+    need_x, need_weight, _, need_bias = ctx.needs_input_grad
+    need_bias = need_bias and ctx.has_bias
+    grad_x, grad_weight, grad_bias = torch.ops.torchprune.masked_linear_backward(
+        grad_out, x, weight, mask, [need_x, need_weight, need_bias]
+    )
+    return (
+        grad_x if need_x else None,
+        grad_weight if need_weight else None,
+        None,
+        grad_bias if need_bias else None,
+    )
+
+
+torch.library.register_autograd(
+    "torchprune::masked_linear",
+    _masked_linear_backward,
+    setup_context=_masked_linear_setup_context,
+)
+
+
+def _masked_conv2d_setup_context(ctx, inputs, output) -> None:
+    x, weight, mask, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.has_bias = bias is not None
+    ctx.conv_args = (stride, padding, dilation, groups)
+
+
+def _masked_conv2d_backward(ctx, grad_out: Tensor):
+    x, weight, mask = ctx.saved_tensors
+    need_x, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    need_bias = need_bias and ctx.has_bias
+    grad_x, grad_weight, grad_bias = torch.ops.torchprune.masked_conv2d_backward(
+        grad_out, x, weight, mask, *ctx.conv_args, [need_x, need_weight, need_bias]
+    )
+    return (
+        grad_x if need_x else None,
+        grad_weight if need_weight else None,
+        None,
+        grad_bias if need_bias else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "torchprune::masked_conv2d",
+    _masked_conv2d_backward,
+    setup_context=_masked_conv2d_setup_context,
+)
