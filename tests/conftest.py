@@ -1,0 +1,62 @@
+"""Shared small models for the tests."""
+
+import pytest
+import torch
+from torch import nn
+
+
+class SmallNet(nn.Module):
+    """Conv1d, Conv2d and Linear layers, with BatchNorm: every prunable type in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 16, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))  # (N, 8, 4, 4)
+        x = torch.relu(self.conv1d(x.flatten(2)))  # (N, 8, 16)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def make_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+@pytest.fixture
+def mlp():
+    return make_mlp()
+
+
+@pytest.fixture
+def small_net():
+    torch.manual_seed(0)
+    return SmallNet()
+
+
+def snapshot(model):
+    """Everything prune() could change: tensors (cloned) and module classes."""
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [type(m) for m in model.modules()],
+        {k: (None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()},
+        model.training,
+    )
+
+
+def assert_unchanged(model, before):
+    state, types, grads, training = before
+    now = snapshot(model)
+    assert set(now[0]) == set(state)
+    for k in state:
+        assert torch.equal(now[0][k], state[k]), k
+    assert now[1] == types
+    for k in grads:
+        assert (grads[k] is None) == (now[2][k] is None)
+        if grads[k] is not None:
+            assert torch.equal(grads[k], now[2][k])
+    assert now[3] == training

@@ -1,0 +1,85 @@
+"""save()/load(): plain-tensor files that bring a fresh model back pruned, in another process too."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import torchprune as tp
+from conftest import SmallNet
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_round_trip_into_fresh_instance(small_net, tmp_path):
+    tp.prune(small_net, sparsity=0.8, scope="global", exclude=["fc2"])
+    path = tmp_path / "pruned.pt"
+    tp.save(small_net, path)
+    payload = torch.load(path, weights_only=True)  # plain tensors and data only
+    assert set(payload["masked_layers"]) == {"conv", "conv1d", "fc1"}
+    fresh = tp.load(path, SmallNet())
+    small_net.eval(), fresh.eval()
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(fresh(x), small_net(x))
+    assert {k: v.tolist() for k, v in tp.masks(fresh).items()} == {k: v.tolist() for k, v in tp.masks(small_net).items()}
+    assert type(fresh.fc2) is nn.Linear
+
+
+def test_load_in_another_process(small_net, tmp_path):
+    tp.prune(small_net, granularity="2:4", exclude=["conv"])
+    small_net.eval()
+    x = torch.randn(2, 3, 4, 4)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(small_net(x).detach(), tmp_path / "y.pt")
+    tp.save(small_net, tmp_path / "model.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {TESTS!r})
+        import torchprune as tp
+        from conftest import SmallNet
+        model = tp.load({str(tmp_path / "model.pt")!r}, SmallNet()).eval()
+        x, y = torch.load({str(tmp_path / "x.pt")!r}), torch.load({str(tmp_path / "y.pt")!r})
+        assert torch.equal(model(x), y), "outputs differ"
+        assert abs(tp.sparsity(model) - {tp.sparsity(small_net)!r}) < 1e-12
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_load_checks_everything_before_changing_the_model(small_net, tmp_path):
+    tp.prune(small_net, sparsity=0.5)
+    tp.save(small_net, tmp_path / "m.pt")
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="the file masks a Conv2d at 'conv'"):
+        tp.load(tmp_path / "m.pt", other)
+    assert type(other[0]) is nn.Linear
+
+    class Wider(SmallNet):
+        def __init__(self):
+            super().__init__()
+            self.fc2 = nn.Linear(32, 12)
+
+    wider = Wider()
+    with pytest.raises(ValueError, match=r"shape differs: fc2.bias \[10\] vs \[12\]"):
+        tp.load(tmp_path / "m.pt", wider)
+    assert not tp.masks(wider)
+
+    torch.save({"weights": 1}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="is not a torchprune file"):
+        tp.load(tmp_path / "plain.pt", SmallNet())
+
+
+def test_save_load_of_unpruned_model(tmp_path):
+    model = SmallNet()
+    tp.save(model, tmp_path / "dense.pt")
+    fresh = tp.load(tmp_path / "dense.pt", SmallNet())
+    assert not tp.masks(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))

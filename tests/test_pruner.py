@@ -1,0 +1,182 @@
+"""prune(): targets per scope, granularities, repeated pruning, data-driven scores, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchprune as tp
+from conftest import SmallNet, assert_unchanged, make_mlp, snapshot
+
+
+def pruned_fraction(mask):
+    return float((~mask).sum()) / mask.numel()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.97])
+def test_layer_scope_hits_each_layer(small_net, sparsity):
+    tp.prune(small_net, sparsity=sparsity)
+    masks = tp.masks(small_net)
+    assert set(masks) == {"conv", "conv1d", "fc1", "fc2"}
+    for mask in masks.values():
+        assert abs(float((~mask).sum()) - sparsity * mask.numel()) <= 0.5
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.95])
+def test_global_scope_hits_the_total(small_net, sparsity):
+    tp.prune(small_net, sparsity=sparsity, scope="global")
+    masks = tp.masks(small_net).values()
+    total = sum(m.numel() for m in masks)
+    assert abs(sum(float((~m).sum()) for m in masks) - sparsity * total) <= 0.5
+    assert abs(tp.sparsity(small_net) - sparsity) <= 0.5 / total
+    # the global ranking is by magnitude: every kept weight beats every pruned one
+    weights = [l.weight.detach() for n, l in small_net.named_modules() if n in tp.masks(small_net)]
+    kept = torch.cat([w[m].abs() for w, m in zip(weights, masks)])
+    assert kept.min() > 0
+
+
+def test_pruned_weights_are_zero_and_outputs_match_reference(small_net):
+    x = torch.randn(2, 3, 4, 4)
+    tp.prune(small_net, sparsity=0.6)
+    reference = SmallNet()
+    state = {k: v for k, v in small_net.state_dict().items() if not k.endswith("weight_mask")}
+    reference.load_state_dict(state)
+    small_net.eval(), reference.eval()
+    for name, mask in tp.masks(small_net).items():
+        assert (small_net.get_submodule(name).weight[~mask] == 0).all()
+    assert torch.allclose(small_net(x), reference(x), atol=1e-6)
+
+
+def test_dict_scope_prunes_only_named_layers(mlp):
+    tp.prune(mlp, scope={"0": 0.5, "4": 0.25})
+    masks = tp.masks(mlp)
+    assert set(masks) == {"0", "4"}
+    assert pruned_fraction(masks["0"]) == 0.5 and pruned_fraction(masks["4"]) == 0.25
+    assert isinstance(mlp[2], nn.Linear) and type(mlp[2]) is nn.Linear
+
+
+def test_threshold_prunes_below_the_score(mlp):
+    weights = {n: m.weight.detach().abs().clone() for n, m in mlp.named_modules() if isinstance(m, nn.Linear)}
+    tp.prune(mlp, threshold=0.1)
+    for name, mask in tp.masks(mlp).items():
+        assert torch.equal(mask, weights[name] >= 0.1)
+
+
+def test_repeated_pruning_prunes_further_among_survivors(mlp):
+    tp.prune(mlp, sparsity=0.5)
+    first = {k: v.clone() for k, v in tp.masks(mlp).items()}
+    tp.prune(mlp, sparsity=0.8, importance="random")
+    for name, mask in tp.masks(mlp).items():
+        assert not (mask & ~first[name]).any()  # nothing regrew
+        assert abs(pruned_fraction(mask) - 0.8) <= 0.5 / mask.numel()
+    tp.prune(mlp, sparsity=0.3)  # lower than now: nothing changes
+    assert all(abs(pruned_fraction(m) - 0.8) <= 0.5 / m.numel() for m in tp.masks(mlp).values())
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_n_m_granularity(n, m):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv1d(16, 8, 1), nn.Linear(16, 8))
+    tp.prune(model, granularity=f"{n}:{m}")
+    linear_mask = tp.masks(model)["2"]
+    assert (linear_mask.view(8, -1, m).sum(-1) == n).all()
+    conv_mask = tp.masks(model)["0"]
+    assert (conv_mask.permute(0, 2, 3, 1).reshape(-1, m).sum(-1) == n).all()
+    assert abs(tp.sparsity(model) - (1 - n / m)) < 1e-12
+
+
+def test_exclude_by_name_module_and_type(small_net):
+    tp.prune(small_net, sparsity=0.5, exclude=["fc2", small_net.conv, nn.Conv1d])
+    assert set(tp.masks(small_net)) == {"fc1"}
+
+
+def test_taylor_with_data_matches_manual_scores(mlp):
+    torch.manual_seed(1)
+    data = [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(3)]
+    reference = make_mlp()
+    expected = {}
+    for x, y in data:
+        reference.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        for name in ("0", "2", "4"):
+            layer = reference.get_submodule(name)
+            term = (layer.weight * layer.weight.grad).abs().detach()
+            expected[name] = expected.get(name, 0) + term
+    before = [p.grad for p in mlp.parameters()]
+    tp.prune(mlp, sparsity=0.5, importance="taylor", data=data, loss_fn=F.cross_entropy)
+    assert [p.grad for p in mlp.parameters()] == before  # gradients restored (all None)
+    for name, mask in tp.masks(mlp).items():
+        assert torch.equal(mask, tp.selection.by_ratio(expected[name], torch.ones_like(mask), 0.5))
+
+
+def test_gradient_importance_runs_in_eval_mode_and_restores_it(small_net):
+    data = [(torch.randn(4, 3, 4, 4), torch.randint(0, 10, (4,)))]
+    stats = small_net.bn.running_mean.clone()
+    tp.prune(small_net, sparsity=0.5, importance="gradient", data=data, loss_fn=F.cross_entropy)
+    assert small_net.training and torch.equal(small_net.bn.running_mean, stats)
+
+
+def test_masked_model_trains_and_compiles(small_net):
+    tp.prune(small_net, sparsity=0.7, scope="global")
+    small_net.eval()
+    x = torch.randn(3, 3, 4, 4)
+    compiled = torch.compile(small_net, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x), small_net(x), atol=1e-6)
+
+
+BAD_CALLS = [
+    (dict(sparsity=1.0), ValueError, r"`sparsity` must be in \[0, 1\), got 1.0"),
+    (dict(sparsity=-0.1), ValueError, r"`sparsity` must be in \[0, 1\)"),
+    (dict(sparsity="half"), TypeError, r"`sparsity` must be a number"),
+    (dict(), ValueError, r"exactly one of `sparsity`.*or `threshold`"),
+    (dict(sparsity=0.5, threshold=0.1), ValueError, r"exactly one of `sparsity`"),
+    (dict(sparsity=0.5, importance="nope"), ValueError, r"`importance` must be one of"),
+    (dict(sparsity=0.5, granularity="block"), ValueError, r"`granularity` must be 'weight' or 'N:M'"),
+    (dict(sparsity=0.5, granularity="channel"), ValueError, r"structural pruning"),
+    (dict(granularity="4:4"), ValueError, r"0 < N < M"),
+    (dict(granularity="5:4"), ValueError, r"0 < N < M"),
+    (dict(granularity="2:4", sparsity=0.3), ValueError, r"`sparsity` must be None or 0.5"),
+    (dict(granularity="2:4", threshold=0.3), ValueError, r"`threshold` cannot be combined"),
+    (dict(granularity="2:4", scope="global"), ValueError, r"`scope` must be 'layer' for N:M"),
+    (dict(granularity="2:3"), ValueError, r"layer 'conv1d' \(Conv1d\) has input size 8"),
+    (dict(sparsity=0.5, scope="model"), ValueError, r"`scope` must be one of \['layer', 'global'\]"),
+    (dict(scope={"fc1": 1.5}), ValueError, r"`scope\['fc1'\]` must be in \[0, 1\)"),
+    (dict(scope={"bn": 0.5}), ValueError, r"`scope` key 'bn' is not a prunable layer"),
+    (dict(scope={"fc1": 0.5}, sparsity=0.5), ValueError, r"pass neither `sparsity` nor `threshold`"),
+    (dict(sparsity=0.5, exclude=["missing"]), ValueError, r"`exclude` names no module of the model: 'missing'"),
+    (dict(sparsity=0.5, exclude=[nn.Linear(2, 2)]), ValueError, r"`exclude` holds a Linear that is not part"),
+    (dict(sparsity=0.5, exclude=[3]), TypeError, r"`exclude` items must be"),
+    (dict(sparsity=0.5, exclude=[nn.Linear, nn.Conv1d, nn.Conv2d]), ValueError, r"no prunable layer"),
+    (dict(sparsity=0.5, importance="taylor"), ValueError, r"pass `data` and `loss_fn`"),
+    (dict(sparsity=0.5, importance="gradient", data=[]), ValueError, r"pass `loss_fn`"),
+    (dict(sparsity=0.5, importance="gradient", data=[], loss_fn=F.cross_entropy), ValueError, r"`data` yielded no batches"),
+    (dict(sparsity=0.5, importance="gradient", data=[torch.zeros(1)], loss_fn=F.cross_entropy), TypeError, r"`data` must yield"),
+    (dict(threshold=float("nan")), TypeError, r"`threshold` must be a real number"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_CALLS)
+def test_bad_input_raises_and_leaves_the_model_untouched(small_net, kwargs, error, message):
+    tp.prune(small_net, sparsity=0.2, exclude=["fc2"])  # already pruned models stay untouched too
+    before = snapshot(small_net)
+    with pytest.raises(error, match=message):
+        tp.prune(small_net, **kwargs)
+    assert_unchanged(small_net, before)
+
+
+def test_model_without_prunable_layers_and_non_module():
+    with pytest.raises(ValueError, match="no prunable layer"):
+        tp.prune(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), sparsity=0.5)
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+        tp.prune("resnet", sparsity=0.5)
+
+
+def test_failing_loss_fn_leaves_model_untouched(small_net):
+    before = snapshot(small_net)
+
+    def broken(output, target):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        tp.prune(small_net, sparsity=0.5, importance="taylor", data=[(torch.randn(2, 3, 4, 4), None)], loss_fn=broken)
+    assert_unchanged(small_net, before)

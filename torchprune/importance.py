@@ -1,0 +1,175 @@
+"""Importance criteria: one score per weight, higher means more worth keeping.
+
+Every criterion returns a tensor of the weight's shape, so one selection routine serves all of
+them. Criteria know nothing about schedules or granularity. Data-driven criteria (``Gradient``,
+``Taylor``) accumulate statistics from backward passes through `observe()`; `prune()` feeds them the
+batches given as ``data``, and the progressive Pruner can feed them its training steps.
+
+>>> crit = tp.importance.Taylor()
+>>> tp.prune(model, sparsity=0.5, importance=crit, data=batches, loss_fn=F.cross_entropy)
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Union
+
+import torch
+from torch import nn
+
+from .masking import effective_weight
+
+__all__ = [
+    "Importance",
+    "Magnitude",
+    "FilterNorm",
+    "Gradient",
+    "Taylor",
+    "Random",
+    "NAMES",
+    "resolve",
+]
+
+
+class Importance:
+    """Base class: ``score(module)`` returns a float tensor shaped like ``module.weight``."""
+
+    #: True when the criterion needs backward passes (`prune()` then requires ``data`` and ``loss_fn``).
+    requires_data: bool = False
+
+    def score(self, module: nn.Module) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement score(module)")
+
+    def reset(self) -> None:
+        """Forgets any state, so that a new pruning round scores from scratch (stateless: no-op)."""
+
+    def __call__(self, module: nn.Module) -> torch.Tensor:
+        return self.score(module)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class Magnitude(Importance):
+    """|w|^p of each weight (p=1: L1 magnitude pruning; p=2 ranks the same way, squared)."""
+
+    def __init__(self, p: float = 1):
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
+            raise ValueError(f"`p` must be a positive number, got {p!r}")
+        self.p = p
+
+    def score(self, module: nn.Module) -> torch.Tensor:
+        return effective_weight(module).abs().pow(self.p)
+
+
+class FilterNorm(Importance):
+    """The Lp norm of each output filter (conv) or neuron (linear row), given to all its weights.
+
+    With weight granularity this masks whole filters, lowest norm first (Li et al. 2017).
+    """
+
+    def __init__(self, p: float = 2):
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
+            raise ValueError(f"`p` must be a positive number, got {p!r}")
+        self.p = p
+
+    def score(self, module: nn.Module) -> torch.Tensor:
+        weight = effective_weight(module)
+        norms = weight.flatten(1).norm(p=self.p, dim=1)
+        return norms.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
+
+
+class _Accumulated(Importance):
+    """A criterion summed over backward passes; `observe()` after each backward, `reset()` to clear."""
+
+    requires_data = True
+
+    def __init__(self):
+        self._sums: Dict[int, torch.Tensor] = {}
+
+    def _term(self, module: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def observe(self, module: nn.Module) -> None:
+        """Adds this backward pass's term for ``module`` (skipped if it has no gradient)."""
+        if module.weight.grad is None:
+            return
+        term = self._term(module).detach()
+        key = id(module)
+        self._sums[key] = term.clone() if key not in self._sums else self._sums[key].add_(term)
+
+    def reset(self) -> None:
+        self._sums.clear()
+
+    def score(self, module: nn.Module) -> torch.Tensor:
+        total = self._sums.get(id(module))
+        if total is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no gradient statistics for this {type(module).__name__}; "
+                "pass `data` and `loss_fn` to prune() (or call observe() after backward passes)"
+            )
+        return total
+
+
+class Gradient(_Accumulated):
+    """Sum over batches of |dL/dw|: how strongly the loss reacts to each weight."""
+
+    def _term(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.grad.abs()
+
+
+class Taylor(_Accumulated):
+    """Sum over batches of |w * dL/dw|: the first-order Taylor estimate of the loss change when the
+    weight is removed (Molchanov et al. 2017/2019), taken per weight and per batch."""
+
+    def _term(self, module: nn.Module) -> torch.Tensor:
+        return (effective_weight(module) * module.weight.grad).abs()
+
+
+class Random(Importance):
+    """Uniform random scores from a seeded generator: the baseline every criterion must beat.
+
+    Scores are reproducible: a layer's scores depend only on the seed and the layer's position in
+    the scoring order, which `prune()` keeps fixed (module order).
+    """
+
+    def __init__(self, seed: int = 0):
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"`seed` must be an int, got {type(seed).__name__}")
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def reset(self) -> None:
+        """Restarts the random stream from the seed."""
+        self._generator.manual_seed(self.seed)
+
+    def score(self, module: nn.Module) -> torch.Tensor:
+        weight = module.weight
+        scores = torch.rand(weight.shape, generator=self._generator, dtype=torch.float64)
+        return scores.to(device=weight.device)
+
+
+#: Names accepted wherever an importance is asked for, and what they build.
+NAMES = {
+    "magnitude": lambda: Magnitude(p=1),
+    "l1": lambda: Magnitude(p=1),
+    "l2": lambda: Magnitude(p=2),
+    "filter_norm": lambda: FilterNorm(p=2),
+    "gradient": Gradient,
+    "taylor": Taylor,
+    "random": lambda: Random(seed=0),
+}
+
+
+def resolve(importance: Union[str, Importance]) -> Importance:
+    """An Importance instance from an instance or one of the names in `NAMES`."""
+    if isinstance(importance, Importance):
+        return importance
+    if isinstance(importance, str):
+        key = importance.lower()
+        if key not in NAMES:
+            raise ValueError(f"`importance` must be one of {sorted(NAMES)} or an Importance, got {importance!r}")
+        return NAMES[key]()
+    raise TypeError(
+        f"`importance` must be one of {sorted(NAMES)} or an Importance instance, got {type(importance).__name__}"
+    )

@@ -1,0 +1,97 @@
+"""save() / load() of pruned models as plain tensors, loadable with ``weights_only=True``.
+
+The file is a dict of tensors and plain data: the model's state_dict (masks included, as the
+``<layer>.weight_mask`` buffers) and the names of the masked layers. Loading replays the masking on a
+fresh, unpruned instance of the same class and then loads the state_dict strictly, so no module is
+ever pickled and the file loads in any process that can build the model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Union
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .masking import attach_mask, base_type, get_mask, is_prunable
+
+__all__ = ["save", "load"]
+
+_FORMAT = "torchprune"
+_FORMAT_VERSION = 1
+
+
+def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Writes ``model``'s weights and pruning masks to ``path``.
+
+    >>> tp.save(model, "pruned.pt")
+    >>> fresh = tp.load("pruned.pt", MyNet())     # comes back pruned, same outputs
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    masked = {name: base_type(m).__name__ for name, m in model.named_modules() if get_mask(m) is not None}
+    payload = {
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "torchprune_version": __version__,
+        "masked_layers": masked,
+        "state_dict": {k: v.detach() for k, v in model.state_dict().items()},
+    }
+    torch.save(payload, path)
+
+
+def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
+    """Restores the pruned weights and masks saved by `save` into ``model``; returns ``model``.
+
+    ``model`` is a fresh (or already pruned) instance of the saved model's class. Everything is
+    checked against the file before the model is changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise ValueError(f"`path` {str(path)!r} is not a torchprune file (written by tp.save)")
+    if payload.get("format_version", 0) > _FORMAT_VERSION:
+        raise ValueError(
+            f"`path` {str(path)!r} was written by torchprune {payload.get('torchprune_version')} in format "
+            f"{payload['format_version']}; this torchprune reads format {_FORMAT_VERSION} or older"
+        )
+    masked: Dict[str, str] = payload["masked_layers"]
+    state: Dict[str, torch.Tensor] = payload["state_dict"]
+    modules = dict(model.named_modules())
+    for name, kind in masked.items():
+        module = modules.get(name)
+        if module is None or not is_prunable(module) or base_type(module).__name__ != kind:
+            found = "nothing" if module is None else type(module).__name__
+            raise ValueError(f"`model` does not match the file: the file masks a {kind} at {name!r}, the model has {found} there")
+    _check_state_matches(model, masked, state)
+
+    for name in masked:
+        attach_mask(modules[name], state[f"{name}.weight_mask" if name else "weight_mask"])
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _check_state_matches(model: nn.Module, masked: Dict[str, str], state: Dict[str, torch.Tensor]) -> None:
+    """The file's tensors must be exactly the model's (plus the saved masks), with the same shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        key = f"{name}.weight_mask" if name else "weight_mask"
+        if name in masked:
+            expected[key] = tuple(module.weight.shape)
+        elif get_mask(module) is not None:
+            raise ValueError(f"`model` layer {name!r} is pruned but the file has no mask for it; load into a fresh model")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing in the file: {missing[:5]}")
+        if unexpected:
+            parts.append(f"not in the model: {unexpected[:5]}")
+        if wrong:
+            parts.append("shape differs: " + ", ".join(f"{k} {list(state[k].shape)} vs {list(expected[k])}" for k in wrong[:5]))
+        raise ValueError("`model` does not match the file (" + "; ".join(parts) + ")")

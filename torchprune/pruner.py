@@ -1,0 +1,257 @@
+"""prune(): one-shot pruning of a model's layers with masks.
+
+Every argument is checked before anything is touched, and the data-driven scoring pass restores the
+model's gradients and train/eval mode, so a call that raises leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import selection
+from .importance import Importance, resolve
+from .masking import PRUNABLE_TYPES, attach_mask, base_type, get_mask, prunable_layers
+
+__all__ = ["prune"]
+
+_SCOPES = ("layer", "global")
+_STRUCTURAL = ("channel", "head", "layer")
+_GRANULARITY_HELP = "'weight' or 'N:M' with 0 < N < M (e.g. '2:4')"
+
+
+def prune(
+    model: nn.Module,
+    sparsity: Optional[float] = None,
+    threshold: Optional[float] = None,
+    importance: Union[str, Importance] = "magnitude",
+    granularity: str = "weight",
+    scope: Union[str, Mapping[str, float]] = "layer",
+    exclude: Iterable = (),
+    example_inputs=None,
+    data: Optional[Iterable] = None,
+    loss_fn: Optional[Callable] = None,
+) -> nn.Module:
+    """Masks the least important weights of every Linear/Conv1d/Conv2d layer; returns ``model``.
+
+    ``sparsity`` is the fraction of weights pruned (per layer with ``scope="layer"``, over all
+    layers together with ``scope="global"``, or per named layer with a dict scope); ``threshold``
+    prunes every weight whose score is below it instead. ``granularity="N:M"`` keeps the N best of
+    each M consecutive weights along the input dimension. Already pruned weights stay pruned.
+    ``example_inputs`` is accepted for the structural granularities of later versions and unused here.
+
+    >>> model = tp.prune(model, sparsity=0.9, scope="global")
+    >>> tp.prune(model, granularity="2:4", exclude=["classifier"])
+    >>> tp.prune(model, sparsity=0.5, importance="taylor", data=batches, loss_fn=F.cross_entropy)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    criterion = resolve(importance)
+    n_m = _parse_granularity(granularity)
+    _check_amount(sparsity, threshold, scope, n_m)
+    layers = _target_layers(model, exclude, scope)
+    if n_m is not None:
+        _check_n_m_divides(layers, n_m)
+    if criterion.requires_data:
+        _check_data_args(data, loss_fn, importance)
+
+    criterion.reset()
+    if criterion.requires_data:
+        _observe_gradients(model, layers, criterion, data, loss_fn)
+    scores = {name: _checked_score(criterion, name, layer) for name, layer in layers.items()}
+    current = {name: _current_mask(layer) for name, layer in layers.items()}
+    new_masks = _select(scores, current, sparsity, threshold, scope, n_m)
+
+    for name, layer in layers.items():
+        attach_mask(layer, new_masks[name])
+    return model
+
+
+def _parse_granularity(granularity) -> Optional[Tuple[int, int]]:
+    """None for "weight", (N, M) for "N:M"."""
+    if not isinstance(granularity, str):
+        raise TypeError(f"`granularity` must be a string, {_GRANULARITY_HELP}, got {type(granularity).__name__}")
+    if granularity == "weight":
+        return None
+    if granularity in _STRUCTURAL:
+        raise ValueError(
+            f"`granularity` must be {_GRANULARITY_HELP}, got {granularity!r}: structural pruning "
+            "(channels, heads, layers) is not available in this version"
+        )
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", granularity)
+    if match is None:
+        raise ValueError(f"`granularity` must be {_GRANULARITY_HELP}, got {granularity!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"`granularity` N:M needs 0 < N < M, got {granularity!r}")
+    return n, m
+
+
+def _check_sparsity_value(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number in [0, 1), got {type(value).__name__}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{what} must be in [0, 1), got {value}")
+
+
+def _check_amount(sparsity, threshold, scope, n_m) -> None:
+    """Exactly one of sparsity / threshold / dict scope / N:M says how much to prune."""
+    if isinstance(scope, Mapping):
+        if sparsity is not None or threshold is not None:
+            raise ValueError("with a dict `scope` the per-layer sparsities come from it: pass neither `sparsity` nor `threshold`")
+        if n_m is not None:
+            raise ValueError("`scope` must be 'layer' for N:M granularity (choose layers with `exclude`), got a dict")
+        for name, value in scope.items():
+            if not isinstance(name, str):
+                raise TypeError(f"`scope` keys must be module names (str), got {type(name).__name__}")
+            _check_sparsity_value(value, f"`scope[{name!r}]`")
+        return
+    if not isinstance(scope, str) or scope not in _SCOPES:
+        raise ValueError(f"`scope` must be one of {list(_SCOPES)} or a dict {{module_name: sparsity}}, got {scope!r}")
+    if n_m is not None:
+        n, m = n_m
+        if threshold is not None:
+            raise ValueError("`threshold` cannot be combined with N:M granularity (N:M fixes the sparsity at 1 - N/M)")
+        if scope != "layer":
+            raise ValueError(f"`scope` must be 'layer' for N:M granularity, got {scope!r}")
+        if sparsity is not None:
+            _check_sparsity_value(sparsity, "`sparsity`")
+            if abs(float(sparsity) - (1 - n / m)) > 1e-9:
+                raise ValueError(f"`sparsity` must be None or {1 - n / m} for {n}:{m} granularity, got {sparsity}")
+        return
+    if (sparsity is None) == (threshold is None):
+        raise ValueError("pass exactly one of `sparsity` (a fraction in [0, 1)) or `threshold` (an absolute score)")
+    if sparsity is not None:
+        _check_sparsity_value(sparsity, "`sparsity`")
+    elif isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold != threshold:
+        raise TypeError(f"`threshold` must be a real number, got {threshold!r}")
+
+
+def _excluded_ids(model: nn.Module, exclude) -> set:
+    """Ids of the modules never pruned; a name or module excludes its whole subtree."""
+    if isinstance(exclude, (str, nn.Module, type)):
+        exclude = (exclude,)
+    if exclude is None:
+        exclude = ()
+    try:
+        items = list(exclude)
+    except TypeError:
+        raise TypeError(f"`exclude` must be module names, modules or module types, got {type(exclude).__name__}") from None
+    named = dict(model.named_modules())
+    members = {id(m) for m in named.values()}
+    excluded = set()
+    for item in items:
+        if isinstance(item, str):
+            if item not in named:
+                raise ValueError(f"`exclude` names no module of the model: {item!r}")
+            excluded.update(id(m) for m in named[item].modules())
+        elif isinstance(item, nn.Module):
+            if id(item) not in members:
+                raise ValueError(f"`exclude` holds a {type(item).__name__} that is not part of the model")
+            excluded.update(id(m) for m in item.modules())
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            excluded.update(id(m) for m in named.values() if issubclass(base_type(m), item) or isinstance(m, item))
+        else:
+            raise TypeError(f"`exclude` items must be module names, modules or nn.Module types, got {item!r}")
+    return excluded
+
+
+def _target_layers(model: nn.Module, exclude, scope) -> Dict[str, nn.Module]:
+    excluded = _excluded_ids(model, exclude)
+    candidates = prunable_layers(model)
+    layers = {name: m for name, m in candidates.items() if id(m) not in excluded}
+    if isinstance(scope, Mapping):
+        for name in scope:
+            if name not in candidates:
+                raise ValueError(
+                    f"`scope` key {name!r} is not a prunable layer of the model; prunable layers: {list(candidates)}"
+                )
+            if name not in layers:
+                raise ValueError(f"`scope` key {name!r} is also excluded by `exclude`")
+        layers = {name: layers[name] for name in scope}
+    if not layers:
+        kinds = ", ".join(t.__name__ for t in PRUNABLE_TYPES)
+        raise ValueError(f"`model` has no prunable layer ({kinds}) left after `exclude`")
+    return layers
+
+
+def _input_size(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels // layer.groups
+
+
+def _check_n_m_divides(layers: Dict[str, nn.Module], n_m: Tuple[int, int]) -> None:
+    n, m = n_m
+    for name, layer in layers.items():
+        size = _input_size(layer)
+        if size % m:
+            raise ValueError(
+                f"`granularity` {n}:{m} needs M={m} to divide the input size of every layer; layer {name!r} "
+                f"({base_type(layer).__name__}) has input size {size}; exclude it or choose another M"
+            )
+
+
+def _check_data_args(data, loss_fn, importance) -> None:
+    if data is None or loss_fn is None:
+        missing = " and ".join(f"`{a}`" for a, v in (("data", data), ("loss_fn", loss_fn)) if v is None)
+        raise ValueError(f"importance {importance!r} is data-driven: pass {missing} (batches of (inputs, targets) and a loss function)")
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
+
+
+def _observe_gradients(model: nn.Module, layers, criterion, data, loss_fn) -> None:
+    """Backward passes over ``data`` in eval mode (no BN statistic updates, no dropout); the model's
+    gradients and mode are restored afterwards, so only the criterion's statistics change."""
+    params = list(model.parameters())
+    saved_grads = [p.grad for p in params]
+    was_training = model.training
+    model.eval()
+    batches = 0
+    try:
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"`data` must yield (inputs, targets) pairs, got {type(batch).__name__}")
+            inputs, targets = batch
+            for p in params:
+                p.grad = None
+            output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+            loss_fn(output, targets).backward()
+            for layer in layers.values():
+                criterion.observe(layer)
+            batches += 1
+    finally:
+        for p, grad in zip(params, saved_grads):
+            p.grad = grad
+        model.train(was_training)
+    if batches == 0:
+        raise ValueError("`data` yielded no batches")
+
+
+def _checked_score(criterion: Importance, name: str, layer: nn.Module) -> torch.Tensor:
+    scores = criterion(layer)
+    if not isinstance(scores, torch.Tensor) or scores.shape != layer.weight.shape:
+        got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"importance {criterion!r} returned {got} for layer {name!r}; expected the weight's shape {list(layer.weight.shape)}")
+    return scores
+
+
+def _current_mask(layer: nn.Module) -> torch.Tensor:
+    mask = get_mask(layer)
+    return mask if mask is not None else torch.ones_like(layer.weight, dtype=torch.bool)
+
+
+def _select(scores, current, sparsity, threshold, scope, n_m) -> Dict[str, torch.Tensor]:
+    names = list(scores)
+    if n_m is not None:
+        return {k: selection.n_of_m(scores[k], current[k], *n_m) for k in names}
+    if isinstance(scope, Mapping):
+        return {k: selection.by_ratio(scores[k], current[k], float(scope[k])) for k in names}
+    if threshold is not None:
+        return {k: selection.by_threshold(scores[k], current[k], float(threshold)) for k in names}
+    if scope == "global":
+        masks = selection.by_global_ratio([scores[k] for k in names], [current[k] for k in names], float(sparsity))
+        return dict(zip(names, masks))
+    return {k: selection.by_ratio(scores[k], current[k], float(sparsity)) for k in names}
