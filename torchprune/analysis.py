@@ -1,0 +1,239 @@
+"""Per-layer accounting of a (pruned) model: parameters, nonzeros, sparsity and MACs.
+
+Definitions used throughout (one row per module that owns parameters directly):
+
+* ``params``: every parameter the module owns itself (``recurse=False``), weight and bias.
+* ``nonzeros``: nonzero *effective* entries of those parameters. A pruned layer's effective
+  weight is ``where(weight_mask, weight, 0)``, so masked-out weights count as zero even if the
+  stored value is not; other parameters (bias, BN affine, ...) count their own nonzeros.
+* ``sparsity``: fraction of zero effective entries of the module's ``weight`` parameter (the
+  tensor pruning acts on). A module without a ``weight`` parameter uses all its own parameters.
+  The totals row applies the same definition summed over all rows.
+* ``macs_dense`` / ``macs_effective``: multiply-accumulates of Linear and Conv1d/2d/3d layers.
+  A weight entry is used once per output position, so ``dense = positions * weight.numel()`` and
+  ``effective = positions * nonzero effective weights``. Bias adds are not MACs, and zeros that
+  padding feeds in at the borders are not discounted. Without ``example_inputs`` a Linear layer
+  reports one position (one sample, one token) and a conv reports ``None`` (its output size is
+  unknown). With ``example_inputs`` one forward is traced: Linear positions are
+  ``prod(input.shape[:-1])``, conv positions ``N * prod(output spatial size)``, and a layer
+  called several times sums its calls (a layer never called reports 0).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from torchprune.masking import get_mask
+
+__all__ = ["Summary", "summary"]
+
+# Layers whose MACs are counted; others (norms, embeddings, attention matmuls) are not.
+_MAC_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_COLUMNS = (  # (row key, header, right-aligned)
+    ("name", "Layer", False),
+    ("type", "Type", False),
+    ("weight_shape", "Weight shape", False),
+    ("params", "Params", True),
+    ("nonzeros", "Nonzeros", True),
+    ("sparsity", "Sparsity", True),
+    ("macs_dense", "MACs (dense)", True),
+    ("macs_effective", "MACs (effective)", True),
+)
+
+
+class Summary:
+    """The result of :func:`summary`: ``rows`` (one dict per layer) and ``totals`` (one dict).
+
+    Row keys: ``name``, ``type``, ``weight_shape`` (list of ints or None), ``params``,
+    ``nonzeros``, ``sparsity`` (float in [0, 1]), ``macs_dense``, ``macs_effective`` (int or
+    None). ``totals`` has the same numeric keys; its MACs are None when any counted layer's are.
+    """
+
+    def __init__(self, rows: List[Dict[str, Any]], totals: Dict[str, Any]) -> None:
+        self.rows = rows
+        self.totals = totals
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain python types only (JSON-serialisable): ``{"layers": rows, "totals": totals}``."""
+        return {"layers": [dict(r) for r in self.rows], "totals": dict(self.totals)}
+
+    def _cells(self) -> Tuple[List[str], List[List[str]], List[str]]:
+        headers = [header for _, header, _ in _COLUMNS]
+        body = [[_format(key, row[key]) for key, _, _ in _COLUMNS] for row in self.rows]
+        total = {"name": "Total", "type": "", "weight_shape": "", **self.totals}
+        return headers, body, [_format(key, total[key]) for key, _, _ in _COLUMNS]
+
+    def __str__(self) -> str:
+        headers, body, total = self._cells()
+        widths = [max(len(r[i]) for r in [headers, total, *body]) for i in range(len(headers))]
+
+        def line(cells: Sequence[str]) -> str:
+            parts = [c.rjust(w) if right else c.ljust(w)
+                     for c, w, (_, _, right) in zip(cells, widths, _COLUMNS)]
+            return "  ".join(parts).rstrip()
+
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        return "\n".join([line(headers), rule, *(line(r) for r in body), rule, line(total)])
+
+    __repr__ = __str__
+
+    def to_markdown(self) -> str:
+        """The same table as GitHub-flavoured Markdown, numeric columns right-aligned."""
+        headers, body, total = self._cells()
+        total = [f"**{c}**" if c else c for c in total]
+
+        def line(cells: Sequence[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+        align = ["---:" if right else ":---" for _, _, right in _COLUMNS]
+        return "\n".join([line(headers), "|" + "|".join(align) + "|",
+                          *(line(r) for r in body), line(total)])
+
+    _repr_markdown_ = to_markdown  # rendered tables in Jupyter
+
+
+def summary(model: nn.Module,
+            example_inputs: Optional[Union[Tensor, Sequence[Tensor]]] = None) -> Summary:
+    """Tabulate params, nonzeros, sparsity and dense/effective MACs per layer of ``model``.
+
+    Pass ``example_inputs`` (called as ``model(*example_inputs)``) to get exact MACs for that
+    input, convolutions included; the forward runs once in eval mode under ``torch.no_grad()``
+    and the model's train/eval modes are restored afterwards. See the module docstring for the
+    precise definitions. Parameters shared by several modules count once in the totals.
+
+        s = tp.summary(model, example_inputs=torch.randn(1, 3, 32, 32))
+        print(s)                       # fixed-width text table
+        s.totals["macs_effective"]     # or s.to_dict() / s.to_markdown()
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    if example_inputs is not None:
+        if isinstance(example_inputs, Tensor):
+            example_inputs = (example_inputs,)
+        elif (not isinstance(example_inputs, (tuple, list))
+              or not all(isinstance(x, Tensor) for x in example_inputs)):
+            raise TypeError("`example_inputs` must be a Tensor or a tuple/list of Tensors, "
+                            f"got {_describe(example_inputs)}")
+        positions = _trace_positions(model, tuple(example_inputs))
+    else:
+        positions = None
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        raise ValueError("`model` has uninitialized (lazy) parameters; pass `example_inputs` "
+                         "so that one forward can materialise them")
+
+    rows: List[Dict[str, Any]] = []
+    seen: set = set()  # parameter ids already counted in the totals (tied weights)
+    total = {"params": 0, "nonzeros": 0, "zeros": 0, "counted": 0}
+    macs_total: Dict[str, Optional[int]] = {"macs_dense": 0, "macs_effective": 0}
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        mask = get_mask(module)
+        nonzeros = {pname: _count_nonzero(p, mask if pname == "weight" else None)
+                    for pname, p in own}
+        weight = dict(own).get("weight")
+        if weight is not None:  # sparsity is measured on the weight pruning acts on
+            counted, zeros = weight.numel(), weight.numel() - nonzeros["weight"]
+        else:
+            counted = sum(p.numel() for _, p in own)
+            zeros = counted - sum(nonzeros.values())
+        dense = effective = None
+        if isinstance(module, _MAC_TYPES) and weight is not None:
+            n = positions.get(id(module), 0) if positions is not None else (
+                1 if isinstance(module, nn.Linear) else None)
+            if n is not None:
+                dense, effective = n * weight.numel(), n * nonzeros["weight"]
+            for key, value in (("macs_dense", dense), ("macs_effective", effective)):
+                current = macs_total[key]
+                macs_total[key] = None if current is None or value is None else current + value
+        rows.append({
+            "name": name,
+            "type": _type_name(module),
+            "weight_shape": list(weight.shape) if weight is not None else None,
+            "params": sum(p.numel() for _, p in own),
+            "nonzeros": sum(nonzeros.values()),
+            "sparsity": zeros / counted if counted else 0.0,
+            "macs_dense": dense,
+            "macs_effective": effective,
+        })
+        total["zeros"] += zeros
+        total["counted"] += counted
+        for pname, p in own:
+            if id(p) not in seen:
+                seen.add(id(p))
+                total["params"] += p.numel()
+                total["nonzeros"] += nonzeros[pname]
+    totals = {"params": total["params"], "nonzeros": total["nonzeros"],
+              "sparsity": total["zeros"] / total["counted"] if total["counted"] else 0.0,
+              **macs_total}
+    return Summary(rows, totals)
+
+
+def _trace_positions(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Dict[int, int]:
+    """Run ``model(*inputs)`` once and return {id(layer): output positions summed over calls}."""
+    positions: Dict[int, int] = {}
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if not isinstance(output, Tensor):
+            return
+        channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        # output.numel() / channels == prod(input.shape[:-1]) for Linear, N * prod(spatial) for conv
+        count = output.numel() // channels if channels else 0
+        positions[id(module)] = positions.get(id(module), 0) + count
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _MAC_TYPES)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    return positions
+
+
+def _count_nonzero(p: Tensor, mask: Optional[Tensor]) -> int:
+    p = p.detach()
+    if mask is not None:  # effective weight: masked-out entries are zero whatever is stored
+        p = torch.where(mask.to(device=p.device, dtype=torch.bool), p, 0)
+    return int(torch.count_nonzero(p))
+
+
+def _type_name(module: nn.Module) -> str:
+    """Class name; a ``Masked*`` swap reports the torch class it stands in for (``Linear``)."""
+    cls = type(module)
+    if cls.__name__.startswith("Masked"):
+        for base in cls.__mro__[1:]:
+            if not base.__module__.startswith("torchprune") and base is not nn.Module:
+                return base.__name__
+    return cls.__name__
+
+
+def _format(key: str, value: Any) -> str:
+    if key == "name":
+        return value or "(root)"
+    if key in ("type", "weight_shape") and value == "":
+        return ""  # the totals row leaves these blank
+    if value is None:
+        return "-"
+    if key == "weight_shape":
+        return "(" + ", ".join(str(d) for d in value) + ")"
+    if key == "sparsity":
+        return f"{100 * value:.2f}%"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(type(v).__name__ for v in value)
+        return f"{type(value).__name__} of ({inner})"
+    return type(value).__name__
