@@ -1,0 +1,25 @@
+"""torchprune: neural-network pruning for PyTorch, with C++ kernels that turn sparsity into speed.
+
+>>> import torchprune as tp
+>>> tp.prune(model, sparsity=0.9, scope="global")
+>>> print(tp.summary(model))
+"""
+
+from . import importance
+from ._version import __version__
+from .analysis import summary
+from .io import load, save
+from .masking import make_permanent, masks, sparsity
+from .pruner import prune
+
+__all__ = [
+    "__version__",
+    "importance",
+    "prune",
+    "masks",
+    "sparsity",
+    "make_permanent",
+    "save",
+    "load",
+    "summary",
+]
