@@ -77,6 +77,13 @@ def linear_cases():
         ((2, 3), 6, 5, 0.3, torch.float32, False, "transposed"),  # 3-D x, non-contiguous
         ((4,), 9, 7, 0.7, torch.float64, True, "strided"),
         ((2, 3, 2), 4, 6, 0.5, torch.float32, True, "strided"),  # 4-D x
+        ((4,), 6, 0, 0.5, torch.float32, True, "contiguous"),  # no outputs
+        ((4,), 0, 3, 0.5, torch.float64, True, "contiguous"),  # no inputs
+        # large enough for the kernels to cut the weight into several cache-sized tiles
+        ((1,), 2048, 300, 0.3, torch.float32, True, "contiguous"),
+        ((3,), 1030, 517, 0.5, torch.float64, False, "transposed"),
+        ((70,), 1100, 130, 0.9, torch.float32, True, "contiguous"),  # tiles as wide as the batch
+        ((2, 150), 600, 40, 0.5, torch.float32, True, "strided"),  # one tile, batch > outputs
     ]
     rng = random.Random(0)
     random_cases = []

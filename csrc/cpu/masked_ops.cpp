@@ -5,29 +5,30 @@
 // as a temporary inside each op call; the module keeps its one dense weight and one bool mask.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/mask_span.h"
 
 namespace torchprune {
 namespace {
 
 using at::Tensor;
 
-// out[i] = mask[i] ? src[i] : 0 over contiguous buffers (`out` may alias `src`). A select, not a
-// multiply, so a pruned entry is exactly 0 even when the stored weight holds inf or nan. One pass,
-// memory bound: the bool mask is a quarter of the bytes of a float32 weight.
+// where(mask, src, 0) into `out` over contiguous buffers (`out` may be `src`), in parallel; one
+// pass, memory bound: the bool mask is a quarter of the bytes of a float32 weight.
 template <typename scalar_t>
 void mask_kernel(const scalar_t* src, const bool* mask, scalar_t* out, int64_t numel) {
-  at::parallel_for(0, numel, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      out[i] = mask[i] ? src[i] : scalar_t(0);
-    }
+  const auto* keep = reinterpret_cast<const uint8_t*>(mask);
+  at::parallel_for(0, numel, at::internal::GRAIN_SIZE, [=](int64_t begin, int64_t end) {
+    mask_span(src + begin, keep + begin, out + begin, end - begin);
   });
 }
 
@@ -83,6 +84,129 @@ int64_t leading_rows(const Tensor& x) {
   return rows;
 }
 
+// The products are tiled so that the masked weight never exists whole: each thread masks one
+// tile of the weight into a small buffer that stays in its L2 cache and multiplies it at once
+// (ATen's mm_out, i.e. MKL, writing straight into the output). This avoids a weight-sized
+// temporary, which for a 4096x4096 fp32 layer is 64 MiB written, and page-faulted in afresh, on
+// every call; the op then reads about what the dense layer reads, plus a quarter for the mask.
+
+constexpr int64_t kTileBytes = 512 * 1024;  // about half of a current x86 core's L2
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// How many tiles to cut a dimension of `extent` slices into, one slice being `slice` elements of
+// `elem_size` bytes, when the other operand has `rows` rows. A tile holds about kTileBytes but at
+// least `rows` slices (every tile re-reads the other operand, which should cost no more than the
+// tile itself), and the tile count is a multiple of the thread count, for equal work.
+int64_t tile_count(int64_t extent, int64_t slice, int64_t rows, int64_t elem_size) {
+  if (extent <= 0) {
+    return 0;
+  }
+  const int64_t by_cache = kTileBytes / std::max<int64_t>(1, slice * elem_size);
+  int64_t tiles = ceil_div(extent, std::max<int64_t>({8, by_cache, rows}));
+  if (tiles > 1) {
+    const int64_t threads = at::get_num_threads();
+    tiles = ceil_div(tiles, threads) * threads;
+  }
+  return std::min(tiles, extent);
+}
+
+// Runs fn(begin, end) over tile indices: one tile runs directly, so that MKL may use all
+// threads inside it; several tiles are spread over the threads, one MKL thread each. The ATen
+// calls inside fn need this thread's dispatch state (below autograd, grad mode) on the worker
+// threads too, or mm_out would see tensors that require grad and refuse.
+template <typename Fn>
+void for_tiles(int64_t tiles, const Fn& fn) {
+  if (tiles == 1) {
+    fn(0, 1);
+  } else if (tiles > 1) {
+    const at::ThreadLocalState state;
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard guard(state);
+      fn(begin, end);
+    });
+  }
+}
+
+// y[:, rows of tile] = x2 @ where(mask, w, 0)[rows of tile]^T (+ bias), tiles over output rows.
+template <typename scalar_t>
+void linear_forward(const Tensor& x2, const Tensor& w, const uint8_t* keep,
+                    const std::optional<Tensor>& bias, Tensor& y) {
+  const int64_t out_f = w.size(0), in_f = w.size(1);
+  const int64_t tiles = tile_count(out_f, in_f, x2.size(0), sizeof(scalar_t));
+  const int64_t width = tiles ? ceil_div(out_f, tiles) : 0;
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  for_tiles(tiles, [&](int64_t begin, int64_t end) {
+    Tensor buffer = at::empty({width, in_f}, w.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * width, r = std::min(width, out_f - r0);
+      if (r <= 0) {
+        break;
+      }
+      mask_span(wp + r0 * in_f, keep + r0 * in_f, buffer.mutable_data_ptr<scalar_t>(), r * in_f);
+      Tensor tile = buffer.narrow(0, 0, r);
+      Tensor out = y.narrow(1, r0, r);
+      if (bias.has_value()) {
+        at::addmm_out(out, bias->narrow(0, r0, r), x2, tile.t());
+      } else {
+        at::mm_out(out, x2, tile.t());
+      }
+    }
+  });
+}
+
+// grad_x2[:, columns of tile] = g2 @ where(mask, w, 0)[:, columns of tile], tiles over inputs.
+template <typename scalar_t>
+void linear_grad_input(const Tensor& g2, const Tensor& w, const uint8_t* keep, Tensor& grad_x2) {
+  const int64_t out_f = w.size(0), in_f = w.size(1);
+  if (out_f == 0) {
+    grad_x2.zero_();
+    return;
+  }
+  const int64_t tiles = tile_count(in_f, out_f, g2.size(0), sizeof(scalar_t));
+  const int64_t width = tiles ? ceil_div(in_f, tiles) : 0;
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  for_tiles(tiles, [&](int64_t begin, int64_t end) {
+    Tensor buffer = at::empty({out_f * width}, w.options());
+    scalar_t* bp = buffer.mutable_data_ptr<scalar_t>();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = t * width, c = std::min(width, in_f - c0);
+      if (c <= 0) {
+        break;
+      }
+      for (int64_t o = 0; o < out_f; ++o) {
+        mask_span(wp + o * in_f + c0, keep + o * in_f + c0, bp + o * c, c);
+      }
+      Tensor out = grad_x2.narrow(1, c0, c);
+      at::mm_out(out, g2, buffer.narrow(0, 0, out_f * c).view({out_f, c}));
+    }
+  });
+}
+
+// grad_w[rows of tile] = g2[:, rows of tile]^T @ x2, masked while the tile is still in cache.
+template <typename scalar_t>
+void linear_grad_weight(const Tensor& g2, const Tensor& x2, const uint8_t* keep, Tensor& grad_w) {
+  const int64_t out_f = grad_w.size(0), in_f = grad_w.size(1);
+  const int64_t tiles = tile_count(out_f, in_f, x2.size(0), sizeof(scalar_t));
+  const int64_t width = tiles ? ceil_div(out_f, tiles) : 0;
+  scalar_t* gp = grad_w.mutable_data_ptr<scalar_t>();
+  for_tiles(tiles, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * width, r = std::min(width, out_f - r0);
+      if (r <= 0) {
+        break;
+      }
+      Tensor out = grad_w.narrow(0, r0, r);
+      at::mm_out(out, g2.narrow(1, r0, r).t(), x2);
+      mask_span(gp + r0 * in_f, keep + r0 * in_f, gp + r0 * in_f, r * in_f);
+    }
+  });
+}
+
+const uint8_t* mask_bytes(const Tensor& contiguous_mask) {
+  return reinterpret_cast<const uint8_t*>(contiguous_mask.const_data_ptr<bool>());
+}
+
 Tensor masked_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& mask,
                          const std::optional<Tensor>& bias) {
   const char* op = "masked_linear";
@@ -91,9 +215,12 @@ Tensor masked_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& ma
     check_bias(op, *bias, weight);
   }
   const int64_t rows = leading_rows(x);
-  Tensor w = masked_weight(weight, mask);
-  Tensor x2 = x.reshape({rows, weight.size(1)});  // a view unless x is non-contiguous
-  Tensor y2 = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+  const Tensor w = weight.contiguous(), m = mask.contiguous();
+  const Tensor x2 = x.reshape({rows, weight.size(1)});  // a view unless x is non-contiguous
+  Tensor y2 = at::empty({rows, weight.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_linear", [&] {
+    linear_forward<scalar_t>(x2, w, mask_bytes(m), bias, y2);
+  });
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = weight.size(0);
   return y2.view(out_sizes);
@@ -111,14 +238,21 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_cpu(
   check_like(op, "grad_out", grad_out, "weight", weight);
 
   const int64_t rows = leading_rows(x);
-  Tensor g2 = grad_out.reshape({rows, weight.size(0)});
+  const Tensor w = weight.contiguous(), m = mask.contiguous();
+  const Tensor g2 = grad_out.reshape({rows, weight.size(0)});
   Tensor grad_x, grad_weight, grad_bias;
-  if (output_mask[0]) {
-    grad_x = at::mm(g2, masked_weight(weight, mask)).view(x.sizes());
-  }
-  if (output_mask[1]) {
-    grad_weight = mask_grad_weight(at::mm(g2.t(), x.reshape({rows, weight.size(1)})), mask);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_linear_backward", [&] {
+    if (output_mask[0]) {
+      Tensor grad_x2 = at::empty({rows, weight.size(1)}, x.options());
+      linear_grad_input<scalar_t>(g2, w, mask_bytes(m), grad_x2);
+      grad_x = grad_x2.view(x.sizes());
+    }
+    if (output_mask[1]) {
+      grad_weight = at::empty(weight.sizes(), weight.options());
+      linear_grad_weight<scalar_t>(g2, x.reshape({rows, weight.size(1)}), mask_bytes(m),
+                                   grad_weight);
+    }
+  });
   if (output_mask[2]) {
     grad_bias = g2.sum(0);
   }
