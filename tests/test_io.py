@@ -83,3 +83,13 @@ def test_save_load_of_unpruned_model(tmp_path):
     fresh = tp.load(tmp_path / "dense.pt", SmallNet())
     assert not tp.masks(fresh)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_load_refuses_unsupported_devices_before_any_change(small_net, tmp_path):
+    tp.prune(small_net, sparsity=0.5)
+    tp.save(small_net, tmp_path / "m.pt")
+    target = SmallNet()
+    target.fc1.to("meta")
+    with pytest.raises(ValueError, match=r"`model` layer 'fc1' is on meta"):
+        tp.load(tmp_path / "m.pt", target)
+    assert not tp.masks(target)

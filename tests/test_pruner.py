@@ -116,12 +116,16 @@ def test_gradient_importance_runs_in_eval_mode_and_restores_it(small_net):
     assert small_net.training and torch.equal(small_net.bn.running_mean, stats)
 
 
-def test_masked_model_trains_and_compiles(small_net):
+def test_masked_model_compiles_fullgraph_and_exports(small_net):
     tp.prune(small_net, sparsity=0.7, scope="global")
     small_net.eval()
     x = torch.randn(3, 3, 4, 4)
-    compiled = torch.compile(small_net, fullgraph=True, backend="aot_eager")
-    assert torch.allclose(compiled(x), small_net(x), atol=1e-6)
+    compiled = torch.compile(small_net, fullgraph=True)
+    assert torch.allclose(compiled(x), small_net(x), atol=1e-5)
+    exported = torch.export.export(small_net, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert {"torchprune.masked_linear.default", "torchprune.masked_conv2d.default"} <= ops
+    assert torch.allclose(exported.module()(x), small_net(x), atol=1e-6)
 
 
 BAD_CALLS = [
@@ -180,3 +184,12 @@ def test_failing_loss_fn_leaves_model_untouched(small_net):
     with pytest.raises(RuntimeError, match="boom"):
         tp.prune(small_net, sparsity=0.5, importance="taylor", data=[(torch.randn(2, 3, 4, 4), None)], loss_fn=broken)
     assert_unchanged(small_net, before)
+
+
+def test_layers_on_unsupported_devices_are_refused_before_any_change(small_net):
+    small_net.fc2.to("meta")  # stands in for a device this build has no masked kernels for
+    before = {k: v.clone() for k, v in small_net.state_dict().items() if not k.startswith("fc2")}
+    with pytest.raises(ValueError, match=r"`model` layer 'fc2' is on meta; this build's masked ops run on cpu only"):
+        tp.prune(small_net, sparsity=0.5)
+    assert not tp.masks(small_net)
+    assert all(torch.equal(v, small_net.state_dict()[k]) for k, v in before.items())

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .masking import attach_mask, base_type, get_mask, is_prunable
+from .masking import attach_mask, base_type, check_devices, get_mask, is_prunable
 
 __all__ = ["save", "load"]
 
@@ -67,6 +67,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
             found = "nothing" if module is None else type(module).__name__
             raise ValueError(f"`model` does not match the file: the file masks a {kind} at {name!r}, the model has {found} there")
     _check_state_matches(model, masked, state)
+    check_devices({name: modules[name] for name in masked})
 
     for name in masked:
         attach_mask(modules[name], state[f"{name}.weight_mask" if name else "weight_mask"])

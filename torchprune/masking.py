@@ -44,6 +44,7 @@ __all__ = [
     "make_permanent",
     "prunable_layers",
     "effective_weight",
+    "check_devices",
 ]
 
 #: Layer types `prune()` can mask (exact types; user subclasses with their own forward are skipped).
@@ -148,6 +149,22 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     mask = get_mask(module)
     weight = module.weight.detach()
     return weight if mask is None else torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
+
+
+#: Devices the masked ops have kernels for in this build (CUDA kernels are a later milestone).
+SUPPORTED_DEVICES = ("cpu",)
+
+
+def check_devices(layers: Dict[str, nn.Module], argument: str = "model") -> None:
+    """Raises before anything is masked if a layer sits on a device the masked ops cannot run on."""
+    for name, layer in layers.items():
+        device = layer.weight.device
+        if device.type not in SUPPORTED_DEVICES:
+            raise ValueError(
+                f"`{argument}` layer {name!r} is on {device}; this build's masked ops run on "
+                f"{', '.join(SUPPORTED_DEVICES)} only: prune on CPU (model.cpu()), or use a CUDA build "
+                "once it exists"
+            )
 
 
 def attach_mask(module: nn.Module, mask: torch.Tensor) -> None:

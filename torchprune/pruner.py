@@ -15,7 +15,7 @@ from torch import nn
 
 from . import selection
 from .importance import Importance, resolve
-from .masking import PRUNABLE_TYPES, attach_mask, base_type, get_mask, prunable_layers
+from .masking import PRUNABLE_TYPES, attach_mask, base_type, check_devices, get_mask, prunable_layers
 
 __all__ = ["prune"]
 
@@ -54,6 +54,7 @@ def prune(
     n_m = _parse_granularity(granularity)
     _check_amount(sparsity, threshold, scope, n_m)
     layers = _target_layers(model, exclude, scope)
+    check_devices(layers)
     if n_m is not None:
         _check_n_m_divides(layers, n_m)
     if criterion.requires_data:
