@@ -71,7 +71,9 @@ def cxx_flags():
 
 
 def extensions():
-    sources = ["csrc/torchprune.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
+    sources = ["csrc/torchprune.cpp"] + sorted(
+        glob.glob("csrc/autograd/*.cpp", root_dir=ROOT) + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT)
+    )
     compile_args, link_args = cxx_flags()
 
     # ---- CUDA (a later issue) ------------------------------------------------------------------

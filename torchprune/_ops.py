@@ -1,13 +1,12 @@
-"""The C++ ops of torchprune: loading, fake kernels, autograd, and typed Python wrappers.
+"""The C++ ops of torchprune: loading, fake kernels and typed Python wrappers.
 
-The ops live under ``torch.ops.torchprune``; their schemas are in ``csrc/torchprune.cpp`` and their
-CPU kernels in ``csrc/cpu/``. This module adds what the C++ side does not have:
+The ops live under ``torch.ops.torchprune``; their schemas are in ``csrc/torchprune.cpp``, their
+CPU kernels in ``csrc/cpu/`` and their autograd in ``csrc/autograd/`` (in C++, so that a masked
+layer runs no Python; each backward is itself an op, so compiled backward graphs see it too;
+double backward is not supported). This module adds what the C++ side does not have:
 
 * fake kernels (``torch.library.register_fake``): output shapes and strides without running the
   kernel, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace straight through the ops;
-* autograd (``torch.library.register_autograd``): each backward is itself an op
-  (``masked_linear_backward``, ``masked_conv2d_backward``), so compiled backward graphs see it too.
-  Double backward is not supported: the backward ops have no autograd formula of their own;
 * thin wrappers (:func:`masked_linear`, :func:`masked_conv2d`) with types and docstrings.
 
 Every op validates its arguments in C++; the fake kernels repeat the checks that decide output
@@ -204,69 +203,3 @@ def _masked_conv2d_backward_fake(
         grad_weight.contiguous() if output_mask[1] else x.new_empty(0),
         grad_bias if output_mask[2] else x.new_empty(0),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Autograd. Only the gradients autograd asks for are computed (ctx.needs_input_grad), and the
-# mask never gets one. Double backward is not supported (see the module docstring).
-
-
-def _masked_linear_setup_context(ctx, inputs, output) -> None:
-    x, weight, mask, bias = inputs
-    ctx.save_for_backward(x, weight, mask)
-    ctx.has_bias = bias is not None
-
-
-def _masked_linear_backward(ctx, grad_out: Tensor):
-    x, weight, mask = ctx.saved_tensors
-    need_x, need_weight, _, need_bias = ctx.needs_input_grad
-    need_bias = need_bias and ctx.has_bias
-    grad_x, grad_weight, grad_bias = torch.ops.torchprune.masked_linear_backward(
-        grad_out, x, weight, mask, [need_x, need_weight, need_bias]
-    )
-    return (
-        grad_x if need_x else None,
-        grad_weight if need_weight else None,
-        None,
-        grad_bias if need_bias else None,
-    )
-
-
-torch.library.register_autograd(
-    "torchprune::masked_linear",
-    _masked_linear_backward,
-    setup_context=_masked_linear_setup_context,
-)
-
-
-def _masked_conv2d_setup_context(ctx, inputs, output) -> None:
-    x, weight, mask, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, weight, mask)
-    ctx.has_bias = bias is not None
-    ctx.conv_args = (stride, padding, dilation, groups)
-
-
-def _masked_conv2d_backward(ctx, grad_out: Tensor):
-    x, weight, mask = ctx.saved_tensors
-    need_x, need_weight, _, need_bias = ctx.needs_input_grad[:4]
-    need_bias = need_bias and ctx.has_bias
-    grad_x, grad_weight, grad_bias = torch.ops.torchprune.masked_conv2d_backward(
-        grad_out, x, weight, mask, *ctx.conv_args, [need_x, need_weight, need_bias]
-    )
-    return (
-        grad_x if need_x else None,
-        grad_weight if need_weight else None,
-        None,
-        grad_bias if need_bias else None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "torchprune::masked_conv2d",
-    _masked_conv2d_backward,
-    setup_context=_masked_conv2d_setup_context,
-)

@@ -1,0 +1,128 @@
+// Autograd of the masked ops, in C++ so that a masked layer costs no Python on its hot path.
+//
+// Registered at the Autograd dispatch key, so it serves every device. Each backward is itself
+// an op (masked_linear_backward, masked_conv2d_backward), called through the dispatcher: eager
+// mode runs the device kernel, torch.compile / torch.export trace the op through its fake
+// kernel. Only the gradients autograd asks for are computed, and the mask never gets one.
+// Double backward is not supported: the backward ops have no autograd formula of their own.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace torchprune {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The bias travels through autograd as a plain Tensor with a has_bias flag: autograd tracks
+// Tensor arguments, not optional ones, and wants every Tensor argument defined, so an absent
+// bias is an empty placeholder that is never used.
+Tensor bias_or_placeholder(const std::optional<Tensor>& bias, const Tensor& like) {
+  return bias.has_value() ? *bias : at::empty({0}, like.options());
+}
+
+std::optional<Tensor> as_optional(const Tensor& bias, bool has_bias) {
+  return has_bias ? std::optional<Tensor>(bias) : std::nullopt;
+}
+
+// The backward ops return empty [0] tensors for what was not asked; autograd wants undefined.
+Tensor if_needed(bool needed, const Tensor& grad) { return needed ? grad : Tensor(); }
+
+class MaskedLinear : public torch::autograd::Function<MaskedLinear> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const Tensor& mask, const Tensor& bias, bool has_bias) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("torchprune::masked_linear", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                       const std::optional<Tensor>&)>();
+    ctx->save_for_backward({x, weight, mask});
+    ctx->saved_data["has_bias"] = has_bias;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(x, weight, mask, as_optional(bias, has_bias));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("torchprune::masked_linear_backward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor>(
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             std::array<bool, 3>)>();
+    const auto saved = ctx->get_saved_variables();
+    const bool need_x = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
+    auto [grad_x, grad_weight, grad_bias] =
+        op.call(grad_outputs[0], saved[0], saved[1], saved[2], {need_x, need_weight, need_bias});
+    return {if_needed(need_x, grad_x), if_needed(need_weight, grad_weight), Tensor(),
+            if_needed(need_bias, grad_bias), Tensor()};
+  }
+};
+
+class MaskedConv2d : public torch::autograd::Function<MaskedConv2d> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const Tensor& mask, const Tensor& bias, bool has_bias,
+                        at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("torchprune::masked_conv2d", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                       const std::optional<Tensor>&, at::IntArrayRef,
+                                       at::IntArrayRef, at::IntArrayRef, int64_t)>();
+    ctx->save_for_backward({x, weight, mask});
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(x, weight, mask, as_optional(bias, has_bias), stride, padding, dilation, groups);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("torchprune::masked_conv2d_backward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor>(
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                             std::array<bool, 3>)>();
+    const auto saved = ctx->get_saved_variables();
+    const bool need_x = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    auto [grad_x, grad_weight, grad_bias] = op.call(
+        grad_outputs[0], saved[0], saved[1], saved[2], stride, padding, dilation,
+        ctx->saved_data["groups"].toInt(), {need_x, need_weight, need_bias});
+    return {if_needed(need_x, grad_x), if_needed(need_weight, grad_weight), Tensor(),
+            if_needed(need_bias, grad_bias), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor masked_linear_autograd(const Tensor& x, const Tensor& weight, const Tensor& mask,
+                              const std::optional<Tensor>& bias) {
+  return MaskedLinear::apply(x, weight, mask, bias_or_placeholder(bias, weight), bias.has_value());
+}
+
+Tensor masked_conv2d_autograd(const Tensor& x, const Tensor& weight, const Tensor& mask,
+                              const std::optional<Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return MaskedConv2d::apply(x, weight, mask, bias_or_placeholder(bias, weight), bias.has_value(),
+                             stride, padding, dilation, groups);
+}
+
+}  // namespace
+}  // namespace torchprune
+
+TORCH_LIBRARY_IMPL(torchprune, Autograd, m) {
+  m.impl("masked_linear", &torchprune::masked_linear_autograd);
+  m.impl("masked_conv2d", &torchprune::masked_conv2d_autograd);
+}
