@@ -84,6 +84,7 @@ def linear_cases():
         ((3,), 1030, 517, 0.5, torch.float64, False, "transposed"),
         ((70,), 1100, 130, 0.9, torch.float32, True, "contiguous"),  # tiles as wide as the batch
         ((2, 150), 600, 40, 0.5, torch.float32, True, "strided"),  # one tile, batch > outputs
+        ((1100,), 2048, 64, 0.5, torch.float32, False, "contiguous"),  # grad_x by weight columns
     ]
     rng = random.Random(0)
     random_cases = []
