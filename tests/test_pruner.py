@@ -193,3 +193,44 @@ def test_layers_on_unsupported_devices_are_refused_before_any_change(small_net):
         tp.prune(small_net, sparsity=0.5)
     assert not tp.masks(small_net)
     assert all(torch.equal(v, small_net.state_dict()[k]) for k, v in before.items())
+
+
+class TiedNet(nn.Module):
+    """Two Linear layers that share one weight tensor (as tied encoder/decoder layers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.second = nn.Linear(8, 8)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.second(torch.relu(self.first(x))))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_tied_weights_get_one_mask(scope):
+    torch.manual_seed(0)
+    model = TiedNet()
+    tp.prune(model, sparsity=0.5, scope=scope)
+    masks = tp.masks(model)
+    assert torch.equal(masks["first"], masks["second"])
+    assert model.first.weight is model.second.weight
+    if scope == "layer":
+        assert int((~masks["first"]).sum()) == 32
+    tp.prune(model, sparsity=0.75, importance="random", scope=scope)
+    assert torch.equal(tp.masks(model)["first"], tp.masks(model)["second"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(sparsity=0.5, exclude=["second"]), r"layer 'second' shares its weight with 'first': prune both or neither"),
+    (dict(scope={"first": 0.5}), r"layer 'second' shares its weight with 'first'"),
+    (dict(scope={"first": 0.5, "second": 0.3}), r"`scope` gives layers 'first' and 'second' different sparsities"),
+])
+def test_tied_weights_split_by_arguments_are_refused(kwargs, message):
+    model = TiedNet()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        tp.prune(model, **kwargs)
+    assert_unchanged(model, before)

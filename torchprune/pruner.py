@@ -54,21 +54,27 @@ def prune(
     n_m = _parse_granularity(granularity)
     _check_amount(sparsity, threshold, scope, n_m)
     layers = _target_layers(model, exclude, scope)
+    owners = _weight_owners(model, layers, scope)
     check_devices(layers)
     if n_m is not None:
         _check_n_m_divides(layers, n_m)
     if criterion.requires_data:
         _check_data_args(data, loss_fn, importance)
 
+    # Layers that share one weight tensor are ranked once, through the first of them, and all get
+    # the same mask (what any of them pruned before stays pruned).
+    unique = {name: layer for name, layer in layers.items() if owners[name] == name}
     criterion.reset()
     if criterion.requires_data:
-        _observe_gradients(model, layers, criterion, data, loss_fn)
-    scores = {name: _checked_score(criterion, name, layer) for name, layer in layers.items()}
-    current = {name: _current_mask(layer) for name, layer in layers.items()}
+        _observe_gradients(model, unique, criterion, data, loss_fn)
+    scores = {name: _checked_score(criterion, name, layer) for name, layer in unique.items()}
+    current = {name: torch.ones_like(layer.weight, dtype=torch.bool) for name, layer in unique.items()}
+    for name, layer in layers.items():
+        current[owners[name]] = current[owners[name]] & _current_mask(layer)
     new_masks = _select(scores, current, sparsity, threshold, scope, n_m)
 
     for name, layer in layers.items():
-        attach_mask(layer, new_masks[name])
+        attach_mask(layer, new_masks[owners[name]])
     return model
 
 
@@ -178,6 +184,29 @@ def _target_layers(model: nn.Module, exclude, scope) -> Dict[str, nn.Module]:
         kinds = ", ".join(t.__name__ for t in PRUNABLE_TYPES)
         raise ValueError(f"`model` has no prunable layer ({kinds}) left after `exclude`")
     return layers
+
+
+def _weight_owners(model: nn.Module, layers: Dict[str, nn.Module], scope) -> Dict[str, str]:
+    """For each target layer, the first target layer holding the same weight tensor (tied weights).
+
+    A weight shared with a prunable layer that is not pruned now would change under that layer
+    without its knowing, so that is refused; so are different dict-scope sparsities for one weight.
+    """
+    by_weight: Dict[int, str] = {}
+    owners = {}
+    for name, layer in layers.items():
+        owners[name] = by_weight.setdefault(id(layer.weight), name)
+        if isinstance(scope, Mapping) and scope[name] != scope[owners[name]]:
+            raise ValueError(
+                f"`scope` gives layers {owners[name]!r} and {name!r} different sparsities, but they share one weight tensor"
+            )
+    for name, layer in prunable_layers(model).items():
+        owner = by_weight.get(id(layer.weight))
+        if owner is not None and name not in layers:
+            raise ValueError(
+                f"layer {name!r} shares its weight with {owner!r}: prune both or neither (`exclude` or `scope` splits them)"
+            )
+    return owners
 
 
 def _input_size(layer: nn.Module) -> int:
