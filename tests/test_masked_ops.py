@@ -218,6 +218,7 @@ def test_gradcheck_masked_linear(has_bias):
     mask = make_mask(weight.shape, 0.5, generator)
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True) if has_bias else None
     assert torch.autograd.gradcheck(lambda *a: _ops.masked_linear(*a), (x, weight, mask, bias))
+    assert torch.autograd.gradgradcheck(lambda *a: _ops.masked_linear(*a), (x, weight, mask, bias))
 
 
 @pytest.mark.parametrize("has_bias", [False, True])
@@ -227,10 +228,35 @@ def test_gradcheck_masked_conv2d(has_bias):
     weight = torch.randn(6, 2, 3, 2, generator=generator, dtype=torch.float64, requires_grad=True)
     mask = make_mask(weight.shape, 0.5, generator)
     bias = torch.randn(6, dtype=torch.float64, requires_grad=True) if has_bias else None
-    assert torch.autograd.gradcheck(
-        lambda x_, w_, b_: _ops.masked_conv2d(x_, w_, mask, b_, (2, 1), 1, (1, 2), 2),
-        (x, weight, bias),
-    )
+    conv = lambda x_, w_, b_: _ops.masked_conv2d(x_, w_, mask, b_, (2, 1), 1, (1, 2), 2)  # noqa: E731
+    assert torch.autograd.gradcheck(conv, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(conv, (x, weight, bias))
+
+
+@pytest.mark.parametrize("op,reference,shape_x,shape_w", [
+    (_ops.masked_linear, F.linear, (4, 6), (5, 6)),
+    (lambda x, w, m, b: _ops.masked_conv2d(x, w, m, b, padding=1), lambda x, w, b: F.conv2d(x, w, b, padding=1),
+     (2, 2, 5, 5), (3, 2, 3, 3)),
+])
+def test_gradient_penalty_matches_reference(op, reference, shape_x, shape_w):
+    """create_graph=True (WGAN-GP style): the second-order gradients equal plain PyTorch's, and
+    the weight's second-order gradient is exactly zero where the mask is false."""
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(shape_x, generator=generator, dtype=torch.float64)
+    w0 = torch.randn(shape_w, generator=generator, dtype=torch.float64)
+    b0 = torch.randn(shape_w[0], generator=generator, dtype=torch.float64)
+    mask = make_mask(shape_w, 0.5, generator)
+
+    def penalty_grads(fn):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        (grad_x,) = torch.autograd.grad(torch.tanh(fn(x, w, b)).pow(2).sum(), x, create_graph=True)
+        grad_x.pow(2).sum().backward()
+        return w.grad, b.grad
+
+    ours = penalty_grads(lambda x, w, b: op(x, w, mask, b))
+    ref = penalty_grads(lambda x, w, b: reference(x, w * mask, b))
+    torch.testing.assert_close(ours, ref)
+    assert (ours[0][~mask] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The ops live under ``torch.ops.torchprune``; their schemas are in ``csrc/torchprune.cpp``, their
 CPU kernels in ``csrc/cpu/`` and their autograd in ``csrc/autograd/`` (in C++, so that a masked
 layer runs no Python; each backward is itself an op, so compiled backward graphs see it too;
-double backward is not supported). This module adds what the C++ side does not have:
+higher derivatives go through differentiable ATen ops). This module adds what the C++ side does
+not have:
 
 * fake kernels (``torch.library.register_fake``): output shapes and strides without running the
   kernel, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace straight through the ops;

@@ -4,7 +4,7 @@
 // an op (masked_linear_backward, masked_conv2d_backward), called through the dispatcher: eager
 // mode runs the device kernel, torch.compile / torch.export trace the op through its fake
 // kernel. Only the gradients autograd asks for are computed, and the mask never gets one.
-// Double backward is not supported: the backward ops have no autograd formula of their own.
+// Higher derivatives (create_graph=True) go through differentiable ATen ops, see building_graph.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -13,6 +13,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace torchprune {
 namespace {
@@ -35,6 +36,13 @@ std::optional<Tensor> as_optional(const Tensor& bias, bool has_bias) {
 // The backward ops return empty [0] tensors for what was not asked; autograd wants undefined.
 Tensor if_needed(bool needed, const Tensor& grad) { return needed ? grad : Tensor(); }
 
+// Grad mode is on inside a backward only when it builds a graph (create_graph=True: gradient
+// penalties, Hessian-vector products). The backward ops have no derivatives of their own, so
+// then the same gradients are computed with differentiable ATen ops instead.
+bool building_graph() { return at::GradMode::is_enabled(); }
+
+Tensor masked(const Tensor& mask, const Tensor& values) { return at::where(mask, values, 0); }
+
 class MaskedLinear : public torch::autograd::Function<MaskedLinear> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
@@ -56,10 +64,18 @@ class MaskedLinear : public torch::autograd::Function<MaskedLinear> {
                              const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                              std::array<bool, 3>)>();
     const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &mask = saved[2], &grad = grad_outputs[0];
     const bool need_x = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
     const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
+    if (building_graph()) {
+      const Tensor grad2 = grad.reshape({-1, weight.size(0)});
+      return {need_x ? at::matmul(grad, masked(mask, weight)) : Tensor(),
+              need_weight ? masked(mask, at::mm(grad2.t(), x.reshape({-1, weight.size(1)})))
+                          : Tensor(),
+              Tensor(), need_bias ? grad2.sum(0) : Tensor(), Tensor()};
+    }
     auto [grad_x, grad_weight, grad_bias] =
-        op.call(grad_outputs[0], saved[0], saved[1], saved[2], {need_x, need_weight, need_bias});
+        op.call(grad, x, weight, mask, {need_x, need_weight, need_bias});
     return {if_needed(need_x, grad_x), if_needed(need_weight, grad_weight), Tensor(),
             if_needed(need_bias, grad_bias), Tensor()};
   }
@@ -99,9 +115,21 @@ class MaskedConv2d : public torch::autograd::Function<MaskedConv2d> {
     const auto stride = ctx->saved_data["stride"].toIntVector();
     const auto padding = ctx->saved_data["padding"].toIntVector();
     const auto dilation = ctx->saved_data["dilation"].toIntVector();
-    auto [grad_x, grad_weight, grad_bias] = op.call(
-        grad_outputs[0], saved[0], saved[1], saved[2], stride, padding, dilation,
-        ctx->saved_data["groups"].toInt(), {need_x, need_weight, need_bias});
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const Tensor &x = saved[0], &weight = saved[1], &mask = saved[2], &grad = grad_outputs[0];
+    if (building_graph()) {
+      const std::vector<int64_t> bias_shape = {weight.size(0)};
+      auto [grad_x, grad_weight, grad_bias] = at::convolution_backward(
+          grad, x, masked(mask, weight),
+          need_bias ? at::OptionalIntArrayRef(bias_shape) : at::OptionalIntArrayRef(), stride,
+          padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+          {need_x, need_weight, need_bias});
+      return {grad_x, need_weight ? masked(mask, grad_weight) : Tensor(), Tensor(), grad_bias,
+              Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    auto [grad_x, grad_weight, grad_bias] =
+        op.call(grad, x, weight, mask, stride, padding, dilation, groups,
+                {need_x, need_weight, need_bias});
     return {if_needed(need_x, grad_x), if_needed(need_weight, grad_weight), Tensor(),
             if_needed(need_bias, grad_bias), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
