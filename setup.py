@@ -72,7 +72,9 @@ def cxx_flags():
 
 def extensions():
     sources = ["csrc/torchprune.cpp"] + sorted(
-        glob.glob("csrc/autograd/*.cpp", root_dir=ROOT) + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT)
+        glob.glob("csrc/autograd/*.cpp", root_dir=ROOT)
+        + glob.glob("csrc/autocast/*.cpp", root_dir=ROOT)
+        + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT)
     )
     compile_args, link_args = cxx_flags()
 

@@ -150,3 +150,24 @@ def test_attach_mask_errors():
         attach_mask(nn.BatchNorm1d(3), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"`mask` must have the weight's shape \[3, 4\]"):
         attach_mask(nn.Linear(4, 3), torch.ones(4, 3, dtype=torch.bool))
+
+
+def test_autocast_mixes_pruned_and_unpruned_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 4))
+    tp.prune(model, sparsity=0.5, exclude=["5"])
+    reference = masked_copy_model(model)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = model(x), reference(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+    out.float().sum().backward()
+    for layer in (model[0], model[3]):
+        assert layer.weight.grad.dtype == torch.float32
+        assert (layer.weight.grad[~layer.weight_mask] == 0).all()
+
+
+def masked_copy_model(model):
+    """A plain copy of a pruned model: masked weights zeroed, masks dropped."""
+    return tp.make_permanent(copy.deepcopy(model))

@@ -1,0 +1,62 @@
+// Autocast for the masked ops: inside torch.autocast a masked layer computes in the autocast
+// dtype, as nn.Linear / nn.Conv2d do, so pruned and unpruned layers mix in one autocast model.
+//
+// The floating arguments are cast with autocast's own cached_cast (which caches the casts of
+// leaf weights for the autocast region and leaves the gradient path intact); the bool mask is
+// left as it is. Then the op is called again with the autocast key excluded.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace torchprune {
+namespace {
+
+using at::Tensor;
+
+template <c10::DeviceType device, c10::DispatchKey autocast_key>
+struct Autocast {
+  static Tensor cast(const Tensor& t) {
+    return at::autocast::cached_cast(at::autocast::get_autocast_dtype(device), t, device);
+  }
+
+  static std::optional<Tensor> cast(const std::optional<Tensor>& t) {
+    return t.has_value() ? std::optional<Tensor>(cast(*t)) : std::nullopt;
+  }
+
+  static Tensor masked_linear(const Tensor& x, const Tensor& weight, const Tensor& mask,
+                              const std::optional<Tensor>& bias) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("torchprune::masked_linear", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                       const std::optional<Tensor>&)>();
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+    return op.call(cast(x), cast(weight), mask, cast(bias));
+  }
+
+  static Tensor masked_conv2d(const Tensor& x, const Tensor& weight, const Tensor& mask,
+                              const std::optional<Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("torchprune::masked_conv2d", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                       const std::optional<Tensor>&, at::IntArrayRef,
+                                       at::IntArrayRef, at::IntArrayRef, int64_t)>();
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+    return op.call(cast(x), cast(weight), mask, cast(bias), stride, padding, dilation, groups);
+  }
+};
+
+using AutocastCPU = Autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>;
+
+}  // namespace
+}  // namespace torchprune
+
+// CUDA autocast joins when the CUDA kernels do (it would only cast and then find no kernel).
+TORCH_LIBRARY_IMPL(torchprune, AutocastCPU, m) {
+  m.impl("masked_linear", &torchprune::AutocastCPU::masked_linear);
+  m.impl("masked_conv2d", &torchprune::AutocastCPU::masked_conv2d);
+}
