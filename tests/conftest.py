@@ -44,7 +44,7 @@ def snapshot(model):
         {k: v.detach().clone() for k, v in model.state_dict().items()},
         [type(m) for m in model.modules()],
         {k: (None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()},
-        model.training,
+        [m.training for m in model.modules()],
     )
 
 

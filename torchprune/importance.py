@@ -42,6 +42,10 @@ class Importance:
     def reset(self) -> None:
         """Forgets any state, so that a new pruning round scores from scratch (stateless: no-op)."""
 
+    def observed(self, module: nn.Module) -> bool:
+        """Whether the criterion has what it needs to score ``module`` (always, unless data-driven)."""
+        return True
+
     def __call__(self, module: nn.Module) -> torch.Tensor:
         return self.score(module)
 
@@ -100,6 +104,9 @@ class _Accumulated(Importance):
 
     def reset(self) -> None:
         self._sums.clear()
+
+    def observed(self, module: nn.Module) -> bool:
+        return id(module) in self._sums
 
     def score(self, module: nn.Module) -> torch.Tensor:
         total = self._sums.get(id(module))

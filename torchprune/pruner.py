@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import selection
+from .calibration import observe_gradients
 from .importance import Importance, resolve
 from .masking import PRUNABLE_TYPES, attach_mask, base_type, check_devices, get_mask, prunable_layers
 
@@ -66,7 +67,7 @@ def prune(
     unique = {name: layer for name, layer in layers.items() if owners[name] == name}
     criterion.reset()
     if criterion.requires_data:
-        _observe_gradients(model, unique, criterion, data, loss_fn)
+        observe_gradients(model, unique, criterion, data, loss_fn)
     scores = {name: _checked_score(criterion, name, layer) for name, layer in unique.items()}
     current = {name: torch.ones_like(layer.weight, dtype=torch.bool) for name, layer in unique.items()}
     for name, layer in layers.items():
@@ -230,34 +231,6 @@ def _check_data_args(data, loss_fn, importance) -> None:
         raise ValueError(f"importance {importance!r} is data-driven: pass {missing} (batches of (inputs, targets) and a loss function)")
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
-
-
-def _observe_gradients(model: nn.Module, layers, criterion, data, loss_fn) -> None:
-    """Backward passes over ``data`` in eval mode (no BN statistic updates, no dropout); the model's
-    gradients and mode are restored afterwards, so only the criterion's statistics change."""
-    params = list(model.parameters())
-    saved_grads = [p.grad for p in params]
-    was_training = model.training
-    model.eval()
-    batches = 0
-    try:
-        for batch in data:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError(f"`data` must yield (inputs, targets) pairs, got {type(batch).__name__}")
-            inputs, targets = batch
-            for p in params:
-                p.grad = None
-            output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-            loss_fn(output, targets).backward()
-            for layer in layers.values():
-                criterion.observe(layer)
-            batches += 1
-    finally:
-        for p, grad in zip(params, saved_grads):
-            p.grad = grad
-        model.train(was_training)
-    if batches == 0:
-        raise ValueError("`data` yielded no batches")
 
 
 def _checked_score(criterion: Importance, name: str, layer: nn.Module) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""Running calibration data through a model for data-driven importance, without side effects.
+
+Data-driven criteria need forward and backward passes; pruning must not change anything else.
+The passes run in eval mode (no BatchNorm statistic updates, no dropout) with gradients enabled
+even when the caller is under ``torch.no_grad()`` or ``torch.inference_mode()``, and afterwards
+every parameter's ``.grad`` and every submodule's own train/eval flag are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterable, Iterator, List
+
+import torch
+from torch import nn
+
+__all__ = ["preserved_state", "observe_gradients"]
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[List[torch.nn.Parameter]]:
+    """Restores the parameters' gradients and each submodule's train/eval flag on exit."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield params
+    finally:
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        for module, training in modes:
+            module.training = training
+
+
+def _autograd_ready(value):
+    """Inference-mode tensors cannot enter autograd: a normal clone of them (nested in tuples)."""
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        return value.clone()
+    if type(value) in (tuple, list):
+        return type(value)(_autograd_ready(v) for v in value)
+    return value
+
+
+def observe_gradients(
+    model: nn.Module, layers: Dict[str, nn.Module], criterion, data: Iterable, loss_fn: Callable
+) -> None:
+    """One backward pass per ``(inputs, targets)`` batch of ``data``; after each, the criterion
+    observes every layer of ``layers``. Raises ValueError if a layer got no gradient at all."""
+    batches = 0
+    with preserved_state(model) as params, torch.inference_mode(False), torch.enable_grad():
+        model.eval()
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"`data` must yield (inputs, targets) pairs, got {type(batch).__name__}")
+            inputs, targets = _autograd_ready(batch[0]), _autograd_ready(batch[1])
+            for p in params:
+                p.grad = None
+            output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+            loss_fn(output, targets).backward()
+            for layer in layers.values():
+                criterion.observe(layer)
+            batches += 1
+    if batches == 0:
+        raise ValueError("`data` yielded no batches")
+    silent = [name for name, layer in layers.items() if not criterion.observed(layer)]
+    if silent:
+        raise ValueError(
+            f"layers {silent} received no gradient from `data` and `loss_fn` (frozen with "
+            "requires_grad=False, or not used by the forward): exclude them with `exclude`"
+        )
