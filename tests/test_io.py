@@ -93,3 +93,53 @@ def test_load_refuses_unsupported_devices_before_any_change(small_net, tmp_path)
     with pytest.raises(ValueError, match=r"`model` layer 'fc1' is on meta"):
         tp.load(tmp_path / "m.pt", target)
     assert not tp.masks(target)
+
+
+def test_not_a_torch_file_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="is not a torchprune file"):
+        tp.load(tmp_path / "notes.txt", SmallNet())
+    torch.save({"format": "torchprune"}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="is not a torchprune file"):
+        tp.load(tmp_path / "partial.pt", SmallNet())
+
+
+class AliasNet(nn.Module):
+    """One Linear registered under two names, as `self.classifier = self.fc` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.classifier = self.fc
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.classifier(x)))
+
+
+def test_aliased_module_round_trips(tmp_path):
+    model = AliasNet()
+    tp.prune(model, sparsity=0.5)
+    tp.save(model, tmp_path / "alias.pt")
+    fresh = tp.load(tmp_path / "alias.pt", AliasNet())
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), model(x))
+    assert fresh.fc is fresh.classifier and tp.masks(fresh).keys() == tp.masks(model).keys()
+
+
+class ExtraStateNet(SmallNet):
+    """A model with non-tensor extra state in its state_dict."""
+
+    def get_extra_state(self):
+        return {"note": "calibrated", "steps": 3}
+
+    def set_extra_state(self, state):
+        self.restored = state
+
+
+def test_extra_state_is_saved(tmp_path):
+    model = ExtraStateNet()
+    tp.prune(model, sparsity=0.5)
+    tp.save(model, tmp_path / "extra.pt")
+    fresh = tp.load(tmp_path / "extra.pt", ExtraStateNet())
+    assert fresh.restored == {"note": "calibrated", "steps": 3}

@@ -224,8 +224,8 @@ def test_tied_weights_get_one_mask(scope):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(sparsity=0.5, exclude=["second"]), r"layer 'second' shares its weight with 'first': prune both or neither"),
-    (dict(scope={"first": 0.5}), r"layer 'second' shares its weight with 'first'"),
+    (dict(sparsity=0.5, exclude=["second"]), r"Linear 'second' shares its weight with layer 'first', which pruning would change"),
+    (dict(scope={"first": 0.5}), r"Linear 'second' shares its weight with layer 'first'"),
     (dict(scope={"first": 0.5, "second": 0.3}), r"`scope` gives layers 'first' and 'second' different sparsities"),
 ])
 def test_tied_weights_split_by_arguments_are_refused(kwargs, message):
@@ -233,4 +233,30 @@ def test_tied_weights_split_by_arguments_are_refused(kwargs, message):
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
         tp.prune(model, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_aliases_can_name_a_layer_in_exclude_and_scope():
+    from test_io import AliasNet
+
+    model = AliasNet()
+    tp.prune(model, sparsity=0.5, exclude=["classifier"])
+    assert set(tp.masks(model)) == {"head"}
+    model = AliasNet()
+    tp.prune(model, scope={"classifier": 0.25, "head": 0.5})
+    assert pruned_fraction(tp.masks(model)["fc"]) == 0.25
+
+
+def test_weight_tied_to_an_embedding_is_refused():
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.lm_head = nn.Linear(8, 10, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    model = TiedHead()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"Embedding 'embed' shares its weight with layer 'lm_head'"):
+        tp.prune(model, sparsity=0.5)
     assert_unchanged(model, before)

@@ -37,7 +37,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         "format_version": _FORMAT_VERSION,
         "torchprune_version": __version__,
         "masked_layers": masked,
-        "state_dict": {k: v.detach() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()},
     }
     torch.save(payload, path)
 
@@ -50,8 +50,18 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # missing file, no permission: torch's own error says it best
+        raise
+    except Exception as error:  # any other failure to read it means it is not our format
+        raise ValueError(f"`path` {str(path)!r} is not a torchprune file (written by tp.save): {error}") from error
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format") != _FORMAT
+        or not isinstance(payload.get("masked_layers"), dict)
+        or not isinstance(payload.get("state_dict"), dict)
+    ):
         raise ValueError(f"`path` {str(path)!r} is not a torchprune file (written by tp.save)")
     if payload.get("format_version", 0) > _FORMAT_VERSION:
         raise ValueError(
@@ -60,7 +70,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         )
     masked: Dict[str, str] = payload["masked_layers"]
     state: Dict[str, torch.Tensor] = payload["state_dict"]
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     for name, kind in masked.items():
         module = modules.get(name)
         if module is None or not is_prunable(module) or base_type(module).__name__ != kind:
@@ -75,18 +85,25 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     return model
 
 
+def _shape(value) -> tuple:
+    """A state_dict entry's shape; () for extra state that is not a tensor (only its key is checked)."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
 def _check_state_matches(model: nn.Module, masked: Dict[str, str], state: Dict[str, torch.Tensor]) -> None:
     """The file's tensors must be exactly the model's (plus the saved masks), with the same shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for name, module in model.named_modules():
+    expected = {k: _shape(v) for k, v in model.state_dict().items()}
+    every_name = dict(model.named_modules(remove_duplicate=False))
+    masked_ids = {id(every_name[name]) for name in masked}
+    for name, module in every_name.items():  # aliases too: state_dict lists a mask under each name
         key = f"{name}.weight_mask" if name else "weight_mask"
-        if name in masked:
+        if id(module) in masked_ids:
             expected[key] = tuple(module.weight.shape)
         elif get_mask(module) is not None:
             raise ValueError(f"`model` layer {name!r} is pruned but the file has no mask for it; load into a fresh model")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    wrong = sorted(k for k in set(expected) & set(state) if _shape(state[k]) != expected[k])
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -94,5 +111,5 @@ def _check_state_matches(model: nn.Module, masked: Dict[str, str], state: Dict[s
         if unexpected:
             parts.append(f"not in the model: {unexpected[:5]}")
         if wrong:
-            parts.append("shape differs: " + ", ".join(f"{k} {list(state[k].shape)} vs {list(expected[k])}" for k in wrong[:5]))
+            parts.append("shape differs: " + ", ".join(f"{k} {list(_shape(state[k]))} vs {list(expected[k])}" for k in wrong[:5]))
         raise ValueError("`model` does not match the file (" + "; ".join(parts) + ")")

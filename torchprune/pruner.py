@@ -54,7 +54,7 @@ def prune(
     criterion = resolve(importance)
     n_m = _parse_granularity(granularity)
     _check_amount(sparsity, threshold, scope, n_m)
-    layers = _target_layers(model, exclude, scope)
+    layers, scope = _target_layers(model, exclude, scope)
     owners = _weight_owners(model, layers, scope)
     check_devices(layers)
     if n_m is not None:
@@ -149,7 +149,7 @@ def _excluded_ids(model: nn.Module, exclude) -> set:
         items = list(exclude)
     except TypeError:
         raise TypeError(f"`exclude` must be module names, modules or module types, got {type(exclude).__name__}") from None
-    named = dict(model.named_modules())
+    named = dict(model.named_modules(remove_duplicate=False))  # a module may have several names
     members = {id(m) for m in named.values()}
     excluded = set()
     for item in items:
@@ -168,30 +168,45 @@ def _excluded_ids(model: nn.Module, exclude) -> set:
     return excluded
 
 
-def _target_layers(model: nn.Module, exclude, scope) -> Dict[str, nn.Module]:
+def _target_layers(model: nn.Module, exclude, scope):
+    """The layers to prune by name, and the scope with dict keys turned into those names.
+
+    Names are ``named_modules()`` names; a module registered under several names (an alias such
+    as ``self.classifier = self.fc``) may be named by any of them.
+    """
     excluded = _excluded_ids(model, exclude)
     candidates = prunable_layers(model)
     layers = {name: m for name, m in candidates.items() if id(m) not in excluded}
     if isinstance(scope, Mapping):
-        for name in scope:
-            if name not in candidates:
+        if not scope:
+            raise ValueError("`scope` must name at least one layer when it is a dict, got {}")
+        canonical = {id(m): name for name, m in candidates.items()}
+        every_name = dict(model.named_modules(remove_duplicate=False))
+        resolved: Dict[str, float] = {}
+        for key, value in scope.items():
+            name = canonical.get(id(every_name.get(key)))
+            if name is None:
                 raise ValueError(
-                    f"`scope` key {name!r} is not a prunable layer of the model; prunable layers: {list(candidates)}"
+                    f"`scope` key {key!r} is not a prunable layer of the model; prunable layers: {list(candidates)}"
                 )
             if name not in layers:
-                raise ValueError(f"`scope` key {name!r} is also excluded by `exclude`")
-        layers = {name: layers[name] for name in scope}
+                raise ValueError(f"`scope` key {key!r} is also excluded by `exclude`")
+            if resolved.setdefault(name, value) != value:
+                raise ValueError(f"`scope` gives layer {name!r} two sparsities under two of its names")
+        scope = resolved
+        layers = {name: m for name, m in layers.items() if name in scope}  # model order, not dict order
     if not layers:
         kinds = ", ".join(t.__name__ for t in PRUNABLE_TYPES)
         raise ValueError(f"`model` has no prunable layer ({kinds}) left after `exclude`")
-    return layers
+    return layers, scope
 
 
 def _weight_owners(model: nn.Module, layers: Dict[str, nn.Module], scope) -> Dict[str, str]:
     """For each target layer, the first target layer holding the same weight tensor (tied weights).
 
-    A weight shared with a prunable layer that is not pruned now would change under that layer
-    without its knowing, so that is refused; so are different dict-scope sparsities for one weight.
+    Pruning a weight changes every module that holds it, so a weight shared with any module that
+    is not pruned now (an unpruned layer, a tied embedding) is refused; so are different dict-scope
+    sparsities for one weight.
     """
     by_weight: Dict[int, str] = {}
     owners = {}
@@ -201,12 +216,15 @@ def _weight_owners(model: nn.Module, layers: Dict[str, nn.Module], scope) -> Dic
             raise ValueError(
                 f"`scope` gives layers {owners[name]!r} and {name!r} different sparsities, but they share one weight tensor"
             )
-    for name, layer in prunable_layers(model).items():
-        owner = by_weight.get(id(layer.weight))
-        if owner is not None and name not in layers:
-            raise ValueError(
-                f"layer {name!r} shares its weight with {owner!r}: prune both or neither (`exclude` or `scope` splits them)"
-            )
+    targets = {id(layer) for layer in layers.values()}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            owner = by_weight.get(id(param))
+            if owner is not None and not (id(module) in targets and param_name == "weight"):
+                raise ValueError(
+                    f"{type(module).__name__} {name!r} shares its {param_name} with layer {owner!r}, which pruning "
+                    "would change under it: prune both or neither (`exclude` or `scope` splits them)"
+                )
     return owners
 
 
