@@ -52,8 +52,8 @@ def assert_unchanged(model, before):
     state, types, grads, training = before
     now = snapshot(model)
     assert set(now[0]) == set(state)
-    for k in state:
-        assert torch.equal(now[0][k], state[k]), k
+    for k in state:  # bit-exact, NaN included
+        torch.testing.assert_close(now[0][k], state[k], rtol=0, atol=0, equal_nan=True, msg=k)
     assert now[1] == types
     for k in grads:
         assert (grads[k] is None) == (now[2][k] is None)

@@ -73,12 +73,13 @@ def test_gradient_and_taylor_accumulate_per_batch(cls):
 def test_random_is_seeded_and_reproducible():
     layer = nn.Linear(5, 4)
     a, b = imp.Random(seed=3), imp.Random(seed=3)
-    assert torch.equal(a(layer), b(layer))
     first = a(layer)
-    a.reset()
-    b.reset()
-    assert not torch.equal(a(layer), imp.Random(seed=4)(layer))
     assert first.shape == layer.weight.shape
+    assert torch.equal(first, b(layer))
+    assert not torch.equal(a(layer), first)  # the stream moves on ...
+    a.reset()
+    assert torch.equal(a(layer), first)  # ... and reset() starts it again
+    assert not torch.equal(first, imp.Random(seed=4)(layer))
 
 
 @pytest.mark.parametrize(

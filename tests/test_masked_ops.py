@@ -408,6 +408,17 @@ def test_masked_conv2d_errors(overrides, message):
         _ops.masked_conv2d(**conv_args(**overrides))
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(padding="same"), r"`padding` must be an int or a pair of ints, got 'same'"),
+    (dict(stride=1.5), r"`stride` must be an int or a pair of ints, got 1.5"),
+    (dict(dilation=(1, 1, 1)), r"`dilation` must be an int or a pair of ints"),
+])
+def test_masked_conv2d_wrapper_argument_errors(kwargs, message):
+    weight = torch.randn(2, 3, 3, 3)
+    with pytest.raises(TypeError, match=message):
+        _ops.masked_conv2d(torch.randn(1, 3, 5, 5), weight, torch.ones_like(weight, dtype=torch.bool), **kwargs)
+
+
 def test_backward_op_errors():
     with pytest.raises(RuntimeError, match=r"masked_linear_backward: `grad_out` must have"):
         OPS.masked_linear_backward(torch.randn(3, 7), torch.randn(3, 4), torch.randn(8, 4),

@@ -30,9 +30,12 @@ def test_global_scope_hits_the_total(small_net, sparsity):
     assert abs(sum(float((~m).sum()) for m in masks) - sparsity * total) <= 0.5
     assert abs(tp.sparsity(small_net) - sparsity) <= 0.5 / total
     # the global ranking is by magnitude: every kept weight beats every pruned one
-    weights = [l.weight.detach() for n, l in small_net.named_modules() if n in tp.masks(small_net)]
-    kept = torch.cat([w[m].abs() for w, m in zip(weights, masks)])
-    assert kept.min() > 0
+    torch.manual_seed(0)
+    original = SmallNet()  # same seed as the fixture: the weights before pruning
+    masks = tp.masks(small_net)
+    kept = torch.cat([original.get_submodule(n).weight.detach()[m].abs() for n, m in masks.items()])
+    pruned = torch.cat([original.get_submodule(n).weight.detach()[~m].abs() for n, m in masks.items()])
+    assert kept.min() >= pruned.max()
 
 
 def test_pruned_weights_are_zero_and_outputs_match_reference(small_net):
@@ -155,7 +158,10 @@ BAD_CALLS = [
     (dict(sparsity=0.5, importance="gradient", data=[]), ValueError, r"pass `loss_fn`"),
     (dict(sparsity=0.5, importance="gradient", data=[], loss_fn=F.cross_entropy), ValueError, r"`data` yielded no batches"),
     (dict(sparsity=0.5, importance="gradient", data=[torch.zeros(1)], loss_fn=F.cross_entropy), TypeError, r"`data` must yield"),
-    (dict(threshold=float("nan")), TypeError, r"`threshold` must be a real number"),
+    (dict(threshold=float("nan")), ValueError, r"`threshold` must be a finite real number, got nan"),
+    (dict(threshold=float("inf")), ValueError, r"`threshold` must be a finite real number, got inf"),
+    (dict(threshold="0.1"), TypeError, r"`threshold` must be a finite real number, got str"),
+    (dict(scope={}), ValueError, r"`scope` must name at least one layer"),
 ]
 
 
@@ -260,3 +266,27 @@ def test_weight_tied_to_an_embedding_is_refused():
     with pytest.raises(ValueError, match=r"Embedding 'embed' shares its weight with layer 'lm_head'"):
         tp.prune(model, sparsity=0.5)
     assert_unchanged(model, before)
+
+
+def test_nan_weights_are_reported_not_kept(mlp):
+    with torch.no_grad():
+        mlp[2].weight[0, 0] = float("nan")
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match=r"NaN scores for layer '2'"):
+        tp.prune(mlp, sparsity=0.5)
+    assert_unchanged(mlp, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_are_ranked_exactly(dtype):
+    layer = nn.Linear(4, 1, bias=False).to(dtype)
+    with torch.no_grad():  # squares underflow in half precision; ranking must still follow |w|
+        layer.weight.copy_(torch.tensor([[3e-4, 1e-4, 2e-4, 4e-4]]))
+    tp.prune(layer, sparsity=0.5, importance="l2")
+    assert tp.masks(layer)[""].tolist() == [[True, False, False, True]]
+    stored = float(layer.weight.detach()[0, 3])  # the stored value, rounded to half precision
+    layer2 = nn.Linear(1, 1, bias=False).to(dtype)
+    with torch.no_grad():
+        layer2.weight.fill_(stored)
+    tp.prune(layer2, threshold=stored + 1e-9)  # a threshold just above the stored value prunes it
+    assert not tp.masks(layer2)[""].any()

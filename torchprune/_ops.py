@@ -81,15 +81,22 @@ def masked_conv2d(
     torch.Size([2, 16, 32, 32])
     """
     return torch.ops.torchprune.masked_conv2d(
-        x, weight, mask, bias, _pair(stride), _pair(padding), _pair(dilation), groups
+        x, weight, mask, bias, _pair(stride, "stride"), _pair(padding, "padding"),
+        _pair(dilation, "dilation"), groups
     )
 
 
-def _pair(value: IntPair) -> List[int]:
+def _pair(value: IntPair, name: str) -> List[int]:
     """An int or a 2-sequence of ints as a list of 2 ints (the schema's int[2])."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return [value, value]
-    return list(value)
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return list(value)
+    raise TypeError(f"masked_conv2d: `{name}` must be an int or a pair of ints, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,12 @@ class Importance:
         return f"{type(self).__name__}({fields})"
 
 
+def _score_precision(weight: torch.Tensor) -> torch.Tensor:
+    """Half-precision weights are scored in float32, so that |w|^2 of small weights cannot
+    underflow to ties."""
+    return weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+
+
 class Magnitude(Importance):
     """|w|^p of each weight (p=1: L1 magnitude pruning; p=2 ranks the same way, squared)."""
 
@@ -63,7 +69,7 @@ class Magnitude(Importance):
         self.p = p
 
     def score(self, module: nn.Module) -> torch.Tensor:
-        return effective_weight(module).abs().pow(self.p)
+        return _score_precision(effective_weight(module)).abs().pow(self.p)
 
 
 class FilterNorm(Importance):
@@ -78,7 +84,7 @@ class FilterNorm(Importance):
         self.p = p
 
     def score(self, module: nn.Module) -> torch.Tensor:
-        weight = effective_weight(module)
+        weight = _score_precision(effective_weight(module))
         norms = weight.flatten(1).norm(p=self.p, dim=1)
         return norms.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
 

@@ -220,7 +220,11 @@ def sparsity(model: nn.Module) -> float:
     0.9
     """
     zeros = total = 0
+    seen = set()  # a weight tied between layers counts once
     for layer in prunable_layers(model).values():
+        if id(layer.weight) in seen:
+            continue
+        seen.add(id(layer.weight))
         weight = effective_weight(layer)
         zeros += int((weight == 0).sum())
         total += weight.numel()

@@ -6,6 +6,7 @@ model's gradients and train/eval mode, so a call that raises leaves the model ex
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
@@ -135,8 +136,10 @@ def _check_amount(sparsity, threshold, scope, n_m) -> None:
         raise ValueError("pass exactly one of `sparsity` (a fraction in [0, 1)) or `threshold` (an absolute score)")
     if sparsity is not None:
         _check_sparsity_value(sparsity, "`sparsity`")
-    elif isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold != threshold:
-        raise TypeError(f"`threshold` must be a real number, got {threshold!r}")
+    elif isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"`threshold` must be a finite real number, got {type(threshold).__name__}")
+    elif not math.isfinite(threshold):
+        raise ValueError(f"`threshold` must be a finite real number, got {threshold}")
 
 
 def _excluded_ids(model: nn.Module, exclude) -> set:
@@ -256,6 +259,8 @@ def _checked_score(criterion: Importance, name: str, layer: nn.Module) -> torch.
     if not isinstance(scores, torch.Tensor) or scores.shape != layer.weight.shape:
         got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"importance {criterion!r} returned {got} for layer {name!r}; expected the weight's shape {list(layer.weight.shape)}")
+    if scores.isnan().any():
+        raise ValueError(f"importance {criterion!r} gave NaN scores for layer {name!r}: its weights or gradients hold NaN")
     return scores
 
 

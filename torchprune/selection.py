@@ -62,7 +62,7 @@ def by_global_ratio(scores: List[torch.Tensor], masks: List[torch.Tensor], spars
 
 def by_threshold(scores: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
     """Every weight whose score is strictly below ``threshold`` is pruned."""
-    return (scores.detach() >= threshold).to(mask.device) & mask
+    return (scores.detach().double() >= threshold).to(mask.device) & mask  # no rounding of the threshold
 
 
 def group_input_last(weight_like: torch.Tensor) -> torch.Tensor:
