@@ -210,3 +210,16 @@ def test_model_must_be_module(bad):
 def test_example_inputs_must_be_tensors(bad):
     with pytest.raises(TypeError, match="`example_inputs`"):
         summary(nn.Linear(2, 2), example_inputs=bad)
+
+
+def test_tied_weight_counts_once_in_the_totals():
+    import torchprune as tp
+    from test_pruner import TiedNet
+
+    model = TiedNet()
+    tp.prune(model, sparsity=0.5, exclude=["head"])
+    totals = summary(model).totals
+    assert totals["params"] == sum(p.numel() for p in model.parameters())
+    weights = 64 + 16  # the shared 8x8 weight once, and the head's 2x8
+    assert totals["sparsity"] == 32 / weights
+    assert abs(tp.sparsity(model) - 32 / weights) < 1e-12

@@ -160,8 +160,10 @@ def summary(model: nn.Module,
             "macs_dense": dense,
             "macs_effective": effective,
         })
-        total["zeros"] += zeros
-        total["counted"] += counted
+        measured = [weight] if weight is not None else [p for _, p in own]
+        if not any(id(p) in seen for p in measured):  # a tied weight counts once in the totals
+            total["zeros"] += zeros
+            total["counted"] += counted
         for pname, p in own:
             if id(p) not in seen:
                 seen.add(id(p))
