@@ -6,11 +6,12 @@
 // left as it is. Then the op is called again with the autocast key excluded.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <optional>
+
+#include "common/op_handles.h"
 
 namespace torchprune {
 namespace {
@@ -29,24 +30,16 @@ struct Autocast {
 
   static Tensor masked_linear(const Tensor& x, const Tensor& weight, const Tensor& mask,
                               const std::optional<Tensor>& bias) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("torchprune::masked_linear", "")
-                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
-                                       const std::optional<Tensor>&)>();
     c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
-    return op.call(cast(x), cast(weight), mask, cast(bias));
+    return masked_linear_op().call(cast(x), cast(weight), mask, cast(bias));
   }
 
   static Tensor masked_conv2d(const Tensor& x, const Tensor& weight, const Tensor& mask,
                               const std::optional<Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("torchprune::masked_conv2d", "")
-                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
-                                       const std::optional<Tensor>&, at::IntArrayRef,
-                                       at::IntArrayRef, at::IntArrayRef, int64_t)>();
     c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
-    return op.call(cast(x), cast(weight), mask, cast(bias), stride, padding, dilation, groups);
+    return masked_conv2d_op().call(cast(x), cast(weight), mask, cast(bias), stride, padding,
+                                   dilation, groups);
   }
 };
 

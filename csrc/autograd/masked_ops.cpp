@@ -6,7 +6,6 @@
 // kernel. Only the gradients autograd asks for are computed, and the mask never gets one.
 // Higher derivatives (create_graph=True) go through differentiable ATen ops, see building_graph.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -14,6 +13,8 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "common/op_handles.h"
 
 namespace torchprune {
 namespace {
@@ -47,22 +48,13 @@ class MaskedLinear : public torch::autograd::Function<MaskedLinear> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const Tensor& mask, const Tensor& bias, bool has_bias) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("torchprune::masked_linear", "")
-                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
-                                       const std::optional<Tensor>&)>();
     ctx->save_for_backward({x, weight, mask});
     ctx->saved_data["has_bias"] = has_bias;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(x, weight, mask, as_optional(bias, has_bias));
+    return masked_linear_op().call(x, weight, mask, as_optional(bias, has_bias));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("torchprune::masked_linear_backward", "")
-                         .typed<std::tuple<Tensor, Tensor, Tensor>(
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             std::array<bool, 3>)>();
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &mask = saved[2], &grad = grad_outputs[0];
     const bool need_x = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
@@ -75,7 +67,7 @@ class MaskedLinear : public torch::autograd::Function<MaskedLinear> {
               Tensor(), need_bias ? grad2.sum(0) : Tensor(), Tensor()};
     }
     auto [grad_x, grad_weight, grad_bias] =
-        op.call(grad, x, weight, mask, {need_x, need_weight, need_bias});
+        masked_linear_backward_op().call(grad, x, weight, mask, {need_x, need_weight, need_bias});
     return {if_needed(need_x, grad_x), if_needed(need_weight, grad_weight), Tensor(),
             if_needed(need_bias, grad_bias), Tensor()};
   }
@@ -87,11 +79,6 @@ class MaskedConv2d : public torch::autograd::Function<MaskedConv2d> {
                         const Tensor& mask, const Tensor& bias, bool has_bias,
                         at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("torchprune::masked_conv2d", "")
-                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
-                                       const std::optional<Tensor>&, at::IntArrayRef,
-                                       at::IntArrayRef, at::IntArrayRef, int64_t)>();
     ctx->save_for_backward({x, weight, mask});
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["stride"] = stride;
@@ -99,16 +86,11 @@ class MaskedConv2d : public torch::autograd::Function<MaskedConv2d> {
     ctx->saved_data["dilation"] = dilation;
     ctx->saved_data["groups"] = groups;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(x, weight, mask, as_optional(bias, has_bias), stride, padding, dilation, groups);
+    return masked_conv2d_op().call(x, weight, mask, as_optional(bias, has_bias), stride, padding,
+                                   dilation, groups);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("torchprune::masked_conv2d_backward", "")
-                         .typed<std::tuple<Tensor, Tensor, Tensor>(
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                             std::array<bool, 3>)>();
     const auto saved = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
     const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
@@ -128,7 +110,7 @@ class MaskedConv2d : public torch::autograd::Function<MaskedConv2d> {
               Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
     auto [grad_x, grad_weight, grad_bias] =
-        op.call(grad, x, weight, mask, stride, padding, dilation, groups,
+        masked_conv2d_backward_op().call(grad, x, weight, mask, stride, padding, dilation, groups,
                 {need_x, need_weight, need_bias});
     return {if_needed(need_x, grad_x), if_needed(need_weight, grad_weight), Tensor(),
             if_needed(need_bias, grad_bias), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};

@@ -116,27 +116,41 @@ int64_t tile_count(int64_t extent, int64_t slice, int64_t rows, int64_t elem_siz
   return std::min(tiles, extent);
 }
 
-// Runs fn(begin, end) over tile indices: one tile runs directly, so that MKL may use all
-// threads inside it; several tiles are spread over the threads, one MKL thread each. The ATen
-// calls inside fn need this thread's dispatch state (below autograd, grad mode) on the worker
-// threads too, or mm_out would see tensors that require grad and refuse.
+// Cuts [0, extent) into `tiles` tiles of equal width and runs fn(start, size) for each. One
+// tile runs directly, so that MKL may use all threads inside it; several tiles are spread over
+// the threads, one MKL thread each. The ATen calls inside fn need this thread's dispatch state
+// (below autograd, grad mode) on the worker threads too, or mm_out would see tensors that
+// require grad and refuse.
 template <typename Fn>
-void for_tiles(int64_t tiles, const Fn& fn) {
-  if (tiles == 1) {
-    fn(0, 1);
-  } else if (tiles > 1) {
-    const at::ThreadLocalState state;
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      at::ThreadLocalStateGuard guard(state);
-      fn(begin, end);
-    });
+void for_each_tile(int64_t extent, int64_t tiles, const Fn& fn) {
+  if (tiles <= 0) {
+    return;
   }
+  const int64_t width = ceil_div(extent, tiles);
+  const auto run = [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t start = t * width, size = std::min(width, extent - start);
+      if (size <= 0) {
+        break;  // rounding the tile count up to the threads can leave the last tiles empty
+      }
+      fn(start, size);
+    }
+  };
+  if (tiles == 1) {
+    run(0, 1);
+    return;
+  }
+  const at::ThreadLocalState state;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    run(begin, end);
+  });
 }
 
-// A tile buffer from this thread's scratch memory, grown on demand and kept for the thread's
-// lifetime. Allocating the buffer afresh on every call costs more than the masking itself on
-// machines where fresh pages fault expensively (a 0.5 MiB buffer is 128 page faults). At most
-// one buffer per thread is live at a time, and it is at most a few tiles in size.
+// A [rows, cols] tile buffer in this thread's scratch memory, grown on demand and kept for the
+// thread's lifetime. Allocating it afresh on every call costs more than the masking itself on
+// machines where fresh pages fault expensively (a 0.5 MiB buffer is 128 page faults). One buffer
+// per thread is live at a time, at most kMaxTileBytes.
 template <typename scalar_t>
 Tensor scratch_tile(int64_t rows, int64_t cols, const at::TensorOptions& options) {
   thread_local std::vector<scalar_t> storage;
@@ -147,29 +161,29 @@ Tensor scratch_tile(int64_t rows, int64_t cols, const at::TensorOptions& options
   return at::from_blob(storage.data(), {rows, cols}, options);
 }
 
+// where(mask, w, 0)[r0 : r0 + r] into a scratch tile of r whole weight rows.
+template <typename scalar_t>
+Tensor masked_rows(const Tensor& w, const uint8_t* keep, int64_t r0, int64_t r) {
+  const int64_t in_f = w.size(1);
+  Tensor tile = scratch_tile<scalar_t>(r, in_f, w.options());
+  mask_span(w.const_data_ptr<scalar_t>() + r0 * in_f, keep + r0 * in_f,
+            tile.mutable_data_ptr<scalar_t>(), r * in_f);
+  return tile;
+}
+
 // y[:, rows of tile] = x2 @ where(mask, w, 0)[rows of tile]^T (+ bias), tiles over output rows.
 template <typename scalar_t>
 void linear_forward(const Tensor& x2, const Tensor& w, const uint8_t* keep,
                     const std::optional<Tensor>& bias, Tensor& y) {
-  const int64_t out_f = w.size(0), in_f = w.size(1);
-  const int64_t tiles = tile_count(out_f, in_f, x2.size(0), sizeof(scalar_t));
-  const int64_t width = tiles ? ceil_div(out_f, tiles) : 0;
-  const scalar_t* wp = w.const_data_ptr<scalar_t>();
-  for_tiles(tiles, [&](int64_t begin, int64_t end) {
-    Tensor buffer = scratch_tile<scalar_t>(width, in_f, w.options());
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * width, r = std::min(width, out_f - r0);
-      if (r <= 0) {
-        break;
-      }
-      mask_span(wp + r0 * in_f, keep + r0 * in_f, buffer.mutable_data_ptr<scalar_t>(), r * in_f);
-      Tensor tile = buffer.narrow(0, 0, r);
-      Tensor out = y.narrow(1, r0, r);
-      if (bias.has_value()) {
-        at::addmm_out(out, bias->narrow(0, r0, r), x2, tile.t());
-      } else {
-        at::mm_out(out, x2, tile.t());
-      }
+  const int64_t out_f = w.size(0);
+  const int64_t tiles = tile_count(out_f, w.size(1), x2.size(0), sizeof(scalar_t));
+  for_each_tile(out_f, tiles, [&](int64_t r0, int64_t r) {
+    const Tensor tile = masked_rows<scalar_t>(w, keep, r0, r);
+    Tensor out = y.narrow(1, r0, r);
+    if (bias.has_value()) {
+      at::addmm_out(out, bias->narrow(0, r0, r), x2, tile.t());
+    } else {
+      at::mm_out(out, x2, tile.t());
     }
   });
 }
@@ -188,21 +202,11 @@ void linear_grad_input_by_rows(const Tensor& g2, const Tensor& w, const uint8_t*
                                Tensor& grad_x2) {
   const int64_t out_f = w.size(0), in_f = w.size(1), rows = g2.size(0);
   const int64_t tiles = tile_count(out_f, in_f, rows, sizeof(scalar_t));
-  const int64_t width = ceil_div(out_f, tiles);
-  const scalar_t* wp = w.const_data_ptr<scalar_t>();
-  const int64_t slots = tiles == 1 ? 1 : at::get_num_threads();
-  Tensor partial = at::zeros({slots, rows, in_f}, grad_x2.options());
-  for_tiles(tiles, [&](int64_t begin, int64_t end) {
-    Tensor buffer = scratch_tile<scalar_t>(width, in_f, w.options());
+  Tensor partial = at::zeros({tiles == 1 ? 1 : at::get_num_threads(), rows, in_f},
+                             grad_x2.options());
+  for_each_tile(out_f, tiles, [&](int64_t r0, int64_t r) {
     Tensor sum = partial[tiles == 1 ? 0 : at::get_thread_num()];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * width, r = std::min(width, out_f - r0);
-      if (r <= 0) {
-        break;
-      }
-      mask_span(wp + r0 * in_f, keep + r0 * in_f, buffer.mutable_data_ptr<scalar_t>(), r * in_f);
-      sum.addmm_(g2.narrow(1, r0, r), buffer.narrow(0, 0, r));
-    }
+    sum.addmm_(g2.narrow(1, r0, r), masked_rows<scalar_t>(w, keep, r0, r));
   });
   at::sum_out(grad_x2, partial, {0});
 }
@@ -211,23 +215,16 @@ template <typename scalar_t>
 void linear_grad_input_by_columns(const Tensor& g2, const Tensor& w, const uint8_t* keep,
                                   Tensor& grad_x2) {
   const int64_t out_f = w.size(0), in_f = w.size(1);
-  const int64_t tiles = tile_count(in_f, out_f, g2.size(0), sizeof(scalar_t));
-  const int64_t width = tiles ? ceil_div(in_f, tiles) : 0;
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
-  for_tiles(tiles, [&](int64_t begin, int64_t end) {
-    Tensor buffer = scratch_tile<scalar_t>(out_f, width, w.options());
-    scalar_t* bp = buffer.mutable_data_ptr<scalar_t>();
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t c0 = t * width, c = std::min(width, in_f - c0);
-      if (c <= 0) {
-        break;
-      }
-      for (int64_t o = 0; o < out_f; ++o) {
-        mask_span(wp + o * in_f + c0, keep + o * in_f + c0, bp + o * c, c);
-      }
-      Tensor out = grad_x2.narrow(1, c0, c);
-      at::mm_out(out, g2, buffer.view({-1}).narrow(0, 0, out_f * c).view({out_f, c}));
+  const int64_t tiles = tile_count(in_f, out_f, g2.size(0), sizeof(scalar_t));
+  for_each_tile(in_f, tiles, [&](int64_t c0, int64_t c) {
+    Tensor tile = scratch_tile<scalar_t>(out_f, c, w.options());
+    scalar_t* tp = tile.mutable_data_ptr<scalar_t>();
+    for (int64_t o = 0; o < out_f; ++o) {
+      mask_span(wp + o * in_f + c0, keep + o * in_f + c0, tp + o * c, c);
     }
+    Tensor out = grad_x2.narrow(1, c0, c);
+    at::mm_out(out, g2, tile);
   });
 }
 
@@ -247,19 +244,12 @@ void linear_grad_input(const Tensor& g2, const Tensor& w, const uint8_t* keep, T
 template <typename scalar_t>
 void linear_grad_weight(const Tensor& g2, const Tensor& x2, const uint8_t* keep, Tensor& grad_w) {
   const int64_t out_f = grad_w.size(0), in_f = grad_w.size(1);
-  const int64_t tiles = tile_count(out_f, in_f, x2.size(0), sizeof(scalar_t));
-  const int64_t width = tiles ? ceil_div(out_f, tiles) : 0;
   scalar_t* gp = grad_w.mutable_data_ptr<scalar_t>();
-  for_tiles(tiles, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * width, r = std::min(width, out_f - r0);
-      if (r <= 0) {
-        break;
-      }
-      Tensor out = grad_w.narrow(0, r0, r);
-      at::mm_out(out, g2.narrow(1, r0, r).t(), x2);
-      mask_span(gp + r0 * in_f, keep + r0 * in_f, gp + r0 * in_f, r * in_f);
-    }
+  const int64_t tiles = tile_count(out_f, in_f, x2.size(0), sizeof(scalar_t));
+  for_each_tile(out_f, tiles, [&](int64_t r0, int64_t r) {
+    Tensor out = grad_w.narrow(0, r0, r);
+    at::mm_out(out, g2.narrow(1, r0, r).t(), x2);
+    mask_span(gp + r0 * in_f, keep + r0 * in_f, gp + r0 * in_f, r * in_f);
   });
 }
 
