@@ -156,11 +156,8 @@ def test_totals_sparsity_is_over_weights_of_all_rows():
 
 
 def test_masked_subclass_reports_base_type():
-    class MaskedLinear(nn.Linear):
-        pass
-
     layer = masked_linear()
-    layer.__class__ = MaskedLinear
+    assert type(layer).__name__ == "MaskedLinear"
     assert row(summary(nn.Sequential(layer)), "0")["type"] == "Linear"
 
 

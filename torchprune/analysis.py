@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from torchprune.masking import get_mask
+from .masking import base_type, effective_weight
 
 __all__ = ["Summary", "summary"]
 
@@ -132,8 +132,8 @@ def summary(model: nn.Module,
         own = list(module.named_parameters(recurse=False))
         if not own:
             continue
-        mask = get_mask(module)
-        nonzeros = {pname: _count_nonzero(p, mask if pname == "weight" else None)
+        # masked-out weights count as zero whatever is stored
+        nonzeros = {pname: int(torch.count_nonzero(effective_weight(module) if pname == "weight" else p.detach()))
                     for pname, p in own}
         weight = dict(own).get("weight")
         if weight is not None:  # sparsity is measured on the weight pruning acts on
@@ -152,7 +152,7 @@ def summary(model: nn.Module,
                 macs_total[key] = None if current is None or value is None else current + value
         rows.append({
             "name": name,
-            "type": _type_name(module),
+            "type": base_type(module).__name__,  # MaskedLinear reports Linear
             "weight_shape": list(weight.shape) if weight is not None else None,
             "params": sum(p.numel() for _, p in own),
             "nonzeros": sum(nonzeros.values()),
@@ -199,23 +199,6 @@ def _trace_positions(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Dict[int, 
         for m, training in modes.items():
             m.training = training
     return positions
-
-
-def _count_nonzero(p: Tensor, mask: Optional[Tensor]) -> int:
-    p = p.detach()
-    if mask is not None:  # effective weight: masked-out entries are zero whatever is stored
-        p = torch.where(mask.to(device=p.device, dtype=torch.bool), p, 0)
-    return int(torch.count_nonzero(p))
-
-
-def _type_name(module: nn.Module) -> str:
-    """Class name; a ``Masked*`` swap reports the torch class it stands in for (``Linear``)."""
-    cls = type(module)
-    if cls.__name__.startswith("Masked"):
-        for base in cls.__mro__[1:]:
-            if not base.__module__.startswith("torchprune") and base is not nn.Module:
-                return base.__name__
-    return cls.__name__
 
 
 def _format(key: str, value: Any) -> str:

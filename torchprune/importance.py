@@ -60,13 +60,17 @@ def _score_precision(weight: torch.Tensor) -> torch.Tensor:
     return weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
 
 
+def _check_p(p) -> float:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
+        raise ValueError(f"`p` must be a positive number, got {p!r}")
+    return p
+
+
 class Magnitude(Importance):
     """|w|^p of each weight (p=1: L1 magnitude pruning; p=2 ranks the same way, squared)."""
 
     def __init__(self, p: float = 1):
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
-            raise ValueError(f"`p` must be a positive number, got {p!r}")
-        self.p = p
+        self.p = _check_p(p)
 
     def score(self, module: nn.Module) -> torch.Tensor:
         return _score_precision(effective_weight(module)).abs().pow(self.p)
@@ -79,9 +83,7 @@ class FilterNorm(Importance):
     """
 
     def __init__(self, p: float = 2):
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
-            raise ValueError(f"`p` must be a positive number, got {p!r}")
-        self.p = p
+        self.p = _check_p(p)
 
     def score(self, module: nn.Module) -> torch.Tensor:
         weight = _score_precision(effective_weight(module))
