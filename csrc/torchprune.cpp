@@ -47,3 +47,42 @@ TORCH_LIBRARY(torchprune, m) {
       "-> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
+
+// The packed-sparse ops keep their fake kernels in a Python module of their own.
+TORCH_LIBRARY_FRAGMENT(torchprune, m) {
+  m.set_python_module("torchprune._sparse_ops");
+
+  // Packed sparse weights (CSR; the format is described in csrc/common/csr.h). pack_csr keeps
+  // the entries where mask is true, or the nonzeros of weight when mask is None.
+  m.def("pack_csr(Tensor weight, Tensor? mask) -> (Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("unpack_csr(Tensor row_ptr, Tensor col_idx, Tensor values, int in_features) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // Verifies every entry of a packed weight (ordered, in range); raises a clear error if not.
+  m.def("check_csr(Tensor row_ptr, Tensor col_idx, Tensor values, int in_features) -> ()",
+        {at::Tag::pt2_compliant_tag});
+
+  // y = x @ W^T + bias with W packed as CSR [out_features, in_features], over any leading dims
+  // of x. The compute ops trust the packed structure (see check_csr).
+  m.def(
+      "sparse_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int in_features, "
+      "Tensor? bias) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Gradients w.r.t. (x, values, bias); values gets the gradient of the stored entries only.
+  // Unrequested outputs come back as empty [0] tensors, as for masked_linear_backward.
+  m.def(
+      "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor col_idx, "
+      "Tensor values, int in_features, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // groups=1 convolution with the weight [O, C, kh, kw] packed as CSR over [O, C*kh*kw].
+  m.def(
+      "sparse_conv2d(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, "
+      "int[2] kernel_size, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor col_idx, "
+      "Tensor values, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}

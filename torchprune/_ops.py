@@ -31,7 +31,15 @@ except ImportError as error:  # pragma: no cover - depends on how the package wa
         f"python setup.py build_ext --inplace). Original error: {error}"
     ) from error
 
-__all__ = ["masked_linear", "masked_conv2d"]
+__all__ = [
+    "masked_linear",
+    "masked_conv2d",
+    "pack_csr",
+    "unpack_csr",
+    "check_csr",
+    "sparse_linear",
+    "sparse_conv2d",
+]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -211,3 +219,8 @@ def _masked_conv2d_backward_fake(
         grad_weight.contiguous() if output_mask[1] else x.new_empty(0),
         grad_bias if output_mask[2] else x.new_empty(0),
     )
+
+
+# The packed-sparse ops keep their wrappers and fake kernels in a module of their own (their
+# schemas name it as their python module); the wrappers are re-exported here with the others.
+from ._sparse_ops import check_csr, pack_csr, sparse_conv2d, sparse_linear, unpack_csr  # noqa: E402

@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "autograd/helpers.h"
 #include "common/op_handles.h"
 
 namespace torchprune {
@@ -23,24 +24,7 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The bias travels through autograd as a plain Tensor with a has_bias flag: autograd tracks
-// Tensor arguments, not optional ones, and wants every Tensor argument defined, so an absent
-// bias is an empty placeholder that is never used.
-Tensor bias_or_placeholder(const std::optional<Tensor>& bias, const Tensor& like) {
-  return bias.has_value() ? *bias : at::empty({0}, like.options());
-}
-
-std::optional<Tensor> as_optional(const Tensor& bias, bool has_bias) {
-  return has_bias ? std::optional<Tensor>(bias) : std::nullopt;
-}
-
-// The backward ops return empty [0] tensors for what was not asked; autograd wants undefined.
-Tensor if_needed(bool needed, const Tensor& grad) { return needed ? grad : Tensor(); }
-
-// Grad mode is on inside a backward only when it builds a graph (create_graph=True: gradient
-// penalties, Hessian-vector products). The backward ops have no derivatives of their own, so
-// then the same gradients are computed with differentiable ATen ops instead.
-bool building_graph() { return at::GradMode::is_enabled(); }
+using namespace autograd_helpers;
 
 Tensor masked(const Tensor& mask, const Tensor& values) { return at::where(mask, values, 0); }
 

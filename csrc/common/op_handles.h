@@ -48,4 +48,37 @@ inline const c10::TypedOperatorHandle<MaskedConv2dBackwardSig>& masked_conv2d_ba
   return op;
 }
 
+using SparseLinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, int64_t, const std::optional<at::Tensor>&);
+using SparseLinearBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    int64_t, std::array<bool, 3>);
+using SparseConv2dSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, at::IntArrayRef,
+                                   const std::optional<at::Tensor>&, at::IntArrayRef,
+                                   at::IntArrayRef, at::IntArrayRef);
+using SparseConv2dBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, std::array<bool, 3>);
+
+inline const c10::TypedOperatorHandle<SparseLinearSig>& sparse_linear_op() {
+  static const auto op = find_op<SparseLinearSig>("torchprune::sparse_linear");
+  return op;
+}
+
+inline const c10::TypedOperatorHandle<SparseLinearBackwardSig>& sparse_linear_backward_op() {
+  static const auto op = find_op<SparseLinearBackwardSig>("torchprune::sparse_linear_backward");
+  return op;
+}
+
+inline const c10::TypedOperatorHandle<SparseConv2dSig>& sparse_conv2d_op() {
+  static const auto op = find_op<SparseConv2dSig>("torchprune::sparse_conv2d");
+  return op;
+}
+
+inline const c10::TypedOperatorHandle<SparseConv2dBackwardSig>& sparse_conv2d_backward_op() {
+  static const auto op = find_op<SparseConv2dBackwardSig>("torchprune::sparse_conv2d_backward");
+  return op;
+}
+
 }  // namespace torchprune

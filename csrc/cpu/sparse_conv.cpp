@@ -1,0 +1,204 @@
+// sparse_conv2d on CPU: a groups=1 convolution whose weight [O, C, kh, kw] is packed as CSR over
+// [O, C*kh*kw], and its backward.
+//
+// Each image is unfolded to columns [C*kh*kw, Ho*Wo] (a 1x1, stride-1, unpadded conv reads the
+// input itself) and multiplied by the sparse weight with the same register-tiled spmm as
+// sparse_linear: the output [O, Ho*Wo] of an image is already row-major, so no transposes. The
+// backward works on the whole batch at once: the value gradient is one SDDMM over all images'
+// columns, the input gradient a transposed product folded back with col2im.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "common/checks.h"
+#include "common/csr.h"
+#include "cpu/spmm.h"
+
+namespace torchprune {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+
+constexpr const char* kForward = "sparse_conv2d";
+constexpr const char* kBackward = "sparse_conv2d_backward";
+constexpr int64_t kColumnChunk = 256;  // output pixels per work item
+
+struct Geometry {
+  int64_t batch, channels, height, width, kh, kw, out_h, out_w;
+  int64_t k() const { return channels * kh * kw; }
+  int64_t pixels() const { return out_h * out_w; }
+};
+
+Geometry check_inputs(const char* op, const Tensor& x, const Tensor& row_ptr,
+                      const Tensor& col_idx, const Tensor& values, IntArrayRef kernel_size,
+                      IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
+  check_dim(op, "x", x, 4);
+  check_floating(op, "x", x);
+  check_pair(op, "kernel_size", kernel_size, 1);
+  check_pair(op, "stride", stride, 1);
+  check_pair(op, "padding", padding, 0);
+  check_pair(op, "dilation", dilation, 1);
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1], 0, 0};
+  check_csr(op, row_ptr, col_idx, values, g.k(), /*structure=*/false);
+  check_like(op, "values", values, "x", x);
+  const int64_t span_h = dilation[0] * (g.kh - 1) + 1, span_w = dilation[1] * (g.kw - 1) + 1;
+  TORCH_CHECK(g.height + 2 * padding[0] >= span_h && g.width + 2 * padding[1] >= span_w, op,
+              ": `x` must be at least as large as the dilated kernel (", span_h, "x", span_w,
+              ") after padding, got spatial size ", g.height, "x", g.width);
+  g.out_h = (g.height + 2 * padding[0] - span_h) / stride[0] + 1;
+  g.out_w = (g.width + 2 * padding[1] - span_w) / stride[1] + 1;
+  return g;
+}
+
+bool reads_input_as_columns(const Geometry& g, IntArrayRef stride, IntArrayRef padding) {
+  return g.kh == 1 && g.kw == 1 && stride[0] == 1 && stride[1] == 1 && padding[0] == 0 &&
+         padding[1] == 0;
+}
+
+// [B, C*kh*kw, Ho*Wo]
+Tensor columns(const Tensor& x, const Geometry& g, IntArrayRef stride, IntArrayRef padding,
+               IntArrayRef dilation) {
+  if (reads_input_as_columns(g, stride, padding)) {
+    return x.reshape({g.batch, g.channels, g.height * g.width});
+  }
+  return at::im2col(x, {g.kh, g.kw}, dilation, padding, stride);
+}
+
+template <typename T, typename I>
+void forward(const Csr<T, I>& a, const Tensor& cols, const T* bias, const Geometry& g,
+             Tensor& out) {
+  const int64_t o = a.rows, pixels = g.pixels();
+  const int64_t chunks = (pixels + kColumnChunk - 1) / kColumnChunk;
+  const int64_t threads = cpu::useful_threads((a.row_ptr[o] + o) * pixels * g.batch);
+  const int64_t parts =
+      std::max<int64_t>(1, (threads * 4 + chunks * g.batch - 1) / (chunks * g.batch));
+  const auto panels = cpu::row_panels(a.row_ptr, o, parts);
+  const T* b = cols.data_ptr<T>();
+  T* y = out.data_ptr<T>();
+  const int64_t items = g.batch * chunks * parts;
+  auto run = [&](int64_t item) {
+    const int64_t image = item / (chunks * parts), rest = item % (chunks * parts);
+    const int64_t t0 = (rest / parts) * kColumnChunk, p = rest % parts;
+    cpu::spmm(a, b + image * g.k() * pixels + t0, pixels, std::min(kColumnChunk, pixels - t0),
+              bias, y + image * o * pixels + t0, pixels, 1, panels[p], panels[p + 1]);
+  };
+  if (threads <= 1) {
+    for (int64_t i = 0; i < items; ++i) run(i);
+  } else {
+    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) run(i);
+    });
+  }
+}
+
+Tensor sparse_conv2d_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
+                         const Tensor& values, IntArrayRef kernel_size,
+                         const std::optional<Tensor>& bias, IntArrayRef stride,
+                         IntArrayRef padding, IntArrayRef dilation) {
+  const Geometry g = check_inputs(kForward, x, row_ptr, col_idx, values, kernel_size, stride,
+                                  padding, dilation);
+  const int64_t o = row_ptr.numel() - 1;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == o, kForward, ": `bias` must have shape [",
+                o, "] (out_channels), got ", shape_str(bias->sizes()));
+    check_like(kForward, "bias", *bias, "x", x);
+  }
+  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
+    const auto bias32 = bias.has_value() ? std::optional<Tensor>(bias->to(at::kFloat))
+                                         : std::nullopt;
+    return sparse_conv2d_cpu(x.to(at::kFloat), row_ptr, col_idx, values.to(at::kFloat),
+                             kernel_size, bias32, stride, padding, dilation)
+        .to(x.scalar_type());
+  }
+  Tensor out = at::empty({g.batch, o, g.out_h, g.out_w}, x.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  const Tensor cols = columns(x.contiguous(), g, stride, padding, dilation).contiguous();
+  const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kForward, [&] {
+    with_csr<scalar_t>(row_ptr, col_idx, values, g.k(), [&](const auto& a) {
+      forward(a, cols, bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, g, out);
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> sparse_conv2d_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
+    const Tensor& values, IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,
+    IntArrayRef dilation, std::array<bool, 3> output_mask) {
+  const Geometry g = check_inputs(kBackward, x, row_ptr, col_idx, values, kernel_size, stride,
+                                  padding, dilation);
+  const int64_t o = row_ptr.numel() - 1;
+  check_like(kBackward, "grad_out", grad_out, "x", x);
+  const std::array<int64_t, 4> expected{g.batch, o, g.out_h, g.out_w};
+  TORCH_CHECK(grad_out.sizes() == IntArrayRef(expected), kBackward,
+              ": `grad_out` must have shape ", shape_str(expected), ", got ",
+              shape_str(grad_out.sizes()));
+  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
+    auto [gx, gv, gb] = sparse_conv2d_backward_cpu(
+        grad_out.to(at::kFloat), x.to(at::kFloat), row_ptr, col_idx, values.to(at::kFloat),
+        kernel_size, stride, padding, dilation, output_mask);
+    const auto dtype = x.scalar_type();
+    return {gx.to(dtype), gv.to(dtype), gb.to(dtype)};
+  }
+  const auto empty = at::empty({0}, x.options());
+  Tensor grad_x = output_mask[0] ? at::zeros_like(x, at::MemoryFormat::Contiguous) : empty;
+  Tensor grad_values = output_mask[1] ? at::zeros_like(values) : empty;
+  const Tensor grad_bias = output_mask[2] ? grad_out.sum({0, 2, 3}) : empty;
+  const int64_t bl = g.batch * g.pixels(), k = g.k();
+  if (bl == 0 || o == 0 || k == 0 || !(output_mask[0] || output_mask[1])) {
+    return {grad_x, grad_values, grad_bias};
+  }
+  // Both operands with the whole batch along one axis: grad [O, B*L] and columns [K, B*L].
+  const Tensor grad_t = grad_out.reshape({g.batch, o, g.pixels()}).permute({1, 0, 2}).contiguous();
+  const int64_t threads = cpu::useful_threads((values.numel() + o) * bl);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackward, [&] {
+    with_csr<scalar_t>(row_ptr, col_idx, values, k, [&](const auto& a) {
+      if (output_mask[1]) {
+        const Tensor cols_t = columns(x.contiguous(), g, stride, padding, dilation)
+                                  .permute({1, 0, 2})
+                                  .contiguous();
+        const auto panels = cpu::row_panels(a.row_ptr, o, threads * 4);
+        at::parallel_for(0, threads * 4, 1, [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) {
+            cpu::sddmm(a, grad_t.data_ptr<scalar_t>(), bl, cols_t.data_ptr<scalar_t>(), bl, bl,
+                       grad_values.data_ptr<scalar_t>(), panels[p], panels[p + 1]);
+          }
+        });
+      }
+      if (output_mask[0]) {
+        // Threads own disjoint column chunks of grad_cols [K, B*L], so the scatter never races.
+        Tensor grad_cols = at::zeros({k, bl}, x.options());
+        const int64_t chunks = (bl + kColumnChunk - 1) / kColumnChunk;
+        at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t t0 = c * kColumnChunk;
+            cpu::spmm_transposed(a, grad_t.data_ptr<scalar_t>() + t0, bl,
+                                 std::min(kColumnChunk, bl - t0),
+                                 grad_cols.data_ptr<scalar_t>() + t0, bl, 0, o);
+          }
+        });
+        const Tensor per_image = grad_cols.view({k, g.batch, g.pixels()}).permute({1, 0, 2});
+        grad_x.copy_(at::col2im(per_image.contiguous(), {g.height, g.width}, {g.kh, g.kw},
+                                dilation, padding, stride));
+      }
+    });
+  });
+  return {grad_x, grad_values, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchprune, CPU, m) {
+  m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_backward", &sparse_conv2d_backward_cpu);
+}
+
+}  // namespace torchprune

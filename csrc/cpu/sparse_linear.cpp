@@ -1,0 +1,210 @@
+// sparse_linear on CPU: y = x @ W^T + bias with W packed as CSR (common/csr.h), and its backward.
+//
+// Batch 1 is a gather-dot per weight row (spmv): every stored value and index is read once,
+// which is all that matters when the product is memory bound. Larger batches transpose x once
+// to Xᵀ [K, M] so that each stored value scales a contiguous slab of Xᵀ held in registers, and
+// write y straight from the register tile (spmm). Rows are split across threads by stored
+// entries, not by rows. Half precision computes in float32 and rounds once at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/csr.h"
+#include "cpu/spmm.h"
+
+namespace torchprune {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kForward = "sparse_linear";
+constexpr const char* kBackward = "sparse_linear_backward";
+// Columns of the dense operand one work item covers when a large batch is split across threads.
+constexpr int64_t kBatchChunk = 128;
+
+void check_inputs(const char* op, const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
+                  const Tensor& values, int64_t in_features) {
+  check_csr(op, row_ptr, col_idx, values, in_features, /*structure=*/false);
+  check_floating(op, "x", x);
+  check_like(op, "values", values, "x", x);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, op,
+              ": `x` must have in_features = ", in_features, " entries in its last dimension, got ",
+              "shape ", shape_str(x.sizes()));
+}
+
+// Rows of x once its leading dims are flattened (explicit: reshape(-1, 0) would be ambiguous).
+int64_t batch_rows(const Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+bool is_half(const Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// Runs fn(item) for items [0, count) on up to `threads` threads.
+template <typename Fn>
+void for_items(int64_t count, int64_t threads, const Fn& fn) {
+  if (threads <= 1 || count <= 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  at::parallel_for(0, count, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) fn(i);
+  });
+}
+
+// out [M, N] = x2 [M, K] @ W^T (+ bias).
+template <typename T, typename I>
+void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
+  const int64_t m = x2.size(0), n = a.rows;
+  const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
+  if (m == 1) {
+    const auto panels = cpu::row_panels(a.row_ptr, n, threads * 4);
+    const T* x = x2.data_ptr<T>();
+    T* y = out.data_ptr<T>();
+    for_items(threads * 4, threads,
+              [&](int64_t p) { cpu::spmv(a, x, bias, y, panels[p], panels[p + 1]); });
+    return;
+  }
+  const Tensor xt = x2.t().contiguous();  // [K, M]
+  const int64_t chunks = (m + kBatchChunk - 1) / kBatchChunk;
+  const int64_t parts = std::max<int64_t>(1, (threads * 4 + chunks - 1) / chunks);
+  const auto panels = cpu::row_panels(a.row_ptr, n, parts);
+  const T* b = xt.data_ptr<T>();
+  T* y = out.data_ptr<T>();
+  for_items(parts * chunks, threads, [&](int64_t item) {
+    const int64_t p = item / chunks, t0 = (item % chunks) * kBatchChunk;
+    // Row n of the tile goes to y[t0 + t, n]: the transposed store.
+    cpu::spmm(a, b + t0, m, std::min(kBatchChunk, m - t0), bias, y + t0 * n, /*row stride=*/1,
+              /*col stride=*/n, panels[p], panels[p + 1]);
+  });
+}
+
+Tensor sparse_linear_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
+                         const Tensor& values, int64_t in_features,
+                         const std::optional<Tensor>& bias) {
+  check_inputs(kForward, x, row_ptr, col_idx, values, in_features);
+  const int64_t n = row_ptr.numel() - 1;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, kForward,
+                ": `bias` must have shape [", n, "] (out_features), got ",
+                shape_str(bias->sizes()));
+    check_like(kForward, "bias", *bias, "x", x);
+  }
+  if (is_half(x)) {
+    const auto bias32 = bias.has_value() ? std::optional<Tensor>(bias->to(at::kFloat))
+                                         : std::nullopt;
+    return sparse_linear_cpu(x.to(at::kFloat), row_ptr, col_idx, values.to(at::kFloat),
+                             in_features, bias32)
+        .to(x.scalar_type());
+  }
+  const Tensor x2 = x.reshape({batch_rows(x), in_features}).contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(n);
+  Tensor out = at::empty({x2.size(0), n}, x.options());
+  if (x2.size(0) > 0 && n > 0) {
+    const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kForward, [&] {
+      with_csr<scalar_t>(row_ptr, col_idx, values, in_features, [&](const auto& a) {
+        forward(a, x2, bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, out);
+      });
+    });
+  }
+  return out.view(out_shape);
+}
+
+// grad_x2 [M, K] = grad2 [M, N] @ W, as Wᵀ-scatter: threads own disjoint row panels and sum
+// their private [K, M] partials at the end (for one thread, there is one partial and no sum).
+template <typename T, typename I>
+Tensor input_grad(const Csr<T, I>& a, const Tensor& grad_t, int64_t m) {
+  const int64_t n = a.rows, k = a.cols;
+  const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
+  const auto panels = cpu::row_panels(a.row_ptr, n, threads);
+  Tensor partial = at::zeros({threads, k, m}, grad_t.options());
+  const T* b = grad_t.data_ptr<T>();
+  T* c = partial.data_ptr<T>();
+  for_items(threads, threads, [&](int64_t p) {
+    cpu::spmm_transposed(a, b, m, m, c + p * k * m, m, panels[p], panels[p + 1]);
+  });
+  const Tensor grad_xt = threads == 1 ? partial[0] : partial.sum(0);  // [K, M]
+  return grad_xt.t();
+}
+
+// grad of the stored values: for entry (r, c), sum over the batch of grad[:, r] * x[:, c].
+template <typename T, typename I>
+Tensor values_grad(const Csr<T, I>& a, const Tensor& grad_t, const Tensor& xt, int64_t m) {
+  const int64_t n = a.rows;
+  Tensor out = at::empty({a.row_ptr[n]}, grad_t.options());
+  const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
+  const auto panels = cpu::row_panels(a.row_ptr, n, threads * 4);
+  for_items(threads * 4, threads, [&](int64_t p) {
+    cpu::sddmm(a, grad_t.data_ptr<T>(), m, xt.data_ptr<T>(), m, m, out.data_ptr<T>(), panels[p],
+               panels[p + 1]);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
+    const Tensor& values, int64_t in_features, std::array<bool, 3> output_mask) {
+  check_inputs(kBackward, x, row_ptr, col_idx, values, in_features);
+  const int64_t n = row_ptr.numel() - 1;
+  check_like(kBackward, "grad_out", grad_out, "x", x);
+  std::vector<int64_t> expected(x.sizes().begin(), x.sizes().end() - 1);
+  expected.push_back(n);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(expected), kBackward,
+              ": `grad_out` must have shape ", shape_str(expected), ", got ",
+              shape_str(grad_out.sizes()));
+  if (is_half(x)) {
+    auto [gx, gv, gb] = sparse_linear_backward_cpu(grad_out.to(at::kFloat), x.to(at::kFloat),
+                                                   row_ptr, col_idx, values.to(at::kFloat),
+                                                   in_features, output_mask);
+    const auto dtype = x.scalar_type();
+    return {gx.to(dtype), gv.to(dtype), gb.to(dtype)};
+  }
+  const int64_t m = batch_rows(x);
+  const Tensor x2 = x.reshape({m, in_features});
+  const Tensor grad2 = grad_out.reshape({m, n});
+  Tensor grad_x, grad_values, grad_bias;
+  if (output_mask[0]) {
+    grad_x = at::zeros_like(x, at::MemoryFormat::Contiguous);
+  }
+  if (output_mask[1]) {
+    grad_values = at::zeros_like(values);
+  }
+  if (output_mask[2]) {
+    grad_bias = grad2.sum(0);
+  }
+  if (m > 0 && n > 0 && in_features > 0 && (output_mask[0] || output_mask[1])) {
+    // [N, M] and [K, M]: batch-contiguous rows, what the kernels read.
+    const Tensor grad_t = grad2.t().contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackward, [&] {
+      with_csr<scalar_t>(row_ptr, col_idx, values, in_features, [&](const auto& a) {
+        if (output_mask[0]) {
+          grad_x.view({m, in_features}).copy_(input_grad(a, grad_t, m));
+        }
+        if (output_mask[1]) {
+          grad_values = values_grad(a, grad_t, x2.t().contiguous(), m);
+        }
+      });
+    });
+  }
+  const auto empty = at::empty({0}, x.options());
+  return {output_mask[0] ? grad_x : empty, output_mask[1] ? grad_values : empty,
+          output_mask[2] ? grad_bias : empty};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchprune, CPU, m) {
+  m.impl("sparse_linear", &sparse_linear_cpu);
+  m.impl("sparse_linear_backward", &sparse_linear_backward_cpu);
+}
+
+}  // namespace torchprune

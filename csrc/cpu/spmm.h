@@ -1,0 +1,59 @@
+// The CPU sparse-times-dense building blocks behind sparse_linear and sparse_conv2d.
+//
+// Each works on a range of CSR rows, so callers split rows (and columns of the dense operand)
+// across threads as they see fit. All dense operands are row-major with a leading dimension.
+// Every function exists for T in {float, double} and I in {uint16_t, int32_t}; each is compiled
+// for AVX-512, AVX2+FMA and baseline x86-64, and the best one is picked at load time.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/csr.h"
+
+namespace torchprune {
+namespace cpu {
+
+// c[n, t] = init[n] + sum_j a[n, j] * b[j, t] for rows n in [row_begin, row_end) and t < m.
+// b is [a.cols, >= m] with leading dimension ldb. The result goes to
+// c[n * c_row_stride + t * c_col_stride]: (ldc, 1) writes row-major [rows, m]; (1, ldc) writes
+// it transposed, which is how sparse_linear produces y = x @ W^T from Xᵀ. init may be null.
+template <typename T, typename I>
+void spmm(const Csr<T, I>& a, const T* b, int64_t ldb, int64_t m, const T* init, T* c,
+          int64_t c_row_stride, int64_t c_col_stride, int64_t row_begin, int64_t row_end);
+
+// y[n] = init[n] + sum_j a[n, j] * x[j] for rows in [row_begin, row_end): the batch-1 path,
+// which gathers x through the column indices and reads each nonzero exactly once.
+template <typename T, typename I>
+void spmv(const Csr<T, I>& a, const T* x, const T* init, T* y, int64_t row_begin,
+          int64_t row_end);
+
+// c[j, t] += sum_n a[n, j] * b[n, t] over rows n in [row_begin, row_end), t < m: the product
+// with the transposed matrix (the gradient w.r.t. the input), as a scatter. c is [a.cols, >= m]
+// with leading dimension ldc; two calls may run at once only on disjoint columns t of c.
+template <typename T, typename I>
+void spmm_transposed(const Csr<T, I>& a, const T* b, int64_t ldb, int64_t m, T* c, int64_t ldc,
+                     int64_t row_begin, int64_t row_end);
+
+// out[e] = sum_t p[n, t] * q[col(e), t] for every stored entry e of rows [row_begin, row_end):
+// the sampled dense-dense product (SDDMM) that gives the gradient of the nonzero values only.
+// p is [a.rows, >= m] (ldp), q is [a.cols, >= m] (ldq); out is indexed like a.val.
+template <typename T, typename I>
+void sddmm(const Csr<T, I>& a, const T* p, int64_t ldp, const T* q, int64_t ldq, int64_t m,
+           T* out, int64_t row_begin, int64_t row_end);
+
+}  // namespace cpu
+}  // namespace torchprune
+
+namespace torchprune {
+namespace cpu {
+
+// Splits rows [0, rows) into `parts` contiguous panels of about equal work (stored entries plus
+// one per row), so threads get equal nonzeros rather than equal rows. Returns parts + 1 bounds.
+std::vector<int64_t> row_panels(const int32_t* row_ptr, int64_t rows, int64_t parts);
+
+// Threads worth using for `work` multiply-adds: below about 32k the fork costs more than it saves.
+int64_t useful_threads(int64_t work);
+
+}  // namespace cpu
+}  // namespace torchprune
