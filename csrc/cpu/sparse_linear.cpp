@@ -2,8 +2,8 @@
 //
 // Batch 1 is a gather-dot per weight row (spmv): every stored value and index is read once,
 // which is all that matters when the product is memory bound. Larger batches transpose x once
-// to Xᵀ [K, M] so that each stored value scales a contiguous slab of Xᵀ held in registers, and
-// write y straight from the register tile (spmm). Rows are split across threads by stored
+// to Xᵀ in [K, 32]-wide panels so that each stored value scales a contiguous row of a panel held
+// in registers, and write y straight from the register tile (spmm). Rows are split across threads by stored
 // entries, not by rows. Half precision computes in float32 and rounds once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,8 +25,6 @@ using at::Tensor;
 
 constexpr const char* kForward = "sparse_linear";
 constexpr const char* kBackward = "sparse_linear_backward";
-// Columns of the dense operand one work item covers when a large batch is split across threads.
-constexpr int64_t kBatchChunk = 128;
 
 void check_inputs(const char* op, const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
                   const Tensor& values, int64_t in_features) {
@@ -72,16 +70,21 @@ void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
               [&](int64_t p) { cpu::spmv(a, x, bias, y, panels[p], panels[p + 1]); });
     return;
   }
-  const Tensor xt = x2.t().contiguous();  // [K, M]
-  const int64_t chunks = (m + kBatchChunk - 1) / kBatchChunk;
-  const int64_t parts = std::max<int64_t>(1, (threads * 4 + chunks - 1) / chunks);
+  // Xᵀ as [tiles, K, W] panels of W = kPanelWidth batch rows (the last one zero-padded).
+  constexpr int64_t w = cpu::kPanelWidth<T>;
+  const int64_t k = a.cols, tiles = (m + w - 1) / w;
+  const Tensor panels_x = at::constant_pad_nd(x2, {0, 0, 0, tiles * w - m})
+                              .view({tiles, w, k})
+                              .transpose(1, 2)
+                              .contiguous();
+  const int64_t parts = std::max<int64_t>(1, (threads * 4 + tiles - 1) / tiles);
   const auto panels = cpu::row_panels(a.row_ptr, n, parts);
-  const T* b = xt.data_ptr<T>();
+  const T* b = panels_x.data_ptr<T>();
   T* y = out.data_ptr<T>();
-  for_items(parts * chunks, threads, [&](int64_t item) {
-    const int64_t p = item / chunks, t0 = (item % chunks) * kBatchChunk;
-    // Row n of the tile goes to y[t0 + t, n]: the transposed store.
-    cpu::spmm(a, b + t0, m, std::min(kBatchChunk, m - t0), bias, y + t0 * n, /*row stride=*/1,
+  for_items(parts * tiles, threads, [&](int64_t item) {
+    const int64_t p = item / tiles, tile = item % tiles, t0 = tile * w;
+    // Row r of the tile goes to y[t0 + t, r]: the transposed store.
+    cpu::spmm(a, b + tile * k * w, w, std::min(w, m - t0), bias, y + t0 * n, /*row stride=*/1,
               /*col stride=*/n, panels[p], panels[p + 1]);
   });
 }

@@ -7,6 +7,8 @@
 // exist; there is no separate intrinsics code to keep in sync with a scalar reference.
 #include "cpu/spmm.h"
 
+#include "cpu/spmm_avx512.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -19,9 +21,8 @@ namespace {
 #define TP_ALWAYS_INLINE inline __attribute__((always_inline))
 #define TP_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
 
-// Columns of the dense operand per register tile: two 512-bit registers of T.
 template <typename T>
-constexpr int64_t kTile = 128 / sizeof(T);
+constexpr int64_t kTile = kPanelWidth<T>;
 
 // One CSR row times a [cols, W] slab of b (W = kTile, or fewer at the right edge): the row's
 // nonzeros are consumed two at a time into two accumulator sets, so the FMA chains overlap.
@@ -174,12 +175,18 @@ TP_DEFINE_KERNELS(float, int32_t, f32_i32)
 TP_DEFINE_KERNELS(double, uint16_t, f64_u16)
 TP_DEFINE_KERNELS(double, int32_t, f64_i32)
 
+bool use_avx512() {
+  static const bool supported = avx512::supported();
+  return supported;
+}
+
 }  // namespace
 
 #define TP_SPECIALIZE(T, I, SUFFIX)                                                              \
   template <>                                                                                   \
   void spmm<T, I>(const Csr<T, I>& a, const T* b, int64_t ldb, int64_t m, const T* init, T* c, \
                   int64_t crs, int64_t ccs, int64_t r0, int64_t r1) {                           \
+    if (use_avx512()) return avx512::spmm(a, b, ldb, m, init, c, crs, ccs, r0, r1);             \
     spmm_##SUFFIX(a, b, ldb, m, init, c, crs, ccs, r0, r1);                                     \
   }                                                                                             \
   template <>                                                                                   \

@@ -14,6 +14,12 @@
 namespace torchprune {
 namespace cpu {
 
+// Columns of b that spmm keeps in registers per row: two 512-bit registers of T. A caller with
+// more columns than this does best to lay b out as contiguous [cols, kPanelWidth] panels, so the
+// rows one tile touches share cache lines with nothing else.
+template <typename T>
+constexpr int64_t kPanelWidth = 128 / sizeof(T);
+
 // c[n, t] = init[n] + sum_j a[n, j] * b[j, t] for rows n in [row_begin, row_end) and t < m.
 // b is [a.cols, >= m] with leading dimension ldb. The result goes to
 // c[n * c_row_stride + t * c_col_stride]: (ldc, 1) writes row-major [rows, m]; (1, ldc) writes
