@@ -1,18 +1,22 @@
 // sparse_conv2d on CPU: a groups=1 convolution whose weight [O, C, kh, kw] is packed as CSR over
 // [O, C*kh*kw], and its backward.
 //
-// Each image is unfolded to columns [C*kh*kw, Ho*Wo] (a 1x1, stride-1, unpadded conv reads the
-// input itself) and multiplied by the sparse weight with the same register-tiled spmm as
-// sparse_linear: the output [O, Ho*Wo] of an image is already row-major, so no transposes. The
-// backward works on the whole batch at once: the value gradient is one SDDMM over all images'
-// columns, the input gradient a transposed product folded back with col2im.
+// The forward is an implicit im2col: for each tile of 32 output pixels it unfolds just the
+// columns [C*kh*kw, 32] that tile needs into a cache-resident panel and multiplies the sparse
+// weight into it with the register-tiled spmm of sparse_linear, writing the output rows
+// [O, Ho*Wo] in place. (Unfolding whole images first with at::im2col cost more than the product
+// itself here, and its power-of-two row strides thrashed the caches.) The backward works on the
+// whole batch at once: the value gradient is one SDDMM over all images' columns, the input
+// gradient a transposed product folded back with col2im.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/csr.h"
@@ -26,7 +30,7 @@ using at::Tensor;
 
 constexpr const char* kForward = "sparse_conv2d";
 constexpr const char* kBackward = "sparse_conv2d_backward";
-constexpr int64_t kColumnChunk = 256;  // output pixels per work item
+constexpr int64_t kColumnChunk = 256;  // columns of grad_cols per backward work item
 
 struct Geometry {
   int64_t batch, channels, height, width, kh, kw, out_h, out_w;
@@ -69,24 +73,83 @@ Tensor columns(const Tensor& x, const Geometry& g, IntArrayRef stride, IntArrayR
   return at::im2col(x, {g.kh, g.kw}, dilation, padding, stride);
 }
 
+// ceil(a / b) for b > 0 and any sign of a.
+int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+
+struct Window {
+  int64_t sh, sw, ph, pw, dh, dw;
+};
+
+// Columns [K, W] of output pixels [t0, t0 + width) of one image, W = kPanelWidth: the slice of
+// im2col that one spmm tile reads, built in cache right before it is read. Pixels run along
+// output rows, so for stride 1 each (channel, kernel offset) is a contiguous copy with zeros at
+// the borders.
+template <typename T>
+void fill_panel(const T* image, const Geometry& g, const Window& win, int64_t t0, int64_t width,
+                T* panel) {
+  constexpr int64_t w = cpu::kPanelWidth<T>;
+  for (int64_t c = 0; c < g.channels; ++c) {
+    const T* plane = image + c * g.height * g.width;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) {
+        T* dst = panel + ((c * g.kh + i) * g.kw + j) * w;
+        int64_t t = 0;
+        while (t < width) {  // one output row segment at a time
+          const int64_t pixel = t0 + t, oh = pixel / g.out_w, ow0 = pixel % g.out_w;
+          const int64_t count = std::min(width - t, g.out_w - ow0);
+          const int64_t ih = oh * win.sh - win.ph + i * win.dh;
+          if (ih < 0 || ih >= g.height) {
+            std::fill(dst + t, dst + t + count, T(0));
+          } else {
+            // Output pixels ow0 + q with q in [lo, hi) read inside the row; the rest are padding.
+            const T* src = plane + ih * g.width;
+            const int64_t offset = j * win.dw - win.pw;  // iw = (ow0 + q) * sw + offset
+            const int64_t lo = std::clamp(ceil_div(-offset, win.sw) - ow0, int64_t(0), count);
+            const int64_t hi =
+                std::clamp(ceil_div(g.width - offset, win.sw) - ow0, lo, count);
+            std::fill(dst + t, dst + t + lo, T(0));
+            if (win.sw == 1) {
+              std::copy(src + ow0 + lo + offset, src + ow0 + hi + offset, dst + t + lo);
+            } else {
+              for (int64_t q = lo; q < hi; ++q) dst[t + q] = src[(ow0 + q) * win.sw + offset];
+            }
+            std::fill(dst + t + hi, dst + t + count, T(0));
+          }
+          t += count;
+        }
+      }
+    }
+  }
+}
+
+// Work items are (image, pixel tile): each builds its panel in this thread's scratch memory
+// and multiplies every output channel's row into it.
 template <typename T, typename I>
-void forward(const Csr<T, I>& a, const Tensor& cols, const T* bias, const Geometry& g,
-             Tensor& out) {
-  const int64_t o = a.rows, pixels = g.pixels();
-  const int64_t chunks = (pixels + kColumnChunk - 1) / kColumnChunk;
-  const int64_t threads = cpu::useful_threads((a.row_ptr[o] + o) * pixels * g.batch);
-  const int64_t parts =
-      std::max<int64_t>(1, (threads * 4 + chunks * g.batch - 1) / (chunks * g.batch));
-  const auto panels = cpu::row_panels(a.row_ptr, o, parts);
-  const T* b = cols.data_ptr<T>();
+void forward(const Csr<T, I>& a, const Tensor& x, const T* bias, const Geometry& g,
+             const Window& win, Tensor& out) {
+  constexpr int64_t w = cpu::kPanelWidth<T>;
+  const int64_t o = a.rows, pixels = g.pixels(), tiles = (pixels + w - 1) / w;
+  const int64_t work = (a.row_ptr[o] + o) * pixels * g.batch + g.k() * pixels * g.batch;
+  const int64_t threads = cpu::useful_threads(work);
+  const T* xs = x.data_ptr<T>();
   T* y = out.data_ptr<T>();
-  const int64_t items = g.batch * chunks * parts;
+  const bool direct = g.kh == 1 && g.kw == 1 && win.sh == 1 && win.sw == 1 && win.ph == 0 &&
+                      win.pw == 0;
   auto run = [&](int64_t item) {
-    const int64_t image = item / (chunks * parts), rest = item % (chunks * parts);
-    const int64_t t0 = (rest / parts) * kColumnChunk, p = rest % parts;
-    cpu::spmm(a, b + image * g.k() * pixels + t0, pixels, std::min(kColumnChunk, pixels - t0),
-              bias, y + image * o * pixels + t0, pixels, 1, panels[p], panels[p + 1]);
+    const int64_t image = item / tiles, t0 = (item % tiles) * w;
+    const int64_t width = std::min(w, pixels - t0);
+    const T* x_image = xs + image * g.channels * g.height * g.width;
+    T* y_tile = y + image * o * pixels + t0;
+    if (direct) {  // a 1x1, stride-1, unpadded conv: the image [C, H*W] is its own im2col
+      cpu::spmm(a, x_image + t0, pixels, width, bias, y_tile, pixels, 1, 0, o);
+      return;
+    }
+    thread_local std::vector<T> panel;
+    panel.resize(static_cast<size_t>(g.k() * w));
+    fill_panel(x_image, g, win, t0, width, panel.data());
+    cpu::spmm(a, panel.data(), w, width, bias, y_tile, pixels, 1, 0, o);
   };
+  const int64_t items = g.batch * tiles;
   if (threads <= 1) {
     for (int64_t i = 0; i < items; ++i) run(i);
   } else {
@@ -119,11 +182,12 @@ Tensor sparse_conv2d_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& c
   if (out.numel() == 0) {
     return out;
   }
-  const Tensor cols = columns(x.contiguous(), g, stride, padding, dilation).contiguous();
+  const Tensor xc = x.contiguous();
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
+  const Window win{stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kForward, [&] {
     with_csr<scalar_t>(row_ptr, col_idx, values, g.k(), [&](const auto& a) {
-      forward(a, cols, bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, g, out);
+      forward(a, xc, bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, g, win, out);
     });
   });
   return out;
