@@ -234,3 +234,32 @@ def test_sparse_conv2d_errors():
         _ops.sparse_conv2d(torch.ones(1, 3, 2, 2), r, c, v, 3)
     with pytest.raises(TypeError, match="sparse_conv2d: `stride` must be an int or a pair"):
         _ops.sparse_conv2d(torch.ones(1, 3, 5, 5), r, c, v, 3, stride=(1, 2, 3))
+
+
+def test_portable_kernels_match_too():
+    """The AVX-512 kernels are chosen at run time; TORCHPRUNE_NO_AVX512=1 forces the portable ones."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "from torchprune import _ops\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for m, n, k in [(1, 37, 70), (5, 64, 33), (40, 9, 128), (70, 33, 20)]:\n"
+        "    for dtype in (torch.float32, torch.float64):\n"
+        "        w = torch.randn(n, k, generator=g, dtype=dtype)\n"
+        "        w[torch.rand(n, k, generator=g) < 0.7] = 0\n"
+        "        x = torch.randn(m, k, generator=g, dtype=dtype)\n"
+        "        y = _ops.sparse_linear(x, *_ops.pack_csr(w), k)\n"
+        "        torch.testing.assert_close(y, F.linear(x, w), rtol=1e-4, atol=1e-4)\n"
+        "w = torch.randn(6, 3, 3, 3, generator=g)\n"
+        "w[torch.rand(w.shape, generator=g) < 0.5] = 0\n"
+        "x = torch.randn(2, 3, 9, 7, generator=g)\n"
+        "y = _ops.sparse_conv2d(x, *_ops.pack_csr(w.reshape(6, -1)), 3, padding=1)\n"
+        "torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TORCHPRUNE_NO_AVX512="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
