@@ -18,29 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from torchprune import _ops
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_info, time_interleaved  # noqa: E402
+
+from torchprune import _ops  # noqa: E402
 
 LINEAR_SHAPES = [(768, 768), (3072, 768), (4096, 4096)]  # (out_features, in_features)
 LINEAR_BATCHES = [1, 64, 256]
 CONV_CASES = [(8, 64, 64, 32, 3), (8, 256, 256, 8, 3), (8, 256, 64, 16, 1)]  # N, Cin, Cout, HW, k
 SPARSITY = 0.9
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def make_runners(kind: str, case: tuple, backward: bool):
@@ -78,20 +69,6 @@ def make_runners(kind: str, case: tuple, backward: bool):
     return {"dense": wrap(dense, None), "mul-mask": wrap(mul, float_mask), "torchprune": wrap(ours, mask)}
 
 
-def time_interleaved(runners: dict, repeats: int) -> dict:
-    """Median seconds per call of each runner, measured round-robin after a warm-up."""
-    for run in runners.values():
-        for _ in range(3):
-            run()
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def cases():
     for shape in LINEAR_SHAPES:
         for batch in LINEAR_BATCHES:
@@ -115,7 +92,7 @@ def main() -> None:
     results = []
     for kind, case, label in cases():
         for backward in (False, True):
-            med = time_interleaved(make_runners(kind, case, backward), args.repeats)
+            med = time_interleaved(make_runners(kind, case, backward), args.repeats, warmup=3)
             row = {"case": label, "pass": "fwd+bwd" if backward else "fwd", **{k: v * 1e3 for k, v in med.items()}}
             row["mul/dense"] = med["mul-mask"] / med["dense"]
             row["tp/dense"] = med["torchprune"] / med["dense"]

@@ -17,8 +17,13 @@ Definitions used throughout (one row per module that owns parameters directly):
   unknown). With ``example_inputs`` one forward is traced: Linear positions are
   ``prod(input.shape[:-1])``, conv positions ``N * prod(output spatial size)``, and a layer
   called several times sums its calls (a layer never called reports 0).
+* ``tp.nn`` sparse layers report their dense weight shape, MACs and sparsity, and ``params`` counts
+  what they store (the packed values and the bias). A ``Note`` column appears when some layer
+  runs on the sparse kernel, or is a pruned grouped convolution (no sparse kernel: it runs dense).
 """
 from __future__ import annotations
+
+import math
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -26,11 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from .masking import base_type, effective_weight
+from .nn import SparseConv2d, SparseLinear, _SparseLayer
 
 __all__ = ["Summary", "summary"]
 
 # Layers whose MACs are counted; others (norms, embeddings, attention matmuls) are not.
-_MAC_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MAC_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, SparseLinear, SparseConv2d)
+_NOTE = ("note", "Note", False)  # shown only when some row has a note
 
 _COLUMNS = (  # (row key, header, right-aligned)
     ("name", "Layer", False),
@@ -60,11 +67,15 @@ class Summary:
         """Plain python types only (JSON-serialisable): ``{"layers": rows, "totals": totals}``."""
         return {"layers": [dict(r) for r in self.rows], "totals": dict(self.totals)}
 
+    def _columns(self) -> Tuple[Tuple[str, str, bool], ...]:
+        return _COLUMNS + ((_NOTE,) if any(row.get("note") for row in self.rows) else ())
+
     def _cells(self) -> Tuple[List[str], List[List[str]], List[str]]:
-        headers = [header for _, header, _ in _COLUMNS]
-        body = [[_format(key, row[key]) for key, _, _ in _COLUMNS] for row in self.rows]
-        total = {"name": "Total", "type": "", "weight_shape": "", **self.totals}
-        return headers, body, [_format(key, total[key]) for key, _, _ in _COLUMNS]
+        columns = self._columns()
+        headers = [header for _, header, _ in columns]
+        body = [[_format(key, row.get(key, "")) for key, _, _ in columns] for row in self.rows]
+        total = {"name": "Total", "type": "", "weight_shape": "", "note": "", **self.totals}
+        return headers, body, [_format(key, total[key]) for key, _, _ in columns]
 
     def __str__(self) -> str:
         headers, body, total = self._cells()
@@ -72,7 +83,7 @@ class Summary:
 
         def line(cells: Sequence[str]) -> str:
             parts = [c.rjust(w) if right else c.ljust(w)
-                     for c, w, (_, _, right) in zip(cells, widths, _COLUMNS)]
+                     for c, w, (_, _, right) in zip(cells, widths, self._columns())]
             return "  ".join(parts).rstrip()
 
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
@@ -88,7 +99,7 @@ class Summary:
         def line(cells: Sequence[str]) -> str:
             return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-        align = ["---:" if right else ":---" for _, _, right in _COLUMNS]
+        align = ["---:" if right else ":---" for _, _, right in self._columns()]
         return "\n".join([line(headers), "|" + "|".join(align) + "|",
                           *(line(r) for r in body), line(total)])
 
@@ -135,30 +146,35 @@ def summary(model: nn.Module,
         # masked-out weights count as zero whatever is stored
         nonzeros = {pname: int(torch.count_nonzero(effective_weight(module) if pname == "weight" else p.detach()))
                     for pname, p in own}
-        weight = dict(own).get("weight")
+        sparse = isinstance(module, _SparseLayer)  # its weight is `values`, packed from _dense_shape
+        key = "values" if sparse else "weight"
+        weight = dict(own).get(key)
+        shape = list(module._dense_shape) if sparse else list(weight.shape) if weight is not None else None
         if weight is not None:  # sparsity is measured on the weight pruning acts on
-            counted, zeros = weight.numel(), weight.numel() - nonzeros["weight"]
+            counted = math.prod(shape)
+            zeros = counted - nonzeros[key]
         else:
             counted = sum(p.numel() for _, p in own)
             zeros = counted - sum(nonzeros.values())
         dense = effective = None
         if isinstance(module, _MAC_TYPES) and weight is not None:
             n = positions.get(id(module), 0) if positions is not None else (
-                1 if isinstance(module, nn.Linear) else None)
+                1 if isinstance(module, (nn.Linear, SparseLinear)) else None)
             if n is not None:
-                dense, effective = n * weight.numel(), n * nonzeros["weight"]
+                dense, effective = n * counted, n * nonzeros[key]
             for key, value in (("macs_dense", dense), ("macs_effective", effective)):
                 current = macs_total[key]
                 macs_total[key] = None if current is None or value is None else current + value
         rows.append({
             "name": name,
             "type": base_type(module).__name__,  # MaskedLinear reports Linear
-            "weight_shape": list(weight.shape) if weight is not None else None,
+            "weight_shape": shape,
             "params": sum(p.numel() for _, p in own),
             "nonzeros": sum(nonzeros.values()),
             "sparsity": zeros / counted if counted else 0.0,
             "macs_dense": dense,
             "macs_effective": effective,
+            "note": _note(module, zeros),
         })
         measured = [weight] if weight is not None else [p for _, p in own]
         if not any(id(p) in seen for p in measured):  # a tied weight counts once in the totals
@@ -182,7 +198,7 @@ def _trace_positions(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Dict[int, 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         if not isinstance(output, Tensor):
             return
-        channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        channels = module.out_features if isinstance(module, (nn.Linear, SparseLinear)) else module.out_channels
         # output.numel() / channels == prod(input.shape[:-1]) for Linear, N * prod(spatial) for conv
         count = output.numel() // channels if channels else 0
         positions[id(module)] = positions.get(id(module), 0) + count
@@ -201,10 +217,19 @@ def _trace_positions(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Dict[int, 
     return positions
 
 
+def _note(module: nn.Module, zeros: int) -> str:
+    """Which kernel a pruned layer runs on, where that is not the obvious one."""
+    if isinstance(module, _SparseLayer):
+        return "sparse kernel (CSR)"
+    if isinstance(module, nn.Conv2d) and module.groups > 1 and zeros:
+        return "groups > 1: no sparse kernel, runs dense"
+    return ""
+
+
 def _format(key: str, value: Any) -> str:
     if key == "name":
         return value or "(root)"
-    if key in ("type", "weight_shape") and value == "":
+    if key in ("type", "weight_shape", "note") and value == "":
         return ""  # the totals row leaves these blank
     if value is None:
         return "-"

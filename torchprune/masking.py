@@ -21,6 +21,7 @@ tensors of the same shape (momentum, Adam moments), for the parameters of the op
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Dict, Optional
 
@@ -213,12 +214,15 @@ def masks(model: nn.Module) -> Dict[str, torch.Tensor]:
 def sparsity(model: nn.Module) -> float:
     """Fraction of zero entries in the effective weights of all prunable layers (0.0 if none).
 
-    Counts masked-out weights and weights that are exactly zero (e.g. after `make_permanent`).
+    Counts masked-out weights and weights that are exactly zero (e.g. after `make_permanent`),
+    and the dense weights of ``tp.nn`` sparse layers (their unstored entries and stored zeros).
 
     >>> tp.prune(model, sparsity=0.9, scope="global")
     >>> round(tp.sparsity(model), 3)
     0.9
     """
+    from .nn import _SparseLayer  # imported here: nn imports this module
+
     zeros = total = 0
     seen = set()  # a weight tied between layers counts once
     for layer in prunable_layers(model).values():
@@ -228,6 +232,10 @@ def sparsity(model: nn.Module) -> float:
         weight = effective_weight(layer)
         zeros += int((weight == 0).sum())
         total += weight.numel()
+    for layer in {id(m): m for m in model.modules() if isinstance(m, _SparseLayer)}.values():
+        numel = math.prod(layer._dense_shape)
+        zeros += numel - int(torch.count_nonzero(layer.values.detach()))
+        total += numel
     return zeros / total if total else 0.0
 
 

@@ -1,0 +1,121 @@
+"""Helpers shared by the benchmark scripts: machine description, interleaved timing, output files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine_info() -> dict:
+    """CPU model, torch threads and library versions: what a reader needs to compare a table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    try:
+        import numpy
+
+        info["numpy"] = numpy.__version__
+        blas = numpy.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+        info["numpy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:  # numpy missing, or an old numpy without mode="dicts"
+        pass
+    return info
+
+
+def describe(info: dict) -> str:
+    text = f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}"
+    if "numpy" in info:
+        text += f", numpy {info['numpy']} ({info.get('numpy_blas', '?')})"
+    return text
+
+
+def set_threads(threads: int) -> Optional[object]:
+    """Pins torch (and numpy's BLAS, when threadpoolctl is there) to ``threads`` threads.
+
+    Returns the threadpoolctl limiter (keep it alive) or None.
+    """
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=threads, user_api="blas")
+    except ImportError:
+        return None
+
+
+def time_interleaved(runners: Dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per call of each runner, measured round-robin after a warm-up.
+
+    Round-robin (dense, sparse, dense, sparse, ...) so that drift on a shared machine hits every
+    candidate alike; the median drops the outliers such drift causes.
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG")
+        return None
+    return plt
+
+
+def random_mask(shape, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+    """Exactly round(sparsity * numel) pruned entries at random positions (true = kept)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    pruned = torch.randperm(numel, generator=generator)[: round(sparsity * numel)]
+    mask = torch.ones(numel, dtype=torch.bool)
+    mask[pruned] = False
+    return mask.reshape(shape)
+
+
+def break_even(results, group_key: str, speedup_key: str) -> dict:
+    """Per value of ``group_key`` (e.g. batch): the lowest measured sparsity from which the sparse
+    kernel is faster (``speedup_key`` > 1) in every case at that sparsity and above; None if never."""
+    out = {}
+    for group in sorted({r[group_key] for r in results}):
+        rows = [r for r in results if r[group_key] == group]
+        levels = sorted({r["sparsity"] for r in rows})
+        found = None
+        for level in reversed(levels):
+            if all(r[speedup_key] > 1 for r in rows if r["sparsity"] >= level):
+                found = level
+            else:
+                break
+        out[group] = found
+    return out

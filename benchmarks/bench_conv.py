@@ -1,0 +1,147 @@
+"""Is a pruned convolution faster on the sparse kernel? torchprune vs dense F.conv2d (oneDNN).
+
+One question: at the 3x3 and 1x1 shapes of ResNet stages (CIFAR's 32x32 stage and ImageNet's
+56/28/14/7 stages; stride 1, 'same' padding), batch 1 and 8, fp32 on the CPU, how fast is
+``torch.ops.torchprune.sparse_conv2d`` on ``pack_csr(W.reshape(O, -1))`` against the dense
+``F.conv2d`` (oneDNN) of the same zero-filled weight? Both run in one interleaved loop; medians
+of ``--repeats`` calls. Weights have exactly ``round(s * numel)`` zeros at random positions.
+Prints the machine and a table, writes JSON and a PNG (speedup against sparsity per batch, with
+the ideal 1/(1-s) line).
+
+    python benchmarks/bench_conv.py [--quick] [--repeats 10] [--threads 2] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (RESULTS, break_even, describe, machine_info, pyplot, random_mask,  # noqa: E402
+                     set_threads, time_interleaved, write_json)
+
+from torchprune import _ops  # noqa: E402
+
+# (kernel, in_channels, out_channels, height = width)
+CASES = [
+    (3, 64, 64, 32),     # CIFAR ResNet stage 1
+    (3, 64, 64, 56),     # ResNet-18/34 stage 1
+    (3, 128, 128, 28),   # stage 2
+    (3, 256, 256, 14),   # stage 3
+    (3, 512, 512, 7),    # stage 4
+    (1, 256, 64, 56),    # ResNet-50 bottleneck reduce, stage 1
+    (1, 64, 256, 56),    # bottleneck expand, stage 1
+    (1, 512, 128, 28),   # reduce, stage 2
+    (1, 1024, 256, 14),  # reduce, stage 3
+]
+BATCHES = [1, 8]
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
+QUICK = dict(cases=[(3, 64, 64, 32), (1, 256, 64, 16)], batches=[8], sparsities=[0.9])
+
+
+def label(case) -> str:
+    k, cin, cout, hw = case
+    return f"{k}x{k} {cin}->{cout} {hw}x{hw}"
+
+
+def make_runners(case, batch, sparsity, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    k, cin, cout, hw = case
+    weight = torch.randn(cout, cin, k, k, generator=generator)
+    weight[~random_mask(weight.shape, sparsity, generator)] = 0.0
+    x = torch.randn(batch, cin, hw, hw, generator=generator)
+    pad = k // 2
+    row_ptr, col_idx, values = _ops.pack_csr(weight.reshape(cout, -1))
+    runners = {
+        "F.conv2d": lambda: F.conv2d(x, weight, padding=pad),
+        "torchprune": lambda: _ops.sparse_conv2d(x, row_ptr, col_idx, values, k, padding=pad),
+    }
+
+    def check():
+        reference = F.conv2d(x.double(), weight.double(), padding=pad).float()
+        for name, run in runners.items():
+            torch.testing.assert_close(run(), reference, rtol=1e-4, atol=1e-3, msg=f"{name} disagrees")
+
+    return runners, check
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two small cases, batch 8, 90%% only")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1")
+    set_threads(args.threads)
+    grid = QUICK if args.quick else dict(cases=CASES, batches=BATCHES, sparsities=SPARSITIES)
+    repeats = min(args.repeats, 3) if args.quick else args.repeats
+    info = machine_info()
+    print(f"machine: {describe(info)}; fp32, stride 1, 'same' padding")
+    print(f"medians of {repeats} interleaved repeats; speedup = dense time / torchprune time\n")
+    header = f"{'conv':<22} {'batch':>5} {'sparsity':>8} {'F.conv2d ms':>11} {'tp ms':>9} {'speedup':>8}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for case in grid["cases"]:
+        for batch in grid["batches"]:
+            for sparsity in grid["sparsities"]:
+                runners, check = make_runners(case, batch, sparsity)
+                check()
+                med = time_interleaved(runners, repeats)
+                k, cin, cout, hw = case
+                row = {"case": label(case), "kernel": k, "in_channels": cin, "out_channels": cout,
+                       "size": hw, "batch": batch, "sparsity": sparsity,
+                       **{f"{name} ms": t * 1e3 for name, t in med.items()},
+                       "speedup": med["F.conv2d"] / med["torchprune"]}
+                results.append(row)
+                print(f"{row['case']:<22} {batch:>5} {sparsity:>8.2f} {row['F.conv2d ms']:>11.3f} "
+                      f"{row['torchprune ms']:>9.3f} {row['speedup']:>7.2f}x")
+    even = {}
+    for k in sorted({r["kernel"] for r in results}):
+        even[f"{k}x{k}"] = break_even([r for r in results if r["kernel"] == k], "batch", "speedup")
+        print(f"break-even sparsity {k}x{k} (faster in every case from there up): "
+              + ", ".join(f"batch {b}: {s if s is not None else 'never'}" for b, s in even[f"{k}x{k}"].items()))
+    name = "bench_conv_quick" if args.quick else "bench_conv"
+    write_json(os.path.join(args.out, name + ".json"),
+               {"machine": info, "dtype": "float32", "repeats": repeats, "results": results, "break_even": even})
+    plot(results, os.path.join(args.out, name + ".png"), info)
+    print(f"\nwrote {args.out}/{name}.json and {name}.png")
+
+
+def plot(results, path, info) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    batches = sorted({r["batch"] for r in results})
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    sparsities = np.linspace(min(r["sparsity"] for r in results), max(r["sparsity"] for r in results), 50)
+    for ax, batch in zip(axes[0], batches):
+        for i, case in enumerate(cases):
+            rows = sorted((r for r in results if r["batch"] == batch and r["case"] == case),
+                          key=lambda r: r["sparsity"])
+            style = "o-" if rows and rows[0]["kernel"] == 3 else "s--"
+            ax.plot([r["sparsity"] for r in rows], [r["speedup"] for r in rows], style,
+                    color=f"C{i % 10}", label=case)
+        ax.plot(sparsities, 1 / (1 - sparsities), "k-", linewidth=1, label="ideal 1/(1-s)")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("speedup over F.conv2d (oneDNN)")
+        ax.set_title(f"batch {batch}")
+        ax.legend(fontsize=6, loc="upper left")
+    fig.suptitle(f"Sparse conv2d, fp32 - {describe(info)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

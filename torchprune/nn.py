@@ -1,0 +1,329 @@
+"""Sparse layers: a pruned ``nn.Linear`` / ``nn.Conv2d`` stored and multiplied in CSR form.
+
+A masked layer (``tp.prune``) still stores and multiplies the whole dense weight; these modules keep
+only the kept weights, packed row by row (CSR: int32 row pointers, int16 column indices when the
+input size is below 65536, else int32, and the values), and run the C++ sparse kernels
+(``torch.ops.torchprune.sparse_linear`` / ``sparse_conv2d``) on them. So the layer is smaller (a
+90%-sparse fp32 layer stores 6 bytes per kept weight instead of 4 per weight: 15% of the dense size)
+and, where the kernel beats the dense product for the shape and batch (see ``tp.sparsify``), faster.
+
+* ``values`` is an ``nn.Parameter``: a sparse model fine-tunes, and only the stored weights move
+  (pruned weights are not stored, so nothing can bring them back).
+* ``row_ptr`` and ``col_idx`` are buffers; the state_dict holds the packed form and the dense shape
+  (``_extra_state``), and loads into any sparse module of the same layer shape whatever its
+  number of nonzeros (the tensors are resized, after every key has been checked).
+* Conv weights ``[out, in, kh, kw]`` are packed as ``[out, in * kh * kw]``; grouped and depthwise
+  convolutions are not supported (``tp.sparsify`` leaves them dense).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from .masking import _conv_input_and_padding, get_mask
+
+__all__ = ["SparseLinear", "SparseConv2d"]
+
+_FORMAT = "csr"
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_INT16_LIMIT = 65536  # column indices are stored as unsigned 16-bit values below this input size
+
+
+def _index_dtype(columns: int) -> torch.dtype:
+    return torch.int16 if columns < _INT16_LIMIT else torch.int32
+
+
+class _SparseLayer(nn.Module):
+    """Packed storage, state_dict handling and statistics shared by the sparse layers.
+
+    Subclasses set ``_dense_shape`` (the weight's dense shape) before calling ``_init_packed``.
+    """
+
+    _dense_shape: Tuple[int, ...]
+    values: nn.Parameter
+    row_ptr: Tensor
+    col_idx: Tensor
+    bias: Optional[nn.Parameter]
+
+    def _init_packed(self, bias: bool, dtype: Optional[torch.dtype], device) -> None:
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"`dtype` must be one of {[str(d) for d in _DTYPES]}, got {dtype}")
+        rows = self._dense_shape[0]
+        # A fresh module holds no weights (nnz = 0): fill it with from_dense() or load_state_dict().
+        self.values = nn.Parameter(torch.empty(0, dtype=dtype, device=device))
+        self.register_buffer("row_ptr", torch.zeros(rows + 1, dtype=torch.int32, device=device))
+        self.register_buffer("col_idx", torch.empty(0, dtype=_index_dtype(self._columns), device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def _columns(self) -> int:
+        columns = 1
+        for size in self._dense_shape[1:]:
+            columns *= size
+        return columns
+
+    def _pack(self, layer: nn.Module) -> None:
+        """Packs ``layer``'s weight (its mask's kept entries, or its nonzeros) and copies its bias."""
+        weight = layer.weight.detach()
+        mask = get_mask(layer)
+        rows = weight.shape[0]
+        row_ptr, col_idx, values = _ops.pack_csr(
+            weight.reshape(rows, self._columns), None if mask is None else mask.reshape(rows, self._columns)
+        )
+        with torch.no_grad():
+            self.values.data = values
+            self.row_ptr = row_ptr
+            self.col_idx = col_idx
+            if layer.bias is not None:
+                self.bias.copy_(layer.bias.detach())
+        self.train(layer.training)
+
+    @staticmethod
+    def _check_source(layer: nn.Module, argument: str) -> None:
+        weight = layer.weight
+        if weight.device.type != "cpu":
+            raise ValueError(
+                f"`{argument}` is on {weight.device}; the sparse kernels run on cpu only in this "
+                "build: move the layer to the CPU first (layer.cpu())"
+            )
+        if weight.dtype not in _DTYPES:
+            raise TypeError(
+                f"`{argument}` weight must be one of {[str(d) for d in _DTYPES]}, got {weight.dtype}"
+            )
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored weights (the kept entries of the mask, zeros among them included)."""
+        return self.values.numel()
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the dense weight that is not stored."""
+        total = self.row_ptr.numel() - 1
+        total *= self._columns
+        return 1.0 - self.nnz / total if total else 0.0
+
+    @property
+    def format(self) -> str:
+        """``"csr"`` with the index width, e.g. ``"csr (int16 col_idx)"``."""
+        return f"{_FORMAT} ({str(self.col_idx.dtype).replace('torch.', '')} col_idx)"
+
+    def dense_weight(self) -> Tensor:
+        """The dense weight (zeros where nothing is stored), detached, in ``_dense_shape``."""
+        dense = _ops.unpack_csr(self.row_ptr, self.col_idx, self.values.detach(), self._columns)
+        return dense.reshape(self._dense_shape)
+
+    def _stats_repr(self) -> str:
+        return f"nnz={self.nnz}, sparsity={self.sparsity:.3f}, format={self.format}"
+
+    # -- state_dict: the packed tensors plus the dense shape, loadable across nnz -----------------
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"format": _FORMAT, "shape": list(self._dense_shape)}
+
+    def set_extra_state(self, state: Any) -> None:
+        error = self._extra_state_error(state)
+        if error:
+            raise ValueError(error)
+
+    def _extra_state_error(self, state: Any, key: str = "_extra_state") -> Optional[str]:
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            return f"{key!r} must be a {{'format': 'csr', 'shape': [...]}} dict, got {state!r}"
+        if list(state.get("shape", ())) != list(self._dense_shape):
+            return (
+                f"{key!r}: the checkpoint holds a layer of dense shape {list(state.get('shape', ()))}, "
+                f"this {type(self).__name__} has {list(self._dense_shape)}"
+            )
+        return None
+
+    def _packed_errors(self, state_dict: Dict[str, Any], prefix: str) -> List[str]:
+        """Everything wrong with the packed tensors under ``prefix`` (empty list: loadable)."""
+        keys = {name: prefix + name for name in ("values", "row_ptr", "col_idx", "_extra_state")}
+        if keys["_extra_state"] in state_dict:
+            error = self._extra_state_error(state_dict[keys["_extra_state"]], keys["_extra_state"])
+            if error:
+                return [error]
+        tensors = {name: state_dict.get(key) for name, key in keys.items() if name != "_extra_state"}
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, Tensor) or tensor.dim() != 1:
+                return [f"{keys[name]!r} must be a 1-D tensor, got {_describe(tensor)}"]
+        row_ptr, col_idx, values = tensors["row_ptr"], tensors["col_idx"], tensors["values"]
+        rows, index_dtype = self._dense_shape[0], _index_dtype(self._columns)
+        if row_ptr.dtype != torch.int32 or row_ptr.numel() != rows + 1:
+            return [f"{keys['row_ptr']!r} must be int32 with {rows + 1} entries (out features + 1), "
+                    f"got {row_ptr.dtype} with {row_ptr.numel()}"]
+        if col_idx.dtype != index_dtype:
+            return [f"{keys['col_idx']!r} must be {index_dtype} for {self._columns} input columns, "
+                    f"got {col_idx.dtype}"]
+        if not values.is_floating_point() or values.numel() != col_idx.numel():
+            return [f"{keys['values']!r} must be floating point with one entry per column index "
+                    f"({col_idx.numel()}), got {values.dtype} with {values.numel()}"]
+        steps = row_ptr[1:].long() - row_ptr[:-1].long()
+        if int(row_ptr[0]) != 0 or bool((steps < 0).any()) or int(row_ptr[-1]) != values.numel():
+            return [f"{keys['row_ptr']!r} must start at 0, never decrease and end at nnz = "
+                    f"{values.numel()}"]
+        columns = col_idx.long() & 0xFFFF if index_dtype == torch.int16 else col_idx.long()
+        if columns.numel() and int(columns.max()) >= self._columns:
+            return [f"{keys['col_idx']!r} holds column {int(columns.max())}, beyond the "
+                    f"{self._columns} input columns"]
+        return []
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        if prefix + "values" not in state_dict and prefix + "weight" in state_dict:
+            error_msgs.append(
+                f"{prefix + 'weight'!r} is a dense layer's weight; a {type(self).__name__} loads the "
+                "packed keys (values, row_ptr, col_idx): load the dense state_dict into the dense "
+                f"layer and convert it with {type(self).__name__}.from_dense"
+            )
+            return
+        if all(prefix + name in state_dict for name in ("values", "row_ptr", "col_idx")):
+            errors = self._packed_errors(state_dict, prefix)
+            if errors:
+                error_msgs.extend(errors)
+                return
+            nnz = state_dict[prefix + "values"].numel()
+            with torch.no_grad():  # resize to the checkpoint's nnz; the base class copies into them
+                if self.values.numel() != nnz:
+                    self.values.data = self.values.new_empty(nnz)
+                if self.col_idx.numel() != nnz:
+                    self.col_idx = self.col_idx.new_empty(nnz)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dim()}-D tensor of shape {list(value.shape)}"
+    return "nothing" if value is None else type(value).__name__
+
+
+class SparseLinear(_SparseLayer):
+    """``y = x @ W.T + bias`` with ``W`` stored in CSR form and multiplied by the C++ kernel.
+
+    >>> tp.prune(model, sparsity=0.9)
+    >>> layer = tp.nn.SparseLinear.from_dense(model.fc)   # reads the mask (or the zeros)
+    >>> torch.testing.assert_close(layer(x), model.fc(x))
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype: Optional[torch.dtype] = None, device=None) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TypeError(f"`{name}` must be an int >= 0, got {value!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self._dense_shape = (out_features, in_features)
+        self._init_packed(bias, dtype, device)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear) -> "SparseLinear":
+        """A SparseLinear that computes what ``linear`` computes (masked or with zeros)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"`linear` must be an nn.Linear, got {type(linear).__name__}")
+        cls._check_source(linear, "linear")
+        sparse = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     dtype=linear.weight.dtype, device=linear.weight.device)
+        sparse._pack(linear)
+        return sparse
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _ops.sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.in_features, self.bias)
+
+    def to_dense(self) -> nn.Linear:
+        """An equal plain ``nn.Linear`` (zeros where nothing is stored)."""
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                          dtype=self.values.dtype, device=self.values.device)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense.train(self.training)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self._stats_repr()}")
+
+
+IntPair = Union[int, Tuple[int, int]]
+
+
+class SparseConv2d(_SparseLayer):
+    """A 2-D convolution (groups=1) whose weight is stored in CSR form over ``[out, in*kh*kw]``.
+
+    Takes ``nn.Conv2d``'s arguments (every padding mode, string padding, unbatched input).
+
+    >>> tp.prune(model, sparsity=0.9)
+    >>> conv = tp.nn.SparseConv2d.from_dense(model.conv1)
+    >>> torch.testing.assert_close(conv(x), model.conv1(x))
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+                 padding: Union[str, IntPair] = 0, dilation: IntPair = 1, bias: bool = True,
+                 padding_mode: str = "zeros", *, dtype: Optional[torch.dtype] = None, device=None) -> None:
+        super().__init__()
+        # nn.Conv2d on the meta device validates the arguments and normalises them for us
+        spec = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, False,
+                         padding_mode, device="meta")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = spec.kernel_size, spec.stride, spec.dilation
+        self.padding, self.padding_mode = spec.padding, spec.padding_mode
+        self._reversed_padding_repeated_twice = spec._reversed_padding_repeated_twice
+        self._dense_shape = (out_channels, in_channels, *spec.kernel_size)
+        self._init_packed(bias, dtype, device)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d) -> "SparseConv2d":
+        """A SparseConv2d that computes what ``conv`` computes (masked or with zeros)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"`conv` must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(
+                f"`conv` has groups={conv.groups}; SparseConv2d supports groups=1 only (grouped and "
+                "depthwise convolutions stay dense)"
+            )
+        cls._check_source(conv, "conv")
+        sparse = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.bias is not None, conv.padding_mode,
+                     dtype=conv.weight.dtype, device=conv.weight.device)
+        sparse._pack(conv)
+        return sparse
+
+    def forward(self, x: Tensor) -> Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        x, padding = _conv_input_and_padding(self, x)
+        y = _ops.sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.kernel_size, self.bias,
+                               self.stride, padding, self.dilation)
+        return y.squeeze(0) if unbatched else y
+
+    def to_dense(self) -> nn.Conv2d:
+        """An equal plain ``nn.Conv2d`` (zeros where nothing is stored)."""
+        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, 1, self.bias is not None, self.padding_mode,
+                          dtype=self.values.dtype, device=self.values.device)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense.train(self.training)
+
+    def extra_repr(self) -> str:
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}")
+        if self.padding != (0, 0):
+            text += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode!r}"
+        return f"{text}, bias={self.bias is not None}, {self._stats_repr()}"

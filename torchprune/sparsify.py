@@ -1,0 +1,248 @@
+"""sparsify(): swap pruned layers for the sparse modules where the sparse kernel is faster.
+
+A sparse kernel is not faster at every sparsity: a CSR product does less arithmetic per stored
+weight than a dense GEMM, so below a break-even sparsity (which depends on the batch and the
+layer) the dense layer wins. sparsify() therefore decides per layer, in this order:
+
+1. ``min_sparsity`` given: every eligible layer at or above it is swapped (nothing is timed).
+2. ``example_inputs`` given: one forward records each layer's real input shapes (forward hooks),
+   then the layer as it is (dense or masked) and its sparse module are timed on those shapes,
+   interleaved, medians of several calls; the faster one is kept. Timing uses the current
+   ``torch.get_num_threads()``; a layer called with several shapes sums its calls.
+3. Neither: the cost model :data:`BREAK_EVEN`: per layer kind (linear, 1x1 conv, other conv) and
+   batch, the lowest sparsity from which the sparse kernel beat the dense one in every measured
+   shape (the ``break_even`` entry that ``benchmarks/bench_linear.py`` and ``bench_conv.py``
+   print and save). The batch is not known without inputs, so the largest break-even over the
+   measured batches applies: a swapped layer was faster at every batch measured. A kind that
+   never beat dense (None) is never swapped by the cost model.
+
+Eligible layers: ``nn.Linear`` and ``nn.Conv2d`` (exact types, masked or not) on the CPU in fp32,
+fp64 or bf16, with groups=1, with some sparsity (a mask, or zero weights), and whose weight no
+other module uses. Grouped and depthwise convolutions stay dense: there is no sparse kernel for
+them. The sparse model computes the same outputs as the original (to float rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .masking import base_type, get_mask, is_prunable
+from .nn import _DTYPES, SparseConv2d, SparseLinear
+
+__all__ = ["sparsify", "plan", "Decision", "BREAK_EVEN"]
+
+#: Break-even sparsity by layer kind and batch (None: the sparse kernel never beat dense there).
+#: Source: the benchmarks/bench_linear.py and bench_conv.py grids (sparsity 0.5-0.98; linear
+#: 768x768, 3072x768, 768x3072, 4096x4096 at batch 1/8/64/256; 3x3 and 1x1 convs at ResNet stage
+#: shapes at batch 1/8), fp32, against F.linear / F.conv2d, run 2026-11-23 19:31-19:34 UTC on the
+#: 2-core AMD EPYC VM. The machine was shared with other jobs then, so that run used 1 thread and
+#: per-thread CPU time (time.thread_time), which ignores time spent descheduled. Rerun the
+#: benchmarks (they print and save these break-evens) and update the table when the kernels change.
+BREAK_EVEN: Dict[str, Dict[int, Optional[float]]] = {
+    "linear": {1: 0.8, 8: 0.8, 64: 0.7, 256: 0.7},
+    "conv1x1": {1: 0.7, 8: 0.7},
+    "conv": {1: 0.9, 8: 0.9},
+}
+
+
+@dataclass
+class Decision:
+    """What sparsify() decided for one layer, and why."""
+
+    name: str
+    sparsity: float
+    swap: bool
+    reason: str
+
+
+def sparsify(model: nn.Module, min_sparsity: Optional[float] = None,
+             example_inputs: Optional[Union[Tensor, Sequence[Tensor]]] = None,
+             inplace: bool = False) -> nn.Module:
+    """Returns ``model`` with its pruned Linear/Conv2d layers swapped for ``tp.nn`` sparse layers.
+
+    Only layers where the sparse kernel is faster are swapped (see the module docstring); the
+    rest stay as they are. ``model`` itself is left unchanged unless ``inplace=True``.
+
+    >>> tp.prune(model, sparsity=0.9)
+    >>> fast = tp.sparsify(model, example_inputs=x[:1])   # times each layer at batch 1
+    >>> torch.testing.assert_close(fast(x), model(x))
+    """
+    if not isinstance(inplace, bool):
+        raise TypeError(f"`inplace` must be a bool, got {type(inplace).__name__}")
+    decisions = plan(model, min_sparsity, example_inputs)
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules(remove_duplicate=False))
+    sparse: Dict[int, nn.Module] = {}
+    for decision in decisions.values():
+        if decision.swap:
+            layer = modules[decision.name]
+            sparse[id(layer)] = _SPARSE_CLASS[base_type(layer)].from_dense(layer)
+    for parent in list(modules.values()):  # every name a swapped layer is registered under
+        for child_name, child in list(parent._modules.items()):  # named_children() drops aliases
+            if id(child) in sparse:
+                setattr(parent, child_name, sparse[id(child)])
+    return sparse.get(id(target), target)  # the model may itself be one layer
+
+
+_SPARSE_CLASS = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+# Parents whose forward reads their Linear children's .weight itself instead of calling them.
+_READS_CHILD_WEIGHTS = (nn.TransformerEncoderLayer,)
+
+
+def plan(model: nn.Module, min_sparsity: Optional[float] = None,
+         example_inputs: Optional[Union[Tensor, Sequence[Tensor]]] = None) -> Dict[str, Decision]:
+    """sparsify()'s decision for every Linear/Conv2d layer, by name, without changing ``model``.
+
+    >>> for name, d in plan(model, example_inputs=x[:1]).items():
+    ...     print(name, d.swap, d.reason)        # e.g. "fc1 True timed: dense 0.310 ms, sparse 0.052 ms"
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    if min_sparsity is not None:
+        if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)):
+            raise TypeError(f"`min_sparsity` must be a float in [0, 1] or None, got {min_sparsity!r}")
+        if not 0 <= min_sparsity <= 1:
+            raise ValueError(f"`min_sparsity` must be in [0, 1], got {min_sparsity}")
+    if example_inputs is not None:
+        if isinstance(example_inputs, Tensor):
+            example_inputs = (example_inputs,)
+        elif not isinstance(example_inputs, (tuple, list)) or not all(
+                isinstance(x, Tensor) for x in example_inputs):
+            raise TypeError("`example_inputs` must be a Tensor or a tuple/list of Tensors, got "
+                            f"{type(example_inputs).__name__}")
+
+    decisions: Dict[str, Decision] = {}
+    eligible: Dict[str, nn.Module] = {}
+    users: Dict[int, int] = {}  # weight id -> number of distinct modules holding it
+    for module in {id(m): m for m in model.modules()}.values():
+        for param in module.parameters(recurse=False):
+            users[id(param)] = users.get(id(param), 0) + 1
+    read_directly = {id(child) for parent in model.modules() if isinstance(parent, _READS_CHILD_WEIGHTS)
+                     for child in parent.children()}
+    for name, layer in model.named_modules():
+        if not is_prunable(layer) or base_type(layer) not in _SPARSE_CLASS:
+            continue
+        sparsity, reason = _eligibility(layer, users)
+        if reason is None and id(layer) in read_directly:
+            reason = ("its parent reads the weight directly (the nn.TransformerEncoderLayer inference "
+                      "fast path): stays as it is")
+        decisions[name] = Decision(name, sparsity, False, reason or "")
+        if reason is None:
+            eligible[name] = layer
+    if not eligible:
+        return decisions
+
+    if min_sparsity is not None:
+        for name in eligible:
+            d = decisions[name]
+            d.swap = d.sparsity >= min_sparsity
+            d.reason = f"sparsity {d.sparsity:.3f} {'>=' if d.swap else '<'} min_sparsity {min_sparsity}"
+    elif example_inputs is not None:
+        shapes = _input_shapes(model, tuple(example_inputs), eligible)
+        for name, layer in eligible.items():
+            d = decisions[name]
+            if not shapes.get(name):
+                d.reason = "not called by example_inputs: left as it is"
+                continue
+            dense_s, sparse_s = _time_layer(layer, shapes[name])
+            d.swap = sparse_s < dense_s
+            d.reason = f"timed: dense {dense_s * 1e3:.3f} ms, sparse {sparse_s * 1e3:.3f} ms"
+    else:
+        for name, layer in eligible.items():
+            d = decisions[name]
+            kind = _kind(layer)
+            levels = BREAK_EVEN[kind].values()
+            if None in levels:
+                d.reason = f"cost model: the sparse {kind} kernel did not beat dense at every batch measured"
+                continue
+            threshold = max(levels)
+            d.swap = d.sparsity >= threshold
+            d.reason = (f"cost model: {kind} sparsity {d.sparsity:.3f} {'>=' if d.swap else '<'} "
+                        f"break-even {threshold}")
+    return decisions
+
+
+def _eligibility(layer: nn.Module, users: Dict[int, int]) -> Tuple[float, Optional[str]]:
+    """(stored sparsity, None) for a layer sparsify may swap, else (sparsity, why it stays)."""
+    weight = layer.weight
+    mask = get_mask(layer)
+    kept = int(mask.sum()) if mask is not None else int(torch.count_nonzero(weight.detach()))
+    sparsity = 1.0 - kept / weight.numel() if weight.numel() else 0.0
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        return sparsity, f"grouped convolution (groups={layer.groups}): no sparse kernel, stays dense"
+    if weight.device.type != "cpu":
+        return sparsity, f"on {weight.device}: the sparse kernels run on cpu only"
+    if weight.dtype not in _DTYPES:
+        return sparsity, f"{weight.dtype}: the sparse kernels take {[str(d) for d in _DTYPES]}"
+    if users.get(id(weight), 0) > 1:
+        return sparsity, "weight shared with another module: stays as it is"
+    if sparsity == 0.0:
+        return sparsity, "not pruned"
+    return sparsity, None
+
+
+def _kind(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
+
+
+def _input_shapes(model: nn.Module, inputs: Tuple[Tensor, ...],
+                  layers: Dict[str, nn.Module]) -> Dict[str, List[torch.Size]]:
+    """The distinct input shapes each layer is called with in ``model(*inputs)``."""
+    shapes: Dict[str, List[torch.Size]] = {name: [] for name in layers}
+    names = {id(layer): name for name, layer in layers.items()}
+
+    def hook(module: nn.Module, args: Any) -> None:
+        if args and isinstance(args[0], Tensor):
+            seen = shapes[names[id(module)]]
+            if args[0].shape not in seen:
+                seen.append(args[0].shape)
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers.values()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    return shapes
+
+
+# Timing budget per layer: enough calls for a stable median, at most ~0.2 s for slow layers.
+_MIN_CALLS, _MAX_CALLS, _TARGET_SECONDS = 5, 50, 0.1
+
+
+def _time_layer(layer: nn.Module, shapes: List[torch.Size]) -> Tuple[float, float]:
+    """(dense seconds, sparse seconds): medians of interleaved calls, summed over the shapes."""
+    sparse = _SPARSE_CLASS[base_type(layer)].from_dense(layer)
+    generator = torch.Generator().manual_seed(0)
+    totals = [0.0, 0.0]
+    with torch.no_grad():
+        for shape in shapes:
+            x = torch.randn(shape, generator=generator, dtype=layer.weight.dtype)
+            runners = (layer, sparse)
+            start = time.perf_counter()
+            for run in runners:  # warm-up (first-call allocations, caches)
+                run(x)
+            calls = min(_MAX_CALLS, max(_MIN_CALLS, int(_TARGET_SECONDS / max(time.perf_counter() - start, 1e-9))))
+            times: List[List[float]] = [[], []]
+            for _ in range(calls):
+                for i, run in enumerate(runners):
+                    start = time.perf_counter()
+                    run(x)
+                    times[i].append(time.perf_counter() - start)
+            for i in range(2):
+                totals[i] += statistics.median(times[i])
+    return totals[0], totals[1]
