@@ -1,13 +1,14 @@
 // sparse_conv2d on CPU: a groups=1 convolution whose weight [O, C, kh, kw] is packed as CSR over
 // [O, C*kh*kw], and its backward.
 //
-// The forward is an implicit im2col: for each tile of 32 output pixels it unfolds just the
-// columns [C*kh*kw, 32] that tile needs into a cache-resident panel and multiplies the sparse
-// weight into it with the register-tiled spmm of sparse_linear, writing the output rows
-// [O, Ho*Wo] in place. (Unfolding whole images first with at::im2col cost more than the product
-// itself here, and its power-of-two row strides thrashed the caches.) The backward works on the
-// whole batch at once: the value gradient is one SDDMM over all images' columns, the input
-// gradient a transposed product folded back with col2im.
+// The forward is a direct sparse convolution: the input is padded and split into stride phases
+// once, each stored weight gets the offset of the input it meets, and the register-tiled kernel
+// of sparse_linear multiplies every output channel's taps straight out of the image, writing the
+// output rows [O, Ho*Wo] in place. (Unfolding the images with at::im2col first cost more than the
+// product itself here, and its power-of-two row strides thrashed the caches; unfolding 32-pixel
+// panels on the fly still spent about half the time copying.) The backward works on the whole
+// batch at once: the value gradient is one SDDMM over all images' columns, the input gradient a
+// transposed product folded back with col2im.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -73,83 +74,85 @@ Tensor columns(const Tensor& x, const Geometry& g, IntArrayRef stride, IntArrayR
   return at::im2col(x, {g.kh, g.kw}, dilation, padding, stride);
 }
 
-// ceil(a / b) for b > 0 and any sign of a.
-int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
-
 struct Window {
   int64_t sh, sw, ph, pw, dh, dw;
 };
 
-// Columns [K, W] of output pixels [t0, t0 + width) of one image, W = kPanelWidth: the slice of
-// im2col that one spmm tile reads, built in cache right before it is read. Pixels run along
-// output rows, so for stride 1 each (channel, kernel offset) is a contiguous copy with zeros at
-// the borders.
-template <typename T>
-void fill_panel(const T* image, const Geometry& g, const Window& win, int64_t t0, int64_t width,
-                T* panel) {
-  constexpr int64_t w = cpu::kPanelWidth<T>;
-  for (int64_t c = 0; c < g.channels; ++c) {
-    const T* plane = image + c * g.height * g.width;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      for (int64_t j = 0; j < g.kw; ++j) {
-        T* dst = panel + ((c * g.kh + i) * g.kw + j) * w;
-        int64_t t = 0;
-        while (t < width) {  // one output row segment at a time
-          const int64_t pixel = t0 + t, oh = pixel / g.out_w, ow0 = pixel % g.out_w;
-          const int64_t count = std::min(width - t, g.out_w - ow0);
-          const int64_t ih = oh * win.sh - win.ph + i * win.dh;
-          if (ih < 0 || ih >= g.height) {
-            std::fill(dst + t, dst + t + count, T(0));
-          } else {
-            // Output pixels ow0 + q with q in [lo, hi) read inside the row; the rest are padding.
-            const T* src = plane + ih * g.width;
-            const int64_t offset = j * win.dw - win.pw;  // iw = (ow0 + q) * sw + offset
-            const int64_t lo = std::clamp(ceil_div(-offset, win.sw) - ow0, int64_t(0), count);
-            const int64_t hi =
-                std::clamp(ceil_div(g.width - offset, win.sw) - ow0, lo, count);
-            std::fill(dst + t, dst + t + lo, T(0));
-            if (win.sw == 1) {
-              std::copy(src + ow0 + lo + offset, src + ow0 + hi + offset, dst + t + lo);
-            } else {
-              for (int64_t q = lo; q < hi; ++q) dst[t + q] = src[(ow0 + q) * win.sw + offset];
-            }
-            std::fill(dst + t + hi, dst + t + count, T(0));
-          }
-          t += count;
-        }
-      }
-    }
-  }
+// The input zero-padded and split into its stride phases, [B, C, sh, sw, Hq, Wq] with
+// phase[.., a, b, h, w] = padded[.., h * sh + a, w * sw + b]. In it, the inputs that kernel tap
+// (i, j) meets along an output row are contiguous, whatever the stride, dilation and padding.
+struct Phases {
+  at::Tensor planes;
+  int64_t hq, wq;
+};
+
+Phases split_phases(const Tensor& x, const Geometry& g, const Window& win) {
+  const int64_t hq = (g.height + 2 * win.ph + win.sh - 1) / win.sh;
+  const int64_t wq = (g.width + 2 * win.pw + win.sw - 1) / win.sw;
+  const Tensor padded = at::constant_pad_nd(
+      x, {win.pw, wq * win.sw - g.width - win.pw, win.ph, hq * win.sh - g.height - win.ph});
+  return {padded.view({g.batch, g.channels, hq, win.sh, wq, win.sw})
+              .permute({0, 1, 3, 5, 2, 4})
+              .contiguous(),
+          hq, wq};
 }
 
-// Work items are (image, pixel tile): each builds its panel in this thread's scratch memory
-// and multiplies every output channel's row into it.
+// Offset into one image's phases of the input that stored entry e (column k = (c, i, j))
+// multiplies for output pixel (0, 0); pixel (oh, ow) adds oh * Wq + ow.
+template <typename I>
+std::vector<int32_t> entry_offsets(const I* col, int64_t nnz, const Geometry& g,
+                                   const Window& win, const Phases& ph) {
+  TORCH_CHECK(g.channels * win.sh * win.sw * ph.hq * ph.wq < (int64_t(1) << 31), kForward,
+              ": `x` must have fewer than 2^31 elements per image after padding");
+  std::vector<int32_t> offsets(static_cast<size_t>(nnz));
+  for (int64_t e = 0; e < nnz; ++e) {
+    const int64_t k = col[e], c = k / (g.kh * g.kw), i = (k / g.kw) % g.kh, j = k % g.kw;
+    const int64_t ti = i * win.dh, tj = j * win.dw;
+    const int64_t plane = (c * win.sh + ti % win.sh) * win.sw + tj % win.sw;
+    offsets[e] = static_cast<int32_t>(plane * ph.hq * ph.wq + (ti / win.sh) * ph.wq + tj / win.sw);
+  }
+  return offsets;
+}
+
+// A direct sparse convolution (SkimCaffe-style): work items are (image, output row, segment of
+// up to 32 pixels), and each multiplies every output channel's stored taps straight out of the
+// phase planes with spmm_offsets. A 1x1, stride-1, unpadded conv reads the input itself, with
+// segments that run on across output rows.
 template <typename T, typename I>
 void forward(const Csr<T, I>& a, const Tensor& x, const T* bias, const Geometry& g,
              const Window& win, Tensor& out) {
   constexpr int64_t w = cpu::kPanelWidth<T>;
-  const int64_t o = a.rows, pixels = g.pixels(), tiles = (pixels + w - 1) / w;
-  const int64_t work = (a.row_ptr[o] + o) * pixels * g.batch + g.k() * pixels * g.batch;
-  const int64_t threads = cpu::useful_threads(work);
-  const T* xs = x.data_ptr<T>();
+  const int64_t o = a.rows, pixels = g.pixels(), nnz = a.row_ptr[o];
+  const int64_t threads = cpu::useful_threads((nnz + o) * pixels * g.batch);
   T* y = out.data_ptr<T>();
   const bool direct = g.kh == 1 && g.kw == 1 && win.sh == 1 && win.sw == 1 && win.ph == 0 &&
                       win.pw == 0;
+  Phases ph;
+  std::vector<int32_t> offsets;
+  if (!direct) {
+    ph = split_phases(x, g, win);
+    offsets = entry_offsets(a.col, nnz, g, win, ph);
+  }
+  const T* xs = direct ? x.data_ptr<T>() : ph.planes.data_ptr<T>();
+  const int64_t image_size = direct ? g.channels * pixels : ph.planes.numel() / g.batch;
+  const int64_t segments = direct ? (pixels + w - 1) / w : g.out_h * ((g.out_w + w - 1) / w);
   auto run = [&](int64_t item) {
-    const int64_t image = item / tiles, t0 = (item % tiles) * w;
-    const int64_t width = std::min(w, pixels - t0);
-    const T* x_image = xs + image * g.channels * g.height * g.width;
-    T* y_tile = y + image * o * pixels + t0;
-    if (direct) {  // a 1x1, stride-1, unpadded conv: the image [C, H*W] is its own im2col
-      cpu::spmm(a, x_image + t0, pixels, width, bias, y_tile, pixels, 1, 0, o);
+    const int64_t image = item / segments, segment = item % segments;
+    const T* x_image = xs + image * image_size;
+    T* y_image = y + image * o * pixels;
+    if (direct) {
+      const int64_t t0 = segment * w;
+      cpu::spmm(a, x_image + t0, pixels, std::min(w, pixels - t0), bias, y_image + t0, pixels, 1,
+                0, o);
       return;
     }
-    thread_local std::vector<T> panel;
-    panel.resize(static_cast<size_t>(g.k() * w));
-    fill_panel(x_image, g, win, t0, width, panel.data());
-    cpu::spmm(a, panel.data(), w, width, bias, y_tile, pixels, 1, 0, o);
+    const int64_t per_row = (g.out_w + w - 1) / w;
+    const int64_t oh = segment / per_row, ow0 = (segment % per_row) * w;
+    cpu::spmm_offsets(a.row_ptr, offsets.data(), a.val, x_image + oh * ph.wq + ow0,
+                      std::min(w, g.out_w - ow0), bias, y_image + oh * g.out_w + ow0, pixels, 0,
+                      o);
   };
-  const int64_t items = g.batch * tiles;
+  const int64_t items = g.batch * segments;
   if (threads <= 1) {
     for (int64_t i = 0; i < items; ++i) run(i);
   } else {

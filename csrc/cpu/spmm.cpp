@@ -25,23 +25,24 @@ namespace {
 template <typename T>
 constexpr int64_t kTile = kPanelWidth<T>;
 
-// One CSR row times a [cols, W] slab of b (W = kTile, or fewer at the right edge): the row's
-// nonzeros are consumed two at a time into two accumulator sets, so the FMA chains overlap.
-template <typename T, typename I, int64_t W>
-TP_ALWAYS_INLINE void row_times_slab(const Csr<T, I>& a, int64_t n, const T* __restrict b,
-                                     int64_t ldb, int64_t width, T init, T* __restrict out) {
+// One sparse row times a tile of W columns of b (or fewer at the right edge): row_of(e) points at
+// the tile's part of the b row entry e multiplies. The row's nonzeros are consumed two at a time
+// into two accumulator sets, so the FMA chains overlap.
+template <typename T, int64_t W, typename RowOf>
+TP_ALWAYS_INLINE void row_times_slab(const int32_t* row_ptr, const T* val, int64_t n,
+                                     RowOf row_of, int64_t width, T init, T* __restrict out) {
   T acc0[W], acc1[W];
   for (int64_t t = 0; t < W; ++t) {
     acc0[t] = init;
     acc1[t] = 0;
   }
-  int64_t e = a.row_ptr[n];
-  const int64_t end = a.row_ptr[n + 1];
+  int64_t e = row_ptr[n];
+  const int64_t end = row_ptr[n + 1];
   if (width == W) {
     for (; e + 1 < end; e += 2) {
-      const T v0 = a.val[e], v1 = a.val[e + 1];
-      const T* __restrict b0 = b + static_cast<int64_t>(a.col[e]) * ldb;
-      const T* __restrict b1 = b + static_cast<int64_t>(a.col[e + 1]) * ldb;
+      const T v0 = val[e], v1 = val[e + 1];
+      const T* __restrict b0 = row_of(e);
+      const T* __restrict b1 = row_of(e + 1);
 #pragma omp simd
       for (int64_t t = 0; t < W; ++t) {
         acc0[t] += v0 * b0[t];
@@ -49,15 +50,15 @@ TP_ALWAYS_INLINE void row_times_slab(const Csr<T, I>& a, int64_t n, const T* __r
       }
     }
     for (; e < end; ++e) {
-      const T v = a.val[e];
-      const T* __restrict b0 = b + static_cast<int64_t>(a.col[e]) * ldb;
+      const T v = val[e];
+      const T* __restrict b0 = row_of(e);
 #pragma omp simd
       for (int64_t t = 0; t < W; ++t) acc0[t] += v * b0[t];
     }
   } else {
     for (; e < end; ++e) {
-      const T v = a.val[e];
-      const T* __restrict b0 = b + static_cast<int64_t>(a.col[e]) * ldb;
+      const T v = val[e];
+      const T* __restrict b0 = row_of(e);
       for (int64_t t = 0; t < width; ++t) acc0[t] += v * b0[t];
     }
   }
@@ -73,7 +74,10 @@ TP_ALWAYS_INLINE void spmm_impl(const Csr<T, I>& a, const T* b, int64_t ldb, int
   for (int64_t t0 = 0; t0 < m; t0 += W) {
     const int64_t width = std::min(W, m - t0);
     for (int64_t n = row_begin; n < row_end; ++n) {
-      row_times_slab<T, I, W>(a, n, b + t0, ldb, width, init ? init[n] : T(0), out);
+      const T* bt = b + t0;
+      const I* col = a.col;
+      auto row_of = [=](int64_t e) { return bt + static_cast<int64_t>(col[e]) * ldb; };
+      row_times_slab<T, W>(a.row_ptr, a.val, n, row_of, width, init ? init[n] : T(0), out);
       T* dst = c + n * c_row_stride + t0 * c_col_stride;
       if (c_col_stride == 1) {
         for (int64_t t = 0; t < width; ++t) dst[t] = out[t];
@@ -82,6 +86,36 @@ TP_ALWAYS_INLINE void spmm_impl(const Csr<T, I>& a, const T* b, int64_t ldb, int
       }
     }
   }
+}
+
+template <typename T>
+TP_ALWAYS_INLINE void spmm_offsets_impl(const int32_t* row_ptr, const int32_t* offset,
+                                        const T* val, const T* b, int64_t m, const T* init, T* c,
+                                        int64_t c_row_stride, int64_t row_begin,
+                                        int64_t row_end) {
+  constexpr int64_t W = kTile<T>;
+  T out[W];
+  for (int64_t t0 = 0; t0 < m; t0 += W) {
+    const int64_t width = std::min(W, m - t0);
+    const T* bt = b + t0;
+    auto row_of = [=](int64_t e) { return bt + offset[e]; };
+    for (int64_t n = row_begin; n < row_end; ++n) {
+      row_times_slab<T, W>(row_ptr, val, n, row_of, width, init ? init[n] : T(0), out);
+      for (int64_t t = 0; t < width; ++t) c[n * c_row_stride + t0 + t] = out[t];
+    }
+  }
+}
+
+TP_CLONES void spmm_offsets_f32(const int32_t* row_ptr, const int32_t* offset, const float* val,
+                                const float* b, int64_t m, const float* init, float* c,
+                                int64_t crs, int64_t r0, int64_t r1) {
+  spmm_offsets_impl(row_ptr, offset, val, b, m, init, c, crs, r0, r1);
+}
+
+TP_CLONES void spmm_offsets_f64(const int32_t* row_ptr, const int32_t* offset, const double* val,
+                                const double* b, int64_t m, const double* init, double* c,
+                                int64_t crs, int64_t r0, int64_t r1) {
+  spmm_offsets_impl(row_ptr, offset, val, b, m, init, c, crs, r0, r1);
 }
 
 template <typename T, typename I>
@@ -206,6 +240,22 @@ bool use_avx512() {
                    int64_t m, T* out, int64_t r0, int64_t r1) {                                 \
     sddmm_##SUFFIX(a, p, ldp, q, ldq, m, out, r0, r1);                                          \
   }
+
+template <>
+void spmm_offsets<float>(const int32_t* row_ptr, const int32_t* offset, const float* val,
+                         const float* b, int64_t m, const float* init, float* c, int64_t crs,
+                         int64_t r0, int64_t r1) {
+  if (use_avx512()) return avx512::spmm_offsets(row_ptr, offset, val, b, m, init, c, crs, r0, r1);
+  spmm_offsets_f32(row_ptr, offset, val, b, m, init, c, crs, r0, r1);
+}
+
+template <>
+void spmm_offsets<double>(const int32_t* row_ptr, const int32_t* offset, const double* val,
+                          const double* b, int64_t m, const double* init, double* c,
+                          int64_t crs, int64_t r0, int64_t r1) {
+  if (use_avx512()) return avx512::spmm_offsets(row_ptr, offset, val, b, m, init, c, crs, r0, r1);
+  spmm_offsets_f64(row_ptr, offset, val, b, m, init, c, crs, r0, r1);
+}
 
 TP_SPECIALIZE(float, uint16_t, f32_u16)
 TP_SPECIALIZE(float, int32_t, f32_i32)

@@ -28,6 +28,15 @@ template <typename T, typename I>
 void spmm(const Csr<T, I>& a, const T* b, int64_t ldb, int64_t m, const T* init, T* c,
           int64_t c_row_stride, int64_t c_col_stride, int64_t row_begin, int64_t row_end);
 
+// c[n, t] = init[n] + sum_e val[e] * b[offset[e] + t] over the entries e of rows
+// [row_begin, row_end), t < m, into row-major c (c_row_stride, 1): spmm whose entries carry
+// their own offset into b instead of a column times a leading dimension. sparse_conv2d uses it
+// to multiply straight out of the (padded) input image, one output row segment at a time.
+template <typename T>
+void spmm_offsets(const int32_t* row_ptr, const int32_t* offset, const T* val, const T* b,
+                  int64_t m, const T* init, T* c, int64_t c_row_stride, int64_t row_begin,
+                  int64_t row_end);
+
 // y[n] = init[n] + sum_j a[n, j] * x[j] for rows in [row_begin, row_end): the batch-1 path,
 // which gathers x through the column indices and reads each nonzero exactly once.
 template <typename T, typename I>

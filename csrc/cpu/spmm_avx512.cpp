@@ -57,31 +57,33 @@ struct Vec<double> {
   TP_AVX512_INLINE static R add(R a, R b) { return _mm512_add_pd(a, b); }
 };
 
-// Rows [r0, r1) times columns [t0, t0 + width) of b, width <= V * lanes; U nonzeros per step.
-template <typename T, typename I, int V>
-TP_AVX512 void tile_rows(const Csr<T, I>& a, const T* b, int64_t ldb, int64_t t0, int64_t width,
+// Rows [r0, r1) times one tile of b, width <= V * lanes columns; U nonzeros per step.
+// row_of(e) is where the tile's part of the b row that entry e multiplies starts, which is how
+// one kernel serves CSR columns (b + col * ldb) and conv offsets (image + offset) alike. Column t
+// of row n goes to c[n * crs + t * ccs].
+template <typename T, int V, typename RowOf>
+TP_AVX512 void tile_rows(const int32_t* row_ptr, const T* val, RowOf row_of, int64_t width,
                          const T* init, T* c, int64_t crs, int64_t ccs, int64_t r0, int64_t r1) {
   using X = Vec<T>;
   constexpr int U = 4 / V;
   typename X::Mask mk[V];
   for (int v = 0; v < V; ++v) mk[v] = X::mask(width - v * X::kLanes);
-  const T* bt = b + t0;
   for (int64_t n = r0; n < r1; ++n) {
     typename X::R acc[U][V];
     for (int u = 0; u < U; ++u)
       for (int v = 0; v < V; ++v) acc[u][v] = X::zero();
-    int64_t e = a.row_ptr[n];
-    const int64_t end = a.row_ptr[n + 1];
+    int64_t e = row_ptr[n];
+    const int64_t end = row_ptr[n + 1];
     for (; e + U <= end; e += U) {
       for (int u = 0; u < U; ++u) {
-        const typename X::R w = X::set1(a.val[e + u]);
-        const T* row = bt + static_cast<int64_t>(a.col[e + u]) * ldb;
+        const typename X::R w = X::set1(val[e + u]);
+        const T* row = row_of(e + u);
         for (int v = 0; v < V; ++v) acc[u][v] = X::fma(w, X::load(row + v * X::kLanes, mk[v]), acc[u][v]);
       }
     }
     for (; e < end; ++e) {
-      const typename X::R w = X::set1(a.val[e]);
-      const T* row = bt + static_cast<int64_t>(a.col[e]) * ldb;
+      const typename X::R w = X::set1(val[e]);
+      const T* row = row_of(e);
       for (int v = 0; v < V; ++v) acc[0][v] = X::fma(w, X::load(row + v * X::kLanes, mk[v]), acc[0][v]);
     }
     T out[V * X::kLanes];
@@ -89,13 +91,13 @@ TP_AVX512 void tile_rows(const Csr<T, I>& a, const T* b, int64_t ldb, int64_t t0
       typename X::R s = X::set1(init ? init[n] : T(0));
       for (int u = 0; u < U; ++u) s = X::add(s, acc[u][v]);
       if (ccs == 1) {
-        X::store(c + n * crs + t0 + v * X::kLanes, mk[v], s);
+        X::store(c + n * crs + v * X::kLanes, mk[v], s);
       } else {
         X::store(out + v * X::kLanes, mk[v], s);
       }
     }
     if (ccs != 1) {
-      T* dst = c + n * crs + t0 * ccs;
+      T* dst = c + n * crs;
       for (int64_t t = 0; t < width; ++t) dst[t * ccs] = out[t];
     }
   }
@@ -107,15 +109,42 @@ template <typename T, typename I>
 TP_AVX512 void spmm(const Csr<T, I>& a, const T* b, int64_t ldb, int64_t m, const T* init, T* c,
                     int64_t crs, int64_t ccs, int64_t r0, int64_t r1) {
   constexpr int64_t lanes = Vec<T>::kLanes;
+  const I* col = a.col;
   if (m <= lanes) {
-    tile_rows<T, I, 1>(a, b, ldb, 0, m, init, c, crs, ccs, r0, r1);
+    auto row_of = [=](int64_t e) { return b + static_cast<int64_t>(col[e]) * ldb; };
+    tile_rows<T, 1>(a.row_ptr, a.val, row_of, m, init, c, crs, ccs, r0, r1);
     return;
   }
   for (int64_t t0 = 0; t0 < m; t0 += 2 * lanes) {
-    tile_rows<T, I, 2>(a, b, ldb, t0, m - t0 < 2 * lanes ? m - t0 : 2 * lanes, init, c, crs, ccs,
-                       r0, r1);
+    const T* bt = b + t0;
+    auto row_of = [=](int64_t e) { return bt + static_cast<int64_t>(col[e]) * ldb; };
+    tile_rows<T, 2>(a.row_ptr, a.val, row_of, m - t0 < 2 * lanes ? m - t0 : 2 * lanes, init,
+                    c + t0 * ccs, crs, ccs, r0, r1);
   }
 }
+
+template <typename T>
+TP_AVX512 void spmm_offsets(const int32_t* row_ptr, const int32_t* offset, const T* val,
+                            const T* b, int64_t m, const T* init, T* c, int64_t crs, int64_t r0,
+                            int64_t r1) {
+  constexpr int64_t lanes = Vec<T>::kLanes;
+  if (m <= lanes) {
+    auto row_of = [=](int64_t e) { return b + offset[e]; };
+    tile_rows<T, 1>(row_ptr, val, row_of, m, init, c, crs, 1, r0, r1);
+    return;
+  }
+  for (int64_t t0 = 0; t0 < m; t0 += 2 * lanes) {
+    const T* bt = b + t0;
+    auto row_of = [=](int64_t e) { return bt + offset[e]; };
+    tile_rows<T, 2>(row_ptr, val, row_of, m - t0 < 2 * lanes ? m - t0 : 2 * lanes, init, c + t0,
+                    crs, 1, r0, r1);
+  }
+}
+
+template void spmm_offsets<float>(const int32_t*, const int32_t*, const float*, const float*,
+                                  int64_t, const float*, float*, int64_t, int64_t, int64_t);
+template void spmm_offsets<double>(const int32_t*, const int32_t*, const double*, const double*,
+                                   int64_t, const double*, double*, int64_t, int64_t, int64_t);
 
 #define TP_INSTANTIATE(T, I)                                                                 \
   template void spmm<T, I>(const Csr<T, I>&, const T*, int64_t, int64_t, const T*, T*,       \

@@ -1,4 +1,4 @@
-// The AVX-512 kernel of spmm, same contract as in spmm.h. Call it only when supported() is true.
+// The AVX-512 kernels of spmm and spmm_offsets, same contracts as in spmm.h. Call it only when supported() is true.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +15,11 @@ bool supported();
 template <typename T, typename I>
 void spmm(const Csr<T, I>& a, const T* b, int64_t ldb, int64_t m, const T* init, T* c,
           int64_t c_row_stride, int64_t c_col_stride, int64_t row_begin, int64_t row_end);
+
+template <typename T>
+void spmm_offsets(const int32_t* row_ptr, const int32_t* offset, const T* val, const T* b,
+                  int64_t m, const T* init, T* c, int64_t c_row_stride, int64_t row_begin,
+                  int64_t row_end);
 
 }  // namespace avx512
 }  // namespace cpu
