@@ -1,5 +1,6 @@
 """The command line: `python -m torchprune demo` end to end, and its argument checks."""
 
+import json
 import subprocess
 import sys
 
@@ -7,30 +8,34 @@ import pytest
 
 from torchprune.__main__ import main
 
+PLOTS = ("schedule.png", "accuracy_mlp.png", "accuracy_cnn.png", "layer_sparsity_mlp.png",
+         "layer_sparsity_cnn.png", "importance_mlp.png", "input_pixels.png")
 
-def test_demo_runs_end_to_end_and_prints_the_summary(capsys):
-    assert main(["demo", "--epochs", "3", "--finetune-epochs", "1", "--sparsity", "0.8", "--seed", "1"]) == 0
+
+@pytest.mark.slow
+def test_demo_quick_writes_the_report_and_is_deterministic(tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["demo", "--quick", "--out", str(first), "--seed", "1"]) == 0
     out = capsys.readouterr().out
-    assert "dense MLP 64-300-100-10: test accuracy" in out
-    assert "pruned to 80.0%" in out
-    for column in ("Layer", "Params", "Nonzeros", "Sparsity", "MACs (dense)", "MACs (effective)"):
-        assert column in out
-    total = next(line for line in out.splitlines() if line.startswith("Total"))
-    assert "80.00%" in total
-
-
-def test_demo_is_deterministic_for_a_seed(capsys):
-    args = ["demo", "--epochs", "2", "--finetune-epochs", "1", "--seed", "3"]
-    main(args)
-    first = [l for l in capsys.readouterr().out.splitlines() if "accuracy" in l]
-    main(args)
-    second = [l for l in capsys.readouterr().out.splitlines() if "accuracy" in l]
-    assert first == second and len(first) == 3
+    assert "MLP: dense" in out and "CNN: dense" in out and "report:" in out
+    text = (first / "report.md").read_text()
+    for heading in ("## Accuracy, parameters and MACs", "## Targets", "## Latency", "## What the pruned MLP reads"):
+        assert heading in text
+    for plot in PLOTS:
+        assert f"({plot})" in text
+        assert (first / plot).read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((first / "results.json").read_text())
+    assert set(results["mlp"]["progressive"]) == {"0.5", "0.8", "0.9", "0.95"}
+    assert "| MLP | progressive | 90.0% |" in text  # the achieved sparsity in the table
+    main(["demo", "--quick", "--out", str(second), "--seed", "1"])
+    again = json.loads((second / "results.json").read_text())
+    for kind in ("mlp", "cnn"):
+        assert again[kind] == results[kind]
 
 
 @pytest.mark.parametrize("args,message", [
-    (["demo", "--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
-    (["demo", "--epochs", "0"], "--epochs must be >= 1"),
+    (["demo", "--threads", "0"], "--threads must be >= 1"),
+    (["demo", "--seed", "x"], "invalid int value"),
     (["train"], "invalid choice"),
 ])
 def test_bad_arguments_exit_with_a_message(args, message, capsys):
@@ -40,6 +45,14 @@ def test_bad_arguments_exit_with_a_message(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_out_must_not_be_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(target)])
+    assert "--out must be a directory" in capsys.readouterr().err
+
+
 def test_module_entry_point():
-    done = subprocess.run([sys.executable, "-m", "torchprune", "--help"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "demo" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "torchprune", "demo", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--quick" in done.stdout and "--out" in done.stdout

@@ -1,6 +1,7 @@
 """Running calibration data through a model for data-driven importance, without side effects.
 
-Data-driven criteria need forward and backward passes; pruning must not change anything else.
+Data-driven criteria need forward (and, for gradient criteria, backward) passes; pruning must not
+change anything else.
 The passes run in eval mode (no BatchNorm statistic updates, no dropout) with gradients enabled
 even when the caller is under ``torch.no_grad()`` or ``torch.inference_mode()``, and afterwards
 every parameter's ``.grad`` and every submodule's own train/eval flag are restored.
@@ -14,7 +15,7 @@ from typing import Callable, Dict, Iterable, Iterator, List
 import torch
 from torch import nn
 
-__all__ = ["preserved_state", "observe_gradients"]
+__all__ = ["preserved_state", "observe_gradients", "observe_activations", "observe"]
 
 
 @contextlib.contextmanager
@@ -68,3 +69,50 @@ def observe_gradients(
             f"layers {silent} received no gradient from `data` and `loss_fn` (frozen with "
             "requires_grad=False, or not used by the forward): exclude them with `exclude`"
         )
+
+
+def _inputs_of(batch):
+    """The model inputs of a batch: the first element of an ``(inputs, targets)`` pair, or the batch."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise TypeError(f"`data` must yield (inputs, targets) pairs or input tensors, got a {type(batch).__name__} of {len(batch)}")
+        return batch[0]
+    if isinstance(batch, torch.Tensor):
+        return batch
+    raise TypeError(f"`data` must yield (inputs, targets) pairs or input tensors, got {type(batch).__name__}")
+
+
+def observe_activations(model: nn.Module, layers: Dict[str, nn.Module], criterion, data: Iterable) -> None:
+    """One forward pass per batch of ``data`` (``(inputs, targets)`` pairs or bare inputs) in eval mode
+    under ``no_grad``; forward hooks hand each layer's inputs and output to
+    ``criterion.observe_forward(layer, inputs, output)``. Raises ValueError if a layer never ran."""
+    batches = 0
+
+    def hook(module, inputs, output):
+        criterion.observe_forward(module, inputs, output)
+
+    handles = [layer.register_forward_hook(hook) for layer in layers.values()]
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            for batch in data:
+                inputs = _inputs_of(batch)
+                model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+                batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if batches == 0:
+        raise ValueError("`data` yielded no batches")
+    silent = [name for name, layer in layers.items() if not criterion.observed(layer)]
+    if silent:
+        raise ValueError(f"layers {silent} were not called by the forward on `data`: exclude them with `exclude`")
+
+
+def observe(model: nn.Module, layers: Dict[str, nn.Module], criterion, data: Iterable, loss_fn=None) -> None:
+    """Feeds ``data`` to a data-driven criterion: backward passes when it needs a loss
+    (``criterion.requires_loss``), forward passes otherwise."""
+    if getattr(criterion, "requires_loss", False):
+        observe_gradients(model, layers, criterion, data, loss_fn)
+    else:
+        observe_activations(model, layers, criterion, data)

@@ -2,8 +2,10 @@
 
 Every criterion returns a tensor of the weight's shape, so one selection routine serves all of
 them. Criteria know nothing about schedules or granularity. Data-driven criteria (``Gradient``,
-``Taylor``) accumulate statistics from backward passes through `observe()`; `prune()` feeds them the
-batches given as ``data``, and the progressive Pruner can feed them its training steps.
+``Taylor``) accumulate statistics from backward passes through `observe()`; forward criteria
+(``Activation``, ``Wanda``) accumulate statistics of each layer's inputs or outputs through
+`observe_forward()`. `prune()` feeds them the batches given as ``data``, and the progressive Pruner
+can feed them its training steps.
 
 >>> crit = tp.importance.Taylor()
 >>> tp.prune(model, sparsity=0.5, importance=crit, data=batches, loss_fn=F.cross_entropy)
@@ -25,6 +27,9 @@ __all__ = [
     "Gradient",
     "Taylor",
     "Random",
+    "Activation",
+    "Wanda",
+    "BNScale",
     "NAMES",
     "resolve",
 ]
@@ -33,8 +38,10 @@ __all__ = [
 class Importance:
     """Base class: ``score(module)`` returns a float tensor shaped like ``module.weight``."""
 
-    #: True when the criterion needs backward passes (`prune()` then requires ``data`` and ``loss_fn``).
+    #: True when the criterion needs calibration data (`prune()` then requires ``data``).
     requires_data: bool = False
+    #: True when it needs backward passes too (`prune()` then also requires ``loss_fn``).
+    requires_loss: bool = False
 
     def score(self, module: nn.Module) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement score(module)")
@@ -45,6 +52,17 @@ class Importance:
     def observed(self, module: nn.Module) -> bool:
         """Whether the criterion has what it needs to score ``module`` (always, unless data-driven)."""
         return True
+
+    def prepare(self, model: nn.Module, layers: Dict[str, nn.Module]) -> None:
+        """Called once with the whole model before a round of scoring (no-op unless a criterion
+        needs to look beyond the layer, as `BNScale` does)."""
+
+    def state_dict(self, layers: Dict[str, nn.Module]) -> Dict[str, object]:
+        """The accumulated state by layer name, so that a Pruner can resume (stateless: empty)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, object], layers: Dict[str, nn.Module]) -> None:
+        """Restores what `state_dict` returned, for the layers of the same names."""
 
     def __call__(self, module: nn.Module) -> torch.Tensor:
         return self.score(module)
@@ -95,6 +113,7 @@ class _Accumulated(Importance):
     """A criterion summed over backward passes; `observe()` after each backward, `reset()` to clear."""
 
     requires_data = True
+    requires_loss = True
 
     def __init__(self):
         self._sums: Dict[int, torch.Tensor] = {}
@@ -115,6 +134,12 @@ class _Accumulated(Importance):
 
     def observed(self, module: nn.Module) -> bool:
         return id(module) in self._sums
+
+    def state_dict(self, layers: Dict[str, nn.Module]) -> Dict[str, object]:
+        return {name: self._sums[id(m)].clone() for name, m in layers.items() if id(m) in self._sums}
+
+    def load_state_dict(self, state: Dict[str, object], layers: Dict[str, nn.Module]) -> None:
+        self._sums = {id(layers[name]): value.clone() for name, value in state.items()}
 
     def score(self, module: nn.Module) -> torch.Tensor:
         total = self._sums.get(id(module))
@@ -158,11 +183,19 @@ class Random(Importance):
         """Restarts the random stream from the seed."""
         self._generator.manual_seed(self.seed)
 
+    def state_dict(self, layers: Dict[str, nn.Module]) -> Dict[str, object]:
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, object], layers: Dict[str, nn.Module]) -> None:
+        self._generator.set_state(state["generator"])
+
     def score(self, module: nn.Module) -> torch.Tensor:
         weight = module.weight
         scores = torch.rand(weight.shape, generator=self._generator, dtype=torch.float64)
         return scores.to(device=weight.device)
 
+
+from .activations import Activation, BNScale, Wanda  # noqa: E402  (they subclass Importance)
 
 #: Names accepted wherever an importance is asked for, and what they build.
 NAMES = {
@@ -173,6 +206,10 @@ NAMES = {
     "gradient": Gradient,
     "taylor": Taylor,
     "random": lambda: Random(seed=0),
+    "activation": lambda: Activation(kind="mean"),
+    "apoz": lambda: Activation(kind="apoz"),
+    "wanda": Wanda,
+    "bn_scale": BNScale,
 }
 
 

@@ -15,7 +15,7 @@ from typing import List
 
 import torch
 
-__all__ = ["by_ratio", "by_global_ratio", "by_threshold", "n_of_m", "group_input_last"]
+__all__ = ["by_ratio", "by_row_ratio", "by_global_ratio", "by_threshold", "n_of_m", "group_input_last"]
 
 
 def _ranked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -43,6 +43,18 @@ def by_ratio(scores: torch.Tensor, mask: torch.Tensor, sparsity: float) -> torch
     flat = _ranked_scores(scores, mask)
     already = int((~mask).sum())
     keep = _prune_lowest(flat, _target_count(sparsity, flat.numel(), already))
+    return keep.view(mask.shape).to(mask.device) & mask
+
+
+def by_row_ratio(scores: torch.Tensor, mask: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Every output row (neuron or filter) pruned to ``sparsity`` on its own, lowest scores first:
+    round(sparsity * row length) per row, never fewer than the row already lost (Wanda's rule)."""
+    rows = _ranked_scores(scores, mask).view(mask.shape[0], -1)
+    already = rows.isneginf().sum(1)
+    count = torch.clamp(already, min=int(round(sparsity * rows.shape[1])))
+    order = torch.sort(rows, dim=1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order).contiguous())
+    keep = rank >= count[:, None]
     return keep.view(mask.shape).to(mask.device) & mask
 
 
