@@ -86,3 +86,12 @@ TORCH_LIBRARY_FRAGMENT(torchprune, m) {
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
+
+// Structured pruning (fake kernel and wrapper in torchprune/structured/compact.py).
+TORCH_LIBRARY_FRAGMENT(torchprune, m) {
+  m.set_python_module("torchprune.structured.compact");
+  // out[i] = tensors[i].index_select(dims[i], indices[i]) for every i, in one call
+  // (csrc/cpu/compact.cpp). Outputs are fresh contiguous tensors.
+  m.def("compact(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]",
+        {at::Tag::pt2_compliant_tag});
+}

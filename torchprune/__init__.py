@@ -5,12 +5,15 @@
 >>> print(tp.summary(model))
 """
 
-from . import importance
+from . import importance, nn, regularize, schedules
 from ._version import __version__
 from .analysis import summary
 from .io import load, save
 from .masking import make_permanent, masks, sparsity
-from .pruner import prune
+from .pruner import Pruner, prune
+from .sensitivity import allocate, sensitivity
+from .sparsify import sparsify
+from .structured import DependencyGraph
 
 __all__ = [
     "__version__",
@@ -22,4 +25,12 @@ __all__ = [
     "save",
     "load",
     "summary",
+    "nn",
+    "sparsify",
+    "DependencyGraph",
+    "Pruner",
+    "schedules",
+    "regularize",
+    "sensitivity",
+    "allocate",
 ]

@@ -224,3 +224,6 @@ def _masked_conv2d_backward_fake(
 # The packed-sparse ops keep their wrappers and fake kernels in a module of their own (their
 # schemas name it as their python module); the wrappers are re-exported here with the others.
 from ._sparse_ops import check_csr, pack_csr, sparse_conv2d, sparse_linear, unpack_csr  # noqa: E402
+
+# The structured-pruning op `compact` keeps its wrapper and fake kernel next to its Python users.
+from .structured.compact import compact  # noqa: E402,F401

@@ -8,6 +8,7 @@ ever pickled and the file loads in any process that can build the model.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Dict, Union
 
@@ -15,12 +16,14 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .structured.replay import replay, structure_of
 from .masking import attach_mask, base_type, check_devices, get_mask, is_prunable
 
 __all__ = ["save", "load"]
 
 _FORMAT = "torchprune"
 _FORMAT_VERSION = 1
+_STRUCTURE_VERSION = 2  # files of structurally pruned models: the removal steps in "structure"
 
 
 def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
@@ -32,9 +35,11 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     masked = {name: base_type(m).__name__ for name, m in model.named_modules() if get_mask(m) is not None}
+    structure = structure_of(model)  # channels removed by structural pruning, replayed by load()
     payload = {
         "format": _FORMAT,
-        "format_version": _FORMAT_VERSION,
+        "format_version": _FORMAT_VERSION if not structure else _STRUCTURE_VERSION,
+        "structure": structure,
         "torchprune_version": __version__,
         "masked_layers": masked,
         "state_dict": {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()},
@@ -63,20 +68,25 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         or not isinstance(payload.get("state_dict"), dict)
     ):
         raise ValueError(f"`path` {str(path)!r} is not a torchprune file (written by tp.save)")
-    if payload.get("format_version", 0) > _FORMAT_VERSION:
+    if payload.get("format_version", 0) > _STRUCTURE_VERSION:
         raise ValueError(
             f"`path` {str(path)!r} was written by torchprune {payload.get('torchprune_version')} in format "
-            f"{payload['format_version']}; this torchprune reads format {_FORMAT_VERSION} or older"
+            f"{payload['format_version']}; this torchprune reads format {_STRUCTURE_VERSION} or older"
         )
     masked: Dict[str, str] = payload["masked_layers"]
     state: Dict[str, torch.Tensor] = payload["state_dict"]
-    modules = dict(model.named_modules(remove_duplicate=False))
+    structure = payload.get("structure", [])
+    target = replay(copy.deepcopy(model), structure) if structure else model  # checked before `model` changes
+    modules = dict(target.named_modules(remove_duplicate=False))
     for name, kind in masked.items():
         module = modules.get(name)
         if module is None or not is_prunable(module) or base_type(module).__name__ != kind:
             found = "nothing" if module is None else type(module).__name__
             raise ValueError(f"`model` does not match the file: the file masks a {kind} at {name!r}, the model has {found} there")
-    _check_state_matches(model, masked, state)
+    _check_state_matches(target, masked, state)
+    if structure:
+        replay(model, structure)
+        modules = dict(model.named_modules(remove_duplicate=False))
     check_devices({name: modules[name] for name in masked})
 
     for name in masked:

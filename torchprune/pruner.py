@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from . import selection
-from .calibration import observe_gradients
+from .calibration import observe
 from .importance import Importance, resolve
 from .masking import PRUNABLE_TYPES, attach_mask, base_type, check_devices, get_mask, prunable_layers
 
-__all__ = ["prune"]
+__all__ = ["prune", "Pruner"]
 
 _SCOPES = ("layer", "global")
 _STRUCTURAL = ("channel", "head", "layer")
@@ -44,7 +44,8 @@ def prune(
     layers together with ``scope="global"``, or per named layer with a dict scope); ``threshold``
     prunes every weight whose score is below it instead. ``granularity="N:M"`` keeps the N best of
     each M consecutive weights along the input dimension. Already pruned weights stay pruned.
-    ``example_inputs`` is accepted for the structural granularities of later versions and unused here.
+    ``granularity="channel" | "head" | "layer"`` removes whole channels, attention heads or
+    residual blocks physically (see `torchprune.structured`); it needs ``example_inputs``.
 
     >>> model = tp.prune(model, sparsity=0.9, scope="global")
     >>> tp.prune(model, granularity="2:4", exclude=["classifier"])
@@ -52,6 +53,10 @@ def prune(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(granularity, str) and granularity in _STRUCTURAL:  # physical removal: structured/
+        from .structured.prune import prune_structural
+
+        return prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs, data, loss_fn)
     criterion = resolve(importance)
     n_m = _parse_granularity(granularity)
     _check_amount(sparsity, threshold, scope, n_m)
@@ -61,19 +66,21 @@ def prune(
     if n_m is not None:
         _check_n_m_divides(layers, n_m)
     if criterion.requires_data:
-        _check_data_args(data, loss_fn, importance)
+        _check_data_args(data, loss_fn, importance, criterion.requires_loss)
 
     # Layers that share one weight tensor are ranked once, through the first of them, and all get
     # the same mask (what any of them pruned before stays pruned).
     unique = {name: layer for name, layer in layers.items() if owners[name] == name}
     criterion.reset()
+    criterion.prepare(model, unique)
     if criterion.requires_data:
-        observe_gradients(model, unique, criterion, data, loss_fn)
+        observe(model, unique, criterion, data, loss_fn)
     scores = {name: _checked_score(criterion, name, layer) for name, layer in unique.items()}
     current = {name: torch.ones_like(layer.weight, dtype=torch.bool) for name, layer in unique.items()}
     for name, layer in layers.items():
         current[owners[name]] = current[owners[name]] & _current_mask(layer)
-    new_masks = _select(scores, current, sparsity, threshold, scope, n_m)
+    row_wise = getattr(criterion, "compare_within_rows", False)
+    new_masks = _select(scores, current, sparsity, threshold, scope, n_m, row_wise)
 
     for name, layer in layers.items():
         attach_mask(layer, new_masks[owners[name]])
@@ -246,7 +253,11 @@ def _check_n_m_divides(layers: Dict[str, nn.Module], n_m: Tuple[int, int]) -> No
             )
 
 
-def _check_data_args(data, loss_fn, importance) -> None:
+def _check_data_args(data, loss_fn, importance, requires_loss: bool = True) -> None:
+    if not requires_loss and data is None:
+        raise ValueError(f"importance {importance!r} is data-driven: pass `data` (batches of (inputs, targets) or inputs)")
+    if not requires_loss:
+        return
     if data is None or loss_fn is None:
         missing = " and ".join(f"`{a}`" for a, v in (("data", data), ("loss_fn", loss_fn)) if v is None)
         raise ValueError(f"importance {importance!r} is data-driven: pass {missing} (batches of (inputs, targets) and a loss function)")
@@ -269,15 +280,20 @@ def _current_mask(layer: nn.Module) -> torch.Tensor:
     return mask if mask is not None else torch.ones_like(layer.weight, dtype=torch.bool)
 
 
-def _select(scores, current, sparsity, threshold, scope, n_m) -> Dict[str, torch.Tensor]:
+def _select(scores, current, sparsity, threshold, scope, n_m, row_wise=False) -> Dict[str, torch.Tensor]:
+    """New masks; ``row_wise`` (criteria such as Wanda) takes per-layer amounts from each output row."""
     names = list(scores)
+    by_ratio = selection.by_row_ratio if row_wise else selection.by_ratio
     if n_m is not None:
         return {k: selection.n_of_m(scores[k], current[k], *n_m) for k in names}
     if isinstance(scope, Mapping):
-        return {k: selection.by_ratio(scores[k], current[k], float(scope[k])) for k in names}
+        return {k: by_ratio(scores[k], current[k], float(scope[k])) for k in names}
     if threshold is not None:
         return {k: selection.by_threshold(scores[k], current[k], float(threshold)) for k in names}
     if scope == "global":
         masks = selection.by_global_ratio([scores[k] for k in names], [current[k] for k in names], float(sparsity))
         return dict(zip(names, masks))
-    return {k: selection.by_ratio(scores[k], current[k], float(sparsity)) for k in names}
+    return {k: by_ratio(scores[k], current[k], float(sparsity)) for k in names}
+
+
+from .progressive import Pruner  # noqa: E402  (progressive.py builds on the helpers above)

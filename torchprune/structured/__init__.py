@@ -1,0 +1,24 @@
+"""Structured pruning: whole channels, attention heads and residual blocks removed physically.
+
+* graph.py (with trace.py, rules.py, labels.py): `DependencyGraph`, the coupled channel groups;
+* scoring.py: group importance; prune.py: selection and `prune_channels`;
+* remove.py + compact.py: slicing every member through the C++ ``compact`` op;
+* heads.py + attention.py: attention heads; layers.py: residual blocks; replay.py: `tp.load`.
+
+`tp.prune(model, sparsity, granularity="channel" | "head" | "layer", example_inputs=...)` is the
+entry point; `prune_channels` also takes ``round_to``.
+"""
+
+from .attention import PrunedMultiheadAttention
+from .graph import DependencyGraph, Group
+__all__ = ["DependencyGraph", "Group", "PrunedMultiheadAttention", "prune_channels"]
+
+
+def __getattr__(name):
+    # prune.py needs torchprune.importance, which (through masking and _ops) imports this
+    # package: load it on first use rather than at import time.
+    if name == "prune_channels":
+        from .prune import prune_channels
+
+        return prune_channels
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,141 @@
+"""DependencyGraph: which channels of which tensors must be removed together.
+
+>>> graph = tp.DependencyGraph(model, example_inputs=(torch.randn(1, 3, 32, 32),))
+>>> for group in graph.groups: print(group)
+>>> graph.unprunable            # {module name: [why its channels stay]}
+
+A *unit* is one removable channel: the set of tensor slices (a conv's output filter, the next BN's
+entry, the next conv's input channel, ...) that go together. Units that touch the same tensors in
+the same way form a *group*: the output channels of one layer together with everything coupled to
+them (a residual stream is one group across all blocks that add into it). Tracing is done once
+per graph (see trace.py); nothing in the model is changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .trace import Member, trace
+
+__all__ = ["DependencyGraph", "Group"]
+
+
+@dataclass
+class Group:
+    """Coupled channels: ``indices[member]`` is a (units, k) tensor of the indices along the
+    member's dim that each unit owns (k > 1 when a channel feeds a flatten, e.g. H*W features).
+
+    ``prunable`` is false when any unit of the group must stay (``reasons`` says why); ``exact``
+    is false when removing a unit is not the same as zeroing it (a LayerNorm normalizes over it).
+    """
+
+    indices: Dict[Member, torch.Tensor]
+    prunable: bool
+    reasons: List[str] = field(default_factory=list)
+    exact: bool = True
+    inexact_reasons: List[str] = field(default_factory=list)
+
+    @property
+    def members(self) -> List[Member]:
+        return list(self.indices)
+
+    @property
+    def modules(self) -> List[str]:
+        return list(dict.fromkeys(m for m, _, _ in self.indices))
+
+    def __len__(self) -> int:
+        return next(iter(self.indices.values())).shape[0]
+
+    def __repr__(self) -> str:
+        def show(m):
+            module, tensor, dim = m
+            k = self.indices[m].shape[1]
+            return f"{module + '.' if module else ''}{tensor}[dim {dim}{'' if k == 1 else f', x{k}'}]"
+
+        state = "prunable" if self.prunable else "fixed: " + "; ".join(self.reasons[:2])
+        return f"Group({len(self)} channels, {state}: " + ", ".join(show(m) for m in self.indices) + ")"
+
+
+class DependencyGraph:
+    """The coupled channel groups of ``model`` traced on ``example_inputs`` (a tensor or tuple)."""
+
+    def __init__(self, model: nn.Module, example_inputs):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.example_inputs = as_inputs(example_inputs)
+        tracer = trace(model, self.example_inputs)
+        self.attention = tracer.attention
+        labels = tracer.labels
+        members = {key: labels.components_of(ids) for key, ids in tracer.members.items()}
+        modules = dict(model.named_modules())
+        for qualname, ids in tracer.positional.items():
+            module_name, _, tensor = qualname.rpartition(".")
+            if module_name not in modules:
+                continue
+            comp = labels.components_of(ids)
+            varying = [d for d in range(comp.dim()) if bool((comp.amin(d) != comp.amax(d)).any())]
+            if len(varying) == 1:
+                d = varying[0]
+                members[(module_name, tensor, d)] = comp.movedim(d, 0).reshape(comp.shape[d], -1)[:, 0]
+            elif len(varying) > 1:
+                labels._freeze_components(np.unique(comp.numpy()), f"parameter {qualname!r} is used along several dims")
+        self.groups: List[Group] = self._group(members, labels)
+
+    @staticmethod
+    def _group(members: Dict[Member, torch.Tensor], labels) -> List[Group]:
+        units: Dict[int, Dict[Member, List[int]]] = {}
+        for key, comp in members.items():
+            for index, c in enumerate(comp.tolist()):
+                if c >= 0:
+                    units.setdefault(c, {}).setdefault(key, []).append(index)
+        by_signature: Dict[Tuple, List[int]] = {}
+        for c, owned in units.items():
+            frozen = c in labels.frozen_reasons
+            signature = (frozen, tuple((key, len(idx)) for key, idx in owned.items()))
+            by_signature.setdefault(signature, []).append(c)
+        groups = []
+        for (frozen, keys), comps in by_signature.items():
+            indices = {key: torch.tensor([units[c][key] for c in comps], dtype=torch.int64) for key, _ in keys}
+            reasons = list(dict.fromkeys(r for c in comps for r in labels.frozen_reasons.get(c, [])))
+            inexact = list(dict.fromkeys(r for c in comps for r in labels.inexact_reasons.get(c, [])))
+            groups.append(Group(indices, not frozen, reasons, not inexact, inexact))
+        return groups
+
+    @property
+    def prunable_groups(self) -> List[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    @property
+    def unprunable(self) -> Dict[str, List[str]]:
+        """Module name -> the reasons why some of its channels cannot be removed."""
+        out: Dict[str, List[str]] = {}
+        for group in self.groups:
+            if not group.prunable:
+                for module in group.modules:
+                    out.setdefault(module, [])
+                    out[module] += [r for r in group.reasons if r not in out[module]]
+        return out
+
+    def __repr__(self) -> str:
+        lines = [f"DependencyGraph({type(self.model).__name__}: {len(self.groups)} groups, {len(self.prunable_groups)} prunable)"]
+        lines += [f"  {g}" for g in self.groups]
+        return "\n".join(lines)
+
+
+def as_inputs(example_inputs) -> tuple:
+    """``example_inputs`` as a tuple of positional arguments."""
+    if example_inputs is None:
+        raise ValueError("`example_inputs` must be given for structural pruning: a tensor or a tuple of the model's inputs")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    raise TypeError(f"`example_inputs` must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")

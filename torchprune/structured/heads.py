@@ -1,0 +1,185 @@
+"""prune(..., granularity="head"): remove whole attention heads.
+
+Two kinds of attention are handled:
+
+* ``nn.MultiheadAttention`` (packed q/k/v projection, no bias_k/bias_v, no add_zero_attn) and our
+  own `PrunedMultiheadAttention`: the module is replaced by a `PrunedMultiheadAttention` holding
+  the kept heads (nn.MultiheadAttention cannot have fewer heads than its input is wide);
+* hand-written attention that follows the timm convention: a module with int attributes
+  ``num_heads`` and ``head_dim``, a fused ``qkv`` Linear with 3 * num_heads * head_dim outputs laid
+  out [q | k | v] and heads contiguous within each, and a ``proj`` Linear reading
+  num_heads * head_dim features. Its forward must shape tensors from ``self.num_heads`` /
+  ``self.head_dim``; that is verified on the example inputs before anything is changed (removing
+  the heads must give the outputs of zeroing them), and a module that fails is left as it is and
+  named in a warning.
+
+A head's score is the mean over its four slices (q, k, v rows and out-projection columns) of the
+slice's sum of |w|^p divided by that member's mean over heads; "random" is also accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from ..importance import FilterNorm, Magnitude, Random, resolve
+from .attention import PrunedMultiheadAttention
+from .compact import compact
+from .graph import as_inputs
+
+__all__ = ["attention_modules", "prune_heads", "remove_heads"]
+
+
+def _packed(module) -> bool:
+    if isinstance(module, PrunedMultiheadAttention):
+        return True
+    return (isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None
+            and not module.add_zero_attn)
+
+
+def _hand_written(module) -> bool:
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    h, hd = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    return (isinstance(h, int) and isinstance(hd, int) and isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+            and qkv.out_features == 3 * h * hd and proj.in_features == h * hd)
+
+
+def attention_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if _packed(m) or _hand_written(m)}
+
+
+def _slices(module):
+    """(weights, dims) of the four per-head members: q, k, v rows and output-projection columns."""
+    h, hd = module.num_heads, module.head_dim
+    if _packed(module):
+        w, out = module.in_proj_weight.detach(), module.out_proj.weight.detach()
+    else:
+        w, out = module.qkv.weight.detach(), module.proj.weight.detach()
+    inner = h * hd
+    return [w[i * inner : (i + 1) * inner] for i in range(3)], out
+
+
+def _head_scores(module, criterion) -> torch.Tensor:
+    h, hd = module.num_heads, module.head_dim
+    (q, k, v), out = _slices(module)
+    p = float(getattr(criterion, "p", 1))
+    parts = [t.double().abs().pow(p).reshape(h, hd, -1).sum((1, 2)) for t in (q, k, v)]
+    parts.append(out.double().abs().pow(p).reshape(out.shape[0], h, hd).sum((0, 2)))
+    return sum(s / s.mean() if s.mean() > 0 else s for s in parts) / 4
+
+
+def _rows(keep: torch.Tensor, hd: int) -> torch.Tensor:
+    return (keep[:, None] * hd + torch.arange(hd)).flatten()
+
+
+def remove_heads(model: nn.Module, name: str, keep: List[int]) -> None:
+    """Keeps only heads ``keep`` of the attention module ``name`` (in place in ``model``)."""
+    module = model.get_submodule(name)
+    keep_t = torch.as_tensor(keep, dtype=torch.int64)
+    if _packed(module):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, PrunedMultiheadAttention.from_attention(module, keep_t))
+        return
+    hd, inner = module.head_dim, module.num_heads * module.head_dim
+    rows = _rows(keep_t, hd)
+    qkv_rows = torch.cat([rows + i * inner for i in range(3)])
+    tensors = [module.qkv.weight, module.proj.weight] + ([module.qkv.bias] if module.qkv.bias is not None else [])
+    dims = [0, 1] + ([0] if module.qkv.bias is not None else [])
+    out = compact([t.detach() for t in tensors], dims, [qkv_rows, rows] + ([qkv_rows] if module.qkv.bias is not None else []))
+    module.qkv.weight = nn.Parameter(out[0], requires_grad=module.qkv.weight.requires_grad)
+    module.proj.weight = nn.Parameter(out[1], requires_grad=module.proj.weight.requires_grad)
+    if module.qkv.bias is not None:
+        module.qkv.bias = nn.Parameter(out[2], requires_grad=module.qkv.bias.requires_grad)
+    module.qkv.out_features, module.proj.in_features = out[0].shape[0], out[1].shape[1]
+    module.num_heads = len(keep)
+
+
+def zero_heads(model: nn.Module, name: str, drop: List[int]) -> None:
+    """Zeroes heads ``drop`` of attention module ``name`` in place (the masking counterpart)."""
+    module = model.get_submodule(name)
+    hd, inner = module.head_dim, module.num_heads * module.head_dim
+    rows = _rows(torch.as_tensor(drop, dtype=torch.int64), hd)
+    qkv_rows = torch.cat([rows + i * inner for i in range(3)])
+    packed = _packed(module)
+    w, b = (module.in_proj_weight, module.in_proj_bias) if packed else (module.qkv.weight, module.qkv.bias)
+    out = module.out_proj.weight if packed else module.proj.weight
+    with torch.no_grad():
+        w[qkv_rows] = 0
+        if b is not None:
+            b[qkv_rows] = 0
+        out[:, rows] = 0
+
+
+def _verified(model, name, keep, drop, inputs) -> bool:
+    """Removing the heads gives the outputs of zeroing them (hand-written attention only)."""
+    try:
+        masked, removed = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
+        zero_heads(masked, name, drop)
+        remove_heads(removed, name, keep)
+        with torch.no_grad():
+            a, b = masked(*inputs), removed(*inputs)
+        return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    except Exception:
+        return False
+
+
+def prune_heads(model: nn.Module, example_inputs, sparsity: float, importance, scope: str, excluded_ids) -> nn.Module:
+    from .prune import PLAN_ATTRIBUTE
+
+    criterion = resolve(importance)
+    if not isinstance(criterion, (Magnitude, FilterNorm, Random)):
+        raise ValueError(f"`importance` must be 'l1', 'l2', 'magnitude', 'filter_norm' or 'random' for granularity='head', got {importance!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"`scope` must be 'layer' or 'global' for structural pruning, got {scope!r}")
+    inputs = as_inputs(example_inputs)
+    found = {n: m for n, m in attention_modules(model).items() if id(m) not in excluded_ids}
+    if not found:
+        raise ValueError("`model` has no attention module whose heads can be pruned (nn.MultiheadAttention, or a module with num_heads, head_dim, qkv and proj)")
+    if isinstance(criterion, Random):
+        criterion.reset()
+        scores = {n: torch.rand(m.num_heads, generator=criterion._generator, dtype=torch.float64) for n, m in found.items()}
+    else:
+        scores = {n: _head_scores(m, criterion) for n, m in found.items()}
+    drops = _select_heads(scores, float(sparsity), scope)
+    for name, drop in drops.items():
+        heads = found[name].num_heads
+        keep = [h for h in range(heads) if h not in set(drop)]
+        if not drop:
+            continue
+        if not _packed(found[name]) and not _verified(model, name, keep, drop, inputs):
+            warnings.warn(f"attention module {name!r} was left whole: removing its heads does not give the outputs of zeroing "
+                          "them (its forward must shape q, k, v from self.num_heads and self.head_dim)")
+            continue
+        remove_heads(model, name, keep)
+        model.__dict__.setdefault(PLAN_ATTRIBUTE, []).append({"kind": "heads", "module": name, "keep": keep})
+    return model
+
+
+def _select_heads(scores: Dict[str, torch.Tensor], sparsity: float, scope: str) -> Dict[str, List[int]]:
+    if scope == "layer":
+        out = {}
+        for name, s in scores.items():
+            count = min(int(math.floor(sparsity * len(s) + 0.5)), len(s) - 1)
+            out[name] = sorted(torch.sort(s, stable=True).indices[:count].tolist())
+        return out
+    names = list(scores)
+    flat = torch.cat([scores[n] for n in names])
+    owner = [n for n in names for _ in range(len(scores[n]))]
+    local = [i for n in names for i in range(len(scores[n]))]
+    target = int(math.floor(sparsity * len(flat) + 0.5))
+    left = {n: len(scores[n]) for n in names}
+    out = {n: [] for n in names}
+    for u in torch.sort(flat, stable=True).indices.tolist():
+        if target <= 0:
+            break
+        if left[owner[u]] > 1:
+            left[owner[u]] -= 1
+            out[owner[u]].append(local[u])
+            target -= 1
+    return {n: sorted(v) for n, v in out.items()}

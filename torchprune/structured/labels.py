@@ -1,0 +1,145 @@
+"""Channel labels: the bookkeeping behind dependency tracing.
+
+Every prunable position of every tensor gets an integer *id*. A layer that creates features (a
+conv's output channels, a Linear's outputs, an Embedding's columns, a bare parameter) draws fresh
+ids; every other op moves ids around with the data (a transpose moves them, a flatten repeats a
+channel's id over its H*W features, a concatenation lays them side by side) and *unifies* ids that
+must be removed together (the two operands of a residual add, the input channels of the next
+layer). The label of a value is an int64 tensor broadcastable to the value (size 1 along dims
+where every position has the same id), with -1 where nothing can be removed (model inputs).
+
+When the trace ends, the connected components of the unification graph are the *units*: sets of
+positions that are removed together. Three kinds of evidence are collected on the way:
+
+* ``freeze``: ids that must never be removed (they reach the model output, an unknown op, ...);
+* ``check(label, dim)``: "``dim`` of this value must keep its size" (a reshape with a constant, a
+  size read, a softmax): a unit whose positions vary along that dim is frozen at the end, once
+  every unification is known;
+* ``inexact``: ids whose removal is correct in shape but not equal to zeroing them (a LayerNorm
+  normalizes over them).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["Labels", "NONE"]
+
+#: The label of a position that no unit owns.
+NONE = -1
+
+
+class Labels:
+    """Allocates ids, records unifications, freezes and checks, and resolves units at the end."""
+
+    def __init__(self):
+        self.count = 0
+        self._edges: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._frozen: List[Tuple[torch.Tensor, str]] = []
+        self._checks: List[Tuple[torch.Tensor, int, str]] = []
+        self._inexact: List[Tuple[torch.Tensor, str]] = []
+        self.component: Optional[np.ndarray] = None
+
+    # -- while tracing ------------------------------------------------------------------------
+
+    def fresh(self, shape: Sequence[int]) -> torch.Tensor:
+        """New ids, one per position of ``shape``."""
+        n = int(np.prod(shape)) if len(shape) else 1
+        ids = torch.arange(self.count, self.count + n, dtype=torch.int64).view(*shape)
+        self.count += n
+        return ids
+
+    def unify(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Unifies the ids of ``a`` and ``b`` position by position (broadcasting); -1 is skipped."""
+        a, b = torch.broadcast_tensors(a, b)
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        if keep.any():
+            self._edges.append((a[keep].flatten(), b[keep].flatten()))
+
+    def freeze(self, label: torch.Tensor, reason: str) -> None:
+        ids = label[label >= 0].flatten()
+        if ids.numel():
+            self._frozen.append((ids.unique(), reason))
+
+    def check(self, label: torch.Tensor, dim: int, reason: str) -> None:
+        """``dim`` of the value labelled ``label`` must keep its size after pruning."""
+        dim = dim % max(label.dim(), 1)
+        if label.dim() and label.shape[dim] > 1 and (label >= 0).any():
+            self._checks.append((label, dim, reason))
+
+    def inexact(self, label: torch.Tensor, reason: str) -> None:
+        ids = label[label >= 0].flatten()
+        if ids.numel():
+            self._inexact.append((ids.unique(), reason))
+
+    def reduce_to_dim(self, label: torch.Tensor, dim: int, shape: Sequence[int], reason: str) -> torch.Tensor:
+        """The ids of each index along ``dim`` of a value of ``shape``, as one vector.
+
+        A layer consumes a whole slice per channel, so all ids of a slice are unified; a slice
+        that mixes ids and unowned positions cannot be removed, so its ids are frozen.
+        """
+        dim = dim % len(shape)
+        # broadcast only along `dim`: the other dims stay as small as the label keeps them
+        target = [label.shape[d] if d != dim else shape[d] for d in range(len(shape))]
+        full = label.expand(*target).movedim(dim, 0).reshape(shape[dim], -1)
+        rep = full.max(dim=1).values
+        self.unify(full, rep[:, None])
+        mixed = (full < 0).any(dim=1) & (rep >= 0)
+        if mixed.any():
+            self.freeze(rep[mixed], reason)
+        return rep
+
+    # -- after tracing ------------------------------------------------------------------------
+
+    def resolve(self) -> None:
+        """Computes the units (connected components) and applies the recorded checks."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        n = self.count
+        if self._edges:
+            rows = torch.cat([a for a, _ in self._edges]).numpy()
+            cols = torch.cat([b for _, b in self._edges]).numpy()
+        else:
+            rows = cols = np.zeros(0, dtype=np.int64)
+        graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+        _, self.component = connected_components(graph, directed=False)
+        self.frozen_reasons: Dict[int, List[str]] = {}
+        for ids, reason in self._frozen:
+            self._freeze_components(np.unique(self.component[ids.numpy()]), reason)
+        for label, dim, reason in self._checks:
+            comp = self.components_of(label)
+            moved = comp.movedim(dim, -1)
+            varies = moved.amin(-1) != moved.amax(-1)
+            if varies.any():
+                bad = moved[varies]
+                self._freeze_components(np.unique(bad[bad >= 0].numpy()), reason)
+        self.inexact_reasons: Dict[int, List[str]] = {}
+        for ids, reason in self._inexact:
+            for c in np.unique(self.component[ids.numpy()]):
+                self.inexact_reasons.setdefault(int(c), []).append(reason)
+
+    def _freeze_components(self, components, reason: str) -> None:
+        for c in components:
+            reasons = self.frozen_reasons.setdefault(int(c), [])
+            if reason not in reasons:
+                reasons.append(reason)
+
+    def components_of(self, label: torch.Tensor) -> torch.Tensor:
+        """The unit of each position of ``label`` (-1 where unowned)."""
+        comp = torch.from_numpy(self.component.astype(np.int64))
+        out = torch.full(label.shape, NONE, dtype=torch.int64)
+        owned = label >= 0
+        out[owned] = comp[label[owned]]
+        return out
+
+
+def compress(label: torch.Tensor) -> torch.Tensor:
+    """``label`` with every dim along which all ids are equal reduced to size 1."""
+    for d in range(label.dim()):
+        if label.shape[d] > 1 and bool((label.amin(d, keepdim=True) == label.amax(d, keepdim=True)).all()):
+            label = label.narrow(d, 0, 1)
+    return label.contiguous()

@@ -1,0 +1,140 @@
+"""prune(..., granularity="channel"): rank the channels of every coupled group and remove the
+least important ones physically.
+
+``sparsity`` is the fraction of channels (units) removed: in each group with ``scope="layer"``
+(it keeps floor((1 - sparsity) * channels), so at least that fraction goes),
+over all groups together with ``scope="global"`` (scores are comparable across groups because
+each member's scores are normalized by their mean, see scoring.py). Every group keeps at least
+one channel, and with ``round_to=k`` a group keeps a multiple of k channels (never more than it
+has). Groups that touch an excluded module, or that the graph marks unprunable, are left alone.
+
+The removal plan is appended to ``model._torchprune_structure`` (plain data) so that `tp.save`
+can store it and `tp.load` replay it on a fresh instance.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from ..importance import resolve
+from .graph import DependencyGraph, Group
+from .remove import apply_plan, plan_from_removed
+from .scoring import group_scores, needs
+from .trace import Member
+
+__all__ = ["prune_structural", "prune_channels", "choose_removal", "select", "PLAN_ATTRIBUTE"]
+
+#: The attribute of a pruned model that holds its structural removal steps.
+PLAN_ATTRIBUTE = "_torchprune_structure"
+
+
+def check_round_to(round_to) -> int:
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"`round_to` must be a positive int, got {round_to!r}")
+    return round_to
+
+
+def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance="l2", scope="layer",
+                   excluded_ids=frozenset(), round_to: int = 1, data=None, loss_fn=None) -> nn.Module:
+    """Removes ``sparsity`` of the channels of every prunable group of ``model``; returns it.
+
+    >>> tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=(torch.randn(1, 3, 32, 32),))
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= float(sparsity) < 1:
+        raise ValueError(f"`sparsity` must be a number in [0, 1) for structural pruning, got {sparsity!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"`scope` must be 'layer' or 'global' for structural pruning, got {scope!r}")
+    round_to = check_round_to(round_to)
+    criterion = resolve(importance)
+    need = needs(criterion)
+    if need and data is None or need == "loss" and loss_fn is None:
+        missing = "`data` and `loss_fn`" if need == "loss" else "`data`"
+        raise ValueError(f"importance {importance!r} is data-driven: pass {missing}")
+    removed = choose_removal(model, DependencyGraph(model, example_inputs), float(sparsity), criterion, scope,
+                             excluded_ids, round_to, data, loss_fn)
+    if not removed:
+        return model
+    plan = plan_from_removed(model, removed)
+    apply_plan(model, plan)
+    steps = model.__dict__.setdefault(PLAN_ATTRIBUTE, [])
+    steps.append({"kind": "channels", "keep": [[m, t, d, keep] for (m, t, d), keep in plan.items()]})
+    return model
+
+
+def choose_removal(model, graph: DependencyGraph, sparsity: float, criterion, scope="layer", excluded_ids=frozenset(),
+                   round_to: int = 1, data=None, loss_fn=None, only_exact: bool = False) -> Dict[Member, torch.Tensor]:
+    """The indices to remove from each member tensor (nothing is changed yet)."""
+    modules = dict(model.named_modules())
+    groups = [
+        g for g in graph.prunable_groups
+        if not any(id(modules[m]) in excluded_ids for m in g.modules if m in modules) and (g.exact or not only_exact)
+    ]
+    if not groups:
+        return {}
+    scores = group_scores(model, groups, criterion, data, loss_fn)
+    removed: Dict[Member, List[torch.Tensor]] = {}
+    for group, units in zip(groups, select(groups, scores, sparsity, scope, round_to)):
+        if units.numel():
+            for member, indices in group.indices.items():
+                removed.setdefault(member, []).append(indices[units].flatten())
+    return {m: torch.cat(parts) for m, parts in removed.items()}
+
+
+def prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs, data, loss_fn, round_to=1):
+    """The structural branch of `tp.prune`: checks what only applies here, then dispatches."""
+    from ..pruner import _excluded_ids
+
+    if threshold is not None:
+        raise ValueError(f"`threshold` is not supported with granularity={granularity!r}: pass `sparsity` (a fraction of channels)")
+    if sparsity is None:
+        raise ValueError(f"`sparsity` must be given with granularity={granularity!r} (a fraction in [0, 1))")
+    excluded = _excluded_ids(model, exclude)
+    if granularity == "channel":
+        return prune_channels(model, example_inputs, sparsity, importance, scope, excluded, round_to, data, loss_fn)
+    if granularity == "head":
+        from .heads import prune_heads
+
+        return prune_heads(model, example_inputs, sparsity, importance, scope, excluded)
+    from .layers import prune_layers
+
+    return prune_layers(model, example_inputs, float(sparsity), excluded, data)
+
+
+def _rounded_keep(keep: int, size: int, round_to: int) -> int:
+    keep = max(keep, 1)
+    if round_to > 1:
+        keep = min(size, max(round_to, round_to * round(keep / round_to)))
+    return keep
+
+
+def select(groups: List[Group], scores: List[torch.Tensor], sparsity: float, scope: str, round_to: int) -> List[torch.Tensor]:
+    """The indices of the units removed from each group (lowest scores first, stable ties)."""
+    if scope == "layer":
+        # keep floor((1 - sparsity) * n): at least the asked fraction goes (Torch-Pruning counts alike)
+        keeps = [_rounded_keep(int(math.floor((1 - sparsity) * len(g) + 1e-9)), len(g), round_to) for g in groups]
+    else:
+        total = sum(len(g) for g in groups)
+        target = int(math.floor(sparsity * total + 0.5))
+        flat = torch.cat(scores)
+        owner = torch.cat([torch.full((len(g),), i) for i, g in enumerate(groups)])
+        order = torch.sort(flat, stable=True).indices
+        keeps = [len(g) for g in groups]
+        pruned = 0
+        for u in order.tolist():
+            if pruned >= target:
+                break
+            g = int(owner[u])
+            if keeps[g] > 1:
+                keeps[g] -= 1
+                pruned += 1
+        keeps = [_rounded_keep(k, len(g), round_to) for k, g in zip(keeps, groups)]
+    out = []
+    for k, g, s in zip(keeps, groups, scores):
+        order = torch.sort(s, stable=True).indices
+        out.append(torch.sort(order[: len(g) - k]).values)
+    return out

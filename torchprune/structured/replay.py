@@ -1,0 +1,79 @@
+"""Replaying stored structural removal steps on a fresh instance of a model (for `tp.load`).
+
+A step is plain data, ``{"kind": "channels", "keep": [[module, tensor, dim, [kept indices]], ...]}``
+(see prune.py), so files load with ``torch.load(weights_only=True)``. Every entry is checked against
+the model before any tensor is sliced.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from torch import nn
+
+from .prune import PLAN_ATTRIBUTE
+from .remove import apply_plan
+
+__all__ = ["structure_of", "replay"]
+
+
+def structure_of(model: nn.Module) -> List[dict]:
+    """The removal steps applied to ``model`` so far (empty if it was never structurally pruned)."""
+    return list(model.__dict__.get(PLAN_ATTRIBUTE, []))
+
+
+def _replay_other(model: nn.Module, step: dict, number: int) -> bool:
+    """Head and layer steps; False if ``step`` is not one of them."""
+    from .heads import attention_modules, remove_heads
+    from .layers import replace_by_identity
+
+    where = f"structural step {number}"
+    if step.get("kind") == "heads":
+        name, keep = step.get("module"), step.get("keep")
+        module = attention_modules(model).get(name)
+        if module is None or not isinstance(keep, list) or any(not isinstance(h, int) or not 0 <= h < module.num_heads for h in keep):
+            raise ValueError(f"`model` does not match the file: {where} keeps heads {keep} of attention module {name!r}")
+        remove_heads(model, name, keep)
+        return True
+    if step.get("kind") == "layers":
+        names = step.get("replaced")
+        every = dict(model.named_modules())
+        if not isinstance(names, list) or any(n not in every for n in names):
+            raise ValueError(f"`model` does not match the file: {where} replaces blocks {names} that the model does not have")
+        for name in names:
+            replace_by_identity(model, name)
+        return True
+    return False
+
+
+def _check_step(model: nn.Module, step, number: int) -> dict:
+    where = f"structural step {number}"
+    if not isinstance(step, dict) or step.get("kind") != "channels" or not isinstance(step.get("keep"), list):
+        raise ValueError(f"`model` does not match the file: {where} is not a channel removal this torchprune can replay")
+    plan = {}
+    for entry in step["keep"]:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 4):
+            raise ValueError(f"`model` does not match the file: {where} holds a malformed entry {entry!r}")
+        module, tensor, dim, keep = entry
+        try:
+            owner = model.get_submodule(module) if module else model
+        except AttributeError:
+            raise ValueError(f"`model` does not match the file: {where} slices {module!r}, which the model does not have") from None
+        value = getattr(owner, tensor, None)
+        if value is None or not hasattr(value, "shape") or not 0 <= dim < value.dim():
+            raise ValueError(f"`model` does not match the file: {where} slices {module}.{tensor} along dim {dim}, which the model does not have")
+        if any(not isinstance(i, int) or not 0 <= i < value.shape[dim] for i in keep):
+            raise ValueError(f"`model` does not match the file: {where} keeps indices outside {module}.{tensor}'s dim {dim} (size {value.shape[dim]})")
+        plan[(module, tensor, dim)] = list(keep)
+    return plan
+
+
+def replay(model: nn.Module, steps: List[dict]) -> nn.Module:
+    """Applies ``steps`` in order to ``model`` (a fresh, unpruned instance); returns it."""
+    if steps and structure_of(model):
+        raise ValueError("`model` is already structurally pruned: load into a fresh, unpruned instance")
+    for number, step in enumerate(steps):
+        if not (isinstance(step, dict) and _replay_other(model, step, number)):
+            apply_plan(model, _check_step(model, step, number))
+        model.__dict__.setdefault(PLAN_ATTRIBUTE, []).append(step)
+    return model

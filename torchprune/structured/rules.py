@@ -1,0 +1,303 @@
+"""How each module and op moves channel labels (see labels.py for what a label is).
+
+A rule gets the tracer, the fx node, the real values of the node's inputs (the tracer runs the
+model on the example inputs while it labels it) and returns the label of the node's output. Layers
+record their *members*: ``(module name, tensor name, dim)`` -> the id of each index along ``dim``,
+which is what removal slices. Anything without a rule freezes the ids that reach it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .labels import NONE, compress
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_RNN = (nn.LSTM, nn.GRU, nn.RNN)
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+    nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_UNARY = {
+    torch.relu, torch.relu_, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
+    F.mish, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, torch.neg, operator.neg,
+    torch.abs, torch.exp, torch.clamp, torch.square, torch.sqrt,
+}
+_UNARY_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "neg", "abs", "exp", "clamp", "clamp_", "clamp_min",
+    "clamp_max", "square", "sqrt", "float", "double", "half", "bfloat16", "to", "type_as", "clone", "detach",
+    "contiguous",
+}
+_BINARY = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+}
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum"}
+_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+}
+# Ops that only rearrange positions: the rule runs the op itself on the label tensor.
+_SHAPE_FUNCTIONS = {
+    torch.flatten, torch.transpose, torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze, torch.movedim,
+    torch.cat, torch.concat, torch.stack, torch.unbind, torch.chunk, torch.split, torch.t, torch.narrow,
+    torch.select, operator.getitem, torch.unflatten,
+}
+_SHAPE_METHODS = {
+    "flatten", "transpose", "permute", "reshape", "view", "squeeze", "unsqueeze", "movedim", "unbind", "chunk",
+    "split", "t", "narrow", "select", "expand", "expand_as", "repeat", "unflatten",
+}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_REDUCE_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax", torch.amin: "amin"}
+
+
+def is_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def full(label: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return label.expand(value.shape)
+
+
+def unowned(value: torch.Tensor) -> torch.Tensor:
+    return torch.full((1,) * value.dim(), NONE, dtype=torch.int64)
+
+
+def channel_label(ids: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim] = ids.numel()
+    return ids.view(shape)
+
+
+# -- modules ------------------------------------------------------------------------------------
+
+
+def module_rule(tracer, name: str, module: nn.Module, args, values, out) -> Any:
+    labels = tracer.labels
+    x, label = (values[0], args[0]) if values else (None, None)
+    kind = type(module).__name__
+    if isinstance(module, _ELEMENTWISE_MODULES):
+        return label
+    if isinstance(module, nn.Softmax):
+        labels.check(label, module.dim if module.dim is not None else -1, f"softmax over channels in {name!r}")
+        return label
+    if isinstance(module, _POOL_MODULES):
+        return pool(tracer, label, x, out, name)
+    if isinstance(module, nn.Flatten):
+        return compress(torch.flatten(full(label, x), module.start_dim, module.end_dim))
+    if isinstance(module, _CONV) or isinstance(module, nn.Linear):
+        dim = -1 if isinstance(module, nn.Linear) else 1
+        reason = f"{kind} {name!r} input"
+        ids = labels.reduce_to_dim(label, dim, x.shape, reason)
+        groups = getattr(module, "groups", 1)
+        if groups == 1:
+            tracer.member(name, "weight", 1, ids)
+            fresh = labels.fresh([out.shape[dim]])
+        elif groups == module.in_channels == module.out_channels:  # depthwise: channel c in -> c out
+            fresh = ids
+        else:
+            labels.freeze(ids, f"grouped {kind} {name!r} (groups={groups}) keeps its channels")
+            fresh = labels.fresh([out.shape[dim]])
+            labels.freeze(fresh, f"grouped {kind} {name!r} (groups={groups}) keeps its channels")
+        tracer.member(name, "weight", 0, fresh)
+        if module.bias is not None:
+            tracer.member(name, "bias", 0, fresh)
+        return channel_label(fresh, out.dim(), dim % out.dim())
+    if isinstance(module, _CONV_T):
+        ids = labels.reduce_to_dim(label, 1, x.shape, f"{kind} {name!r} input")
+        fresh = labels.fresh([out.shape[1]])
+        if module.groups == 1:
+            tracer.member(name, "weight", 0, ids)
+            tracer.member(name, "weight", 1, fresh)
+            if module.bias is not None:
+                tracer.member(name, "bias", 0, fresh)
+        else:
+            labels.freeze(ids, f"grouped {kind} {name!r} keeps its channels")
+            labels.freeze(fresh, f"grouped {kind} {name!r} keeps its channels")
+        return channel_label(fresh, out.dim(), 1)
+    if isinstance(module, _BATCH_NORM):
+        ids = labels.reduce_to_dim(label, 1, x.shape, f"{kind} {name!r}")
+        for tensor in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(module, tensor, None) is not None:
+                tracer.member(name, tensor, 0, ids)
+        return label
+    if isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1 or not module.elementwise_affine:
+            for d in range(1, len(module.normalized_shape) + 1):
+                labels.freeze(labels.reduce_to_dim(label, -d, x.shape, ""), f"LayerNorm {name!r} over several dims or without affine weights")
+            return label
+        ids = labels.reduce_to_dim(label, -1, x.shape, f"LayerNorm {name!r}")
+        labels.inexact(ids, f"LayerNorm {name!r} normalizes over these channels")
+        tracer.member(name, "weight", 0, ids)
+        if module.bias is not None:
+            tracer.member(name, "bias", 0, ids)
+        return label
+    if isinstance(module, nn.Embedding):
+        fresh = labels.fresh([module.embedding_dim])
+        tracer.member(name, "weight", 1, fresh)
+        return channel_label(fresh, out.dim(), out.dim() - 1)
+    if isinstance(module, _RNN) and label is not None and module.num_layers >= 1:
+        ids = labels.reduce_to_dim(label, -1, x.shape, f"{kind} {name!r} input")
+        for tensor in ("weight_ih_l0", "weight_ih_l0_reverse"):
+            if hasattr(module, tensor):
+                tracer.member(name, tensor, 1, ids)
+        if len(values) > 1:
+            tracer.freeze_all(args[1:], f"{kind} {name!r} initial state")
+        return tracer.unowned_like(out)
+    if _attention(module):
+        return attention(tracer, name, module, args, values, out)
+    # torch's own layers without a rule here, or a submodule traced as one opaque call
+    why = "has no pruning rule" if type(module).__module__.startswith("torch.") else "cannot be traced by torch.fx (Python control flow)"
+    tracer.freeze_all(args, f"{kind} {name!r} {why}")
+    return tracer.unowned_like(out)
+
+
+def _attention(module) -> bool:
+    from .attention import PrunedMultiheadAttention
+
+    if isinstance(module, PrunedMultiheadAttention):
+        return True
+    return isinstance(module, nn.MultiheadAttention)
+
+
+def attention(tracer, name, module, args, values, out):
+    """Multi-head attention with a packed q/k/v projection: its input width (the columns of
+    in_proj_weight, shared by query, key and value) and its output width (out_proj's rows) are
+    channels of the residual stream; its heads stay (granularity="head" removes them). A pruned
+    nn.MultiheadAttention becomes a PrunedMultiheadAttention, whose width may differ from its heads'."""
+    labels = tracer.labels
+    packed = getattr(module, "_qkv_same_embed_dim", True) and getattr(module, "bias_k", None) is None
+    if not packed or getattr(module, "add_zero_attn", False) or len(values) < 3:
+        tracer.freeze_all(args, f"{type(module).__name__} {name!r} with separate q/k/v projections or extra key/value bias keeps its width")
+        return tracer.unowned_like(out)
+    ids = None
+    for lab, value in zip(args[:3], values[:3]):
+        part = labels.reduce_to_dim(lab, -1, value.shape, f"attention {name!r} input")
+        if ids is None:
+            ids = part
+        else:
+            labels.unify(ids, part)
+            mixed = (ids >= 0) != (part >= 0)
+            if mixed.any():
+                labels.freeze(torch.cat([ids[mixed], part[mixed]]), f"attention {name!r} query/key/value mix pruned and fixed channels")
+    tracer.member(name, "in_proj_weight", 1, ids)
+    tracer.freeze_all(args[3:], f"attention {name!r} masks")
+    fresh = labels.fresh([module.out_proj.out_features])
+    prefix = f"{name}.out_proj" if name else "out_proj"
+    tracer.member(prefix, "weight", 0, fresh)
+    if module.out_proj.bias is not None:
+        tracer.member(prefix, "bias", 0, fresh)
+    tracer.note_attention(name, module)
+    first = out[0]
+    return (channel_label(fresh, first.dim(), first.dim() - 1), tracer.unowned_like(out[1]))
+
+
+def pool(tracer, label, x, out, where: str):
+    """Pooling mixes positions within each channel: the spatial dims must not be pruned."""
+    for d in range(2, x.dim()):
+        tracer.labels.check(label, d, f"pooling at {where!r} over a pruned dim")
+    shape = list(label.shape)
+    for d in range(2, x.dim()):
+        shape[d] = 1
+    return label[tuple(slice(0, s) for s in shape)].contiguous()
+
+
+# -- functions and methods ----------------------------------------------------------------------
+
+
+def elementwise(tracer, operands, values, out, where: str) -> torch.Tensor:
+    """Operands of an elementwise op share positions; an owned position facing an unowned tensor
+    (a constant buffer, a model input) of real extent along its dims cannot be removed."""
+    pairs = [(lab, v) for lab, v in zip(operands, values) if is_tensor(v) and lab is not None]
+    if not pairs:
+        return unowned(out)
+    labels, nd = tracer.labels, out.dim()
+    labs = [lab.view((1,) * (nd - lab.dim()) + tuple(lab.shape)) for lab, _ in pairs]
+    shapes = [(1,) * (nd - v.dim()) + tuple(v.shape) for _, v in pairs]
+    for i in range(len(labs)):
+        for j in range(len(labs)):
+            if i < j:
+                labels.unify(labs[i], labs[j])
+            if i == j:
+                continue
+            a, b = torch.broadcast_tensors(labs[i], labs[j])
+            facing = (a >= 0) & (b < 0)
+            if facing.any() and any(a.shape[d] > 1 and shapes[j][d] > 1 for d in range(nd)):
+                labels.freeze(a[facing], f"elementwise op at {where!r} with an unpruned tensor")
+    result = torch.broadcast_tensors(*labs)[0].clone()
+    for lab in labs[1:]:
+        result = torch.where(result >= 0, result, lab.expand(result.shape))
+    return compress(result)
+
+
+def matmul(tracer, a_lab, b_lab, a, b, out, where: str) -> torch.Tensor:
+    """a @ b. If either operand's labels vary along the contracted dim k, removing position k
+    removes a's column k and b's row k together. The output keeps a's row labels and b's column
+    labels where they do not vary along k (attn @ v keeps v's channels)."""
+    labels = tracer.labels
+    if a.dim() < 2 or b.dim() < 2:
+        tracer.freeze_all([a_lab, b_lab], f"matmul with a vector at {where!r}")
+        return unowned(out)
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    A = a_lab.expand(a.shape).expand(*batch, *a.shape[-2:])
+    B = b_lab.expand(b.shape).expand(*batch, *b.shape[-2:])
+    a_const = A.amin(-1) == A.amax(-1)  # (..., n): row labels do not depend on k
+    b_const = B.amin(-2) == B.amax(-2)  # (..., m)
+    if not bool(a_const.all()) or not bool(b_const.all()):
+        a_k = A.max(dim=-2).values  # the column k of a goes as one
+        b_k = B.max(dim=-1).values
+        labels.unify(A, a_k.unsqueeze(-2))
+        labels.unify(B, b_k.unsqueeze(-1))
+        labels.unify(a_k, b_k)
+        mismatch = (a_k >= 0) != (b_k >= 0)
+        if mismatch.any():
+            labels.freeze(torch.cat([a_k[mismatch], b_k[mismatch]]), f"matmul at {where!r} contracts owned with unowned positions")
+    rows = torch.where(a_const, A[..., 0], torch.full_like(A[..., 0], NONE)).unsqueeze(-1)
+    cols = torch.where(b_const, B[..., 0, :], torch.full_like(B[..., 0, :], NONE)).unsqueeze(-2)
+    both = (rows >= 0) & (cols >= 0)
+    if both.any():
+        r, c = torch.broadcast_tensors(rows, cols)
+        labels.freeze(torch.cat([r[both], c[both]]), f"matmul at {where!r} with labels on both rows and columns")
+    return compress(torch.where(rows >= 0, rows, cols))
+
+
+def reduce(tracer, kind: str, label, x, out, dims, keepdim: bool, where: str) -> torch.Tensor:
+    if dims is None:
+        dims = list(range(x.dim()))
+    dims = [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
+    lab = full(label, x)
+    for d in dims:
+        if kind != "sum":
+            tracer.labels.check(label, d, f"{kind} over a pruned dim at {where!r}")
+    for d in sorted(dims, reverse=True):
+        lab = lab.amax(d, keepdim=keepdim)  # any owner of the slice: checked or summed
+    if kind == "sum":
+        for d in dims:
+            if label.shape[d] > 1:
+                return unowned(out)
+    return compress(lab)
+
+
+def substitute(value, env: Callable):
+    """``value`` with every tensor replaced by env(tensor) (nested in lists and tuples)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(substitute(v, env) for v in value)
+    return env(value) if is_tensor(value) else value
+
+
+SHAPE_FUNCTIONS = _SHAPE_FUNCTIONS
+SHAPE_METHODS = _SHAPE_METHODS
+UNARY, UNARY_METHODS, BINARY, BINARY_METHODS = _UNARY, _UNARY_METHODS, _BINARY, _BINARY_METHODS
+POOL_FUNCTIONS, REDUCE_METHODS, REDUCE_FUNCTIONS = _POOL_FUNCTIONS, _REDUCE_METHODS, _REDUCE_FUNCTIONS
