@@ -70,13 +70,15 @@ void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
               [&](int64_t p) { cpu::spmv(a, x, bias, y, panels[p], panels[p + 1]); });
     return;
   }
-  // Xᵀ as [tiles, K, W] panels of W = kPanelWidth batch rows (the last one zero-padded).
-  constexpr int64_t w = cpu::kPanelWidth<T>;
+  // Xᵀ as [tiles, K, W] panels of W = kPanelWidth batch rows (the last one zero-padded); a batch
+  // that fits one panel is just Xᵀ [K, M], with no padding to copy.
+  const int64_t w = m <= cpu::kPanelWidth<T> ? m : cpu::kPanelWidth<T>;
   const int64_t k = a.cols, tiles = (m + w - 1) / w;
-  const Tensor panels_x = at::constant_pad_nd(x2, {0, 0, 0, tiles * w - m})
-                              .view({tiles, w, k})
-                              .transpose(1, 2)
-                              .contiguous();
+  const Tensor panels_x = tiles == 1 ? x2.t().contiguous()
+                                     : at::constant_pad_nd(x2, {0, 0, 0, tiles * w - m})
+                                           .view({tiles, w, k})
+                                           .transpose(1, 2)
+                                           .contiguous();
   const int64_t parts = std::max<int64_t>(1, (threads * 4 + tiles - 1) / tiles);
   const auto panels = cpu::row_panels(a.row_ptr, n, parts);
   const T* b = panels_x.data_ptr<T>();

@@ -67,29 +67,29 @@ TP_AVX512 void tile_rows(const int32_t* row_ptr, const T* val, RowOf row_of, int
   using X = Vec<T>;
   constexpr int U = 4 / V;
   typename X::Mask mk[V];
-  for (int v = 0; v < V; ++v) mk[v] = X::mask(width - v * X::kLanes);
+  _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) mk[v] = X::mask(width - v * X::kLanes);
   for (int64_t n = r0; n < r1; ++n) {
     typename X::R acc[U][V];
-    for (int u = 0; u < U; ++u)
-      for (int v = 0; v < V; ++v) acc[u][v] = X::zero();
+    _Pragma("GCC unroll 4") for (int u = 0; u < U; ++u)
+      _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) acc[u][v] = X::zero();
     int64_t e = row_ptr[n];
     const int64_t end = row_ptr[n + 1];
     for (; e + U <= end; e += U) {
-      for (int u = 0; u < U; ++u) {
+      _Pragma("GCC unroll 4") for (int u = 0; u < U; ++u) {
         const typename X::R w = X::set1(val[e + u]);
         const T* row = row_of(e + u);
-        for (int v = 0; v < V; ++v) acc[u][v] = X::fma(w, X::load(row + v * X::kLanes, mk[v]), acc[u][v]);
+        _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) acc[u][v] = X::fma(w, X::load(row + v * X::kLanes, mk[v]), acc[u][v]);
       }
     }
     for (; e < end; ++e) {
       const typename X::R w = X::set1(val[e]);
       const T* row = row_of(e);
-      for (int v = 0; v < V; ++v) acc[0][v] = X::fma(w, X::load(row + v * X::kLanes, mk[v]), acc[0][v]);
+      _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) acc[0][v] = X::fma(w, X::load(row + v * X::kLanes, mk[v]), acc[0][v]);
     }
     T out[V * X::kLanes];
-    for (int v = 0; v < V; ++v) {
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
       typename X::R s = X::set1(init ? init[n] : T(0));
-      for (int u = 0; u < U; ++u) s = X::add(s, acc[u][v]);
+      _Pragma("GCC unroll 4") for (int u = 0; u < U; ++u) s = X::add(s, acc[u][v]);
       if (ccs == 1) {
         X::store(c + n * crs + v * X::kLanes, mk[v], s);
       } else {
