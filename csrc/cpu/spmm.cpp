@@ -21,6 +21,10 @@ namespace {
 
 #define TP_ALWAYS_INLINE inline __attribute__((always_inline))
 #define TP_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+// Unrolls the gather-dot of spmv with several partial sums, so that consecutive gathers and FMAs
+// do not wait on one accumulator.
+#define TP_SPLIT_ACCUMULATORS \
+  __attribute__((optimize("unroll-loops", "variable-expansion-in-unroller")))
 
 template <typename T>
 constexpr int64_t kTile = kPanelWidth<T>;
@@ -192,7 +196,7 @@ TP_ALWAYS_INLINE void sddmm_impl(const Csr<T, I>& a, const T* __restrict p, int6
                                int64_t r1) {                                                    \
     spmm_impl(a, b, ldb, m, init, c, crs, ccs, r0, r1);                                         \
   }                                                                                             \
-  TP_CLONES void spmv_##SUFFIX(const Csr<T, I>& a, const T* x, const T* init, T* y, int64_t r0, \
+  TP_CLONES TP_SPLIT_ACCUMULATORS void spmv_##SUFFIX(const Csr<T, I>& a, const T* x, const T* init, T* y, int64_t r0, \
                                int64_t r1) {                                                    \
     spmv_impl(a, x, init, y, r0, r1);                                                           \
   }                                                                                             \
