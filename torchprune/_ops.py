@@ -89,22 +89,9 @@ def masked_conv2d(
     torch.Size([2, 16, 32, 32])
     """
     return torch.ops.torchprune.masked_conv2d(
-        x, weight, mask, bias, _pair(stride, "stride"), _pair(padding, "padding"),
-        _pair(dilation, "dilation"), groups
+        x, weight, mask, bias, _pair(stride, "stride", "masked_conv2d"),
+        _pair(padding, "padding", "masked_conv2d"), _pair(dilation, "dilation", "masked_conv2d"), groups
     )
-
-
-def _pair(value: IntPair, name: str) -> List[int]:
-    """An int or a 2-sequence of ints as a list of 2 ints (the schema's int[2])."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value, value]
-    if (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        return list(value)
-    raise TypeError(f"masked_conv2d: `{name}` must be an int or a pair of ints, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +210,7 @@ def _masked_conv2d_backward_fake(
 
 # The packed-sparse ops keep their wrappers and fake kernels in a module of their own (their
 # schemas name it as their python module); the wrappers are re-exported here with the others.
-from ._sparse_ops import check_csr, pack_csr, sparse_conv2d, sparse_linear, unpack_csr  # noqa: E402
+from ._sparse_ops import _pair, check_csr, pack_csr, sparse_conv2d, sparse_linear, unpack_csr  # noqa: E402
 
 # The structured-pruning op `compact` keeps its wrapper and fake kernel next to its Python users.
 from .structured.compact import compact  # noqa: E402,F401

@@ -116,6 +116,14 @@ class _SparseLayer(nn.Module):
         """``"csr"`` with the index width, e.g. ``"csr (int16 col_idx)"``."""
         return f"{_FORMAT} ({str(self.col_idx.dtype).replace('torch.', '')} col_idx)"
 
+    def _filled(self, dense: nn.Module) -> nn.Module:
+        """``dense`` (a fresh layer of the same shape) with this layer's weights, bias and mode."""
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense.train(self.training)
+
     def dense_weight(self) -> Tensor:
         """The dense weight (zeros where nothing is stored), detached, in ``_dense_shape``."""
         dense = _ops.unpack_csr(self.row_ptr, self.col_idx, self.values.detach(), self._columns)
@@ -240,13 +248,8 @@ class SparseLinear(_SparseLayer):
 
     def to_dense(self) -> nn.Linear:
         """An equal plain ``nn.Linear`` (zeros where nothing is stored)."""
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                          dtype=self.values.dtype, device=self.values.device)
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense.train(self.training)
+        return self._filled(nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                                      dtype=self.values.dtype, device=self.values.device))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -308,14 +311,9 @@ class SparseConv2d(_SparseLayer):
 
     def to_dense(self) -> nn.Conv2d:
         """An equal plain ``nn.Conv2d`` (zeros where nothing is stored)."""
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                          self.dilation, 1, self.bias is not None, self.padding_mode,
-                          dtype=self.values.dtype, device=self.values.device)
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense.train(self.training)
+        return self._filled(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                      self.padding, self.dilation, 1, self.bias is not None, self.padding_mode,
+                                      dtype=self.values.dtype, device=self.values.device))
 
     def extra_repr(self) -> str:
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

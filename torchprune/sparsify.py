@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .calibration import preserved_state
 from .masking import base_type, get_mask, is_prunable
 from .nn import _DTYPES, SparseConv2d, SparseLinear
 
@@ -206,17 +207,14 @@ def _input_shapes(model: nn.Module, inputs: Tuple[Tensor, ...],
             if args[0].shape not in seen:
                 seen.append(args[0].shape)
 
-    modes = {m: m.training for m in model.modules()}
     handles = [layer.register_forward_pre_hook(hook) for layer in layers.values()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved_state(model), torch.no_grad():  # restores every train/eval flag
+            model.eval()
             model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
     return shapes
 
 
