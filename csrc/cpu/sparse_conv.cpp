@@ -87,7 +87,9 @@ struct Phases {
 };
 
 Phases split_phases(const Tensor& x, const Geometry& g, const Window& win) {
-  const int64_t hq = (g.height + 2 * win.ph + win.sh - 1) / win.sh;
+  // One spare zero row per phase plane: tiles that run across rows of the padded width read up
+  // to kw - 1 elements past a plane's last row.
+  const int64_t hq = (g.height + 2 * win.ph + win.sh - 1) / win.sh + 1;
   const int64_t wq = (g.width + 2 * win.pw + win.sw - 1) / win.sw;
   const Tensor padded = at::constant_pad_nd(
       x, {win.pw, wq * win.sw - g.width - win.pw, win.ph, hq * win.sh - g.height - win.ph});
@@ -135,7 +137,13 @@ void forward(const Csr<T, I>& a, const Tensor& x, const T* bias, const Geometry&
   }
   const T* xs = direct ? x.data_ptr<T>() : ph.planes.data_ptr<T>();
   const int64_t image_size = direct ? g.channels * pixels : ph.planes.numel() / g.batch;
-  const int64_t segments = direct ? (pixels + w - 1) / w : g.out_h * ((g.out_w + w - 1) / w);
+  // Output rows shorter than a tile: tiles run over "virtual" pixels oh * Wq + ow of the padded
+  // width instead (contiguous in the phase planes too) and drop the ow >= Wo ones, so that each
+  // pass over the weights feeds full registers rather than one short row.
+  const bool wrap = !direct && g.out_w < w;
+  const int64_t virtual_pixels = direct ? pixels : g.out_h * ph.wq;
+  const int64_t per_row = (g.out_w + w - 1) / w;
+  const int64_t segments = direct || wrap ? (virtual_pixels + w - 1) / w : g.out_h * per_row;
   auto run = [&](int64_t item) {
     const int64_t image = item / segments, segment = item % segments;
     const T* x_image = xs + image * image_size;
@@ -146,7 +154,20 @@ void forward(const Csr<T, I>& a, const Tensor& x, const T* bias, const Geometry&
                 0, o);
       return;
     }
-    const int64_t per_row = (g.out_w + w - 1) / w;
+    if (wrap) {
+      const int64_t v0 = segment * w, width = std::min(w, virtual_pixels - v0);
+      thread_local std::vector<T> tile;
+      tile.resize(static_cast<size_t>(o * w));
+      cpu::spmm_offsets(a.row_ptr, offsets.data(), a.val, x_image + v0, width, bias, tile.data(), w,
+                        0, o);
+      for (int64_t t = 0; t < width; ++t) {
+        const int64_t oh = (v0 + t) / ph.wq, ow = (v0 + t) % ph.wq;
+        if (ow >= g.out_w) continue;
+        T* dst = y_image + oh * g.out_w + ow;
+        for (int64_t n = 0; n < o; ++n) dst[n * pixels] = tile[n * w + t];
+      }
+      return;
+    }
     const int64_t oh = segment / per_row, ow0 = (segment % per_row) * w;
     cpu::spmm_offsets(a.row_ptr, offsets.data(), a.val, x_image + oh * ph.wq + ow0,
                       std::min(w, g.out_w - ow0), bias, y_image + oh * g.out_w + ow0, pixels, 0,
