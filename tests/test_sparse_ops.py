@@ -121,8 +121,11 @@ def conv_cases():
         ((2, 3, 5, 5), 4, (3, 3), 1, 1, 1, 0.5), ((1, 8, 6, 7), 5, (1, 1), 1, 0, 1, 0.3),
         ((0, 3, 5, 5), 2, (3, 3), 1, 1, 1, 0.5), ((2, 4, 9, 9), 3, (3, 2), 2, 1, 2, 1.0),
         ((1, 2, 3, 3), 2, (3, 3), 1, 0, 1, 0.0), ((3, 5, 8, 8), 6, (1, 1), 2, 0, 1, 0.9),
+        # output rows of 32 pixels or more take the per-row path, shorter ones the wrapped tiles
+        ((1, 3, 4, 40), 5, (3, 3), 1, 1, 1, 0.5), ((2, 2, 5, 150), 3, (3, 5), 2, 2, 2, 0.7),
+        ((1, 4, 6, 70), 4, (1, 1), 1, 1, 1, 0.6),
     ]
-    while len(cases) < 20:
+    while len(cases) < 23:
         kh, kw = rng.choice([(1, 1), (3, 3), (5, 5), (1, 3)])
         shape = (rng.randint(1, 3), rng.randint(1, 9), rng.randint(kh + 2, 12), rng.randint(kw + 2, 12))
         cases.append((shape, rng.randint(1, 12), (kh, kw), rng.choice([1, 2]), rng.choice([0, 1, 2]),
