@@ -19,7 +19,8 @@ def test_demo_quick_writes_the_report_and_is_deterministic(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MLP: dense" in out and "CNN: dense" in out and "report:" in out
     text = (first / "report.md").read_text()
-    for heading in ("## Accuracy, parameters and MACs", "## Targets", "## Latency", "## What the pruned MLP reads"):
+    for heading in ("## Accuracy, parameters and MACs", "## Targets", "## Latency", "## What the pruned MLP reads",
+                    "## Channel pruning (CNN, 50% of the channels)"):
         assert heading in text
     for plot in PLOTS:
         assert f"({plot})" in text
@@ -27,6 +28,11 @@ def test_demo_quick_writes_the_report_and_is_deterministic(tmp_path, capsys):
     results = json.loads((first / "results.json").read_text())
     assert set(results["mlp"]["progressive"]) == {"0.5", "0.8", "0.9", "0.95"}
     assert "| MLP | progressive | 90.0% |" in text  # the achieved sparsity in the table
+    # half of the channels removed physically: conv 16 -> 8, conv 32 -> 16, linear 64 -> 32, 10 classes kept
+    assert "| dense | 16-32-64-10 |" in text and "| progressive (channel Pruner) | 8-16-32-10 |" in text
+    assert "| one-shot + fine-tune | 8-16-32-10 |" in text
+    assert set(results["cnn"]["channels 50%"]) == {"one-shot", "one-shot + fine-tune", "progressive",
+                                                   "progressive, zeroed (before finalize)"}
     main(["demo", "--quick", "--out", str(second), "--seed", "1"])
     again = json.loads((second / "results.json").read_text())
     for kind in ("mlp", "cnn"):

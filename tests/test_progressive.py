@@ -95,21 +95,25 @@ def test_gradient_scores_accumulate_from_training_steps_since_the_last_update(na
         assert torch.equal(tp.masks(model)[k], want), k
 
 
-def _run(importance, total, checkpoint=None):
+def _run(importance, total, checkpoint=None, granularity="weight"):
     """A real loop: model, Adam and Pruner; optionally checkpointed after `checkpoint` steps and
-    resumed in fresh objects."""
+    resumed in fresh objects. Returns the model and the Pruner."""
     torch.manual_seed(0)
     model = make_mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
 
     def make_pruner(m):
+        if granularity == "channel":  # 50% of the 32 + 24 hidden neurons, scored on two batches for taylor
+            extra = dict(data=batches(2, seed=9), loss_fn=F.cross_entropy) if importance == "taylor" else {}
+            return tp.Pruner(m, 0.5, Cubic(begin=1, end=19, every=3), importance=importance, scope="global",
+                             granularity="channel", example_inputs=torch.zeros(1, 16), **extra)
         return tp.Pruner(m, 0.9, Cubic(begin=1, end=19, every=3), importance=importance, scope="global")
 
     pruner = make_pruner(model)
     data = batches(total, seed=1)
     if checkpoint is None:
         train(model, optimizer, pruner, data)
-        return model
+        return model, pruner
     train(model, optimizer, pruner, data, 0, checkpoint)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()}, buffer)
@@ -125,19 +129,37 @@ def _run(importance, total, checkpoint=None):
     fresh_pruner.load_state_dict(state["pruner"])
     assert fresh_pruner.steps == checkpoint
     train(fresh, fresh_optimizer, fresh_pruner, data, checkpoint)
-    return fresh
+    return fresh, fresh_pruner
+
+
+def _assert_same_state(straight, resumed):
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("importance", ["taylor", "magnitude", "apoz"])
 @pytest.mark.parametrize("checkpoint", [6, 8])  # between updates (scores half accumulated), right after one
 def test_resume_mid_schedule_is_bit_identical(importance, checkpoint):
-    straight = _run(importance, 24)
-    resumed = _run(importance, 24, checkpoint)
-    a, b = straight.state_dict(), resumed.state_dict()
-    assert set(a) == set(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    straight, _ = _run(importance, 24)
+    resumed, _ = _run(importance, 24, checkpoint)
+    _assert_same_state(straight, resumed)
     assert tp.sparsity(resumed) == pytest.approx(0.9, abs=0.002)
+
+
+@pytest.mark.parametrize("importance", ["l2", "taylor", "random"])
+@pytest.mark.parametrize("checkpoint", [6, 8])
+def test_channel_resume_mid_schedule_is_bit_identical(importance, checkpoint):
+    straight, straight_pruner = _run(importance, 24, granularity="channel")
+    resumed, resumed_pruner = _run(importance, 24, checkpoint, granularity="channel")
+    assert resumed_pruner.removed_channels() == straight_pruner.removed_channels()
+    assert resumed_pruner.sparsity == pytest.approx(28 / 56)
+    _assert_same_state(straight, resumed)
+    straight_pruner.finalize()
+    resumed_pruner.finalize()
+    _assert_same_state(straight, resumed)
+    assert sum(m.out_features for m in resumed if isinstance(m, nn.Linear)) == 28 + 4  # 28 hidden neurons kept
 
 
 def test_load_state_dict_refuses_other_layers():
@@ -233,7 +255,8 @@ def test_leaves_other_pruned_layers_alone_at_finalize():
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
-    (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), granularity="channel"), ValueError, "structural pruning"),
+    (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), granularity="head"), ValueError, "attention heads"),
+    (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), granularity="channel"), ValueError, "example_inputs"),
     (dict(target_sparsity=1.0, schedule=Cubic(0, 10, 1)), ValueError, r"`target_sparsity` must be in \[0, 1\)"),
     (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1, final=0.7)), ValueError, "make them agree"),
     (dict(target_sparsity=None, schedule=Cubic(0, 10, 1)), ValueError, "pass `target_sparsity`"),

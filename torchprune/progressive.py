@@ -16,6 +16,9 @@ Where scores come from, per criterion:
 * with ``data`` (and ``loss_fn`` for gradient criteria) every update scores on those batches
   instead, as `prune()` does.
 
+With ``granularity="channel"`` the Pruner prunes whole coupled channels instead (zeroed while
+training, removed at `finalize()`): see progressive_channels.py.
+
 >>> pruner = tp.Pruner(model, 0.9, tp.schedules.Cubic(begin=0, end=1000, every=100))
 >>> for inputs, targets in loader:
 ...     loss_fn(model(inputs), targets).backward(); optimizer.step(); optimizer.zero_grad()
@@ -47,6 +50,10 @@ _STRUCTURAL = ("channel", "head", "layer")
 class Pruner:
     """Prunes ``model`` to ``target_sparsity`` along ``schedule`` while it trains.
 
+    ``granularity="channel"`` (with ``example_inputs``) returns a `ChannelPruner`
+    (progressive_channels.py): whole coupled channels zeroed while training and removed
+    physically at `finalize()`. Otherwise:
+
     ``importance``, ``granularity`` ("weight" or "N:M"), ``scope`` ("layer", "global" or a dict
     {layer_name: final sparsity}, e.g. from `tp.allocate`) and ``exclude`` mean what they mean in
     `prune()`. With a dict scope pass ``target_sparsity=None``: each layer follows the schedule
@@ -55,7 +62,16 @@ class Pruner:
 
     All layers get a mask (all true) at construction, so the model's state_dict has the same keys
     from the first step on and a checkpoint loads into a fresh model wrapped by a fresh Pruner.
+    ``example_inputs`` is only used with ``granularity="channel"``.
     """
+
+    def __new__(cls, *args, **kwargs):
+        granularity = kwargs.get("granularity", args[4] if len(args) > 4 else "weight")
+        if cls is Pruner and granularity == "channel":
+            from .progressive_channels import ChannelPruner
+
+            return super().__new__(ChannelPruner)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -68,6 +84,7 @@ class Pruner:
         exclude: Iterable = (),
         data: Optional[Iterable] = None,
         loss_fn: Optional[Callable] = None,
+        example_inputs=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -76,8 +93,8 @@ class Pruner:
         criterion = resolve(importance)
         if isinstance(granularity, str) and granularity.strip() in _STRUCTURAL:
             raise ValueError(
-                f"`granularity` must be {_GRANULARITY_HELP}, got {granularity!r}: structural pruning "
-                "(channels, heads, layers) is not available in the Pruner in this version"
+                f"`granularity` must be {_GRANULARITY_HELP} or 'channel', got {granularity!r}: the Pruner does "
+                "not prune attention heads or layers progressively (use tp.prune for those)"
             )
         n_m = _parse_granularity(granularity)
         dict_scope = isinstance(scope, Mapping)

@@ -1,0 +1,270 @@
+"""The Pruner with ``granularity="channel"``: whole coupled channels pruned while training.
+
+``tp.Pruner(model, 0.5, schedule, granularity="channel", example_inputs=x)`` returns a
+`ChannelPruner`. At construction it traces the model once (`tp.DependencyGraph`) and takes its
+prunable channel groups (a conv's filters together with the next BN's entries and the next layer's
+input channels, a whole residual stream, ...). During training nothing changes shape: at each of
+the schedule's updates the groups are ranked with the structured group importance
+(`torchprune.structured.scoring`) and the chosen channels are *zeroed* in every member tensor of
+their group, the same slices physical removal would cut. `step()` re-zeroes them after every
+optimizer step, so stale momentum cannot bring them back and every forward pass computes exactly
+what the smaller model will. `finalize()` then removes them physically (same outputs, fewer
+parameters and MACs) and records the removal so that `tp.save` / `tp.load` replay it.
+
+Only groups where zeroing a channel is the same as removing it (``Group.exact``) are pruned: a
+channel that a LayerNorm normalizes over still changes the statistics when zeroed, so the masked
+model would not compute what the pruned one does. Masks only grow, as in the weight Pruner.
+
+Scores come from the weights at the update (magnitude, L1/L2, filter norm, BN scale, random) or,
+for data-driven criteria (taylor, gradient, activation, apoz), from the ``data`` batches (and
+``loss_fn``) given to the Pruner, scored afresh at every update. A member's per-channel scores are
+normalized by their mean over the channels still alive, so a ranking is what the structured
+criterion would give on the model with the zeroed channels already removed.
+
+>>> pruner = tp.Pruner(model, 0.5, tp.schedules.Cubic(0, 1000, 100), granularity="channel",
+...                    importance="l2", example_inputs=torch.randn(1, 3, 32, 32))
+>>> ...  # training loop with pruner.step() after optimizer.step()
+>>> pruner.finalize()          # channels removed: a smaller plain model
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Dict, Iterable, List, Optional, Union
+
+import torch
+from torch import nn
+
+from .importance import Importance, resolve
+from .progressive import Pruner
+from .pruner import _excluded_ids
+from .schedules import Schedule
+from .structured.graph import DependencyGraph, Group
+from .structured.prune import PLAN_ATTRIBUTE, select
+from .structured.remove import apply_plan, plan_from_removed, zero_channels
+from .structured.scoring import group_scores, needs
+from .structured.trace import Member
+
+__all__ = ["ChannelPruner"]
+
+_STATE_VERSION = 1
+
+
+class ChannelPruner(Pruner):
+    """Prunes a fraction ``target_sparsity`` of the channels of every prunable group along
+    ``schedule`` (use it through ``tp.Pruner(..., granularity="channel", example_inputs=...)``).
+
+    ``scope="layer"`` prunes that fraction of each group (it keeps floor((1 - s) * channels), at
+    least one), ``scope="global"`` of all groups' channels together, as ``tp.prune(...,
+    granularity="channel")`` does. ``exclude`` leaves every group touching an excluded module whole.
+    ``sparsity`` is the fraction of the groups' channels zeroed so far.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_sparsity: Optional[float] = None,
+        schedule: Optional[Schedule] = None,
+        importance: Union[str, Importance] = "magnitude",
+        granularity: str = "channel",
+        scope: str = "layer",
+        exclude: Iterable = (),
+        data: Optional[Iterable] = None,
+        loss_fn: Optional[Callable] = None,
+        example_inputs=None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"`schedule` must be a tp.schedules.Schedule, got {type(schedule).__name__}")
+        if granularity != "channel":
+            raise ValueError(f"`granularity` must be 'channel' for a ChannelPruner, got {granularity!r}")
+        if not isinstance(scope, str) or scope not in ("layer", "global"):
+            raise ValueError(f"`scope` must be 'layer' or 'global' for granularity='channel', got {scope!r}")
+        criterion = resolve(importance)
+        need = needs(criterion)  # ValueError for criteria without a structured form (e.g. wanda)
+        if need and data is None or need == "loss" and loss_fn is None:
+            missing = "`data` and `loss_fn`" if need == "loss" else "`data`"
+            raise ValueError(f"importance {importance!r} is data-driven: pass {missing} (batches of (inputs, targets)); "
+                             "with granularity='channel' it is scored on them at every update")
+        if not need and (data is not None or loss_fn is not None):
+            raise ValueError(f"`data`/`loss_fn` are for data-driven criteria; importance {importance!r} does not use them")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
+        target = self._check_target(target_sparsity, schedule, None)
+        excluded = _excluded_ids(model, exclude)
+        graph = DependencyGraph(model, example_inputs)
+        modules = dict(model.named_modules())
+        groups = [g for g in graph.prunable_groups
+                  if g.exact and not any(id(modules[m]) in excluded for m in g.modules if m in modules)]
+        if not groups:
+            raise ValueError("`model` has no channel group that can be pruned while training (after `exclude`; groups "
+                             f"where zeroing differs from removal are left out): {graph.unprunable or 'no groups'}")
+
+        self.model = model
+        self.target_sparsity = target
+        self.schedule = schedule.resolved(target)
+        self.importance = criterion
+        self.granularity = "channel"
+        self.scope = scope
+        self.graph = graph
+        self._groups: List[Group] = groups
+        self._names = _group_names(groups)
+        self._schedules = {name: self.schedule for name in self._names}
+        self._removed = [torch.zeros(len(g), dtype=torch.bool) for g in groups]
+        self._zeroed: Dict[Member, torch.Tensor] = {}
+        self._data = data
+        self._loss_fn = loss_fn
+        self._step = 0
+        self._updates = 0
+        self._finalized = False
+        self._hooks = []
+
+    @property
+    def groups(self) -> Dict[str, Group]:
+        """The channel groups this Pruner prunes, by name (the group's first member)."""
+        return dict(zip(self._names, self._groups))
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the pruned groups' channels zeroed (removed after `finalize()`)."""
+        total = sum(len(g) for g in self._groups)
+        return sum(int(r.sum()) for r in self._removed) / total
+
+    def step(self) -> bool:
+        """Call once per training step, after ``optimizer.step()``: re-zeroes the pruned channels and,
+        at the schedule's update steps, prunes more; True when it ranked and updated the channels."""
+        if self._finalized:
+            raise RuntimeError("the Pruner was finalized: its channels are removed and it cannot step any more")
+        step = self._step
+        self._step += 1
+        updated = self.schedule.is_update(step) and self._update(step)
+        self._zero()
+        return updated
+
+    def _update(self, step: int) -> bool:
+        target = self.schedule.sparsity_at(step)
+        if target == 0:
+            return False
+        scores = group_scores(self.model, self._groups, self.importance, self._data, self._loss_fn, alive=self._alive())
+        for name, score in zip(self._names, scores):
+            if score.isnan().any():
+                raise ValueError(f"importance {self.importance!r} gave NaN scores for channel group {name!r}: "
+                                 "its weights or gradients hold NaN")
+        # already pruned channels rank first, so each group's removal only grows (stable sort)
+        ranked = [s.masked_fill(r, float("-inf")) for s, r in zip(scores, self._removed)]
+        chosen = select(self._groups, ranked, float(target), self.scope, 1)
+        for removed, units in zip(self._removed, chosen):
+            removed[units] = True
+        self._zeroed = self._members_of_removed()
+        self._updates += 1
+        return True
+
+    def _alive(self) -> Optional[Dict[Member, torch.Tensor]]:
+        """Per member, which indices along its dim are not zeroed (None while nothing is)."""
+        if not self._zeroed:
+            return None
+        alive = {}
+        for g in self._groups:
+            for member in g.indices:
+                if member not in alive:
+                    module, tensor, dim = member
+                    owner = self.model.get_submodule(module) if module else self.model
+                    alive[member] = torch.ones(getattr(owner, tensor).shape[dim], dtype=torch.bool)
+        for member, indices in self._zeroed.items():
+            alive[member][indices] = False
+        return alive
+
+    def _members_of_removed(self) -> Dict[Member, torch.Tensor]:
+        """The removed indices of every member tensor, as structured.prune.choose_removal builds them."""
+        parts: Dict[Member, List[torch.Tensor]] = {}
+        for group, removed in zip(self._groups, self._removed):
+            units = torch.nonzero(removed).flatten()
+            if units.numel():
+                for member, indices in group.indices.items():
+                    parts.setdefault(member, []).append(indices[units].flatten())
+        return {m: torch.cat(p) for m, p in parts.items()}
+
+    def _zero(self) -> None:
+        if self._zeroed:
+            zero_channels(self.model, self._zeroed)
+
+    def removed_channels(self) -> Dict[str, List[int]]:
+        """The zeroed (after `finalize()`: removed) channel indices of each group, by group name."""
+        return {name: torch.nonzero(r).flatten().tolist() for name, r in zip(self._names, self._removed)}
+
+    def state_dict(self) -> dict:
+        """The step count and the zeroed channels (plain data). With the model's and optimizer's
+        state it resumes a run exactly; the zeroed weights themselves live in the model's state."""
+        return {
+            "version": _STATE_VERSION,
+            "granularity": "channel",
+            "step": self._step,
+            "updates": self._updates,
+            "groups": list(self._names),
+            "sizes": [len(g) for g in self._groups],
+            "removed": [torch.nonzero(r).flatten().tolist() for r in self._removed],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()` output into a ChannelPruner built with the same arguments (and
+        re-zeroes the saved channels, so the order of loading model and Pruner does not matter)."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or state.get("granularity") != "channel":
+            raise ValueError("`state` must be a dict returned by Pruner.state_dict() with granularity='channel'")
+        sizes = [len(g) for g in self._groups]
+        if state.get("groups") != list(self._names) or state.get("sizes") != sizes:
+            raise ValueError(f"`state` was saved for channel groups {state.get('groups')} of sizes {state.get('sizes')}, "
+                             f"this Pruner prunes {list(self._names)} of sizes {sizes}")
+        if self._finalized:
+            raise RuntimeError("the Pruner was finalized; build a new one to resume")
+        step, updates, removed = state.get("step"), state.get("updates"), state.get("removed")
+        for value, what in ((step, "step"), (updates, "updates")):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"`state[{what!r}]` must be a non-negative int, got {value!r}")
+        if not isinstance(removed, list) or len(removed) != len(sizes) or any(
+                not isinstance(r, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in r)
+                or len(r) >= n for r, n in zip(removed, sizes)):
+            raise ValueError("`state['removed']` must list, per group, channel indices within the group (at least one kept)")
+        self._removed = [torch.zeros(n, dtype=torch.bool) for n in sizes]
+        for mask, indices in zip(self._removed, removed):
+            mask[torch.as_tensor(indices, dtype=torch.int64)] = True
+        self._zeroed = self._members_of_removed()
+        self._step = int(step)
+        self._updates = int(updates)
+        self._zero()
+
+    def finalize(self) -> nn.Module:
+        """Removes the zeroed channels physically (plain, smaller layers with the same outputs) and
+        returns the model. The layers get new parameters: build the optimizer anew to fine-tune."""
+        if self._finalized:
+            return self.model
+        self._zero()
+        removed = self._members_of_removed()
+        if removed:
+            plan = plan_from_removed(self.model, removed)
+            apply_plan(self.model, plan)
+            # the step format tp.save stores and tp.load replays (structured/replay.py)
+            steps = self.model.__dict__.setdefault(PLAN_ATTRIBUTE, [])
+            steps.append({"kind": "channels", "keep": [[m, t, d, keep] for (m, t, d), keep in plan.items()]})
+        self._zeroed = {}
+        self._finalized = True
+        return self.model
+
+    def __repr__(self) -> str:
+        return (f"Pruner(granularity='channel', target_sparsity={self.target_sparsity}, schedule={self.schedule!r}, "
+                f"importance={self.importance!r}, scope={self.scope!r}, groups={len(self._groups)}, step={self._step}, "
+                f"sparsity={self.sparsity:.4f})")
+
+
+def _group_names(groups: List[Group]) -> List[str]:
+    """A readable unique name per group: its first member, e.g. 'features.0.weight[0]'."""
+    names: List[str] = []
+    for g in groups:
+        module, tensor, dim = g.members[0]
+        base = f"{module + '.' if module else ''}{tensor}[{dim}]"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}#{n}"
+        names.append(name)
+    return names
