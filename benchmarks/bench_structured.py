@@ -9,9 +9,11 @@ MACs (counted by the same hooks for every model: conv, linear, attention project
 matmuls of nn.MultiheadAttention, LSTM), CPU latency at batch 1 and 32 (median of interleaved runs,
 1 thread), and the wall time of the pruning call (tracing included for both libraries).
 
-    python benchmarks/bench_structured.py [--quick]
+    python benchmarks/bench_structured.py [--quick] [--models vgg,mlp] [--ratios 0.5]
+    python benchmarks/bench_structured.py --prune-time 20     # only the pruning calls, 20 each
 
-Prints a table and writes results/bench_structured.json and results/bench_structured.png.
+Prints a table and writes results/bench_structured.json and results/bench_structured.png
+(--prune-time: results/bench_structured_prune_time.json).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ MODELS = {
     "vit": (lambda: zoo.ViT(dim=64, heads=4, hidden=256, depth=4), "image", "head"),
     "transformer": (lambda: zoo.TransformerEncoder(dim=64, heads=4, hidden=256, depth=4), "tokens", "head"),
     "lstm": (lambda: zoo.LSTMClassifier(emb=64, proj=128, hidden=128, mid=64), "tokens", "fc2"),
+    "glu": (zoo.GLUNet, "image", "fc"),
+    "dynamic": (zoo.DynamicNet, "image", "fc"),
 }
 
 
@@ -128,7 +132,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer timing repeats")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--plot-only", action="store_true", help="redraw the table and PNG from the last JSON")
+    parser.add_argument("--prune-time", type=int, metavar="N", default=0,
+                        help="only time the pruning calls: N interleaved calls per library and ratio (fresh copies; "
+                             "the first call of each is a warm-up), median and min printed and saved")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the models")
     args = parser.parse_args()
+    if args.prune_time:
+        limiter = set_threads(1)  # noqa: F841  (kept alive)
+        _prune_times(args.models.split(","), [float(r) for r in args.ratios.split(",")], args.prune_time)
+        return
     if args.plot_only:
         import json
 
@@ -141,7 +153,7 @@ def main():
     info = machine_info()
     repeats = 5 if args.quick else 15
     rows = []
-    for name, (make, kind, classifier) in MODELS.items():
+    for name, (make, kind, classifier) in [(n, MODELS[n]) for n in args.models.split(",")]:
         torch.manual_seed(0)
         base = make().eval()
         zoo.randomize_norms(base)
@@ -176,6 +188,39 @@ def main():
     print(f"\n{describe(info)}; Torch-Pruning {payload['torch_pruning'] or 'not installed'}")
     print(_table(rows))
     _plot(rows)
+
+
+def _prune_times(names, ratios, calls):
+    """Wall time of the pruning call alone: ours and Torch-Pruning's, interleaved on fresh copies."""
+    import statistics
+
+    rows = []
+    for name in names:
+        make, kind, classifier = MODELS[name]
+        torch.manual_seed(0)
+        base = make().eval()
+        zoo.randomize_norms(base)
+        example = inputs(kind, 2)
+        for ratio in ratios:
+            times = {"ours": [], "tp": []}
+            for _ in range(calls + 1):
+                times["ours"].append(prune_ours(copy.deepcopy(base), example, ratio))
+                if tpp is not None and times["tp"] is not None:
+                    try:
+                        times["tp"].append(prune_theirs(copy.deepcopy(base), example, ratio, classifier))
+                    except Exception:  # the models Torch-Pruning fails on (see the main table)
+                        times["tp"] = None
+            row = {"model": name, "ratio": ratio}
+            for k, v in times.items():
+                if v:
+                    row[f"{k}_median_ms"] = statistics.median(v[1:]) * 1e3
+                    row[f"{k}_min_ms"] = min(v[1:]) * 1e3
+            rows.append(row)
+            tp_text = f"{row['tp_median_ms']:7.1f} / {row['tp_min_ms']:7.1f}" if "tp_median_ms" in row else "      fails      "
+            print(f"| {name} | {ratio:.1f} | {row['ours_median_ms']:7.1f} / {row['ours_min_ms']:7.1f} | {tp_text} |", flush=True)
+    info = machine_info()
+    write_json(os.path.join(RESULTS, "bench_structured_prune_time.json"),
+               {"machine": info, "torch_pruning": getattr(tpp, "__version__", None), "calls": calls, "results": rows})
 
 
 def _fmt(v, kind=""):

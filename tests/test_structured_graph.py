@@ -121,7 +121,7 @@ def test_grouped_conv_is_fixed():
     assert not g.prunable and any("grouped" in r for r in g.reasons)
 
 
-def test_untraceable_model_is_a_clear_error():
+def test_untraceable_model_is_recorded_or_a_clear_error():
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -130,8 +130,9 @@ def test_untraceable_model_is_a_clear_error():
         def forward(self, x):
             return self.fc(x) if x.sum() > 0 else x
 
-    with pytest.raises(ValueError, match="torch.fx"):
-        DependencyGraph(Branchy(), torch.randn(2, 3))
+    assert DependencyGraph(Branchy(), torch.ones(2, 3)).tracing == "recorded run"  # see test_structured_record.py
+    with pytest.raises(ValueError, match="torch.fx.*did not run"):
+        DependencyGraph(Branchy(), -torch.ones(2, 3))
 
 
 def test_exported_and_model_left_unchanged():
@@ -177,3 +178,67 @@ def test_untraceable_submodule_is_left_whole_and_named():
     tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x)
     assert model.b.out_features == 3 and model.a.out_features == 8 and model.block.fc.in_features == 8
     model(x)
+
+
+def test_chunk_pairs_the_pieces():
+    model, x = zoo.build("glu")
+    graph = DependencyGraph(model, x)
+    # a, b = conv1(x).chunk(2, 1): channel j of a goes with channel 8 + j of b
+    g = group_of(graph, ("conv1", "weight", 0))
+    assert g.prunable and len(g) == 8
+    assert sorted(map(tuple, g.indices[("conv1", "weight", 0)].tolist())) == [(j, j + 8) for j in range(8)]
+    assert sorted(map(tuple, g.indices[("bn1", "running_var", 0)].tolist())) == [(j, j + 8) for j in range(8)]
+    assert sorted(g.indices[("conv2", "weight", 1)].flatten().tolist()) == list(range(8))
+    # the halves of conv2's output feed two different branches: still paired
+    g = group_of(graph, ("conv2", "weight", 0))
+    assert g.prunable and len(g) == 6 and {("left", "weight", 1), ("right", "weight", 1)} <= set(g.indices)
+    # F.glu on proj's outputs
+    g = group_of(graph, ("proj", "weight", 0))
+    assert sorted(map(tuple, g.indices[("proj", "weight", 0)].tolist())) == [(j, j + 6) for j in range(6)]
+    assert ("fc", "weight", 1) in g.indices
+
+
+class UnevenChunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 1)
+        self.a = nn.Conv2d(3, 2, 1)
+        self.b = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        p, q = self.conv(x).chunk(2, 1)  # 3 and 2 channels
+        return self.a(p) + self.b(q)
+
+
+class SplitSizes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.a = nn.Conv2d(4, 2, 1)
+        self.b = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        p, q = self.conv(x).split([4, 4], 1)  # the sizes are constants of the code
+        return self.a(p) + self.b(q)
+
+
+def test_uneven_chunk_and_split_sizes_stay():
+    g = group_of(DependencyGraph(UnevenChunk(), torch.randn(1, 3, 4, 4)), ("conv", "weight", 0))
+    assert not g.prunable and any("unequal" in r for r in g.reasons)
+    g = group_of(DependencyGraph(SplitSizes(), torch.randn(1, 3, 4, 4)), ("conv", "weight", 0))
+    assert not g.prunable and any("split with fixed sizes" in r for r in g.reasons)
+
+
+class WithDefault(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x, scale: float = 2.0):
+        return self.b(torch.relu(self.a(x)) * scale)
+
+
+def test_arguments_left_to_their_defaults():
+    graph = DependencyGraph(WithDefault(), torch.randn(3, 4))
+    assert graph.tracing == "torch.fx" and group_of(graph, ("a", "weight", 0)).prunable

@@ -158,7 +158,7 @@ def test_bad_input_changes_nothing():
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("name", ["resnet_bottleneck", "concat", "transformer"])
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "concat", "transformer", "glu", "dynamic"])
 def test_save_load_replays_the_removal(name, tmp_path):
     model, x = zoo.build(name)
     tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x)
@@ -272,3 +272,43 @@ def test_conv_transpose_and_conv1d():
     assert pruned.up.in_channels == 4 and pruned.seq.out_channels == 2  # floor(0.5 * 5) kept
     with torch.no_grad():
         torch.testing.assert_close(pruned(*x), masked(*x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparsity, kept", [(0.5, (16, 16)), (0.7, (8, 8)), (0.9, (8, 8))])
+def test_round_to_through_prune(sparsity, kept):
+    # fc1 has 32 outputs, fc2 24: floor((1 - s) * n) kept, then rounded to the nearest multiple of 8
+    # (halves up, at least 8): 0.5 -> 16, 12 -> 16, 16; 0.7 -> 9, 7 -> 8, 8; 0.9 -> 3, 2 -> 8, 8
+    model, x = zoo.build("mlp")
+    tp.prune(model, sparsity=sparsity, granularity="channel", example_inputs=x, round_to=8)
+    assert (model.fc1.out_features, model.fc2.out_features) == kept
+    with torch.no_grad():
+        model(*x)
+
+
+def test_round_to_larger_than_a_group_keeps_it_whole_and_global_scope_rounds():
+    model, x = zoo.build("mlp")
+    tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x, round_to=64)
+    assert (model.fc1.out_features, model.fc2.out_features) == (32, 24)
+    model, x = zoo.build("resnet_basic")
+    tp.prune(model, sparsity=0.5, granularity="channel", scope="global", example_inputs=x, round_to=4)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.out_channels != 10:
+            assert m.out_channels % 4 == 0, m
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(granularity="weight", sparsity=0.5, round_to=8), ValueError),
+    (dict(granularity="2:4", round_to=8), ValueError),
+    (dict(granularity="head", sparsity=0.5, round_to=8), ValueError),
+    (dict(granularity="layer", sparsity=0.5, round_to=2), ValueError),
+    (dict(granularity="channel", sparsity=0.5, round_to=0), ValueError),
+    (dict(granularity="channel", sparsity=0.5, round_to=-8), ValueError),
+    (dict(granularity="channel", sparsity=0.5, round_to=8.0), TypeError),
+    (dict(granularity="channel", sparsity=0.5, round_to=True), TypeError),
+])
+def test_round_to_errors_change_nothing(kwargs, error):
+    model, x = zoo.build("mlp")
+    before = snapshot(model)
+    with pytest.raises(error, match="round_to"):
+        tp.prune(model, example_inputs=x, **kwargs)
+    assert_unchanged(model, before)

@@ -1,7 +1,8 @@
 """A zoo of tiny plain-PyTorch models (no torchvision) covering the structures that structured
 pruning must trace: BatchNorm chains, residual additions, bottlenecks, depthwise convs, inverted
 residuals with squeeze-excitation gating, concatenation, flatten -> Linear, nn.MultiheadAttention,
-hand-written qkv attention, and an LSTM. Sizes are tiny so that tests stay fast.
+hand-written qkv attention, an LSTM, chunk/GLU gates, and a forward with Python control flow that
+torch.fx cannot trace. Sizes are tiny so that tests stay fast.
 
 ``ZOO`` maps a name to ``(constructor, example_inputs_maker)``; `build(name)` returns a seeded
 model in eval mode with non-trivial BatchNorm statistics, and its example inputs.
@@ -298,6 +299,50 @@ class LSTMClassifier(nn.Module):
         return self.fc2(torch.relu(self.fc1(out[:, -1])))
 
 
+class GLUNet(nn.Module):
+    """Chunked channels: a GLU gate ``a, b = conv(x).chunk(2, 1); a * sigmoid(b)``, the two halves of
+    a feature map sent to different branches, and ``F.glu`` on a Linear's outputs."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.left = nn.Conv2d(6, 6, 1)
+        self.right = nn.Conv2d(6, 4, 3, padding=1)
+        self.proj = nn.Linear(10, 12)
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x):
+        a, b = self.bn1(self.conv1(x)).chunk(2, dim=1)
+        h = a * torch.sigmoid(b)
+        p, q = torch.chunk(F.relu(self.conv2(h)), 2, 1)
+        h = torch.cat([self.left(p), self.right(q)], 1)
+        h = F.adaptive_avg_pool2d(h, 1).flatten(1)
+        return self.fc(F.glu(self.proj(h), dim=-1))
+
+
+class DynamicNet(nn.Module):
+    """Python control flow in the model's own forward, which torch.fx cannot trace: a branch on a
+    tensor value, a loop whose count comes from the data, and a read of the batch size."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = BasicBlock(8, 8)
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if h.sum() > 0:
+            h = self.block(h)
+        for _ in range(1 + int(x.abs().sum() > 1)):
+            h = h * torch.sigmoid(self.gate(h))
+        batch = h.shape[0]
+        return self.fc(h.flatten(2).mean(-1).reshape(batch, -1))
+
+
 def _image(batch=2):
     return (torch.randn(batch, 3, 16, 16),)
 
@@ -320,6 +365,8 @@ ZOO = {
     "vit": (ViT, _image),
     "transformer": (TransformerEncoder, _tokens),
     "lstm": (LSTMClassifier, _tokens),
+    "glu": (GLUNet, _image),
+    "dynamic": (DynamicNet, _image),
 }
 
 

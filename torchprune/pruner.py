@@ -37,6 +37,7 @@ def prune(
     example_inputs=None,
     data: Optional[Iterable] = None,
     loss_fn: Optional[Callable] = None,
+    round_to: Optional[int] = None,
 ) -> nn.Module:
     """Masks the least important weights of every Linear/Conv1d/Conv2d layer; returns ``model``.
 
@@ -45,7 +46,8 @@ def prune(
     prunes every weight whose score is below it instead. ``granularity="N:M"`` keeps the N best of
     each M consecutive weights along the input dimension. Already pruned weights stay pruned.
     ``granularity="channel" | "head" | "layer"`` removes whole channels, attention heads or
-    residual blocks physically (see `torchprune.structured`); it needs ``example_inputs``.
+    residual blocks physically (see `torchprune.structured`); it needs ``example_inputs``, and
+    with "channel", ``round_to=k`` makes every group keep a multiple of k channels.
 
     >>> model = tp.prune(model, sparsity=0.9, scope="global")
     >>> tp.prune(model, granularity="2:4", exclude=["classifier"])
@@ -56,7 +58,10 @@ def prune(
     if isinstance(granularity, str) and granularity in _STRUCTURAL:  # physical removal: structured/
         from .structured.prune import prune_structural
 
-        return prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs, data, loss_fn)
+        return prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs, data,
+                                loss_fn, round_to)
+    if round_to is not None:
+        raise ValueError(f"`round_to` only applies to granularity='channel' (channels kept per group), got granularity={granularity!r}")
     criterion = resolve(importance)
     n_m = _parse_granularity(granularity)
     _check_amount(sparsity, threshold, scope, n_m)

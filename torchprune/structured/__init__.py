@@ -1,12 +1,14 @@
 """Structured pruning: whole channels, attention heads and residual blocks removed physically.
 
-* graph.py (with trace.py, rules.py, labels.py): `DependencyGraph`, the coupled channel groups;
+* graph.py (with trace.py, record.py, dispatch.py, rules.py, labels.py): `DependencyGraph`, the
+  coupled channel groups, traced by torch.fx or, when fx cannot trace the model's own forward,
+  from one recorded run on the example inputs;
 * scoring.py: group importance; prune.py: selection and `prune_channels`;
 * remove.py + compact.py: slicing every member through the C++ ``compact`` op;
 * heads.py + attention.py: attention heads; layers.py: residual blocks; replay.py: `tp.load`.
 
 `tp.prune(model, sparsity, granularity="channel" | "head" | "layer", example_inputs=...)` is the
-entry point; `prune_channels` also takes ``round_to``.
+entry point (with "channel", ``round_to=k`` keeps a multiple of k channels per group).
 """
 
 from .attention import PrunedMultiheadAttention

@@ -8,7 +8,8 @@ A *unit* is one removable channel: the set of tensor slices (a conv's output fil
 entry, the next conv's input channel, ...) that go together. Units that touch the same tensors in
 the same way form a *group*: the output channels of one layer together with everything coupled to
 them (a residual stream is one group across all blocks that add into it). Tracing is done once
-per graph (see trace.py); nothing in the model is changed.
+per graph (see trace.py; ``graph.tracing`` says whether torch.fx traced the model or, because fx
+cannot trace its own forward, one recorded run did: record.py); nothing in the model is changed.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class DependencyGraph:
         self.model = model
         self.example_inputs = as_inputs(example_inputs)
         tracer = trace(model, self.example_inputs)
+        #: "torch.fx", or "recorded run" when fx cannot trace the model's own forward (see record.py)
+        self.tracing = tracer.method
         self.attention = tracer.attention
         labels = tracer.labels
         members = {key: labels.components_of(ids) for key, ids in tracer.members.items()}
@@ -89,22 +92,48 @@ class DependencyGraph:
 
     @staticmethod
     def _group(members: Dict[Member, torch.Tensor], labels) -> List[Group]:
-        units: Dict[int, Dict[Member, List[int]]] = {}
-        for key, comp in members.items():
-            for index, c in enumerate(comp.tolist()):
-                if c >= 0:
-                    units.setdefault(c, {}).setdefault(key, []).append(index)
+        """Units (components) that own the same number of indices of the same members, and are
+        all frozen or all not, form one group. Units are ordered by where they first appear
+        (members in trace order, then index), groups by their first unit. Vectorized with numpy
+        (a flatten into a large Linear gives thousands of indices); one Python step per unit."""
+        keys = list(members)
+        arrays = [members[key].numpy() for key in keys]
+        comp = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+        key = np.repeat(np.arange(len(keys)), [len(a) for a in arrays])
+        index = np.concatenate([np.arange(len(a)) for a in arrays]) if arrays else comp
+        owned = comp >= 0
+        comp, key, index = comp[owned], key[owned], index[owned]
+        if not len(comp):
+            return []
+        order = np.lexsort((index, key, comp))  # by unit, then member, then index
+        comp, key, index = comp[order], key[order], index[order]
+        # a run: the indices of one member that one unit owns
+        run_start = np.flatnonzero(np.r_[True, (comp[1:] != comp[:-1]) | (key[1:] != key[:-1])])
+        run_length = np.diff(np.r_[run_start, len(comp)])
+        run_comp, run_key = comp[run_start], key[run_start]
+        unit_first = np.flatnonzero(np.r_[True, run_comp[1:] != run_comp[:-1]])  # each unit's first run
+        unit_end = np.r_[unit_first[1:], len(run_start)]
+        units = run_comp[unit_first]
+        unit_order = np.lexsort((index[run_start[unit_first]], run_key[unit_first]))
+        frozen = np.isin(units, np.fromiter(labels.frozen_reasons, dtype=np.int64, count=len(labels.frozen_reasons)))
         by_signature: Dict[Tuple, List[int]] = {}
-        for c, owned in units.items():
-            frozen = c in labels.frozen_reasons
-            signature = (frozen, tuple((key, len(idx)) for key, idx in owned.items()))
-            by_signature.setdefault(signature, []).append(c)
+        for u in unit_order.tolist():
+            a, b = unit_first[u], unit_end[u]
+            signature = (bool(frozen[u]), run_key[a:b].tobytes(), run_length[a:b].tobytes())
+            by_signature.setdefault(signature, []).append(u)
         groups = []
-        for (frozen, keys), comps in by_signature.items():
-            indices = {key: torch.tensor([units[c][key] for c in comps], dtype=torch.int64) for key, _ in keys}
-            reasons = list(dict.fromkeys(r for c in comps for r in labels.frozen_reasons.get(c, [])))
-            inexact = list(dict.fromkeys(r for c in comps for r in labels.inexact_reasons.get(c, [])))
-            groups.append(Group(indices, not frozen, reasons, not inexact, inexact))
+        for rows in by_signature.values():
+            rows = np.asarray(rows)
+            first = unit_first[rows]
+            a, b = first[0], unit_end[rows[0]]
+            indices = {}
+            for j in range(b - a):
+                at = run_start[first + j][:, None] + np.arange(run_length[a + j])
+                indices[keys[run_key[a + j]]] = torch.from_numpy(index[at])
+            unit_ids = units[rows].tolist()
+            reasons = list(dict.fromkeys(r for c in unit_ids for r in labels.frozen_reasons.get(c, [])))
+            inexact = list(dict.fromkeys(r for c in unit_ids for r in labels.inexact_reasons.get(c, [])))
+            groups.append(Group(indices, not bool(frozen[rows[0]]), reasons, not inexact, inexact))
         return groups
 
     @property
@@ -123,7 +152,8 @@ class DependencyGraph:
         return out
 
     def __repr__(self) -> str:
-        lines = [f"DependencyGraph({type(self.model).__name__}: {len(self.groups)} groups, {len(self.prunable_groups)} prunable)"]
+        lines = [f"DependencyGraph({type(self.model).__name__}: {len(self.groups)} groups, {len(self.prunable_groups)} prunable, "
+                 f"traced by {self.tracing})"]
         lines += [f"  {g}" for g in self.groups]
         return "\n".join(lines)
 

@@ -37,7 +37,7 @@ class Labels:
 
     def __init__(self):
         self.count = 0
-        self._edges: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._edges: List[Tuple[np.ndarray, np.ndarray]] = []
         self._frozen: List[Tuple[torch.Tensor, str]] = []
         self._checks: List[Tuple[torch.Tensor, int, str]] = []
         self._inexact: List[Tuple[torch.Tensor, str]] = []
@@ -54,10 +54,13 @@ class Labels:
 
     def unify(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Unifies the ids of ``a`` and ``b`` position by position (broadcasting); -1 is skipped."""
-        a, b = torch.broadcast_tensors(a, b)
+        if a is b:
+            return
+        # numpy: these are small int arrays, and numpy's per-call cost is a fraction of torch's
+        a, b = np.broadcast_arrays(a.numpy(), b.numpy())
         keep = (a >= 0) & (b >= 0) & (a != b)
         if keep.any():
-            self._edges.append((a[keep].flatten(), b[keep].flatten()))
+            self._edges.append((a[keep], b[keep]))
 
     def freeze(self, label: torch.Tensor, reason: str) -> None:
         ids = label[label >= 0].flatten()
@@ -82,6 +85,9 @@ class Labels:
         that mixes ids and unowned positions cannot be removed, so its ids are frozen.
         """
         dim = dim % len(shape)
+        if label.dim() == len(shape) and label.numel() == label.shape[dim]:
+            # one id per index already (the usual channel vector): nothing to unify or freeze
+            return label.reshape(-1).expand(shape[dim]).clone()
         # broadcast only along `dim`: the other dims stay as small as the label keeps them
         target = [label.shape[d] if d != dim else shape[d] for d in range(len(shape))]
         full = label.expand(*target).movedim(dim, 0).reshape(shape[dim], -1)
@@ -101,12 +107,13 @@ class Labels:
 
         n = self.count
         if self._edges:
-            rows = torch.cat([a for a, _ in self._edges]).numpy()
-            cols = torch.cat([b for _, b in self._edges]).numpy()
+            rows = np.concatenate([a for a, _ in self._edges])
+            cols = np.concatenate([b for _, b in self._edges])
         else:
             rows = cols = np.zeros(0, dtype=np.int64)
         graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
         _, self.component = connected_components(graph, directed=False)
+        self.component = self.component.astype(np.int64)
         self.frozen_reasons: Dict[int, List[str]] = {}
         for ids, reason in self._frozen:
             self._freeze_components(np.unique(self.component[ids.numpy()]), reason)
@@ -130,11 +137,8 @@ class Labels:
 
     def components_of(self, label: torch.Tensor) -> torch.Tensor:
         """The unit of each position of ``label`` (-1 where unowned)."""
-        comp = torch.from_numpy(self.component.astype(np.int64))
-        out = torch.full(label.shape, NONE, dtype=torch.int64)
-        owned = label >= 0
-        out[owned] = comp[label[owned]]
-        return out
+        ids = label.numpy()
+        return torch.from_numpy(np.where(ids >= 0, self.component[np.maximum(ids, 0)], NONE))
 
 
 def compress(label: torch.Tensor) -> torch.Tensor:

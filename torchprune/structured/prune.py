@@ -5,8 +5,10 @@ least important ones physically.
 (it keeps floor((1 - sparsity) * channels), so at least that fraction goes),
 over all groups together with ``scope="global"`` (scores are comparable across groups because
 each member's scores are normalized by their mean, see scoring.py). Every group keeps at least
-one channel, and with ``round_to=k`` a group keeps a multiple of k channels (never more than it
-has). Groups that touch an excluded module, or that the graph marks unprunable, are left alone.
+one channel. With ``round_to=k`` (``tp.prune(..., round_to=8)``) the count a group keeps is
+rounded to the nearest multiple of k, halves up, and is at least k; a group that would round to
+its full size or beyond (or has fewer than k channels) keeps all of them. Groups that touch an
+excluded module, or that the graph marks unprunable, are left alone.
 
 The removal plan is appended to ``model._torchprune_structure`` (plain data) so that `tp.save`
 can store it and `tp.load` replay it on a fresh instance.
@@ -34,9 +36,14 @@ PLAN_ATTRIBUTE = "_torchprune_structure"
 
 
 def check_round_to(round_to) -> int:
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"`round_to` must be a positive int, got {round_to!r}")
-    return round_to
+    """``round_to`` as an int >= 1 (None means 1: no rounding)."""
+    if round_to is None:
+        return 1
+    if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral):
+        raise TypeError(f"`round_to` must be a positive int (channels kept per group are a multiple of it), got {type(round_to).__name__}")
+    if round_to < 1:
+        raise ValueError(f"`round_to` must be a positive int (channels kept per group are a multiple of it), got {round_to!r}")
+    return int(round_to)
 
 
 def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance="l2", scope="layer",
@@ -85,10 +92,12 @@ def choose_removal(model, graph: DependencyGraph, sparsity: float, criterion, sc
     return {m: torch.cat(parts) for m, parts in removed.items()}
 
 
-def prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs, data, loss_fn, round_to=1):
+def prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs, data, loss_fn, round_to=None):
     """The structural branch of `tp.prune`: checks what only applies here, then dispatches."""
     from ..pruner import _excluded_ids
 
+    if round_to is not None and granularity != "channel":
+        raise ValueError(f"`round_to` only applies to granularity='channel' (channels kept per group), got granularity={granularity!r}")
     if threshold is not None:
         raise ValueError(f"`threshold` is not supported with granularity={granularity!r}: pass `sparsity` (a fraction of channels)")
     if sparsity is None:
@@ -106,9 +115,11 @@ def prune_structural(model, sparsity, threshold, importance, granularity, scope,
 
 
 def _rounded_keep(keep: int, size: int, round_to: int) -> int:
+    """``keep`` rounded to the nearest multiple of ``round_to`` (halves up), at least one multiple
+    and at most ``size`` (a group smaller than ``round_to`` keeps all its channels)."""
     keep = max(keep, 1)
     if round_to > 1:
-        keep = min(size, max(round_to, round_to * round(keep / round_to)))
+        keep = min(size, round_to * max(1, math.floor(keep / round_to + 0.5)))
     return keep
 
 

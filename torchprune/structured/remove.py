@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,9 +32,9 @@ def plan_from_removed(model: nn.Module, removed: Dict[Member, torch.Tensor]) -> 
     modules = dict(model.named_modules())
     for (module, tensor, dim), indices in removed.items():
         size = _tensor(model, module, tensor, modules).shape[dim]
-        drop = torch.zeros(size, dtype=torch.bool)
-        drop[indices] = True
-        plan[(module, tensor, dim)] = torch.nonzero(~drop).flatten().tolist()
+        keep = np.ones(size, dtype=bool)
+        keep[indices.numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices, dtype=np.int64)] = False
+        plan[(module, tensor, dim)] = np.flatnonzero(keep).tolist()
     return plan
 
 

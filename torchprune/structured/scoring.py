@@ -22,7 +22,7 @@ Per-index member scores, by criterion:
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -67,8 +67,14 @@ def _owner(model, module):
     return model.get_submodule(module) if module else model
 
 
-def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, data=None, loss_fn=None) -> List[torch.Tensor]:
-    """One float64 score per unit of each group (higher = keep)."""
+def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, data=None, loss_fn=None,
+                 alive: Optional[Dict[Member, torch.Tensor]] = None) -> List[torch.Tensor]:
+    """One float64 score per unit of each group (higher = keep).
+
+    ``alive`` ({member: bool per index along its dim}) marks the indices not zeroed when channels
+    are zeroed rather than removed (the channel Pruner): each member's mean is then taken over
+    those only, so the scores are those of the model with the zeroed channels removed.
+    """
     kind = _kind(criterion)
     if kind == "random":
         criterion.reset()
@@ -84,25 +90,29 @@ def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, d
         for m in members:
             module, tensor, dim = m
             owner = modules[module]
-            value = getattr(owner, tensor).detach().double()
+            value = getattr(owner, tensor).detach()
             if kind == "bn_scale":
                 if isinstance(owner, _NORMS) and tensor == "weight":
-                    per_index[m] = value.abs()
+                    per_index[m] = value.double().abs()
             elif value.dim() >= 2 and tensor != "weight_mask":
                 p = float(criterion.p)
-                powered = value.abs().pow(p).movedim(dim, 0).reshape(value.shape[dim], -1).sum(1)
+                # one float64 copy (never the weight itself), powered in place, summed over the other dims
+                value = value.to(dtype=torch.float64, copy=True)
+                value = value.square_() if p == 2 else value.abs_() if p == 1 else value.abs_().pow_(p)
+                powered = value.sum([d for d in range(value.dim()) if d != dim])
                 per_index[m] = powered.pow(1 / p) if kind == "filter_norm" else powered
     scores = []
     for g in groups:
         scored = [m for m in g.indices if m in per_index]
         if not scored and kind == "bn_scale":  # no norm layer in this group: fall back to FilterNorm(2)
-            return_scores = group_scores(model, [g], FilterNorm(p=2))[0]
+            return_scores = group_scores(model, [g], FilterNorm(p=2), alive=alive)[0]
             scores.append(return_scores)
             continue
         total = torch.zeros(len(g), dtype=torch.float64)
         for m in scored:
             vector = per_index[m]
-            mean = vector.mean()
+            live = vector[alive[m]] if alive is not None and m in alive else vector
+            mean = live.mean() if live.numel() else vector.new_zeros(())
             normalized = vector / mean if mean > 0 else vector
             total += normalized[g.indices[m]].sum(1)
         scores.append(total / max(len(scored), 1))

@@ -1,0 +1,265 @@
+"""Labelling one call: which rule of rules.py a torch function or Tensor method goes through.
+
+`LabelRecorder` holds what a trace collects (the `Labels`, the members of each layer, the
+positional parameters, the attention modules) and labels one call at a time, whatever recorded
+it: the fx Interpreter of trace.py (one call per graph node) or the run recorder of record.py (one
+call per torch function seen while the model runs). A call is described the way torch.fx
+describes a node: ``target`` (a function, or the method name in ``method``), the real argument
+values, their labels, and the real output.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import rules
+from .labels import Labels, compress
+
+__all__ = ["LabelRecorder", "Member", "SizeRef"]
+
+Member = Tuple[str, str, int]  # (module name, tensor name, dim)
+
+
+class SizeRef:
+    """A tensor's ``.shape`` / ``.size()``: reading one of its entries pins that dim's size."""
+
+    def __init__(self, label: torch.Tensor):
+        self.label = label
+
+
+def _reads_all(labels: Labels, ref: SizeRef, where: str) -> None:
+    for d in range(ref.label.dim()):
+        labels.check(ref.label, d, f"the size of a pruned dim is read at {where!r}")
+
+
+class LabelRecorder:
+    """What one trace collects, and the labelling of one call (see the module docstring)."""
+
+    def __init__(self):
+        self.labels = Labels()
+        self.members: Dict[Member, torch.Tensor] = {}
+        self.positional: Dict[str, torch.Tensor] = {}
+        self.attention: Dict[str, torch.nn.Module] = {}
+
+    # -- helpers used by the rules ---------------------------------------------------------
+
+    def member(self, module: str, tensor: str, dim: int, ids: torch.Tensor) -> None:
+        """Records that index i along ``dim`` of ``module.tensor`` carries id ``ids[i]``; a module
+        called twice must see the same channels both times."""
+        key = (module, tensor, dim)
+        if key in self.members:
+            old = self.members[key]
+            self.labels.unify(old, ids)
+            mixed = (old >= 0) != (ids >= 0)
+            if mixed.any():
+                self.labels.freeze(torch.cat([old[mixed], ids[mixed]]), f"{module!r} is called on different channels")
+        else:
+            self.members[key] = ids.clone()
+
+    def freeze_all(self, labels, reason: str) -> None:
+        if isinstance(labels, (list, tuple)):
+            for item in labels:
+                self.freeze_all(item, reason)
+        elif isinstance(labels, dict):
+            self.freeze_all(list(labels.values()), reason)
+        elif isinstance(labels, SizeRef):
+            _reads_all(self.labels, labels, reason)
+        elif isinstance(labels, torch.Tensor):
+            self.labels.freeze(labels, reason)
+
+    def unowned_like(self, value):
+        if isinstance(value, torch.Tensor):
+            return rules.unowned(value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.unowned_like(v) for v in value)
+        return None
+
+    def note_attention(self, name: str, module: torch.nn.Module) -> None:
+        self.attention[name] = module
+
+    def parameter(self, qualname: str, value: torch.Tensor) -> torch.Tensor:
+        """The ids of a parameter or buffer used outside a layer (a class token, a positional
+        embedding): one id per position, the same ones at every use."""
+        ids = self.positional.get(qualname)
+        if ids is None or tuple(ids.shape) != tuple(value.shape):
+            ids = self.labels.fresh(list(value.shape))
+            self.positional[qualname] = ids
+        return ids
+
+    # -- one call ----------------------------------------------------------------------------
+
+    def function(self, target, method: Optional[str], args, kwargs, labs, klabs, out, where: str, used: bool = True):
+        """The label of ``out``, the result of ``target(*args, **kwargs)`` (or of the Tensor
+        method ``method`` with ``args[0]`` as self); ``labs`` / ``klabs`` are the arguments' labels."""
+        labels = self.labels
+        x = args[0] if args else None
+        lab = labs[0] if labs else None
+
+        if target is builtins.getattr:
+            if not isinstance(lab, torch.Tensor):
+                return None
+            if args[1] == "shape":
+                return SizeRef(lab)
+            if args[1] in ("T", "H"):  # every dim reversed
+                return compress(lab.expand(x.shape).permute(*reversed(range(x.dim()))))
+            if args[1] in ("mT", "mH"):
+                return compress(lab.expand(x.shape).transpose(-2, -1))
+            return lab if args[1] in ("data", "real") else None
+        if method == "size":
+            if len(args) > 1 or "dim" in kwargs:
+                if used:
+                    labels.check(lab, args[1] if len(args) > 1 else kwargs["dim"], f"x.size(dim) of a pruned dim at {where!r}")
+                return None
+            return SizeRef(lab)
+        if method in ("dim", "ndimension") or target is builtins.len and isinstance(lab, torch.Tensor):
+            if target is builtins.len and used:
+                labels.check(lab, 0, f"len() of a pruned dim at {where!r}")
+            return None
+        if target is operator.getitem and isinstance(lab, SizeRef):
+            if used:
+                index = args[1]
+                dims = range(lab.label.dim())[index] if isinstance(index, slice) else [index]
+                for d in dims:
+                    labels.check(lab.label, d, f"the size of a pruned dim is read at {where!r}")
+            return None
+        if target is operator.getitem and isinstance(lab, (tuple, list)):
+            return lab[args[1]]
+        if not _has_tensor((args, kwargs)):
+            self.freeze_all((labs, klabs), f"{where!r}")
+            return None
+        if target in rules.UNARY or method in rules.UNARY_METHODS:
+            return lab
+        if target in rules.BINARY or method in rules.BINARY_METHODS:
+            return rules.elementwise(self, [labs[0], labs[1] if len(labs) > 1 else klabs.get("other")], [args[0], args[1] if len(args) > 1 else kwargs.get("other")], out, where)
+        if target is torch.where and len(args) == 3:
+            return rules.elementwise(self, list(labs), list(args), out, where)
+        if target is F.glu:  # a * sigmoid(b) of the two halves a, b = x.chunk(2, dim)
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+            halves = x.chunk(2, dim)
+            return rules.elementwise(self, list(self._chunk(lab, x, halves, dim, where)), list(halves), out, where)
+        if target in (operator.matmul, torch.matmul, torch.bmm) or method in ("matmul", "bmm"):
+            return rules.matmul(self, labs[0], labs[1], args[0], args[1], out, where)
+        if target in (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax) or method in ("softmax", "log_softmax"):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            labels.check(lab, -1 if dim is None else dim, f"softmax over a pruned dim at {where!r}")
+            return lab
+        if target in rules.POOL_FUNCTIONS:
+            return rules.pool(self, lab, x, out, where)
+        if target in rules.REDUCE_FUNCTIONS or method in rules.REDUCE_METHODS:
+            kind = rules.REDUCE_FUNCTIONS.get(target, method)
+            dims = args[1] if len(args) > 1 else kwargs.get("dim")
+            keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+            return rules.reduce(self, kind, lab, x, out, dims, keepdim, where)
+        if target in rules.SHAPE_FUNCTIONS or method in rules.SHAPE_METHODS:
+            return self._shape_op(target, method, args, kwargs, labs, out, where)
+        self.freeze_all((labs, klabs), f"{getattr(target, '__name__', method or target)} at {where!r} has no pruning rule")
+        return self.unowned_like(out)
+
+    def _shape_op(self, target, method, args, kwargs, labs, out, where):
+        """Runs the op itself on the labels, then pins the dims whose sizes are constants."""
+        labels = self.labels
+        values = {id(v): lab for v, lab in zip(_flat(args), _flat(labs)) if isinstance(v, torch.Tensor)}
+        for v in _flat(args):
+            if isinstance(v, torch.Tensor) and values.get(id(v)) is None:
+                values[id(v)] = rules.unowned(v)
+
+        def env(t):
+            return values[id(t)].expand(t.shape).contiguous()
+
+        new_args = rules.substitute(args, env)
+        new_kwargs = {k: rules.substitute(v, env) for k, v in kwargs.items()}
+        result = getattr(new_args[0], method)(*new_args[1:], **new_kwargs) if method else target(*new_args, **new_kwargs)
+        x, lab = args[0], labs[0]
+        if lab is None and isinstance(x, torch.Tensor):
+            lab = rules.unowned(x)
+        name = method or getattr(target, "__name__", str(target))
+        if name in ("view", "reshape", "expand", "unflatten"):
+            sizes = args[1:] if name != "unflatten" else ()
+            if name == "unflatten":
+                labels.check(lab, args[1] if len(args) > 1 else kwargs["dim"], f"unflatten of a pruned dim at {where!r}")
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+                sizes = sizes[0]
+            sizes = sizes or kwargs.get("shape", kwargs.get("size", ()))
+            for d, size in enumerate(sizes):
+                if size != -1:
+                    labels.check(result, d, f"{name} with a fixed size for a pruned dim at {where!r}")
+        elif name == "getitem":
+            self._check_index(lab, x, args[1], where)
+        elif name == "chunk":
+            dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+            return _compress_all(self._chunk(lab, x, out, dim, where))
+        elif name in ("narrow", "select", "split", "unbind", "split_with_sizes"):
+            dim = kwargs.get("dim", args[2] if name in ("narrow", "select", "split", "split_with_sizes") and len(args) > 2 else 0)
+            if name in ("select", "narrow") and len(args) > 1:
+                dim = args[1]
+            if name == "unbind" and len(args) > 1:
+                dim = args[1]
+            why = "split with fixed sizes (torch.chunk keeps working when channels go)" if name.startswith("split") else name
+            labels.check(lab, dim, f"{why} along a pruned dim at {where!r}")
+        return _compress_all(result)
+
+    def _chunk(self, lab, x, pieces, dim, where):
+        """The labels of ``x.chunk(n, dim)``. Equal pieces stay equal if position j of every piece
+        goes with position j of the first (a GLU gate pairs them anyway), so those are unified;
+        unequal pieces (a size not divisible by n) keep their sizes."""
+        labels = self.labels
+        dim = dim % x.dim()
+        lab = rules.unowned(x) if lab is None else lab
+        lab = lab.view((1,) * (x.dim() - lab.dim()) + tuple(lab.shape))
+        target = [lab.shape[d] if d != dim else x.shape[dim] for d in range(x.dim())]
+        parts = lab.expand(*target).chunk(len(pieces), dim) if len(pieces) else ()
+        if lab.shape[dim] == 1 or not pieces:
+            return tuple(parts)
+        if len({p.shape[dim] for p in pieces}) != 1 or len(parts) != len(pieces):
+            labels.check(lab, dim, f"chunk into unequal pieces along a pruned dim at {where!r}")
+            return tuple(parts)
+        first = parts[0]
+        for part in parts[1:]:
+            labels.unify(first, part)
+            a, b = torch.broadcast_tensors(first, part)
+            mixed = (a >= 0) != (b >= 0)
+            if mixed.any():
+                labels.freeze(torch.cat([a[mixed], b[mixed]]), f"chunk at {where!r} pairs pruned with fixed positions")
+        return tuple(parts)
+
+    def _check_index(self, lab, x, index, where):
+        if not isinstance(index, tuple):
+            index = (index,)
+        if any(isinstance(i, torch.Tensor) or isinstance(i, (list,)) for i in index):
+            self.labels.freeze(lab, f"tensor indexing at {where!r}")
+            return
+        d = 0
+        for i, item in enumerate(index):
+            if item is None:
+                continue
+            if item is Ellipsis:
+                d = x.dim() - sum(1 for j in index[i + 1 :] if j is not None)
+                continue
+            if not (isinstance(item, slice) and item == slice(None)):
+                self.labels.check(lab.expand(x.shape), d, f"indexing a pruned dim at {where!r}")
+            d += 1
+
+
+def _has_tensor(tree) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in _flat(tree))
+
+
+def _flat(tree) -> List[Any]:
+    if isinstance(tree, (list, tuple)):
+        return [v for item in tree for v in _flat(item)]
+    if isinstance(tree, dict):
+        return [v for item in tree.values() for v in _flat(item)]
+    return [tree]
+
+
+def _compress_all(result):
+    if isinstance(result, torch.Tensor):
+        return compress(result)
+    if isinstance(result, (list, tuple)):
+        return type(result)(_compress_all(r) for r in result)
+    return None

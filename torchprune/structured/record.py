@@ -1,0 +1,269 @@
+"""Tracing by running the model: the fallback for a forward that torch.fx cannot trace.
+
+torch.fx traces symbolically, so Python control flow on tensor values (``if x.sum() > 0``), a
+shape unpacked into Python ints (``B, C, H, W = x.shape``) or a loop with a data-dependent count
+in the model's own forward makes it fail. The model then runs once on the example inputs, and
+every call is recorded as it happens:
+
+* torch's own layers (the modules fx keeps whole: nn.Conv2d, nn.BatchNorm2d, nn.MultiheadAttention,
+  masked layers, ...) through forward pre-hooks and hooks: one call with its inputs and output;
+* every torch function and Tensor method called outside those layers, through a
+  ``TorchFunctionMode``: ``torch.cat``, ``x.view``, ``a + b`` (``Tensor.__add__``), ``x.shape``.
+
+Each call goes through the same rules as an fx node (dispatch.py). ``x.shape`` returns a size
+that pins dim d when its entry d is read, as a read of ``x.shape[d]`` does under fx.
+
+What this sees is the path the example inputs take: a branch they do not take is not checked.
+A layer with parameters or buffers that did not run is refused (ValueError naming it): its
+connections to the rest of the model are unknown.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..calibration import preserved_state
+from . import rules
+from .dispatch import LabelRecorder, SizeRef
+
+__all__ = ["Recorder", "record"]
+
+# Tensor operators as the fx targets they correspond to; True: the operands come swapped (x.__radd__(y) is y + x).
+_OPERATORS = {
+    "__add__": (operator.add, False), "__radd__": (operator.add, True), "__iadd__": (operator.iadd, False),
+    "__sub__": (operator.sub, False), "__rsub__": (operator.sub, True), "__isub__": (operator.isub, False),
+    "__mul__": (operator.mul, False), "__rmul__": (operator.mul, True), "__imul__": (operator.imul, False),
+    "__truediv__": (operator.truediv, False), "__rtruediv__": (operator.truediv, True),
+    "__itruediv__": (operator.itruediv, False), "__div__": (operator.truediv, False),
+    "__matmul__": (operator.matmul, False), "__rmatmul__": (operator.matmul, True),
+    "__getitem__": (operator.getitem, False), "__neg__": (operator.neg, False), "__len__": (builtins.len, False),
+}
+# Calls whose result no channel goes through: one-element tensors made Python numbers, printing, hashing.
+_SCALAR = {"__bool__", "__int__", "__float__", "__index__", "__complex__", "item", "__hash__", "__repr__", "__str__", "__format__"}
+
+
+class _Size(tuple):
+    """``x.shape`` / ``x.size()`` that pins the dims whose entries the model reads (torch.Size
+    cannot be subclassed: this is a tuple with its ``numel``; a slice of it is a torch.Size)."""
+
+    def __new__(cls, sizes, read, label):
+        size = super().__new__(cls, sizes)
+        size._read, size._label = read, label
+        return size
+
+    def _read_all(self):
+        for d in range(len(self)):
+            self._read(d)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            for d in range(len(self))[index]:
+                self._read(d)
+            return torch.Size(super().__getitem__(index))
+        self._read(index)
+        return super().__getitem__(index)
+
+    def __iter__(self):
+        self._read_all()
+        return super().__iter__()
+
+    def __eq__(self, other):
+        self._read_all()
+        return tuple(self) == other if not isinstance(other, _Size) else super().__eq__(other)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = tuple.__hash__
+
+    def numel(self) -> int:
+        self._read_all()
+        return torch.Size(self).numel()
+
+
+class _Mode(TorchFunctionMode):
+    """Hands every torch function called outside torch's layers to the recorder."""
+
+    def __init__(self, recorder: "Recorder"):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        recorder = self.recorder
+        if recorder.depth or recorder.busy:
+            return func(*args, **kwargs)
+        if getattr(func, "__name__", None) == "__iter__" and args and isinstance(args[0], torch.Tensor):
+            return iter(recorder.call(torch.unbind, (args[0], 0), {}, args[0].unbind(0)))
+        return recorder.call(func, args, kwargs, func(*args, **kwargs))
+
+
+class Recorder(LabelRecorder):
+    """Labels the calls of one run of the model (see the module docstring)."""
+
+    method = "recorded run"
+
+    def __init__(self, model: nn.Module, leaf):
+        super().__init__()
+        self.model = model
+        self.depth = 0  # > 0 inside one of torch's layers: its own calls are not recorded
+        self.busy = False  # True while labelling: the label arithmetic itself is not recorded
+        self.values: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) -> (tensor kept alive, label)
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.leaves = {id(m) for name, m in model.named_modules() if name and leaf(m, name)}
+        self.tensors = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        self.seen = set()  # ids of parameters and buffers used outside torch's layers
+        self.ran = set()  # ids of torch's layers that ran
+        self.stack: List[str] = []
+
+    # -- labels of values ---------------------------------------------------------------------
+
+    def label_of(self, value):
+        if isinstance(value, torch.Tensor):
+            label = self.values.get(id(value), (None, None))[1]
+            if label is None:
+                qualname = self.tensors.get(id(value))
+                if qualname is not None:
+                    self.seen.add(id(value))
+                    label = self.parameter(qualname, value)
+                else:
+                    label = rules.unowned(value)  # a model input, or made from constants
+                self.values[id(value)] = (value, label)
+            return label
+        if isinstance(value, _Size):
+            return SizeRef(value._label)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.label_of(v) for v in value) if type(value) in (list, tuple) else [self.label_of(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.label_of(v) for k, v in value.items()}
+        return None
+
+    def store(self, value, label) -> None:
+        if isinstance(value, torch.Tensor):
+            self.values[id(value)] = (value, label if isinstance(label, torch.Tensor) else rules.unowned(value))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                self.store(item, label[i] if isinstance(label, (list, tuple)) and i < len(label) else None)
+
+    def where(self, name: str) -> str:
+        return f"{name} in {self.stack[-1]!r}" if self.stack and self.stack[-1] else f"{name} in the model's forward"
+
+    def _size(self, x: torch.Tensor, sizes, where: str):
+        label = self.label_of(x)
+
+        def read(d):
+            busy, self.busy = self.busy, True  # called from the model's code: the check is not a model op
+            try:
+                self.labels.check(label, d, f"the size of a pruned dim is read at {where!r}")
+            finally:
+                self.busy = busy
+
+        return _Size(sizes, read, label)
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def call(self, func, args, kwargs, out):
+        """Labels ``out = func(*args, **kwargs)``; returns ``out`` (a pinning size for ``x.shape``)."""
+        self.busy = True
+        try:
+            return self._call(func, args, kwargs, out)
+        finally:
+            self.busy = False
+
+    def _call(self, func, args, kwargs, out):
+        name = getattr(func, "__name__", str(func))
+        if name == "__get__":  # a Tensor attribute
+            attr = getattr(getattr(func, "__self__", None), "__name__", None)
+            x = args[0]
+            if attr == "shape":
+                return self._size(x, out, self.where("x.shape"))
+            if attr in ("T", "mT", "H", "mH", "data", "real") and isinstance(out, torch.Tensor):
+                self._label_call(builtins.getattr, None, (x, attr), {}, out, f"x.{attr}")
+            return out
+        if name in _SCALAR:
+            return out
+        method = None
+        if getattr(torch.Tensor, name, None) is func:
+            if name in _OPERATORS:
+                func, swapped = _OPERATORS[name]
+                if swapped:
+                    args = (args[1], args[0], *args[2:])
+            else:
+                method = name
+        if method == "size" and len(args) == 1 and "dim" not in kwargs:
+            return self._size(args[0], out, self.where("x.size()"))
+        self._label_call(method or func, method, args, kwargs, out, name)
+        return out
+
+    def _label_call(self, target, method, args, kwargs, out, name):
+        labs = self.label_of(tuple(args))
+        klabs = {k: self.label_of(v) for k, v in kwargs.items()}
+        self.store(out, self.function(target, method, args, kwargs, labs, klabs, out, self.where(name)))
+
+    # -- module hooks ---------------------------------------------------------------------------
+
+    def pre_hook(self, module, args):
+        if id(module) in self.leaves:
+            self.depth += 1
+        else:
+            self.stack.append(self.names.get(id(module), ""))
+
+    def hook(self, module, args, out):
+        if id(module) not in self.leaves:
+            self.stack.pop()
+            return
+        self.depth -= 1
+        if self.depth:
+            return
+        self.ran.add(id(module))
+        self.busy = True
+        try:
+            labs = [self.label_of(a) for a in args]
+            self.store(out, rules.module_rule(self, self.names[id(module)], module, labs, list(args), out))
+        finally:
+            self.busy = False
+
+    def unrun(self) -> List[str]:
+        """Names of the modules that hold parameters or buffers the run never used."""
+        used = set(self.seen)
+        for name, module in self.model.named_modules():
+            if id(module) in self.ran:
+                used.update(id(t) for t in [*module.parameters(), *module.buffers()])
+        missing = [qualname for qualname_id, qualname in self.tensors.items() if qualname_id not in used]
+        tensors = dict([*self.model.named_parameters(), *self.model.named_buffers()])
+        owners = [q.rpartition(".")[0] or "(the model itself)" for q in missing if tensors[q].dim() > 0]
+        return list(dict.fromkeys(owners))
+
+
+def record(model: nn.Module, example_inputs: tuple, leaf, fx_error: str) -> Recorder:
+    """Runs ``model`` once on ``example_inputs`` and labels every call (see the module docstring)."""
+    recorder = Recorder(model, leaf)
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(recorder.pre_hook, prepend=True))
+        handles.append(module.register_forward_hook(recorder.hook))
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            with _Mode(recorder):
+                out = model(*example_inputs)
+            recorder.busy = True
+            recorder.freeze_all(recorder.label_of(out), "reaches the model output")
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = recorder.unrun()
+    if missing:
+        raise ValueError(
+            f"`model` could not be traced with torch.fx ({fx_error}), and in the run on `example_inputs` that "
+            f"replaces the trace, these modules did not run: {missing}. How their channels connect to the rest is "
+            "unknown, so nothing is pruned: pass example inputs on which every module runs, or remove the unused ones"
+        )
+    recorder.labels.resolve()
+    return recorder
