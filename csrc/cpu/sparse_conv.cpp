@@ -86,10 +86,10 @@ struct Phases {
   int64_t hq, wq;
 };
 
-Phases split_phases(const Tensor& x, const Geometry& g, const Window& win) {
-  // One spare zero row per phase plane: tiles that run across rows of the padded width read up
-  // to kw - 1 elements past a plane's last row.
-  const int64_t hq = (g.height + 2 * win.ph + win.sh - 1) / win.sh + 1;
+Phases split_phases(const Tensor& x, const Geometry& g, const Window& win, bool spare_row) {
+  // With spare_row, one more zero row per phase plane: tiles that run across rows of the padded
+  // width read up to kw - 1 elements past a plane's last row.
+  const int64_t hq = (g.height + 2 * win.ph + win.sh - 1) / win.sh + (spare_row ? 1 : 0);
   const int64_t wq = (g.width + 2 * win.pw + win.sw - 1) / win.sw;
   const Tensor padded = at::constant_pad_nd(
       x, {win.pw, wq * win.sw - g.width - win.pw, win.ph, hq * win.sh - g.height - win.ph});
@@ -129,18 +129,18 @@ void forward(const Csr<T, I>& a, const Tensor& x, const T* bias, const Geometry&
   T* y = out.data_ptr<T>();
   const bool direct = g.kh == 1 && g.kw == 1 && win.sh == 1 && win.sw == 1 && win.ph == 0 &&
                       win.pw == 0;
-  Phases ph;
-  std::vector<int32_t> offsets;
-  if (!direct) {
-    ph = split_phases(x, g, win);
-    offsets = entry_offsets(a.col, nnz, g, win, ph);
-  }
-  const T* xs = direct ? x.data_ptr<T>() : ph.planes.data_ptr<T>();
-  const int64_t image_size = direct ? g.channels * pixels : ph.planes.numel() / g.batch;
   // Output rows shorter than a tile: tiles run over "virtual" pixels oh * Wq + ow of the padded
   // width instead (contiguous in the phase planes too) and drop the ow >= Wo ones, so that each
   // pass over the weights feeds full registers rather than one short row.
   const bool wrap = !direct && g.out_w < w;
+  Phases ph;
+  std::vector<int32_t> offsets;
+  if (!direct) {
+    ph = split_phases(x, g, win, /*spare_row=*/wrap);
+    offsets = entry_offsets(a.col, nnz, g, win, ph);
+  }
+  const T* xs = direct ? x.data_ptr<T>() : ph.planes.data_ptr<T>();
+  const int64_t image_size = direct ? g.channels * pixels : ph.planes.numel() / g.batch;
   const int64_t virtual_pixels = direct ? pixels : g.out_h * ph.wq;
   const int64_t per_row = (g.out_w + w - 1) / w;
   const int64_t segments = direct || wrap ? (virtual_pixels + w - 1) / w : g.out_h * per_row;
