@@ -231,6 +231,20 @@ def test_bad_state_dict_names_the_key_and_changes_nothing(change, message):
         assert torch.equal(target.state_dict()[key], value)
 
 
+@pytest.mark.parametrize("keep", [("col_idx",), ("values", "row_ptr"), ("row_ptr",)])
+def test_partial_pack_is_refused_before_anything_is_copied(keep):
+    state = SparseLinear.from_dense(masked(linear(), 0.5, seed=1)).state_dict()
+    state["col_idx"] = torch.full_like(state["col_idx"], -1)  # reads as column 65535: out of range
+    target = SparseLinear.from_dense(masked(linear(), 0.8, seed=2))
+    before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, torch.Tensor)}
+    partial = {key: state[key] for key in keep}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="must be loaded together"):
+            target.load_state_dict(partial, strict=strict)
+        for key, value in before.items():
+            assert torch.equal(target.state_dict()[key], value)
+
+
 def test_dense_state_dict_is_refused_with_advice():
     target = SparseLinear(24, 16)
     with pytest.raises(RuntimeError, match="from_dense"):

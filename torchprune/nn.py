@@ -193,7 +193,14 @@ class _SparseLayer(nn.Module):
                 f"layer and convert it with {type(self).__name__}.from_dense"
             )
             return
-        if all(prefix + name in state_dict for name in ("values", "row_ptr", "col_idx")):
+        packed = [prefix + name for name in ("values", "row_ptr", "col_idx")]
+        present = [key in state_dict for key in packed]
+        if any(present) and not all(present):  # a partial pack could not be checked as a whole
+            missing = ", ".join(repr(key) for key, here in zip(packed, present) if not here)
+            error_msgs.append(f"{', '.join(map(repr, packed))} must be loaded together (the structure "
+                              f"is checked as a whole before anything is copied); missing {missing}")
+            return
+        if all(present):
             errors = self._packed_errors(state_dict, prefix)
             if errors:
                 error_msgs.extend(errors)

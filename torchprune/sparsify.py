@@ -20,6 +20,10 @@ Eligible layers: ``nn.Linear`` and ``nn.Conv2d`` (exact types, masked or not) on
 fp64 or bf16, with groups=1, with some sparsity (a mask, or zero weights), and whose weight no
 other module uses. Grouped and depthwise convolutions stay dense: there is no sparse kernel for
 them. The sparse model computes the same outputs as the original (to float rounding).
+
+A swapped layer is a new module: hooks registered on the original layer are not carried over, and
+it has no ``weight`` attribute (``dense_weight()`` gives the dense weight). Register hooks after
+sparsify().
 """
 
 from __future__ import annotations
