@@ -112,3 +112,8 @@ def test_plot_writes_a_png(tmp_path):
     with pytest.raises(TypeError, match="`schedules`"):
         S.plot([1, 2])
     assert tp.schedules is S
+
+
+def test_cubic_starts_exactly_at_initial():
+    schedule = tp.schedules.Cubic(begin=0, end=10, initial=0.1, final=0.9)
+    assert schedule.sparsity_at(0) == 0.1 and schedule.sparsity_at(10) == 0.9

@@ -50,8 +50,10 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
 def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     """Restores the pruned weights and masks saved by `save` into ``model``; returns ``model``.
 
-    ``model`` is a fresh (or already pruned) instance of the saved model's class. Everything is
-    checked against the file before the model is changed.
+    ``model`` is a fresh instance of the saved model's class; for a file of a model pruned with
+    masks only, it may also be one already pruned the same way. A file of a structurally pruned
+    model replays its removal steps, so it needs an unpruned instance. Everything is checked
+    against the file before the model is changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -84,10 +86,10 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
             found = "nothing" if module is None else type(module).__name__
             raise ValueError(f"`model` does not match the file: the file masks a {kind} at {name!r}, the model has {found} there")
     _check_state_matches(target, masked, state)
+    check_devices({name: modules[name] for name in masked})  # on the checked copy: model unchanged
     if structure:
         replay(model, structure)
         modules = dict(model.named_modules(remove_duplicate=False))
-    check_devices({name: modules[name] for name in masked})
 
     for name in masked:
         attach_mask(modules[name], state[f"{name}.weight_mask" if name else "weight_mask"])

@@ -150,6 +150,8 @@ class Cubic(Schedule):
         super().__init__(begin=begin, end=end, every=every, initial=initial, final=final)
 
     def _curve(self, progress: float) -> float:
+        if progress <= 0:  # exactly `initial`, not final + (initial - final) rounded
+            return self.initial
         return self.final + (self.initial - self.final) * (1.0 - progress) ** self.power
 
 
