@@ -219,8 +219,9 @@ def corrupt(state, **changes):
     (lambda s: corrupt(s, row_ptr=s["row_ptr"].flip(0)), "must start at 0"),
     (lambda s: corrupt(s, col_idx=torch.full_like(s["col_idx"], 30)), "column 30"),
     (lambda s: corrupt(s, values=s["values"].reshape(1, -1)), "1-D tensor"),
+    (lambda s: corrupt(s, col_idx=s["col_idx"].flip(0)), "must ascend within each row"),
 ], ids=["shape", "row_ptr length", "row_ptr dtype", "col_idx dtype", "values length",
-        "row_ptr order", "col range", "values dim"])
+        "row_ptr order", "col range", "values dim", "col order"])
 def test_bad_state_dict_names_the_key_and_changes_nothing(change, message):
     state = SparseLinear.from_dense(masked(linear(), 0.5, seed=1)).state_dict()
     target = SparseLinear.from_dense(masked(linear(), 0.8, seed=2))

@@ -182,6 +182,10 @@ class _SparseLayer(nn.Module):
         if columns.numel() and int(columns.max()) >= self._columns:
             return [f"{keys['col_idx']!r} holds column {int(columns.max())}, beyond the "
                     f"{self._columns} input columns"]
+        try:  # the C++ walk of the whole structure, as the kernels expect it (ascending columns)
+            _ops.check_csr(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), self._columns)
+        except RuntimeError as error:
+            return [f"{keys['col_idx']!r} / {keys['row_ptr']!r}: {error}"]
         return []
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -39,8 +39,8 @@ struct Csr {
 
 // Checks the packed tensors at an op boundary: dtypes, shapes, devices and the end points of
 // row_ptr, in O(1). With `structure` it also walks every entry (monotone row pointers, ascending
-// in-range columns), in O(nnz): unpack_csr and the check_csr op do that, and the modules run it
-// when a state_dict is loaded, so a hand-made or corrupted checkpoint fails with a clear message
+// in-range columns), in O(nnz): unpack_csr and the check_csr op do that, and the tp.nn modules
+// call check_csr when a state_dict is loaded, so a hand-made or corrupted checkpoint fails with a clear message
 // instead of reading out of bounds. The compute ops skip the walk: it would cost as much as a
 // batch-1 product, and what pack_csr writes is valid by construction.
 void check_csr(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx,
