@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .calibration import preserved_state
+from .calibration import hooked_eval
 from .masking import base_type, effective_weight
 from .nn import SparseConv2d, SparseLinear, _SparseLayer
 
@@ -204,14 +204,8 @@ def _trace_positions(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Dict[int, 
         count = output.numel() // channels if channels else 0
         positions[id(module)] = positions.get(id(module), 0) + count
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _MAC_TYPES)]
-    try:
-        with preserved_state(model), torch.no_grad():  # restores every train/eval flag
-            model.eval()
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked_eval(model, [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _MAC_TYPES)]):
+        model(*inputs)
     return positions
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, Iterator, List
 import torch
 from torch import nn
 
-__all__ = ["preserved_state", "observe_gradients", "observe_activations", "observe"]
+__all__ = ["preserved_state", "hooked_eval", "observe_gradients", "observe_activations", "observe"]
 
 
 @contextlib.contextmanager
@@ -31,6 +31,20 @@ def preserved_state(model: nn.Module) -> Iterator[List[torch.nn.Parameter]]:
             p.grad = grad
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def hooked_eval(model: nn.Module, handles: List) -> Iterator[None]:
+    """Forward passes for observation only: eval mode under ``no_grad`` while the hooks behind
+    ``handles`` are in place; on exit the hooks are removed and every gradient and train/eval flag
+    is restored (see :func:`preserved_state`)."""
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _autograd_ready(value):
@@ -91,17 +105,11 @@ def observe_activations(model: nn.Module, layers: Dict[str, nn.Module], criterio
     def hook(module, inputs, output):
         criterion.observe_forward(module, inputs, output)
 
-    handles = [layer.register_forward_hook(hook) for layer in layers.values()]
-    try:
-        with preserved_state(model), torch.no_grad():
-            model.eval()
-            for batch in data:
-                inputs = _inputs_of(batch)
-                model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-                batches += 1
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked_eval(model, [layer.register_forward_hook(hook) for layer in layers.values()]):
+        for batch in data:
+            inputs = _inputs_of(batch)
+            model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+            batches += 1
     if batches == 0:
         raise ValueError("`data` yielded no batches")
     silent = [name for name, layer in layers.items() if not criterion.observed(layer)]

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .calibration import preserved_state
+from .calibration import hooked_eval
 from .masking import base_type, get_mask, is_prunable
 from .nn import _DTYPES, SparseConv2d, SparseLinear
 
@@ -211,14 +211,8 @@ def _input_shapes(model: nn.Module, inputs: Tuple[Tensor, ...],
             if args[0].shape not in seen:
                 seen.append(args[0].shape)
 
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers.values()]
-    try:
-        with preserved_state(model), torch.no_grad():  # restores every train/eval flag
-            model.eval()
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked_eval(model, [layer.register_forward_pre_hook(hook) for layer in layers.values()]):
+        model(*inputs)
     return shapes
 
 

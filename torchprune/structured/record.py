@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..calibration import preserved_state
+from ..calibration import hooked_eval
 from . import rules
 from .dispatch import LabelRecorder, SizeRef
 
@@ -248,16 +248,11 @@ def record(model: nn.Module, example_inputs: tuple, leaf, fx_error: str) -> Reco
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(recorder.pre_hook, prepend=True))
         handles.append(module.register_forward_hook(recorder.hook))
-    try:
-        with preserved_state(model), torch.no_grad():
-            model.eval()
-            with _Mode(recorder):
-                out = model(*example_inputs)
-            recorder.busy = True
-            recorder.freeze_all(recorder.label_of(out), "reaches the model output")
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked_eval(model, handles):
+        with _Mode(recorder):
+            out = model(*example_inputs)
+        recorder.busy = True
+        recorder.freeze_all(recorder.label_of(out), "reaches the model output")
     missing = recorder.unrun()
     if missing:
         raise ValueError(

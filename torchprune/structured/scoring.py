@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..calibration import preserved_state
+from ..calibration import hooked_eval, preserved_state
 from ..importance import FilterNorm, Gradient, Importance, Magnitude, Random, Taylor
 from .graph import Group
 from .trace import Member
@@ -177,17 +177,11 @@ def _activation_scores(model, members: List[Member], kind: str, data) -> Dict[Me
             counts[m] = counts.get(m, 0) + flat.shape[1]
         return hook
 
-    handles = [owner.register_forward_hook(hook_for(m, dim)) for m, (owner, dim) in producers.items()]
-    try:
-        with preserved_state(model), torch.no_grad():
-            model.eval()
-            seen = 0
-            for inputs, _ in _batches(data):
-                _call(model, inputs)
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
+    seen = 0
+    with hooked_eval(model, [owner.register_forward_hook(hook_for(m, dim)) for m, (owner, dim) in producers.items()]):
+        for inputs, _ in _batches(data):
+            _call(model, inputs)
+            seen += 1
     if seen == 0:
         raise ValueError("`data` yielded no batches")
     return {m: sums[m] / counts[m] for m in sums}
