@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -91,6 +92,43 @@ def pyplot():
         print("matplotlib is not installed: no PNG")
         return None
     return plt
+
+
+def parse_args(description: str, quick_help: str, argv=None, default_repeats: int = 10):
+    """The options every sparse benchmark takes (--quick, --repeats, --threads, --out), checked; the
+    threads are pinned and ``args.repeats`` is capped at 3 under --quick."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeats", type=int, default=default_repeats)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1")
+    args.limiter = set_threads(args.threads)  # kept alive for the run
+    if args.quick:
+        args.repeats = min(args.repeats, 3)
+    return args
+
+
+def speedup_axis(ax, sparsities, batch: int, ylabel: str) -> None:
+    """The common frame of a speedup-vs-sparsity panel: the ideal 1/(1-s) line, the break-even line,
+    a log scale, labels and the legend."""
+    ax.plot(sparsities, 1 / (1 - sparsities), "k-", linewidth=1, label="ideal 1/(1-s)")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"batch {batch}")
+    ax.legend(fontsize=6, loc="upper left")
+
+
+def save_figure(plt, fig, title: str, path: str, dpi: int = 100) -> None:
+    """Titles, lays out, writes and closes ``fig``."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def random_mask(shape, sparsity: float, generator: torch.Generator) -> torch.Tensor:

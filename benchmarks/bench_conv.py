@@ -13,7 +13,6 @@ the ideal 1/(1-s) line).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (RESULTS, break_even, describe, machine_info, pyplot, random_mask,  # noqa: E402
-                     set_threads, time_interleaved, write_json)
+from _common import (break_even, describe, machine_info, pyplot, random_mask,  # noqa: E402
+                     parse_args, save_figure, speedup_axis, time_interleaved, write_json)
 
 from torchprune import _ops  # noqa: E402
 
@@ -71,20 +70,11 @@ def make_runners(case, batch, sparsity, seed=0):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two small cases, batch 8, 90%% only")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be >= 1")
-    set_threads(args.threads)
+    args = parse_args(__doc__.split("\n")[0], "two small cases, batch 8, 90%% only", argv, default_repeats=10)
     grid = QUICK if args.quick else dict(cases=CASES, batches=BATCHES, sparsities=SPARSITIES)
-    repeats = min(args.repeats, 3) if args.quick else args.repeats
     info = machine_info()
     print(f"machine: {describe(info)}; fp32, stride 1, 'same' padding")
-    print(f"medians of {repeats} interleaved repeats; speedup = dense time / torchprune time\n")
+    print(f"medians of {args.repeats} interleaved repeats; speedup = dense time / torchprune time\n")
     header = f"{'conv':<22} {'batch':>5} {'sparsity':>8} {'F.conv2d ms':>11} {'tp ms':>9} {'speedup':>8}"
     print(header)
     print("-" * len(header))
@@ -94,7 +84,7 @@ def main(argv=None) -> None:
             for sparsity in grid["sparsities"]:
                 runners, check = make_runners(case, batch, sparsity)
                 check()
-                med = time_interleaved(runners, repeats)
+                med = time_interleaved(runners, args.repeats)
                 k, cin, cout, hw = case
                 row = {"case": label(case), "kernel": k, "in_channels": cin, "out_channels": cout,
                        "size": hw, "batch": batch, "sparsity": sparsity,
@@ -110,7 +100,7 @@ def main(argv=None) -> None:
               + ", ".join(f"batch {b}: {s if s is not None else 'never'}" for b, s in even[f"{k}x{k}"].items()))
     name = "bench_conv_quick" if args.quick else "bench_conv"
     write_json(os.path.join(args.out, name + ".json"),
-               {"machine": info, "dtype": "float32", "repeats": repeats, "results": results, "break_even": even})
+               {"machine": info, "dtype": "float32", "repeats": args.repeats, "results": results, "break_even": even})
     plot(results, os.path.join(args.out, name + ".png"), info)
     print(f"\nwrote {args.out}/{name}.json and {name}.png")
 
@@ -130,17 +120,8 @@ def plot(results, path, info) -> None:
             style = "o-" if rows and rows[0]["kernel"] == 3 else "s--"
             ax.plot([r["sparsity"] for r in rows], [r["speedup"] for r in rows], style,
                     color=f"C{i % 10}", label=case)
-        ax.plot(sparsities, 1 / (1 - sparsities), "k-", linewidth=1, label="ideal 1/(1-s)")
-        ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel("speedup over F.conv2d (oneDNN)")
-        ax.set_title(f"batch {batch}")
-        ax.legend(fontsize=6, loc="upper left")
-    fig.suptitle(f"Sparse conv2d, fp32 - {describe(info)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        speedup_axis(ax, sparsities, batch, "speedup over F.conv2d (oneDNN)")
+    save_figure(plt, fig, f"Sparse conv2d, fp32 - {describe(info)}", path)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ bound 4/(6(1-s)) of CSR with int16 column indices).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -34,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (RESULTS, break_even, describe, machine_info, pyplot, random_mask,  # noqa: E402
-                     set_threads, time_interleaved, write_json)
+from _common import (break_even, describe, machine_info, pyplot, random_mask,  # noqa: E402
+                     parse_args, save_figure, speedup_axis, time_interleaved, write_json)
 
 from torchprune import _ops  # noqa: E402
 
@@ -77,20 +76,11 @@ def make_runners(shape, batch, sparsity, seed=0):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one shape, batches 1 and 64, 90%% only")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be >= 1")
-    limiter = set_threads(args.threads)  # noqa: F841 (kept alive for the run)
+    args = parse_args(__doc__.split("\n")[0], "one shape, batches 1 and 64, 90%% only", argv, default_repeats=15)
     grid = QUICK if args.quick else dict(shapes=SHAPES, batches=BATCHES, sparsities=SPARSITIES)
-    repeats = min(args.repeats, 3) if args.quick else args.repeats
     info = machine_info()
     print(f"machine: {describe(info)}; fp32")
-    print(f"medians of {repeats} interleaved repeats; speedup = other time / torchprune time\n")
+    print(f"medians of {args.repeats} interleaved repeats; speedup = other time / torchprune time\n")
     header = (f"{'shape':>10} {'batch':>5} {'sparsity':>8} {'F.linear ms':>11} {'numpy ms':>9} "
               f"{'CSR ms':>9} {'tp ms':>9} {'vs F.linear':>11} {'vs numpy':>9} {'vs CSR':>7}")
     print(header)
@@ -105,8 +95,8 @@ def main(argv=None) -> None:
                 # torch's take turns holding the 2 cores for whole scheduler ticks (768x768 at
                 # batch 1 measured numpy 3.4 ms and torch CSR 4.1 ms per call, against 0.02 and
                 # 0.05 ms apart). The torch candidates stay interleaved with each other.
-                med = time_interleaved({"numpy": runners.pop("numpy")}, repeats)
-                med.update(time_interleaved(runners, repeats))
+                med = time_interleaved({"numpy": runners.pop("numpy")}, args.repeats)
+                med.update(time_interleaved(runners, args.repeats))
                 row = {"out_features": shape[0], "in_features": shape[1], "batch": batch,
                        "sparsity": sparsity, **{f"{k} ms": v * 1e3 for k, v in med.items()}}
                 tp = med["torchprune"]
@@ -126,7 +116,7 @@ def main(argv=None) -> None:
               + ", ".join(f"batch {b}: {s if s is not None else 'never'}" for b, s in by_batch.items()))
     name = "bench_linear_quick" if args.quick else "bench_linear"
     write_json(os.path.join(args.out, name + ".json"),
-               {"machine": info, "dtype": "float32", "repeats": repeats, "results": results, "break_even": even})
+               {"machine": info, "dtype": "float32", "repeats": args.repeats, "results": results, "break_even": even})
     plot(results, os.path.join(args.out, name + ".png"), info)
     print(f"\nwrote {args.out}/{name}.json and {name}.png")
 
@@ -149,20 +139,11 @@ def plot(results, path, info) -> None:
                     label=f"torchprune {shape[0]}x{shape[1]}")
             ax.plot(xs, [r["torch CSR vs best dense"] for r in rows], "x:", color=color,
                     label=f"torch CSR {shape[0]}x{shape[1]}")
-        ax.plot(sparsities, 1 / (1 - sparsities), "k-", linewidth=1, label="ideal 1/(1-s)")
         if batch == 1:
             ax.plot(sparsities, 4 / (6 * (1 - sparsities)), "k--", linewidth=1,
                     label="memory bound, CSR int16: 4/(6(1-s))")
-        ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel("speedup over the best dense (F.linear or numpy)")
-        ax.set_title(f"batch {batch}")
-        ax.legend(fontsize=6, loc="upper left")
-    fig.suptitle(f"Sparse linear, fp32 - {describe(info)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        speedup_axis(ax, sparsities, batch, "speedup over the best dense (F.linear or numpy)")
+    save_figure(plt, fig, f"Sparse linear, fp32 - {describe(info)}", path)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ writes JSON and a PNG (latency per model and batch).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, describe, machine_info, pyplot, set_threads, time_interleaved, write_json  # noqa: E402
+from _common import describe, machine_info, pyplot, parse_args, save_figure, time_interleaved, write_json  # noqa: E402
 
 import torchprune as tp  # noqa: E402
 
@@ -77,20 +76,11 @@ QUICK = {
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small models (for tests)")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be >= 1")
-    set_threads(args.threads)
+    args = parse_args(__doc__.split("\n")[0], "small models (for tests)", argv, default_repeats=10)
     models = QUICK if args.quick else MODELS
-    repeats = min(args.repeats, 3) if args.quick else args.repeats
     info = machine_info()
     print(f"machine: {describe(info)}; fp32, {SPARSITY:.0%} sparsity per layer")
-    print(f"medians of {repeats} interleaved repeats; speedup = dense time / sparsified time\n")
+    print(f"medians of {args.repeats} interleaved repeats; speedup = dense time / sparsified time\n")
     header = (f"{'model':<30} {'batch':>5} {'dense ms':>9} {'masked ms':>10} {'sparsified ms':>13} "
               f"{'swapped':>8} {'speedup':>8}")
     print(header)
@@ -110,7 +100,7 @@ def main(argv=None) -> None:
                 for version in (masked, sparse):
                     torch.testing.assert_close(version(x), reference, rtol=1e-4, atol=1e-4)
                 med = time_interleaved({"dense": lambda: dense(x), "masked": lambda: masked(x),
-                                        "sparsified": lambda: sparse(x)}, repeats)
+                                        "sparsified": lambda: sparse(x)}, args.repeats)
             row = {"model": name, "batch": batch, "swapped": swapped, "linear layers": linears,
                    **{f"{k} ms": v * 1e3 for k, v in med.items()},
                    "speedup": med["dense"] / med["sparsified"]}
@@ -119,7 +109,7 @@ def main(argv=None) -> None:
                   f"{row['sparsified ms']:>13.3f} {f'{swapped}/{linears}':>8} {row['speedup']:>7.2f}x")
     out = "bench_models_quick" if args.quick else "bench_models"
     write_json(os.path.join(args.out, out + ".json"),
-               {"machine": info, "dtype": "float32", "sparsity": SPARSITY, "repeats": repeats,
+               {"machine": info, "dtype": "float32", "sparsity": SPARSITY, "repeats": args.repeats,
                 "results": results})
     plot(results, os.path.join(args.out, out + ".png"), info)
     print(f"\nwrote {args.out}/{out}.json and {out}.png")
@@ -140,10 +130,7 @@ def plot(results, path, info) -> None:
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.set_xlabel("latency relative to dense (lower is better)")
     ax.legend(loc="lower right")
-    fig.suptitle(f"End to end at {SPARSITY:.0%} sparsity - {describe(info)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(plt, fig, f"End to end at {SPARSITY:.0%} sparsity - {describe(info)}", path)
 
 
 if __name__ == "__main__":
