@@ -127,8 +127,7 @@ void forward(const Csr<T, I>& a, const Tensor& x, const T* bias, const Geometry&
   const int64_t o = a.rows, pixels = g.pixels(), nnz = a.row_ptr[o];
   const int64_t threads = cpu::useful_threads((nnz + o) * pixels * g.batch);
   T* y = out.data_ptr<T>();
-  const bool direct = g.kh == 1 && g.kw == 1 && win.sh == 1 && win.sw == 1 && win.ph == 0 &&
-                      win.pw == 0;
+  const bool direct = reads_input_as_columns(g, {win.sh, win.sw}, {win.ph, win.pw});
   // Output rows shorter than a tile: tiles run over "virtual" pixels oh * Wq + ow of the padded
   // width instead (contiguous in the phase planes too) and drop the ow >= Wo ones, so that each
   // pass over the weights feeds full registers rather than one short row.

@@ -26,9 +26,6 @@ namespace {
 #define TP_SPLIT_ACCUMULATORS \
   __attribute__((optimize("unroll-loops", "variable-expansion-in-unroller")))
 
-template <typename T>
-constexpr int64_t kTile = kPanelWidth<T>;
-
 // One sparse row times a tile of W columns of b (or fewer at the right edge): row_of(e) points at
 // the tile's part of the b row entry e multiplies. The row's nonzeros are consumed two at a time
 // into two accumulator sets, so the FMA chains overlap.
@@ -73,7 +70,7 @@ template <typename T, typename I>
 TP_ALWAYS_INLINE void spmm_impl(const Csr<T, I>& a, const T* b, int64_t ldb, int64_t m,
                                 const T* init, T* c, int64_t c_row_stride, int64_t c_col_stride,
                                 int64_t row_begin, int64_t row_end) {
-  constexpr int64_t W = kTile<T>;
+  constexpr int64_t W = kPanelWidth<T>;
   T out[W];
   for (int64_t t0 = 0; t0 < m; t0 += W) {
     const int64_t width = std::min(W, m - t0);
@@ -97,7 +94,7 @@ TP_ALWAYS_INLINE void spmm_offsets_impl(const int32_t* row_ptr, const int32_t* o
                                         const T* val, const T* b, int64_t m, const T* init, T* c,
                                         int64_t c_row_stride, int64_t row_begin,
                                         int64_t row_end) {
-  constexpr int64_t W = kTile<T>;
+  constexpr int64_t W = kPanelWidth<T>;
   T out[W];
   for (int64_t t0 = 0; t0 < m; t0 += W) {
     const int64_t width = std::min(W, m - t0);
@@ -140,7 +137,7 @@ template <typename T, typename I>
 TP_ALWAYS_INLINE void spmm_transposed_impl(const Csr<T, I>& a, const T* b, int64_t ldb,
                                            int64_t m, T* c, int64_t ldc, int64_t row_begin,
                                            int64_t row_end) {
-  constexpr int64_t W = kTile<T>;
+  constexpr int64_t W = kPanelWidth<T>;
   for (int64_t t0 = 0; t0 < m; t0 += W) {
     const int64_t width = std::min(W, m - t0);
     for (int64_t n = row_begin; n < row_end; ++n) {
