@@ -172,14 +172,7 @@ void forward(const Csr<T, I>& a, const Tensor& x, const T* bias, const Geometry&
                       std::min(w, g.out_w - ow0), bias, y_image + oh * g.out_w + ow0, pixels, 0,
                       o);
   };
-  const int64_t items = g.batch * segments;
-  if (threads <= 1) {
-    for (int64_t i = 0; i < items; ++i) run(i);
-  } else {
-    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) run(i);
-    });
-  }
+  cpu::for_items(g.batch * segments, threads, run);
 }
 
 Tensor sparse_conv2d_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
@@ -253,24 +246,20 @@ std::tuple<Tensor, Tensor, Tensor> sparse_conv2d_backward_cpu(
                                   .permute({1, 0, 2})
                                   .contiguous();
         const auto panels = cpu::row_panels(a.row_ptr, o, threads * 4);
-        at::parallel_for(0, threads * 4, 1, [&](int64_t p0, int64_t p1) {
-          for (int64_t p = p0; p < p1; ++p) {
-            cpu::sddmm(a, grad_t.data_ptr<scalar_t>(), bl, cols_t.data_ptr<scalar_t>(), bl, bl,
-                       grad_values.data_ptr<scalar_t>(), panels[p], panels[p + 1]);
-          }
+        cpu::for_items(threads * 4, threads, [&](int64_t p) {
+          cpu::sddmm(a, grad_t.data_ptr<scalar_t>(), bl, cols_t.data_ptr<scalar_t>(), bl, bl,
+                     grad_values.data_ptr<scalar_t>(), panels[p], panels[p + 1]);
         });
       }
       if (output_mask[0]) {
         // Threads own disjoint column chunks of grad_cols [K, B*L], so the scatter never races.
         Tensor grad_cols = at::zeros({k, bl}, x.options());
         const int64_t chunks = (bl + kColumnChunk - 1) / kColumnChunk;
-        at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t t0 = c * kColumnChunk;
-            cpu::spmm_transposed(a, grad_t.data_ptr<scalar_t>() + t0, bl,
-                                 std::min(kColumnChunk, bl - t0),
-                                 grad_cols.data_ptr<scalar_t>() + t0, bl, 0, o);
-          }
+        cpu::for_items(chunks, threads, [&](int64_t c) {
+          const int64_t t0 = c * kColumnChunk;
+          cpu::spmm_transposed(a, grad_t.data_ptr<scalar_t>() + t0, bl,
+                               std::min(kColumnChunk, bl - t0), grad_cols.data_ptr<scalar_t>() + t0,
+                               bl, 0, o);
         });
         const Tensor per_image = grad_cols.view({k, g.batch, g.pixels()}).permute({1, 0, 2});
         grad_x.copy_(at::col2im(per_image.contiguous(), {g.height, g.width}, {g.kh, g.kw},

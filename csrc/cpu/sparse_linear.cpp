@@ -45,18 +45,6 @@ bool is_half(const Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
-// Runs fn(item) for items [0, count) on up to `threads` threads.
-template <typename Fn>
-void for_items(int64_t count, int64_t threads, const Fn& fn) {
-  if (threads <= 1 || count <= 1) {
-    for (int64_t i = 0; i < count; ++i) fn(i);
-    return;
-  }
-  at::parallel_for(0, count, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) fn(i);
-  });
-}
-
 // out [M, N] = x2 [M, K] @ W^T (+ bias).
 template <typename T, typename I>
 void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
@@ -66,7 +54,7 @@ void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
     const auto panels = cpu::row_panels(a.row_ptr, n, threads * 4);
     const T* x = x2.data_ptr<T>();
     T* y = out.data_ptr<T>();
-    for_items(threads * 4, threads,
+    cpu::for_items(threads * 4, threads,
               [&](int64_t p) { cpu::spmv(a, x, bias, y, panels[p], panels[p + 1]); });
     return;
   }
@@ -83,7 +71,7 @@ void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
   const auto panels = cpu::row_panels(a.row_ptr, n, parts);
   const T* b = panels_x.data_ptr<T>();
   T* y = out.data_ptr<T>();
-  for_items(parts * tiles, threads, [&](int64_t item) {
+  cpu::for_items(parts * tiles, threads, [&](int64_t item) {
     const int64_t p = item / tiles, tile = item % tiles, t0 = tile * w;
     // Row r of the tile goes to y[t0 + t, r]: the transposed store.
     cpu::spmm(a, b + tile * k * w, w, std::min(w, m - t0), bias, y + t0 * n, /*row stride=*/1,
@@ -134,7 +122,7 @@ Tensor input_grad(const Csr<T, I>& a, const Tensor& grad_t, int64_t m) {
   Tensor partial = at::zeros({threads, k, m}, grad_t.options());
   const T* b = grad_t.data_ptr<T>();
   T* c = partial.data_ptr<T>();
-  for_items(threads, threads, [&](int64_t p) {
+  cpu::for_items(threads, threads, [&](int64_t p) {
     cpu::spmm_transposed(a, b, m, m, c + p * k * m, m, panels[p], panels[p + 1]);
   });
   const Tensor grad_xt = threads == 1 ? partial[0] : partial.sum(0);  // [K, M]
@@ -148,7 +136,7 @@ Tensor values_grad(const Csr<T, I>& a, const Tensor& grad_t, const Tensor& xt, i
   Tensor out = at::empty({a.row_ptr[n]}, grad_t.options());
   const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
   const auto panels = cpu::row_panels(a.row_ptr, n, threads * 4);
-  for_items(threads * 4, threads, [&](int64_t p) {
+  cpu::for_items(threads * 4, threads, [&](int64_t p) {
     cpu::sddmm(a, grad_t.data_ptr<T>(), m, xt.data_ptr<T>(), m, m, out.data_ptr<T>(), panels[p],
                panels[p + 1]);
   });

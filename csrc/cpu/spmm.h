@@ -6,6 +6,8 @@
 // for AVX-512, AVX2+FMA and baseline x86-64, and the best one is picked at load time.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -69,6 +71,18 @@ std::vector<int64_t> row_panels(const int32_t* row_ptr, int64_t rows, int64_t pa
 
 // Threads worth using for `work` multiply-adds: below about 32k the fork costs more than it saves.
 int64_t useful_threads(int64_t work);
+
+// Runs fn(item) for items [0, count) on up to `threads` threads (inline when one is enough).
+template <typename Fn>
+void for_items(int64_t count, int64_t threads, const Fn& fn) {
+  if (threads <= 1 || count <= 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  at::parallel_for(0, count, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) fn(i);
+  });
+}
 
 }  // namespace cpu
 }  // namespace torchprune
