@@ -108,7 +108,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy"],
     extras_require={
-        "test": ["pytest", "scikit-learn", "matplotlib", "tqdm"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "tqdm"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
     },
     ext_modules=extensions(),
