@@ -19,6 +19,13 @@ Where scores come from, per criterion:
 With ``granularity="channel"`` the Pruner prunes whole coupled channels instead (zeroed while
 training, removed at `finalize()`): see progressive_channels.py.
 
+Under DistributedDataParallel (pass the wrapper or its ``.module``, the same call on every rank)
+the data-driven statistics are averaged across ranks before each ranking and the new masks are
+compared across ranks after it (distributed.py), so every rank's copy stays the same.
+
+A copy of the model (``copy.deepcopy``, pickle) keeps its masks but not the Pruner's observation
+hooks; a copy of the Pruner copies its model and carries on with its own statistics.
+
 >>> pruner = tp.Pruner(model, 0.9, tp.schedules.Cubic(begin=0, end=1000, every=100))
 >>> for inputs, targets in loader:
 ...     loss_fn(model(inputs), targets).backward(); optimizer.step(); optimizer.zero_grad()
@@ -28,6 +35,7 @@ training, removed at `finalize()`): see progressive_channels.py.
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 
 import torch
@@ -35,6 +43,7 @@ from torch import nn
 
 from . import selection
 from .calibration import observe
+from .distributed import average_importance_state, check_equal_across_ranks, unwrap
 from .importance import Importance, resolve
 from .masking import attach_mask, check_devices, get_mask, remove_mask
 from .pruner import (_GRANULARITY_HELP, _check_data_args, _check_n_m_divides, _check_sparsity_value, _checked_score,
@@ -43,7 +52,7 @@ from .schedules import Schedule
 
 __all__ = ["Pruner"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2 added "shapes"; version 1 states still load
 _STRUCTURAL = ("channel", "head", "layer")
 
 
@@ -62,7 +71,8 @@ class Pruner:
 
     All layers get a mask (all true) at construction, so the model's state_dict has the same keys
     from the first step on and a checkpoint loads into a fresh model wrapped by a fresh Pruner.
-    ``example_inputs`` is only used with ``granularity="channel"``.
+    ``example_inputs`` is only used with ``granularity="channel"``. ``model`` may be a
+    DistributedDataParallel wrapper: layer names are those of its ``.module``.
     """
 
     def __new__(cls, *args, **kwargs):
@@ -90,6 +100,7 @@ class Pruner:
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(schedule, Schedule):
             raise TypeError(f"`schedule` must be a tp.schedules.Schedule, got {type(schedule).__name__}")
+        model = unwrap(model)
         criterion = resolve(importance)
         if isinstance(granularity, str) and granularity.strip() in _STRUCTURAL:
             raise ValueError(
@@ -147,7 +158,10 @@ class Pruner:
             attach_mask(layer, _current_mask(layer))
         criterion.reset()
         if criterion.requires_data and not criterion.requires_loss and data is None:
-            self._hooks = [layer.register_forward_hook(self._forward_hook) for layer in self._unique.values()]
+            self._observe_training_forwards()
+
+    def _observe_training_forwards(self) -> None:
+        self._hooks = [layer.register_forward_hook(_ObservationHook(self)) for layer in self._unique.values()]
 
     @staticmethod
     def _check_target(target, schedule: Schedule, n_m) -> float:
@@ -214,12 +228,15 @@ class Pruner:
         if all(t == 0 for t in targets.values()):
             criterion.reset()
             return False
+        if criterion.requires_data:  # each rank observed its own batches: rank on their average
+            average_importance_state(criterion, self._unique)
         scores = {name: _checked_score(criterion, name, layer) for name, layer in self._unique.items()}
         new = self._select(scores, current, targets)
         for name, layer in self._layers.items():
             attach_mask(layer, new[self._owners[name]])
         self._updates += 1
         criterion.reset()  # scores accumulate between updates
+        check_equal_across_ranks(new, step)
         return True
 
     def _select(self, scores, current, targets) -> Dict[str, torch.Tensor]:
@@ -246,24 +263,59 @@ class Pruner:
             "step": self._step,
             "updates": self._updates,
             "layers": list(self._unique),
+            "shapes": {name: list(layer.weight.shape) for name, layer in self._unique.items()},
             "importance": self.importance.state_dict(self._unique),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores `state_dict()` output into a Pruner built with the same arguments."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        """Restores `state_dict()` output into a Pruner built with the same arguments; a layer whose
+        weight has another shape than when saved is named in a ValueError (nothing is changed).
+
+        Under DDP the statistics gathered since the last update are each rank's own: load every
+        rank's own state, or checkpoint right after an update (when there are none) if only rank 0
+        saves."""
+        if not isinstance(state, dict) or state.get("version") not in (1, _STATE_VERSION):
             raise ValueError("`state` must be a dict returned by Pruner.state_dict()")
-        if state["layers"] != list(self._unique):
-            raise ValueError(f"`state` was saved for layers {state['layers']}, this Pruner prunes {list(self._unique)}")
+        if state.get("layers") != list(self._unique):
+            raise ValueError(f"`state` was saved for layers {state.get('layers')}, this Pruner prunes {list(self._unique)}")
+        shapes = state.get("shapes")  # version 1 states have none
+        for name, layer in self._unique.items() if shapes is not None else ():
+            if list(shapes.get(name, ())) != list(layer.weight.shape):
+                raise ValueError(f"`state` was saved for layer {name!r} with weight shape {shapes.get(name)}, but this "
+                                 f"model's {name!r} has shape {list(layer.weight.shape)}")
         if self._finalized:
             raise RuntimeError("the Pruner was finalized; build a new one to resume")
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"`state['step']` must be a non-negative int, got {step!r}")
-        self.importance.reset()
-        self.importance.load_state_dict(state["importance"], self._unique)
+        step, updates = state.get("step"), state.get("updates")
+        for value, what in ((step, "step"), (updates, "updates")):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"`state[{what!r}]` must be a non-negative int, got {value!r}")
+        before = self.importance.state_dict(self._unique)
+        try:
+            self.importance.reset()
+            self.importance.load_state_dict(state["importance"], self._unique)
+        except Exception:  # leave the criterion as it was
+            self.importance.reset()
+            self.importance.load_state_dict(before, self._unique)
+            raise
         self._step = int(step)
-        self._updates = int(state["updates"])
+        self._updates = int(updates)
+
+    def __getstate__(self) -> dict:
+        """For pickle and deepcopy: the criterion's statistics are keyed by module identity, so they
+        travel by layer name and are re-keyed to the copied layers in `__setstate__`."""
+        state = self.__dict__.copy()
+        state["_importance_by_name"] = self.importance.state_dict(self._unique)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        by_name = state.pop("_importance_by_name")
+        self.__dict__.update(state)
+        self.importance.reset()
+        self.importance.load_state_dict(by_name, self._unique)
+        if self._hooks:  # the copied layers hold inert copies of the hooks: observe through this copy
+            for handle in self._hooks:
+                handle.remove()
+            self._observe_training_forwards()
 
     def finalize(self) -> nn.Module:
         """Makes the masks permanent (pruned weights zero, plain layers back), removes the hooks
@@ -285,3 +337,24 @@ class Pruner:
         return (f"Pruner(target_sparsity={self.target_sparsity}, schedule={self.schedule!r}, importance={self.importance!r}, "
                 f"granularity={self.granularity!r}, scope={self.scope!r}, layers={len(self._unique)}, step={self._step}, "
                 f"sparsity={self.sparsity:.4f})")
+
+
+class _ObservationHook:
+    """The forward hook through which a Pruner observes training forward passes.
+
+    It holds the Pruner weakly (a Pruner dropped without `finalize()` stops observing instead of
+    accumulating forever), and a copy of it, made when the model is deep-copied or pickled, observes
+    nothing: a copied model must not feed the original Pruner's statistics, and a copied Pruner
+    registers hooks of its own on its copied layers.
+    """
+
+    def __init__(self, pruner: Optional[Pruner]):
+        self._pruner = weakref.ref(pruner) if pruner is not None else None
+
+    def __call__(self, module, inputs, output) -> None:
+        pruner = self._pruner() if self._pruner is not None else None
+        if pruner is not None:
+            pruner._forward_hook(module, inputs, output)
+
+    def __reduce__(self):
+        return _ObservationHook, (None,)

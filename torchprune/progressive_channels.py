@@ -25,6 +25,10 @@ criterion would give on the model with the zeroed channels already removed.
 ...                    importance="l2", example_inputs=torch.randn(1, 3, 32, 32))
 >>> ...  # training loop with pruner.step() after optimizer.step()
 >>> pruner.finalize()          # channels removed: a smaller plain model
+
+Under DistributedDataParallel the data-driven group scores are averaged across ranks before each
+ranking and the zeroed channels compared across ranks after it (distributed.py). `finalize()`
+replaces the pruned layers' parameters: wrap the smaller model in a new DDP (and optimizer).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
+from .distributed import average_, check_equal_across_ranks, unwrap
 from .importance import Importance, resolve
 from .progressive import Pruner
 from .pruner import _excluded_ids
@@ -77,6 +82,7 @@ class ChannelPruner(Pruner):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(schedule, Schedule):
             raise TypeError(f"`schedule` must be a tp.schedules.Schedule, got {type(schedule).__name__}")
+        model = unwrap(model)
         if granularity != "channel":
             raise ValueError(f"`granularity` must be 'channel' for a ChannelPruner, got {granularity!r}")
         if not isinstance(scope, str) or scope not in ("layer", "global"):
@@ -147,6 +153,8 @@ class ChannelPruner(Pruner):
         if target == 0:
             return False
         scores = group_scores(self.model, self._groups, self.importance, self._data, self._loss_fn, alive=self._alive())
+        if self._data is not None:  # each rank scored its own `data`: rank on the average
+            average_(scores)
         for name, score in zip(self._names, scores):
             if score.isnan().any():
                 raise ValueError(f"importance {self.importance!r} gave NaN scores for channel group {name!r}: "
@@ -158,6 +166,7 @@ class ChannelPruner(Pruner):
             removed[units] = True
         self._zeroed = self._members_of_removed()
         self._updates += 1
+        check_equal_across_ranks({name: ~r for name, r in zip(self._names, self._removed)}, step, "channels")
         return True
 
     def _alive(self) -> Optional[Dict[Member, torch.Tensor]]:
@@ -213,8 +222,10 @@ class ChannelPruner(Pruner):
             raise ValueError("`state` must be a dict returned by Pruner.state_dict() with granularity='channel'")
         sizes = [len(g) for g in self._groups]
         if state.get("groups") != list(self._names) or state.get("sizes") != sizes:
+            saved = dict(zip(state.get("groups") or [], state.get("sizes") or []))
+            differ = [name for name, n in zip(self._names, sizes) if saved.get(name) != n] or list(self._names)
             raise ValueError(f"`state` was saved for channel groups {state.get('groups')} of sizes {state.get('sizes')}, "
-                             f"this Pruner prunes {list(self._names)} of sizes {sizes}")
+                             f"this Pruner prunes {list(self._names)} of sizes {sizes}: {differ} differ")
         if self._finalized:
             raise RuntimeError("the Pruner was finalized; build a new one to resume")
         step, updates, removed = state.get("step"), state.get("updates"), state.get("removed")
@@ -232,6 +243,13 @@ class ChannelPruner(Pruner):
         self._step = int(step)
         self._updates = int(updates)
         self._zero()
+
+    def __getstate__(self) -> dict:
+        """For pickle and deepcopy: everything is plain or keyed by name (no statistics between updates)."""
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     def finalize(self) -> nn.Module:
         """Removes the zeroed channels physically (plain, smaller layers with the same outputs) and
