@@ -1,7 +1,9 @@
 """sparse_linear / sparse_conv2d (csrc/cpu/sparse_*.cpp, spmm.cpp) vs F.linear / F.conv2d.
 
 The reference runs the dense weight that pack_csr packed; the value gradient must equal the dense
-weight gradient at the stored positions (and nothing is stored anywhere else).
+weight gradient at the stored positions (and nothing is stored anywhere else). Tests that take a
+`device` also run the CUDA kernels (csrc/cuda/spmm.cu, sparse_conv.cu) whenever torch sees a GPU,
+always against the reference computed on the CPU (no TF32 there).
 """
 
 import random
@@ -14,6 +16,17 @@ from torchprune import _ops
 
 OPS = torch.ops.torchprune
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"))
+DEVICES = ["cpu", CUDA]
+
+
+def on(device, t):
+    """A fresh leaf copy of t on `device` with t's strides (a sliced or channels_last input stays
+    one; clone() would make a sliced one contiguous)."""
+    if t is None:
+        return None
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t.detach())
 
 
 def sparse_weight(shape, sparsity, dtype, g, empty_rows=()):
@@ -32,25 +45,26 @@ def make_input(shape, dtype, g, contiguous):
     return base[..., ::2]  # every other element: not contiguous
 
 
-def check_against_dense(op, reference, x, w2d, bias, dtype, g):
-    """Forward and every gradient of op(x, packed(w2d), bias) vs reference(x, w2d, bias)."""
-    row_ptr, col_idx, values = _ops.pack_csr(w2d)
+def check_against_dense(op, reference, x, w2d, bias, dtype, g, device="cpu"):
+    """Forward and every gradient of op(x, packed(w2d), bias) on `device` vs reference(x, w2d, bias)
+    on the CPU. The weight is packed on `device` too."""
+    row_ptr, col_idx, values = _ops.pack_csr(w2d.to(device))
     stored = w2d != 0
-    xs, vs = x.detach().clone().requires_grad_(), values.clone().requires_grad_()
-    bs = None if bias is None else bias.clone().requires_grad_()
+    xs, vs = on(device, x).requires_grad_(), values.clone().requires_grad_()
+    bs = None if bias is None else on(device, bias).requires_grad_()
     y = op(xs, row_ptr, col_idx, vs, bs)
     xr, wr = x.detach().clone().requires_grad_(), w2d.clone().requires_grad_()
     br = None if bias is None else bias.clone().requires_grad_()
     y_ref = reference(xr, wr, br)
-    assert y.shape == y_ref.shape and y.dtype == dtype
-    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    assert y.shape == y_ref.shape and y.dtype == dtype and y.device.type == device
+    torch.testing.assert_close(y.cpu(), y_ref, **TOL[dtype])
     grad = torch.randn(y.shape, generator=g, dtype=dtype)
-    y.backward(grad)
+    y.backward(grad.to(device))
     y_ref.backward(grad)
-    torch.testing.assert_close(xs.grad, xr.grad, **TOL[dtype])
-    torch.testing.assert_close(vs.grad, wr.grad[stored], **TOL[dtype])
+    torch.testing.assert_close(xs.grad.cpu(), xr.grad, **TOL[dtype])
+    torch.testing.assert_close(vs.grad.cpu(), wr.grad[stored], **TOL[dtype])
     if bias is not None:
-        torch.testing.assert_close(bs.grad, br.grad, **TOL[dtype])
+        torch.testing.assert_close(bs.grad.cpu(), br.grad, **TOL[dtype])
 
 
 def linear_cases(count=60):
@@ -66,9 +80,10 @@ def linear_cases(count=60):
     return cases
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", linear_cases(), ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sparse_linear_matches_dense(case, dtype):
+def test_sparse_linear_matches_dense(case, dtype, device):
     x_shape, w_shape, sparsity = case
     g = torch.Generator().manual_seed(hash(case) % 2**31)
     w = sparse_weight(w_shape, sparsity, dtype, g, empty_rows=(0, 3))
@@ -76,17 +91,19 @@ def test_sparse_linear_matches_dense(case, dtype):
     bias = torch.randn(w_shape[0], generator=g, dtype=dtype) if hash(case) % 2 else None
     k = w_shape[1]
     check_against_dense(
-        lambda x_, r, c, v, b: _ops.sparse_linear(x_, r, c, v, k, b), F.linear, x, w, bias, dtype, g
+        lambda x_, r, c, v, b: _ops.sparse_linear(x_, r, c, v, k, b),
+        F.linear, x, w, bias, dtype, g, device,
     )
 
 
-def test_sparse_linear_wide_input_uses_int32_columns():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_linear_wide_input_uses_int32_columns(device):
     g = torch.Generator().manual_seed(0)
     w = sparse_weight((3, 70000), 0.99, torch.float64, g)
     x = torch.randn(2, 70000, generator=g, dtype=torch.float64)
     check_against_dense(
         lambda x_, r, c, v, b: _ops.sparse_linear(x_, r, c, v, 70000, b), F.linear, x, w, None,
-        torch.float64, g,
+        torch.float64, g, device,
     )
 
 
@@ -105,14 +122,17 @@ def test_sparse_linear_is_the_same_on_any_thread_count(threads):
     torch.testing.assert_close(y, F.linear(x, w), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [5, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_computes_in_float32(dtype):
+def test_half_precision_computes_in_float32(dtype, batch, device):
     g = torch.Generator().manual_seed(0)
     w = sparse_weight((16, 24), 0.7, torch.float32, g).to(dtype)
-    x = torch.randn(5, 24, generator=g).to(dtype)
-    y = _ops.sparse_linear(x, *_ops.pack_csr(w), 24)
-    assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=1e-2)
+    x = torch.randn(batch, 24, generator=g).to(dtype)
+    y = _ops.sparse_linear(x.to(device), *_ops.pack_csr(w.to(device)), 24)
+    assert y.dtype == dtype and y.device.type == device
+    torch.testing.assert_close(y.cpu().float(), F.linear(x.float(), w.float()),
+                               rtol=1e-2, atol=1e-2)
 
 
 def conv_cases():
@@ -133,9 +153,10 @@ def conv_cases():
     return cases
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", conv_cases(), ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sparse_conv2d_matches_dense(case, dtype):
+def test_sparse_conv2d_matches_dense(case, dtype, device):
     x_shape, out_channels, kernel, stride, padding, dilation, sparsity = case
     g = torch.Generator().manual_seed(hash(case) % 2**31)
     w = sparse_weight((out_channels, x_shape[1], *kernel), sparsity, dtype, g)
@@ -146,55 +167,143 @@ def test_sparse_conv2d_matches_dense(case, dtype):
     check_against_dense(
         lambda x_, r, c, v, b: _ops.sparse_conv2d(x_, r, c, v, kernel, b, stride, padding, dilation),
         lambda x_, w_, b: F.conv2d(x_, w_.view(w.shape), b, stride, padding, dilation),
-        x, w.reshape(out_channels, -1), bias, dtype, g,
+        x, w.reshape(out_channels, -1), bias, dtype, g, device,
     )
 
 
-def small_linear_args(bias=True):
+# Larger shapes, on the GPU only (the CPU runs the cases above): every CUDA code path (gather
+# groups, int32 columns, several batch tiles, 1..4 pixels per lane, the 1x1 backward) in every
+# dtype, against a float64 reference on the CPU, by relative error.
+REL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_rel_close(actual, expected, dtype, name):
+    actual, expected = actual.detach().cpu().double(), expected.detach().double()
+    assert actual.shape == expected.shape, name
+    error = (actual - expected).norm() / expected.norm().clamp_min(1e-30)
+    assert error <= REL[dtype], f"{name}: relative error {error:.3g} > {REL[dtype]}"
+
+
+def check_large(op, reference, x, w2d, bias, dtype, device, g):
+    row_ptr, col_idx, values = _ops.pack_csr(w2d.to(dtype).to(device))
+    xs = x.to(device=device, dtype=dtype, copy=True).requires_grad_()
+    vs = values.clone().requires_grad_()
+    bs = bias.to(device=device, dtype=dtype, copy=True).requires_grad_()
+    y = op(xs, row_ptr, col_idx, vs, bs)
+    assert y.dtype == dtype
+    xr = x.to(dtype).double().requires_grad_()
+    wr = w2d.to(dtype).double().requires_grad_()
+    br = bias.to(dtype).double().requires_grad_()
+    y_ref = reference(xr, wr, br)
+    grad = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(grad.to(device))
+    y_ref.backward(grad.double())
+    assert_rel_close(y, y_ref, dtype, "output")
+    assert_rel_close(xs.grad, xr.grad, dtype, "grad_x")
+    assert_rel_close(vs.grad, wr.grad[w2d.to(dtype) != 0], dtype, "grad_values")
+    assert_rel_close(bs.grad, br.grad, dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("case", [(1, 64, 4096, 0.5), (3, 200, 3000, 0.9), (8, 33, 70000, 0.99),
+                                  (300, 1000, 2000, 0.9), (65, 128, 257, 0.0)], ids=str)
+def test_sparse_linear_large_shapes(case, dtype, device):
+    m, n, k, sparsity = case
+    g = torch.Generator().manual_seed(0)
+    w = sparse_weight((n, k), sparsity, torch.float32, g, empty_rows=(1,))
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    check_large(lambda x_, r, c, v, b: _ops.sparse_linear(x_, r, c, v, k, b), F.linear, x, w, bias,
+                dtype, device, g)
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("case", [((2, 4, 200, 200), 8, (3, 3), 1, 1, 1, 0.7),
+                                  ((4, 16, 28, 28), 32, (3, 3), 2, 1, 1, 0.9),
+                                  ((3, 64, 14, 14), 48, (1, 1), 1, 0, 1, 0.8),
+                                  ((3, 8, 30, 31), 8, (5, 5), 1, 2, 2, 0.5)], ids=str)
+def test_sparse_conv2d_large_shapes(case, dtype, device):
+    x_shape, out_channels, kernel, stride, padding, dilation, sparsity = case
+    g = torch.Generator().manual_seed(0)
+    w = sparse_weight((out_channels, x_shape[1], *kernel), sparsity, torch.float32, g)
+    x, bias = torch.randn(x_shape, generator=g), torch.randn(out_channels, generator=g)
+    check_large(
+        lambda x_, r, c, v, b: _ops.sparse_conv2d(x_, r, c, v, kernel, b, stride, padding, dilation),
+        lambda x_, w_, b: F.conv2d(x_, w_.view(w.shape), b, stride, padding, dilation),
+        x, w.reshape(out_channels, -1), bias, dtype, device, g,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unaligned_packed_tensors_work(device):
+    """Packed tensors that start at an odd offset of their storage (a slice of a larger buffer):
+    the GPU kernels fall back from 16-byte vector loads to element loads."""
+    g = torch.Generator().manual_seed(0)
+    w = sparse_weight((7, 300), 0.5, torch.float32, g)
+    row_ptr, col_idx, values = _ops.pack_csr(w.to(device))
+    shifted = []
+    for t in (col_idx, values):
+        buffer = torch.zeros(t.numel() + 1, dtype=t.dtype, device=device)
+        buffer[1:] = t
+        shifted.append(buffer[1:])
+    for m in (1, 3, 40):
+        x = torch.randn(m, 300, generator=g)
+        y = _ops.sparse_linear(x.to(device), row_ptr, *shifted, 300)
+        torch.testing.assert_close(y.cpu(), F.linear(x, w), **TOL[torch.float32])
+
+
+def small_linear_args(bias=True, device="cpu"):
     g = torch.Generator().manual_seed(0)
     w = sparse_weight((5, 4), 0.5, torch.float64, g, empty_rows=(2,))
-    row_ptr, col_idx, values = _ops.pack_csr(w)
-    x = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    row_ptr, col_idx, values = _ops.pack_csr(w.to(device))
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    b = b if bias else None
     return x, row_ptr, col_idx, values.requires_grad_(), b
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_sparse_linear(bias):
-    x, r, c, v, b = small_linear_args(bias)
+def test_gradcheck_sparse_linear(bias, device):
+    x, r, c, v, b = small_linear_args(bias, device)
     fn = lambda x_, v_, *b_: _ops.sparse_linear(x_, r, c, v_, 4, *b_)  # noqa: E731
     inputs = (x, v, b) if bias else (x, v)
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_sparse_conv2d(bias):
+def test_gradcheck_sparse_conv2d(bias, device):
     g = torch.Generator().manual_seed(0)
     w = sparse_weight((3, 2, 3, 3), 0.5, torch.float64, g)
-    r, c, v = _ops.pack_csr(w.reshape(3, -1))
-    x = torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    r, c, v = _ops.pack_csr(w.reshape(3, -1).to(device))
+    x = torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).to(device).requires_grad_()
     fn = lambda x_, v_, *b_: _ops.sparse_conv2d(x_, r, c, v_, 3, *b_, stride=(2, 1), padding=1)  # noqa: E731
     inputs = (x, v.requires_grad_(), b) if bias else (x, v.requires_grad_())
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-def test_opcheck():
-    x, r, c, v, b = small_linear_args()
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, r, c, v, b = small_linear_args(device=device)
     torch.library.opcheck(OPS.sparse_linear, (x, r, c, v, 4, b))
     torch.library.opcheck(OPS.sparse_linear, (x.detach(), r, c, v.detach(), 4, None))
     g = torch.Generator().manual_seed(0)
     w = sparse_weight((3, 2, 3, 3), 0.5, torch.float64, g)
-    packed = _ops.pack_csr(w.reshape(3, -1))
-    xc = torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    packed = _ops.pack_csr(w.reshape(3, -1).to(device))
+    xc = torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
     torch.library.opcheck(OPS.sparse_conv2d, (xc, *packed, [3, 3], None, [1, 1], [1, 1], [1, 1]))
     torch.library.opcheck(OPS.unpack_csr, (*packed, 18))
 
 
-def test_compile_fullgraph_matches_eager():
-    x, r, c, v, b = small_linear_args()
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
+    x, r, c, v, b = small_linear_args(device=device)
 
     def fn(x_, v_, b_):
         return _ops.sparse_linear(x_, r, c, v_, 4, b_).relu().sum()
@@ -216,27 +325,31 @@ def test_compile_fullgraph_matches_eager():
         (dict(in_features=-1), "`in_features` must be >= 0"),
     ],
 )
-def test_sparse_linear_errors(args, message):
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_linear_errors(args, message, device):
     w = torch.tensor([[1.0, 0, 0, 2], [0, 0, 0, 0], [0, 3, 0, 0], [0, 0, 4, 0], [5, 0, 0, 6]])
-    r, c, v = _ops.pack_csr(w)
+    r, c, v = _ops.pack_csr(w.to(device))
     call = dict(x=torch.ones(2, 4), values=v, bias=None, in_features=4)
-    call.update(args)
+    call.update({k: on(device, t) if isinstance(t, torch.Tensor) else t for k, t in args.items()})
+    call["x"] = on(device, call["x"])
     if call["values"] is None:
         call["values"] = v.double()
     with pytest.raises(RuntimeError, match="sparse_linear: " + message):
         _ops.sparse_linear(call["x"], r, c, call["values"], call["in_features"], call["bias"])
 
 
-def test_sparse_conv2d_errors():
-    r, c, v = _ops.pack_csr(torch.ones(2, 3 * 3 * 3))
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_conv2d_errors(device):
+    r, c, v = _ops.pack_csr(torch.ones(2, 3 * 3 * 3, device=device))
+    ones = lambda *shape: torch.ones(*shape, device=device)  # noqa: E731
     with pytest.raises(RuntimeError, match="sparse_conv2d: `x` must be 4-D"):
-        _ops.sparse_conv2d(torch.ones(3, 5, 5), r, c, v, 3)
+        _ops.sparse_conv2d(ones(3, 5, 5), r, c, v, 3)
     with pytest.raises(RuntimeError, match="sparse_conv2d: `col_idx` must have dtype"):
-        _ops.sparse_conv2d(torch.ones(1, 3, 5, 5), r, c.int(), v, 3)
+        _ops.sparse_conv2d(ones(1, 3, 5, 5), r, c.int(), v, 3)
     with pytest.raises(RuntimeError, match="at least as large as the dilated kernel"):
-        _ops.sparse_conv2d(torch.ones(1, 3, 2, 2), r, c, v, 3)
+        _ops.sparse_conv2d(ones(1, 3, 2, 2), r, c, v, 3)
     with pytest.raises(TypeError, match="sparse_conv2d: `stride` must be an int or a pair"):
-        _ops.sparse_conv2d(torch.ones(1, 3, 5, 5), r, c, v, 3, stride=(1, 2, 3))
+        _ops.sparse_conv2d(ones(1, 3, 5, 5), r, c, v, 3, stride=(1, 2, 3))
 
 
 def test_portable_kernels_match_too():

@@ -52,7 +52,7 @@ void check_csr(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_
       is_short ? col_idx.data_ptr<int16_t>() : nullptr);
   const int32_t* int_col = is_short ? nullptr : col_idx.data_ptr<int32_t>();
   for (int64_t r = 0; r < rows && ordered && in_range; ++r) {
-    ordered = ptr[r] <= ptr[r + 1];
+    ordered = ptr[r] <= ptr[r + 1] && ptr[r + 1] <= nnz;  // an interior pointer past nnz must not be read
     int64_t previous = -1;
     for (int64_t e = ptr[r]; ordered && e < ptr[r + 1]; ++e) {
       const int64_t c = is_short ? short_col[e] : int_col[e];
@@ -62,8 +62,8 @@ void check_csr(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_
       if (!in_range) break;
     }
   }
-  TORCH_CHECK(ordered, op, ": `row_ptr` must not decrease and `col_idx` must ascend within each ",
-              "row, as pack_csr writes them");
+  TORCH_CHECK(ordered, op, ": `row_ptr` must not decrease (nor exceed the number of stored values) ",
+              "and `col_idx` must ascend within each row, as pack_csr writes them");
   TORCH_CHECK(in_range, op, ": `col_idx` must lie in [0, in_features) = [0, ", in_features, ")");
 }
 
