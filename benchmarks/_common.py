@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Callable, Dict, Optional
 
@@ -75,6 +76,72 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], repeats: int, war
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def time_cuda(runners: Dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> Dict[str, float]:
+    """time_interleaved for GPU work: median seconds per call measured with CUDA events.
+
+    Each call is bracketed by two events on the current stream after the queue has drained
+    (torch.cuda.synchronize), so a sample is the GPU time of that one call, launch gaps inside it
+    included, and never overlaps the previous call. Round-robin over the runners like the CPU timer.
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    torch.cuda.synchronize()
+    times = {name: [] for name in runners}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(repeats):
+        for name, run in runners.items():
+            torch.cuda.synchronize()
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def gpu_info() -> dict:
+    """The GPU, its compute capability and the CUDA / cuDNN / driver versions torch runs with."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    info = {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "torch": torch.__version__,
+            "python": platform.python_version(), "tf32": False}
+    try:
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def describe_gpu(info: dict) -> str:
+    return (f"{info['gpu']} (sm_{info['capability'].replace('.', '')}), CUDA {info['cuda']}, "
+            f"cuDNN {info['cudnn']}, torch {info['torch']}, TF32 off")
+
+
+def require_cuda(parser: argparse.ArgumentParser) -> None:
+    """Stops with a clear message unless CUDA benchmarks can run: a GPU that torch sees and a
+    torchprune build with its CUDA ops. Also turns TF32 off, so that fp32 means fp32 (cuDNN and
+    cuBLAS would otherwise run fp32 products on TF32 tensor cores)."""
+    if not torch.cuda.is_available():
+        parser.error(f"--device cuda needs a GPU, but torch {torch.__version__} sees none "
+                     "(torch.cuda.is_available() is False); run with --device cpu")
+    import torchprune._ops  # noqa: F401  (loads the C++ ops)
+
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("torchprune::masked_linear", "CUDA"):
+        parser.error("--device cuda needs torchprune's CUDA ops, but this build has none: rebuild with "
+                     "FORCE_CUDA=1 pip install --no-build-isolation -e .")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default) or cuda: dense cuBLAS/cuDNN vs torch CSR (cuSPARSE) vs "
+                             "torchprune vs 2:4 semi-structured, fp32 and fp16")
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
@@ -95,16 +162,20 @@ def pyplot():
 
 
 def parse_args(description: str, quick_help: str, argv=None, default_repeats: int = 10):
-    """The options every sparse benchmark takes (--quick, --repeats, --threads, --out), checked; the
-    threads are pinned and ``args.repeats`` is capped at 3 under --quick."""
+    """The options every sparse benchmark takes (--quick, --repeats, --threads, --out, --device),
+    checked; the threads are pinned and ``args.repeats`` is capped at 3 under --quick. --device
+    cuda stops with a clear message where no GPU (or no CUDA build of torchprune) is there."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--repeats", type=int, default=default_repeats)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=RESULTS)
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1")
+    if args.device == "cuda":
+        require_cuda(parser)
     args.limiter = set_threads(args.threads)  # kept alive for the run
     if args.quick:
         args.repeats = min(args.repeats, 3)
@@ -129,6 +200,34 @@ def save_figure(plt, fig, title: str, path: str, dpi: int = 100) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def semi_structured(weight: torch.Tensor):
+    """``weight`` (CUDA, fp16) pruned to 2:4 by magnitude and converted with
+    torch.sparse.to_sparse_semi_structured, and its dense 2:4 twin; or (None, reason) where this
+    torch / GPU has no semi-structured sparsity (needs sm_80+, fp16/bf16, shapes multiple of 64)."""
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return None, f"2:4 is benchmarked in fp16/bf16 only, not {weight.dtype}"
+    try:
+        from torch.sparse import to_sparse_semi_structured
+    except ImportError:
+        return None, "torch.sparse.to_sparse_semi_structured is missing"
+    groups = weight.detach().reshape(-1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.abs().topk(2, dim=1).indices, True)
+    dense = (groups * keep).reshape(weight.shape).contiguous()
+    try:
+        return to_sparse_semi_structured(dense), dense
+    except Exception as error:  # unsupported GPU, dtype or shape
+        return None, f"to_sparse_semi_structured failed: {str(error).splitlines()[0][:120]}"
+
+
+def fmt_ms(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def ratio(numerator, denominator):
+    return None if numerator is None or denominator is None else numerator / denominator
 
 
 def random_mask(shape, sparsity: float, generator: torch.Generator) -> torch.Tensor:

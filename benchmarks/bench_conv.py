@@ -8,7 +8,13 @@ of ``--repeats`` calls. Weights have exactly ``round(s * numel)`` zeros at rando
 Prints the machine and a table, writes JSON and a PNG (speedup against sparsity per batch, with
 the ideal 1/(1-s) line).
 
+With ``--device cuda`` the same grid runs on the GPU in fp32 (TF32 off) and fp16: dense F.conv2d
+(cuDNN) against ``sparse_conv2d`` on the packed weight moved to the GPU, timed with CUDA events,
+interleaved, medians; output in bench_conv_cuda[_quick].json / .png. (torch has no CSR or 2:4
+convolution to compare with; a 2:4 1x1 conv is a 2:4 linear layer, see bench_linear.)
+
     python benchmarks/bench_conv.py [--quick] [--repeats 10] [--threads 2] [--out benchmarks/results]
+                                    [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (break_even, describe, machine_info, pyplot, random_mask,  # noqa: E402
-                     parse_args, save_figure, speedup_axis, time_interleaved, write_json)
+from _common import (break_even, describe, describe_gpu, gpu_info, machine_info,  # noqa: E402
+                     parse_args, pyplot, random_mask, save_figure, speedup_axis, time_cuda,
+                     time_interleaved, write_json)
 
 from torchprune import _ops  # noqa: E402
 
@@ -48,7 +55,12 @@ def label(case) -> str:
     return f"{k}x{k} {cin}->{cout} {hw}x{hw}"
 
 
-def make_runners(case, batch, sparsity, seed=0):
+GPU = "cuda"  # a module constant so that tests can run the --device cuda path on the CPU
+CUDA_DTYPES = (torch.float32, torch.float16)
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-3), torch.float16: dict(rtol=1e-2, atol=5e-2)}
+
+
+def make_runners(case, batch, sparsity, seed=0, device="cpu", dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     k, cin, cout, hw = case
     weight = torch.randn(cout, cin, k, k, generator=generator)
@@ -56,15 +68,18 @@ def make_runners(case, batch, sparsity, seed=0):
     x = torch.randn(batch, cin, hw, hw, generator=generator)
     pad = k // 2
     row_ptr, col_idx, values = _ops.pack_csr(weight.reshape(cout, -1))
+    if device != "cpu" or dtype != torch.float32:  # packed on the CPU, then moved
+        weight, x = weight.to(device, dtype), x.to(device, dtype)
+        row_ptr, col_idx, values = row_ptr.to(device), col_idx.to(device), values.to(device, dtype)
     runners = {
         "F.conv2d": lambda: F.conv2d(x, weight, padding=pad),
         "torchprune": lambda: _ops.sparse_conv2d(x, row_ptr, col_idx, values, k, padding=pad),
     }
 
     def check():
-        reference = F.conv2d(x.double(), weight.double(), padding=pad).float()
+        reference = F.conv2d(x.double(), weight.double(), padding=pad).to(dtype)
         for name, run in runners.items():
-            torch.testing.assert_close(run(), reference, rtol=1e-4, atol=1e-3, msg=f"{name} disagrees")
+            torch.testing.assert_close(run(), reference, **TOL[dtype], msg=f"{name} disagrees")
 
     return runners, check
 
@@ -72,6 +87,8 @@ def make_runners(case, batch, sparsity, seed=0):
 def main(argv=None) -> None:
     args = parse_args(__doc__.split("\n")[0], "two small cases, batch 8, 90%% only", argv, default_repeats=10)
     grid = QUICK if args.quick else dict(cases=CASES, batches=BATCHES, sparsities=SPARSITIES)
+    if args.device == "cuda":
+        return main_cuda(args, grid)
     info = machine_info()
     print(f"machine: {describe(info)}; fp32, stride 1, 'same' padding")
     print(f"medians of {args.repeats} interleaved repeats; speedup = dense time / torchprune time\n")
@@ -105,7 +122,7 @@ def main(argv=None) -> None:
     print(f"\nwrote {args.out}/{name}.json and {name}.png")
 
 
-def plot(results, path, info) -> None:
+def plot(results, path, info, describe=describe, dense="oneDNN") -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -120,8 +137,49 @@ def plot(results, path, info) -> None:
             style = "o-" if rows and rows[0]["kernel"] == 3 else "s--"
             ax.plot([r["sparsity"] for r in rows], [r["speedup"] for r in rows], style,
                     color=f"C{i % 10}", label=case)
-        speedup_axis(ax, sparsities, batch, "speedup over F.conv2d (oneDNN)")
-    save_figure(plt, fig, f"Sparse conv2d, fp32 - {describe(info)}", path)
+        speedup_axis(ax, sparsities, batch, f"speedup over F.conv2d ({dense})")
+    title = "Sparse conv2d, fp32" if dense == "oneDNN" else "Sparse conv2d on the GPU"
+    save_figure(plt, fig, f"{title} - {describe(info)}", path)
+
+
+def main_cuda(args, grid) -> None:
+    """The same grid on the GPU, fp32 and fp16; rows carry the dtype in their case label."""
+    info = gpu_info()
+    print(f"machine: {describe_gpu(info)}; stride 1, 'same' padding")
+    print(f"medians of {args.repeats} interleaved repeats (CUDA events); speedup = cuDNN time / torchprune time\n")
+    header = f"{'conv':<30} {'batch':>5} {'sparsity':>8} {'cuDNN ms':>9} {'tp ms':>9} {'speedup':>8}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for dtype in CUDA_DTYPES:
+        for case in grid["cases"]:
+            for batch in grid["batches"]:
+                for sparsity in grid["sparsities"]:
+                    runners, check = make_runners(case, batch, sparsity, device=GPU, dtype=dtype)
+                    check()
+                    med = time_cuda(runners, args.repeats)
+                    k, cin, cout, hw = case
+                    row = {"case": f"{label(case)} {str(dtype)[6:]}", "kernel": k, "in_channels": cin,
+                           "out_channels": cout, "size": hw, "batch": batch, "sparsity": sparsity,
+                           "dtype": str(dtype)[6:], **{f"{name} ms": t * 1e3 for name, t in med.items()},
+                           "speedup": med["F.conv2d"] / med["torchprune"]}
+                    results.append(row)
+                    print(f"{row['case']:<30} {batch:>5} {sparsity:>8.2f} {row['F.conv2d ms']:>9.3f} "
+                          f"{row['torchprune ms']:>9.3f} {row['speedup']:>7.2f}x")
+    even = {}
+    for dtype in CUDA_DTYPES:
+        for k in sorted({r["kernel"] for r in results}):
+            key = f"{k}x{k} {str(dtype)[6:]}"
+            even[key] = break_even([r for r in results if r["kernel"] == k and r["dtype"] == str(dtype)[6:]],
+                                   "batch", "speedup")
+            print(f"break-even sparsity {key}: "
+                  + ", ".join(f"batch {b}: {s if s is not None else 'never'}" for b, s in even[key].items()))
+    name = "bench_conv_cuda_quick" if args.quick else "bench_conv_cuda"
+    write_json(os.path.join(args.out, name + ".json"),
+               {"machine": info, "dtypes": [str(d)[6:] for d in CUDA_DTYPES], "repeats": args.repeats,
+                "results": results, "break_even": even})
+    plot(results, os.path.join(args.out, name + ".png"), info, describe_gpu, "cuDNN")
+    print(f"\nwrote {args.out}/{name}.json and {name}.png")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,13 @@ at batch 1 and 64. Three versions of each model run in one interleaved loop, med
 Outputs of the three are checked against each other first. Prints the machine and a table,
 writes JSON and a PNG (latency per model and batch).
 
+With ``--device cuda`` the three versions run on the GPU in fp32 (TF32 off) and fp16, timed with
+CUDA events, interleaved, medians; the model is pruned and sparsified on the CPU (every pruned
+layer swapped: ``min_sparsity=0``, since sparsify() times layers on the CPU) and then moved. Output
+in bench_models_cuda[_quick].json / .png.
+
     python benchmarks/bench_models.py [--quick] [--repeats 10] [--threads 2] [--out benchmarks/results]
+                                      [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import describe, machine_info, pyplot, parse_args, save_figure, time_interleaved, write_json  # noqa: E402
+from _common import (describe, describe_gpu, gpu_info, machine_info, parse_args, pyplot,  # noqa: E402
+                     save_figure, time_cuda, time_interleaved, write_json)
 
 import torchprune as tp  # noqa: E402
 
@@ -78,6 +85,8 @@ QUICK = {
 def main(argv=None) -> None:
     args = parse_args(__doc__.split("\n")[0], "small models (for tests)", argv, default_repeats=10)
     models = QUICK if args.quick else MODELS
+    if args.device == "cuda":
+        return main_cuda(args, models)
     info = machine_info()
     print(f"machine: {describe(info)}; fp32, {SPARSITY:.0%} sparsity per layer")
     print(f"medians of {args.repeats} interleaved repeats; speedup = dense time / sparsified time\n")
@@ -115,11 +124,57 @@ def main(argv=None) -> None:
     print(f"\nwrote {args.out}/{out}.json and {out}.png")
 
 
-def plot(results, path, info) -> None:
+GPU = "cuda"  # a module constant so that tests can run the --device cuda path on the CPU
+CUDA_DTYPES = (torch.float32, torch.float16)
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def main_cuda(args, models) -> None:
+    info = gpu_info()
+    print(f"machine: {describe_gpu(info)}; {SPARSITY:.0%} sparsity per layer")
+    print(f"medians of {args.repeats} interleaved repeats (CUDA events); speedup = dense time / sparsified time\n")
+    header = (f"{'model':<40} {'batch':>5} {'dense ms':>9} {'masked ms':>10} {'sparsified ms':>13} "
+              f"{'swapped':>8} {'speedup':>8}")
+    print(header)
+    print("-" * len(header))
+    results = []
+    for dtype in CUDA_DTYPES:
+        for name, (build, input_shape) in models.items():
+            torch.manual_seed(0)
+            masked = tp.prune(build().eval(), sparsity=SPARSITY)
+            dense = tp.make_permanent(copy.deepcopy(masked))
+            sparse = tp.sparsify(masked, min_sparsity=0.0)
+            linears = sum(isinstance(m, nn.Linear) for m in dense.modules())
+            swapped = sum(isinstance(m, (tp.nn.SparseLinear, tp.nn.SparseConv2d)) for m in sparse.modules())
+            masked, dense, sparse = (m.to(GPU, dtype) for m in (masked, dense, sparse))
+            label = f"{name} {str(dtype)[6:]}"
+            for batch in BATCHES:
+                x = torch.randn(input_shape(batch), generator=torch.Generator().manual_seed(1)).to(GPU, dtype)
+                with torch.inference_mode():
+                    reference = dense(x)
+                    for version in (masked, sparse):
+                        torch.testing.assert_close(version(x), reference, **TOL[dtype])
+                    med = time_cuda({"dense": lambda: dense(x), "masked": lambda: masked(x),
+                                     "sparsified": lambda: sparse(x)}, args.repeats)
+                row = {"model": label, "batch": batch, "dtype": str(dtype)[6:], "swapped": swapped,
+                       "linear layers": linears, **{f"{k} ms": v * 1e3 for k, v in med.items()},
+                       "speedup": med["dense"] / med["sparsified"]}
+                results.append(row)
+                print(f"{label:<40} {batch:>5} {row['dense ms']:>9.3f} {row['masked ms']:>10.3f} "
+                      f"{row['sparsified ms']:>13.3f} {f'{swapped}/{linears}':>8} {row['speedup']:>7.2f}x")
+    out = "bench_models_cuda_quick" if args.quick else "bench_models_cuda"
+    write_json(os.path.join(args.out, out + ".json"),
+               {"machine": info, "dtypes": [str(d)[6:] for d in CUDA_DTYPES], "sparsity": SPARSITY,
+                "repeats": args.repeats, "results": results})
+    plot(results, os.path.join(args.out, out + ".png"), info, describe_gpu)
+    print(f"\nwrote {args.out}/{out}.json and {out}.png")
+
+
+def plot(results, path, info, describe=describe) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, max(4.5, 0.6 * len(results))))
     labels = [f"{r['model']}\nbatch {r['batch']}" for r in results]
     ys = range(len(results))
     for offset, key, color in ((-0.27, "dense ms", "C0"), (0.0, "masked ms", "C1"), (0.27, "sparsified ms", "C2")):

@@ -1,7 +1,9 @@
 """masked_linear / masked_conv2d (csrc/cpu/masked_ops.cpp, torchprune/_ops.py) vs plain PyTorch.
 
 The reference is F.linear / F.conv2d with ``weight * mask``: the same function, same gradients for
-x and bias, and a weight gradient that is exactly zero wherever the mask is false.
+x and bias, and a weight gradient that is exactly zero wherever the mask is false. The CUDA kernels
+(csrc/cuda/masked.cu, register_masked.cpp) are checked against the CPU ones on the same cases, at
+the end of this file, whenever a GPU is there.
 """
 
 import random
@@ -45,7 +47,7 @@ def run_with_grads(fn, x, weight, bias, grad_out_seed):
     bias = None if bias is None else bias.detach().requires_grad_()
     y = fn(x, weight, bias)
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed),
-                           dtype=y.dtype)
+                           dtype=y.dtype).to(y.device)
     y.backward(grad_out)
     return y, x.grad, weight.grad, None if bias is None else bias.grad
 
@@ -441,3 +443,170 @@ def test_fake_kernels_check_like_the_real_ones():
         args = conv_args(mask=torch.ones(6, 2, 3, 3))
         with pytest.raises(RuntimeError, match=r"masked_conv2d: `mask` must be a bool"):
             _ops.masked_conv2d(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (csrc/cuda/masked.cu + register_masked.cpp) against the CPU kernels, on the same cases.
+# The "cuda" parameter is skipped, with the reason, where torch sees no GPU; the CPU runs above
+# are unchanged.
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"))
+
+
+@pytest.fixture
+def exact_fp32_on_gpu():
+    """TF32 off (cuDNN uses it for fp32 convolutions by default), so fp32 GPU results match the
+    CPU's to fp32 tolerance."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# cuBLAS / cuDNN sum in another order than MKL / oneDNN: sums of ~2000 fp32 products differ by
+# ~1e-5 absolute, which TOL's atol (made for two CPU paths) would not allow near zero.
+DEVICE_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def assert_device_matches_cpu(op, device, x, weight, mask, bias, dtype, tol=None):
+    """op on `device` (forward and every gradient) equals op on the CPU; the weight gradient is
+    exactly zero where the mask is false on both."""
+    tol = tol or DEVICE_TOL[dtype]
+    moved = [None if t is None else t.to(device) for t in (x, weight, mask, bias)]
+    cpu = run_with_grads(lambda x_, w_, b_: op(x_, w_, mask, b_), x, weight, bias, 0)
+    dev = run_with_grads(lambda x_, w_, b_: op(x_, w_, moved[2], b_), moved[0], moved[1],
+                         moved[3], 0)
+    for name, a, b in zip(("output", "grad_x", "grad_weight", "grad_bias"), dev, cpu):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.device.type == device and a.dtype == dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a.cpu(), b, **tol, msg=name)
+    assert (dev[2].cpu()[~mask] == 0).all(), "grad_weight must be exactly 0 where mask is false"
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("case_id,case", list(enumerate(linear_cases())))
+def test_masked_linear_device_matches_cpu(device, case_id, case, exact_fp32_on_gpu):
+    leading, in_features, out_features, density, dtype, has_bias, layout = case
+    generator = torch.Generator().manual_seed(case_id)
+    x = make_x((*leading, in_features), layout, dtype, generator)
+    weight = torch.randn(out_features, in_features, generator=generator, dtype=dtype)
+    mask = make_mask(weight.shape, density, generator)
+    bias = torch.randn(out_features, generator=generator, dtype=dtype) if has_bias else None
+    assert_device_matches_cpu(_ops.masked_linear, device, x, weight, mask, bias, dtype)
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("case_id,case", list(enumerate(conv_cases())))
+def test_masked_conv2d_device_matches_cpu(device, case_id, case, exact_fp32_on_gpu):
+    (n, c_in, c_out, size, kernel, stride, padding, dilation, groups, density, dtype, has_bias,
+     layout) = case
+    generator = torch.Generator().manual_seed(100 + case_id)
+    x = make_x((n, c_in, *size), layout, dtype, generator)
+    weight = torch.randn(c_out, c_in // groups, *kernel, generator=generator, dtype=dtype)
+    mask = make_mask(weight.shape, density, generator)
+    bias = torch.randn(c_out, generator=generator, dtype=dtype) if has_bias else None
+    conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    assert_device_matches_cpu(
+        lambda x_, w_, m_, b_: _ops.masked_conv2d(x_, w_, m_, b_, **conv_args),
+        device, x, weight, mask, bias, dtype,
+    )
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("numel_offset", [(4096 * 3 + 5, 0), (1000, 1), (7, 3)],
+                         ids=["tail", "misaligned", "tiny"])
+def test_mask_kernel_every_width_and_alignment(device, dtype, numel_offset):
+    """The masked weight the GPU multiplies with is where(mask, w, 0) bit for bit: 16-byte vector
+    path with a tail (numel not a multiple of the vector), and the scalar path for a weight view
+    whose data does not start 16-byte aligned."""
+    numel, offset = numel_offset
+    generator = torch.Generator().manual_seed(numel)
+    base = torch.randn(numel + offset, generator=generator).to(dtype)
+    base[offset::97] = float("nan")  # a pruned nan must come back +0, a kept one stays nan
+    mask = make_mask((1, numel), 0.5, generator)
+    weight = base.to(device)[offset:].view(1, numel)  # contiguous, data starts at `offset`
+    # With grad_out = [[1]] and x = ones: grad_x = 1 * where(mask, w, 0) and grad_w = the mask.
+    ones = torch.ones(1, numel, dtype=dtype, device=device)
+    grad_x, grad_w, _ = OPS.masked_linear_backward(torch.ones(1, 1, dtype=dtype, device=device),
+                                                   ones, weight, mask.to(device),
+                                                   [True, True, False])
+    want = torch.where(mask, base[offset:].view(1, numel), torch.zeros((), dtype=dtype))
+    torch.testing.assert_close(grad_x.cpu(), want, rtol=0, atol=0, equal_nan=True)
+    assert not torch.signbit(grad_x.cpu()[~mask]).any()  # +0, not -0
+    assert torch.equal(grad_w.cpu(), mask.to(dtype))
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_device_matches_cpu(device, dtype):
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(6, 40, generator=generator), torch.randn(24, 40, generator=generator)
+    mask = make_mask(weight.shape, 0.5, generator)
+    bias = torch.randn(24, generator=generator)
+    assert_device_matches_cpu(_ops.masked_linear, device, x.to(dtype), weight.to(dtype), mask,
+                              bias.to(dtype), dtype, tol=dict(rtol=0.05, atol=0.05))
+    image, conv_w = torch.randn(2, 4, 6, 6, generator=generator), torch.randn(6, 4, 3, 3, generator=generator)
+    conv_mask = make_mask(conv_w.shape, 0.5, generator)
+    assert_device_matches_cpu(lambda x_, w_, m_, b_: _ops.masked_conv2d(x_, w_, m_, b_, padding=1),
+                              device, image.to(dtype), conv_w.to(dtype), conv_mask, None, dtype,
+                              tol=dict(rtol=0.05, atol=0.1))
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_pruned_inf_and_nan_weights_count_as_zero_on_device(device, bad, exact_fp32_on_gpu):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 4, generator=generator)
+    mask = make_mask(weight.shape, 0.5, generator)
+    stored = weight.masked_fill(~mask, bad).to(device).requires_grad_()
+    x = torch.randn(3, 4, generator=generator)
+    y = _ops.masked_linear(x.to(device), stored, mask.to(device))
+    torch.testing.assert_close(y.cpu(), F.linear(x, weight * mask))
+    y.sum().backward()
+    assert (stored.grad.cpu()[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_gradcheck_on_device(device, has_bias):
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device).requires_grad_()
+
+    x, weight = leaf(2, 3, 5), leaf(4, 5)
+    mask = make_mask(weight.shape, 0.5, generator).to(device)
+    bias = leaf(4) if has_bias else None
+    assert torch.autograd.gradcheck(lambda *a: _ops.masked_linear(*a), (x, weight, mask, bias))
+    assert torch.autograd.gradgradcheck(lambda *a: _ops.masked_linear(*a), (x, weight, mask, bias))
+
+    image, conv_w = leaf(2, 4, 5, 6), leaf(6, 2, 3, 2)
+    conv_mask = make_mask(conv_w.shape, 0.5, generator).to(device)
+    conv_bias = leaf(6) if has_bias else None
+    conv = lambda x_, w_, b_: _ops.masked_conv2d(x_, w_, conv_mask, b_, (2, 1), 1, (1, 2), 2)  # noqa: E731
+    assert torch.autograd.gradcheck(conv, (image, conv_w, conv_bias))
+    assert torch.autograd.gradgradcheck(conv, (image, conv_w, conv_bias))
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_opcheck_on_device(device):
+    for op, args in opcheck_samples():
+        moved = tuple(a.detach().to(device).requires_grad_(a.requires_grad)
+                      if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, moved)
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_device_errors_name_the_argument(device):
+    args = linear_args()
+    with pytest.raises(RuntimeError, match=r"masked_linear: `x` must be on the same device as `weight`"):
+        _ops.masked_linear(args["x"], args["weight"].to(device), args["mask"].to(device))
+    with pytest.raises(RuntimeError, match=r"masked_linear: `mask` must be on the same device as `weight`"):
+        _ops.masked_linear(args["x"].to(device), args["weight"].to(device), args["mask"])
+    with pytest.raises(RuntimeError, match=r"masked_linear: `mask` must be a bool tensor"):
+        w = args["weight"].to(device)
+        _ops.masked_linear(args["x"].to(device), w, torch.ones_like(w))
