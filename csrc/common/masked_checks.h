@@ -1,6 +1,5 @@
 // Argument checks of the masked ops that the CPU and CUDA kernels share, so that both raise the
-// same messages (built from checks.h). The CPU kernels in csrc/cpu/masked_ops.cpp still hold
-// their own copy of these checks; they are meant to move here.
+// same messages (built from checks.h).
 #pragma once
 
 #include <ATen/ATen.h>

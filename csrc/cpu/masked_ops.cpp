@@ -16,6 +16,7 @@
 
 #include "common/checks.h"
 #include "common/mask_span.h"
+#include "common/masked_checks.h"
 
 namespace torchprune {
 namespace {
@@ -62,18 +63,6 @@ Tensor or_empty(const Tensor& t, const Tensor& like) {
 
 // ---------------------------------------------------------------------------------------------
 // masked_linear
-
-void check_linear(const char* op, const Tensor& x, const Tensor& weight, const Tensor& mask) {
-  check_floating(op, "weight", weight);
-  check_dim(op, "weight", weight, 2);
-  TORCH_CHECK(x.dim() >= 1, op, ": `x` must have at least 1 dimension (..., in_features), ",
-              "got a 0-D tensor");
-  check_like(op, "x", x, "weight", weight);
-  TORCH_CHECK(x.size(-1) == weight.size(1), op,
-              ": `x` must have last dimension in_features = weight.size(1) = ", weight.size(1),
-              ", got shape ", shape_str(x.sizes()));
-  check_mask(op, mask, weight);
-}
 
 // Leading dims of x, flattened: x is used as a [rows, in_features] matrix.
 int64_t leading_rows(const Tensor& x) {
@@ -260,7 +249,7 @@ const uint8_t* mask_bytes(const Tensor& contiguous_mask) {
 Tensor masked_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& mask,
                          const std::optional<Tensor>& bias) {
   const char* op = "masked_linear";
-  check_linear(op, x, weight, mask);
+  check_masked_linear(op, x, weight, mask);
   if (bias.has_value()) {
     check_bias(op, *bias, weight);
   }
@@ -271,21 +260,15 @@ Tensor masked_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& ma
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_linear", [&] {
     linear_forward<scalar_t>(x2, w, mask_bytes(m), bias, y2);
   });
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = weight.size(0);
-  return y2.view(out_sizes);
+  return y2.view(masked_linear_out_sizes(x, weight));
 }
 
 std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_cpu(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& mask,
     std::array<bool, 3> output_mask) {
   const char* op = "masked_linear_backward";
-  check_linear(op, x, weight, mask);
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = weight.size(0);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_sizes), op, ": `grad_out` must have the ",
-              "output's shape ", shape_str(out_sizes), ", got ", shape_str(grad_out.sizes()));
-  check_like(op, "grad_out", grad_out, "weight", weight);
+  check_masked_linear(op, x, weight, mask);
+  check_grad_out(op, grad_out, masked_linear_out_sizes(x, weight), weight);
 
   const int64_t rows = leading_rows(x);
   const Tensor w = weight.contiguous(), m = mask.contiguous();
@@ -312,42 +295,11 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_cpu(
 // ---------------------------------------------------------------------------------------------
 // masked_conv2d
 
-void check_conv2d(const char* op, const Tensor& x, const Tensor& weight, const Tensor& mask,
-                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                  int64_t groups) {
-  check_floating(op, "weight", weight);
-  check_dim(op, "weight", weight, 4);
-  TORCH_CHECK(x.dim() == 4, op, ": `x` must be 4-D (N, C, H, W), got a ", x.dim(),
-              "-D tensor of shape ", shape_str(x.sizes()));
-  check_like(op, "x", x, "weight", weight);
-  check_mask(op, mask, weight);
-  check_pair(op, "stride", stride, 1);
-  check_pair(op, "padding", padding, 0);
-  check_pair(op, "dilation", dilation, 1);
-  TORCH_CHECK(groups >= 1, op, ": `groups` must be >= 1, got ", groups);
-  TORCH_CHECK(weight.size(0) % groups == 0, op,
-              ": `groups` must divide the output channels weight.size(0) = ", weight.size(0),
-              ", got ", groups);
-  TORCH_CHECK(x.size(1) % groups == 0, op,
-              ": `groups` must divide the input channels x.size(1) = ", x.size(1), ", got ",
-              groups);
-  TORCH_CHECK(weight.size(1) * groups == x.size(1), op,
-              ": `weight` must have x.size(1) / groups = ", x.size(1) / groups,
-              " input channels per group (dim 1), got shape ", shape_str(weight.sizes()));
-  const char* names[2] = {"height", "width"};
-  for (int d = 0; d < 2; ++d) {
-    const int64_t kernel = dilation[d] * (weight.size(2 + d) - 1) + 1;
-    TORCH_CHECK(x.size(2 + d) + 2 * padding[d] >= kernel, op, ": `x` must have ", names[d],
-                " + 2 * padding >= the dilated kernel ", names[d], " ", kernel, ", got ",
-                x.size(2 + d), " + 2 * ", padding[d]);
-  }
-}
-
 Tensor masked_conv2d_cpu(const Tensor& x, const Tensor& weight, const Tensor& mask,
                          const std::optional<Tensor>& bias, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "masked_conv2d";
-  check_conv2d(op, x, weight, mask, stride, padding, dilation, groups);
+  check_masked_conv2d(op, x, weight, mask, stride, padding, dilation, groups);
   if (bias.has_value()) {
     check_bias(op, *bias, weight);
   }
@@ -360,15 +312,9 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_cpu(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask) {
   const char* op = "masked_conv2d_backward";
-  check_conv2d(op, x, weight, mask, stride, padding, dilation, groups);
-  std::vector<int64_t> out_sizes = {x.size(0), weight.size(0), 0, 0};
-  for (int d = 0; d < 2; ++d) {
-    const int64_t kernel = dilation[d] * (weight.size(2 + d) - 1) + 1;
-    out_sizes[2 + d] = (x.size(2 + d) + 2 * padding[d] - kernel) / stride[d] + 1;
-  }
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_sizes), op, ": `grad_out` must have the ",
-              "output's shape ", shape_str(out_sizes), ", got ", shape_str(grad_out.sizes()));
-  check_like(op, "grad_out", grad_out, "weight", weight);
+  check_masked_conv2d(op, x, weight, mask, stride, padding, dilation, groups);
+  check_grad_out(op, grad_out, masked_conv2d_out_sizes(x, weight, stride, padding, dilation),
+                 weight);
 
   const std::vector<int64_t> bias_shape = {weight.size(0)};
   const at::OptionalIntArrayRef bias_sizes =
