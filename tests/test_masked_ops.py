@@ -610,3 +610,23 @@ def test_device_errors_name_the_argument(device):
     with pytest.raises(RuntimeError, match=r"masked_linear: `mask` must be a bool tensor"):
         w = args["weight"].to(device)
         _ops.masked_linear(args["x"].to(device), w, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])
+@pytest.mark.parametrize("op", ["masked_linear", "masked_conv2d"])
+def test_autocast_kernels_are_registered(op, key):
+    """Without an autocast kernel a masked layer inside torch.autocast meets fp16 inputs and an
+    fp32 weight and fails with a dtype error; the CUDA one is registered in every build."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchprune::{op}", key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False")
+def test_cuda_autocast_computes_in_half_like_linear():
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 16, device="cuda"), torch.randn(8, 16, device="cuda")
+    mask = torch.rand(8, 16, device="cuda") > 0.5
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = _ops.masked_linear(x, w, mask, None)
+        ref = F.linear(x, w * mask)
+    assert out.dtype == ref.dtype == torch.float16
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)

@@ -44,12 +44,18 @@ struct Autocast {
 };
 
 using AutocastCPU = Autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>;
+using AutocastCUDA = Autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>;
 
 }  // namespace
 }  // namespace torchprune
 
-// CUDA autocast joins when the CUDA kernels do (it would only cast and then find no kernel).
 TORCH_LIBRARY_IMPL(torchprune, AutocastCPU, m) {
   m.impl("masked_linear", &torchprune::AutocastCPU::masked_linear);
   m.impl("masked_conv2d", &torchprune::AutocastCPU::masked_conv2d);
+}
+
+// Registered in every build: in a CPU build no CUDA tensor reaches it.
+TORCH_LIBRARY_IMPL(torchprune, AutocastCUDA, m) {
+  m.impl("masked_linear", &torchprune::AutocastCUDA::masked_linear);
+  m.impl("masked_conv2d", &torchprune::AutocastCUDA::masked_conv2d);
 }
