@@ -40,7 +40,9 @@ def _channel_dim(module: nn.Module, tensor: torch.Tensor) -> int:
 
 def _per_channel(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     """``tensor`` as (channels, everything else), in float64."""
-    return tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1).double()
+    channels = tensor.shape[dim]
+    rest = tensor.numel() // channels if channels else 0  # explicit: -1 is ambiguous for 0 elements
+    return tensor.detach().movedim(dim, 0).reshape(channels, rest).double()
 
 
 class _ForwardStatistic(Importance):

@@ -13,12 +13,12 @@ can feed them its training steps.
 
 from __future__ import annotations
 
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
 
-from .masking import effective_weight
+from .masking import effective_weight, get_mask
 
 __all__ = [
     "Importance",
@@ -78,6 +78,17 @@ def _score_precision(weight: torch.Tensor) -> torch.Tensor:
     return weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
 
 
+def _abs_weight(module: nn.Module, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    """|effective weight| of output rows ``start:stop`` in a new tensor in the scoring precision,
+    with one temporary at most (the masked copy, made absolute in place)."""
+    weight, mask = module.weight.detach()[start:stop], get_mask(module)
+    if mask is not None:
+        weight = torch.where(mask[start:stop], weight, torch.zeros((), dtype=weight.dtype))
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        return weight.float().abs_()
+    return weight.abs_() if mask is not None else weight.abs()  # masked: already a copy
+
+
 def _check_p(p) -> float:
     if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
         raise ValueError(f"`p` must be a positive number, got {p!r}")
@@ -91,7 +102,13 @@ class Magnitude(Importance):
         self.p = _check_p(p)
 
     def score(self, module: nn.Module) -> torch.Tensor:
-        return _score_precision(effective_weight(module)).abs().pow(self.p)
+        return self.score_rows(module, 0, None)
+
+    def score_rows(self, module: nn.Module, start: int, stop: Optional[int]) -> torch.Tensor:
+        """The scores of output rows ``start:stop`` alone: a global ranking computes them block by
+        block instead of holding every layer's scores (see `selection.RowScores`)."""
+        scores = _abs_weight(module, start, stop)
+        return scores if self.p == 1 else scores.pow_(self.p)
 
 
 class FilterNorm(Importance):
@@ -155,7 +172,7 @@ class Gradient(_Accumulated):
     """Sum over batches of |dL/dw|: how strongly the loss reacts to each weight."""
 
     def _term(self, module: nn.Module) -> torch.Tensor:
-        return module.weight.grad.abs()
+        return _score_precision(module.weight.grad).abs()  # half-precision grads summed in float32
 
 
 class Taylor(_Accumulated):
@@ -163,7 +180,8 @@ class Taylor(_Accumulated):
     weight is removed (Molchanov et al. 2017/2019), taken per weight and per batch."""
 
     def _term(self, module: nn.Module) -> torch.Tensor:
-        return (effective_weight(module) * module.weight.grad).abs()
+        weight = _score_precision(effective_weight(module))
+        return (weight * _score_precision(module.weight.grad)).abs_()  # half precision: in float32
 
 
 class Random(Importance):

@@ -91,8 +91,15 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         replay(model, structure)
         modules = dict(model.named_modules(remove_duplicate=False))
 
+    shared: Dict[int, torch.Tensor] = {}  # layers tied to one weight get one mask object, as prune() gives
     for name in masked:
-        attach_mask(modules[name], state[f"{name}.weight_mask" if name else "weight_mask"])
+        module = modules[name]
+        mask = shared.get(id(module.weight))
+        if mask is None:
+            attach_mask(module, state[f"{name}.weight_mask" if name else "weight_mask"])
+            shared[id(module.weight)] = module.weight_mask
+        elif get_mask(module) is not mask:
+            attach_mask(module, mask, copy=False)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -117,6 +124,7 @@ def _check_state_matches(model: nn.Module, masked: Dict[str, str], state: Dict[s
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if _shape(state[k]) != expected[k])
     if missing or unexpected or wrong:
+        where = _layers_of(every_name, missing + unexpected + wrong)
         parts = []
         if missing:
             parts.append(f"missing in the file: {missing[:5]}")
@@ -124,4 +132,19 @@ def _check_state_matches(model: nn.Module, masked: Dict[str, str], state: Dict[s
             parts.append(f"not in the model: {unexpected[:5]}")
         if wrong:
             parts.append("shape differs: " + ", ".join(f"{k} {list(_shape(state[k]))} vs {list(expected[k])}" for k in wrong[:5]))
-        raise ValueError("`model` does not match the file (" + "; ".join(parts) + ")")
+        raise ValueError(f"`model` does not match the file at {where}; nothing was changed (" + "; ".join(parts)
+                         + "; sizes are the file's vs the model's)")
+
+
+def _layers_of(modules: Dict[str, nn.Module], keys) -> str:
+    """The modules that hold the state_dict ``keys``, named with their types, for error messages."""
+    names = []
+    for key in keys:
+        owner = key.rpartition(".")[0]
+        while owner and owner not in modules:
+            owner = owner.rpartition(".")[0]
+        module = modules.get(owner)
+        label = f"{owner or '<model>'!r} ({type(module).__name__ if module is not None else 'absent'})"
+        if label not in names:
+            names.append(label)
+    return ("layer " if len(names) == 1 else "layers ") + ", ".join(names[:5])

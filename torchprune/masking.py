@@ -160,6 +160,12 @@ def check_devices(layers: Dict[str, nn.Module], argument: str = "model") -> None
     """Raises before anything is masked if a layer sits on a device the masked ops cannot run on."""
     for name, layer in layers.items():
         device = layer.weight.device
+        if device.type == "meta":  # no values to rank or mask: refuse rather than make meta masks
+            raise ValueError(
+                f"`{argument}` layer {name!r} is on meta; this build's masked ops run on "
+                f"{', '.join(SUPPORTED_DEVICES)} only, and a meta tensor holds no values to rank or mask: "
+                "materialize the model first (model.to_empty(device='cpu'), then load its weights)"
+            )
         if device.type not in SUPPORTED_DEVICES:
             raise ValueError(
                 f"`{argument}` layer {name!r} is on {device}; this build's masked ops run on "
@@ -168,11 +174,12 @@ def check_devices(layers: Dict[str, nn.Module], argument: str = "model") -> None
             )
 
 
-def attach_mask(module: nn.Module, mask: torch.Tensor) -> None:
+def attach_mask(module: nn.Module, mask: torch.Tensor, copy: bool = True) -> None:
     """Makes ``module`` a masked layer with ``mask`` (true = kept) and zeroes its pruned weights.
 
     A layer that is already masked gets its mask replaced in place (same buffer object, so optimizer
-    hooks and state_dict references stay valid).
+    hooks and state_dict references stay valid). With ``copy=False`` a new mask buffer is ``mask``
+    itself (no copy: prune() hands over masks it made, and tied layers share one mask object).
     """
     if not is_prunable(module):
         raise TypeError(
@@ -187,7 +194,7 @@ def attach_mask(module: nn.Module, mask: torch.Tensor) -> None:
         existing.copy_(mask)
     else:
         module.__class__ = _MASKED_CLASS[type(module)]
-        module.register_buffer("weight_mask", mask.clone())
+        module.register_buffer("weight_mask", mask.clone() if copy else mask)
     _MASKED_MODULES.add(module)
     with torch.no_grad():
         weight.masked_fill_(~module.weight_mask, 0)

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import selection
 from .calibration import observe
-from .importance import Importance, resolve
+from .importance import Importance, Magnitude, resolve
 from .masking import PRUNABLE_TYPES, attach_mask, base_type, check_devices, get_mask, prunable_layers
 
 __all__ = ["prune", "Pruner"]
@@ -49,6 +49,13 @@ def prune(
     residual blocks physically (see `torchprune.structured`); it needs ``example_inputs``, and
     with "channel", ``round_to=k`` makes every group keep a multiple of k channels.
 
+    Odd inputs: NaN/Inf in a layer's weights or scores raises a ValueError naming the layer and
+    what was found, before anything changes; a ratio never empties a layer (at least one weight
+    stays, each layer's best under ``scope="global"``), only an explicit ``threshold`` may; layers
+    tied to one weight share one mask object; zero-size layers get empty masks; meta tensors are
+    refused. Memory: besides the new bool masks, magnitude scores are made in blocks of rows and
+    ranked without sorting (`selection`), so the peak stays well under the model's size.
+
     >>> model = tp.prune(model, sparsity=0.9, scope="global")
     >>> tp.prune(model, granularity="2:4", exclude=["classifier"])
     >>> tp.prune(model, sparsity=0.5, importance="taylor", data=batches, loss_fn=F.cross_entropy)
@@ -74,21 +81,31 @@ def prune(
         _check_data_args(data, loss_fn, importance, criterion.requires_loss)
 
     # Layers that share one weight tensor are ranked once, through the first of them, and all get
-    # the same mask (what any of them pruned before stays pruned).
+    # the same mask object (what any of them pruned before stays pruned).
     unique = {name: layer for name, layer in layers.items() if owners[name] == name}
+    _check_finite_weights(unique)
     criterion.reset()
     criterion.prepare(model, unique)
     if criterion.requires_data:
         observe(model, unique, criterion, data, loss_fn)
-    scores = {name: _checked_score(criterion, name, layer) for name, layer in unique.items()}
-    current = {name: torch.ones_like(layer.weight, dtype=torch.bool) for name, layer in unique.items()}
-    for name, layer in layers.items():
-        current[owners[name]] = current[owners[name]] & _current_mask(layer)
+    current = _current_masks(layers, owners)
     row_wise = getattr(criterion, "compare_within_rows", False)
-    new_masks = _select(scores, current, sparsity, threshold, scope, n_m, row_wise)
+    if scope == "global" and threshold is None and n_m is None:
+        scores = {name: _scores(criterion, name, layer) for name, layer in unique.items()}
+        new_masks = _select(scores, current, sparsity, threshold, scope, n_m, row_wise)
+        del scores
+    else:  # one layer at a time: only one layer's scores exist at once (memory)
+        new_masks = {}
+        for name, layer in unique.items():
+            score = _scores(criterion, name, layer)
+            new_masks.update(_select({name: score}, {name: current[name]}, sparsity, threshold, scope, n_m, row_wise))
+            del score
+    del current
 
+    # Nothing was changed before this point: every score was checked and every mask computed.
     for name, layer in layers.items():
-        attach_mask(layer, new_masks[owners[name]])
+        owner = owners[name]
+        attach_mask(layer, new_masks.pop(owner) if owner == name else layers[owner].weight_mask, copy=False)
     return model
 
 
@@ -270,14 +287,90 @@ def _check_data_args(data, loss_fn, importance, requires_loss: bool = True) -> N
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
 
 
+def _nonfinite(tensor: torch.Tensor, where: Optional[torch.Tensor] = None) -> Optional[str]:
+    """None when every entry (of ``where``, if given) is finite, else what was found and where.
+
+    The common case costs one reduction and no layer-sized temporary: a sum is finite only if
+    every entry is (an overflowing sum just falls through to the exact count, done in row blocks).
+    """
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+        return None
+    counts = {"NaN": 0, "+Inf": 0, "-Inf": 0}
+    first = None
+    rows = tensor.shape[0]
+    for r0, r1 in selection._row_blocks(tensor.numel(), rows):
+        block = tensor[r0:r1]
+        bad = ~torch.isfinite(block)
+        if where is not None:
+            bad &= where[r0:r1].to(bad.device)
+        if not bool(bad.any()):
+            continue
+        counts["NaN"] += int((bad & block.isnan()).sum())
+        counts["+Inf"] += int((bad & block.isposinf()).sum())
+        counts["-Inf"] += int((bad & block.isneginf()).sum())
+        if first is None:
+            index = [int(i) for i in bad.nonzero()[0]]
+            first = [index[0] + r0] + index[1:]
+    if first is None:
+        return None
+    found = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    return f"{found} of {tensor.numel()} entries (the first at index {first})"
+
+
+def _check_finite_weights(layers: Dict[str, nn.Module]) -> None:
+    """Raises before anything runs if a layer's (unpruned) weights hold NaN or Inf: no ranking of
+    such a layer means anything, and its outputs are already broken."""
+    for name, layer in layers.items():
+        found = _nonfinite(layer.weight.detach(), get_mask(layer))
+        if found:
+            raise ValueError(
+                f"layer {name!r} ({base_type(layer).__name__}) has non-finite weights: {found}; fix or reload "
+                "the weights (or exclude the layer with `exclude`) before pruning; nothing was changed"
+            )
+
+
 def _checked_score(criterion: Importance, name: str, layer: nn.Module) -> torch.Tensor:
+    """The criterion's scores for ``layer``, checked: the weight's shape, and finite (NaN or Inf
+    scores, from gradients or calibration data, would rank arbitrarily)."""
     scores = criterion(layer)
     if not isinstance(scores, torch.Tensor) or scores.shape != layer.weight.shape:
         got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"importance {criterion!r} returned {got} for layer {name!r}; expected the weight's shape {list(layer.weight.shape)}")
-    if scores.isnan().any():
-        raise ValueError(f"importance {criterion!r} gave NaN scores for layer {name!r}: its weights or gradients hold NaN")
+    if not scores.is_floating_point():
+        raise TypeError(f"importance {criterion!r} returned {scores.dtype} scores for layer {name!r}; expected a float tensor")
+    found = _nonfinite(scores.detach())
+    if found:
+        source = "its weights, gradients or calibration data"
+        raise ValueError(
+            f"importance {criterion!r} gave non-finite scores for layer {name!r}: {found}; they come from {source} "
+            "(NaN/Inf cannot be ranked); nothing was changed"
+        )
     return scores
+
+
+def _scores(criterion: Importance, name: str, layer: nn.Module):
+    """A layer's scores for selection: made block by block when the criterion is the plain
+    magnitude, so no layer-sized score tensor exists (scores of finite weights, checked before,
+    are finite); else computed and checked now."""
+    cls = type(criterion)
+    if isinstance(criterion, Magnitude) and cls.score is Magnitude.score and cls.score_rows is Magnitude.score_rows:
+        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        return selection.RowScores(layer.weight.shape, dtype, lambda start, stop: criterion.score_rows(layer, start, stop))
+    return _checked_score(criterion, name, layer)
+
+
+def _current_masks(layers: Dict[str, nn.Module], owners: Dict[str, str]) -> Dict[str, Optional[torch.Tensor]]:
+    """Each weight's current mask by owner name: None when no layer holding it is masked, the
+    layers' common mask otherwise (and-ed when tied layers were masked separately)."""
+    current: Dict[str, Optional[torch.Tensor]] = {}
+    for name, layer in layers.items():
+        owner, mask = owners[name], get_mask(layer)
+        before = current.get(owner)
+        if mask is None or before is mask:
+            current.setdefault(owner, before)
+        else:
+            current[owner] = mask if before is None else before & mask
+    return current
 
 
 def _current_mask(layer: nn.Module) -> torch.Tensor:
