@@ -321,3 +321,18 @@ def test_compile_fullgraph_over_sparsified_model():
     x = torch.randn(2, 3, 4, 4)
     compiled = torch.compile(sparse, fullgraph=True)
     torch.testing.assert_close(compiled(x), sparse(x))
+
+
+def test_layers_on_a_device_without_kernels_are_refused_naming_the_devices():
+    from torchprune._devices import kernel_devices
+
+    devices = kernel_devices("sparse_linear")
+    assert devices[0] == "cpu"
+    assert ("cuda" in devices) == torch._C._dispatch_has_kernel_for_dispatch_key("torchprune::sparse_linear", "CUDA")
+    layer = nn.Linear(8, 4, device="meta")
+    with pytest.raises(ValueError, match=r"`linear` is on meta; this build's sparse kernels run on cpu"):
+        SparseLinear.from_dense(layer)
+    from torchprune.sparsify import plan
+
+    decision = plan(nn.Sequential(layer), min_sparsity=0.0)["0"]
+    assert not decision.swap and "on meta" in decision.reason

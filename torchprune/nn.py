@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
+from ._devices import kernel_devices
 from .masking import _conv_input_and_padding, get_mask
 
 __all__ = ["SparseLinear", "SparseConv2d"]
@@ -89,10 +90,11 @@ class _SparseLayer(nn.Module):
     @staticmethod
     def _check_source(layer: nn.Module, argument: str) -> None:
         weight = layer.weight
-        if weight.device.type != "cpu":
+        devices = kernel_devices("sparse_linear")
+        if weight.device.type not in devices:
             raise ValueError(
-                f"`{argument}` is on {weight.device}; the sparse kernels run on cpu only in this "
-                "build: move the layer to the CPU first (layer.cpu())"
+                f"`{argument}` is on {weight.device}; this build's sparse kernels run on "
+                f"{', '.join(devices)} only: move the layer first (layer.cpu()), or use a CUDA build"
             )
         if weight.dtype not in _DTYPES:
             raise TypeError(

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ._devices import kernel_devices, synchronize
 from .calibration import hooked_eval
 from .masking import base_type, get_mask, is_prunable
 from .nn import _DTYPES, SparseConv2d, SparseLinear
@@ -162,6 +163,10 @@ def plan(model: nn.Module, min_sparsity: Optional[float] = None,
     else:
         for name, layer in eligible.items():
             d = decisions[name]
+            if layer.weight.device.type != "cpu":
+                d.reason = (f"on {layer.weight.device}: the cost model holds CPU measurements; pass "
+                            "example_inputs (timed on the device) or min_sparsity")
+                continue
             kind = _kind(layer)
             levels = BREAK_EVEN[kind].values()
             if None in levels:
@@ -177,13 +182,16 @@ def plan(model: nn.Module, min_sparsity: Optional[float] = None,
 def _eligibility(layer: nn.Module, users: Dict[int, int]) -> Tuple[float, Optional[str]]:
     """(stored sparsity, None) for a layer sparsify may swap, else (sparsity, why it stays)."""
     weight = layer.weight
+    devices = kernel_devices("sparse_linear")
+    if weight.device.type == "meta":  # no values: nothing to count or pack
+        return float("nan"), f"on meta: no values; this build's sparse kernels run on {', '.join(devices)}"
     mask = get_mask(layer)
     kept = int(mask.sum()) if mask is not None else int(torch.count_nonzero(weight.detach()))
     sparsity = 1.0 - kept / weight.numel() if weight.numel() else 0.0
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         return sparsity, f"grouped convolution (groups={layer.groups}): no sparse kernel, stays dense"
-    if weight.device.type != "cpu":
-        return sparsity, f"on {weight.device}: the sparse kernels run on cpu only"
+    if weight.device.type not in devices:
+        return sparsity, f"on {weight.device}: this build's sparse kernels run on {', '.join(devices)} only"
     if weight.dtype not in _DTYPES:
         return sparsity, f"{weight.dtype}: the sparse kernels take {[str(d) for d in _DTYPES]}"
     if users.get(id(weight), 0) > 1:
@@ -227,17 +235,21 @@ def _time_layer(layer: nn.Module, shapes: List[torch.Size]) -> Tuple[float, floa
     totals = [0.0, 0.0]
     with torch.no_grad():
         for shape in shapes:
-            x = torch.randn(shape, generator=generator, dtype=layer.weight.dtype)
+            device = layer.weight.device
+            x = torch.randn(shape, generator=generator, dtype=layer.weight.dtype).to(device)
             runners = (layer, sparse)
+            synchronize(device)
             start = time.perf_counter()
             for run in runners:  # warm-up (first-call allocations, caches)
                 run(x)
+            synchronize(device)
             calls = min(_MAX_CALLS, max(_MIN_CALLS, int(_TARGET_SECONDS / max(time.perf_counter() - start, 1e-9))))
             times: List[List[float]] = [[], []]
             for _ in range(calls):
                 for i, run in enumerate(runners):
                     start = time.perf_counter()
                     run(x)
+                    synchronize(device)
                     times[i].append(time.perf_counter() - start)
             for i in range(2):
                 totals[i] += statistics.median(times[i])
