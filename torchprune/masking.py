@@ -31,6 +31,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _ops
+from ._devices import kernel_devices
 
 __all__ = [
     "PRUNABLE_TYPES",
@@ -152,25 +153,22 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return weight if mask is None else torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
 
 
-#: Devices the masked ops have kernels for in this build (CUDA kernels are a later milestone).
-SUPPORTED_DEVICES = ("cpu",)
-
-
 def check_devices(layers: Dict[str, nn.Module], argument: str = "model") -> None:
     """Raises before anything is masked if a layer sits on a device the masked ops cannot run on."""
+    devices = kernel_devices("masked_linear")
     for name, layer in layers.items():
         device = layer.weight.device
         if device.type == "meta":  # no values to rank or mask: refuse rather than make meta masks
             raise ValueError(
                 f"`{argument}` layer {name!r} is on meta; this build's masked ops run on "
-                f"{', '.join(SUPPORTED_DEVICES)} only, and a meta tensor holds no values to rank or mask: "
+                f"{', '.join(devices)} only, and a meta tensor holds no values to rank or mask: "
                 "materialize the model first (model.to_empty(device='cpu'), then load its weights)"
             )
-        if device.type not in SUPPORTED_DEVICES:
+        if device.type not in devices:
             raise ValueError(
                 f"`{argument}` layer {name!r} is on {device}; this build's masked ops run on "
-                f"{', '.join(SUPPORTED_DEVICES)} only: prune on CPU (model.cpu()), or use a CUDA build "
-                "once it exists"
+                f"{', '.join(devices)} only: prune on CPU (model.cpu()), or use a CUDA build "
+                "(setup.py: FORCE_CUDA=1)"
             )
 
 
