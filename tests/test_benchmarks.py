@@ -133,3 +133,18 @@ def test_gpu_check_script_parses():
     assert os.access(script, os.X_OK)
     done = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_bench_memory_quick(tmp_path):
+    """One fresh process per case; every case reports a positive peak and its ratio to the model."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_memory.py"), "--quick",
+                           "--sizes", "5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "machine:" in done.stdout
+    with open(tmp_path / "bench_memory_quick.json") as f:
+        rows = json.load(f)["rows"]
+    assert {r["case"] for r in rows} == {"magnitude-layer", "magnitude-global", "channel-conv"}
+    for row in rows:
+        assert row["model_mb"] == pytest.approx(5.0, rel=0.05)
+        assert row["peak_extra_mb"] > 0 and row["ratio"] == pytest.approx(row["peak_extra_mb"] / row["model_mb"])
