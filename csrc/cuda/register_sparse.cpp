@@ -256,7 +256,9 @@ std::tuple<Tensor, Tensor, Tensor> transpose_csr(const Tensor& row_ptr, const Te
   if (col_idx.scalar_type() == at::kShort) {
     columns = columns.bitwise_and(kMaxShortColumns - 1);  // the int16 holds an unsigned column
   }
-  const auto [sorted, order] = at::sort(columns, /*stable=*/true, /*dim=*/0);
+  // std::optional<bool> names the (stable, dim) overload: a plain `true` would pick
+  // sort(self, dim=1, descending=false) and fail on this 1-D tensor.
+  const auto [sorted, order] = at::sort(columns, std::optional<bool>(true), /*dim=*/0);
   Tensor t_row_ptr = at::searchsorted(sorted, at::arange(cols + 1, columns.options()),
                                       /*out_int32=*/true);
   const Tensor counts = row_ptr.narrow(0, 1, rows) - row_ptr.narrow(0, 0, rows);
