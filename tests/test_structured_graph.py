@@ -1,5 +1,6 @@
 """DependencyGraph: the groups it finds on the zoo and on hand-made cases, and what it refuses."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -56,6 +57,13 @@ def test_attention_is_reported_not_broken():
         assert member in stream.indices
     assert stream.prunable and not stream.exact
     assert group_of(graph, ("blocks.0.mlp.fc1", "weight", 0)).prunable
+    # inside: position j of every head's q and k is one unit, of every head's v (with out_proj's column) another
+    inner = [g for g in graph.groups if ("blocks.0.attn", "in_proj_weight", 0) in g.indices]
+    assert len(inner) == 2 and all(g.prunable and g.exact and len(g) == 4 for g in inner)
+    qk, v = sorted(inner, key=lambda g: ("blocks.0.attn.out_proj", "weight", 1) in g.indices)
+    assert qk.indices[("blocks.0.attn", "in_proj_weight", 0)][1].tolist() == [1, 5, 9, 13, 17, 21, 25, 29]
+    assert v.indices[("blocks.0.attn", "in_proj_weight", 0)][1].tolist() == [33, 37, 41, 45]
+    assert v.indices[("blocks.0.attn.out_proj", "weight", 1)][1].tolist() == [1, 5, 9, 13]
     model, x = zoo.build("transformer")
     graph = DependencyGraph(model, x)
     qkv = [g for g in graph.groups if ("blocks.0.attn.qkv", "weight", 0) in g.indices]
@@ -239,6 +247,55 @@ class WithDefault(nn.Module):
         return self.b(torch.relu(self.a(x)) * scale)
 
 
+def by_fx(model, x):
+    """A DependencyGraph from torch.fx's symbolic trace (used when a layer does not run on x)."""
+    from torchprune.structured import graph as graph_module
+    from torchprune.structured.trace import trace_fx
+
+    original = graph_module.trace
+    graph_module.trace = trace_fx
+    try:
+        return DependencyGraph(model, x)
+    finally:
+        graph_module.trace = original
+
+
 def test_arguments_left_to_their_defaults():
-    graph = DependencyGraph(WithDefault(), torch.randn(3, 4))
+    for graph in (DependencyGraph(WithDefault(), torch.randn(3, 4)), by_fx(WithDefault(), torch.randn(3, 4))):
+        assert group_of(graph, ("a", "weight", 0)).prunable
+    assert by_fx(WithDefault(), torch.randn(3, 4)).tracing == "torch.fx"
+
+
+def test_a_layer_that_does_not_run_is_traced_by_fx():
+    """A layer the example inputs skip (an auxiliary head) is invisible to a run: fx traces it."""
+
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.aux = nn.Linear(6, 3)
+            self.b = nn.Linear(6, 2)
+            self.use_aux = False
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.aux(h) if self.use_aux else self.b(h)
+
+    graph = DependencyGraph(Skips(), torch.randn(3, 4))
     assert graph.tracing == "torch.fx" and group_of(graph, ("a", "weight", 0)).prunable
+
+
+def test_unit_signatures_survive_hash_collisions():
+    """Units are grouped by hashing their runs; with every hash equal (zero weights) the full
+    comparison must still separate different signatures and join equal ones."""
+    from torchprune.structured.graph import _signatures
+
+    # units: 0 and 2 own (member 0, 1 index), (member 1, 1 index); 1 owns (member 0, 2 indices); 3 is frozen
+    runs = np.array([2, 1, 2, 2])
+    unit_first = np.array([0, 2, 3, 5])
+    run_key = np.array([0, 1, 0, 0, 1, 0, 1])
+    run_length = np.array([1, 1, 2, 1, 1, 1, 1])
+    frozen = np.array([False, False, False, True])
+    for weights in (None, np.zeros(6, dtype=np.int64)):
+        kind = _signatures(frozen, runs, unit_first, run_key, run_length, weights)
+        assert kind[0] == kind[2] and len({kind[0], kind[1], kind[3]}) == 3

@@ -1,6 +1,7 @@
 """granularity="head" and "layer": exactness against zeroing, attributes, save/load replay."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -38,6 +39,20 @@ def test_pruned_mha_matches_nn_mha_with_masks_and_weights():
         got = full(q, kv, kv, **kwargs)
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_mha_pickled_before_v_head_dim_and_scale_still_loads():
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    old = PrunedMultiheadAttention.from_attention(mha, torch.arange(4))
+    del old.__dict__["v_head_dim"], old.__dict__["scale"]
+    buffer = io.BytesIO()
+    torch.save(old, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert restored.v_head_dim == 4 and restored.scale == pytest.approx(0.5)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x, x, x)[0], mha(x, x, x)[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["vit", "transformer"])

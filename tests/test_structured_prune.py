@@ -71,7 +71,7 @@ def test_prune_gives_a_smaller_plain_module(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vgg", "resnet_basic", "transformer"])
+@pytest.mark.parametrize("name", ["vgg", "resnet_basic", "transformer", "vit"])
 def test_pruned_model_compiles(name):
     model, x = zoo.build(name)
     tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x)
@@ -136,6 +136,22 @@ def test_criteria(importance):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("importance", ["activation", "bn_scale"])
+def test_attention_positions_without_an_output_layer_are_scored_by_their_weights(importance):
+    """No layer outputs the q/k or v positions inside attention, and no norm scales them: their
+    groups are scored by FilterNorm(2) rather than all tied at zero."""
+    from torchprune.structured.scoring import group_scores
+
+    model, x = zoo.build("vit")
+    data = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))]
+    inner = [g for g in DependencyGraph(model, x).groups if ("blocks.0.attn", "in_proj_weight", 0) in g.indices]
+    got = group_scores(model, inner, resolve(importance), data=data)
+    want = group_scores(model, inner, resolve("filter_norm"))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+        assert a.unique().numel() == len(a)
+
+
 def test_bad_input_changes_nothing():
     model, x = zoo.build("mlp")
     before = snapshot(model)
@@ -158,7 +174,7 @@ def test_bad_input_changes_nothing():
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("name", ["resnet_bottleneck", "concat", "transformer", "glu", "dynamic"])
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "concat", "transformer", "vit", "glu", "dynamic"])
 def test_save_load_replays_the_removal(name, tmp_path):
     model, x = zoo.build(name)
     tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x)
@@ -223,8 +239,44 @@ def test_attention_width_removal_equals_zeroing():
     zero_channels(masked, removed)
     apply_plan(pruned, plan_from_removed(pruned, removed))
     assert pruned.attn.embed_dim == 8 and pruned.attn.num_heads == 4
+    assert pruned.attn.head_dim == pruned.attn.v_head_dim == 2 and pruned.attn.scale == 0.5  # 1/sqrt(4) kept
     with torch.no_grad():
         torch.testing.assert_close(pruned(*x), masked(*x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("qk_drop, v_drop", [([0, 3], []), ([], [1]), ([2], [0, 1, 3])])
+def test_head_dims_of_q_k_and_v_shrink_apart(qk_drop, v_drop, tmp_path):
+    """q/k and v positions are separate groups: removing different numbers of each keeps the
+    module exact (same outputs and attention weights as zeroing), traceable, and replayable."""
+    torch.manual_seed(0)
+    model, x = AttentionNet().eval(), (torch.randn(2, 5, 6),)
+    graph = DependencyGraph(model, x)
+    inner = [g for g in graph.groups if ("attn", "in_proj_weight", 0) in g.indices]
+    qk, v = sorted(inner, key=lambda g: ("attn.out_proj", "weight", 1) in g.indices)
+    removed = {}
+    for group, drop in ((qk, qk_drop), (v, v_drop)):
+        for member, indices in group.indices.items():
+            if drop:
+                removed.setdefault(member, []).append(indices[drop].flatten())
+    removed = {m: torch.cat(parts) for m, parts in removed.items()}
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    zero_channels(masked, removed)
+    apply_plan(pruned, plan_from_removed(pruned, removed))
+    assert (pruned.attn.head_dim, pruned.attn.v_head_dim) == (4 - len(qk_drop), 4 - len(v_drop))
+    h = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(*x), masked(*x), rtol=1e-4, atol=1e-5)
+        for a, b in zip(pruned.attn(h, h, h, average_attn_weights=False), masked.attn(h, h, h, average_attn_weights=False)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.jit.trace(pruned, x)(*x), pruned(*x))
+    # heads can still be removed afterwards: same as zeroing them
+    from torchprune.structured.heads import remove_heads, zero_heads
+
+    masked_heads, fewer = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    zero_heads(masked_heads, "attn", [1, 2])
+    remove_heads(fewer, "attn", [0, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(fewer(*x), masked_heads(*x), rtol=1e-4, atol=1e-5)
 
 
 def test_masks_first_then_channels():

@@ -1,10 +1,12 @@
-"""Tracing by running (structured/record.py): models whose own forward torch.fx cannot trace."""
+"""Tracing by running (structured/record.py): every model first, including those whose own forward
+torch.fx cannot trace; the same groups as fx where it can."""
 
 import copy
 
 import pytest
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 import torchprune as tp
 import zoo
@@ -14,7 +16,7 @@ from torchprune.structured import graph as graph_module
 from torchprune.structured.prune import choose_removal
 from torchprune.structured.record import record
 from torchprune.structured.remove import apply_plan, plan_from_removed, zero_channels
-from torchprune.structured.trace import _LeafTracer
+from torchprune.structured.trace import _LeafTracer, trace_fx
 
 
 def group_of(graph, member):
@@ -50,10 +52,10 @@ def test_recorded_model_prunes_like_zeroing_and_keeps_working():
         torch.testing.assert_close(pruned(other), masked(other), rtol=1e-4, atol=1e-5)
 
 
-def _recorded(model, x):
-    """A DependencyGraph built from a recorded run even where torch.fx could trace the model."""
+def _by_fx(model, x):
+    """A DependencyGraph from torch.fx's symbolic trace and a labelled run of its graph."""
     original = graph_module.trace
-    graph_module.trace = lambda m, inputs: record(m, inputs, _LeafTracer().is_leaf_module, "forced")
+    graph_module.trace = trace_fx
     try:
         return DependencyGraph(model, x)
     finally:
@@ -67,7 +69,7 @@ def _summary(graph):
 @pytest.mark.parametrize("name", [n for n in zoo.ZOO if n != "dynamic"])
 def test_recorded_run_finds_the_groups_fx_finds(name):
     model, x = zoo.build(name)
-    by_fx, by_run = DependencyGraph(model, x), _recorded(model, x)
+    by_fx, by_run = _by_fx(model, x), DependencyGraph(model, x)
     assert by_fx.tracing == "torch.fx" and by_run.tracing == "recorded run"
     assert _summary(by_run) == _summary(by_fx)
     for a, b in zip(sorted(by_fx.groups, key=lambda g: sorted(g.indices)), sorted(by_run.groups, key=lambda g: sorted(g.indices))):
@@ -151,8 +153,66 @@ class Operators(nn.Module):
 
 def test_operators_are_recorded_like_fx():
     model, x = Operators().eval(), torch.randn(3, 6)
-    by_fx, by_run = DependencyGraph(model, x), _recorded(model, x)
-    assert _summary(by_run) == _summary(by_fx)
+    by_fx, by_run = _by_fx(model, x), DependencyGraph(model, x)
+    assert by_run.tracing == "recorded run" and _summary(by_run) == _summary(by_fx)
     stream = group_of(by_run, ("a", "weight", 0))
     assert stream.prunable and {("b", "weight", 0), ("b", "weight", 1), ("c", "weight", 1)} <= set(stream.indices)
     assert group_of(by_run, ("c", "weight", 0)).prunable
+
+
+def test_an_error_inside_a_layer_leaves_torch_function_modes_as_they_were():
+    """The recorder takes its mode off torch's stack while a layer runs: an error in the layer
+    must not leave it off (nor on) the stack."""
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.b = nn.Linear(5, 2)  # wrong input width: fails inside the layer
+
+        def forward(self, x):
+            if x.sum() > 0:  # fx cannot trace this: the run is recorded
+                x = x * 2
+            return self.b(torch.relu(self.a(x)))
+
+    class Outer(TorchFunctionMode):  # the caller's own mode, under ours
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Outer() as outer:
+        with pytest.raises(RuntimeError):
+            DependencyGraph(Broken(), torch.ones(2, 4))
+        assert torch._C._len_torch_function_stack() == 1 and torch._C._get_function_stack_at(0) is outer
+    assert torch._C._len_torch_function_stack() == 0
+    graph = DependencyGraph(zoo.build("dynamic")[0], zoo.build("dynamic")[1])
+    assert graph.tracing == "recorded run" and graph.prunable_groups
+
+
+def test_the_run_holds_no_activation_the_model_frees():
+    """Labels are kept by weak reference: a deep stack of layers does not keep every activation."""
+    from torchprune.structured import record as record_module
+
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(12))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return x.mean((2, 3))
+
+    most = [0]
+    original = record_module.Recorder.hook
+
+    def hook(self, module, args, out):
+        alive = sum(1 for ref, _ in self.values.values() if ref() is not None and ref().dim() == 4)
+        most[0] = max(most[0], alive)
+        return original(self, module, args, out)
+
+    record_module.Recorder.hook = hook
+    try:
+        graph = DependencyGraph(Deep(), torch.randn(2, 4, 8, 8))
+    finally:
+        record_module.Recorder.hook = original
+    assert graph.tracing == "recorded run" and 1 <= most[0] <= 3

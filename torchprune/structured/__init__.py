@@ -1,8 +1,8 @@
 """Structured pruning: whole channels, attention heads and residual blocks removed physically.
 
 * graph.py (with trace.py, record.py, dispatch.py, rules.py, labels.py): `DependencyGraph`, the
-  coupled channel groups, traced by torch.fx or, when fx cannot trace the model's own forward,
-  from one recorded run on the example inputs;
+  coupled channel groups, from one recorded run on the example inputs or, where a layer does not
+  run on them, from torch.fx's symbolic trace;
 * scoring.py: group importance; prune.py: selection and `prune_channels`;
 * remove.py + compact.py: slicing every member through the C++ ``compact`` op;
 * heads.py + attention.py: attention heads; layers.py: residual blocks; replay.py: `tp.load`.

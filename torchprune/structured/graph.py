@@ -8,8 +8,9 @@ A *unit* is one removable channel: the set of tensor slices (a conv's output fil
 entry, the next conv's input channel, ...) that go together. Units that touch the same tensors in
 the same way form a *group*: the output channels of one layer together with everything coupled to
 them (a residual stream is one group across all blocks that add into it). Tracing is done once
-per graph (see trace.py; ``graph.tracing`` says whether torch.fx traced the model or, because fx
-cannot trace its own forward, one recorded run did: record.py); nothing in the model is changed.
+per graph (see trace.py; ``graph.tracing`` says whether one recorded run on the example inputs
+labelled the model, record.py, or torch.fx's symbolic trace did, because a layer did not run on
+them); nothing in the model is changed.
 """
 
 from __future__ import annotations
@@ -71,11 +72,11 @@ class DependencyGraph:
         self.model = model
         self.example_inputs = as_inputs(example_inputs)
         tracer = trace(model, self.example_inputs)
-        #: "torch.fx", or "recorded run" when fx cannot trace the model's own forward (see record.py)
+        #: "recorded run" (record.py), or "torch.fx" where a layer did not run on the example inputs
         self.tracing = tracer.method
         self.attention = tracer.attention
         labels = tracer.labels
-        members = {key: labels.components_of(ids) for key, ids in tracer.members.items()}
+        members = _components(labels, tracer.members)
         modules = dict(model.named_modules())
         for qualname, ids in tracer.positional.items():
             module_name, _, tensor = qualname.rpartition(".")
@@ -95,7 +96,8 @@ class DependencyGraph:
         """Units (components) that own the same number of indices of the same members, and are
         all frozen or all not, form one group. Units are ordered by where they first appear
         (members in trace order, then index), groups by their first unit. Vectorized with numpy
-        (a flatten into a large Linear gives thousands of indices); one Python step per unit."""
+        (a flatten into a large Linear gives thousands of indices, a wide MLP thousands of units):
+        units with equal signatures are found by hashing them (see `_signatures`)."""
         keys = list(members)
         arrays = [members[key].numpy() for key in keys]
         comp = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
@@ -112,28 +114,34 @@ class DependencyGraph:
         run_length = np.diff(np.r_[run_start, len(comp)])
         run_comp, run_key = comp[run_start], key[run_start]
         unit_first = np.flatnonzero(np.r_[True, run_comp[1:] != run_comp[:-1]])  # each unit's first run
-        unit_end = np.r_[unit_first[1:], len(run_start)]
+        runs = np.diff(np.r_[unit_first, len(run_start)])
         units = run_comp[unit_first]
-        unit_order = np.lexsort((index[run_start[unit_first]], run_key[unit_first]))
         frozen = np.isin(units, np.fromiter(labels.frozen_reasons, dtype=np.int64, count=len(labels.frozen_reasons)))
-        by_signature: Dict[Tuple, List[int]] = {}
-        for u in unit_order.tolist():
-            a, b = unit_first[u], unit_end[u]
-            signature = (bool(frozen[u]), run_key[a:b].tobytes(), run_length[a:b].tobytes())
-            by_signature.setdefault(signature, []).append(u)
+        kind = _signatures(frozen, runs, unit_first, run_key, run_length)
+        unit_order = np.lexsort((index[run_start[unit_first]], run_key[unit_first]))
+        ordered_kind = kind[unit_order]
+        _, first_seen = np.unique(ordered_kind, return_index=True)
+        rank = np.empty(len(first_seen), dtype=np.int64)
+        rank[np.argsort(first_seen)] = np.arange(len(first_seen))  # group number of each kind
+        by_group = unit_order[np.argsort(rank[ordered_kind], kind="stable")]
+        bounds = np.r_[0, np.cumsum(np.bincount(rank[ordered_kind]))]
+        inexact = np.isin(units, np.fromiter(labels.inexact_reasons, dtype=np.int64, count=len(labels.inexact_reasons)))
         groups = []
-        for rows in by_signature.values():
-            rows = np.asarray(rows)
+        for g in range(len(first_seen)):
+            rows = by_group[bounds[g] : bounds[g + 1]]
             first = unit_first[rows]
-            a, b = first[0], unit_end[rows[0]]
+            a = first[0]
             indices = {}
-            for j in range(b - a):
+            for j in range(runs[rows[0]]):
                 at = run_start[first + j][:, None] + np.arange(run_length[a + j])
                 indices[keys[run_key[a + j]]] = torch.from_numpy(index[at])
-            unit_ids = units[rows].tolist()
-            reasons = list(dict.fromkeys(r for c in unit_ids for r in labels.frozen_reasons.get(c, [])))
-            inexact = list(dict.fromkeys(r for c in unit_ids for r in labels.inexact_reasons.get(c, [])))
-            groups.append(Group(indices, not bool(frozen[rows[0]]), reasons, not inexact, inexact))
+            reasons, inexact_reasons = [], []
+            if frozen[rows[0]]:
+                reasons = list(dict.fromkeys(r for c in units[rows].tolist() for r in labels.frozen_reasons[c]))
+            hits = rows[inexact[rows]]
+            if len(hits):
+                inexact_reasons = list(dict.fromkeys(r for c in units[hits].tolist() for r in labels.inexact_reasons[c]))
+            groups.append(Group(indices, not bool(frozen[rows[0]]), reasons, not inexact_reasons, inexact_reasons))
         return groups
 
     @property
@@ -156,6 +164,43 @@ class DependencyGraph:
                  f"traced by {self.tracing})"]
         lines += [f"  {g}" for g in self.groups]
         return "\n".join(lines)
+
+
+def _components(labels, members: Dict[Member, torch.Tensor]) -> Dict[Member, torch.Tensor]:
+    """`labels.components_of` of every member's ids, in one numpy lookup (a model has hundreds)."""
+    if not members:
+        return {}
+    arrays = [ids.numpy() for ids in members.values()]
+    ids = np.concatenate(arrays)
+    comp = np.where(ids >= 0, labels.component[np.maximum(ids, 0)], -1)
+    parts = np.split(comp, np.cumsum([len(a) for a in arrays])[:-1])
+    return {key: torch.from_numpy(part) for key, part in zip(members, parts)}
+
+
+def _signatures(frozen, runs, unit_first, run_key, run_length, weights=None) -> np.ndarray:
+    """A number per unit, equal for units with the same signature: frozen or not, and the same
+    (member, length) at each of their runs. The runs are hashed into one int64 per unit (a
+    random linear combination that wraps), then every unit is compared with its class's first
+    unit; only if two different signatures share a hash are they compared in full (np.unique
+    over padded rows, several times slower). ``weights`` (tests) replaces the random ones."""
+    unit_of_run = np.repeat(np.arange(len(runs)), runs)
+    slot = np.arange(len(run_key)) - unit_first[unit_of_run]
+    if weights is None:
+        weights = np.random.default_rng(0).integers(1, 2**62, 2 * int(runs.max()) + 2, dtype=np.int64)
+    per_run = run_key * weights[2 + 2 * slot] + run_length * weights[3 + 2 * slot]
+    hashed = np.add.reduceat(per_run, unit_first) + frozen * weights[0] + runs * weights[1]
+    _, first, kind = np.unique(hashed, return_index=True, return_inverse=True)
+    kind = kind.reshape(-1)
+    same = (frozen == frozen[first[kind]]) & (runs == runs[first[kind]])
+    if same.all():
+        twin = unit_first[first[kind]][unit_of_run] + slot  # the same run of the class's first unit
+        if (run_key[twin] == run_key).all() and (run_length[twin] == run_length).all():
+            return kind
+    rows = np.full((len(runs), 2 + 2 * int(runs.max())), -1, dtype=np.int64)
+    rows[:, 0], rows[:, 1] = frozen, runs
+    rows[unit_of_run, 2 + 2 * slot] = run_key
+    rows[unit_of_run, 3 + 2 * slot] = run_length
+    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
 
 
 def as_inputs(example_inputs) -> tuple:

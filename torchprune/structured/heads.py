@@ -54,22 +54,22 @@ def attention_modules(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def _slices(module):
-    """(weights, dims) of the four per-head members: q, k, v rows and output-projection columns."""
+    """(q, k, v row blocks, output projection) of the per-head members, and v's features per head."""
     h, hd = module.num_heads, module.head_dim
+    vhd = getattr(module, "v_head_dim", hd)
     if _packed(module):
         w, out = module.in_proj_weight.detach(), module.out_proj.weight.detach()
     else:
         w, out = module.qkv.weight.detach(), module.proj.weight.detach()
-    inner = h * hd
-    return [w[i * inner : (i + 1) * inner] for i in range(3)], out
+    return (w[: h * hd], w[h * hd : 2 * h * hd], w[2 * h * hd :]), out, vhd
 
 
 def _head_scores(module, criterion) -> torch.Tensor:
     h, hd = module.num_heads, module.head_dim
-    (q, k, v), out = _slices(module)
+    (q, k, v), out, vhd = _slices(module)
     p = float(getattr(criterion, "p", 1))
-    parts = [t.double().abs().pow(p).reshape(h, hd, -1).sum((1, 2)) for t in (q, k, v)]
-    parts.append(out.double().abs().pow(p).reshape(out.shape[0], h, hd).sum((0, 2)))
+    parts = [t.double().abs().pow(p).reshape(h, -1).sum(1) for t in (q, k, v)]
+    parts.append(out.double().abs().pow(p).reshape(out.shape[0], h, vhd).sum((0, 2)))
     return sum(s / s.mean() if s.mean() > 0 else s for s in parts) / 4
 
 
@@ -103,12 +103,15 @@ def remove_heads(model: nn.Module, name: str, keep: List[int]) -> None:
 def zero_heads(model: nn.Module, name: str, drop: List[int]) -> None:
     """Zeroes heads ``drop`` of attention module ``name`` in place (the masking counterpart)."""
     module = model.get_submodule(name)
-    hd, inner = module.head_dim, module.num_heads * module.head_dim
-    rows = _rows(torch.as_tensor(drop, dtype=torch.int64), hd)
-    qkv_rows = torch.cat([rows + i * inner for i in range(3)])
-    packed = _packed(module)
-    w, b = (module.in_proj_weight, module.in_proj_bias) if packed else (module.qkv.weight, module.qkv.bias)
-    out = module.out_proj.weight if packed else module.proj.weight
+    drop_t = torch.as_tensor(drop, dtype=torch.int64)
+    if _packed(module):
+        qkv_rows, rows = PrunedMultiheadAttention.head_rows(module, drop_t)
+        w, b, out = module.in_proj_weight, module.in_proj_bias, module.out_proj.weight
+    else:
+        hd, inner = module.head_dim, module.num_heads * module.head_dim
+        rows = _rows(drop_t, hd)
+        qkv_rows = torch.cat([rows + i * inner for i in range(3)])
+        w, b, out = module.qkv.weight, module.qkv.bias, module.proj.weight
     with torch.no_grad():
         w[qkv_rows] = 0
         if b is not None:

@@ -21,6 +21,7 @@ positions that are removed together. Three kinds of evidence are collected on th
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -47,7 +48,7 @@ class Labels:
 
     def fresh(self, shape: Sequence[int]) -> torch.Tensor:
         """New ids, one per position of ``shape``."""
-        n = int(np.prod(shape)) if len(shape) else 1
+        n = math.prod(shape)
         ids = torch.arange(self.count, self.count + n, dtype=torch.int64).view(*shape)
         self.count += n
         return ids
@@ -57,7 +58,12 @@ class Labels:
         if a is b:
             return
         # numpy: these are small int arrays, and numpy's per-call cost is a fraction of torch's
-        a, b = np.broadcast_arrays(a.numpy(), b.numpy())
+        self.unify_arrays(a.numpy(), b.numpy())
+
+    def unify_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        """`unify` of two numpy int arrays."""
+        if a.shape != b.shape:
+            a, b = np.broadcast_arrays(a, b)
         keep = (a >= 0) & (b >= 0) & (a != b)
         if keep.any():
             self._edges.append((a[keep], b[keep]))
@@ -143,7 +149,8 @@ class Labels:
 
 def compress(label: torch.Tensor) -> torch.Tensor:
     """``label`` with every dim along which all ids are equal reduced to size 1."""
-    for d in range(label.dim()):
-        if label.shape[d] > 1 and bool((label.amin(d, keepdim=True) == label.amax(d, keepdim=True)).all()):
-            label = label.narrow(d, 0, 1)
-    return label.contiguous()
+    ids = label.numpy()  # numpy: a few small reductions, several times cheaper per call than torch's
+    for d in range(ids.ndim):
+        if ids.shape[d] > 1 and (ids.min(d, keepdims=True) == ids.max(d, keepdims=True)).all():
+            ids = ids[(slice(None),) * d + (slice(0, 1),)]
+    return torch.from_numpy(np.ascontiguousarray(ids))

@@ -1,27 +1,30 @@
-"""Tracing by running the model: the fallback for a forward that torch.fx cannot trace.
+"""Tracing by running the model once on the example inputs: how every graph is labelled first.
 
-torch.fx traces symbolically, so Python control flow on tensor values (``if x.sum() > 0``), a
-shape unpacked into Python ints (``B, C, H, W = x.shape``) or a loop with a data-dependent count
-in the model's own forward makes it fail. The model then runs once on the example inputs, and
-every call is recorded as it happens:
+Every call is recorded as it happens:
 
-* torch's own layers (the modules fx keeps whole: nn.Conv2d, nn.BatchNorm2d, nn.MultiheadAttention,
-  masked layers, ...) through forward pre-hooks and hooks: one call with its inputs and output;
+* torch's own layers (the modules torch.fx keeps whole: nn.Conv2d, nn.BatchNorm2d,
+  nn.MultiheadAttention, masked layers, ...) through forward pre-hooks and hooks: one call with
+  its inputs and output;
 * every torch function and Tensor method called outside those layers, through a
   ``TorchFunctionMode``: ``torch.cat``, ``x.view``, ``a + b`` (``Tensor.__add__``), ``x.shape``.
 
-Each call goes through the same rules as an fx node (dispatch.py). ``x.shape`` returns a size
-that pins dim d when its entry d is read, as a read of ``x.shape[d]`` does under fx.
+Each call goes through the same rules as an fx node (dispatch.py), so wherever torch.fx can trace
+the model the groups are the same, without the cost of a symbolic trace before a labelled run.
+``x.shape`` returns a size that pins dim d when its entry d is read, as a read of ``x.shape[d]``
+does under fx. The model itself may have Python control flow on tensor values (``if x.sum() >
+0``, a loop with a data-dependent count), which fx cannot trace.
 
-What this sees is the path the example inputs take: a branch they do not take is not checked.
-A layer with parameters or buffers that did not run is refused (ValueError naming it): its
-connections to the rest of the model are unknown.
+What this sees is the path the example inputs take. A submodule whose forward turns a tensor
+value into a Python value (``bool``, ``int``, ``float``, ``.item()``: control flow that fx cannot
+trace either) is left whole: its inputs, outputs and layers stay; in the model's own forward, a
+branch the inputs do not take is not checked. A layer with parameters or buffers that did not
+run raises `Unrun`: its connections are unknown to the run, and trace.py asks torch.fx instead.
 """
-
 from __future__ import annotations
 
 import builtins
 import operator
+import weakref
 from typing import Dict, List, Tuple
 
 import torch
@@ -32,7 +35,7 @@ from ..calibration import hooked_eval
 from . import rules
 from .dispatch import LabelRecorder, SizeRef
 
-__all__ = ["Recorder", "record"]
+__all__ = ["Recorder", "Unrun", "record"]
 
 # Tensor operators as the fx targets they correspond to; True: the operands come swapped (x.__radd__(y) is y + x).
 _OPERATORS = {
@@ -46,6 +49,16 @@ _OPERATORS = {
 }
 # Calls whose result no channel goes through: one-element tensors made Python numbers, printing, hashing.
 _SCALAR = {"__bool__", "__int__", "__float__", "__index__", "__complex__", "item", "__hash__", "__repr__", "__str__", "__format__"}
+# Of those, the ones through which a tensor's value can steer Python control flow.
+_TO_PYTHON = {"__bool__", "__int__", "__float__", "__index__", "__complex__", "item"}
+
+
+class Unrun(ValueError):
+    """A layer with parameters or buffers did not run on the example inputs (``.modules`` names them)."""
+
+    def __init__(self, modules: List[str]):
+        super().__init__(f"these modules did not run on `example_inputs`: {modules}")
+        self.modules = modules
 
 
 class _Size(tuple):
@@ -114,27 +127,35 @@ class Recorder(LabelRecorder):
         self.model = model
         self.depth = 0  # > 0 inside one of torch's layers: its own calls are not recorded
         self.busy = False  # True while labelling: the label arithmetic itself is not recorded
-        self.values: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) -> (tensor kept alive, label)
-        self.names = {id(m): name for name, m in model.named_modules()}
-        self.leaves = {id(m) for name, m in model.named_modules() if name and leaf(m, name)}
-        self.tensors = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        # id(tensor) -> (weak reference to it, label); an entry goes when its tensor is freed, so that
+        # the run holds no activations the model itself would free, and a reused id is never misread
+        self.values: Dict[int, Tuple[weakref.ref, torch.Tensor]] = {}
+        self.modules = dict(model.named_modules())
+        self.names = {id(m): name for name, m in self.modules.items()}
+        self.leaves = {id(m) for name, m in self.modules.items() if name and leaf(m, name)}
+        self.named_tensors = dict([*model.named_parameters(), *model.named_buffers()])
+        self.tensors = {id(t): name for name, t in self.named_tensors.items()}
         self.seen = set()  # ids of parameters and buffers used outside torch's layers
         self.ran = set()  # ids of torch's layers that ran
         self.stack: List[str] = []
+        self.mode = None  # the _Mode recording this run, and whether a layer took it off torch's stack
+        self.aside = False
+        self.branching = set()  # names of submodules whose forward turned a tensor value into a Python value
 
     # -- labels of values ---------------------------------------------------------------------
 
     def label_of(self, value):
         if isinstance(value, torch.Tensor):
-            label = self.values.get(id(value), (None, None))[1]
-            if label is None:
-                qualname = self.tensors.get(id(value))
-                if qualname is not None:
-                    self.seen.add(id(value))
-                    label = self.parameter(qualname, value)
-                else:
-                    label = rules.unowned(value)  # a model input, or made from constants
-                self.values[id(value)] = (value, label)
+            entry = self.values.get(id(value))
+            if entry is not None and entry[0]() is value:
+                return entry[1]
+            qualname = self.tensors.get(id(value))
+            if qualname is not None:
+                self.seen.add(id(value))
+                label = self.parameter(qualname, value)
+            else:
+                label = rules.unowned(value)  # a model input, or made from constants
+            self._keep(value, label)
             return label
         if isinstance(value, _Size):
             return SizeRef(value._label)
@@ -144,9 +165,18 @@ class Recorder(LabelRecorder):
             return {k: self.label_of(v) for k, v in value.items()}
         return None
 
+    def _keep(self, value: torch.Tensor, label: torch.Tensor) -> None:
+        key, values = id(value), self.values
+
+        def forget(ref):
+            if values.get(key, (None,))[0] is ref:
+                del values[key]
+
+        values[key] = (weakref.ref(value, forget), label)
+
     def store(self, value, label) -> None:
         if isinstance(value, torch.Tensor):
-            self.values[id(value)] = (value, label if isinstance(label, torch.Tensor) else rules.unowned(value))
+            self._keep(value, label if isinstance(label, torch.Tensor) else rules.unowned(value))
         elif isinstance(value, (list, tuple)):
             for i, item in enumerate(value):
                 self.store(item, label[i] if isinstance(label, (list, tuple)) and i < len(label) else None)
@@ -187,6 +217,8 @@ class Recorder(LabelRecorder):
                 self._label_call(builtins.getattr, None, (x, attr), {}, out, f"x.{attr}")
             return out
         if name in _SCALAR:
+            if name in _TO_PYTHON and self.stack and self.stack[-1]:
+                self.branching.add(self.stack[-1])  # a submodule reads a tensor's value into Python
             return out
         method = None
         if getattr(torch.Tensor, name, None) is func:
@@ -210,13 +242,23 @@ class Recorder(LabelRecorder):
 
     def pre_hook(self, module, args):
         if id(module) in self.leaves:
+            if not self.depth:
+                self._step_aside()
             self.depth += 1
         else:
             self.stack.append(self.names.get(id(module), ""))
 
     def hook(self, module, args, out):
         if id(module) not in self.leaves:
-            self.stack.pop()
+            name = self.stack.pop()
+            if name in self.branching:
+                self.busy = True
+                try:
+                    reason = self._branching_reason(module, name)
+                    self.freeze_all(self.label_of(tuple(args)), reason)
+                    self.freeze_all(self.label_of(out), reason)
+                finally:
+                    self.busy = False
             return
         self.depth -= 1
         if self.depth:
@@ -228,37 +270,71 @@ class Recorder(LabelRecorder):
             self.store(out, rules.module_rule(self, self.names[id(module)], module, labs, list(args), out))
         finally:
             self.busy = False
+            self.step_back()
+
+    # While one of torch's layers runs (and its output is labelled), the mode is taken off torch's
+    # stack: the layer's own calls would only pass through it, at a few µs each in Python.
+    def _step_aside(self) -> None:
+        stack = torch._C._len_torch_function_stack()
+        if self.mode is not None and stack and torch._C._get_function_stack_at(stack - 1) is self.mode:
+            torch._C._pop_torch_function_stack()
+            self.aside = True
+
+    def step_back(self) -> None:
+        """Puts the mode back on torch's stack if a layer took it off (also after an error in it)."""
+        if self.aside:
+            torch._C._push_on_torch_function_stack(self.mode)
+            self.aside = False
+
+    @staticmethod
+    def _branching_reason(module, name: str) -> str:
+        return (f"{type(module).__name__} {name!r} turns a tensor value into a Python value (Python control flow, "
+                "which torch.fx cannot trace either): the run saw one path, so its channels stay")
+
+    def freeze_branching(self) -> None:
+        """Freezes every member and parameter inside the submodules whose forward reads tensor values
+        into Python (control flow): the run saw one of their paths. Their inputs and outputs were
+        frozen when they returned. Reads in the model's own forward are the documented limit."""
+        for name in self.branching:
+            reason = self._branching_reason(self.modules[name], name)
+            for (module, _, _), ids in self.members.items():
+                if module == name or module.startswith(name + "."):
+                    self.labels.freeze(ids, reason)
+            for qualname, ids in self.positional.items():
+                if qualname.startswith(name + "."):
+                    self.labels.freeze(ids, reason)
 
     def unrun(self) -> List[str]:
         """Names of the modules that hold parameters or buffers the run never used."""
         used = set(self.seen)
-        for name, module in self.model.named_modules():
+        for module in self.modules.values():
             if id(module) in self.ran:
                 used.update(id(t) for t in [*module.parameters(), *module.buffers()])
         missing = [qualname for qualname_id, qualname in self.tensors.items() if qualname_id not in used]
-        tensors = dict([*self.model.named_parameters(), *self.model.named_buffers()])
-        owners = [q.rpartition(".")[0] or "(the model itself)" for q in missing if tensors[q].dim() > 0]
+        owners = [q.rpartition(".")[0] or "(the model itself)" for q in missing if self.named_tensors[q].dim() > 0]
         return list(dict.fromkeys(owners))
 
 
-def record(model: nn.Module, example_inputs: tuple, leaf, fx_error: str) -> Recorder:
-    """Runs ``model`` once on ``example_inputs`` and labels every call (see the module docstring)."""
+def record(model: nn.Module, example_inputs: tuple, leaf) -> Recorder:
+    """Runs ``model`` once on ``example_inputs`` and labels every call (see the module docstring);
+    raises `Unrun` if a layer with parameters or buffers did not run."""
     recorder = Recorder(model, leaf)
     handles = []
-    for module in model.modules():
+    for module in recorder.modules.values():
         handles.append(module.register_forward_pre_hook(recorder.pre_hook, prepend=True))
         handles.append(module.register_forward_hook(recorder.hook))
     with hooked_eval(model, handles):
-        with _Mode(recorder):
-            out = model(*example_inputs)
+        recorder.mode = _Mode(recorder)
+        with recorder.mode:
+            try:
+                out = model(*example_inputs)
+            finally:
+                recorder.step_back()
         recorder.busy = True
         recorder.freeze_all(recorder.label_of(out), "reaches the model output")
     missing = recorder.unrun()
     if missing:
-        raise ValueError(
-            f"`model` could not be traced with torch.fx ({fx_error}), and in the run on `example_inputs` that "
-            f"replaces the trace, these modules did not run: {missing}. How their channels connect to the rest is "
-            "unknown, so nothing is pruned: pass example inputs on which every module runs, or remove the unused ones"
-        )
+        raise Unrun(missing)
+    recorder.freeze_branching()
     recorder.labels.resolve()
     return recorder

@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,10 +174,14 @@ def _attention(module) -> bool:
 
 
 def attention(tracer, name, module, args, values, out):
-    """Multi-head attention with a packed q/k/v projection: its input width (the columns of
+    """Multi-head attention with a packed q/k/v projection. Its input width (the columns of
     in_proj_weight, shared by query, key and value) and its output width (out_proj's rows) are
-    channels of the residual stream; its heads stay (granularity="head" removes them). A pruned
-    nn.MultiheadAttention becomes a PrunedMultiheadAttention, whose width may differ from its heads'."""
+    channels of the residual stream. Inside, position j of every head's q/k features is one unit
+    (q row and k row j of each head: they only meet in the q.k product, and the scale stays), and
+    position j of every head's v features another (v row j of each head and out_proj's column
+    reading it); all heads lose the same positions, so they stay equal. Heads themselves stay
+    (granularity="head" removes them). A pruned nn.MultiheadAttention becomes a
+    PrunedMultiheadAttention, whose widths may differ from each other."""
     labels = tracer.labels
     packed = getattr(module, "_qkv_same_embed_dim", True) and getattr(module, "bias_k", None) is None
     if not packed or getattr(module, "add_zero_attn", False) or len(values) < 3:
@@ -194,8 +199,16 @@ def attention(tracer, name, module, args, values, out):
                 labels.freeze(torch.cat([ids[mixed], part[mixed]]), f"attention {name!r} query/key/value mix pruned and fixed channels")
     tracer.member(name, "in_proj_weight", 1, ids)
     tracer.freeze_all(args[3:], f"attention {name!r} masks")
-    fresh = labels.fresh([module.out_proj.out_features])
+    heads = module.num_heads
+    qk = labels.fresh([module.head_dim]).repeat(heads)  # row h * head_dim + j of q (and of k) -> unit j
+    v = labels.fresh([getattr(module, "v_head_dim", module.head_dim)]).repeat(heads)
+    rows = torch.cat([qk, qk, v])
+    tracer.member(name, "in_proj_weight", 0, rows)
+    if module.in_proj_bias is not None:
+        tracer.member(name, "in_proj_bias", 0, rows)
     prefix = f"{name}.out_proj" if name else "out_proj"
+    tracer.member(prefix, "weight", 1, v)
+    fresh = labels.fresh([module.out_proj.out_features])
     tracer.member(prefix, "weight", 0, fresh)
     if module.out_proj.bias is not None:
         tracer.member(prefix, "bias", 0, fresh)
@@ -219,27 +232,30 @@ def pool(tracer, label, x, out, where: str):
 
 def elementwise(tracer, operands, values, out, where: str) -> torch.Tensor:
     """Operands of an elementwise op share positions; an owned position facing an unowned tensor
-    (a constant buffer, a model input) of real extent along its dims cannot be removed."""
+    (a constant buffer, a model input) of real extent along its dims cannot be removed. (In numpy:
+    a residual add or a gate is labelled with a dozen small-array ops, several times cheaper.)"""
     pairs = [(lab, v) for lab, v in zip(operands, values) if is_tensor(v) and lab is not None]
     if not pairs:
         return unowned(out)
     labels, nd = tracer.labels, out.dim()
-    labs = [lab.view((1,) * (nd - lab.dim()) + tuple(lab.shape)) for lab, _ in pairs]
+    labs = [lab.numpy().reshape((1,) * (nd - lab.dim()) + tuple(lab.shape)) for lab, _ in pairs]
     shapes = [(1,) * (nd - v.dim()) + tuple(v.shape) for _, v in pairs]
+    owned = [bool((lab >= 0).all()) for lab in labs]
     for i in range(len(labs)):
         for j in range(len(labs)):
             if i < j:
-                labels.unify(labs[i], labs[j])
-            if i == j:
+                labels.unify_arrays(labs[i], labs[j])
+            if i == j or owned[j]:  # nothing unowned faces operand i
                 continue
-            a, b = torch.broadcast_tensors(labs[i], labs[j])
+            a, b = np.broadcast_arrays(labs[i], labs[j])
             facing = (a >= 0) & (b < 0)
             if facing.any() and any(a.shape[d] > 1 and shapes[j][d] > 1 for d in range(nd)):
-                labels.freeze(a[facing], f"elementwise op at {where!r} with an unpruned tensor")
-    result = torch.broadcast_tensors(*labs)[0].clone()
-    for lab in labs[1:]:
-        result = torch.where(result >= 0, result, lab.expand(result.shape))
-    return compress(result)
+                labels.freeze(torch.from_numpy(np.ascontiguousarray(a[facing])), f"elementwise op at {where!r} with an unpruned tensor")
+    result = np.broadcast_arrays(*labs)[0]
+    if not owned[0]:  # positions the first operand does not own take the others' ids
+        for lab in labs[1:]:
+            result = np.where(result >= 0, result, lab)
+    return compress(torch.from_numpy(np.ascontiguousarray(result)))
 
 
 def matmul(tracer, a_lab, b_lab, a, b, out, where: str) -> torch.Tensor:

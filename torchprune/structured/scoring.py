@@ -17,6 +17,7 @@ Per-index member scores, by criterion:
   one is scored by FilterNorm(2) instead;
 * ``Activation`` ("activation", "apoz"): the mean |output| (or 1 - fraction of zeros) per channel
   of the group's layers that produce it (conv, linear, norm outputs) over the calibration batches;
+  a group that no layer outputs (the q/k or v positions inside attention) is scored by FilterNorm(2);
 * ``Random``: uniform random per unit (seeded).
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,6 +89,7 @@ def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, d
         per_index = _activation_scores(model, members, getattr(criterion, "kind", "mean"), data)
     else:
         per_index = {}
+        powered_of = {}  # (module, tensor) -> |w|^p in float64: a weight in two groups (rows, columns) is powered once
         for m in members:
             module, tensor, dim = m
             owner = modules[module]
@@ -96,26 +99,33 @@ def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, d
                     per_index[m] = value.double().abs()
             elif value.dim() >= 2 and tensor != "weight_mask":
                 p = float(criterion.p)
-                # one float64 copy (never the weight itself), powered in place, summed over the other dims
-                value = value.to(dtype=torch.float64, copy=True)
-                value = value.square_() if p == 2 else value.abs_() if p == 1 else value.abs_().pow_(p)
-                powered = value.sum([d for d in range(value.dim()) if d != dim])
-                per_index[m] = powered.pow(1 / p) if kind == "filter_norm" else powered
+                powered = powered_of.get((module, tensor))
+                if powered is None:
+                    # one float64 copy (never the weight itself), powered in place
+                    powered = value.to(dtype=torch.float64, copy=True)
+                    powered = powered.square_() if p == 2 else powered.abs_() if p == 1 else powered.abs_().pow_(p)
+                    powered_of[(module, tensor)] = powered
+                summed = powered.sum([d for d in range(powered.dim()) if d != dim])
+                per_index[m] = summed.pow(1 / p) if kind == "filter_norm" else summed
     scores = []
+    normalized_of = {}  # member -> its per-index scores divided by their mean (numpy: tiny arrays, many ops)
     for g in groups:
         scored = [m for m in g.indices if m in per_index]
-        if not scored and kind == "bn_scale":  # no norm layer in this group: fall back to FilterNorm(2)
+        if not scored and kind in ("bn_scale", "activation"):  # no norm layer / no layer output here: FilterNorm(2)
             return_scores = group_scores(model, [g], FilterNorm(p=2), alive=alive)[0]
             scores.append(return_scores)
             continue
-        total = torch.zeros(len(g), dtype=torch.float64)
+        total = np.zeros(len(g), dtype=np.float64)
         for m in scored:
-            vector = per_index[m]
-            live = vector[alive[m]] if alive is not None and m in alive else vector
-            mean = live.mean() if live.numel() else vector.new_zeros(())
-            normalized = vector / mean if mean > 0 else vector
-            total += normalized[g.indices[m]].sum(1)
-        scores.append(total / max(len(scored), 1))
+            normalized = normalized_of.get(m)
+            if normalized is None:
+                vector = per_index[m]
+                live = vector[alive[m]] if alive is not None and m in alive else vector
+                mean = float(live.mean()) if live.numel() else 0.0
+                normalized = (vector / mean if mean > 0 else vector).numpy()
+                normalized_of[m] = normalized
+            total += normalized[g.indices[m].numpy()].sum(1)
+        scores.append(torch.from_numpy(total / max(len(scored), 1)))
     return scores
 
 

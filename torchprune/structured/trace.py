@@ -1,14 +1,14 @@
-"""Running a model once under torch.fx and labelling every value's channels (rules.py says how).
+"""Labelling every value's channels (rules.py says how): by one recorded run, or by torch.fx.
 
-The model is traced symbolically (``torch.fx.symbolic_trace``) and the resulting graph is run on
-the example inputs by an fx Interpreter, so every rule sees real shapes and real size arguments.
-Submodules that fx cannot trace become opaque calls; a model whose own forward fx cannot trace is
-labelled from one recorded run instead (record.py). The model runs in eval mode under no_grad;
-its train/eval flags are restored afterwards.
+`trace` labels one recorded run of the model on the example inputs (record.py). Where a layer
+did not run on them, `trace_fx` traces the model symbolically (``torch.fx``, which sees every
+path) and runs the resulting graph on the example inputs with an fx Interpreter, so every rule
+sees real shapes and size arguments; submodules that fx cannot trace become opaque calls. The
+model runs in eval mode under no_grad; its train/eval flags are restored afterwards.
 """
-
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict
 
 import torch
@@ -18,7 +18,7 @@ from ..calibration import preserved_state
 from . import rules
 from .dispatch import LabelRecorder, Member
 
-__all__ = ["Member", "Tracer", "trace"]
+__all__ = ["Member", "Tracer", "trace", "trace_fx"]
 
 _MISSING = object()
 
@@ -37,7 +37,7 @@ class Tracer(LabelRecorder, fx.Interpreter):
         """fx.Interpreter.run without its per-node bookkeeping (a few µs a node: 0.6 ms of the
         benchmark's ResNet); values are freed after their last use, as there."""
         env, given = self.env, iter(inputs)
-        modules = dict(self.module.named_modules())
+        modules = self.submodules  # fx.Interpreter's dict(named_modules())
         for node in self.graph.nodes:
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
@@ -79,7 +79,8 @@ class Tracer(LabelRecorder, fx.Interpreter):
             return None
         labs = self._labels_of(node.args)
         if node.op == "call_module":
-            module = self.fetch_attr(node.target)
+            module = self.submodules.get(node.target)
+            module = self.fetch_attr(node.target) if module is None else module
             return rules.module_rule(self, node.target, module, list(labs), list(args), out)
         method = node.target if node.op == "call_method" else None
         return self.function(node.target, method, args, kwargs, labs, self._labels_of(node.kwargs), out, node.name,
@@ -91,9 +92,13 @@ class _LeafTracer(fx.Tracer):
     nn.Linear is still an nn.Linear) and PrunedMultiheadAttention; plus ``opaque`` modules."""
 
     def __init__(self, opaque=frozenset()):
+        from ..masking import is_prunable  # here, not at import time: masking imports this package
+        from .attention import PrunedMultiheadAttention
+
         super().__init__()
         self.opaque = opaque
         self.failed_in = None  # the innermost submodule whose forward could not be traced
+        self._is_prunable, self._attention = is_prunable, PrunedMultiheadAttention
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -104,12 +109,19 @@ class _LeafTracer(fx.Tracer):
             raise
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        from ..masking import is_prunable
-        from .attention import PrunedMultiheadAttention
-
-        if id(m) in self.opaque or isinstance(m, PrunedMultiheadAttention) or is_prunable(m):
+        if id(m) in self.opaque or isinstance(m, self._attention) or self._is_prunable(m):
             return True
         return super().is_leaf_module(m, qualname)
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_tracer() -> _LeafTracer:
+    return _LeafTracer()
+
+
+def _is_leaf(m: torch.nn.Module, qualname: str) -> bool:
+    """`_LeafTracer.is_leaf_module` without building a tracer per call (fx collects math's functions for each)."""
+    return _leaf_tracer().is_leaf_module(m, qualname)
 
 
 def _untraceable(model: torch.nn.Module) -> set:
@@ -133,20 +145,45 @@ def _untraceable(model: torch.nn.Module) -> set:
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple) -> LabelRecorder:
-    """Symbolically traces ``model`` and labels it by running the example inputs through it; if
-    torch.fx cannot trace the model's own forward, labels one recorded run instead (record.py)."""
+    """Labels one recorded run of ``model`` on the example inputs (record.py): the same groups as
+    a symbolic trace wherever torch.fx can trace the model, for about two thirds of the time (no
+    symbolic trace before the labelled run). If a layer did not run on the example inputs, the
+    run cannot say how it connects: torch.fx's symbolic trace, which sees every path, labels the
+    model instead (`trace_fx`)."""
+    from .record import Unrun, record
+
+    try:
+        return record(model, example_inputs, _is_leaf)
+    except Unrun as unrun:
+        return trace_fx(model, example_inputs, unrun)
+
+
+def trace_fx(model: torch.nn.Module, example_inputs: tuple, unrun=None) -> LabelRecorder:
+    """Symbolically traces ``model`` and labels it by running the example inputs through its graph;
+    submodules fx cannot trace become opaque calls. If fx cannot trace the model's own forward:
+    the `Unrun` error of a recorded run (``unrun``) is raised, or without one the run is recorded."""
     from .record import record
+
+    def fallback(error):
+        if unrun is None:
+            return record(model, example_inputs, tracer.is_leaf_module)
+        raise ValueError(
+            f"`model` could not be traced with torch.fx ({type(error).__name__}: {error}), and in the run on "
+            f"`example_inputs` that replaces the trace, these modules did not run: {unrun.modules}. How their channels "
+            "connect to the rest is unknown, so nothing is pruned: pass example inputs on which every module runs, or "
+            "remove the unused ones"
+        ) from None
 
     tracer = _LeafTracer()
     try:
         graph = tracer.trace(model)
     except Exception as error:
         if tracer.failed_in is None:  # the model's own forward, not a submodule, stopped fx
-            return record(model, example_inputs, tracer.is_leaf_module, f"{type(error).__name__}: {error}")
+            return fallback(error)
         try:
             graph = _LeafTracer(frozenset(_untraceable(model))).trace(model)
         except Exception as error:
-            return record(model, example_inputs, tracer.is_leaf_module, f"{type(error).__name__}: {error}")
+            return fallback(error)
     tracer = Tracer(model, graph)  # the interpreter runs the graph against the model itself
     with preserved_state(model), torch.no_grad():
         model.eval()
