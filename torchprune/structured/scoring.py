@@ -89,9 +89,14 @@ def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, d
         per_index = _activation_scores(model, members, getattr(criterion, "kind", "mean"), data)
     else:
         per_index = {}
-        powered_of = {}  # (module, tensor) -> |w|^p in float64: a weight in two groups (rows, columns) is powered once
-        for m in members:
+        # (module, tensor) -> |w|^p in float64: a weight in two groups (rows, columns) is powered
+        # once, and only the current weight's copy is alive (members sorted by weight), so scoring
+        # holds one float64 weight at a time, not a float64 copy of the whole model
+        powered_of = {}
+        for m in sorted(members, key=lambda m: (m[0], m[1], m[2])):
             module, tensor, dim = m
+            if (module, tensor) not in powered_of:
+                powered_of.clear()
             owner = modules[module]
             value = getattr(owner, tensor).detach()
             if kind == "bn_scale":
