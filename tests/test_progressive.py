@@ -304,3 +304,17 @@ def test_taylor_with_data_scores_on_the_data_at_each_update():
     pruner.step()  # no training step needed: the data gives the gradients
     for name, mask in tp.masks(reference).items():
         assert torch.equal(tp.masks(model)[name], mask), name
+
+
+def test_an_update_on_diverged_weights_names_the_layer_and_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    pruner = tp.Pruner(model, 0.5, tp.schedules.Linear(begin=0, end=4, every=2))
+    pruner.step()  # first update at step 0
+    before = model[2].weight_mask.clone()
+    with torch.no_grad():
+        model[2].weight[0, model[2].weight_mask[0].nonzero()[0, 0]] = float("nan")
+    pruner.step()  # step 1: no update
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear\) has non-finite weights: 1 NaN"):
+        pruner.step()  # step 2: an update
+    assert torch.equal(model[2].weight_mask, before)

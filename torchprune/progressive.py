@@ -46,7 +46,7 @@ from .calibration import observe
 from .distributed import average_importance_state, check_equal_across_ranks, unwrap
 from .importance import Importance, resolve
 from .masking import attach_mask, check_devices, get_mask, remove_mask
-from .pruner import (_GRANULARITY_HELP, _check_data_args, _check_n_m_divides, _check_sparsity_value, _checked_score,
+from .pruner import (_GRANULARITY_HELP, _check_data_args, _check_finite_weights, _check_n_m_divides, _check_sparsity_value, _checked_score,
                      _current_mask, _parse_granularity, _target_layers, _weight_owners)
 from .schedules import Schedule
 
@@ -218,6 +218,7 @@ class Pruner:
         return self._update(step)
 
     def _update(self, step: int) -> bool:
+        _check_finite_weights(self._unique)  # a diverged run: say which layer, before ranking noise
         criterion = self.importance
         criterion.prepare(self.model, self._unique)
         if self._data is not None:
