@@ -630,3 +630,18 @@ def test_cuda_autocast_computes_in_half_like_linear():
         ref = F.linear(x, w * mask)
     assert out.dtype == ref.dtype == torch.float16
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_float8_weights_are_refused_by_name(op):
+    """float8 counts as floating point in ATen, but no masked kernel takes it: a clear error."""
+    dtype = torch.float8_e4m3fn
+    if op == "linear":
+        w, x = torch.zeros(4, 4, dtype=dtype), torch.zeros(2, 4, dtype=dtype)
+        call = lambda: _ops.masked_linear(x, w, torch.ones(4, 4, dtype=torch.bool), None)  # noqa: E731
+    else:
+        w, x = torch.zeros(2, 2, 3, 3, dtype=dtype), torch.zeros(1, 2, 5, 5, dtype=dtype)
+        call = lambda: _ops.masked_conv2d(x, w, torch.ones(2, 2, 3, 3, dtype=torch.bool), None)  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"`weight` must be a floating point tensor \(float32, float64, float16 or "
+                                           r"bfloat16\), got torch.float8_e4m3fn"):
+        call()

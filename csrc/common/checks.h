@@ -40,7 +40,10 @@ inline void check_dtype(const char* op, const char* arg, const at::Tensor& t,
 }
 
 inline void check_floating(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": `", arg,
+  const at::ScalarType type = t.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
+                  type == at::kBFloat16,
+              op, ": `", arg,
               "` must be a floating point tensor (float32, float64, float16 or bfloat16), got ",
               dtype_str(t.scalar_type()));
 }

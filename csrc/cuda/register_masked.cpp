@@ -35,6 +35,13 @@ cudaStream_t current_stream(const Tensor& t) {
 // the bits, so it needs only the element size: float, double, half and bfloat16 alike.
 void apply_mask(const Tensor& src, const Tensor& mask, Tensor& out) {
   TORCH_INTERNAL_ASSERT(src.is_contiguous() && mask.is_contiguous() && out.is_contiguous());
+  // check_floating also lets the 1-byte float8 dtypes through; the CPU op rejects them in its
+  // dtype dispatch, and so must this one (launch_mask would report a bare "CUDA error: invalid
+  // argument" for them). Same message as the CPU's AT_DISPATCH.
+  const at::ScalarType dtype = src.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "\"apply_mask\" not implemented for '", c10::toString(dtype), "'");
   C10_CUDA_CHECK(cuda::launch_mask(src.const_data_ptr(),
                                    reinterpret_cast<const uint8_t*>(mask.const_data_ptr()),
                                    out.mutable_data_ptr(), src.numel(),
