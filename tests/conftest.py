@@ -33,6 +33,16 @@ def mlp():
 
 
 @pytest.fixture
+def one_thread():
+    """For tests of tiny models: one thread is fastest and does not fight other processes for
+    cores. A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def small_net():
     torch.manual_seed(0)
     return SmallNet()

@@ -100,14 +100,20 @@ def linear_cases():
     return fixed + random_cases
 
 
-@pytest.mark.parametrize("case_id,case", list(enumerate(linear_cases())))
-def test_masked_linear_matches_reference(case_id, case):
+def linear_inputs(case_id, case):
+    """x, weight, mask, bias and dtype of one of linear_cases(), drawn from the case's own seed."""
     leading, in_features, out_features, density, dtype, has_bias, layout = case
     generator = torch.Generator().manual_seed(case_id)
     x = make_x((*leading, in_features), layout, dtype, generator)
     weight = torch.randn(out_features, in_features, generator=generator, dtype=dtype)
     mask = make_mask(weight.shape, density, generator)
     bias = torch.randn(out_features, generator=generator, dtype=dtype) if has_bias else None
+    return x, weight, mask, bias, dtype
+
+
+@pytest.mark.parametrize("case_id,case", list(enumerate(linear_cases())))
+def test_masked_linear_matches_reference(case_id, case):
+    x, weight, mask, bias, dtype = linear_inputs(case_id, case)
     assert_matches_reference(_ops.masked_linear, F.linear, x, weight, mask, bias, dtype)
 
 
@@ -149,8 +155,9 @@ def conv_cases():
     return fixed + random_cases
 
 
-@pytest.mark.parametrize("case_id,case", list(enumerate(conv_cases())))
-def test_masked_conv2d_matches_reference(case_id, case):
+def conv_inputs(case_id, case):
+    """x, weight, mask, bias, dtype and the conv arguments of one of conv_cases(), drawn from the
+    case's own seed."""
     (n, c_in, c_out, size, kernel, stride, padding, dilation, groups, density, dtype, has_bias,
      layout) = case
     generator = torch.Generator().manual_seed(100 + case_id)
@@ -159,6 +166,12 @@ def test_masked_conv2d_matches_reference(case_id, case):
     mask = make_mask(weight.shape, density, generator)
     bias = torch.randn(c_out, generator=generator, dtype=dtype) if has_bias else None
     conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return x, weight, mask, bias, dtype, conv_args
+
+
+@pytest.mark.parametrize("case_id,case", list(enumerate(conv_cases())))
+def test_masked_conv2d_matches_reference(case_id, case):
+    x, weight, mask, bias, dtype, conv_args = conv_inputs(case_id, case)
     assert_matches_reference(
         lambda x_, w_, m_, b_: _ops.masked_conv2d(x_, w_, m_, b_, **conv_args),
         lambda x_, w_, b_: F.conv2d(x_, w_, b_, **conv_args),
@@ -489,26 +502,14 @@ def assert_device_matches_cpu(op, device, x, weight, mask, bias, dtype, tol=None
 @pytest.mark.parametrize("device", [CUDA])
 @pytest.mark.parametrize("case_id,case", list(enumerate(linear_cases())))
 def test_masked_linear_device_matches_cpu(device, case_id, case, exact_fp32_on_gpu):
-    leading, in_features, out_features, density, dtype, has_bias, layout = case
-    generator = torch.Generator().manual_seed(case_id)
-    x = make_x((*leading, in_features), layout, dtype, generator)
-    weight = torch.randn(out_features, in_features, generator=generator, dtype=dtype)
-    mask = make_mask(weight.shape, density, generator)
-    bias = torch.randn(out_features, generator=generator, dtype=dtype) if has_bias else None
+    x, weight, mask, bias, dtype = linear_inputs(case_id, case)
     assert_device_matches_cpu(_ops.masked_linear, device, x, weight, mask, bias, dtype)
 
 
 @pytest.mark.parametrize("device", [CUDA])
 @pytest.mark.parametrize("case_id,case", list(enumerate(conv_cases())))
 def test_masked_conv2d_device_matches_cpu(device, case_id, case, exact_fp32_on_gpu):
-    (n, c_in, c_out, size, kernel, stride, padding, dilation, groups, density, dtype, has_bias,
-     layout) = case
-    generator = torch.Generator().manual_seed(100 + case_id)
-    x = make_x((n, c_in, *size), layout, dtype, generator)
-    weight = torch.randn(c_out, c_in // groups, *kernel, generator=generator, dtype=dtype)
-    mask = make_mask(weight.shape, density, generator)
-    bias = torch.randn(c_out, generator=generator, dtype=dtype) if has_bias else None
-    conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    x, weight, mask, bias, dtype, conv_args = conv_inputs(case_id, case)
     assert_device_matches_cpu(
         lambda x_, w_, m_, b_: _ops.masked_conv2d(x_, w_, m_, b_, **conv_args),
         device, x, weight, mask, bias, dtype,

@@ -15,13 +15,7 @@ from torchprune.schedules import Constant, Cubic, Linear, OneShot
 from conftest import SmallNet, assert_unchanged, make_mlp, snapshot
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest and does not fight other processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(n=12, seed=0, features=16, classes=4):

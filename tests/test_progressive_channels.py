@@ -15,12 +15,7 @@ from torchprune.progressive_channels import ChannelPruner
 from torchprune.schedules import Linear, OneShot
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params(model):

@@ -27,26 +27,17 @@ bounded number of examples per property.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from torchprune import _ops
 
+from property_settings import SETTINGS, examples
+
 OPS = torch.ops.torchprune
-
-SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
-                phases=[Phase.explicit, Phase.generate, Phase.shrink],
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def examples(count: int) -> int:
-    """``count`` examples, times $TORCHPRUNE_PROPERTY_SCALE (default 1; e.g. 20 for a long local
-    search; still derandomized)."""
-    return max(1, round(count * float(os.environ.get("TORCHPRUNE_PROPERTY_SCALE", "1"))))
 
 FLOATS = [torch.float32, torch.float64]
 HALVES = [torch.float16, torch.bfloat16]
@@ -84,6 +75,14 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
 def ref_leaf(t: torch.Tensor) -> torch.Tensor:
     """A float64 copy of ``t`` for the reference, a leaf that records its gradient."""
     return t.detach().to(torch.float64, copy=True).requires_grad_()
+
+
+def dense_reference(fn, x, w, mask, b, **args):
+    """``fn(x, where(mask, w, 0), b, **args)`` in float64 on fresh leaves (ref_leaf) of x, w and b
+    (b may be None): the reference output and the leaves, whose ``.grad`` the caller checks."""
+    xr, wr = ref_leaf(x), ref_leaf(w)
+    br = ref_leaf(b) if b is not None else None
+    return fn(xr, torch.where(mask, wr, 0.0), br, **args), xr, wr, br
 
 
 def make_mask(shape, mode: str, density: float, gen) -> torch.Tensor:
@@ -158,10 +157,7 @@ def test_masked_linear_matches_dense(lead, in_f, out_f, dtype, mask_spec, bias, 
     if y.requires_grad:  # the backward computes only the requested gradients
         y.backward(grad_out)
 
-    xr = ref_leaf(x)
-    wr = ref_leaf(w)
-    br = ref_leaf(b) if bias else None
-    y_ref = F.linear(xr, torch.where(mask, wr, 0.0), br)
+    y_ref, xr, wr, br = dense_reference(F.linear, x, w, mask, b)
     y_ref.backward(grad_out.double())
 
     batch = math.prod(lead)
@@ -223,10 +219,7 @@ def test_masked_conv2d_matches_dense(geo, dtype, mask_spec, bias, poison, x_layo
         stored[~mask] = float("nan")
     args = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], groups=g)
 
-    xr = ref_leaf(x)
-    wr = ref_leaf(w)
-    br = ref_leaf(b) if bias else None
-    y_ref = F.conv2d(xr, torch.where(mask, wr, 0.0), br, **args)
+    y_ref, xr, wr, br = dense_reference(F.conv2d, x, w, mask, b, **args)
     grad_out = uniform(y_ref.shape, dtype, gen)
     y_ref.backward(grad_out.double())
 
@@ -291,10 +284,7 @@ def test_sparse_linear_matches_dense(lead, batch_one, in_f, out_f, dtype, mask_s
     if y.requires_grad:  # the backward computes only the requested gradients
         y.backward(grad_out)
 
-    xr = ref_leaf(x)
-    wr = ref_leaf(w)
-    br = ref_leaf(b) if bias else None
-    y_ref = F.linear(xr, torch.where(mask, wr, 0.0), br)
+    y_ref, xr, wr, br = dense_reference(F.linear, x, w, mask, b)
     y_ref.backward(grad_out.double())
 
     batch = math.prod(lead)
@@ -323,10 +313,7 @@ def test_sparse_conv2d_matches_dense(geo, dtype, mask_spec, bias, x_layout, need
     b = uniform((geo["cout"],), dtype, gen) if bias else None
     args = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"])
 
-    xr = ref_leaf(x)
-    wr = ref_leaf(w)
-    br = ref_leaf(b) if bias else None
-    y_ref = F.conv2d(xr, torch.where(mask, wr, 0.0), br, **args)
+    y_ref, xr, wr, br = dense_reference(F.conv2d, x, w, mask, b, **args)
     grad_out = uniform(y_ref.shape, dtype, gen)
     y_ref.backward(grad_out.double())
 

@@ -32,7 +32,7 @@ import os
 import tempfile
 
 import torch
-from hypothesis import HealthCheck, Phase, event, example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -43,15 +43,8 @@ from torchprune.structured import DependencyGraph
 from torchprune.structured.prune import choose_removal
 from torchprune.structured.remove import zero_channels
 
-SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
-                phases=[Phase.explicit, Phase.generate, Phase.shrink],
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+from property_settings import SETTINGS, examples
 
-
-def examples(count: int) -> int:
-    """``count`` examples, times $TORCHPRUNE_PROPERTY_SCALE (default 1; e.g. 20 for a long local
-    search; still derandomized)."""
-    return max(1, round(count * float(os.environ.get("TORCHPRUNE_PROPERTY_SCALE", "1"))))
 
 # Masked vs plain model: the same ATen matmul/convolution on the same masked weights, so only
 # summation order (blocking) may differ; bf16 / fp16 activations are rounded between layers, so

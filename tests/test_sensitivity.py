@@ -10,13 +10,7 @@ from torchprune.sensitivity import Sensitivity
 from conftest import assert_unchanged, make_mlp, snapshot
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest and does not fight other processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_each_layer_is_pruned_alone_and_restored_exactly():

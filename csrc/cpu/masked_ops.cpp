@@ -16,7 +16,9 @@
 
 #include "common/checks.h"
 #include "common/mask_span.h"
+#include "common/masked_dense.h"
 #include "common/masked_checks.h"
+#include "common/op_helpers.h"
 
 namespace torchprune {
 namespace {
@@ -41,37 +43,8 @@ void apply_mask(const Tensor& src, const Tensor& mask, Tensor& out) {
   });
 }
 
-// A fresh contiguous where(mask, weight, 0): the temporary masked weight of one op call.
-Tensor masked_weight(const Tensor& weight, const Tensor& mask) {
-  Tensor w = weight.contiguous();
-  Tensor out = at::empty(w.sizes(), w.options());
-  apply_mask(w, mask.contiguous(), out);
-  return out;
-}
-
-// Zeroes `grad_weight` where mask is false; returns it contiguous (in place when it already was).
-Tensor mask_grad_weight(const Tensor& grad_weight, const Tensor& mask) {
-  Tensor out = grad_weight.contiguous();
-  apply_mask(out, mask.contiguous(), out);
-  return out;
-}
-
-// Outputs the caller did not ask for (output_mask false) come back as empty [0] tensors.
-Tensor or_empty(const Tensor& t, const Tensor& like) {
-  return t.defined() ? t : at::empty({0}, like.options());
-}
-
 // ---------------------------------------------------------------------------------------------
 // masked_linear
-
-// Leading dims of x, flattened: x is used as a [rows, in_features] matrix.
-int64_t leading_rows(const Tensor& x) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d < x.dim() - 1; ++d) {
-    rows *= x.size(d);
-  }
-  return rows;
-}
 
 // The products are tiled so that the masked weight never exists whole: each thread masks one
 // tile of the weight into a small buffer that stays in its L2 cache and multiplies it at once
@@ -253,7 +226,7 @@ Tensor masked_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& ma
   if (bias.has_value()) {
     check_bias(op, *bias, weight);
   }
-  const int64_t rows = leading_rows(x);
+  const int64_t rows = batch_rows(x);
   const Tensor w = weight.contiguous(), m = mask.contiguous();
   const Tensor x2 = x.reshape({rows, weight.size(1)});  // a view unless x is non-contiguous
   Tensor y2 = at::empty({rows, weight.size(0)}, x.options());
@@ -270,7 +243,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_cpu(
   check_masked_linear(op, x, weight, mask);
   check_grad_out(op, grad_out, masked_linear_out_sizes(x, weight), weight);
 
-  const int64_t rows = leading_rows(x);
+  const int64_t rows = batch_rows(x);
   const Tensor w = weight.contiguous(), m = mask.contiguous();
   const Tensor g2 = grad_out.reshape({rows, weight.size(0)});
   Tensor grad_x, grad_weight, grad_bias;
@@ -303,8 +276,8 @@ Tensor masked_conv2d_cpu(const Tensor& x, const Tensor& weight, const Tensor& ma
   if (bias.has_value()) {
     check_bias(op, *bias, weight);
   }
-  return at::convolution(x, masked_weight(weight, mask), bias, stride, padding, dilation,
-                         /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+  return masked_conv2d_dense(x, weight, mask, bias, stride, padding, dilation, groups,
+                             apply_mask);
 }
 
 std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_cpu(
@@ -315,16 +288,8 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_cpu(
   check_masked_conv2d(op, x, weight, mask, stride, padding, dilation, groups);
   check_grad_out(op, grad_out, masked_conv2d_out_sizes(x, weight, stride, padding, dilation),
                  weight);
-
-  const std::vector<int64_t> bias_shape = {weight.size(0)};
-  const at::OptionalIntArrayRef bias_sizes =
-      output_mask[2] ? at::OptionalIntArrayRef(bias_shape) : at::OptionalIntArrayRef();
-  auto [grad_x, grad_weight, grad_bias] = at::convolution_backward(
-      grad_out, x, masked_weight(weight, mask), bias_sizes, stride, padding, dilation,
-      /*transposed=*/false, /*output_padding=*/{0, 0}, groups, output_mask);
-  if (grad_weight.defined()) {
-    grad_weight = mask_grad_weight(grad_weight, mask);
-  }
+  const auto [grad_x, grad_weight, grad_bias] = masked_conv2d_backward_dense(
+      grad_out, x, weight, mask, stride, padding, dilation, groups, output_mask, apply_mask);
   return {or_empty(grad_x, x), or_empty(grad_weight, x), or_empty(grad_bias, x)};
 }
 

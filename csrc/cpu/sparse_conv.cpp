@@ -21,6 +21,7 @@
 
 #include "common/checks.h"
 #include "common/csr.h"
+#include "common/sparse_checks.h"
 #include "cpu/spmm.h"
 
 namespace torchprune {
@@ -42,12 +43,7 @@ struct Geometry {
 Geometry check_inputs(const char* op, const Tensor& x, const Tensor& row_ptr,
                       const Tensor& col_idx, const Tensor& values, IntArrayRef kernel_size,
                       IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
-  check_dim(op, "x", x, 4);
-  check_floating(op, "x", x);
-  check_pair(op, "kernel_size", kernel_size, 1);
-  check_pair(op, "stride", stride, 1);
-  check_pair(op, "padding", padding, 0);
-  check_pair(op, "dilation", dilation, 1);
+  check_sparse_conv2d_args(op, x, kernel_size, stride, padding, dilation);
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1], 0, 0};
   check_csr(op, row_ptr, col_idx, values, g.k(), /*structure=*/false);
   check_like(op, "values", values, "x", x);
@@ -183,9 +179,7 @@ Tensor sparse_conv2d_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& c
                                   padding, dilation);
   const int64_t o = row_ptr.numel() - 1;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == o, kForward, ": `bias` must have shape [",
-                o, "] (out_channels), got ", shape_str(bias->sizes()));
-    check_like(kForward, "bias", *bias, "x", x);
+    check_sparse_bias(kForward, *bias, o, "out_channels", x);
   }
   if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
     const auto bias32 = bias.has_value() ? std::optional<Tensor>(bias->to(at::kFloat))
@@ -216,11 +210,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_conv2d_backward_cpu(
   const Geometry g = check_inputs(kBackward, x, row_ptr, col_idx, values, kernel_size, stride,
                                   padding, dilation);
   const int64_t o = row_ptr.numel() - 1;
-  check_like(kBackward, "grad_out", grad_out, "x", x);
-  const std::array<int64_t, 4> expected{g.batch, o, g.out_h, g.out_w};
-  TORCH_CHECK(grad_out.sizes() == IntArrayRef(expected), kBackward,
-              ": `grad_out` must have shape ", shape_str(expected), ", got ",
-              shape_str(grad_out.sizes()));
+  check_sparse_grad_out(kBackward, grad_out, {g.batch, o, g.out_h, g.out_w}, x);
   if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
     auto [gx, gv, gb] = sparse_conv2d_backward_cpu(
         grad_out.to(at::kFloat), x.to(at::kFloat), row_ptr, col_idx, values.to(at::kFloat),

@@ -16,6 +16,8 @@
 
 #include "common/checks.h"
 #include "common/csr.h"
+#include "common/op_helpers.h"
+#include "common/sparse_checks.h"
 #include "cpu/spmm.h"
 
 namespace torchprune {
@@ -25,21 +27,6 @@ using at::Tensor;
 
 constexpr const char* kForward = "sparse_linear";
 constexpr const char* kBackward = "sparse_linear_backward";
-
-void check_inputs(const char* op, const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
-                  const Tensor& values, int64_t in_features) {
-  check_csr(op, row_ptr, col_idx, values, in_features, /*structure=*/false);
-  check_floating(op, "x", x);
-  check_like(op, "values", values, "x", x);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, op,
-              ": `x` must have in_features = ", in_features, " entries in its last dimension, got ",
-              "shape ", shape_str(x.sizes()));
-}
-
-// Rows of x once its leading dims are flattened (explicit: reshape(-1, 0) would be ambiguous).
-int64_t batch_rows(const Tensor& x) {
-  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-}
 
 bool is_half(const Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
@@ -82,13 +69,10 @@ void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
 Tensor sparse_linear_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
                          const Tensor& values, int64_t in_features,
                          const std::optional<Tensor>& bias) {
-  check_inputs(kForward, x, row_ptr, col_idx, values, in_features);
+  check_sparse_linear(kForward, x, row_ptr, col_idx, values, in_features);
   const int64_t n = row_ptr.numel() - 1;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, kForward,
-                ": `bias` must have shape [", n, "] (out_features), got ",
-                shape_str(bias->sizes()));
-    check_like(kForward, "bias", *bias, "x", x);
+    check_sparse_bias(kForward, *bias, n, "out_features", x);
   }
   if (is_half(x)) {
     const auto bias32 = bias.has_value() ? std::optional<Tensor>(bias->to(at::kFloat))
@@ -98,8 +82,6 @@ Tensor sparse_linear_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& c
         .to(x.scalar_type());
   }
   const Tensor x2 = x.reshape({batch_rows(x), in_features}).contiguous();
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-  out_shape.push_back(n);
   Tensor out = at::empty({x2.size(0), n}, x.options());
   if (x2.size(0) > 0 && n > 0) {
     const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
@@ -109,7 +91,7 @@ Tensor sparse_linear_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& c
       });
     });
   }
-  return out.view(out_shape);
+  return out.view(sparse_linear_out_sizes(x, n));
 }
 
 // grad_x2 [M, K] = grad2 [M, N] @ W, as Wᵀ-scatter: threads own disjoint row panels and sum
@@ -146,14 +128,9 @@ Tensor values_grad(const Csr<T, I>& a, const Tensor& grad_t, const Tensor& xt, i
 std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
     const Tensor& grad_out, const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
     const Tensor& values, int64_t in_features, std::array<bool, 3> output_mask) {
-  check_inputs(kBackward, x, row_ptr, col_idx, values, in_features);
+  check_sparse_linear(kBackward, x, row_ptr, col_idx, values, in_features);
   const int64_t n = row_ptr.numel() - 1;
-  check_like(kBackward, "grad_out", grad_out, "x", x);
-  std::vector<int64_t> expected(x.sizes().begin(), x.sizes().end() - 1);
-  expected.push_back(n);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(expected), kBackward,
-              ": `grad_out` must have shape ", shape_str(expected), ", got ",
-              shape_str(grad_out.sizes()));
+  check_sparse_grad_out(kBackward, grad_out, sparse_linear_out_sizes(x, n), x);
   if (is_half(x)) {
     auto [gx, gv, gb] = sparse_linear_backward_cpu(grad_out.to(at::kFloat), x.to(at::kFloat),
                                                    row_ptr, col_idx, values.to(at::kFloat),

@@ -13,9 +13,6 @@ namespace {
 
 using namespace detail;
 
-constexpr int kBlock = 256;
-constexpr int kWarps = kBlock / kWarpSize;
-
 unsigned row_blocks(int64_t rows) {
   return static_cast<unsigned>(rows > 0 ? (rows + kWarps - 1) / kWarps : 1);
 }
@@ -157,14 +154,7 @@ TORCHPRUNE_INSTANTIATE_T(float)
 TORCHPRUNE_INSTANTIATE_T(double)
 TORCHPRUNE_INSTANTIATE_T(__half)
 TORCHPRUNE_INSTANTIATE_T(__nv_bfloat16)
-TORCHPRUNE_INSTANTIATE_TI(float, uint16_t)
-TORCHPRUNE_INSTANTIATE_TI(float, int32_t)
-TORCHPRUNE_INSTANTIATE_TI(double, uint16_t)
-TORCHPRUNE_INSTANTIATE_TI(double, int32_t)
-TORCHPRUNE_INSTANTIATE_TI(__half, uint16_t)
-TORCHPRUNE_INSTANTIATE_TI(__half, int32_t)
-TORCHPRUNE_INSTANTIATE_TI(__nv_bfloat16, uint16_t)
-TORCHPRUNE_INSTANTIATE_TI(__nv_bfloat16, int32_t)
+TORCHPRUNE_FOR_EACH_CSR_TYPE(TORCHPRUNE_INSTANTIATE_TI)
 template cudaError_t check_structure<uint16_t>(const int32_t*, const uint16_t*, int64_t, int64_t,
                                                int64_t, int64_t*, cudaStream_t);
 template cudaError_t check_structure<int32_t>(const int32_t*, const int32_t*, int64_t, int64_t,

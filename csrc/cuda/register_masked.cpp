@@ -19,6 +19,8 @@
 
 #include "common/checks.h"
 #include "common/masked_checks.h"
+#include "common/masked_dense.h"
+#include "common/op_helpers.h"
 #include "cuda/compact_kernels.h"
 #include "cuda/masked_kernels.h"
 
@@ -48,33 +50,6 @@ void apply_mask(const Tensor& src, const Tensor& mask, Tensor& out) {
                                    static_cast<int>(src.element_size()), current_stream(src)));
 }
 
-// A fresh contiguous where(mask, weight, 0): the temporary masked weight of one op call.
-Tensor masked_weight(const Tensor& weight, const Tensor& mask) {
-  const Tensor w = weight.contiguous();
-  Tensor out = at::empty(w.sizes(), w.options());
-  apply_mask(w, mask.contiguous(), out);
-  return out;
-}
-
-// Zeroes `grad_weight` where mask is false; returns it contiguous (in place when it already was).
-Tensor mask_grad_weight(const Tensor& grad_weight, const Tensor& mask) {
-  Tensor out = grad_weight.contiguous();
-  apply_mask(out, mask.contiguous(), out);
-  return out;
-}
-
-Tensor or_empty(const Tensor& t, const Tensor& like) {
-  return t.defined() ? t : at::empty({0}, like.options());
-}
-
-int64_t leading_rows(const Tensor& x) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d < x.dim() - 1; ++d) {
-    rows *= x.size(d);
-  }
-  return rows;
-}
-
 // ---------------------------------------------------------------------------------------------
 // masked_linear
 
@@ -86,7 +61,7 @@ Tensor masked_linear_cuda(const Tensor& x, const Tensor& weight, const Tensor& m
     check_bias(op, *bias, weight);
   }
   const c10::cuda::CUDAGuard guard(weight.device());
-  return at::linear(x, masked_weight(weight, mask), bias);
+  return at::linear(x, masked_weight(weight, mask, apply_mask), bias);
 }
 
 std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_cuda(
@@ -97,14 +72,15 @@ std::tuple<Tensor, Tensor, Tensor> masked_linear_backward_cuda(
   check_grad_out(op, grad_out, masked_linear_out_sizes(x, weight), weight);
   const c10::cuda::CUDAGuard guard(weight.device());
 
-  const int64_t rows = leading_rows(x);
+  const int64_t rows = batch_rows(x);
   const Tensor g2 = grad_out.reshape({rows, weight.size(0)});
   Tensor grad_x, grad_weight, grad_bias;
   if (output_mask[0]) {
-    grad_x = at::mm(g2, masked_weight(weight, mask)).view(x.sizes());
+    grad_x = at::mm(g2, masked_weight(weight, mask, apply_mask)).view(x.sizes());
   }
   if (output_mask[1]) {
-    grad_weight = mask_grad_weight(at::mm(g2.t(), x.reshape({rows, weight.size(1)})), mask);
+    grad_weight = mask_grad_weight(at::mm(g2.t(), x.reshape({rows, weight.size(1)})), mask,
+                                   apply_mask);
   }
   if (output_mask[2]) {
     grad_bias = g2.sum(0);
@@ -124,8 +100,8 @@ Tensor masked_conv2d_cuda(const Tensor& x, const Tensor& weight, const Tensor& m
     check_bias(op, *bias, weight);
   }
   const c10::cuda::CUDAGuard guard(weight.device());
-  return at::convolution(x, masked_weight(weight, mask), bias, stride, padding, dilation,
-                         /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+  return masked_conv2d_dense(x, weight, mask, bias, stride, padding, dilation, groups,
+                             apply_mask);
 }
 
 std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_cuda(
@@ -137,16 +113,8 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_cuda(
   check_grad_out(op, grad_out, masked_conv2d_out_sizes(x, weight, stride, padding, dilation),
                  weight);
   const c10::cuda::CUDAGuard guard(weight.device());
-
-  const std::vector<int64_t> bias_shape = {weight.size(0)};
-  const at::OptionalIntArrayRef bias_sizes =
-      output_mask[2] ? at::OptionalIntArrayRef(bias_shape) : at::OptionalIntArrayRef();
-  auto [grad_x, grad_weight, grad_bias] = at::convolution_backward(
-      grad_out, x, masked_weight(weight, mask), bias_sizes, stride, padding, dilation,
-      /*transposed=*/false, /*output_padding=*/{0, 0}, groups, output_mask);
-  if (grad_weight.defined()) {
-    grad_weight = mask_grad_weight(grad_weight, mask);
-  }
+  const auto [grad_x, grad_weight, grad_bias] = masked_conv2d_backward_dense(
+      grad_out, x, weight, mask, stride, padding, dilation, groups, output_mask, apply_mask);
   return {or_empty(grad_x, x), or_empty(grad_weight, x), or_empty(grad_bias, x)};
 }
 

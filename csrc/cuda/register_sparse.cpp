@@ -29,6 +29,8 @@
 
 #include "common/checks.h"
 #include "common/csr.h"
+#include "common/op_helpers.h"
+#include "common/sparse_checks.h"
 #include "cuda/sparse_kernels.h"
 
 namespace torchprune {
@@ -208,20 +210,6 @@ void check_csr_cuda(const Tensor& row_ptr, const Tensor& col_idx, const Tensor& 
 constexpr const char* kLinear = "sparse_linear";
 constexpr const char* kLinearBackward = "sparse_linear_backward";
 
-void check_linear_inputs(const char* op, const Tensor& x, const Tensor& row_ptr,
-                         const Tensor& col_idx, const Tensor& values, int64_t in_features) {
-  check_csr(op, row_ptr, col_idx, values, in_features, /*structure=*/false);
-  check_floating(op, "x", x);
-  check_like(op, "values", values, "x", x);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, op,
-              ": `x` must have in_features = ", in_features, " entries in its last dimension, got ",
-              "shape ", shape_str(x.sizes()));
-}
-
-int64_t batch_rows(const Tensor& x) {
-  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-}
-
 // out [m, rows] = x2 [m, cols] @ Aᵀ (+ bias), A = (row_ptr, col_idx, values) of `cols` columns;
 // every tensor contiguous on the current device, m > 0.
 void linear_product(const Tensor& x2, const Tensor& row_ptr, const Tensor& col_idx,
@@ -270,38 +258,28 @@ std::tuple<Tensor, Tensor, Tensor> transpose_csr(const Tensor& row_ptr, const Te
 Tensor sparse_linear_cuda(const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
                           const Tensor& values, int64_t in_features,
                           const std::optional<Tensor>& bias) {
-  check_linear_inputs(kLinear, x, row_ptr, col_idx, values, in_features);
+  check_sparse_linear(kLinear, x, row_ptr, col_idx, values, in_features);
   const int64_t n = row_ptr.numel() - 1;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, kLinear,
-                ": `bias` must have shape [", n, "] (out_features), got ",
-                shape_str(bias->sizes()));
-    check_like(kLinear, "bias", *bias, "x", x);
+    check_sparse_bias(kLinear, *bias, n, "out_features", x);
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = batch_rows(x);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-  out_shape.push_back(n);
   Tensor out = at::empty({m, n}, x.options());
   if (m > 0 && n > 0) {
     const Tensor x2 = x.reshape({m, in_features}).contiguous();
     const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
     linear_product(x2, row_ptr, col_idx, values, in_features, bias_c, out, kLinear);
   }
-  return out.view(out_shape);
+  return out.view(sparse_linear_out_sizes(x, n));
 }
 
 std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cuda(
     const Tensor& grad_out, const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
     const Tensor& values, int64_t in_features, std::array<bool, 3> output_mask) {
-  check_linear_inputs(kLinearBackward, x, row_ptr, col_idx, values, in_features);
+  check_sparse_linear(kLinearBackward, x, row_ptr, col_idx, values, in_features);
   const int64_t n = row_ptr.numel() - 1, k = in_features, nnz = values.numel();
-  check_like(kLinearBackward, "grad_out", grad_out, "x", x);
-  std::vector<int64_t> expected(x.sizes().begin(), x.sizes().end() - 1);
-  expected.push_back(n);
-  TORCH_CHECK(grad_out.sizes() == IntArrayRef(expected), kLinearBackward,
-              ": `grad_out` must have shape ", shape_str(expected), ", got ",
-              shape_str(grad_out.sizes()));
+  check_sparse_grad_out(kLinearBackward, grad_out, sparse_linear_out_sizes(x, n), x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = batch_rows(x);
   const Tensor grad2 = grad_out.reshape({m, n}).contiguous();
@@ -359,12 +337,7 @@ gpu::ConvShape check_conv_inputs(const char* op, const Tensor& x, const Tensor& 
                                  const Tensor& col_idx, const Tensor& values,
                                  IntArrayRef kernel_size, IntArrayRef stride,
                                  IntArrayRef padding, IntArrayRef dilation) {
-  check_dim(op, "x", x, 4);
-  check_floating(op, "x", x);
-  check_pair(op, "kernel_size", kernel_size, 1);
-  check_pair(op, "stride", stride, 1);
-  check_pair(op, "padding", padding, 0);
-  check_pair(op, "dilation", dilation, 1);
+  check_sparse_conv2d_args(op, x, kernel_size, stride, padding, dilation);
   gpu::ConvShape s{x.size(0),      x.size(1),   x.size(2),   x.size(3),   kernel_size[0],
                    kernel_size[1], 0,           0,           stride[0],   stride[1],
                    padding[0],     padding[1],  dilation[0], dilation[1]};
@@ -392,9 +365,7 @@ Tensor sparse_conv2d_cuda(const Tensor& x, const Tensor& row_ptr, const Tensor& 
                                              stride, padding, dilation);
   const int64_t o = row_ptr.numel() - 1;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == o, kConv, ": `bias` must have shape [", o,
-                "] (out_channels), got ", shape_str(bias->sizes()));
-    check_like(kConv, "bias", *bias, "x", x);
+    check_sparse_bias(kConv, *bias, o, "out_channels", x);
   }
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty({s.batch, o, s.out_h, s.out_w}, x.options());
@@ -420,11 +391,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_conv2d_backward_cuda(
   const gpu::ConvShape s = check_conv_inputs(kConvBackward, x, row_ptr, col_idx, values,
                                              kernel_size, stride, padding, dilation);
   const int64_t o = row_ptr.numel() - 1, nnz = values.numel();
-  check_like(kConvBackward, "grad_out", grad_out, "x", x);
-  const std::array<int64_t, 4> expected{s.batch, o, s.out_h, s.out_w};
-  TORCH_CHECK(grad_out.sizes() == IntArrayRef(expected), kConvBackward,
-              ": `grad_out` must have shape ", shape_str(expected), ", got ",
-              shape_str(grad_out.sizes()));
+  check_sparse_grad_out(kConvBackward, grad_out, {s.batch, o, s.out_h, s.out_w}, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto empty = at::empty({0}, x.options());
   Tensor grad_x = output_mask[0] ? at::zeros_like(x, at::MemoryFormat::Contiguous) : empty;

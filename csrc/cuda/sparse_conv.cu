@@ -16,9 +16,6 @@ namespace {
 
 using namespace detail;
 
-constexpr int kBlock = 256;
-constexpr int kWarps = kBlock / kWarpSize;
-
 template <typename T, typename I, int kPerLane>
 __global__ void __launch_bounds__(kBlock)
     conv_forward_kernel(CsrView<T, I> a, const T* __restrict__ x, ConvShape s, int64_t pixels,
@@ -125,14 +122,7 @@ cudaError_t sparse_conv2d_forward(CsrView<T, I> a, const T* x, const ConvShape& 
   template cudaError_t sparse_conv2d_forward<T, I>(CsrView<T, I>, const T*, const ConvShape&, \
                                                    const T*, T*, cudaStream_t);
 
-TORCHPRUNE_INSTANTIATE(float, uint16_t)
-TORCHPRUNE_INSTANTIATE(float, int32_t)
-TORCHPRUNE_INSTANTIATE(double, uint16_t)
-TORCHPRUNE_INSTANTIATE(double, int32_t)
-TORCHPRUNE_INSTANTIATE(__half, uint16_t)
-TORCHPRUNE_INSTANTIATE(__half, int32_t)
-TORCHPRUNE_INSTANTIATE(__nv_bfloat16, uint16_t)
-TORCHPRUNE_INSTANTIATE(__nv_bfloat16, int32_t)
+TORCHPRUNE_FOR_EACH_CSR_TYPE(TORCHPRUNE_INSTANTIATE)
 #undef TORCHPRUNE_INSTANTIATE
 
 }  // namespace gpu

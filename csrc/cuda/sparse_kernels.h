@@ -152,6 +152,8 @@ namespace detail {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kBlock = 256;  // threads per block in every kernel of the sparse ops
+constexpr int kWarps = kBlock / kWarpSize;
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -205,6 +207,17 @@ inline unsigned grid_y(int64_t items) {
 }
 
 }  // namespace detail
+
+// Calls M(T, I) for every value type T and column type I the launchers are instantiated for.
+#define TORCHPRUNE_FOR_EACH_CSR_TYPE(M) \
+  M(float, uint16_t)                    \
+  M(float, int32_t)                     \
+  M(double, uint16_t)                   \
+  M(double, int32_t)                    \
+  M(__half, uint16_t)                   \
+  M(__half, int32_t)                    \
+  M(__nv_bfloat16, uint16_t)            \
+  M(__nv_bfloat16, int32_t)
 #endif  // __CUDACC__
 
 }  // namespace gpu

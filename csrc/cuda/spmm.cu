@@ -20,9 +20,6 @@ namespace {
 
 using namespace detail;
 
-constexpr int kBlock = 256;  // threads per block in every kernel here
-constexpr int kWarps = kBlock / kWarpSize;
-
 template <typename P>
 bool aligned(const P* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
@@ -362,14 +359,7 @@ cudaError_t sddmm_segments(CsrView<T, I> a, const T* p, int64_t ldp, int64_t p_b
                                             const T*, int64_t, int64_t, int64_t, int64_t,       \
                                             int64_t, Acc<T>*, cudaStream_t);
 
-TORCHPRUNE_INSTANTIATE(float, uint16_t)
-TORCHPRUNE_INSTANTIATE(float, int32_t)
-TORCHPRUNE_INSTANTIATE(double, uint16_t)
-TORCHPRUNE_INSTANTIATE(double, int32_t)
-TORCHPRUNE_INSTANTIATE(__half, uint16_t)
-TORCHPRUNE_INSTANTIATE(__half, int32_t)
-TORCHPRUNE_INSTANTIATE(__nv_bfloat16, uint16_t)
-TORCHPRUNE_INSTANTIATE(__nv_bfloat16, int32_t)
+TORCHPRUNE_FOR_EACH_CSR_TYPE(TORCHPRUNE_INSTANTIATE)
 #undef TORCHPRUNE_INSTANTIATE
 
 }  // namespace gpu
