@@ -228,6 +228,39 @@ def _resume_per_rank(rank):
     _assert_same_on_every_rank({k: v for k, v in resumed.items() if k.endswith("weight_mask")})
 
 
+def _one_rank_without_data_fails_on_every_rank(rank):
+    """Rank 1's own `data` is empty: it raises its ValueError and rank 0 a RuntimeError naming rank 1,
+    at once, instead of rank 0 waiting in the statistics all_reduce that rank 1 never joins."""
+    torch.manual_seed(0)
+    model = make_mlp()
+    data = [] if rank == 1 else _batches(rank, 1)
+    pruner = tp.Pruner(model, 0.5, Cubic(begin=0, end=2, every=1), importance="activation", data=data)
+    started = time.monotonic()
+    expected = (ValueError, "yielded no batches") if rank == 1 else (RuntimeError, r"failed on rank\(s\) \[1\]")
+    with pytest.raises(expected[0], match=expected[1]):
+        for _ in range(3):
+            pruner.step()
+    assert time.monotonic() - started < COLLECTIVE_TIMEOUT / 2  # no wait for the collective timeout
+    assert all(bool(m.all()) for m in tp.masks(model).values())  # nothing pruned on either rank
+    _assert_same_on_every_rank(tp.masks(model))  # the ranks are still in step for the next collective
+
+
+def _channel_rank_without_data_fails_on_every_rank(rank):
+    """The same for the channel Pruner: its group scoring on an empty `data` fails on rank 1 only."""
+    torch.manual_seed(0)
+    model = make_mlp()
+    data = [] if rank == 1 else _batches(rank, 1)
+    pruner = tp.Pruner(model, 0.5, Cubic(begin=0, end=2, every=1), importance="taylor", granularity="channel",
+                       example_inputs=torch.zeros(1, 16), data=data, loss_fn=F.cross_entropy)
+    started = time.monotonic()
+    expected = (ValueError, "no batches") if rank == 1 else (RuntimeError, r"failed on rank\(s\) \[1\]")
+    with pytest.raises(expected[0], match=expected[1]):
+        for _ in range(3):
+            pruner.step()
+    assert time.monotonic() - started < COLLECTIVE_TIMEOUT / 2
+    assert not any(pruner.removed_channels().values())  # nothing zeroed on either rank
+
+
 def _fsdp2_is_refused(rank):
     from torch.distributed.fsdp import fully_shard
 
@@ -250,6 +283,8 @@ SCENARIOS = {
     "helper": (_helper_names_layers_and_steps, ()),
     "resume": (_resume_per_rank, ()),
     "fsdp2": (_fsdp2_is_refused, ()),
+    "no-data-on-one-rank": (_one_rank_without_data_fails_on_every_rank, ()),
+    "channel-no-data-on-one-rank": (_channel_rank_without_data_fails_on_every_rank, ()),
 }
 
 
@@ -288,6 +323,14 @@ def test_checksum_helper_names_the_layers_and_steps(outcomes):
 
 def test_each_rank_resumes_from_its_own_checkpoint_like_the_uninterrupted_run(outcomes):
     _check(outcomes, "resume")
+
+
+def test_a_rank_whose_data_fails_makes_every_rank_raise_without_hanging(outcomes):
+    _check(outcomes, "no-data-on-one-rank")
+
+
+def test_a_rank_whose_channel_scoring_fails_makes_every_rank_raise_without_hanging(outcomes):
+    _check(outcomes, "channel-no-data-on-one-rank")
 
 
 def test_fsdp2_sharded_model_is_refused_with_the_reason(outcomes):

@@ -19,8 +19,9 @@ backend needs (CPU for gloo, the current CUDA device for nccl) and back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import Dict, List, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["is_distributed", "unwrap", "average_", "average_importance_state", "mask_digest",
-           "check_equal_across_ranks"]
+           "check_equal_across_ranks", "fail_together"]
 
 
 def is_distributed() -> bool:
@@ -56,6 +57,30 @@ def unwrap(model: nn.Module, argument: str = "model") -> nn.Module:
                 "DistributedDataParallel, or prune before sharding"
             )
     return model
+
+
+@contextlib.contextmanager
+def fail_together(what: str) -> Iterator[None]:
+    """Runs the block on every rank; if it raises on some ranks (a rank's own `data` was empty, or
+    never reached a layer), the others raise a RuntimeError naming those ranks instead of going on
+    to a collective the failed ranks never join (a hang until the backend's timeout)."""
+    if not is_distributed():
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # re-raised below, once every rank knows
+        error = e
+    flags = torch.tensor([error is not None], dtype=torch.int64)
+    device = _collective_device(flags)
+    gathered = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flags.to(device))
+    failed = [rank for rank, flag in enumerate(gathered) if int(flag)]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"{what} failed on rank(s) {failed} (see the error there), so this rank stops too")
 
 
 def _collective_device(tensor: torch.Tensor) -> torch.device:

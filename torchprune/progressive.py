@@ -43,7 +43,7 @@ from torch import nn
 
 from . import selection
 from .calibration import observe
-from .distributed import average_importance_state, check_equal_across_ranks, unwrap
+from .distributed import average_importance_state, check_equal_across_ranks, fail_together, unwrap
 from .importance import Importance, resolve
 from .masking import attach_mask, check_devices, get_mask, remove_mask
 from .pruner import (_GRANULARITY_HELP, _check_data_args, _check_finite_weights, _check_n_m_divides, _check_sparsity_value, _checked_score,
@@ -223,7 +223,8 @@ class Pruner:
         criterion.prepare(self.model, self._unique)
         if self._data is not None:
             criterion.reset()
-            observe(self.model, self._unique, criterion, self._data, self._loss_fn)
+            with fail_together("scoring on the Pruner's `data`"):  # a rank's own data may fail alone
+                observe(self.model, self._unique, criterion, self._data, self._loss_fn)
         current = {name: _current_mask(layer) for name, layer in self._unique.items()}
         targets = {name: s.sparsity_at(step) for name, s in self._schedules.items()}
         if all(t == 0 for t in targets.values()):
@@ -231,7 +232,7 @@ class Pruner:
             return False
         if criterion.requires_data:  # each rank observed its own batches: rank on their average
             average_importance_state(criterion, self._unique)
-        scores = {name: _checked_score(criterion, name, layer) for name, layer in self._unique.items()}
+        scores = {name: _checked_score(criterion, name, layer, current[name]) for name, layer in self._unique.items()}
         new = self._select(scores, current, targets)
         for name, layer in self._layers.items():
             attach_mask(layer, new[self._owners[name]])

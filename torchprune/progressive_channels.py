@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from .distributed import average_, check_equal_across_ranks, unwrap
+from .distributed import average_, check_equal_across_ranks, fail_together, unwrap
 from .importance import Importance, resolve
 from .progressive import Pruner
 from .pruner import _excluded_ids
@@ -152,9 +152,13 @@ class ChannelPruner(Pruner):
         target = self.schedule.sparsity_at(step)
         if target == 0:
             return False
-        scores = group_scores(self.model, self._groups, self.importance, self._data, self._loss_fn, alive=self._alive())
-        if self._data is not None:  # each rank scored its own `data`: rank on the average
+        if self._data is not None:  # each rank scores its own `data`: all fail together, then rank on the average
+            with fail_together("channel scoring on the Pruner's `data`"):
+                scores = group_scores(self.model, self._groups, self.importance, self._data, self._loss_fn,
+                                      alive=self._alive())
             average_(scores)
+        else:
+            scores = group_scores(self.model, self._groups, self.importance, None, self._loss_fn, alive=self._alive())
         for name, score in zip(self._names, scores):
             if score.isnan().any():
                 raise ValueError(f"importance {self.importance!r} gave NaN scores for channel group {name!r}: "

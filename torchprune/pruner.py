@@ -91,13 +91,13 @@ def prune(
     current = _current_masks(layers, owners)
     row_wise = getattr(criterion, "compare_within_rows", False)
     if scope == "global" and threshold is None and n_m is None:
-        scores = {name: _scores(criterion, name, layer) for name, layer in unique.items()}
+        scores = {name: _scores(criterion, name, layer, current[name]) for name, layer in unique.items()}
         new_masks = _select(scores, current, sparsity, threshold, scope, n_m, row_wise)
         del scores
     else:  # one layer at a time: only one layer's scores exist at once (memory)
         new_masks = {}
         for name, layer in unique.items():
-            score = _scores(criterion, name, layer)
+            score = _scores(criterion, name, layer, current[name])
             new_masks.update(_select({name: score}, {name: current[name]}, sparsity, threshold, scope, n_m, row_wise))
             del score
     del current
@@ -329,16 +329,17 @@ def _check_finite_weights(layers: Dict[str, nn.Module]) -> None:
             )
 
 
-def _checked_score(criterion: Importance, name: str, layer: nn.Module) -> torch.Tensor:
+def _checked_score(criterion: Importance, name: str, layer: nn.Module, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The criterion's scores for ``layer``, checked: the weight's shape, and finite (NaN or Inf
-    scores, from gradients or calibration data, would rank arbitrarily)."""
+    scores, from gradients or calibration data, would rank arbitrarily) where ``kept`` (the current
+    mask) keeps the weight: already pruned weights are never ranked, as for the weights' check."""
     scores = criterion(layer)
     if not isinstance(scores, torch.Tensor) or scores.shape != layer.weight.shape:
         got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"importance {criterion!r} returned {got} for layer {name!r}; expected the weight's shape {list(layer.weight.shape)}")
     if not scores.is_floating_point():
         raise TypeError(f"importance {criterion!r} returned {scores.dtype} scores for layer {name!r}; expected a float tensor")
-    found = _nonfinite(scores.detach())
+    found = _nonfinite(scores.detach(), kept)
     if found:
         source = "its weights, gradients or calibration data"
         raise ValueError(
@@ -348,15 +349,27 @@ def _checked_score(criterion: Importance, name: str, layer: nn.Module) -> torch.
     return scores
 
 
-def _scores(criterion: Importance, name: str, layer: nn.Module):
+def _powers_finite(weight: torch.Tensor, p: float, dtype: torch.dtype) -> bool:
+    """Whether |w|^p of the largest |w| (so of every weight) is finite in the scoring dtype: one
+    reduction, no layer-sized temporary. False as well when a (pruned) weight is NaN or Inf."""
+    if weight.numel() == 0:
+        return True
+    peak = torch.linalg.vector_norm(weight, float("inf")).to(dtype).reshape(1)
+    return bool(torch.isfinite(peak.pow_(p)).all())
+
+
+def _scores(criterion: Importance, name: str, layer: nn.Module, kept: Optional[torch.Tensor] = None):
     """A layer's scores for selection: made block by block when the criterion is the plain
     magnitude, so no layer-sized score tensor exists (scores of finite weights, checked before,
-    are finite); else computed and checked now."""
+    are finite, unless |w|^p overflows: then computed and checked, so that it raises); else
+    computed and checked now."""
     cls = type(criterion)
     if isinstance(criterion, Magnitude) and cls.score is Magnitude.score and cls.score_rows is Magnitude.score_rows:
         dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        if criterion.p != 1 and not _powers_finite(layer.weight.detach(), criterion.p, dtype):
+            return _checked_score(criterion, name, layer, kept)  # |w|^p overflows: raises naming the layer
         return selection.RowScores(layer.weight.shape, dtype, lambda start, stop: criterion.score_rows(layer, start, stop))
-    return _checked_score(criterion, name, layer)
+    return _checked_score(criterion, name, layer, kept)
 
 
 def _current_masks(layers: Dict[str, nn.Module], owners: Dict[str, str]) -> Dict[str, Optional[torch.Tensor]]:
