@@ -4,6 +4,7 @@ and very large layers ranked without a full sort in bounded memory."""
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -56,6 +57,54 @@ def test_non_finite_value_at_a_pruned_position_is_harmless():
     tp.prune(model, sparsity=0.7)
     assert model[0].weight[tuple(pruned)].item() == 0.0
     assert abs(float((~model[0].weight_mask).sum()) - 0.7 * 512) <= 0.5
+
+
+class _RawAbs(tp.importance.Importance):
+    """|w| of the stored weight, pruned entries included (a custom criterion that ignores masks)."""
+
+    def score(self, module):
+        return module.weight.detach().abs()
+
+
+@pytest.mark.parametrize("scope", ["layer", "global", "threshold", "2:4", "pruner"])
+def test_non_finite_score_at_a_pruned_position_is_harmless(scope):
+    """Scores are checked where weights are: among the kept ones (a pruned weight is never ranked)."""
+    from torchprune.schedules import Cubic
+
+    model = make_mlp()
+    tp.prune(model, sparsity=0.5)
+    pruned = ~model[0].weight_mask.clone()
+    assert int(pruned.sum()) == 256
+    if scope == "pruner":  # built first: attaching the masks zeroes the pruned weights
+        pruner = tp.Pruner(model, 0.7, Cubic(begin=0, end=1, every=1), importance=_RawAbs())
+    with torch.no_grad():
+        model[0].weight[pruned] = float("nan")  # _RawAbs scores NaN there
+    if scope == "pruner":
+        assert [pruner.step() for _ in range(2)] == [False, True]  # sparsity 0 at step 0
+    elif scope == "threshold":
+        tp.prune(model, threshold=0.05, importance=_RawAbs())
+    elif scope == "2:4":
+        tp.prune(model, granularity="2:4", importance=_RawAbs())
+    else:
+        tp.prune(model, sparsity=0.7, importance=_RawAbs(), scope=scope)
+    assert not bool(model[0].weight_mask[pruned].any())  # pruned stays pruned
+    assert int(model[0].weight_mask.sum()) < 256 or scope == "threshold"  # and more went
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_magnitude_power_overflowing_to_inf_is_refused_not_ranked_as_ties(scope):
+    """|w|^2 of float32 weights above ~1.8e19 is +Inf: ranked as ties those went by index (3e19 pruned
+    before 2e19); like any Inf score it raises naming the layer, and a finite |w|^2 ranks by |w|."""
+    model = nn.Sequential(nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3e19, 2e19, 1.0, 5e19]]))
+    with pytest.raises(ValueError, match=r"Magnitude\(p=2\) gave non-finite scores for layer '0': 3 \+Inf of 4"):
+        tp.prune(model, sparsity=0.5, importance="l2", scope=scope)
+    assert not tp.masks(model)
+    with torch.no_grad():
+        model[0].weight.div_(1e10)
+    tp.prune(model, sparsity=0.5, importance="l2", scope=scope)
+    assert model[0].weight_mask.tolist() == [[True, False, False, True]]
 
 
 def test_non_finite_calibration_data_is_refused_naming_the_layer():
@@ -415,10 +464,24 @@ def test_hard_coded_view_is_reported_by_layer_and_left_alone():
     unprunable = tp.DependencyGraph(model, x).unprunable
     assert set(unprunable) == {"conv2", "fc"}
     assert any("view with a fixed size" in why for why in unprunable["conv2"])
-    tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x)  # no crash deep in tracing
+    with pytest.warns(UserWarning, match=r"kept conv2, fc: view with a fixed size for a pruned dim") as caught:
+        tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x)  # no crash deep in tracing
+    assert len([w for w in caught if "left some channels" in str(w.message)]) == 1  # warned once
+    assert caught[0].filename == __file__  # points at the caller's tp.prune
     assert model.conv1.weight.shape == (4, 3, 3, 3)  # conv1 -> conv2 channels are free to go
     assert model.conv2.weight.shape == (16, 4, 3, 3) and model.fc.weight.shape == (10, 256)
     assert model(x).shape == (2, 10)
+
+
+def test_excluded_layers_and_the_model_output_are_not_warned_about():
+    model, x = ViewNet(), torch.randn(2, 3, 4, 4)
+    with pytest.warns(UserWarning, match=r"kept fc: view") as caught:  # conv2 excluded: only fc named
+        tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x, exclude=["conv2"])
+    assert "conv2" not in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the classifier's outputs reach the model output: expected, silent
+        tp.prune(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), sparsity=0.5, granularity="channel",
+                 example_inputs=torch.randn(2, 8))
 
 
 # --------------------------------------------------------------------------- very large layers

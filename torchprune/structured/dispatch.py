@@ -14,6 +14,7 @@ import builtins
 import operator
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,14 +53,19 @@ class LabelRecorder:
         """Records that index i along ``dim`` of ``module.tensor`` carries id ``ids[i]``; a module
         called twice must see the same channels both times."""
         key = (module, tensor, dim)
-        if key in self.members:
-            old = self.members[key]
-            self.labels.unify(old, ids)
-            mixed = (old >= 0) != (ids >= 0)
+        old = self.members.get(key)
+        if old is not None:
+            if old is ids:
+                return
+            a, b = old.numpy(), ids.numpy()  # numpy: small vectors, a few µs less than torch per op
+            if a.shape != b.shape:
+                a, b = np.broadcast_arrays(a, b)
+            self.labels.unify_arrays(a, b)
+            mixed = (a >= 0) != (b >= 0)
             if mixed.any():
-                self.labels.freeze(torch.cat([old[mixed], ids[mixed]]), f"{module!r} is called on different channels")
+                self.labels.freeze(torch.from_numpy(np.concatenate([a[mixed], b[mixed]])), f"{module!r} is called on different channels")
         else:
-            self.members[key] = ids.clone()
+            self.members[key] = ids  # labels are never changed in place
 
     def freeze_all(self, labels, reason: str) -> None:
         if isinstance(labels, (list, tuple)):
@@ -132,6 +138,10 @@ class LabelRecorder:
         if not _has_tensor((args, kwargs)):
             self.freeze_all((labs, klabs), f"{where!r}")
             return None
+        if _unowned_only(labs) and _unowned_only(klabs):
+            # nothing here is owned (a model input and what is computed from it alone): no rule can
+            # unify, freeze or check anything, and the output is unowned too
+            return self.unowned_like(out)
         if target in rules.UNARY or method in rules.UNARY_METHODS:
             return lab
         if target in rules.BINARY or method in rules.BINARY_METHODS:
@@ -163,16 +173,21 @@ class LabelRecorder:
     def _shape_op(self, target, method, args, kwargs, labs, out, where):
         """Runs the op itself on the labels, then pins the dims whose sizes are constants."""
         labels = self.labels
-        values = {id(v): lab for v, lab in zip(_flat(args), _flat(labs)) if isinstance(v, torch.Tensor)}
-        for v in _flat(args):
-            if isinstance(v, torch.Tensor) and values.get(id(v)) is None:
-                values[id(v)] = rules.unowned(v)
+        if args and isinstance(args[0], torch.Tensor) and not _has_tensor(args[1:]) and not _has_tensor(kwargs):
+            # the usual case (x.flatten(1), x.view(b, -1), x.transpose(1, 2)): one tensor, the rest sizes
+            first = labs[0] if isinstance(labs[0], torch.Tensor) else rules.unowned(args[0])
+            new_args, new_kwargs = (first.expand(args[0].shape).contiguous(), *args[1:]), kwargs
+        else:
+            values = {id(v): lab for v, lab in zip(_flat(args), _flat(labs)) if isinstance(v, torch.Tensor)}
+            for v in _flat(args):
+                if isinstance(v, torch.Tensor) and values.get(id(v)) is None:
+                    values[id(v)] = rules.unowned(v)
 
-        def env(t):
-            return values[id(t)].expand(t.shape).contiguous()
+            def env(t):
+                return values[id(t)].expand(t.shape).contiguous()
 
-        new_args = rules.substitute(args, env)
-        new_kwargs = {k: rules.substitute(v, env) for k, v in kwargs.items()}
+            new_args = rules.substitute(args, env)
+            new_kwargs = {k: rules.substitute(v, env) for k, v in kwargs.items()}
         result = getattr(new_args[0], method)(*new_args[1:], **new_kwargs) if method else target(*new_args, **new_kwargs)
         x, lab = args[0], labs[0]
         if lab is None and isinstance(x, torch.Tensor):
@@ -245,8 +260,28 @@ class LabelRecorder:
             d += 1
 
 
+def _unowned_only(labels) -> bool:
+    """True if every label in ``labels`` (nested in tuples, lists and dicts) is the shared label of
+    an unowned value (`rules.unowned`) or None (a Python value)."""
+    if labels is None:
+        return True
+    if isinstance(labels, torch.Tensor):
+        return labels is rules._UNOWNED.get(labels.dim())
+    if isinstance(labels, (list, tuple)):
+        return all(_unowned_only(v) for v in labels)
+    if isinstance(labels, dict):
+        return all(_unowned_only(v) for v in labels.values())
+    return False
+
+
 def _has_tensor(tree) -> bool:
-    return any(isinstance(v, torch.Tensor) for v in _flat(tree))
+    if isinstance(tree, torch.Tensor):
+        return True
+    if isinstance(tree, (list, tuple)):
+        return any(_has_tensor(v) for v in tree)
+    if isinstance(tree, dict):
+        return any(_has_tensor(v) for v in tree.values())
+    return False
 
 
 def _flat(tree) -> List[Any]:

@@ -77,7 +77,10 @@ class DependencyGraph:
         self.attention = tracer.attention
         labels = tracer.labels
         members = _components(labels, tracer.members)
-        modules = dict(model.named_modules())
+        recorded = getattr(tracer, "modules", None)
+        #: {name: module} of the model as traced
+        self.modules: Dict[str, nn.Module] = recorded if isinstance(recorded, dict) else dict(model.named_modules())
+        modules = self.modules
         for qualname, ids in tracer.positional.items():
             module_name, _, tensor = qualname.rpartition(".")
             if module_name not in modules:
@@ -101,8 +104,10 @@ class DependencyGraph:
         keys = list(members)
         arrays = [members[key].numpy() for key in keys]
         comp = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-        key = np.repeat(np.arange(len(keys)), [len(a) for a in arrays])
-        index = np.concatenate([np.arange(len(a)) for a in arrays]) if arrays else comp
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        key = np.repeat(np.arange(len(keys)), lengths)
+        # the position of each entry within its member (np.r_ and per-member aranges cost µs each)
+        index = np.arange(len(comp)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         owned = comp >= 0
         comp, key, index = comp[owned], key[owned], index[owned]
         if not len(comp):
@@ -110,11 +115,11 @@ class DependencyGraph:
         order = np.lexsort((index, key, comp))  # by unit, then member, then index
         comp, key, index = comp[order], key[order], index[order]
         # a run: the indices of one member that one unit owns
-        run_start = np.flatnonzero(np.r_[True, (comp[1:] != comp[:-1]) | (key[1:] != key[:-1])])
-        run_length = np.diff(np.r_[run_start, len(comp)])
+        run_start = np.flatnonzero(_starts((comp[1:] != comp[:-1]) | (key[1:] != key[:-1])))
+        run_length = np.diff(run_start, append=len(comp))
         run_comp, run_key = comp[run_start], key[run_start]
-        unit_first = np.flatnonzero(np.r_[True, run_comp[1:] != run_comp[:-1]])  # each unit's first run
-        runs = np.diff(np.r_[unit_first, len(run_start)])
+        unit_first = np.flatnonzero(_starts(run_comp[1:] != run_comp[:-1]))  # each unit's first run
+        runs = np.diff(unit_first, append=len(run_start))
         units = run_comp[unit_first]
         frozen = np.isin(units, np.fromiter(labels.frozen_reasons, dtype=np.int64, count=len(labels.frozen_reasons)))
         kind = _signatures(frozen, runs, unit_first, run_key, run_length)
@@ -124,7 +129,8 @@ class DependencyGraph:
         rank = np.empty(len(first_seen), dtype=np.int64)
         rank[np.argsort(first_seen)] = np.arange(len(first_seen))  # group number of each kind
         by_group = unit_order[np.argsort(rank[ordered_kind], kind="stable")]
-        bounds = np.r_[0, np.cumsum(np.bincount(rank[ordered_kind]))]
+        bounds = np.cumsum(np.bincount(rank[ordered_kind]))
+        bounds = np.concatenate([np.zeros(1, dtype=bounds.dtype), bounds])
         inexact = np.isin(units, np.fromiter(labels.inexact_reasons, dtype=np.int64, count=len(labels.inexact_reasons)))
         groups = []
         for g in range(len(first_seen)):
@@ -132,9 +138,18 @@ class DependencyGraph:
             first = unit_first[rows]
             a = first[0]
             indices = {}
-            for j in range(runs[rows[0]]):
-                at = run_start[first + j][:, None] + np.arange(run_length[a + j])
-                indices[keys[run_key[a + j]]] = torch.from_numpy(index[at])
+            count = int(runs[rows[0]])
+            lengths = run_length[a : a + count]
+            single = lengths == 1  # members whose units own one index each (most): all in one gather
+            rank_of = np.cumsum(single) - 1
+            if single.any():
+                gathered = index[run_start[first[None, :] + np.flatnonzero(single)[:, None]]]
+            for j, (member, length, one) in enumerate(zip(run_key[a : a + count].tolist(), lengths.tolist(), single.tolist())):
+                if one:
+                    indices[keys[member]] = torch.from_numpy(gathered[rank_of[j]].reshape(-1, 1))
+                else:
+                    at = run_start[first + j][:, None] + np.arange(length)
+                    indices[keys[member]] = torch.from_numpy(index[at])
             reasons, inexact_reasons = [], []
             if frozen[rows[0]]:
                 reasons = list(dict.fromkeys(r for c in units[rows].tolist() for r in labels.frozen_reasons[c]))
@@ -164,6 +179,14 @@ class DependencyGraph:
                  f"traced by {self.tracing})"]
         lines += [f"  {g}" for g in self.groups]
         return "\n".join(lines)
+
+
+def _starts(changes: np.ndarray) -> np.ndarray:
+    """``[True, *changes]``: where a run starts."""
+    out = np.empty(len(changes) + 1, dtype=bool)
+    out[0] = True
+    out[1:] = changes
+    return out
 
 
 def _components(labels, members: Dict[Member, torch.Tensor]) -> Dict[Member, torch.Tensor]:

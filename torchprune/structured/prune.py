@@ -20,6 +20,7 @@ import math
 import numbers
 from typing import Dict, List
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,34 +63,70 @@ def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance
     if need and data is None or need == "loss" and loss_fn is None:
         missing = "`data` and `loss_fn`" if need == "loss" else "`data`"
         raise ValueError(f"importance {importance!r} is data-driven: pass {missing}")
-    removed = choose_removal(model, DependencyGraph(model, example_inputs), float(sparsity), criterion, scope,
-                             excluded_ids, round_to, data, loss_fn)
+    graph = DependencyGraph(model, example_inputs)
+    warn_unprunable(graph, excluded_ids)
+    removed = choose_removal(model, graph, float(sparsity), criterion, scope, excluded_ids, round_to, data, loss_fn)
     if not removed:
         return model
-    plan = plan_from_removed(model, removed)
-    apply_plan(model, plan)
+    modules = graph.modules
+    plan = plan_from_removed(model, removed, modules, arrays=True)
+    apply_plan(model, plan, modules)
     steps = model.__dict__.setdefault(PLAN_ATTRIBUTE, [])
-    steps.append({"kind": "channels", "keep": [[m, t, d, keep] for (m, t, d), keep in plan.items()]})
+    steps.append({"kind": "channels", "keep": [[m, t, d, keep.tolist()] for (m, t, d), keep in plan.items()]})
     return model
+
+
+#: Why a group stays that needs no warning: the model's output width is its interface.
+_EXPECTED = ("reaches the model output",)
+
+
+def warn_unprunable(graph: DependencyGraph, excluded_ids=frozenset(), stacklevel: int = 5) -> None:
+    """One warning naming the layers in scope (not excluded) whose channels the graph keeps, with
+    why, e.g. "kept conv2, fc: view with a fixed size for a pruned dim at ...". Channels that
+    reach the model output are kept silently (the output width is the model's interface)."""
+    unprunable = graph.unprunable
+    if not unprunable:
+        return
+    modules = graph.modules
+    by_reasons: Dict[tuple, List[str]] = {}
+    for name, reasons in unprunable.items():
+        module = modules.get(name)
+        if module is not None and id(module) in excluded_ids:
+            continue
+        reasons = tuple(r for r in reasons if r not in _EXPECTED)
+        if reasons:
+            by_reasons.setdefault(reasons, []).append(name or "(the model itself)")
+    if by_reasons:
+        import warnings
+
+        kept = "".join(f"\n  kept {', '.join(names)}: {'; '.join(reasons)}" for reasons, names in by_reasons.items())
+        warnings.warn(f"structural pruning left some channels of these layers in place (removing them is not safe):{kept}",
+                      UserWarning, stacklevel=stacklevel)
 
 
 def choose_removal(model, graph: DependencyGraph, sparsity: float, criterion, scope="layer", excluded_ids=frozenset(),
                    round_to: int = 1, data=None, loss_fn=None, only_exact: bool = False) -> Dict[Member, torch.Tensor]:
     """The indices to remove from each member tensor (nothing is changed yet)."""
-    modules = dict(model.named_modules())
+    modules = graph.modules if graph.model is model else dict(model.named_modules())
     groups = [
         g for g in graph.prunable_groups
         if not any(id(modules[m]) in excluded_ids for m in g.modules if m in modules) and (g.exact or not only_exact)
     ]
     if not groups:
         return {}
-    scores = group_scores(model, groups, criterion, data, loss_fn)
-    removed: Dict[Member, List[torch.Tensor]] = {}
+    scores = group_scores(model, groups, criterion, data, loss_fn, modules=modules)
+    removed: Dict[Member, list] = {}
     for group, units in zip(groups, select(groups, scores, sparsity, scope, round_to)):
         if units.numel():
+            units = units.numpy()  # numpy: a few µs less per member than torch's indexing
             for member, indices in group.indices.items():
-                removed.setdefault(member, []).append(indices[units].flatten())
-    return {m: torch.cat(parts) for m, parts in removed.items()}
+                part = indices.numpy()[units].reshape(-1)
+                parts = removed.get(member)
+                if parts is None:
+                    removed[member] = [part]
+                else:
+                    parts.append(part)
+    return {m: torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts)) for m, parts in removed.items()}
 
 
 def prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs, data, loss_fn, round_to=None):
@@ -146,6 +183,6 @@ def select(groups: List[Group], scores: List[torch.Tensor], sparsity: float, sco
         keeps = [_rounded_keep(k, len(g), round_to) for k, g in zip(keeps, groups)]
     out = []
     for k, g, s in zip(keeps, groups, scores):
-        order = torch.sort(s, stable=True).indices
-        out.append(torch.sort(order[: len(g) - k]).values)
+        order = np.argsort(s.numpy(), kind="stable")  # numpy: a few µs less per group than torch.sort
+        out.append(torch.from_numpy(np.sort(order[: len(g) - k])))
     return out

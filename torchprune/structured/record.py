@@ -23,6 +23,7 @@ run raises `Unrun`: its connections are unknown to the run, and trace.py asks to
 from __future__ import annotations
 
 import builtins
+import contextlib
 import operator
 import weakref
 from typing import Dict, List, Tuple
@@ -31,7 +32,6 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..calibration import hooked_eval
 from . import rules
 from .dispatch import LabelRecorder, SizeRef
 
@@ -133,7 +133,7 @@ class Recorder(LabelRecorder):
         self.modules = dict(model.named_modules())
         self.names = {id(m): name for name, m in self.modules.items()}
         self.leaves = {id(m) for name, m in self.modules.items() if name and leaf(m, name)}
-        self.named_tensors = dict([*model.named_parameters(), *model.named_buffers()])
+        self.named_tensors = _named_tensors(self.modules)
         self.tensors = {id(t): name for name, t in self.named_tensors.items()}
         self.seen = set()  # ids of parameters and buffers used outside torch's layers
         self.ran = set()  # ids of torch's layers that ran
@@ -309,10 +309,55 @@ class Recorder(LabelRecorder):
         used = set(self.seen)
         for module in self.modules.values():
             if id(module) in self.ran:
-                used.update(id(t) for t in [*module.parameters(), *module.buffers()])
+                if module._modules:  # a layer with sublayers (nn.MultiheadAttention's out_proj)
+                    used.update(id(t) for t in [*module.parameters(), *module.buffers()])
+                else:
+                    used.update(id(t) for t in module._parameters.values() if t is not None)
+                    used.update(id(t) for t in module._buffers.values() if t is not None)
         missing = [qualname for qualname_id, qualname in self.tensors.items() if qualname_id not in used]
         owners = [q.rpartition(".")[0] or "(the model itself)" for q in missing if self.named_tensors[q].dim() > 0]
         return list(dict.fromkeys(owners))
+
+
+def _named_tensors(modules: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
+    """``dict([*model.named_parameters(), *model.named_buffers()])`` from the model's named modules
+    (one walk of their dicts, several times cheaper than torch's generators): a tensor shared by
+    several modules keeps its first name, as there."""
+    params, buffers, seen = {}, {}, set()
+    for prefix, module in modules.items():
+        dot = prefix + "." if prefix else ""
+        for name, t in module._parameters.items():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                params[dot + name] = t
+    seen = set()
+    for prefix, module in modules.items():
+        dot = prefix + "." if prefix else ""
+        for name, t in module._buffers.items():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                buffers[dot + name] = t
+    params.update(buffers)
+    return params
+
+
+@contextlib.contextmanager
+def _observing(modules: Dict[str, nn.Module], handles: List):
+    """`hooked_eval` for the recorded run, from the named modules it already has: eval mode under
+    no_grad, then every train/eval flag restored and the hooks removed (no gradient can change:
+    nothing runs backward)."""
+    modes = [(module, module.training) for module in modules.values()]
+    try:
+        with torch.no_grad():
+            if any(training for _, training in modes):  # (a model already in eval mode is left as it is)
+                modules[""].eval()
+            yield
+    finally:
+        for module, training in modes:
+            if module.training != training:
+                module.training = training
+        for handle in handles:
+            handle.remove()
 
 
 def record(model: nn.Module, example_inputs: tuple, leaf) -> Recorder:
@@ -323,7 +368,7 @@ def record(model: nn.Module, example_inputs: tuple, leaf) -> Recorder:
     for module in recorder.modules.values():
         handles.append(module.register_forward_pre_hook(recorder.pre_hook, prepend=True))
         handles.append(module.register_forward_hook(recorder.hook))
-    with hooked_eval(model, handles):
+    with _observing(recorder.modules, handles):
         recorder.mode = _Mode(recorder)
         with recorder.mode:
             try:

@@ -26,36 +26,50 @@ __all__ = ["apply_plan", "zero_channels", "plan_from_removed", "sync_attributes"
 Plan = Dict[Member, List[int]]
 
 
-def plan_from_removed(model: nn.Module, removed: Dict[Member, torch.Tensor]) -> Plan:
-    """Kept indices per member from the removed ones."""
+def plan_from_removed(model: nn.Module, removed: Dict[Member, torch.Tensor], modules=None, arrays: bool = False) -> Plan:
+    """Kept indices per member from the removed ones (int lists; int64 numpy arrays with
+    ``arrays=True``, which `apply_plan` takes as they are). ``modules``: the model's
+    ``dict(named_modules())`` if the caller has it."""
     plan = {}
-    modules = dict(model.named_modules())
+    if modules is None:
+        modules = dict(model.named_modules())
     for (module, tensor, dim), indices in removed.items():
         size = _tensor(model, module, tensor, modules).shape[dim]
         keep = np.ones(size, dtype=bool)
         keep[indices.numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices, dtype=np.int64)] = False
-        plan[(module, tensor, dim)] = np.flatnonzero(keep).tolist()
+        kept = np.flatnonzero(keep)
+        plan[(module, tensor, dim)] = kept if arrays else kept.tolist()
     return plan
+
+
+def _mask_of(owner: nn.Module):
+    """``owner.weight_mask`` or None, without the cost of a failed attribute lookup on nn.Module."""
+    mask = owner._buffers.get("weight_mask")
+    if mask is None and ("weight_mask" in owner._parameters or "weight_mask" in owner.__dict__ or hasattr(type(owner), "weight_mask")):
+        mask = getattr(owner, "weight_mask", None)
+    return mask
 
 
 def _tensor(model: nn.Module, module: str, tensor: str, modules=None) -> torch.Tensor:
     owner = (modules[module] if modules is not None else model.get_submodule(module)) if module else model
-    value = getattr(owner, tensor, None)
+    value = owner._parameters.get(tensor)  # the usual case, straight from the module's dict
+    if value is None:
+        value = getattr(owner, tensor, None)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"the removal plan names {module + '.' if module else ''}{tensor}, which the model does not have")
     return value
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> None:
-    """Slices every member of ``plan`` (and a masked weight's ``weight_mask`` with it)."""
-    _widen_attention(model, plan)
-    modules = dict(model.named_modules())
+def apply_plan(model: nn.Module, plan: Plan, modules=None) -> None:
+    """Slices every member of ``plan`` (and a masked weight's ``weight_mask`` with it).
+    ``modules``: the model's ``dict(named_modules())`` if the caller has it."""
+    if _widen_attention(model, plan) or modules is None:
+        modules = dict(model.named_modules())
     entries: List[Tuple[str, str, int, torch.Tensor]] = []
     for (module, tensor, dim), keep in plan.items():
         index = torch.from_numpy(np.asarray(keep, dtype=np.int64))  # 3x faster than as_tensor on a list
         entries.append((module, tensor, dim, index))
-        owner = modules[module]
-        if tensor == "weight" and isinstance(getattr(owner, "weight_mask", None), torch.Tensor):
+        if tensor == "weight" and isinstance(_mask_of(modules[module]), torch.Tensor):
             entries.append((module, "weight_mask", dim, index))
     # A tensor sliced along two dims (a Linear's rows and columns) goes through two rounds.
     rounds: List[List[Tuple[str, str, int, torch.Tensor]]] = []
@@ -78,11 +92,12 @@ def apply_plan(model: nn.Module, plan: Plan) -> None:
         sync_attributes(modules[module])
 
 
-def _widen_attention(model: nn.Module, plan: Plan) -> None:
+def _widen_attention(model: nn.Module, plan: Plan) -> bool:
     """nn.MultiheadAttention whose width the plan changes becomes a PrunedMultiheadAttention with
     all its heads (same parameter names, same outputs), which allows a width apart from its heads'."""
     from .attention import PrunedMultiheadAttention
 
+    widened = False
     for module, tensor, _ in plan:
         if tensor == "in_proj_weight":
             owner = model.get_submodule(module) if module else model
@@ -90,9 +105,15 @@ def _widen_attention(model: nn.Module, plan: Plan) -> None:
                 parent_name, _, attr = module.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, attr, PrunedMultiheadAttention.from_attention(owner, torch.arange(owner.num_heads)))
+                widened = True
+    return widened
 
 
 def _assign(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = owner._parameters.get(name)
+    if old is not None:  # straight into the module's dict: what setattr does for an existing parameter, a few µs less
+        owner._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+        return
     old = getattr(owner, name)
     if isinstance(old, nn.Parameter):
         setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))

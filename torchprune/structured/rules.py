@@ -72,8 +72,15 @@ def full(label: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return label.expand(value.shape)
 
 
+_UNOWNED = {}  # ndim -> the label of a value no unit owns (labels are never changed in place: shared)
+
+
 def unowned(value: torch.Tensor) -> torch.Tensor:
-    return torch.full((1,) * value.dim(), NONE, dtype=torch.int64)
+    nd = value.dim()
+    label = _UNOWNED.get(nd)
+    if label is None:
+        label = _UNOWNED[nd] = torch.full((1,) * nd, NONE, dtype=torch.int64)
+    return label
 
 
 def channel_label(ids: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
@@ -238,6 +245,16 @@ def elementwise(tracer, operands, values, out, where: str) -> torch.Tensor:
     if not pairs:
         return unowned(out)
     labels, nd = tracer.labels, out.dim()
+    first = pairs[0][0]
+    if len(pairs) == 1:  # a tensor and Python numbers: nothing to unify, nothing faces it
+        return first.view((1,) * (nd - first.dim()) + tuple(first.shape)) if first.dim() < nd else first
+    if len(pairs) == 2 and first.dim() == nd and pairs[1][0].shape == first.shape:
+        # the common case (a residual add, a gate): labels of one shape; if both are owned
+        # everywhere, they are unified position by position and the output has the first's
+        a, b = first.numpy(), pairs[1][0].numpy()
+        if (a >= 0).all() and (b >= 0).all():
+            labels.unify_arrays(a, b)
+            return first
     labs = [lab.numpy().reshape((1,) * (nd - lab.dim()) + tuple(lab.shape)) for lab, _ in pairs]
     shapes = [(1,) * (nd - v.dim()) + tuple(v.shape) for _, v in pairs]
     owned = [bool((lab >= 0).all()) for lab in labs]
@@ -293,12 +310,15 @@ def reduce(tracer, kind: str, label, x, out, dims, keepdim: bool, where: str) ->
     if dims is None:
         dims = list(range(x.dim()))
     dims = [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
-    lab = full(label, x)
+    lab = label.reshape((1,) * (x.dim() - label.dim()) + tuple(label.shape)) if label.dim() < x.dim() else label
     for d in dims:
         if kind != "sum":
             tracer.labels.check(label, d, f"{kind} over a pruned dim at {where!r}")
     for d in sorted(dims, reverse=True):
-        lab = lab.amax(d, keepdim=keepdim)  # any owner of the slice: checked or summed
+        if lab.shape[d] > 1:
+            lab = lab.amax(d, keepdim=keepdim)  # any owner of the slice: checked or summed
+        elif not keepdim:  # the label is constant along d: nothing to reduce
+            lab = lab.squeeze(d)
     if kind == "sum":
         for d in dims:
             if label.shape[d] > 1:

@@ -70,7 +70,7 @@ def _owner(model, module):
 
 
 def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, data=None, loss_fn=None,
-                 alive: Optional[Dict[Member, torch.Tensor]] = None) -> List[torch.Tensor]:
+                 alive: Optional[Dict[Member, torch.Tensor]] = None, modules=None) -> List[torch.Tensor]:
     """One float64 score per unit of each group (higher = keep).
 
     ``alive`` ({member: bool per index along its dim}) marks the indices not zeroed when channels
@@ -82,7 +82,8 @@ def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, d
         criterion.reset()
         return [torch.rand(len(g), generator=criterion._generator, dtype=torch.float64) for g in groups]
     members = list(dict.fromkeys(m for g in groups for m in g.indices))
-    modules = dict(model.named_modules())
+    if modules is None:
+        modules = dict(model.named_modules())
     if kind == "gradient":
         per_index = _gradient_scores(model, members, isinstance(criterion, Taylor), data, loss_fn)
     elif kind == "activation":
@@ -98,7 +99,8 @@ def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, d
             if (module, tensor) not in powered_of:
                 powered_of.clear()
             owner = modules[module]
-            value = getattr(owner, tensor).detach()
+            value = owner._parameters.get(tensor)  # the usual case, without nn.Module's attribute lookup
+            value = (getattr(owner, tensor) if value is None else value).detach()
             if kind == "bn_scale":
                 if isinstance(owner, _NORMS) and tensor == "weight":
                     per_index[m] = value.double().abs()
@@ -117,17 +119,17 @@ def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, d
     for g in groups:
         scored = [m for m in g.indices if m in per_index]
         if not scored and kind in ("bn_scale", "activation"):  # no norm layer / no layer output here: FilterNorm(2)
-            return_scores = group_scores(model, [g], FilterNorm(p=2), alive=alive)[0]
+            return_scores = group_scores(model, [g], FilterNorm(p=2), alive=alive, modules=modules)[0]
             scores.append(return_scores)
             continue
         total = np.zeros(len(g), dtype=np.float64)
         for m in scored:
             normalized = normalized_of.get(m)
             if normalized is None:
-                vector = per_index[m]
-                live = vector[alive[m]] if alive is not None and m in alive else vector
-                mean = float(live.mean()) if live.numel() else 0.0
-                normalized = (vector / mean if mean > 0 else vector).numpy()
+                vector = per_index[m].numpy()
+                live = vector[alive[m].numpy()] if alive is not None and m in alive else vector
+                mean = float(live.mean()) if live.size else 0.0
+                normalized = vector / mean if mean > 0 else vector
                 normalized_of[m] = normalized
             total += normalized[g.indices[m].numpy()].sum(1)
         scores.append(torch.from_numpy(total / max(len(scored), 1)))
