@@ -615,3 +615,16 @@ def test_channel_pruning_never_removes_a_whole_group(scope):
     tp.prune(model, sparsity=0.99, granularity="channel", scope=scope, example_inputs=x)
     assert model[0].out_channels >= 1 and model[2].out_channels >= 1 and model[4].out_channels >= 1
     assert model(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("entry", ["prune", "Pruner"])
+def test_float8_weights_are_refused_by_layer_before_anything_changes(entry):
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)).to(torch.float8_e4m3fn)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"layer '0' has torch.float8_e4m3fn weights; the masked ops take torch.float32"):
+        if entry == "prune":
+            tp.prune(model, sparsity=0.5)
+        else:
+            tp.Pruner(model, 0.5, tp.schedules.OneShot(at=0))
+    assert not tp.masks(model)
+    assert all(torch.equal(v.view(torch.uint8), before[k].view(torch.uint8)) for k, v in model.state_dict().items())

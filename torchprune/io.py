@@ -17,7 +17,7 @@ from torch import nn
 
 from ._version import __version__
 from .structured.replay import replay, structure_of
-from .masking import attach_mask, base_type, check_devices, get_mask, is_prunable
+from .masking import attach_mask, base_type, check_supported, get_mask, is_prunable
 
 __all__ = ["save", "load"]
 
@@ -86,7 +86,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
             found = "nothing" if module is None else type(module).__name__
             raise ValueError(f"`model` does not match the file: the file masks a {kind} at {name!r}, the model has {found} there")
     _check_state_matches(target, masked, state)
-    check_devices({name: modules[name] for name in masked})  # on the checked copy: model unchanged
+    check_supported({name: modules[name] for name in masked})  # on the checked copy: model unchanged
     if structure:
         replay(model, structure)
         modules = dict(model.named_modules(remove_duplicate=False))

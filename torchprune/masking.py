@@ -46,7 +46,7 @@ __all__ = [
     "make_permanent",
     "prunable_layers",
     "effective_weight",
-    "check_devices",
+    "check_supported",
 ]
 
 #: Layer types `prune()` can mask (exact types; user subclasses with their own forward are skipped).
@@ -153,10 +153,20 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return weight if mask is None else torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
 
 
-def check_devices(layers: Dict[str, nn.Module], argument: str = "model") -> None:
-    """Raises before anything is masked if a layer sits on a device the masked ops cannot run on."""
+#: Weight dtypes the masked ops compute in (float8 and integer weights are refused by name).
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_supported(layers: Dict[str, nn.Module], argument: str = "model") -> None:
+    """Raises before anything is masked if a layer sits on a device, or holds a weight dtype, that
+    the masked ops cannot run on."""
     devices = kernel_devices("masked_linear")
     for name, layer in layers.items():
+        if layer.weight.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"`{argument}` layer {name!r} has {layer.weight.dtype} weights; the masked ops take "
+                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}: convert the layer first (e.g. layer.float())"
+            )
         device = layer.weight.device
         if device.type == "meta":  # no values to rank or mask: refuse rather than make meta masks
             raise ValueError(

@@ -45,7 +45,7 @@ from . import selection
 from .calibration import observe
 from .distributed import average_importance_state, check_equal_across_ranks, fail_together, unwrap
 from .importance import Importance, resolve
-from .masking import attach_mask, check_devices, get_mask, remove_mask
+from .masking import attach_mask, check_supported, get_mask, remove_mask
 from .pruner import (_GRANULARITY_HELP, _check_data_args, _check_finite_weights, _check_n_m_divides, _check_sparsity_value, _checked_score,
                      _current_mask, _parse_granularity, _target_layers, _weight_owners)
 from .schedules import Schedule
@@ -123,7 +123,7 @@ class Pruner:
             target_sparsity = self._check_target(target_sparsity, schedule, n_m)
         layers, scope = _target_layers(model, exclude, scope)
         owners = _weight_owners(model, layers, scope)
-        check_devices(layers)
+        check_supported(layers)
         if n_m is not None:
             _check_n_m_divides(layers, n_m)
         if data is not None and criterion.requires_data:

@@ -17,7 +17,7 @@ from torch import nn
 from . import selection
 from .calibration import observe
 from .importance import Importance, Magnitude, resolve
-from .masking import PRUNABLE_TYPES, attach_mask, base_type, check_devices, get_mask, prunable_layers
+from .masking import PRUNABLE_TYPES, attach_mask, base_type, check_supported, get_mask, prunable_layers
 
 __all__ = ["prune", "Pruner"]
 
@@ -74,7 +74,7 @@ def prune(
     _check_amount(sparsity, threshold, scope, n_m)
     layers, scope = _target_layers(model, exclude, scope)
     owners = _weight_owners(model, layers, scope)
-    check_devices(layers)
+    check_supported(layers)
     if n_m is not None:
         _check_n_m_divides(layers, n_m)
     if criterion.requires_data:
