@@ -205,10 +205,10 @@ def test_the_run_holds_no_activation_the_model_frees():
     most = [0]
     original = record_module.Recorder.hook
 
-    def hook(self, module, args, out):
+    def hook(self, module, args, kwargs, out):
         alive = sum(1 for ref, _ in self.values.values() if ref() is not None and ref().dim() == 4)
         most[0] = max(most[0], alive)
-        return original(self, module, args, out)
+        return original(self, module, args, kwargs, out)
 
     record_module.Recorder.hook = hook
     try:
@@ -216,3 +216,208 @@ def test_the_run_holds_no_activation_the_model_frees():
     finally:
         record_module.Recorder.hook = original
     assert graph.tracing == "recorded run" and 1 <= most[0] <= 3
+
+
+# -- adversarial models: removal equals zeroing, or the channels stay ------------------------------
+
+
+class _Pair(nn.Module):
+    """Two convs feeding ``combine(a(x), b(x), x)``, then a conv ``c`` (or nothing)."""
+
+    def __init__(self, combine, c_in=8, unused=False):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(c_in, 4, 3, padding=1)
+        self.register_buffer("buf", torch.randn(8))
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.combine = combine
+        if unused:  # a layer that does not run: torch.fx labels the model
+            self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.c(self.combine(self, self.a(x), self.b(x), x))
+
+
+_ADVERSARIAL = {
+    # a stack (or a cat along the batch dim) then reduced: the inputs must keep equal channels
+    "stack_sum": lambda m, a, b, x: torch.stack([a, b], 0).sum(0),
+    "stack_amax": lambda m, a, b, x: torch.stack((a, b), dim=-1).amax(-1),
+    "cat_batch_sum": lambda m, a, b, x: torch.cat([a, b], 0).sum(0, keepdim=True).expand(x.shape[0], -1, -1, -1),
+    "cat_keywords": lambda m, a, b, x: torch.cat(tensors=(a, b), dim=1)[:, ::2],
+    # a sum over channels of values that are not 0 where the channel is zeroed
+    "sum_gate": lambda m, a, b, x: b * torch.sigmoid(a).sum(1, keepdim=True),
+    "full_sum_used": lambda m, a, b, x: b * torch.sigmoid(a).sum(),
+    # a 0-dim parameter, and a buffer indexed (a constant under torch.fx)
+    "scalar_param": lambda m, a, b, x: a * m.scale + b,
+    "indexed_buffer": lambda m, a, b, x: a + m.buf[None, :, None, None],
+}
+
+
+@pytest.mark.parametrize("unused", [False, True], ids=["recorded", "fx"])
+@pytest.mark.parametrize("name", list(_ADVERSARIAL))
+def test_adversarial_models_remove_like_zeroing(name, unused):
+    torch.manual_seed(0)
+    c_in = 8
+    model = _Pair(_ADVERSARIAL[name], c_in, unused).eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    before = {k for k in vars(model)}
+    graph = DependencyGraph(model, x)
+    assert {k for k in vars(model)} == before  # fx's constants do not stay on the model
+    for importance in ("l2", "random"):
+        for sparsity in (0.5, 0.9):
+            removed = choose_removal(model, graph, sparsity, resolve(importance), only_exact=True)
+            masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+            zero_channels(masked, removed)
+            apply_plan(pruned, plan_from_removed(pruned, removed))
+            with torch.no_grad():
+                for inputs in (x, (torch.randn(4, 3, 8, 8),)):
+                    torch.testing.assert_close(pruned(*inputs), masked(*inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_a_full_sum_read_into_python_leaves_the_channels_alone():
+    """``if h.sum() > 0`` (control flow the run sees once) does not pin h's channels; the same
+    sum used in a tensor op does."""
+
+    class Net(nn.Module):
+        def __init__(self, use):
+            super().__init__()
+            self.a, self.b, self.use = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), use
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if self.use:
+                return self.b(h) * h.sum()
+            return self.b(h) if h.sum() > 0 else -self.b(h)
+
+    x = torch.randn(1, 3, 8, 8)
+    assert group_of(DependencyGraph(Net(False), x), ("a", "weight", 0)).prunable
+    assert not group_of(DependencyGraph(Net(True), x), ("a", "weight", 0)).prunable
+
+
+def test_squeeze_pins_a_dim_that_pruning_could_leave_at_one():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.a(x)).amax((2, 3), keepdim=True).squeeze())
+
+    model, x = Net(), torch.randn(2, 3, 8, 8)
+    assert not group_of(DependencyGraph(model, x), ("a", "weight", 0)).prunable
+    tp.prune(model, sparsity=0.9, granularity="channel", example_inputs=x)
+    model(torch.randn(4, 3, 8, 8))
+
+
+@pytest.mark.parametrize("unused", [False, True], ids=["recorded", "fx"])
+def test_layers_called_with_keywords(unused):
+    """nn.MultiheadAttention(query=..., key=..., value=...) and conv(input=...): the keyword inputs
+    are the layer's inputs (before, they were unseen and the pruned model failed)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.attn = nn.Linear(5, 16), nn.MultiheadAttention(16, 4, batch_first=True)
+            self.conv, self.out = nn.Conv1d(16, 8, 1), nn.Linear(8, 3)
+            if unused:
+                self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            y = self.proj(x)
+            z = self.attn(query=y, key=y, value=y, need_weights=False)[0]
+            return self.out(self.conv(input=z.transpose(1, 2)).mean(-1))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), (torch.randn(1, 7, 5),)
+    graph = DependencyGraph(model, x)
+    assert ("attn", "in_proj_weight", 1) in group_of(graph, ("proj", "weight", 0)).indices
+    removed = choose_removal(model, graph, 0.5, resolve("l2"), only_exact=True)
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    zero_channels(masked, removed)
+    apply_plan(pruned, plan_from_removed(pruned, removed))
+    assert pruned.proj.out_features < 16
+    with torch.no_grad():
+        other = torch.randn(4, 7, 5)
+        torch.testing.assert_close(pruned(other), masked(other), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["old", "parametrization"])
+def test_a_layer_with_a_computed_weight_keeps_its_channels(norm):
+    """weight_norm / parametrizations: the layer's ``weight`` is computed from other tensors, which
+    removal does not slice; its channels stay (before, the pruned model failed)."""
+    from torch.nn.utils import parametrizations
+
+    wrap = torch.nn.utils.weight_norm if norm == "old" else parametrizations.weight_norm
+    model = nn.Sequential(wrap(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          wrap(nn.Conv2d(8, 4, 3, padding=1)), nn.Conv2d(4, 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    assert not graph.prunable_groups
+    with pytest.warns(UserWarning, match="computes its weight"):
+        tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x)
+    model(torch.randn(4, 3, 8, 8))
+
+
+@pytest.mark.parametrize("unused", [False, True], ids=["recorded", "fx"])
+def test_tied_weights_lose_the_same_indices(unused):
+    """An Embedding and an output Linear sharing one weight: both holders lose the same columns,
+    so removal still equals zeroing the shared tensor."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.hidden = nn.Embedding(10, 8), nn.Linear(8, 8)
+            self.out = nn.Linear(8, 10, bias=False)
+            self.out.weight = self.emb.weight
+            if unused:
+                self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.hidden(self.emb(x))))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), (torch.randint(0, 10, (1, 5)),)
+    graph = DependencyGraph(model, x)
+    for importance in ("l2", "random"):
+        removed = choose_removal(model, graph, 0.5, resolve(importance), only_exact=True)
+        assert removed
+        masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+        zero_channels(masked, removed)
+        apply_plan(pruned, plan_from_removed(pruned, removed))
+        with torch.no_grad():
+            other = torch.randint(0, 10, (4, 5))
+            torch.testing.assert_close(pruned(other), masked(other), rtol=1e-4, atol=1e-5)
+
+
+def test_an_lstm_on_a_packed_sequence_is_left_whole():
+    """A PackedSequence input (a namedtuple of tensors) is not a tensor the LSTM rule can read:
+    the channels that reach it stay, and nothing fails inside the trace."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.lstm, self.out = nn.Linear(5, 8), nn.LSTM(8, 6, batch_first=True), nn.Linear(6, 2)
+
+        def forward(self, x):
+            packed = pack_padded_sequence(torch.relu(self.proj(x)), torch.full((x.shape[0],), x.shape[1]), batch_first=True)
+            y, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)
+            return self.out(y[:, -1])
+
+    model, x = Net(), torch.randn(2, 7, 5)
+    assert not group_of(DependencyGraph(model, x), ("proj", "weight", 0)).prunable
+    tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x)
+    model(torch.randn(4, 7, 5))
+
+
+def test_a_full_sum_read_as_a_number_pins_its_channels():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.sigmoid(self.a(x))
+            return self.b(y) * y.sum().item()
+
+    assert not group_of(DependencyGraph(Net(), torch.randn(1, 3, 8, 8)), ("a", "weight", 0)).prunable

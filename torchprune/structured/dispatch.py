@@ -67,6 +67,34 @@ class LabelRecorder:
         else:
             self.members[key] = ids  # labels are never changed in place
 
+    def tie_shared(self, modules: Dict[str, torch.nn.Module]) -> None:
+        """A tensor several layers hold (tied embedding and output weights, one conv weight set on
+        two convs) is sliced once per holder: the indices each holder's member removes along a dim
+        are unified, so that every holder loses the same ones. (Call before `Labels.resolve`.)"""
+        holders: Dict[int, Dict[int, List[torch.Tensor]]] = {}
+        names: Dict[int, set] = {}
+        for (module, tensor, dim), ids in self.members.items():
+            owner = modules.get(module)
+            value = None if owner is None else owner._parameters.get(tensor, owner._buffers.get(tensor))
+            if value is None:
+                continue
+            holders.setdefault(id(value), {}).setdefault(dim, []).append(ids)
+            names.setdefault(id(value), set()).add(module)
+        for key, by_dim in holders.items():
+            if len(names[key]) < 2:
+                continue
+            for vectors in by_dim.values():
+                a = vectors[0].numpy()
+                for other in vectors[1:]:
+                    b = other.numpy()
+                    if a.shape != b.shape:
+                        continue
+                    self.labels.unify_arrays(a, b)
+                    mixed = (a >= 0) != (b >= 0)
+                    if mixed.any():
+                        self.labels.freeze(torch.from_numpy(np.concatenate([a[mixed], b[mixed]])),
+                                           f"a tensor shared by {sorted(names[key])} is used on pruned and fixed channels")
+
     def freeze_all(self, labels, reason: str) -> None:
         if isinstance(labels, (list, tuple)):
             for item in labels:
@@ -81,9 +109,15 @@ class LabelRecorder:
     def unowned_like(self, value):
         if isinstance(value, torch.Tensor):
             return rules.unowned(value)
-        if isinstance(value, (list, tuple)):
-            return type(value)(self.unowned_like(v) for v in value)
+        if isinstance(value, (list, tuple)):  # (a namedtuple or PackedSequence: a plain list)
+            labels = [self.unowned_like(v) for v in value]
+            return type(value)(labels) if type(value) in (list, tuple) else labels
         return None
+
+    def defer_checks(self, value, checks) -> None:
+        """Checks that apply once ``value`` is used (here: at once; the recorded run waits)."""
+        for label, dim, reason in checks:
+            self.labels.check(label, dim, reason)
 
     def note_attention(self, name: str, module: torch.nn.Module) -> None:
         self.attention[name] = module
@@ -91,6 +125,8 @@ class LabelRecorder:
     def parameter(self, qualname: str, value: torch.Tensor) -> torch.Tensor:
         """The ids of a parameter or buffer used outside a layer (a class token, a positional
         embedding): one id per position, the same ones at every use."""
+        if value.numel() == 1:  # a learnt scale: nothing of it can be removed, and it faces every channel alike
+            return rules.unowned(value)
         ids = self.positional.get(qualname)
         if ids is None or tuple(ids.shape) != tuple(value.shape):
             ids = self.labels.fresh(list(value.shape))
@@ -166,11 +202,11 @@ class LabelRecorder:
             keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
             return rules.reduce(self, kind, lab, x, out, dims, keepdim, where)
         if target in rules.SHAPE_FUNCTIONS or method in rules.SHAPE_METHODS:
-            return self._shape_op(target, method, args, kwargs, labs, out, where)
+            return self._shape_op(target, method, args, kwargs, labs, out, where, klabs)
         self.freeze_all((labs, klabs), f"{getattr(target, '__name__', method or target)} at {where!r} has no pruning rule")
         return self.unowned_like(out)
 
-    def _shape_op(self, target, method, args, kwargs, labs, out, where):
+    def _shape_op(self, target, method, args, kwargs, labs, out, where, klabs=None):
         """Runs the op itself on the labels, then pins the dims whose sizes are constants."""
         labels = self.labels
         if args and isinstance(args[0], torch.Tensor) and not _has_tensor(args[1:]) and not _has_tensor(kwargs):
@@ -179,7 +215,10 @@ class LabelRecorder:
             new_args, new_kwargs = (first.expand(args[0].shape).contiguous(), *args[1:]), kwargs
         else:
             values = {id(v): lab for v, lab in zip(_flat(args), _flat(labs)) if isinstance(v, torch.Tensor)}
-            for v in _flat(args):
+            for k, v in kwargs.items():  # torch.cat(tensors=..., dim=1)
+                values.update((id(t), lab) for t, lab in zip(_flat(v), _flat((klabs or {}).get(k)))
+                              if isinstance(t, torch.Tensor) and values.get(id(t)) is None)
+            for v in [*_flat(args), *_flat(kwargs)]:
                 if isinstance(v, torch.Tensor) and values.get(id(v)) is None:
                     values[id(v)] = rules.unowned(v)
 
@@ -188,8 +227,10 @@ class LabelRecorder:
 
             new_args = rules.substitute(args, env)
             new_kwargs = {k: rules.substitute(v, env) for k, v in kwargs.items()}
+            if target in (torch.cat, torch.concat, torch.stack):
+                self._join(target, args, kwargs, values, where)
         result = getattr(new_args[0], method)(*new_args[1:], **new_kwargs) if method else target(*new_args, **new_kwargs)
-        x, lab = args[0], labs[0]
+        x, lab = (args[0], labs[0]) if args else (None, None)
         if lab is None and isinstance(x, torch.Tensor):
             lab = rules.unowned(x)
         name = method or getattr(target, "__name__", str(target))
@@ -205,6 +246,13 @@ class LabelRecorder:
                     labels.check(result, d, f"{name} with a fixed size for a pruned dim at {where!r}")
         elif name == "getitem":
             self._check_index(lab, x, args[1], where)
+        elif name == "squeeze" and isinstance(x, torch.Tensor):
+            # a pruned dim left with one index would be squeezed away too
+            dims = args[1] if len(args) > 1 else kwargs.get("dim")
+            dims = range(x.dim()) if dims is None else [dims] if isinstance(dims, int) else dims
+            for d in dims:
+                if x.shape[d] > 1:
+                    labels.check(lab, d, f"squeeze of a pruned dim (gone at one channel) at {where!r}")
         elif name == "chunk":
             dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
             return _compress_all(self._chunk(lab, x, out, dim, where))
@@ -217,6 +265,31 @@ class LabelRecorder:
             why = "split with fixed sizes (torch.chunk keeps working when channels go)" if name.startswith("split") else name
             labels.check(lab, dim, f"{why} along a pruned dim at {where!r}")
         return _compress_all(result)
+
+    def _join(self, target, args, kwargs, values, where):
+        """``torch.cat`` / ``torch.stack``: every input keeps the others' sizes along each dim but
+        the one joined (all dims for a stack), so index i along such a dim goes with index i of
+        every other input (cat along the batch dim, a stack then summed)."""
+        tensors = [t for t in (args[0] if args else kwargs.get("tensors", ())) if isinstance(t, torch.Tensor)]
+        if len(tensors) < 2:
+            return
+        nd = tensors[0].dim()
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+        labs = [values[id(t)] for t in tensors]  # (compressed: size 1 along dims where they do not vary)
+        labs = [lab.view((1,) * (nd - lab.dim()) + tuple(lab.shape)) if lab.dim() < nd else lab for lab in labs]
+        for d in range(nd):
+            if target is not torch.stack and d == dim % nd:
+                continue
+            # (the usual channel cat: labels of size 1 along every other dim, nothing to do)
+            if not any(lab.shape[d] > 1 and (lab.amin(d) != lab.amax(d)).any() for lab in labs):
+                continue
+            reason = f"{getattr(target, '__name__', 'cat')} at {where!r} joins pruned with fixed positions"
+            ids = [self.labels.reduce_to_dim(lab, d, t.shape, reason) for lab, t in zip(labs, tensors)]
+            for other in ids[1:]:
+                self.labels.unify(ids[0], other)
+                mixed = (ids[0] >= 0) != (other >= 0)
+                if mixed.any():
+                    self.labels.freeze(torch.cat([ids[0][mixed], other[mixed]]), reason)
 
     def _chunk(self, lab, x, pieces, dim, where):
         """The labels of ``x.chunk(n, dim)``. Equal pieces stay equal if position j of every piece

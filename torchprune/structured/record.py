@@ -47,6 +47,9 @@ _OPERATORS = {
     "__matmul__": (operator.matmul, False), "__rmatmul__": (operator.matmul, True),
     "__getitem__": (operator.getitem, False), "__neg__": (operator.neg, False), "__len__": (builtins.len, False),
 }
+# Comparisons: a deferred check (see `Recorder.defer_checks`) goes on to their result.
+_COMPARE = {"__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__", "gt", "lt", "ge", "le", "eq", "ne",
+            "__and__", "__or__", "__invert__", "logical_and", "logical_or", "logical_not", "isnan", "isfinite", "all", "any"}
 # Calls whose result no channel goes through: one-element tensors made Python numbers, printing, hashing.
 _SCALAR = {"__bool__", "__int__", "__float__", "__index__", "__complex__", "item", "__hash__", "__repr__", "__str__", "__format__"}
 # Of those, the ones through which a tensor's value can steer Python control flow.
@@ -141,11 +144,31 @@ class Recorder(LabelRecorder):
         self.mode = None  # the _Mode recording this run, and whether a layer took it off torch's stack
         self.aside = False
         self.branching = set()  # names of submodules whose forward turned a tensor value into a Python value
+        # id(value) -> (weak reference, checks) of values whose checks wait until they are used
+        self.pending: Dict[int, Tuple[weakref.ref, list]] = {}
+        self.carried = None  # a list while a comparison runs: the checks its operands carry to its result
 
     # -- labels of values ---------------------------------------------------------------------
 
+    def defer_checks(self, value, checks) -> None:
+        """The checks of a full sum wait until the sum is used: a comparison carries them on, a
+        Python value (``if x.sum() > 0``) drops them, anything else applies them."""
+        if isinstance(value, torch.Tensor):
+            self.pending[id(value)] = (weakref.ref(value), list(checks))
+
+    def _use(self, value: torch.Tensor) -> None:
+        entry = self.pending.pop(id(value), None)
+        if entry is None or entry[0]() is not value:
+            return
+        if self.carried is not None:
+            self.carried.extend(entry[1])
+        else:
+            super().defer_checks(value, entry[1])
+
     def label_of(self, value):
         if isinstance(value, torch.Tensor):
+            if self.pending:
+                self._use(value)
             entry = self.values.get(id(value))
             if entry is not None and entry[0]() is value:
                 return entry[1]
@@ -217,6 +240,9 @@ class Recorder(LabelRecorder):
                 self._label_call(builtins.getattr, None, (x, attr), {}, out, f"x.{attr}")
             return out
         if name in _SCALAR:
+            if self.pending and args and isinstance(args[0], torch.Tensor) and args[0].dtype != torch.bool \
+                    and name in _TO_PYTHON and name != "__bool__":
+                self._use(args[0])  # ``y * x.sum().item()``: the sum's value goes on as a number
             if name in _TO_PYTHON and self.stack and self.stack[-1]:
                 self.branching.add(self.stack[-1])  # a submodule reads a tensor's value into Python
             return out
@@ -230,6 +256,15 @@ class Recorder(LabelRecorder):
                 method = name
         if method == "size" and len(args) == 1 and "dim" not in kwargs:
             return self._size(args[0], out, self.where("x.size()"))
+        if self.pending and name in _COMPARE:
+            self.carried = []
+            try:
+                self._label_call(method or func, method, args, kwargs, out, name)
+            finally:
+                carried, self.carried = self.carried, None
+            if carried:
+                self.defer_checks(out, carried)
+            return out
         self._label_call(method or func, method, args, kwargs, out, name)
         return out
 
@@ -248,7 +283,7 @@ class Recorder(LabelRecorder):
         else:
             self.stack.append(self.names.get(id(module), ""))
 
-    def hook(self, module, args, out):
+    def hook(self, module, args, kwargs, out):
         if id(module) not in self.leaves:
             name = self.stack.pop()
             if name in self.branching:
@@ -256,6 +291,7 @@ class Recorder(LabelRecorder):
                 try:
                     reason = self._branching_reason(module, name)
                     self.freeze_all(self.label_of(tuple(args)), reason)
+                    self.freeze_all(self.label_of(kwargs), reason)
                     self.freeze_all(self.label_of(out), reason)
                 finally:
                     self.busy = False
@@ -267,7 +303,10 @@ class Recorder(LabelRecorder):
         self.busy = True
         try:
             labs = [self.label_of(a) for a in args]
-            self.store(out, rules.module_rule(self, self.names[id(module)], module, labs, list(args), out))
+            values = args
+            if kwargs:
+                values, labs = rules.with_keywords(module, args, kwargs, labs, self.label_of(kwargs))
+            self.store(out, rules.module_rule(self, self.names[id(module)], module, labs, list(values), out))
         finally:
             self.busy = False
             self.step_back()
@@ -367,7 +406,7 @@ def record(model: nn.Module, example_inputs: tuple, leaf) -> Recorder:
     handles = []
     for module in recorder.modules.values():
         handles.append(module.register_forward_pre_hook(recorder.pre_hook, prepend=True))
-        handles.append(module.register_forward_hook(recorder.hook))
+        handles.append(module.register_forward_hook(recorder.hook, with_kwargs=True))
     with _observing(recorder.modules, handles):
         recorder.mode = _Mode(recorder)
         with recorder.mode:
@@ -381,5 +420,6 @@ def record(model: nn.Module, example_inputs: tuple, leaf) -> Recorder:
     if missing:
         raise Unrun(missing)
     recorder.freeze_branching()
+    recorder.tie_shared(recorder.modules)
     recorder.labels.resolve()
     return recorder

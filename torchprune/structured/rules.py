@@ -92,7 +92,46 @@ def channel_label(ids: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
 # -- modules ------------------------------------------------------------------------------------
 
 
+def with_keywords(module: nn.Module, values, kwargs, labs, klabs):
+    """A layer's inputs given by keyword (``attn(query=q, key=k, value=v)``, ``conv(input=x)``)
+    appended to the positional ones in the order of its forward's parameters."""
+    if not kwargs:
+        return list(values), list(labs)
+    import inspect
+
+    try:
+        order = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        order = []
+    names = sorted(kwargs, key=lambda k: order.index(k) if k in order else len(order))
+    return [*values, *(kwargs[k] for k in names)], [*labs, *(klabs.get(k) for k in names)]
+
+
+def _derived_tensors(module: nn.Module) -> bool:
+    """True if the layer's weight or bias is computed rather than held (``weight_norm``, a
+    parametrization): removal would slice the computed tensor, not what it is computed from."""
+    if "parametrizations" in module._modules:
+        return True
+    attributes = module.__dict__  # (not getattr: nn.Module's __getattr__ costs µs per missing name)
+    for tensor in ("weight", "bias"):  # the old weight_norm sets a plain tensor attribute per call
+        if tensor not in module._parameters and isinstance(attributes.get(tensor), torch.Tensor):
+            return True
+    return False
+
+
 def module_rule(tracer, name: str, module: nn.Module, args, values, out) -> Any:
+    result = _module_rule(tracer, name, module, args, values, out)
+    if _derived_tensors(module):
+        reason = f"{type(module).__name__} {name!r} computes its weight (weight_norm, a parametrization)"
+        tracer.freeze_all(args, reason)
+        tracer.freeze_all(result, reason)
+        for (member_module, _, _), ids in tracer.members.items():
+            if member_module == name:
+                tracer.labels.freeze(ids, reason)
+    return result
+
+
+def _module_rule(tracer, name: str, module: nn.Module, args, values, out) -> Any:
     labels = tracer.labels
     x, label = (values[0], args[0]) if values else (None, None)
     kind = type(module).__name__
@@ -156,7 +195,7 @@ def module_rule(tracer, name: str, module: nn.Module, args, values, out) -> Any:
         fresh = labels.fresh([module.embedding_dim])
         tracer.member(name, "weight", 1, fresh)
         return channel_label(fresh, out.dim(), out.dim() - 1)
-    if isinstance(module, _RNN) and label is not None and module.num_layers >= 1:
+    if isinstance(module, _RNN) and isinstance(x, torch.Tensor) and isinstance(label, torch.Tensor) and module.num_layers >= 1:
         ids = labels.reduce_to_dim(label, -1, x.shape, f"{kind} {name!r} input")
         for tensor in ("weight_ih_l0", "weight_ih_l0_reverse"):
             if hasattr(module, tensor):
@@ -307,22 +346,25 @@ def matmul(tracer, a_lab, b_lab, a, b, out, where: str) -> torch.Tensor:
 
 
 def reduce(tracer, kind: str, label, x, out, dims, keepdim: bool, where: str) -> torch.Tensor:
+    if kind == "sum" and dims is None:
+        # a sum of everything: a scalar; its check waits until it is used (``if x.sum() > 0``, control
+        # flow the run sees once, leaves the channels alone; ``y * x.sum()`` pins them)
+        if label is not None and (label.numpy() >= 0).any():
+            tracer.defer_checks(out, [(label, d, f"sum over a pruned dim at {where!r}") for d in range(x.dim())])
+        return unowned(out)
     if dims is None:
         dims = list(range(x.dim()))
     dims = [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
     lab = label.reshape((1,) * (x.dim() - label.dim()) + tuple(label.shape)) if label.dim() < x.dim() else label
     for d in dims:
-        if kind != "sum":
-            tracer.labels.check(label, d, f"{kind} over a pruned dim at {where!r}")
+        # (a sum along a dim too: a removed position adds nothing, a zeroed one adds whatever the ops
+        # after its layer make of 0, sigmoid(0) or a constant added, so the positions summed go together)
+        tracer.labels.check(label, d, f"{kind} over a pruned dim at {where!r}")
     for d in sorted(dims, reverse=True):
         if lab.shape[d] > 1:
             lab = lab.amax(d, keepdim=keepdim)  # any owner of the slice: checked or summed
         elif not keepdim:  # the label is constant along d: nothing to reduce
             lab = lab.squeeze(d)
-    if kind == "sum":
-        for d in dims:
-            if label.shape[d] > 1:
-                return unowned(out)
     return compress(lab)
 
 

@@ -31,6 +31,8 @@ class Tracer(LabelRecorder, fx.Interpreter):
     def __init__(self, model: torch.nn.Module, graph: fx.Graph):
         fx.Interpreter.__init__(self, model, graph=graph)
         LabelRecorder.__init__(self)
+        self.named_tensors = {name for name, _ in (*model.named_parameters(remove_duplicate=False),
+                                                   *model.named_buffers(remove_duplicate=False))}
         self.env_labels: Dict[fx.Node, Any] = {}
 
     def run(self, *inputs) -> Any:
@@ -73,7 +75,13 @@ class Tracer(LabelRecorder, fx.Interpreter):
         if node.op == "placeholder":
             return self.unowned_like(out)
         if node.op == "get_attr":
-            return self.parameter(node.target, out) if isinstance(out, torch.Tensor) else None
+            if not isinstance(out, torch.Tensor):
+                return None
+            if node.target not in self.named_tensors:
+                # a constant fx made while tracing (``torch.tensor(1.0)``, or a buffer indexed, which
+                # fx does not trace: ``self.buf[None, :, None, None]``): not the model's, so unowned
+                return self.unowned_like(out)
+            return self.parameter(node.target, out)
         if node.op == "output":
             self.freeze_all(self._labels_of(node.args), "reaches the model output")
             return None
@@ -81,7 +89,8 @@ class Tracer(LabelRecorder, fx.Interpreter):
         if node.op == "call_module":
             module = self.submodules.get(node.target)
             module = self.fetch_attr(node.target) if module is None else module
-            return rules.module_rule(self, node.target, module, list(labs), list(args), out)
+            values, labs = rules.with_keywords(module, args, kwargs, labs, self._labels_of(node.kwargs))
+            return rules.module_rule(self, node.target, module, labs, values, out)
         method = node.target if node.op == "call_method" else None
         return self.function(node.target, method, args, kwargs, labs, self._labels_of(node.kwargs), out, node.name,
                              used=bool(node.users))
@@ -185,8 +194,15 @@ def trace_fx(model: torch.nn.Module, example_inputs: tuple, unrun=None) -> Label
         except Exception as error:
             return fallback(error)
     tracer = Tracer(model, graph)  # the interpreter runs the graph against the model itself
-    with preserved_state(model), torch.no_grad():
-        model.eval()
-        tracer.run(*example_inputs)
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            tracer.run(*example_inputs)
+    finally:  # the constants fx's trace set on the model (``_tensor_constant0``) go again
+        for node in graph.nodes:
+            if node.op == "get_attr" and node.target not in tracer.named_tensors and "." not in node.target \
+                    and node.target.startswith("_tensor_constant") and node.target in vars(model):
+                delattr(model, node.target)
+    tracer.tie_shared(dict(model.named_modules()))
     tracer.labels.resolve()
     return tracer
