@@ -70,3 +70,18 @@ def assert_unchanged(model, before):
         if grads[k] is not None:
             assert torch.equal(grads[k], now[2][k])
     assert now[3] == training
+
+
+def by_fx(model, x):
+    """A DependencyGraph from torch.fx's symbolic trace (the fallback used when a layer does not run
+    on x) and a labelled run of its graph, for comparing with the recorded run."""
+    from torchprune.structured import DependencyGraph
+    from torchprune.structured import graph as graph_module
+    from torchprune.structured.trace import trace_fx
+
+    original = graph_module.trace
+    graph_module.trace = trace_fx
+    try:
+        return DependencyGraph(model, x)
+    finally:
+        graph_module.trace = original

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+import zoo
+from conftest import by_fx
 from torch import nn
 
 import torchprune as tp
-import zoo
 from torchprune.structured import DependencyGraph
 
 
@@ -245,19 +246,6 @@ class WithDefault(nn.Module):
 
     def forward(self, x, scale: float = 2.0):
         return self.b(torch.relu(self.a(x)) * scale)
-
-
-def by_fx(model, x):
-    """A DependencyGraph from torch.fx's symbolic trace (used when a layer does not run on x)."""
-    from torchprune.structured import graph as graph_module
-    from torchprune.structured.trace import trace_fx
-
-    original = graph_module.trace
-    graph_module.trace = trace_fx
-    try:
-        return DependencyGraph(model, x)
-    finally:
-        graph_module.trace = original
 
 
 def test_arguments_left_to_their_defaults():

@@ -5,18 +5,16 @@ import copy
 
 import pytest
 import torch
+import zoo
+from conftest import by_fx
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 import torchprune as tp
-import zoo
 from torchprune.importance import resolve
 from torchprune.structured import DependencyGraph
-from torchprune.structured import graph as graph_module
 from torchprune.structured.prune import choose_removal
-from torchprune.structured.record import record
 from torchprune.structured.remove import apply_plan, plan_from_removed, zero_channels
-from torchprune.structured.trace import _LeafTracer, trace_fx
 
 
 def group_of(graph, member):
@@ -52,16 +50,6 @@ def test_recorded_model_prunes_like_zeroing_and_keeps_working():
         torch.testing.assert_close(pruned(other), masked(other), rtol=1e-4, atol=1e-5)
 
 
-def _by_fx(model, x):
-    """A DependencyGraph from torch.fx's symbolic trace and a labelled run of its graph."""
-    original = graph_module.trace
-    graph_module.trace = trace_fx
-    try:
-        return DependencyGraph(model, x)
-    finally:
-        graph_module.trace = original
-
-
 def _summary(graph):
     return sorted((sorted(g.indices), len(g), g.prunable, g.exact) for g in graph.groups)
 
@@ -69,10 +57,10 @@ def _summary(graph):
 @pytest.mark.parametrize("name", [n for n in zoo.ZOO if n != "dynamic"])
 def test_recorded_run_finds_the_groups_fx_finds(name):
     model, x = zoo.build(name)
-    by_fx, by_run = _by_fx(model, x), DependencyGraph(model, x)
-    assert by_fx.tracing == "torch.fx" and by_run.tracing == "recorded run"
-    assert _summary(by_run) == _summary(by_fx)
-    for a, b in zip(sorted(by_fx.groups, key=lambda g: sorted(g.indices)), sorted(by_run.groups, key=lambda g: sorted(g.indices))):
+    traced, by_run = by_fx(model, x), DependencyGraph(model, x)
+    assert traced.tracing == "torch.fx" and by_run.tracing == "recorded run"
+    assert _summary(by_run) == _summary(traced)
+    for a, b in zip(sorted(traced.groups, key=lambda g: sorted(g.indices)), sorted(by_run.groups, key=lambda g: sorted(g.indices))):
         for member in a.indices:
             assert sorted(a.indices[member].tolist()) == sorted(b.indices[member].tolist()), member
 
@@ -153,8 +141,8 @@ class Operators(nn.Module):
 
 def test_operators_are_recorded_like_fx():
     model, x = Operators().eval(), torch.randn(3, 6)
-    by_fx, by_run = _by_fx(model, x), DependencyGraph(model, x)
-    assert by_run.tracing == "recorded run" and _summary(by_run) == _summary(by_fx)
+    traced, by_run = by_fx(model, x), DependencyGraph(model, x)
+    assert by_run.tracing == "recorded run" and _summary(by_run) == _summary(traced)
     stream = group_of(by_run, ("a", "weight", 0))
     assert stream.prunable and {("b", "weight", 0), ("b", "weight", 1), ("c", "weight", 1)} <= set(stream.indices)
     assert group_of(by_run, ("c", "weight", 0)).prunable
