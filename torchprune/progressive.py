@@ -96,11 +96,7 @@ class Pruner:
         loss_fn: Optional[Callable] = None,
         example_inputs=None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"`schedule` must be a tp.schedules.Schedule, got {type(schedule).__name__}")
-        model = unwrap(model)
+        model = self._checked_model(model, schedule)
         criterion = resolve(importance)
         if isinstance(granularity, str) and granularity.strip() in _STRUCTURAL:
             raise ValueError(
@@ -162,6 +158,16 @@ class Pruner:
 
     def _observe_training_forwards(self) -> None:
         self._hooks = [layer.register_forward_hook(_ObservationHook(self)) for layer in self._unique.values()]
+
+    @staticmethod
+    def _checked_model(model, schedule) -> nn.Module:
+        """The module to prune (a DistributedDataParallel wrapper's ``.module``), after checking the
+        two arguments every Pruner takes first."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"`schedule` must be a tp.schedules.Schedule, got {type(schedule).__name__}")
+        return unwrap(model)
 
     @staticmethod
     def _check_target(target, schedule: Schedule, n_m) -> float:

@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from .distributed import average_, check_equal_across_ranks, fail_together, unwrap
+from .distributed import average_, check_equal_across_ranks, fail_together
 from .importance import Importance, resolve
 from .progressive import Pruner
 from .pruner import _excluded_ids
@@ -78,11 +78,7 @@ class ChannelPruner(Pruner):
         loss_fn: Optional[Callable] = None,
         example_inputs=None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"`schedule` must be a tp.schedules.Schedule, got {type(schedule).__name__}")
-        model = unwrap(model)
+        model = self._checked_model(model, schedule)
         if granularity != "channel":
             raise ValueError(f"`granularity` must be 'channel' for a ChannelPruner, got {granularity!r}")
         if not isinstance(scope, str) or scope not in ("layer", "global"):

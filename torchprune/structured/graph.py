@@ -16,7 +16,7 @@ them); nothing in the model is changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
 import torch

@@ -65,7 +65,7 @@ def _slices(module):
 
 
 def _head_scores(module, criterion) -> torch.Tensor:
-    h, hd = module.num_heads, module.head_dim
+    h = module.num_heads
     (q, k, v), out, vhd = _slices(module)
     p = float(getattr(criterion, "p", 1))
     parts = [t.double().abs().pow(p).reshape(h, -1).sum(1) for t in (q, k, v)]
