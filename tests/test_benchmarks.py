@@ -1,5 +1,6 @@
 """Each benchmark script runs end to end in --quick mode and writes its JSON (and PNG)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,9 +8,15 @@ import sys
 
 import pytest
 
-from torchprune.__main__ import main
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launcher():
+    """benchmarks/run.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_run", os.path.join(ROOT, "benchmarks", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(name, out):
@@ -60,16 +67,33 @@ def test_bench_models_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_bench_runs_a_script(tmp_path, capfd):
-    assert main(["bench", "conv", "--quick", "--out", str(tmp_path)]) == 0
+def test_launcher_runs_a_script(tmp_path, capfd):
+    assert launcher().main(["conv", "--quick", "--out", str(tmp_path)]) == 0
     assert "speedup" in capfd.readouterr().out
     assert load(tmp_path, "conv")["results"]
 
 
-def test_cli_bench_rejects_unknown_benchmark(capsys):
+def test_launcher_rejects_unknown_benchmark(capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "gpu"])
+        launcher().main(["gpu"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_launcher_passes_the_flags_on(monkeypatch):
+    module = launcher()
+    calls = []
+    monkeypatch.setattr(module.subprocess, "call", lambda command: calls.append(command) or 3)
+    assert module.main(["models", "--quick", "--repeats", "4", "--threads", "1", "--out", "x"]) == 3
+    assert calls == [[sys.executable, os.path.join(ROOT, "benchmarks", "bench_models.py"), "--threads", "1",
+                      "--quick", "--repeats", "4", "--out", "x"]]
+    module.main(["linear"])
+    assert calls[-1] == [sys.executable, os.path.join(ROOT, "benchmarks", "bench_linear.py"), "--threads", "2"]
+
+
+def test_launcher_from_the_command_line():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "linear" in done.stdout and "--quick" in done.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def test_demo_quick_writes_the_report_and_is_deterministic(tmp_path, capsys):
     (["demo", "--threads", "0"], "--threads must be >= 1"),
     (["demo", "--seed", "x"], "invalid int value"),
     (["train"], "invalid choice"),
+    (["bench", "conv"], "invalid choice"),  # the benchmarks' launcher is benchmarks/run.py
 ])
 def test_bad_arguments_exit_with_a_message(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -3,7 +3,7 @@ import builtins
 import pytest
 import torch
 
-from torchprune.data import batches, load_digits
+from torchprune.demo.digits import batches, load_digits
 
 N_DIGITS = 1797
 

@@ -21,7 +21,7 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0,
     ``flatten=False``, (N, 1, 8, 8) for convolutions; labels are int64 in 0..9. The split is
     stratified (each class keeps its share in both parts) and depends only on ``seed``.
 
-        x_train, y_train, x_test, y_test = tp.data.load_digits()
+        x_train, y_train, x_test, y_test = load_digits()
         x_train.shape                  # torch.Size([1347, 64])
         model(x_test).argmax(1).eq(y_test).float().mean()
     """
@@ -34,7 +34,7 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0,
         from sklearn.datasets import load_digits as _sklearn_digits
         from sklearn.model_selection import train_test_split
     except ImportError as error:
-        raise ImportError("torchprune.data.load_digits needs scikit-learn: "
+        raise ImportError("torchprune.demo.digits.load_digits needs scikit-learn: "
                           "`pip install scikit-learn` (or the demo extra: "
                           "`pip install -e \".[demo]\"`)") from error
 
@@ -61,7 +61,7 @@ def batches(x: Tensor, y: Tensor, batch_size: int, shuffle: bool = False,
     which BatchNorm in training mode cannot always use. Arguments are checked immediately.
 
         g = torch.Generator().manual_seed(0)
-        for inputs, targets in tp.data.batches(x_train, y_train, 64, shuffle=True, generator=g):
+        for inputs, targets in batches(x_train, y_train, 64, shuffle=True, generator=g):
             loss = loss_fn(model(inputs), targets)
     """
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):

@@ -8,6 +8,8 @@ run faster: no sparse kernel involved. Two ways with the same training budget:
 * progressive: ``tp.Pruner(model, 0.5, schedule, granularity="channel", importance="l2",
   example_inputs=x)`` zeroes channels in every tensor of their group while the model trains (the
   demo's cubic schedule), and ``pruner.finalize()`` removes them.
+
+`section` writes this part of the report.
 """
 
 from __future__ import annotations
@@ -18,21 +20,21 @@ from typing import Dict
 import torch
 from torch import nn
 
-from . import report
-from .analysis import summary
-from .progressive import Pruner
-from .pruner import prune
+from .. import report
+from ..analysis import summary
+from ..progressive import Pruner
+from ..pruner import prune
+from .common import LR, Split, accuracy, progressive_schedule, train
 
 __all__ = ["run", "section"]
 
 
-def run(data, budget: int, seed: int, dense: nn.Module, bar, target: float = 0.5) -> Dict:
+def run(data: Split, budget: int, seed: int, dense: nn.Module, bar, target: float = 0.5) -> Dict:
     """Both methods on a copy of the trained ``dense`` CNN; test accuracies and the pruned models."""
-    from .demo import LR, accuracy, progressive_schedule, train  # demo.py imports this module
-
     x_train, y_train, x_test, y_test = data
     example = (x_train[:1],)
-    oneshot = prune(copy.deepcopy(dense), sparsity=target, granularity="channel", importance="l2", example_inputs=example)
+    oneshot = prune(copy.deepcopy(dense), sparsity=target, granularity="channel", importance="l2",
+                    example_inputs=example)
     result = {"one-shot": accuracy(oneshot, x_test, y_test)}
     train(oneshot, x_train, y_train, budget, LR, seed + 1, f"cnn: channels {target:.0%} fine-tune")
     result["one-shot + fine-tune"] = accuracy(oneshot, x_test, y_test)
@@ -61,7 +63,8 @@ def section(dense: nn.Module, dense_accuracy: float, result: Dict, example: torc
     rows = []
     for method, model, acc, before in [
         ("dense", dense, dense_accuracy, "-"),
-        ("one-shot + fine-tune", models["one-shot + fine-tune"], result["one-shot + fine-tune"], f"{result['one-shot']:.2f}"),
+        ("one-shot + fine-tune", models["one-shot + fine-tune"], result["one-shot + fine-tune"],
+         f"{result['one-shot']:.2f}"),
         ("progressive (channel Pruner)", models["progressive"], result["progressive"], "-"),
     ]:
         totals = summary(model, example_inputs=example[:1]).totals
