@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ._devices import kernel_devices, synchronize
 from .calibration import hooked_eval
 from .masking import base_type, get_mask, is_prunable
-from .nn import _DTYPES, SparseConv2d, SparseLinear
+from .nn.sparse import SPARSE_DTYPES, SparseConv2d, SparseLinear
 
 __all__ = ["sparsify", "plan", "Decision", "BREAK_EVEN"]
 
@@ -192,8 +192,8 @@ def _eligibility(layer: nn.Module, users: Dict[int, int]) -> Tuple[float, Option
         return sparsity, f"grouped convolution (groups={layer.groups}): no sparse kernel, stays dense"
     if weight.device.type not in devices:
         return sparsity, f"on {weight.device}: this build's sparse kernels run on {', '.join(devices)} only"
-    if weight.dtype not in _DTYPES:
-        return sparsity, f"{weight.dtype}: the sparse kernels take {[str(d) for d in _DTYPES]}"
+    if weight.dtype not in SPARSE_DTYPES:
+        return sparsity, f"{weight.dtype}: the sparse kernels take {[str(d) for d in SPARSE_DTYPES]}"
     if users.get(id(weight), 0) > 1:
         return sparsity, "weight shared with another module: stays as it is"
     if sparsity == 0.0:
