@@ -7,8 +7,8 @@ layer) the dense layer wins. sparsify() therefore decides per layer, in this ord
 1. ``min_sparsity`` given: every eligible layer at or above it is swapped (nothing is timed).
 2. ``example_inputs`` given: one forward records each layer's real input shapes (forward hooks),
    then the layer as it is (dense or masked) and its sparse module are timed on those shapes,
-   interleaved, medians of several calls; the faster one is kept. Timing uses the current
-   ``torch.get_num_threads()``; a layer called with several shapes sums its calls.
+   interleaved, medians of several calls (``torchprune.timing``); the faster one is kept. Timing
+   uses the current ``torch.get_num_threads()``; a layer called with several shapes sums its calls.
 3. Neither: the cost model :data:`BREAK_EVEN`: per layer kind (linear, 1x1 conv, other conv) and
    batch, the lowest sparsity from which the sparse kernel beat the dense one in every measured
    shape (the ``break_even`` entry that ``benchmarks/bench_linear.py`` and ``bench_conv.py``
@@ -29,18 +29,17 @@ sparsify().
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._devices import kernel_devices, synchronize
+from ._devices import kernel_devices
 from .calibration import hooked_eval
 from .masking import base_type, get_mask, is_prunable
 from .nn.sparse import SPARSE_DTYPES, SparseConv2d, SparseLinear
+from .timing import medians, sample_interleaved, warm_up
 
 __all__ = ["sparsify", "plan", "Decision", "BREAK_EVEN"]
 
@@ -232,25 +231,15 @@ def _time_layer(layer: nn.Module, shapes: List[torch.Size]) -> Tuple[float, floa
     """(dense seconds, sparse seconds): medians of interleaved calls, summed over the shapes."""
     sparse = _SPARSE_CLASS[base_type(layer)].from_dense(layer)
     generator = torch.Generator().manual_seed(0)
+    device = layer.weight.device
     totals = [0.0, 0.0]
     with torch.no_grad():
         for shape in shapes:
-            device = layer.weight.device
             x = torch.randn(shape, generator=generator, dtype=layer.weight.dtype).to(device)
-            runners = (layer, sparse)
-            synchronize(device)
-            start = time.perf_counter()
-            for run in runners:  # warm-up (first-call allocations, caches)
-                run(x)
-            synchronize(device)
-            calls = min(_MAX_CALLS, max(_MIN_CALLS, int(_TARGET_SECONDS / max(time.perf_counter() - start, 1e-9))))
-            times: List[List[float]] = [[], []]
-            for _ in range(calls):
-                for i, run in enumerate(runners):
-                    start = time.perf_counter()
-                    run(x)
-                    synchronize(device)
-                    times[i].append(time.perf_counter() - start)
-            for i in range(2):
-                totals[i] += statistics.median(times[i])
+            runners = {"dense": lambda: layer(x), "sparse": lambda: sparse(x)}  # noqa: B023 (used in this pass)
+            seconds = warm_up(runners, 1, device)
+            calls = min(_MAX_CALLS, max(_MIN_CALLS, int(_TARGET_SECONDS / max(seconds, 1e-9))))
+            median = medians(sample_interleaved(runners, calls, device))
+            totals[0] += median["dense"]
+            totals[1] += median["sparse"]
     return totals[0], totals[1]

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -21,6 +20,7 @@ from ..importance import Importance, resolve
 from ..masking import effective_weight, get_mask, prunable_layers
 from ..nn.sparse import SparseLayer
 from ..schedules import plot as plot_schedules
+from ..timing import sample_interleaved, warm_up
 
 __all__ = [
     "markdown_table",
@@ -211,20 +211,17 @@ def plot_input_pixels(layers: Union[nn.Linear, Mapping[str, nn.Linear]], path, i
 def measure_latency(model: nn.Module, example_input: torch.Tensor, repeats: int = 50,
                     warmup: int = 5) -> Dict[str, float]:
     """Median and spread of the forward time of ``model(example_input)`` in eval mode under
-    ``inference_mode``, in milliseconds: {"median_ms", "min_ms", "max_ms"}."""
+    ``inference_mode``, in milliseconds: {"median_ms", "min_ms", "max_ms"}. Timed with
+    ``torchprune.timing`` on the host clock without a device synchronize: a CPU measurement."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"`repeats` must be a positive int, got {repeats!r}")
     was_training = model.training
     model.eval()
-    times: List[float] = []
+    runner = {"model": lambda: model(example_input)}
     try:
         with torch.inference_mode():
-            for _ in range(warmup):
-                model(example_input)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(example_input)
-                times.append(1000 * (time.perf_counter() - start))
+            warm_up(runner, warmup)
+            times = [1000 * seconds for seconds in sample_interleaved(runner, repeats)["model"]]
     finally:
         model.train(was_training)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
