@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ._devices import kernel_devices
 from .calibration import hooked_eval
+from .errors import describe
 from .masking import base_type, get_mask, is_prunable
 from .nn.sparse import SPARSE_DTYPES, SparseConv2d, SparseLinear
 from .timing import medians, sample_interleaved, warm_up
@@ -121,8 +122,23 @@ def plan(model: nn.Module, min_sparsity: Optional[float] = None,
         elif not isinstance(example_inputs, (tuple, list)) or not all(
                 isinstance(x, Tensor) for x in example_inputs):
             raise TypeError("`example_inputs` must be a Tensor or a tuple/list of Tensors, got "
-                            f"{type(example_inputs).__name__}")
+                            f"{describe(example_inputs)}")
 
+    decisions, eligible = _candidates(model)
+    if not eligible:
+        return decisions
+    if min_sparsity is not None:
+        _decide_by_threshold(decisions, eligible, min_sparsity)
+    elif example_inputs is not None:
+        _decide_by_timing(decisions, eligible, _input_shapes(model, tuple(example_inputs), eligible))
+    else:
+        _decide_by_cost_model(decisions, eligible)
+    return decisions
+
+
+def _candidates(model: nn.Module) -> Tuple[Dict[str, Decision], Dict[str, nn.Module]]:
+    """A "stays" decision for every Linear/Conv2d layer (with the reason, for the ineligible ones),
+    and the eligible layers by name."""
     decisions: Dict[str, Decision] = {}
     eligible: Dict[str, nn.Module] = {}
     users: Dict[int, int] = {}  # weight id -> number of distinct modules holding it
@@ -141,41 +157,48 @@ def plan(model: nn.Module, min_sparsity: Optional[float] = None,
         decisions[name] = Decision(name, sparsity, False, reason or "")
         if reason is None:
             eligible[name] = layer
-    if not eligible:
-        return decisions
+    return decisions, eligible
 
-    if min_sparsity is not None:
-        for name in eligible:
-            d = decisions[name]
-            d.swap = d.sparsity >= min_sparsity
-            d.reason = f"sparsity {d.sparsity:.3f} {'>=' if d.swap else '<'} min_sparsity {min_sparsity}"
-    elif example_inputs is not None:
-        shapes = _input_shapes(model, tuple(example_inputs), eligible)
-        for name, layer in eligible.items():
-            d = decisions[name]
-            if not shapes.get(name):
-                d.reason = "not called by example_inputs: left as it is"
-                continue
-            dense_s, sparse_s = _time_layer(layer, shapes[name])
-            d.swap = sparse_s < dense_s
-            d.reason = f"timed: dense {dense_s * 1e3:.3f} ms, sparse {sparse_s * 1e3:.3f} ms"
-    else:
-        for name, layer in eligible.items():
-            d = decisions[name]
-            if layer.weight.device.type != "cpu":
-                d.reason = (f"on {layer.weight.device}: the cost model holds CPU measurements; pass "
-                            "example_inputs (timed on the device) or min_sparsity")
-                continue
-            kind = _kind(layer)
-            levels = BREAK_EVEN[kind].values()
-            if None in levels:
-                d.reason = f"cost model: the sparse {kind} kernel did not beat dense at every batch measured"
-                continue
-            threshold = max(levels)
-            d.swap = d.sparsity >= threshold
-            d.reason = (f"cost model: {kind} sparsity {d.sparsity:.3f} {'>=' if d.swap else '<'} "
-                        f"break-even {threshold}")
-    return decisions
+
+def _decide_by_threshold(decisions: Dict[str, Decision], eligible: Dict[str, nn.Module],
+                         min_sparsity: float) -> None:
+    """Rule 1: every eligible layer at or above ``min_sparsity`` is swapped, nothing is timed."""
+    for name in eligible:
+        d = decisions[name]
+        d.swap = d.sparsity >= min_sparsity
+        d.reason = f"sparsity {d.sparsity:.3f} {'>=' if d.swap else '<'} min_sparsity {min_sparsity}"
+
+
+def _decide_by_timing(decisions: Dict[str, Decision], eligible: Dict[str, nn.Module],
+                      shapes: Dict[str, List[torch.Size]]) -> None:
+    """Rule 2: the faster of the layer and its sparse module on the shapes it was called with."""
+    for name, layer in eligible.items():
+        d = decisions[name]
+        if not shapes.get(name):
+            d.reason = "not called by example_inputs: left as it is"
+            continue
+        dense_s, sparse_s = _time_layer(layer, shapes[name])
+        d.swap = sparse_s < dense_s
+        d.reason = f"timed: dense {dense_s * 1e3:.3f} ms, sparse {sparse_s * 1e3:.3f} ms"
+
+
+def _decide_by_cost_model(decisions: Dict[str, Decision], eligible: Dict[str, nn.Module]) -> None:
+    """Rule 3: swapped at or above the largest measured break-even of the layer's kind (CPU only)."""
+    for name, layer in eligible.items():
+        d = decisions[name]
+        if layer.weight.device.type != "cpu":
+            d.reason = (f"on {layer.weight.device}: the cost model holds CPU measurements; pass "
+                        "example_inputs (timed on the device) or min_sparsity")
+            continue
+        kind = _kind(layer)
+        levels = BREAK_EVEN[kind].values()
+        if None in levels:
+            d.reason = f"cost model: the sparse {kind} kernel did not beat dense at every batch measured"
+            continue
+        threshold = max(levels)
+        d.swap = d.sparsity >= threshold
+        d.reason = (f"cost model: {kind} sparsity {d.sparsity:.3f} {'>=' if d.swap else '<'} "
+                    f"break-even {threshold}")
 
 
 def _eligibility(layer: nn.Module, users: Dict[int, int]) -> Tuple[float, Optional[str]]:
