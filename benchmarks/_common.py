@@ -6,12 +6,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from typing import Callable, Dict, Optional
 
 import torch
+
+# The one timing helper (warm-up, round-robin, medians), shared with tp.sparsify and the report;
+# the scripts import it from here.
+from torchprune.timing import medians, time_interleaved, warm_up  # noqa: F401  (time_interleaved)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -58,24 +60,6 @@ def set_threads(threads: int) -> Optional[object]:
         return None
 
 
-def time_interleaved(runners: Dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> Dict[str, float]:
-    """Median seconds per call of each runner, measured round-robin after a warm-up.
-
-    Round-robin (dense, sparse, dense, sparse, ...) so that drift on a shared machine hits every
-    candidate alike; the median drops the outliers such drift causes.
-    """
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def time_cuda(runners: Dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> Dict[str, float]:
     """time_interleaved for GPU work: median seconds per call measured with CUDA events.
 
@@ -83,10 +67,7 @@ def time_cuda(runners: Dict[str, Callable[[], object]], repeats: int, warmup: in
     (torch.cuda.synchronize), so a sample is the GPU time of that one call, launch gaps inside it
     included, and never overlaps the previous call. Round-robin over the runners like the CPU timer.
     """
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    torch.cuda.synchronize()
+    warm_up(runners, warmup, torch.device("cuda"))
     times = {name: [] for name in runners}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(repeats):
@@ -97,7 +78,7 @@ def time_cuda(runners: Dict[str, Callable[[], object]], repeats: int, warmup: in
             end.record()
             end.synchronize()
             times[name].append(start.elapsed_time(end) / 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return medians(times)
 
 
 def gpu_info() -> dict:

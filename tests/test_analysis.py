@@ -203,10 +203,16 @@ def test_model_must_be_module(bad):
         summary(bad)
 
 
-@pytest.mark.parametrize("bad", [[1, 2], (torch.randn(1, 2), 3.0), {"x": torch.randn(1, 2)}, 3.0])
-def test_example_inputs_must_be_tensors(bad):
-    with pytest.raises(TypeError, match="`example_inputs`"):
+@pytest.mark.parametrize("bad,got", [
+    ([1, 2], r"list of \(int, int\)"),
+    ((torch.randn(1, 2), 3.0), r"tuple of \(Tensor, float\)"),
+    ({"x": torch.randn(1, 2)}, "got dict"),
+    (3.0, "got float"),
+])
+def test_example_inputs_must_be_tensors(bad, got):
+    with pytest.raises(TypeError, match="`example_inputs`") as error:
         summary(nn.Linear(2, 2), example_inputs=bad)
+    assert error.match(got)
 
 
 def test_tied_weight_counts_once_in_the_totals():

@@ -121,6 +121,34 @@ def test_copies_stay_pruned_and_enforced(small_net, clone):
     assert (twin.fc1.weight[~twin.fc1.weight_mask] == 0).all()
 
 
+def test_masked_classes_are_tp_nn_and_keep_their_old_import_path():
+    import torchprune.masking as masking
+
+    for name in ("MaskedLinear", "MaskedConv1d", "MaskedConv2d"):
+        assert getattr(masking, name) is getattr(tp.nn, name)
+    assert masking.get_mask is tp.nn.masked.get_mask
+
+
+@pytest.mark.parametrize("old_path", [b"torchprune.masking", b"torchprune.nn.masked"])
+def test_pickles_naming_the_old_module_path_still_load(small_net, old_path):
+    """Pickles written before the masked layers moved to torchprune.nn.masked name
+    torchprune.masking.MaskedLinear etc.; they still load, masked and enforced."""
+    tp.prune(small_net, sparsity=0.5)
+    data = pickle.dumps(small_net, protocol=2)  # protocol 2 names classes as text: "c<module>\n<name>\n"
+    assert data.count(b"ctorchprune.nn.masked\n") == 3
+    twin = pickle.loads(data.replace(b"ctorchprune.nn.masked\n", b"c" + old_path + b"\n"))
+    x = torch.randn(2, 3, 4, 4)
+    small_net.eval(), twin.eval()
+    assert torch.equal(twin(x), small_net(x))
+    assert type(twin.fc1) is tp.nn.MaskedLinear and type(twin.conv1d) is tp.nn.MaskedConv1d
+    twin.train()
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    with torch.no_grad():
+        twin.conv.weight.fill_(1.0)
+    _train(twin, optimizer, steps=1)
+    assert (twin.conv.weight[~twin.conv.weight_mask] == 0).all()
+
+
 def test_make_permanent_gives_plain_layers_with_same_outputs(small_net):
     tp.prune(small_net, sparsity=0.75, scope="global")
     small_net.eval()

@@ -218,7 +218,7 @@ def corrupt(state, **changes):
     (lambda s: corrupt(s, values=s["values"][:-1]), "'values' must be floating point"),
     (lambda s: corrupt(s, row_ptr=s["row_ptr"].flip(0)), "must start at 0"),
     (lambda s: corrupt(s, col_idx=torch.full_like(s["col_idx"], 30)), "column 30"),
-    (lambda s: corrupt(s, values=s["values"].reshape(1, -1)), "1-D tensor"),
+    (lambda s: corrupt(s, values=s["values"].reshape(1, -1)), r"1-D tensor, got a 2-D tensor of shape \[1, "),
     (lambda s: corrupt(s, col_idx=s["col_idx"].flip(0)), "must ascend within each row"),
 ], ids=["shape", "row_ptr length", "row_ptr dtype", "col_idx dtype", "values length",
         "row_ptr order", "col range", "values dim", "col order"])

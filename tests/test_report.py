@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import torchprune as tp
-from torchprune import report
+from torchprune.analysis import report
 
 from conftest import make_mlp
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import torchprune as tp
-from torchprune.sensitivity import Sensitivity
+from torchprune.analysis.sensitivity import Sensitivity
 
 from conftest import assert_unchanged, make_mlp, snapshot
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torchprune as tp
-from torchprune.masking import MaskedConv2d, MaskedLinear
+from torchprune.nn import MaskedConv2d, MaskedLinear
 from torchprune.nn import SparseConv2d, SparseLinear
 from torchprune.sparsify import BREAK_EVEN, plan
 

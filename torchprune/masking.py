@@ -1,38 +1,33 @@
-"""Attaching, reading, making permanent and removing weight masks.
+"""Attaching, reading, making permanent and removing weight masks, and which layers can be masked.
 
-A pruned layer keeps its ``weight`` parameter unchanged in name and shape and gains a bool buffer
-``weight_mask`` of the same shape; its class is swapped to a thin subclass (``MaskedLinear`` for an
-``nn.Linear``, and so on) whose forward runs the C++ masked op. We chose this over
-``torch.nn.utils.parametrize`` because:
-
-* the state_dict keeps the plain ``weight`` key (parametrize renames it to
-  ``parametrizations.weight.original``, which breaks loading into an unpruned model);
-* the forward is one custom op with a fake kernel, so ``torch.compile(fullgraph=True)`` and
-  ``torch.export`` trace it without graph breaks, and the backward returns a weight gradient that is
-  exactly zero at pruned positions;
-* ``isinstance(layer, nn.Linear)`` still holds, and copy/deepcopy/pickle work because the subclasses
-  are importable module-level classes.
-
-Keeping pruned weights exactly zero through any optimizer: the gradient is zero there, but momentum
-or Adam moments accumulated *before* pruning would still move the weight. A global optimizer
-post-step hook therefore re-zeroes the pruned entries of masked weights, and of the optimizer state
-tensors of the same shape (momentum, Adam moments), for the parameters of the optimizer that stepped.
+`attach_mask` turns a plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` into its masked class from
+``torchprune.nn.masked`` (that module says why a class swap and not ``torch.nn.utils.parametrize``,
+and how the optimizer hook keeps pruned weights at zero); `remove_mask` and `make_permanent` turn it
+back. Every entry point that prunes goes through here, after `check_supported` has refused, up
+front, layers on a device or with a dtype the masked ops cannot run.
 """
 
 from __future__ import annotations
 
-import math
-import weakref
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import _ops
 from ._devices import kernel_devices
+from .nn.masked import (
+    BASE_CLASS,
+    MASKED_CLASS,
+    MaskedConv1d,
+    MaskedConv2d,
+    MaskedLinear,
+    enforce_mask,
+    get_mask,
+    release_mask,
+)
 
+# MaskedLinear, MaskedConv1d, MaskedConv2d and get_mask live in torchprune.nn.masked; they stay
+# importable from here, where they were public (and where old pickles of masked models find them).
 __all__ = [
     "PRUNABLE_TYPES",
     "MaskedLinear",
@@ -42,7 +37,6 @@ __all__ = [
     "get_mask",
     "remove_mask",
     "masks",
-    "sparsity",
     "make_permanent",
     "prunable_layers",
     "effective_weight",
@@ -52,98 +46,20 @@ __all__ = [
 #: Layer types `prune()` can mask (exact types; user subclasses with their own forward are skipped).
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
-_MASKED_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-class _MaskedMixin:
-    """Shared behaviour of the masked layer classes: registration for optimizer-step enforcement."""
-
-    weight_mask: torch.Tensor
-
-    def __setstate__(self, state):  # deepcopy and unpickling build a new module through here
-        super().__setstate__(state)
-        _MASKED_MODULES.add(self)
-
-
-class MaskedLinear(_MaskedMixin, nn.Linear):
-    """An ``nn.Linear`` whose forward uses ``weight`` only where ``weight_mask`` is true."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ops.masked_linear(x, self.weight, self.weight_mask, self.bias)
-
-
-def _conv_input_and_padding(conv: nn.Module, x: torch.Tensor):
-    """Applies the padding nn.ConvNd would apply itself for non-'zeros' modes and string padding."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-        return x, 0
-    return x, conv.padding
-
-
-class MaskedConv2d(_MaskedMixin, nn.Conv2d):
-    """An ``nn.Conv2d`` whose forward uses ``weight`` only where ``weight_mask`` is true."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        x, padding = _conv_input_and_padding(self, x)
-        y = _ops.masked_conv2d(
-            x, self.weight, self.weight_mask, self.bias, self.stride, padding, self.dilation, self.groups
-        )
-        return y.squeeze(0) if unbatched else y
-
-
-class MaskedConv1d(_MaskedMixin, nn.Conv1d):
-    """An ``nn.Conv1d`` whose forward uses ``weight`` only where ``weight_mask`` is true.
-
-    Runs as a 2-D convolution with a height-1 kernel, so it shares the conv2d kernel.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unbatched = x.dim() == 2
-        if unbatched:
-            x = x.unsqueeze(0)
-        x, padding = _conv_input_and_padding(self, x)
-        padding = padding if isinstance(padding, int) else padding[0]
-        y = _ops.masked_conv2d(
-            x.unsqueeze(2),
-            self.weight.unsqueeze(2),
-            self.weight_mask.unsqueeze(2),
-            self.bias,
-            (1, self.stride[0]),
-            (0, padding),
-            (1, self.dilation[0]),
-            self.groups,
-        ).squeeze(2)
-        return y.squeeze(0) if unbatched else y
-
-
-_MASKED_CLASS = {nn.Linear: MaskedLinear, nn.Conv1d: MaskedConv1d, nn.Conv2d: MaskedConv2d}
-_BASE_CLASS = {masked: base for base, masked in _MASKED_CLASS.items()}
-
 
 def is_prunable(module: nn.Module) -> bool:
     """True for the exact layer types we mask, masked or not yet."""
-    return type(module) in _MASKED_CLASS or type(module) in _BASE_CLASS
+    return type(module) in MASKED_CLASS or type(module) in BASE_CLASS
 
 
 def base_type(module: nn.Module) -> type:
     """The plain torch layer type of a (possibly masked) layer."""
-    return _BASE_CLASS.get(type(module), type(module))
+    return BASE_CLASS.get(type(module), type(module))
 
 
 def prunable_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """All maskable layers of ``model`` by qualified name, in ``named_modules`` order."""
     return {name: m for name, m in model.named_modules() if is_prunable(m)}
-
-
-def get_mask(module: nn.Module) -> Optional[torch.Tensor]:
-    """The bool mask of a pruned layer (true = kept), or None if the layer is not masked."""
-    if type(module) in _BASE_CLASS:
-        return module.weight_mask
-    return None
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -201,9 +117,9 @@ def attach_mask(module: nn.Module, mask: torch.Tensor, copy: bool = True) -> Non
     if existing is not None:
         existing.copy_(mask)
     else:
-        module.__class__ = _MASKED_CLASS[type(module)]
+        module.__class__ = MASKED_CLASS[type(module)]
         module.register_buffer("weight_mask", mask.clone() if copy else mask)
-    _MASKED_MODULES.add(module)
+    enforce_mask(module)
     with torch.no_grad():
         weight.masked_fill_(~module.weight_mask, 0)
 
@@ -213,8 +129,8 @@ def remove_mask(module: nn.Module) -> None:
     if get_mask(module) is None:
         return
     del module._buffers["weight_mask"]
-    module.__class__ = _BASE_CLASS[type(module)]
-    _MASKED_MODULES.discard(module)
+    module.__class__ = BASE_CLASS[type(module)]
+    release_mask(module)
 
 
 def masks(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -224,34 +140,6 @@ def masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     >>> {name: m.float().mean().item() for name, m in tp.masks(model).items()}
     """
     return {name: m.weight_mask for name, m in model.named_modules() if get_mask(m) is not None}
-
-
-def sparsity(model: nn.Module) -> float:
-    """Fraction of zero entries in the effective weights of all prunable layers (0.0 if none).
-
-    Counts masked-out weights and weights that are exactly zero (e.g. after `make_permanent`),
-    and the dense weights of ``tp.nn`` sparse layers (their unstored entries and stored zeros).
-
-    >>> tp.prune(model, sparsity=0.9, scope="global")
-    >>> round(tp.sparsity(model), 3)
-    0.9
-    """
-    from .nn import _SparseLayer  # imported here: nn imports this module
-
-    zeros = total = 0
-    seen = set()  # a weight tied between layers counts once
-    for layer in prunable_layers(model).values():
-        if id(layer.weight) in seen:
-            continue
-        seen.add(id(layer.weight))
-        weight = effective_weight(layer)
-        zeros += int((weight == 0).sum())
-        total += weight.numel()
-    for layer in {id(m): m for m in model.modules() if isinstance(m, _SparseLayer)}.values():
-        numel = math.prod(layer._dense_shape)
-        zeros += numel - int(torch.count_nonzero(layer.values.detach()))
-        total += numel
-    return zeros / total if total else 0.0
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
@@ -270,22 +158,9 @@ def make_permanent(model: nn.Module) -> nn.Module:
     return model
 
 
-def _enforce_masks(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Optimizer post-step hook: pruned weights (and their optimizer state) back to exactly zero."""
-    if not _MASKED_MODULES:
-        return
-    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    with torch.no_grad():
-        for module in list(_MASKED_MODULES):
-            mask = get_mask(module)
-            weight = getattr(module, "weight", None)
-            if mask is None or weight is None or id(weight) not in params:
-                continue
-            pruned = ~mask
-            weight.masked_fill_(pruned, 0)
-            for value in optimizer.state.get(weight, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == weight.shape:
-                    value.masked_fill_(pruned, 0)
+def __getattr__(name: str):  # shim: removed at integration (tp/__init__.py and demo.py import sparsity from here)
+    if name == "sparsity":  # moved to torchprune.analysis; importing it at the top would make a circle
+        from .analysis.model_summary import sparsity
 
-
-register_optimizer_step_post_hook(_enforce_masks)
+        return sparsity
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

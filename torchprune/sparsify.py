@@ -7,8 +7,8 @@ layer) the dense layer wins. sparsify() therefore decides per layer, in this ord
 1. ``min_sparsity`` given: every eligible layer at or above it is swapped (nothing is timed).
 2. ``example_inputs`` given: one forward records each layer's real input shapes (forward hooks),
    then the layer as it is (dense or masked) and its sparse module are timed on those shapes,
-   interleaved, medians of several calls; the faster one is kept. Timing uses the current
-   ``torch.get_num_threads()``; a layer called with several shapes sums its calls.
+   interleaved, medians of several calls (``torchprune.timing``); the faster one is kept. Timing
+   uses the current ``torch.get_num_threads()``; a layer called with several shapes sums its calls.
 3. Neither: the cost model :data:`BREAK_EVEN`: per layer kind (linear, 1x1 conv, other conv) and
    batch, the lowest sparsity from which the sparse kernel beat the dense one in every measured
    shape (the ``break_even`` entry that ``benchmarks/bench_linear.py`` and ``bench_conv.py``
@@ -29,18 +29,18 @@ sparsify().
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._devices import kernel_devices, synchronize
+from ._devices import kernel_devices
 from .calibration import hooked_eval
+from .errors import describe
 from .masking import base_type, get_mask, is_prunable
-from .nn import _DTYPES, SparseConv2d, SparseLinear
+from .nn.sparse import SPARSE_DTYPES, SparseConv2d, SparseLinear
+from .timing import medians, sample_interleaved, warm_up
 
 __all__ = ["sparsify", "plan", "Decision", "BREAK_EVEN"]
 
@@ -122,8 +122,23 @@ def plan(model: nn.Module, min_sparsity: Optional[float] = None,
         elif not isinstance(example_inputs, (tuple, list)) or not all(
                 isinstance(x, Tensor) for x in example_inputs):
             raise TypeError("`example_inputs` must be a Tensor or a tuple/list of Tensors, got "
-                            f"{type(example_inputs).__name__}")
+                            f"{describe(example_inputs)}")
 
+    decisions, eligible = _candidates(model)
+    if not eligible:
+        return decisions
+    if min_sparsity is not None:
+        _decide_by_threshold(decisions, eligible, min_sparsity)
+    elif example_inputs is not None:
+        _decide_by_timing(decisions, eligible, _input_shapes(model, tuple(example_inputs), eligible))
+    else:
+        _decide_by_cost_model(decisions, eligible)
+    return decisions
+
+
+def _candidates(model: nn.Module) -> Tuple[Dict[str, Decision], Dict[str, nn.Module]]:
+    """A "stays" decision for every Linear/Conv2d layer (with the reason, for the ineligible ones),
+    and the eligible layers by name."""
     decisions: Dict[str, Decision] = {}
     eligible: Dict[str, nn.Module] = {}
     users: Dict[int, int] = {}  # weight id -> number of distinct modules holding it
@@ -142,41 +157,48 @@ def plan(model: nn.Module, min_sparsity: Optional[float] = None,
         decisions[name] = Decision(name, sparsity, False, reason or "")
         if reason is None:
             eligible[name] = layer
-    if not eligible:
-        return decisions
+    return decisions, eligible
 
-    if min_sparsity is not None:
-        for name in eligible:
-            d = decisions[name]
-            d.swap = d.sparsity >= min_sparsity
-            d.reason = f"sparsity {d.sparsity:.3f} {'>=' if d.swap else '<'} min_sparsity {min_sparsity}"
-    elif example_inputs is not None:
-        shapes = _input_shapes(model, tuple(example_inputs), eligible)
-        for name, layer in eligible.items():
-            d = decisions[name]
-            if not shapes.get(name):
-                d.reason = "not called by example_inputs: left as it is"
-                continue
-            dense_s, sparse_s = _time_layer(layer, shapes[name])
-            d.swap = sparse_s < dense_s
-            d.reason = f"timed: dense {dense_s * 1e3:.3f} ms, sparse {sparse_s * 1e3:.3f} ms"
-    else:
-        for name, layer in eligible.items():
-            d = decisions[name]
-            if layer.weight.device.type != "cpu":
-                d.reason = (f"on {layer.weight.device}: the cost model holds CPU measurements; pass "
-                            "example_inputs (timed on the device) or min_sparsity")
-                continue
-            kind = _kind(layer)
-            levels = BREAK_EVEN[kind].values()
-            if None in levels:
-                d.reason = f"cost model: the sparse {kind} kernel did not beat dense at every batch measured"
-                continue
-            threshold = max(levels)
-            d.swap = d.sparsity >= threshold
-            d.reason = (f"cost model: {kind} sparsity {d.sparsity:.3f} {'>=' if d.swap else '<'} "
-                        f"break-even {threshold}")
-    return decisions
+
+def _decide_by_threshold(decisions: Dict[str, Decision], eligible: Dict[str, nn.Module],
+                         min_sparsity: float) -> None:
+    """Rule 1: every eligible layer at or above ``min_sparsity`` is swapped, nothing is timed."""
+    for name in eligible:
+        d = decisions[name]
+        d.swap = d.sparsity >= min_sparsity
+        d.reason = f"sparsity {d.sparsity:.3f} {'>=' if d.swap else '<'} min_sparsity {min_sparsity}"
+
+
+def _decide_by_timing(decisions: Dict[str, Decision], eligible: Dict[str, nn.Module],
+                      shapes: Dict[str, List[torch.Size]]) -> None:
+    """Rule 2: the faster of the layer and its sparse module on the shapes it was called with."""
+    for name, layer in eligible.items():
+        d = decisions[name]
+        if not shapes.get(name):
+            d.reason = "not called by example_inputs: left as it is"
+            continue
+        dense_s, sparse_s = _time_layer(layer, shapes[name])
+        d.swap = sparse_s < dense_s
+        d.reason = f"timed: dense {dense_s * 1e3:.3f} ms, sparse {sparse_s * 1e3:.3f} ms"
+
+
+def _decide_by_cost_model(decisions: Dict[str, Decision], eligible: Dict[str, nn.Module]) -> None:
+    """Rule 3: swapped at or above the largest measured break-even of the layer's kind (CPU only)."""
+    for name, layer in eligible.items():
+        d = decisions[name]
+        if layer.weight.device.type != "cpu":
+            d.reason = (f"on {layer.weight.device}: the cost model holds CPU measurements; pass "
+                        "example_inputs (timed on the device) or min_sparsity")
+            continue
+        kind = _kind(layer)
+        levels = BREAK_EVEN[kind].values()
+        if None in levels:
+            d.reason = f"cost model: the sparse {kind} kernel did not beat dense at every batch measured"
+            continue
+        threshold = max(levels)
+        d.swap = d.sparsity >= threshold
+        d.reason = (f"cost model: {kind} sparsity {d.sparsity:.3f} {'>=' if d.swap else '<'} "
+                    f"break-even {threshold}")
 
 
 def _eligibility(layer: nn.Module, users: Dict[int, int]) -> Tuple[float, Optional[str]]:
@@ -192,8 +214,8 @@ def _eligibility(layer: nn.Module, users: Dict[int, int]) -> Tuple[float, Option
         return sparsity, f"grouped convolution (groups={layer.groups}): no sparse kernel, stays dense"
     if weight.device.type not in devices:
         return sparsity, f"on {weight.device}: this build's sparse kernels run on {', '.join(devices)} only"
-    if weight.dtype not in _DTYPES:
-        return sparsity, f"{weight.dtype}: the sparse kernels take {[str(d) for d in _DTYPES]}"
+    if weight.dtype not in SPARSE_DTYPES:
+        return sparsity, f"{weight.dtype}: the sparse kernels take {[str(d) for d in SPARSE_DTYPES]}"
     if users.get(id(weight), 0) > 1:
         return sparsity, "weight shared with another module: stays as it is"
     if sparsity == 0.0:
@@ -232,25 +254,15 @@ def _time_layer(layer: nn.Module, shapes: List[torch.Size]) -> Tuple[float, floa
     """(dense seconds, sparse seconds): medians of interleaved calls, summed over the shapes."""
     sparse = _SPARSE_CLASS[base_type(layer)].from_dense(layer)
     generator = torch.Generator().manual_seed(0)
+    device = layer.weight.device
     totals = [0.0, 0.0]
     with torch.no_grad():
         for shape in shapes:
-            device = layer.weight.device
             x = torch.randn(shape, generator=generator, dtype=layer.weight.dtype).to(device)
-            runners = (layer, sparse)
-            synchronize(device)
-            start = time.perf_counter()
-            for run in runners:  # warm-up (first-call allocations, caches)
-                run(x)
-            synchronize(device)
-            calls = min(_MAX_CALLS, max(_MIN_CALLS, int(_TARGET_SECONDS / max(time.perf_counter() - start, 1e-9))))
-            times: List[List[float]] = [[], []]
-            for _ in range(calls):
-                for i, run in enumerate(runners):
-                    start = time.perf_counter()
-                    run(x)
-                    synchronize(device)
-                    times[i].append(time.perf_counter() - start)
-            for i in range(2):
-                totals[i] += statistics.median(times[i])
+            runners = {"dense": lambda: layer(x), "sparse": lambda: sparse(x)}  # noqa: B023 (used in this pass)
+            seconds = warm_up(runners, 1, device)
+            calls = min(_MAX_CALLS, max(_MIN_CALLS, int(_TARGET_SECONDS / max(seconds, 1e-9))))
+            median = medians(sample_interleaved(runners, calls, device))
+            totals[0] += median["dense"]
+            totals[1] += median["sparse"]
     return totals[0], totals[1]

@@ -23,14 +23,17 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import _ops
-from ._devices import kernel_devices
-from .masking import _conv_input_and_padding, get_mask
+from .. import _ops
+from .. import _devices
+from ..errors import describe
+from .conv import conv_input_and_padding
+from .masked import get_mask
 
-__all__ = ["SparseLinear", "SparseConv2d"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "SPARSE_DTYPES"]
 
 _FORMAT = "csr"
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+#: Weight dtypes the sparse kernels compute in.
+SPARSE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _INT16_LIMIT = 65536  # column indices are stored as unsigned 16-bit values below this input size
 
 
@@ -38,8 +41,9 @@ def _index_dtype(columns: int) -> torch.dtype:
     return torch.int16 if columns < _INT16_LIMIT else torch.int32
 
 
-class _SparseLayer(nn.Module):
-    """Packed storage, state_dict handling and statistics shared by the sparse layers.
+class SparseLayer(nn.Module):
+    """Packed storage, state_dict handling and statistics shared by the sparse layers (the base
+    class ``tp.summary``, ``tp.sparsity`` and the report recognise them by).
 
     Subclasses set ``_dense_shape`` (the weight's dense shape) before calling ``_init_packed``.
     """
@@ -52,8 +56,8 @@ class _SparseLayer(nn.Module):
 
     def _init_packed(self, bias: bool, dtype: Optional[torch.dtype], device) -> None:
         dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in _DTYPES:
-            raise TypeError(f"`dtype` must be one of {[str(d) for d in _DTYPES]}, got {dtype}")
+        if dtype not in SPARSE_DTYPES:
+            raise TypeError(f"`dtype` must be one of {[str(d) for d in SPARSE_DTYPES]}, got {dtype}")
         rows = self._dense_shape[0]
         # A fresh module holds no weights (nnz = 0): fill it with from_dense() or load_state_dict().
         self.values = nn.Parameter(torch.empty(0, dtype=dtype, device=device))
@@ -90,16 +94,21 @@ class _SparseLayer(nn.Module):
     @staticmethod
     def _check_source(layer: nn.Module, argument: str) -> None:
         weight = layer.weight
-        devices = kernel_devices("sparse_linear")
+        devices = _devices.kernel_devices("sparse_linear")
         if weight.device.type not in devices:
             raise ValueError(
                 f"`{argument}` is on {weight.device}; this build's sparse kernels run on "
                 f"{', '.join(devices)} only: move the layer first (layer.cpu()), or use a CUDA build"
             )
-        if weight.dtype not in _DTYPES:
+        if weight.dtype not in SPARSE_DTYPES:
             raise TypeError(
-                f"`{argument}` weight must be one of {[str(d) for d in _DTYPES]}, got {weight.dtype}"
+                f"`{argument}` weight must be one of {[str(d) for d in SPARSE_DTYPES]}, got {weight.dtype}"
             )
+
+    @property
+    def dense_shape(self) -> Tuple[int, ...]:
+        """The shape of the dense weight this layer stores in packed form, e.g. ``(out, in)``."""
+        return self._dense_shape
 
     @property
     def nnz(self) -> int:
@@ -164,7 +173,7 @@ class _SparseLayer(nn.Module):
         tensors = {name: state_dict.get(key) for name, key in keys.items() if name != "_extra_state"}
         for name, tensor in tensors.items():
             if not isinstance(tensor, Tensor) or tensor.dim() != 1:
-                return [f"{keys[name]!r} must be a 1-D tensor, got {_describe(tensor)}"]
+                return [f"{keys[name]!r} must be a 1-D tensor, got {describe(tensor)}"]
         row_ptr, col_idx, values = tensors["row_ptr"], tensors["col_idx"], tensors["values"]
         rows, index_dtype = self._dense_shape[0], _index_dtype(self._columns)
         if row_ptr.dtype != torch.int32 or row_ptr.numel() != rows + 1:
@@ -221,13 +230,7 @@ class _SparseLayer(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"a {value.dim()}-D tensor of shape {list(value.shape)}"
-    return "nothing" if value is None else type(value).__name__
-
-
-class SparseLinear(_SparseLayer):
+class SparseLinear(SparseLayer):
     """``y = x @ W.T + bias`` with ``W`` stored in CSR form and multiplied by the C++ kernel.
 
     >>> tp.prune(model, sparsity=0.9)
@@ -272,7 +275,7 @@ class SparseLinear(_SparseLayer):
 IntPair = Union[int, Tuple[int, int]]
 
 
-class SparseConv2d(_SparseLayer):
+class SparseConv2d(SparseLayer):
     """A 2-D convolution (groups=1) whose weight is stored in CSR form over ``[out, in*kh*kw]``.
 
     Takes ``nn.Conv2d``'s arguments (every padding mode, string padding, unbatched input).
@@ -317,7 +320,7 @@ class SparseConv2d(_SparseLayer):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        x, padding = _conv_input_and_padding(self, x)
+        x, padding = conv_input_and_padding(self, x)
         y = _ops.sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.kernel_size, self.bias,
                                self.stride, padding, self.dilation)
         return y.squeeze(0) if unbatched else y

@@ -17,6 +17,8 @@ Definitions used throughout (one row per module that owns parameters directly):
   unknown). With ``example_inputs`` one forward is traced: Linear positions are
   ``prod(input.shape[:-1])``, conv positions ``N * prod(output spatial size)``, and a layer
   called several times sums its calls (a layer never called reports 0).
+* ``tp.sparsity(model)`` is the totals' sparsity over the prunable and ``tp.nn`` sparse layers only:
+  the one number to compare with a pruning target.
 * ``tp.nn`` sparse layers report their dense weight shape, MACs and sparsity, and ``params`` counts
   what they store (the packed values and the bias). A ``Note`` column appears when some layer
   runs on the sparse kernel, or is a pruned grouped convolution (no sparse kernel: it runs dense).
@@ -24,17 +26,17 @@ Definitions used throughout (one row per module that owns parameters directly):
 from __future__ import annotations
 
 import math
-
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .calibration import hooked_eval
-from .masking import base_type, effective_weight
-from .nn import SparseConv2d, SparseLinear, _SparseLayer
+from ..calibration import hooked_eval
+from ..errors import describe
+from ..masking import base_type, effective_weight, prunable_layers
+from ..nn.sparse import SparseConv2d, SparseLayer, SparseLinear
 
-__all__ = ["Summary", "summary"]
+__all__ = ["Summary", "summary", "sparsity"]
 
 # Layers whose MACs are counted; others (norms, embeddings, attention matmuls) are not.
 _MAC_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, SparseLinear, SparseConv2d)
@@ -122,74 +124,120 @@ def summary(model: nn.Module,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    if example_inputs is not None:
-        if isinstance(example_inputs, Tensor):
-            example_inputs = (example_inputs,)
-        elif (not isinstance(example_inputs, (tuple, list))
-              or not all(isinstance(x, Tensor) for x in example_inputs)):
-            raise TypeError("`example_inputs` must be a Tensor or a tuple/list of Tensors, "
-                            f"got {_describe(example_inputs)}")
-        positions = _trace_positions(model, tuple(example_inputs))
-    else:
-        positions = None
+    positions = None if example_inputs is None else _trace_positions(model, _checked_inputs(example_inputs))
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
         raise ValueError("`model` has uninitialized (lazy) parameters; pass `example_inputs` "
                          "so that one forward can materialise them")
-
     rows: List[Dict[str, Any]] = []
-    seen: set = set()  # parameter ids already counted in the totals (tied weights)
-    total = {"params": 0, "nonzeros": 0, "zeros": 0, "counted": 0}
-    macs_total: Dict[str, Optional[int]] = {"macs_dense": 0, "macs_effective": 0}
+    totals = _Totals()
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
-        if not own:
-            continue
-        # masked-out weights count as zero whatever is stored
-        nonzeros = {pname: int(torch.count_nonzero(effective_weight(module) if pname == "weight" else p.detach()))
-                    for pname, p in own}
-        sparse = isinstance(module, _SparseLayer)  # its weight is `values`, packed from _dense_shape
-        key = "values" if sparse else "weight"
-        weight = dict(own).get(key)
-        shape = list(module._dense_shape) if sparse else list(weight.shape) if weight is not None else None
-        if weight is not None:  # sparsity is measured on the weight pruning acts on
-            counted = math.prod(shape)
-            zeros = counted - nonzeros[key]
-        else:
-            counted = sum(p.numel() for _, p in own)
-            zeros = counted - sum(nonzeros.values())
-        dense = effective = None
-        if isinstance(module, _MAC_TYPES) and weight is not None:
-            n = positions.get(id(module), 0) if positions is not None else (
-                1 if isinstance(module, (nn.Linear, SparseLinear)) else None)
-            if n is not None:
-                dense, effective = n * counted, n * nonzeros[key]
-            for key, value in (("macs_dense", dense), ("macs_effective", effective)):
-                current = macs_total[key]
-                macs_total[key] = None if current is None or value is None else current + value
-        rows.append({
-            "name": name,
-            "type": base_type(module).__name__,  # MaskedLinear reports Linear
-            "weight_shape": shape,
-            "params": sum(p.numel() for _, p in own),
-            "nonzeros": sum(nonzeros.values()),
-            "sparsity": zeros / counted if counted else 0.0,
-            "macs_dense": dense,
-            "macs_effective": effective,
-            "note": _note(module, zeros),
-        })
-        measured = [weight] if weight is not None else [p for _, p in own]
-        if not any(id(p) in seen for p in measured):  # a tied weight counts once in the totals
-            total["zeros"] += zeros
-            total["counted"] += counted
+        if own:  # one row per module that owns parameters directly
+            rows.append(_layer_row(name, module, own, positions, totals))
+    return Summary(rows, totals.as_dict())
+
+
+def _checked_inputs(example_inputs: Any) -> Tuple[Tensor, ...]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not all(isinstance(x, Tensor) for x in example_inputs):
+        raise TypeError("`example_inputs` must be a Tensor or a tuple/list of Tensors, "
+                        f"got {describe(example_inputs)}")
+    return tuple(example_inputs)
+
+
+class _Totals:
+    """The totals row, summed layer by layer; a parameter shared by several modules counts once."""
+
+    def __init__(self) -> None:
+        self.seen: set = set()  # ids of the parameters already counted (tied weights)
+        self.params = self.nonzeros = self.zeros = self.counted = 0
+        self.macs: Dict[str, Optional[int]] = {"macs_dense": 0, "macs_effective": 0}
+
+    def add_macs(self, dense: Optional[int], effective: Optional[int]) -> None:
+        """A counted layer's MACs; one unknown (None) makes the total unknown."""
+        for key, value in (("macs_dense", dense), ("macs_effective", effective)):
+            current = self.macs[key]
+            self.macs[key] = None if current is None or value is None else current + value
+
+    def add_layer(self, own: List[Tuple[str, nn.Parameter]], nonzeros: Dict[str, int],
+                  measured: List[Tensor], zeros: int, counted: int) -> None:
+        """A row's parameters and the zeros/count of the tensors its sparsity is measured on."""
+        if not any(id(p) in self.seen for p in measured):  # a tied weight counts once in the totals
+            self.zeros += zeros
+            self.counted += counted
         for pname, p in own:
-            if id(p) not in seen:
-                seen.add(id(p))
-                total["params"] += p.numel()
-                total["nonzeros"] += nonzeros[pname]
-    totals = {"params": total["params"], "nonzeros": total["nonzeros"],
-              "sparsity": total["zeros"] / total["counted"] if total["counted"] else 0.0,
-              **macs_total}
-    return Summary(rows, totals)
+            if id(p) not in self.seen:
+                self.seen.add(id(p))
+                self.params += p.numel()
+                self.nonzeros += nonzeros[pname]
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"params": self.params, "nonzeros": self.nonzeros,
+                "sparsity": self.zeros / self.counted if self.counted else 0.0, **self.macs}
+
+
+def _layer_row(name: str, module: nn.Module, own: List[Tuple[str, nn.Parameter]],
+               positions: Optional[Dict[int, int]], totals: _Totals) -> Dict[str, Any]:
+    """The summary row of one module that owns parameters (``own``); adds its counts to ``totals``."""
+    # masked-out weights count as zero whatever is stored
+    nonzeros = {pname: int(torch.count_nonzero(effective_weight(module) if pname == "weight" else p.detach()))
+                for pname, p in own}
+    sparse = isinstance(module, SparseLayer)  # its weight is `values`, packed from dense_shape
+    key = "values" if sparse else "weight"
+    weight = dict(own).get(key)
+    shape = list(module.dense_shape) if sparse else list(weight.shape) if weight is not None else None
+    if weight is not None:  # sparsity is measured on the weight pruning acts on
+        counted = math.prod(shape)
+        zeros = counted - nonzeros[key]
+    else:
+        counted = sum(p.numel() for _, p in own)
+        zeros = counted - sum(nonzeros.values())
+    dense = effective = None
+    if isinstance(module, _MAC_TYPES) and weight is not None:
+        n = positions.get(id(module), 0) if positions is not None else (
+            1 if isinstance(module, (nn.Linear, SparseLinear)) else None)
+        if n is not None:
+            dense, effective = n * counted, n * nonzeros[key]
+        totals.add_macs(dense, effective)
+    totals.add_layer(own, nonzeros, [weight] if weight is not None else [p for _, p in own], zeros, counted)
+    return {
+        "name": name,
+        "type": base_type(module).__name__,  # MaskedLinear reports Linear
+        "weight_shape": shape,
+        "params": sum(p.numel() for _, p in own),
+        "nonzeros": sum(nonzeros.values()),
+        "sparsity": zeros / counted if counted else 0.0,
+        "macs_dense": dense,
+        "macs_effective": effective,
+        "note": _note(module, zeros),
+    }
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of zero entries in the effective weights of all prunable layers (0.0 if none).
+
+    Counts masked-out weights and weights that are exactly zero (e.g. after `make_permanent`),
+    and the dense weights of ``tp.nn`` sparse layers (their unstored entries and stored zeros).
+
+    >>> tp.prune(model, sparsity=0.9, scope="global")
+    >>> round(tp.sparsity(model), 3)
+    0.9
+    """
+    zeros = total = 0
+    seen = set()  # a weight tied between layers counts once
+    for layer in prunable_layers(model).values():
+        if id(layer.weight) in seen:
+            continue
+        seen.add(id(layer.weight))
+        weight = effective_weight(layer)
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    for layer in {id(m): m for m in model.modules() if isinstance(m, SparseLayer)}.values():
+        numel = math.prod(layer.dense_shape)
+        zeros += numel - int(torch.count_nonzero(layer.values.detach()))
+        total += numel
+    return zeros / total if total else 0.0
 
 
 def _trace_positions(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Dict[int, int]:
@@ -211,7 +259,7 @@ def _trace_positions(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Dict[int, 
 
 def _note(module: nn.Module, zeros: int) -> str:
     """Which kernel a pruned layer runs on, where that is not the obvious one."""
-    if isinstance(module, _SparseLayer):
+    if isinstance(module, SparseLayer):
         return "sparse kernel (CSR)"
     if isinstance(module, nn.Conv2d) and module.groups > 1 and zeros:
         return "groups > 1: no sparse kernel, runs dense"
@@ -232,10 +280,3 @@ def _format(key: str, value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, (tuple, list)):
-        inner = ", ".join(type(v).__name__ for v in value)
-        return f"{type(value).__name__} of ({inner})"
-    return type(value).__name__

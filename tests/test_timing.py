@@ -1,0 +1,42 @@
+"""torchprune.timing: warm-up, round-robin order, medians, and the device synchronize."""
+
+import pytest
+import torch
+
+from torchprune import timing
+
+
+def test_warm_up_calls_each_runner_in_turn_and_returns_seconds():
+    calls = []
+    seconds = timing.warm_up({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, calls=2)
+    assert calls == ["a", "a", "b", "b"]
+    assert seconds >= 0
+
+
+def test_samples_are_taken_round_robin():
+    calls = []
+    samples = timing.sample_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] * 3
+    assert {name: len(values) for name, values in samples.items()} == {"a": 3, "b": 3}
+    assert all(v >= 0 for values in samples.values() for v in values)
+
+
+def test_medians_and_time_interleaved():
+    assert timing.medians({"a": [3.0, 1.0, 2.0], "b": [5.0]}) == {"a": 2.0, "b": 5.0}
+    calls = []
+    result = timing.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                     repeats=4, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 4
+    assert set(result) == {"a", "b"} and all(v >= 0 for v in result.values())
+
+
+@pytest.mark.parametrize("device", [None, torch.device("cpu")])
+def test_synchronize_is_a_no_op_off_cuda(device):
+    timing.synchronize(device)  # must not touch torch.cuda on a CPU-only machine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_synchronize_waits_for_cuda_work():
+    x = torch.randn(256, 256, device="cuda")
+    seconds = timing.time_interleaved({"mm": lambda: x @ x}, repeats=3, warmup=1, device=x.device)
+    assert seconds["mm"] > 0

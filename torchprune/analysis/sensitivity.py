@@ -1,0 +1,205 @@
+"""How much each layer can lose: per-layer sensitivity curves and a sparsity allocation from them.
+
+`sensitivity()` prunes one layer at a time to each sparsity, evaluates the model, and restores the
+layer exactly (weights, mask and class); the drop of the metric is the layer's measured damage, the
+loss-change view of importance applied to whole layers. `allocate()` then picks per-layer
+sparsities that meet a global target with the least total damage, assuming damages add up.
+
+>>> sens = tp.sensitivity(model, lambda m: accuracy(m, x_val, y_val))
+>>> plan = tp.allocate(model, 0.9, sens)           # {layer_name: sparsity}
+>>> tp.prune(model, scope=plan)
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..importance import Importance, resolve
+from ..masking import attach_mask, get_mask, remove_mask
+from ..pruner import _target_layers, _weight_owners, prune
+
+__all__ = ["Sensitivity", "sensitivity", "allocate"]
+
+DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+class Sensitivity:
+    """The result of `sensitivity()`: ``baseline`` (the metric of the model as given), ``curves``
+    ({layer: {sparsity: metric}}), ``sizes`` ({layer: weight count}) and ``higher_is_better``."""
+
+    def __init__(self, baseline: float, curves: Dict[str, Dict[float, float]], sizes: Dict[str, int],
+                 higher_is_better: bool):
+        self.baseline = baseline
+        self.curves = curves
+        self.sizes = sizes
+        self.higher_is_better = higher_is_better
+
+    def damage(self, layer: str, sparsity: float) -> float:
+        """How much worse than the baseline the metric got with ``layer`` alone at ``sparsity``."""
+        value = self.curves[layer][sparsity]
+        return self.baseline - value if self.higher_is_better else value - self.baseline
+
+    def to_dict(self) -> dict:
+        return {"baseline": self.baseline, "higher_is_better": self.higher_is_better, "sizes": dict(self.sizes),
+                "curves": {k: {str(s): v for s, v in c.items()} for k, c in self.curves.items()}}
+
+    def to_markdown(self, digits: int = 2) -> str:
+        """One row per layer, one column per sparsity, the metric in each cell."""
+        levels = sorted({s for c in self.curves.values() for s in c})
+        head = "| Layer | Weights | " + " | ".join(f"{100 * s:g}%" for s in levels) + " |"
+        rule = "|:---|---:|" + "---:|" * len(levels)
+        rows = [f"| {name} | {self.sizes[name]:,} | " + " | ".join(f"{c[s]:.{digits}f}" for s in levels) + " |"
+                for name, c in self.curves.items()]
+        return "\n".join([f"Baseline: {self.baseline:.{digits}f}", "", head, rule, *rows])
+
+    def __repr__(self) -> str:
+        return f"Sensitivity(baseline={self.baseline!r}, layers={list(self.curves)})"
+
+
+def _check_sparsities(sparsities) -> List[float]:
+    try:
+        items = list(sparsities)
+        values = [float(s) for s in items if not isinstance(s, bool)]
+    except (TypeError, ValueError):
+        raise TypeError("`sparsities` must be a sequence of numbers in (0, 1)") from None
+    if not values or len(values) != len(items) or not all(0 < s < 1 for s in values):
+        raise ValueError(f"`sparsities` must be a non-empty sequence of numbers in (0, 1), got {sparsities!r}")
+    return sorted(set(values))
+
+
+def _metric(evaluate: Callable, model: nn.Module) -> float:
+    value = evaluate(model)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`evaluate` must return a number, got {type(value).__name__}")
+    return float(value)
+
+
+def sensitivity(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+    importance: Union[str, Importance] = "magnitude",
+    exclude: Iterable = (),
+    higher_is_better: bool = True,
+    data: Optional[Iterable] = None,
+    loss_fn: Optional[Callable] = None,
+    progress: bool = True,
+) -> Sensitivity:
+    """Each prunable layer pruned alone to each of ``sparsities`` (on top of any mask it has), the
+    metric ``evaluate(model)`` recorded, and the layer restored bit for bit.
+
+    ``higher_is_better`` says whether the metric is an accuracy (True) or a loss (False).
+    ``importance``, ``data`` and ``loss_fn`` are passed to `prune()`. Shows a tqdm bar when
+    ``progress`` and tqdm is installed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(evaluate):
+        raise TypeError(f"`evaluate` must be callable, got {type(evaluate).__name__}")
+    levels = _check_sparsities(sparsities)
+    resolve(importance)  # checked now, not after the first evaluation
+    layers, _ = _target_layers(model, exclude, "layer")
+    owners = _weight_owners(model, layers, "layer")
+    layers = {name: layer for name, layer in layers.items() if owners[name] == name}
+    baseline = _metric(evaluate, model)
+    curves: Dict[str, Dict[float, float]] = {}
+    jobs = [(name, s) for name in layers for s in levels]
+    bar = _progress(len(jobs), "sensitivity") if progress else None
+    for name, layer in layers.items():
+        curves[name] = {}
+        for level in levels:
+            saved_weight = layer.weight.detach().clone()
+            saved_mask = get_mask(layer)
+            saved_mask = None if saved_mask is None else saved_mask.clone()
+            try:
+                prune(model, scope={name: level}, importance=importance, data=data, loss_fn=loss_fn)
+                curves[name][level] = _metric(evaluate, model)
+            finally:
+                with torch.no_grad():
+                    layer.weight.copy_(saved_weight)
+                if saved_mask is None:
+                    remove_mask(layer)
+                else:
+                    attach_mask(layer, saved_mask)
+                    with torch.no_grad():
+                        layer.weight.copy_(saved_weight)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    sizes = {name: layer.weight.numel() for name, layer in layers.items()}
+    return Sensitivity(baseline, curves, sizes, bool(higher_is_better))
+
+
+def _progress(total: int, label: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=label, leave=False)
+
+
+def allocate(model: nn.Module, target_sparsity: float, sensitivity: Sensitivity) -> Dict[str, float]:
+    """Per-layer sparsities for the layers ``sensitivity`` measured, whose weighted mean (by weight
+    count) is ``target_sparsity``, chosen with the least total measured damage; the result is a
+    dict scope for `prune()` or the Pruner.
+
+    Greedy on the measured curves: every layer starts at 0 and the next step is always the one
+    with the least added damage per pruned weight (each curve is made non-decreasing first, since
+    pruning more cannot really help). The step that crosses the target is taken in part, so the
+    total matches the target within a weight. Layers never go beyond the highest measured
+    sparsity; a target above what that allows is refused.
+    """
+    if not isinstance(sensitivity, Sensitivity):
+        raise TypeError(f"`sensitivity` must be the result of tp.sensitivity(), got {type(sensitivity).__name__}")
+    if (isinstance(target_sparsity, bool) or not isinstance(target_sparsity, numbers.Real)
+            or not 0 <= target_sparsity < 1):
+        raise ValueError(f"`target_sparsity` must be in [0, 1), got {target_sparsity!r}")
+    layers, _ = _target_layers(model, (), "layer")
+    unknown = [name for name in sensitivity.curves if name not in layers]
+    if unknown:
+        raise ValueError(f"`sensitivity` measures layers {unknown} that `model` does not have")
+    sizes = {name: layers[name].weight.numel() for name in sensitivity.curves}
+    total = sum(sizes.values())
+    wanted = target_sparsity * total
+    levels = {name: [0.0] + sorted(c) for name, c in sensitivity.curves.items()}
+    damage = {}
+    for name, ss in levels.items():
+        running, values = 0.0, []
+        for s in ss:
+            running = max(running, 0.0 if s == 0 else sensitivity.damage(name, s))
+            values.append(running)
+        damage[name] = values
+    reachable = sum(sizes[n] * levels[n][-1] for n in levels)
+    if wanted > reachable + 1e-9:
+        raise ValueError(
+            f"`target_sparsity` {target_sparsity} needs more than the highest measured sparsities allow "
+            f"({reachable / total:.4f}): measure higher sparsities")
+    index = {name: 0 for name in levels}
+    plan = {name: 0.0 for name in levels}
+    pruned = 0.0
+    while pruned < wanted - 1e-9:
+        best, best_cost = None, None
+        for name in levels:
+            i = index[name]
+            if i + 1 >= len(levels[name]):
+                continue
+            weights = sizes[name] * (levels[name][i + 1] - levels[name][i])
+            cost = (damage[name][i + 1] - damage[name][i]) / weights
+            if best_cost is None or cost < best_cost:  # ties: the earlier layer in model order
+                best, best_cost = name, cost
+        i = index[best]
+        gain = sizes[best] * (levels[best][i + 1] - levels[best][i])
+        if pruned + gain >= wanted:
+            plan[best] = levels[best][i] + (wanted - pruned) / sizes[best]
+            break
+        pruned += gain
+        index[best] = i + 1
+        plan[best] = levels[best][i + 1]
+    return plan
