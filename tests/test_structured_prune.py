@@ -13,8 +13,8 @@ import zoo
 from conftest import assert_unchanged, snapshot
 from torchprune.importance import resolve
 from torchprune.structured import DependencyGraph
-from torchprune.structured.prune import choose_removal
-from torchprune.structured.remove import apply_plan, plan_from_removed, zero_channels
+from torchprune.structured.channels import choose_removal
+from torchprune.structured.plan import apply_plan, plan_from_removed, zero_channels
 
 NAMES = list(zoo.ZOO)
 
@@ -107,7 +107,7 @@ def test_l2_keeps_the_largest_neurons():
 
 
 def test_round_to_and_global_scope():
-    from torchprune.structured.prune import prune_channels
+    from torchprune.structured.channels import prune_channels
 
     model, x = zoo.build("mlp")
     prune_channels(model, x, 0.5, round_to=8)
@@ -168,7 +168,7 @@ def test_bad_input_changes_nothing():
     with pytest.raises(ValueError, match="no attention module"):
         tp.prune(model, sparsity=0.5, granularity="head", example_inputs=x)
     with pytest.raises(ValueError, match="round_to"):
-        from torchprune.structured.prune import prune_channels
+        from torchprune.structured.channels import prune_channels
 
         prune_channels(model, x, 0.5, round_to=0)
     assert_unchanged(model, before)

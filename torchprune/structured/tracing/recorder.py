@@ -2,7 +2,7 @@
 
 `LabelRecorder` holds what a trace collects (the `Labels`, the members of each layer, the
 positional parameters, the attention modules) and labels one call at a time, whatever recorded
-it: the fx Interpreter of trace.py (one call per graph node) or the run recorder of record.py (one
+it: the fx Interpreter of fx.py (one call per graph node) or the run recorder of record.py (one
 call per torch function seen while the model runs). A call is described the way torch.fx
 describes a node: ``target`` (a function, or the method name in ``method``), the real argument
 values, their labels, and the real output.
