@@ -179,7 +179,10 @@ def channel_label(ids: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
 def freeze_layer(tracer, name: str, module: nn.Module, args, out) -> Any:
     """What a layer without a rule does: everything that reaches it stays; its output is unowned."""
     kind = type(module).__name__
-    why = "has no pruning rule" if type(module).__module__.startswith("torch.") else "cannot be traced by torch.fx (Python control flow)"
+    if type(module).__module__.startswith("torch."):
+        why = "has no pruning rule"
+    else:
+        why = "cannot be traced by torch.fx (Python control flow)"
     tracer.freeze_all(args, f"{kind} {name!r} {why}")
     return tracer.unowned_like(out)
 
@@ -239,7 +242,8 @@ def couple_layer_norm(tracer, entry: LayerType, name: str, module: nn.Module, ar
     labels, label, x = tracer.labels, args[0], values[0]
     if len(module.normalized_shape) != 1 or not module.elementwise_affine:
         for d in range(1, len(module.normalized_shape) + 1):
-            labels.freeze(labels.reduce_to_dim(label, -d, x.shape, ""), f"LayerNorm {name!r} over several dims or without affine weights")
+            labels.freeze(labels.reduce_to_dim(label, -d, x.shape, ""),
+                          f"LayerNorm {name!r} over several dims or without affine weights")
         return label
     ids = labels.reduce_to_dim(label, -1, x.shape, f"LayerNorm {name!r}")
     labels.inexact(ids, f"LayerNorm {name!r} normalizes over these channels")
@@ -281,7 +285,8 @@ def couple_attention(tracer, entry: LayerType, name: str, module: nn.Module, arg
     labels = tracer.labels
     packed = getattr(module, "_qkv_same_embed_dim", True) and getattr(module, "bias_k", None) is None
     if not packed or getattr(module, "add_zero_attn", False) or len(values) < 3:
-        tracer.freeze_all(args, f"{type(module).__name__} {name!r} with separate q/k/v projections or extra key/value bias keeps its width")
+        tracer.freeze_all(args, f"{type(module).__name__} {name!r} with separate q/k/v projections or extra key/value "
+                                "bias keeps its width")
         return tracer.unowned_like(out)
     ids = _attention_input(tracer, name, args, values)
     tracer.member(name, "in_proj_weight", 1, ids)
@@ -316,7 +321,8 @@ def _attention_input(tracer, name: str, args, values) -> torch.Tensor:
             labels.unify(ids, part)
             mixed = (ids >= 0) != (part >= 0)
             if mixed.any():
-                labels.freeze(torch.cat([ids[mixed], part[mixed]]), f"attention {name!r} query/key/value mix pruned and fixed channels")
+                labels.freeze(torch.cat([ids[mixed], part[mixed]]),
+                              f"attention {name!r} query/key/value mix pruned and fixed channels")
     return ids
 
 
@@ -368,9 +374,10 @@ def _resize_attention(module: PrunedMultiheadAttention) -> None:
 _LINEAR = LayerType(couple_transform, -1, (("weight", 1),), (("weight", 0), ("bias", 0)), _resize_linear, ("weight",),
                     output_member=("weight", 0))
 _CONV = replace(_LINEAR, channel_dim=1, resize=_resize_conv, depthwise=True)
-_CONV_TRANSPOSED = LayerType(couple_transposed, 1, (("weight", 0),), (("weight", 1), ("bias", 0)), _resize_conv_transposed,
-                             ("weight",))
-_CHANNEL_NORM = LayerType(couple_per_channel, 1, (), tuple((t, 0) for t in ("weight", "bias", "running_mean", "running_var")),
+_CONV_TRANSPOSED = LayerType(couple_transposed, 1, (("weight", 0),), (("weight", 1), ("bias", 0)),
+                             _resize_conv_transposed, ("weight",))
+_CHANNEL_NORM = LayerType(couple_per_channel, 1, (),
+                          tuple((t, 0) for t in ("weight", "bias", "running_mean", "running_var")),
                           _resize_channel_norm, scale="weight", output_member=("weight", 0))
 _ATTENTION = LayerType(couple_attention, -1, (("in_proj_weight", 1),), (("in_proj_weight", 0), ("in_proj_bias", 0)),
                        weights=("in_proj_weight",))

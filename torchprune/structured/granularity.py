@@ -19,9 +19,11 @@ def prune_structural(model: nn.Module, sparsity, threshold, importance, granular
     from ..pruner import _excluded_ids  # pruner.py imports this module: moves to targets.py at integration
 
     if round_to is not None and granularity != "channel":
-        raise ValueError(f"`round_to` only applies to granularity='channel' (channels kept per group), got granularity={granularity!r}")
+        raise ValueError("`round_to` only applies to granularity='channel' (channels kept per group), "
+                         f"got granularity={granularity!r}")
     if threshold is not None:
-        raise ValueError(f"`threshold` is not supported with granularity={granularity!r}: pass `sparsity` (a fraction of channels)")
+        raise ValueError(f"`threshold` is not supported with granularity={granularity!r}: "
+                         "pass `sparsity` (a fraction of channels)")
     if sparsity is None:
         raise ValueError(f"`sparsity` must be given with granularity={granularity!r} (a fraction in [0, 1))")
     excluded = _excluded_ids(model, exclude)

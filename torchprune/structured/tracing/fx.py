@@ -121,7 +121,8 @@ class _LeafTracer(fx.Tracer):
             raise
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        if id(m) in self.opaque or isinstance(m, self._attention) or self._is_prunable(m) or layer_types.is_registered(type(m)):
+        if id(m) in self.opaque or isinstance(m, self._attention) or self._is_prunable(m) \
+                or layer_types.is_registered(type(m)):
             return True
         return super().is_leaf_module(m, qualname)
 

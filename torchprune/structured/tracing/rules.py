@@ -80,6 +80,11 @@ def unowned(value: torch.Tensor) -> torch.Tensor:
     return label
 
 
+def is_unowned_label(label: torch.Tensor) -> bool:
+    """True if ``label`` is the shared label `unowned` returns (a cheap identity test)."""
+    return label is _UNOWNED.get(label.dim())
+
+
 # -- modules ------------------------------------------------------------------------------------
 
 
