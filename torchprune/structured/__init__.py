@@ -19,7 +19,7 @@ __all__ = ["DependencyGraph", "Group", "PrunedMultiheadAttention", "prune_channe
 
 
 def __getattr__(name):
-    # prune.py needs torchprune.importance, which (through masking and _ops) imports this
+    # channels.py needs torchprune.importance, which (through masking and _ops) imports this
     # package: load it on first use rather than at import time.
     if name == "prune_channels":
         from .channels import prune_channels

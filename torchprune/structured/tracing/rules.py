@@ -8,6 +8,7 @@ which is what removal slices. Anything without a rule freezes the ids that reach
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any, Callable
 
@@ -93,8 +94,6 @@ def with_keywords(module: nn.Module, values, kwargs, labs, klabs):
     appended to the positional ones in the order of its forward's parameters."""
     if not kwargs:
         return list(values), list(labs)
-    import inspect
-
     try:
         order = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
