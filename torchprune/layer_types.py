@@ -15,10 +15,12 @@ isinstance ladders (the tracer's rules, the slicer, the channel scorer). Here ea
   output (the activation criteria hook that output, `output_channel_dim`).
 
 Lookup is by exact type, then along the type's MRO (a masked ``nn.Linear`` is an ``nn.Linear``).
-A user layer is registered with `register_layer_type`:
+A user layer is registered with `register_layer_type` (the tracer then keeps it whole, as it does
+torch's own layers, and its forward may be anything):
 
->>> tp.layer_types.register_layer_type(MyLinear, inputs=[("weight", 1)], outputs=[("weight", 0), ("bias", 0)],
-...                                    resize=lambda m: setattr(m, "width", m.weight.shape[0]))
+>>> from torchprune.layer_types import register_layer_type
+>>> register_layer_type(MyLinear, inputs=[("weight", 1)], outputs=[("weight", 0), ("bias", 0)],
+...                     resize=lambda m: setattr(m, "width", m.weight.shape[0]))
 
 The coupling functions talk to the tracer (torchprune/structured/tracing) through a small
 interface: ``tracer.labels`` (``fresh``, ``unify``, ``freeze``, ``inexact``, ``reduce_to_dim``),

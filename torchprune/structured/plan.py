@@ -33,7 +33,7 @@ from .compact import compact
 from .tracing.recorder import Member
 
 __all__ = ["PLAN_ATTRIBUTE", "record_step", "steps_of", "apply_plan", "zero_channels", "plan_from_removed",
-           "channel_step", "sync_attributes"]
+           "channel_step"]
 
 #: The attribute of a pruned model that holds its structural removal steps (saved by `tp.save`).
 PLAN_ATTRIBUTE = "_torchprune_structure"
@@ -123,7 +123,7 @@ def apply_plan(model: nn.Module, plan: Plan, modules=None) -> None:
             _assign(modules[module], tensor, new.to(device))
             touched.add(module)
     for module in touched:
-        sync_attributes(modules[module])
+        layer_types.resize(modules[module])  # in_features, out_channels, num_features, ...
 
 
 def _widen_attention(model: nn.Module, plan: Plan) -> bool:
@@ -151,11 +151,6 @@ def _assign(owner: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
     else:
         owner._buffers[name] = value
-
-
-def sync_attributes(module: nn.Module) -> None:
-    """Sets a layer's size attributes from its (sliced) tensors (its layer-type entry's ``resize``)."""
-    layer_types.resize(module)
 
 
 def zero_channels(model: nn.Module, removed: Dict[Member, torch.Tensor]) -> None:

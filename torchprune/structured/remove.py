@@ -1,1 +1,1 @@
-from .plan import apply_plan, plan_from_removed, sync_attributes, zero_channels  # shim: removed at integration
+from .plan import apply_plan, plan_from_removed, zero_channels  # noqa: F401 shim: removed at integration
