@@ -112,3 +112,25 @@ def test_layer_without_residual_blocks_is_an_error():
     model, x = zoo.build("vgg")
     with pytest.raises(ValueError, match="no residual block"):
         tp.prune(model, sparsity=0.5, granularity="layer", example_inputs=x)
+
+
+def test_layer_scope_head_count_follows_the_channel_rule():
+    """scope="layer" keeps floor((1 - sparsity) * heads), at least one, as for channels (select.py):
+    8 heads at 0.3 keep 5 (before the selection was shared, heads kept round-half-up's 6)."""
+    from torchprune.structured.select import kept_counts
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 8, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    for sparsity, kept in [(0.3, 5), (0.5, 4), (0.125, 7), (0.99, 1)]:
+        net = Net()
+        tp.prune(net, sparsity=sparsity, granularity="head", scope="layer", example_inputs=torch.randn(2, 5, 16))
+        assert net.attn.num_heads == kept
+        assert kept_counts([range(8)], [torch.zeros(8)], sparsity, "layer") == [kept]

@@ -13,8 +13,8 @@ import zoo
 from conftest import assert_unchanged, snapshot
 from torchprune.importance import resolve
 from torchprune.structured import DependencyGraph
-from torchprune.structured.prune import choose_removal
-from torchprune.structured.remove import apply_plan, plan_from_removed, zero_channels
+from torchprune.structured.channels import choose_removal
+from torchprune.structured.plan import apply_plan, plan_from_removed, zero_channels
 
 NAMES = list(zoo.ZOO)
 
@@ -107,7 +107,7 @@ def test_l2_keeps_the_largest_neurons():
 
 
 def test_round_to_and_global_scope():
-    from torchprune.structured.prune import prune_channels
+    from torchprune.structured.channels import prune_channels
 
     model, x = zoo.build("mlp")
     prune_channels(model, x, 0.5, round_to=8)
@@ -168,7 +168,7 @@ def test_bad_input_changes_nothing():
     with pytest.raises(ValueError, match="no attention module"):
         tp.prune(model, sparsity=0.5, granularity="head", example_inputs=x)
     with pytest.raises(ValueError, match="round_to"):
-        from torchprune.structured.prune import prune_channels
+        from torchprune.structured.channels import prune_channels
 
         prune_channels(model, x, 0.5, round_to=0)
     assert_unchanged(model, before)
@@ -364,3 +364,32 @@ def test_round_to_errors_change_nothing(kwargs, error):
     with pytest.raises(error, match="round_to"):
         tp.prune(model, example_inputs=x, **kwargs)
     assert_unchanged(model, before)
+
+
+def test_the_saved_plan_format_is_unchanged(tmp_path):
+    """The steps tp.save stores are the plain data older versions wrote, and a file written in that
+    format (a hand-made one here) replays on a fresh instance."""
+    torch.manual_seed(0)
+
+    def fresh():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    model, x = fresh(), torch.randn(3, 4)
+    tp.prune(model, sparsity=0.5, granularity="channel", importance="l2", example_inputs=x)
+    (step,) = model._torchprune_structure
+    assert step["kind"] == "channels" and set(step) == {"kind", "keep"}
+    assert all(type(m) is str and type(t) is str and type(d) is int and all(type(i) is int for i in keep)
+               for m, t, d, keep in step["keep"])
+    kept = step["keep"][0][3]
+    old = [{"kind": "channels", "keep": [["0", "weight", 0, kept], ["0", "bias", 0, kept], ["2", "weight", 1, kept]]}]
+    assert sorted(map(tuple, ((m, t, d) for m, t, d, _ in step["keep"]))) == sorted((m, t, d) for m, t, d, _ in old[0]["keep"])
+    tp.save(model, tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["structure"] = old
+    torch.save(payload, tmp_path / "old.pt")
+    restored = fresh()
+    tp.load(tmp_path / "old.pt", restored)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
+    assert restored._torchprune_structure == old

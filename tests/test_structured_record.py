@@ -13,8 +13,8 @@ from torch.overrides import TorchFunctionMode
 import torchprune as tp
 from torchprune.importance import resolve
 from torchprune.structured import DependencyGraph
-from torchprune.structured.prune import choose_removal
-from torchprune.structured.remove import apply_plan, plan_from_removed, zero_channels
+from torchprune.structured.channels import choose_removal
+from torchprune.structured.plan import apply_plan, plan_from_removed, zero_channels
 
 
 def group_of(graph, member):
@@ -178,7 +178,7 @@ def test_an_error_inside_a_layer_leaves_torch_function_modes_as_they_were():
 
 def test_the_run_holds_no_activation_the_model_frees():
     """Labels are kept by weak reference: a deep stack of layers does not keep every activation."""
-    from torchprune.structured import record as record_module
+    from torchprune.structured.tracing import record as record_module
 
     class Deep(nn.Module):
         def __init__(self):

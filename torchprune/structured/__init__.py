@@ -1,11 +1,13 @@
 """Structured pruning: whole channels, attention heads and residual blocks removed physically.
 
-* graph.py (with trace.py, record.py, dispatch.py, rules.py, labels.py): `DependencyGraph`, the
-  coupled channel groups, from one recorded run on the example inputs or, where a layer does not
-  run on them, from torch.fx's symbolic trace;
-* scoring.py: group importance; prune.py: selection and `prune_channels`;
-* remove.py + compact.py: slicing every member through the C++ ``compact`` op;
-* heads.py + attention.py: attention heads; layers.py: residual blocks; replay.py: `tp.load`.
+* graph.py (with tracing/): `DependencyGraph`, the coupled channel groups, from one recorded run
+  on the example inputs or, where a layer does not run on them, from torch.fx's symbolic trace;
+  what each layer type couples, slices and scores is in torchprune/layer_types.py;
+* scoring.py: group importance; select.py: which units go; channels.py: `prune_channels`;
+* plan.py + compact.py: the removal plan (its format, recorded on the model) and slicing every
+  member through the C++ ``compact`` op;
+* heads.py + attention.py: attention heads; blocks.py: residual blocks; replay.py: `tp.load`;
+* granularity.py: `prune_structural`, the structural branch of `tp.prune`.
 
 `tp.prune(model, sparsity, granularity="channel" | "head" | "layer", example_inputs=...)` is the
 entry point (with "channel", ``round_to=k`` keeps a multiple of k channels per group).
@@ -13,14 +15,18 @@ entry point (with "channel", ``round_to=k`` keeps a multiple of k channels per g
 
 from .attention import PrunedMultiheadAttention
 from .graph import DependencyGraph, Group
-__all__ = ["DependencyGraph", "Group", "PrunedMultiheadAttention", "prune_channels"]
+__all__ = ["DependencyGraph", "Group", "PrunedMultiheadAttention", "prune_channels", "prune_structural"]
 
 
 def __getattr__(name):
-    # prune.py needs torchprune.importance, which (through masking and _ops) imports this
+    # channels.py needs torchprune.importance, which (through masking and _ops) imports this
     # package: load it on first use rather than at import time.
     if name == "prune_channels":
-        from .prune import prune_channels
+        from .channels import prune_channels
 
         return prune_channels
+    if name == "prune_structural":
+        from .granularity import prune_structural
+
+        return prune_structural
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

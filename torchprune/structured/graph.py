@@ -8,7 +8,7 @@ A *unit* is one removable channel: the set of tensor slices (a conv's output fil
 entry, the next conv's input channel, ...) that go together. Units that touch the same tensors in
 the same way form a *group*: the output channels of one layer together with everything coupled to
 them (a residual stream is one group across all blocks that add into it). Tracing is done once
-per graph (see trace.py; ``graph.tracing`` says whether one recorded run on the example inputs
+per graph (see tracing/fx.py; ``graph.tracing`` says whether one recorded run on the example inputs
 labelled the model, record.py, or torch.fx's symbolic trace did, because a layer did not run on
 them); nothing in the model is changed.
 """
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .trace import Member, trace
+from .tracing.fx import trace
+from .tracing.recorder import Member
 
 __all__ = ["DependencyGraph", "Group"]
 
@@ -91,7 +92,7 @@ class DependencyGraph:
                 d = varying[0]
                 members[(module_name, tensor, d)] = comp.movedim(d, 0).reshape(comp.shape[d], -1)[:, 0]
             elif len(varying) > 1:
-                labels._freeze_components(np.unique(comp.numpy()), f"parameter {qualname!r} is used along several dims")
+                labels.freeze_components(np.unique(comp.numpy()), f"parameter {qualname!r} is used along several dims")
         self.groups: List[Group] = self._group(members, labels)
 
     @staticmethod
@@ -132,31 +133,17 @@ class DependencyGraph:
         bounds = np.cumsum(np.bincount(rank[ordered_kind]))
         bounds = np.concatenate([np.zeros(1, dtype=bounds.dtype), bounds])
         inexact = np.isin(units, np.fromiter(labels.inexact_reasons, dtype=np.int64, count=len(labels.inexact_reasons)))
+        runs_of = _Runs(keys, index, run_start, run_length, run_key, unit_first, runs)
         groups = []
         for g in range(len(first_seen)):
             rows = by_group[bounds[g] : bounds[g + 1]]
-            first = unit_first[rows]
-            a = first[0]
-            indices = {}
-            count = int(runs[rows[0]])
-            lengths = run_length[a : a + count]
-            single = lengths == 1  # members whose units own one index each (most): all in one gather
-            rank_of = np.cumsum(single) - 1
-            if single.any():
-                gathered = index[run_start[first[None, :] + np.flatnonzero(single)[:, None]]]
-            for j, (member, length, one) in enumerate(zip(run_key[a : a + count].tolist(), lengths.tolist(), single.tolist())):
-                if one:
-                    indices[keys[member]] = torch.from_numpy(gathered[rank_of[j]].reshape(-1, 1))
-                else:
-                    at = run_start[first + j][:, None] + np.arange(length)
-                    indices[keys[member]] = torch.from_numpy(index[at])
             reasons, inexact_reasons = [], []
             if frozen[rows[0]]:
                 reasons = list(dict.fromkeys(r for c in units[rows].tolist() for r in labels.frozen_reasons[c]))
             hits = rows[inexact[rows]]
             if len(hits):
                 inexact_reasons = list(dict.fromkeys(r for c in units[hits].tolist() for r in labels.inexact_reasons[c]))
-            groups.append(Group(indices, not bool(frozen[rows[0]]), reasons, not inexact_reasons, inexact_reasons))
+            groups.append(Group(runs_of.indices(rows), not bool(frozen[rows[0]]), reasons, not inexact_reasons, inexact_reasons))
         return groups
 
     @property
@@ -179,6 +166,40 @@ class DependencyGraph:
                  f"traced by {self.tracing})"]
         lines += [f"  {g}" for g in self.groups]
         return "\n".join(lines)
+
+
+@dataclass
+class _Runs:
+    """The sorted runs of `DependencyGraph._group`: ``index`` (each entry's position in its member),
+    and per run its start, length and member (``run_key`` into ``keys``); per unit its first run
+    (``unit_first``) and its number of runs."""
+
+    keys: List[Member]
+    index: np.ndarray
+    run_start: np.ndarray
+    run_length: np.ndarray
+    run_key: np.ndarray
+    unit_first: np.ndarray
+    runs: np.ndarray
+
+    def indices(self, rows: np.ndarray) -> Dict[Member, torch.Tensor]:
+        """A group's ``indices`` from its units ``rows`` (all with the same runs, in order)."""
+        first = self.unit_first[rows]
+        a = first[0]
+        indices = {}
+        count = int(self.runs[rows[0]])
+        lengths = self.run_length[a : a + count]
+        single = lengths == 1  # members whose units own one index each (most): all in one gather
+        rank_of = np.cumsum(single) - 1
+        if single.any():
+            gathered = self.index[self.run_start[first[None, :] + np.flatnonzero(single)[:, None]]]
+        for j, (member, length, one) in enumerate(zip(self.run_key[a : a + count].tolist(), lengths.tolist(), single.tolist())):
+            if one:
+                indices[self.keys[member]] = torch.from_numpy(gathered[rank_of[j]].reshape(-1, 1))
+            else:
+                at = self.run_start[first + j][:, None] + np.arange(length)
+                indices[self.keys[member]] = torch.from_numpy(self.index[at])
+        return indices
 
 
 def _starts(changes: np.ndarray) -> np.ndarray:

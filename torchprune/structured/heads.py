@@ -14,13 +14,14 @@ Two kinds of attention are handled:
   named in a warning.
 
 A head's score is the mean over its four slices (q, k, v rows and out-projection columns) of the
-slice's sum of |w|^p divided by that member's mean over heads; "random" is also accepted.
+slice's sum of |w|^p divided by that member's mean over heads; "random" is also accepted. Heads
+are chosen by the channels' selection (select.py): with ``scope="layer"`` a module of n heads
+keeps floor((1 - sparsity) * n), at least one.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Dict, List
 
@@ -31,6 +32,8 @@ from ..importance import FilterNorm, Magnitude, Random, resolve
 from .attention import PrunedMultiheadAttention
 from .compact import compact
 from .graph import as_inputs
+from .plan import record_step
+from .select import select
 
 __all__ = ["attention_modules", "prune_heads", "remove_heads"]
 
@@ -133,8 +136,7 @@ def _verified(model, name, keep, drop, inputs) -> bool:
 
 
 def prune_heads(model: nn.Module, example_inputs, sparsity: float, importance, scope: str, excluded_ids) -> nn.Module:
-    from .prune import PLAN_ATTRIBUTE
-
+    """Removes ``sparsity`` of the heads of every attention module of ``model`` not excluded; returns it."""
     criterion = resolve(importance)
     if not isinstance(criterion, (Magnitude, FilterNorm, Random)):
         raise ValueError(f"`importance` must be 'l1', 'l2', 'magnitude', 'filter_norm' or 'random' for granularity='head', got {importance!r}")
@@ -160,29 +162,12 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float, importance, s
                           "them (its forward must shape q, k, v from self.num_heads and self.head_dim)")
             continue
         remove_heads(model, name, keep)
-        model.__dict__.setdefault(PLAN_ATTRIBUTE, []).append({"kind": "heads", "module": name, "keep": keep})
+        record_step(model, {"kind": "heads", "module": name, "keep": keep})
     return model
 
 
 def _select_heads(scores: Dict[str, torch.Tensor], sparsity: float, scope: str) -> Dict[str, List[int]]:
-    if scope == "layer":
-        out = {}
-        for name, s in scores.items():
-            count = min(int(math.floor(sparsity * len(s) + 0.5)), len(s) - 1)
-            out[name] = sorted(torch.sort(s, stable=True).indices[:count].tolist())
-        return out
+    """The heads removed from each module (by name), as the channels' selection chooses them."""
     names = list(scores)
-    flat = torch.cat([scores[n] for n in names])
-    owner = [n for n in names for _ in range(len(scores[n]))]
-    local = [i for n in names for i in range(len(scores[n]))]
-    target = int(math.floor(sparsity * len(flat) + 0.5))
-    left = {n: len(scores[n]) for n in names}
-    out = {n: [] for n in names}
-    for u in torch.sort(flat, stable=True).indices.tolist():
-        if target <= 0:
-            break
-        if left[owner[u]] > 1:
-            left[owner[u]] -= 1
-            out[owner[u]].append(local[u])
-            target -= 1
-    return {n: sorted(v) for n, v in out.items()}
+    chosen = select([scores[n] for n in names], [scores[n] for n in names], sparsity, scope)
+    return {n: c.tolist() for n, c in zip(names, chosen)}

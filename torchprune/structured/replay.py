@@ -1,7 +1,7 @@
 """Replaying stored structural removal steps on a fresh instance of a model (for `tp.load`).
 
 A step is plain data, ``{"kind": "channels", "keep": [[module, tensor, dim, [kept indices]], ...]}``
-(see prune.py), so files load with ``torch.load(weights_only=True)``. Every entry is checked against
+(plan.py has the format), so files load with ``torch.load(weights_only=True)``. Every entry is checked against
 the model before any tensor is sliced.
 """
 
@@ -11,22 +11,20 @@ from typing import List
 
 from torch import nn
 
-from .prune import PLAN_ATTRIBUTE
-from .remove import apply_plan
+from .blocks import replace_by_identity
+from .heads import attention_modules, remove_heads
+from .plan import apply_plan, record_step, steps_of
 
 __all__ = ["structure_of", "replay"]
 
 
 def structure_of(model: nn.Module) -> List[dict]:
     """The removal steps applied to ``model`` so far (empty if it was never structurally pruned)."""
-    return list(model.__dict__.get(PLAN_ATTRIBUTE, []))
+    return steps_of(model)
 
 
 def _replay_other(model: nn.Module, step: dict, number: int) -> bool:
     """Head and layer steps; False if ``step`` is not one of them."""
-    from .heads import attention_modules, remove_heads
-    from .layers import replace_by_identity
-
     where = f"structural step {number}"
     if step.get("kind") == "heads":
         name, keep = step.get("module"), step.get("keep")
@@ -75,5 +73,5 @@ def replay(model: nn.Module, steps: List[dict]) -> nn.Module:
     for number, step in enumerate(steps):
         if not (isinstance(step, dict) and _replay_other(model, step, number)):
             apply_plan(model, _check_step(model, step, number))
-        model.__dict__.setdefault(PLAN_ATTRIBUTE, []).append(step)
+        record_step(model, step)
     return model

@@ -8,6 +8,7 @@ which is what removal slices. Anything without a rule freezes the ids that reach
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any, Callable
 
@@ -16,12 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import layer_types
 from .labels import NONE, compress
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_RNN = (nn.LSTM, nn.GRU, nn.RNN)
 _ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
     nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -83,10 +81,9 @@ def unowned(value: torch.Tensor) -> torch.Tensor:
     return label
 
 
-def channel_label(ids: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
-    shape = [1] * ndim
-    shape[dim] = ids.numel()
-    return ids.view(shape)
+def is_unowned_label(label: torch.Tensor) -> bool:
+    """True if ``label`` is the shared label `unowned` returns (a cheap identity test)."""
+    return label is _UNOWNED.get(label.dim())
 
 
 # -- modules ------------------------------------------------------------------------------------
@@ -97,8 +94,6 @@ def with_keywords(module: nn.Module, values, kwargs, labs, klabs):
     appended to the positional ones in the order of its forward's parameters."""
     if not kwargs:
         return list(values), list(labs)
-    import inspect
-
     try:
         order = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
@@ -132,135 +127,24 @@ def module_rule(tracer, name: str, module: nn.Module, args, values, out) -> Any:
 
 
 def _module_rule(tracer, name: str, module: nn.Module, args, values, out) -> Any:
-    labels = tracer.labels
+    """A layer's entry in torchprune/layer_types.py labels it; a module that is an op (an
+    activation, pooling, flatten, softmax) is labelled like its functional form; anything else
+    freezes what reaches it."""
+    entry = layer_types.lookup(type(module))
+    if entry is not None:
+        return entry.couple(tracer, entry, name, module, args, values, out)
     x, label = (values[0], args[0]) if values else (None, None)
-    kind = type(module).__name__
     if isinstance(module, _ELEMENTWISE_MODULES):
         return label
     if isinstance(module, nn.Softmax):
-        labels.check(label, module.dim if module.dim is not None else -1, f"softmax over channels in {name!r}")
+        tracer.labels.check(label, module.dim if module.dim is not None else -1, f"softmax over channels in {name!r}")
         return label
     if isinstance(module, _POOL_MODULES):
         return pool(tracer, label, x, out, name)
     if isinstance(module, nn.Flatten):
         return compress(torch.flatten(full(label, x), module.start_dim, module.end_dim))
-    if isinstance(module, _CONV) or isinstance(module, nn.Linear):
-        dim = -1 if isinstance(module, nn.Linear) else 1
-        reason = f"{kind} {name!r} input"
-        ids = labels.reduce_to_dim(label, dim, x.shape, reason)
-        groups = getattr(module, "groups", 1)
-        if groups == 1:
-            tracer.member(name, "weight", 1, ids)
-            fresh = labels.fresh([out.shape[dim]])
-        elif groups == module.in_channels == module.out_channels:  # depthwise: channel c in -> c out
-            fresh = ids
-        else:
-            labels.freeze(ids, f"grouped {kind} {name!r} (groups={groups}) keeps its channels")
-            fresh = labels.fresh([out.shape[dim]])
-            labels.freeze(fresh, f"grouped {kind} {name!r} (groups={groups}) keeps its channels")
-        tracer.member(name, "weight", 0, fresh)
-        if module.bias is not None:
-            tracer.member(name, "bias", 0, fresh)
-        return channel_label(fresh, out.dim(), dim % out.dim())
-    if isinstance(module, _CONV_T):
-        ids = labels.reduce_to_dim(label, 1, x.shape, f"{kind} {name!r} input")
-        fresh = labels.fresh([out.shape[1]])
-        if module.groups == 1:
-            tracer.member(name, "weight", 0, ids)
-            tracer.member(name, "weight", 1, fresh)
-            if module.bias is not None:
-                tracer.member(name, "bias", 0, fresh)
-        else:
-            labels.freeze(ids, f"grouped {kind} {name!r} keeps its channels")
-            labels.freeze(fresh, f"grouped {kind} {name!r} keeps its channels")
-        return channel_label(fresh, out.dim(), 1)
-    if isinstance(module, _BATCH_NORM):
-        ids = labels.reduce_to_dim(label, 1, x.shape, f"{kind} {name!r}")
-        for tensor in ("weight", "bias", "running_mean", "running_var"):
-            if getattr(module, tensor, None) is not None:
-                tracer.member(name, tensor, 0, ids)
-        return label
-    if isinstance(module, nn.LayerNorm):
-        if len(module.normalized_shape) != 1 or not module.elementwise_affine:
-            for d in range(1, len(module.normalized_shape) + 1):
-                labels.freeze(labels.reduce_to_dim(label, -d, x.shape, ""), f"LayerNorm {name!r} over several dims or without affine weights")
-            return label
-        ids = labels.reduce_to_dim(label, -1, x.shape, f"LayerNorm {name!r}")
-        labels.inexact(ids, f"LayerNorm {name!r} normalizes over these channels")
-        tracer.member(name, "weight", 0, ids)
-        if module.bias is not None:
-            tracer.member(name, "bias", 0, ids)
-        return label
-    if isinstance(module, nn.Embedding):
-        fresh = labels.fresh([module.embedding_dim])
-        tracer.member(name, "weight", 1, fresh)
-        return channel_label(fresh, out.dim(), out.dim() - 1)
-    if isinstance(module, _RNN) and isinstance(x, torch.Tensor) and isinstance(label, torch.Tensor) and module.num_layers >= 1:
-        ids = labels.reduce_to_dim(label, -1, x.shape, f"{kind} {name!r} input")
-        for tensor in ("weight_ih_l0", "weight_ih_l0_reverse"):
-            if hasattr(module, tensor):
-                tracer.member(name, tensor, 1, ids)
-        if len(values) > 1:
-            tracer.freeze_all(args[1:], f"{kind} {name!r} initial state")
-        return tracer.unowned_like(out)
-    if _attention(module):
-        return attention(tracer, name, module, args, values, out)
     # torch's own layers without a rule here, or a submodule traced as one opaque call
-    why = "has no pruning rule" if type(module).__module__.startswith("torch.") else "cannot be traced by torch.fx (Python control flow)"
-    tracer.freeze_all(args, f"{kind} {name!r} {why}")
-    return tracer.unowned_like(out)
-
-
-def _attention(module) -> bool:
-    from .attention import PrunedMultiheadAttention
-
-    if isinstance(module, PrunedMultiheadAttention):
-        return True
-    return isinstance(module, nn.MultiheadAttention)
-
-
-def attention(tracer, name, module, args, values, out):
-    """Multi-head attention with a packed q/k/v projection. Its input width (the columns of
-    in_proj_weight, shared by query, key and value) and its output width (out_proj's rows) are
-    channels of the residual stream. Inside, position j of every head's q/k features is one unit
-    (q row and k row j of each head: they only meet in the q.k product, and the scale stays), and
-    position j of every head's v features another (v row j of each head and out_proj's column
-    reading it); all heads lose the same positions, so they stay equal. Heads themselves stay
-    (granularity="head" removes them). A pruned nn.MultiheadAttention becomes a
-    PrunedMultiheadAttention, whose widths may differ from each other."""
-    labels = tracer.labels
-    packed = getattr(module, "_qkv_same_embed_dim", True) and getattr(module, "bias_k", None) is None
-    if not packed or getattr(module, "add_zero_attn", False) or len(values) < 3:
-        tracer.freeze_all(args, f"{type(module).__name__} {name!r} with separate q/k/v projections or extra key/value bias keeps its width")
-        return tracer.unowned_like(out)
-    ids = None
-    for lab, value in zip(args[:3], values[:3]):
-        part = labels.reduce_to_dim(lab, -1, value.shape, f"attention {name!r} input")
-        if ids is None:
-            ids = part
-        else:
-            labels.unify(ids, part)
-            mixed = (ids >= 0) != (part >= 0)
-            if mixed.any():
-                labels.freeze(torch.cat([ids[mixed], part[mixed]]), f"attention {name!r} query/key/value mix pruned and fixed channels")
-    tracer.member(name, "in_proj_weight", 1, ids)
-    tracer.freeze_all(args[3:], f"attention {name!r} masks")
-    heads = module.num_heads
-    qk = labels.fresh([module.head_dim]).repeat(heads)  # row h * head_dim + j of q (and of k) -> unit j
-    v = labels.fresh([getattr(module, "v_head_dim", module.head_dim)]).repeat(heads)
-    rows = torch.cat([qk, qk, v])
-    tracer.member(name, "in_proj_weight", 0, rows)
-    if module.in_proj_bias is not None:
-        tracer.member(name, "in_proj_bias", 0, rows)
-    prefix = f"{name}.out_proj" if name else "out_proj"
-    tracer.member(prefix, "weight", 1, v)
-    fresh = labels.fresh([module.out_proj.out_features])
-    tracer.member(prefix, "weight", 0, fresh)
-    if module.out_proj.bias is not None:
-        tracer.member(prefix, "bias", 0, fresh)
-    tracer.note_attention(name, module)
-    first = out[0]
-    return (channel_label(fresh, first.dim(), first.dim() - 1), tracer.unowned_like(out[1]))
+    return layer_types.freeze_layer(tracer, name, module, args, out)
 
 
 def pool(tracer, label, x, out, where: str):

@@ -8,7 +8,7 @@ Every call is recorded as it happens:
 * every torch function and Tensor method called outside those layers, through a
   ``TorchFunctionMode``: ``torch.cat``, ``x.view``, ``a + b`` (``Tensor.__add__``), ``x.shape``.
 
-Each call goes through the same rules as an fx node (dispatch.py), so wherever torch.fx can trace
+Each call goes through the same rules as an fx node (recorder.py), so wherever torch.fx can trace
 the model the groups are the same, without the cost of a symbolic trace before a labelled run.
 ``x.shape`` returns a size that pins dim d when its entry d is read, as a read of ``x.shape[d]``
 does under fx. The model itself may have Python control flow on tensor values (``if x.sum() >
@@ -18,7 +18,7 @@ What this sees is the path the example inputs take. A submodule whose forward tu
 value into a Python value (``bool``, ``int``, ``float``, ``.item()``: control flow that fx cannot
 trace either) is left whole: its inputs, outputs and layers stay; in the model's own forward, a
 branch the inputs do not take is not checked. A layer with parameters or buffers that did not
-run raises `Unrun`: its connections are unknown to the run, and trace.py asks torch.fx instead.
+run raises `Unrun`: its connections are unknown to the run, and fx.py asks torch.fx instead.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import rules
-from .dispatch import LabelRecorder, SizeRef
+from .recorder import LabelRecorder, SizeRef
 
 __all__ = ["Recorder", "Unrun", "record"]
 

@@ -2,7 +2,7 @@
 
 `LabelRecorder` holds what a trace collects (the `Labels`, the members of each layer, the
 positional parameters, the attention modules) and labels one call at a time, whatever recorded
-it: the fx Interpreter of trace.py (one call per graph node) or the run recorder of record.py (one
+it: the fx Interpreter of fx.py (one call per graph node) or the run recorder of record.py (one
 call per torch function seen while the model runs). A call is described the way torch.fx
 describes a node: ``target`` (a function, or the method name in ``method``), the real argument
 values, their labels, and the real output.
@@ -138,10 +138,18 @@ class LabelRecorder:
     def function(self, target, method: Optional[str], args, kwargs, labs, klabs, out, where: str, used: bool = True):
         """The label of ``out``, the result of ``target(*args, **kwargs)`` (or of the Tensor
         method ``method`` with ``args[0]`` as self); ``labs`` / ``klabs`` are the arguments' labels."""
+        lab = labs[0] if labs else None
+        if target is builtins.getattr or method in ("size", "dim", "ndimension") \
+                or target is builtins.len and isinstance(lab, torch.Tensor) \
+                or target is operator.getitem and isinstance(lab, (SizeRef, tuple, list)):
+            return self._size_or_attribute(target, method, args, kwargs, lab, where, used)
+        return self._tensor_function(target, method, args, kwargs, labs, klabs, out, where)
+
+    def _size_or_attribute(self, target, method: Optional[str], args, kwargs, lab, where: str, used: bool):
+        """An attribute (``x.shape``, ``x.T``), a size (``x.size(1)``, ``len(x)``, ``x.shape[2]``)
+        or an item of a tuple of labels: reading a size pins that dim (when the value is used)."""
         labels = self.labels
         x = args[0] if args else None
-        lab = labs[0] if labs else None
-
         if target is builtins.getattr:
             if not isinstance(lab, torch.Tensor):
                 return None
@@ -171,6 +179,13 @@ class LabelRecorder:
             return None
         if target is operator.getitem and isinstance(lab, (tuple, list)):
             return lab[args[1]]
+        return None
+
+    def _tensor_function(self, target, method: Optional[str], args, kwargs, labs, klabs, out, where: str):
+        """The label of the output of a torch function or Tensor method on tensors (rules.py)."""
+        labels = self.labels
+        x = args[0] if args else None
+        lab = labs[0] if labs else None
         if not _has_tensor((args, kwargs)):
             self.freeze_all((labs, klabs), f"{where!r}")
             return None
@@ -339,7 +354,7 @@ def _unowned_only(labels) -> bool:
     if labels is None:
         return True
     if isinstance(labels, torch.Tensor):
-        return labels is rules._UNOWNED.get(labels.dim())
+        return rules.is_unowned_label(labels)
     if isinstance(labels, (list, tuple)):
         return all(_unowned_only(v) for v in labels)
     if isinstance(labels, dict):

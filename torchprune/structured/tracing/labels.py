@@ -123,20 +123,21 @@ class Labels:
         self.component = _components(n, rows, cols)
         self.frozen_reasons: Dict[int, List[str]] = {}
         for ids, reason in self._frozen:
-            self._freeze_components(np.unique(self.component[ids]), reason)
+            self.freeze_components(np.unique(self.component[ids]), reason)
         for label, dim, reason in self._checks:
             comp = self.components_of(label)
             moved = comp.movedim(dim, -1)
             varies = moved.amin(-1) != moved.amax(-1)
             if varies.any():
                 bad = moved[varies]
-                self._freeze_components(np.unique(bad[bad >= 0].numpy()), reason)
+                self.freeze_components(np.unique(bad[bad >= 0].numpy()), reason)
         self.inexact_reasons: Dict[int, List[str]] = {}
         for ids, reason in self._inexact:
             for c in np.unique(self.component[ids]):
                 self.inexact_reasons.setdefault(int(c), []).append(reason)
 
-    def _freeze_components(self, components, reason: str) -> None:
+    def freeze_components(self, components, reason: str) -> None:
+        """Freezes the units ``components`` (after `resolve`), with ``reason``."""
         for c in components:
             reasons = self.frozen_reasons.setdefault(int(c), [])
             if reason not in reasons:

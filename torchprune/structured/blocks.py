@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from ..calibration import preserved_state
 from .graph import as_inputs
+from .plan import record_step
 
 __all__ = ["residual_blocks", "prune_layers", "replace_by_identity"]
 
@@ -66,8 +67,7 @@ def replace_by_identity(model: nn.Module, name: str) -> None:
 
 
 def prune_layers(model: nn.Module, example_inputs, sparsity: float, excluded_ids, data=None) -> nn.Module:
-    from .prune import PLAN_ATTRIBUTE
-
+    """Replaces the round(sparsity * candidates) least sensitive residual blocks by identity; returns ``model``."""
     inputs = as_inputs(example_inputs)
     candidates = [n for n in residual_blocks(model, inputs) if id(model.get_submodule(n)) not in excluded_ids]
     if not candidates:
@@ -92,5 +92,5 @@ def prune_layers(model: nn.Module, example_inputs, sparsity: float, excluded_ids
     for name in removed:
         replace_by_identity(model, name)
     if removed:
-        model.__dict__.setdefault(PLAN_ATTRIBUTE, []).append({"kind": "layers", "replaced": removed})
+        record_step(model, {"kind": "layers", "replaced": removed})
     return model

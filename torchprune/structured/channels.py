@@ -1,0 +1,123 @@
+"""prune(..., granularity="channel"): rank the channels of every coupled group and remove the
+least important ones physically.
+
+``sparsity`` is the fraction of channels (units) removed: in each group with ``scope="layer"``
+(it keeps floor((1 - sparsity) * channels), so at least that fraction goes),
+over all groups together with ``scope="global"`` (scores are comparable across groups because
+each member's scores are normalized by their mean, see scoring.py). Every group keeps at least
+one channel. With ``round_to=k`` (``tp.prune(..., round_to=8)``) the count a group keeps is
+rounded to the nearest multiple of k, halves up, and is at least k (select.py has the rules).
+Groups that touch an excluded module, or that the graph marks unprunable, are left alone.
+
+The removal is recorded on the model as a plan step (plan.py) so that `tp.save` can store it and
+`tp.load` replay it on a fresh instance.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..importance import resolve
+from .graph import DependencyGraph
+from .plan import apply_plan, channel_step, plan_from_removed, record_step
+from .scoring import group_scores, needs
+from .select import select
+from .tracing.recorder import Member
+
+__all__ = ["prune_channels", "choose_removal", "check_round_to", "warn_unprunable"]
+
+
+def check_round_to(round_to) -> int:
+    """``round_to`` as an int >= 1 (None means 1: no rounding)."""
+    if round_to is None:
+        return 1
+    if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral):
+        raise TypeError(f"`round_to` must be a positive int (channels kept per group are a multiple of it), got {type(round_to).__name__}")
+    if round_to < 1:
+        raise ValueError(f"`round_to` must be a positive int (channels kept per group are a multiple of it), got {round_to!r}")
+    return int(round_to)
+
+
+def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance="l2", scope="layer",
+                   excluded_ids=frozenset(), round_to: int = 1, data=None, loss_fn=None) -> nn.Module:
+    """Removes ``sparsity`` of the channels of every prunable group of ``model``; returns it.
+
+    >>> tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=(torch.randn(1, 3, 32, 32),))
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= float(sparsity) < 1:
+        raise ValueError(f"`sparsity` must be a number in [0, 1) for structural pruning, got {sparsity!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"`scope` must be 'layer' or 'global' for structural pruning, got {scope!r}")
+    round_to = check_round_to(round_to)
+    criterion = resolve(importance)
+    need = needs(criterion)
+    if need and data is None or need == "loss" and loss_fn is None:
+        missing = "`data` and `loss_fn`" if need == "loss" else "`data`"
+        raise ValueError(f"importance {importance!r} is data-driven: pass {missing}")
+    graph = DependencyGraph(model, example_inputs)
+    warn_unprunable(graph, excluded_ids)
+    removed = choose_removal(model, graph, float(sparsity), criterion, scope, excluded_ids, round_to, data, loss_fn)
+    if not removed:
+        return model
+    modules = graph.modules
+    plan = plan_from_removed(model, removed, modules, arrays=True)
+    apply_plan(model, plan, modules)
+    record_step(model, channel_step(plan))
+    return model
+
+
+#: Why a group stays that needs no warning: the model's output width is its interface.
+_EXPECTED = ("reaches the model output",)
+
+
+def warn_unprunable(graph: DependencyGraph, excluded_ids=frozenset(), stacklevel: int = 5) -> None:
+    """One warning naming the layers in scope (not excluded) whose channels the graph keeps, with
+    why, e.g. "kept conv2, fc: view with a fixed size for a pruned dim at ...". Channels that
+    reach the model output are kept silently (the output width is the model's interface)."""
+    unprunable = graph.unprunable
+    if not unprunable:
+        return
+    modules = graph.modules
+    by_reasons: Dict[tuple, List[str]] = {}
+    for name, reasons in unprunable.items():
+        module = modules.get(name)
+        if module is not None and id(module) in excluded_ids:
+            continue
+        reasons = tuple(r for r in reasons if r not in _EXPECTED)
+        if reasons:
+            by_reasons.setdefault(reasons, []).append(name or "(the model itself)")
+    if by_reasons:
+        kept = "".join(f"\n  kept {', '.join(names)}: {'; '.join(reasons)}" for reasons, names in by_reasons.items())
+        warnings.warn(f"structural pruning left some channels of these layers in place (removing them is not safe):{kept}",
+                      UserWarning, stacklevel=stacklevel)
+
+
+def choose_removal(model, graph: DependencyGraph, sparsity: float, criterion, scope="layer", excluded_ids=frozenset(),
+                   round_to: int = 1, data=None, loss_fn=None, only_exact: bool = False) -> Dict[Member, torch.Tensor]:
+    """The indices to remove from each member tensor (nothing is changed yet)."""
+    modules = graph.modules if graph.model is model else dict(model.named_modules())
+    groups = [
+        g for g in graph.prunable_groups
+        if not any(id(modules[m]) in excluded_ids for m in g.modules if m in modules) and (g.exact or not only_exact)
+    ]
+    if not groups:
+        return {}
+    scores = group_scores(model, groups, criterion, data, loss_fn, modules=modules)
+    removed: Dict[Member, list] = {}
+    for group, units in zip(groups, select(groups, scores, sparsity, scope, round_to)):
+        if units.numel():
+            units = units.numpy()  # numpy: a few µs less per member than torch's indexing
+            for member, indices in group.indices.items():
+                part = indices.numpy()[units].reshape(-1)
+                parts = removed.get(member)
+                if parts is None:
+                    removed[member] = [part]
+                else:
+                    parts.append(part)
+    return {m: torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts)) for m, parts in removed.items()}
