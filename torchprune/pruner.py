@@ -17,7 +17,12 @@ Where scores come from, per criterion:
   instead, as `prune()` does.
 
 With ``granularity="channel"`` the Pruner prunes whole coupled channels instead (zeroed while
-training, removed at `finalize()`): see progressive_channels.py.
+training, removed at `finalize()`): see channel_pruner.py.
+
+One lifecycle, two strategies: `Pruner` owns what every granularity shares (the step count, the
+schedule's update steps, the finalize guard, the state_dict header, the DDP unwrap, copy and
+pickle) and holds a strategy that decides what one update prunes and how: `WeightStrategy` (here)
+masks weights ("weight", "N:M"); `ChannelStrategy` (channel_pruner.py) zeroes coupled channels.
 
 Under DistributedDataParallel (pass the wrapper or its ``.module``, the same call on every rank)
 the data-driven statistics are averaged across ranks before each ranking and the new masks are
@@ -43,25 +48,26 @@ from torch import nn
 
 from . import selection
 from .calibration import observe
+from .channel_pruner import ChannelStrategy
 from .distributed import average_importance_state, check_equal_across_ranks, fail_together, unwrap
 from .importance import Importance, resolve
 from .masking import attach_mask, check_supported, get_mask, remove_mask
-from .pruner import (_GRANULARITY_HELP, _check_data_args, _check_finite_weights, _check_n_m_divides, _check_sparsity_value, _checked_score,
-                     _current_mask, _parse_granularity, _target_layers, _weight_owners)
+from .oneshot import prune  # noqa: F401  # shim: removed at integration (demo.py, demo_channels.py import it from here)
 from .schedules import Schedule
+from .targets import (GRANULARITY_HELP, STRUCTURAL, check_data_args, check_dict_scope, check_finite_weights,
+                      check_n_m_divides, check_scope, check_target, checked_score, current_mask, parse_granularity,
+                      refuse_unused_data, target_layers, weight_owners)
+from .targets import excluded_ids as _excluded_ids  # noqa: F401  # shim: removed at integration (structured/prune.py)
 
-__all__ = ["Pruner"]
-
-_STATE_VERSION = 2  # 2 added "shapes"; version 1 states still load
-_STRUCTURAL = ("channel", "head", "layer")
+__all__ = ["Pruner", "ChannelPruner", "WeightStrategy"]
 
 
 class Pruner:
     """Prunes ``model`` to ``target_sparsity`` along ``schedule`` while it trains.
 
-    ``granularity="channel"`` (with ``example_inputs``) returns a `ChannelPruner`
-    (progressive_channels.py): whole coupled channels zeroed while training and removed
-    physically at `finalize()`. Otherwise:
+    ``granularity="channel"`` (with ``example_inputs``) returns a `ChannelPruner`: whole coupled
+    channels zeroed while training and removed physically at `finalize()` (channel_pruner.py).
+    Otherwise:
 
     ``importance``, ``granularity`` ("weight" or "N:M"), ``scope`` ("layer", "global" or a dict
     {layer_name: final sparsity}, e.g. from `tp.allocate`) and ``exclude`` mean what they mean in
@@ -75,13 +81,11 @@ class Pruner:
     DistributedDataParallel wrapper: layer names are those of its ``.module``.
     """
 
-    def __new__(cls, *args, **kwargs):
-        granularity = kwargs.get("granularity", args[4] if len(args) > 4 else "weight")
-        if cls is Pruner and granularity == "channel":
-            from .progressive_channels import ChannelPruner
-
-            return super().__new__(ChannelPruner)
-        return super().__new__(cls)
+    def __new__(cls, model=None, target_sparsity=None, schedule=None, importance="magnitude", granularity="weight",
+                *args, **kwargs):
+        # tp.Pruner(..., granularity="channel") is a ChannelPruner: this lifecycle, plus the channel accessors.
+        # (copy and pickle call __new__ with no arguments: the class is already the right one then)
+        return super().__new__(ChannelPruner if cls is Pruner and granularity == "channel" else cls)
 
     def __init__(
         self,
@@ -96,107 +100,30 @@ class Pruner:
         loss_fn: Optional[Callable] = None,
         example_inputs=None,
     ):
-        model = self._checked_model(model, schedule)
+        model = _checked_model(model, schedule)
         criterion = resolve(importance)
-        if isinstance(granularity, str) and granularity.strip() in _STRUCTURAL:
-            raise ValueError(
-                f"`granularity` must be {_GRANULARITY_HELP} or 'channel', got {granularity!r}: the Pruner does "
-                "not prune attention heads or layers progressively (use tp.prune for those)"
-            )
-        n_m = _parse_granularity(granularity)
-        dict_scope = isinstance(scope, Mapping)
-        if not dict_scope and scope not in ("layer", "global"):
-            raise ValueError(f"`scope` must be one of ['layer', 'global'] or a dict {{module_name: sparsity}}, got {scope!r}")
-        if dict_scope and (target_sparsity is not None or schedule.final is not None):
-            raise ValueError("with a dict `scope` the final sparsities come from it: pass target_sparsity=None "
-                             "and a schedule without `final`")
-        if dict_scope:
-            for key, value in scope.items():
-                _check_sparsity_value(value, f"`scope[{key!r}]`")
-        if n_m is not None and (dict_scope or scope != "layer"):
-            raise ValueError(f"`scope` must be 'layer' for N:M granularity, got {scope!r}")
-        if not dict_scope:
-            target_sparsity = self._check_target(target_sparsity, schedule, n_m)
-        layers, scope = _target_layers(model, exclude, scope)
-        owners = _weight_owners(model, layers, scope)
-        check_supported(layers)
-        if n_m is not None:
-            _check_n_m_divides(layers, n_m)
-        if data is not None and criterion.requires_data:
-            _check_data_args(data, loss_fn, importance, criterion.requires_loss)
-        elif data is not None or loss_fn is not None:
-            raise ValueError(f"`data`/`loss_fn` are for data-driven criteria; importance {importance!r} does not use them")
-        unique = {name: layer for name, layer in layers.items() if owners[name] == name}
-        if dict_scope:
-            schedules = {name: schedule.resolved(float(scope[name])) for name in unique}
+        if isinstance(self, ChannelPruner):
+            strategy = ChannelStrategy(model, criterion, target_sparsity, schedule, importance, granularity, scope,
+                                       exclude, data, loss_fn, example_inputs)
         else:
-            schedules = {name: schedule.resolved(target_sparsity) for name in unique}
-        criterion.prepare(model, unique)  # e.g. BNScale finds its BatchNorms now, not mid-training
-
+            strategy = WeightStrategy(model, criterion, target_sparsity, schedule, importance, granularity, scope,
+                                      exclude, data, loss_fn)
         self.model = model
-        self.target_sparsity = target_sparsity
-        self.schedule = schedule.resolved(target_sparsity) if not dict_scope else schedule
+        self.target_sparsity = strategy.target_sparsity
+        self.schedule = strategy.schedule
         self.importance = criterion
         self.granularity = granularity
-        self.scope = scope
-        self._n_m = n_m
-        self._layers = layers
-        self._owners = owners
-        self._unique = unique
-        self._schedules = schedules
-        self._data = data
-        self._loss_fn = loss_fn
+        self.scope = strategy.scope
+        self._strategy = strategy
         self._step = 0
         self._updates = 0
         self._finalized = False
-        self._hooks = []
-        for name, layer in layers.items():
-            attach_mask(layer, _current_mask(layer))
-        criterion.reset()
-        if criterion.requires_data and not criterion.requires_loss and data is None:
-            self._observe_training_forwards()
-
-    def _observe_training_forwards(self) -> None:
-        self._hooks = [layer.register_forward_hook(_ObservationHook(self)) for layer in self._unique.values()]
-
-    @staticmethod
-    def _checked_model(model, schedule) -> nn.Module:
-        """The module to prune (a DistributedDataParallel wrapper's ``.module``), after checking the
-        two arguments every Pruner takes first."""
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"`schedule` must be a tp.schedules.Schedule, got {type(schedule).__name__}")
-        return unwrap(model)
-
-    @staticmethod
-    def _check_target(target, schedule: Schedule, n_m) -> float:
-        if target is None and schedule.final is None and n_m is not None:
-            target = 1 - n_m[0] / n_m[1]  # N:M fixes the final sparsity
-        if target is None:
-            if schedule.final is None:
-                raise ValueError("pass `target_sparsity`, or a schedule with `final` set")
-            target = schedule.final
-        _check_sparsity_value(target, "`target_sparsity`")
-        if schedule.final is not None and abs(schedule.final - float(target)) > 1e-12:
-            raise ValueError(f"`schedule` ends at final={schedule.final} but `target_sparsity` is {target}: make them agree")
-        if n_m is not None and abs(float(target) - (1 - n_m[0] / n_m[1])) > 1e-9:
-            raise ValueError(f"`target_sparsity` must be {1 - n_m[0] / n_m[1]} for {n_m[0]}:{n_m[1]} granularity, got {target}")
-        return float(target)
-
-    def _forward_hook(self, module, inputs, output) -> None:
-        if module.training and not self._finalized:
-            self.importance.observe_forward(module, inputs, output)
 
     @property
     def sparsity(self) -> float:
-        """The sparsity the pruned layers have now (fraction of zero effective weights among them)."""
-        zeros = total = 0
-        for layer in self._unique.values():
-            mask = _current_mask(layer)
-            zeros += int((~mask).sum()) if not self._finalized else int((layer.weight == 0).sum())
-            total += mask.numel()
-        return zeros / total if total else 0.0
+        """The sparsity the pruned layers have now: the fraction of zero effective weights among them
+        (with ``granularity="channel"``: of the groups' channels zeroed, or removed after `finalize()`)."""
+        return self._strategy.sparsity(self._finalized)
 
     @property
     def steps(self) -> int:
@@ -206,46 +133,226 @@ class Pruner:
     def target_at(self, step: Optional[int] = None) -> Dict[str, float]:
         """The scheduled sparsity of each pruned layer at ``step`` (default: the last step taken)."""
         step = max(self._step - 1, 0) if step is None else step
-        return {name: s.sparsity_at(step) for name, s in self._schedules.items()}
+        return {name: s.sparsity_at(step) for name, s in self._strategy.schedules.items()}
 
     def step(self) -> bool:
         """Call once per training step, after ``optimizer.step()``; returns True when the masks were
         updated (at the schedule's update steps with a target above 0)."""
+        strategy = self._strategy
         if self._finalized:
-            raise RuntimeError("the Pruner was finalized: its masks are permanent and it cannot step any more")
+            raise RuntimeError(f"the Pruner was finalized: {strategy.finalized_note} and it cannot step any more")
+        strategy.observe_step()
+        step = self._step
+        self._step += 1
+        updated = any(s.is_update(step) for s in strategy.schedules.values()) and strategy.update(step)
+        if updated:
+            self._updates += 1
+        strategy.after_step()
+        return updated
+
+    def state_dict(self) -> dict:
+        """The step count and the strategy's state: the criterion's accumulated statistics (the masks
+        live in the model's state_dict), or the zeroed channels. Together with the model's and
+        optimizer's state it resumes a run exactly."""
+        strategy = self._strategy
+        header = {"version": strategy.state_version, "step": self._step, "updates": self._updates}
+        return {**header, **strategy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()` output into a Pruner built with the same arguments; a layer whose
+        weight has another shape than when saved (a channel group of another size) is named in a
+        ValueError, and nothing is changed.
+
+        Under DDP the statistics gathered since the last update are each rank's own: load every
+        rank's own state, or checkpoint right after an update (when there are none) if only rank 0
+        saves."""
+        strategy = self._strategy
+        if (not isinstance(state, dict) or state.get("version") not in strategy.state_versions
+                or state.get("granularity") != strategy.state_granularity):
+            raise ValueError(f"`state` must be a dict returned by Pruner.state_dict(){strategy.state_note}")
+        strategy.check_state(state)
+        if self._finalized:
+            raise RuntimeError("the Pruner was finalized; build a new one to resume")
+        step, updates = state.get("step"), state.get("updates")
+        for value, what in ((step, "step"), (updates, "updates")):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"`state[{what!r}]` must be a non-negative int, got {value!r}")
+        strategy.load_state(state)
+        self._step = int(step)
+        self._updates = int(updates)
+
+    def __getstate__(self) -> dict:
+        """For pickle and deepcopy: what the strategy keys by module identity (the criterion's
+        statistics) travels by layer name and is re-keyed to the copied layers in `__setstate__`."""
+        state = self.__dict__.copy()
+        state["_strategy_by_name"] = self._strategy.portable_state()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        by_name = state.pop("_strategy_by_name")
+        self.__dict__.update(state)
+        self._strategy.restore(by_name)
+
+    def finalize(self) -> nn.Module:
+        """Makes the pruning permanent and returns the model; call it when training is over. Masks:
+        pruned weights zero, plain layers back, hooks removed. Channels: removed physically (the
+        layers get new parameters: build the optimizer anew to fine-tune)."""
+        if not self._finalized:
+            self._strategy.finalize()
+            self._finalized = True
+        return self.model
+
+    def __repr__(self) -> str:
+        return (f"Pruner(target_sparsity={self.target_sparsity}, schedule={self.schedule!r}, importance={self.importance!r}, "
+                f"granularity={self.granularity!r}, scope={self.scope!r}, layers={len(self._strategy.schedules)}, "
+                f"step={self._step}, sparsity={self.sparsity:.4f})")
+
+
+class ChannelPruner(Pruner):
+    """What ``tp.Pruner(..., granularity="channel", example_inputs=...)`` returns: the Pruner's
+    lifecycle with a `ChannelStrategy` (channel_pruner.py), plus the channel groups' accessors.
+
+    ``scope="layer"`` prunes ``target_sparsity`` of each group (it keeps floor((1 - s) * channels),
+    at least one), ``scope="global"`` of all groups' channels together, as ``tp.prune(...,
+    granularity="channel")`` does. ``exclude`` leaves every group touching an excluded module whole.
+    ``sparsity`` is the fraction of the groups' channels zeroed so far.
+    """
+
+    @property
+    def graph(self):
+        """The `tp.DependencyGraph` traced at construction."""
+        return self._strategy.graph
+
+    @property
+    def groups(self):
+        """The channel groups this Pruner prunes, by name (the group's first member)."""
+        return self._strategy.groups
+
+    def removed_channels(self) -> Dict[str, list]:
+        """The zeroed (after `finalize()`: removed) channel indices of each group, by group name."""
+        return self._strategy.removed_channels()
+
+    def __repr__(self) -> str:
+        return (f"Pruner(granularity='channel', target_sparsity={self.target_sparsity}, schedule={self.schedule!r}, "
+                f"importance={self.importance!r}, scope={self.scope!r}, groups={len(self._strategy.groups)}, "
+                f"step={self._step}, sparsity={self.sparsity:.4f})")
+
+
+def _checked_model(model, schedule) -> nn.Module:
+    """The module to prune (a DistributedDataParallel wrapper's ``.module``), after checking the
+    two arguments every Pruner takes first."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"`schedule` must be a tp.schedules.Schedule, got {type(schedule).__name__}")
+    return unwrap(model)
+
+
+class WeightStrategy:
+    """What a Pruner's update does with ``granularity="weight"`` or ``"N:M"``: ranks the surviving
+    weights of every target layer and masks more of them (masks only grow).
+
+    The strategy's contract with `Pruner` (`ChannelStrategy` keeps the same one): ``target_sparsity``,
+    ``schedule``, ``scope`` and ``schedules`` ({name: schedule}) as resolved at construction;
+    ``observe_step()`` / ``update(step) -> bool`` / ``after_step()`` around each step; ``sparsity(finalized)``;
+    ``state_dict()`` / ``check_state()`` / ``load_state()`` below the header the Pruner writes;
+    ``portable_state()`` / ``restore()`` for copies; ``finalize()``.
+    """
+
+    state_version = 2  # 2 added "shapes"; version 1 states still load
+    state_versions = (1, 2)
+    state_granularity = None  # weight states carry no "granularity" entry
+    state_note = ""
+    finalized_note = "its masks are permanent"
+
+    def __init__(self, model: nn.Module, criterion: Importance, target_sparsity, schedule: Schedule, importance,
+                 granularity, scope, exclude, data, loss_fn):
+        if isinstance(granularity, str) and granularity.strip() in STRUCTURAL:
+            raise ValueError(
+                f"`granularity` must be {GRANULARITY_HELP} or 'channel', got {granularity!r}: the Pruner does "
+                "not prune attention heads or layers progressively (use tp.prune for those)"
+            )
+        n_m = parse_granularity(granularity)
+        target_sparsity = _checked_amount(target_sparsity, schedule, scope, n_m)
+        layers, scope = target_layers(model, exclude, scope)
+        owners = weight_owners(model, layers, scope)
+        check_supported(layers)
+        if n_m is not None:
+            check_n_m_divides(layers, n_m)
+        if data is not None and criterion.requires_data:
+            check_data_args(data, loss_fn, importance, criterion.requires_loss)
+        else:
+            refuse_unused_data(data, loss_fn, importance)
+        unique = {name: layer for name, layer in layers.items() if owners[name] == name}
+        dict_scope = isinstance(scope, Mapping)
+        self.schedules = {name: schedule.resolved(float(scope[name]) if dict_scope else target_sparsity) for name in unique}
+        criterion.prepare(model, unique)  # e.g. BNScale finds its BatchNorms now, not mid-training
+
+        self.model = model
+        self.importance = criterion
+        self.target_sparsity = target_sparsity
+        self.schedule = schedule if dict_scope else schedule.resolved(target_sparsity)
+        self.scope = scope
+        self.layers = layers
+        self._n_m = n_m
+        self._owners = owners
+        self._unique = unique
+        self._data = data
+        self._loss_fn = loss_fn
+        self._hooks = []
+        for layer in layers.values():
+            attach_mask(layer, current_mask(layer))
+        criterion.reset()
+        if criterion.requires_data and not criterion.requires_loss and data is None:
+            self._observe_training_forwards()
+
+    def _observe_training_forwards(self) -> None:
+        self._hooks = [layer.register_forward_hook(_ObservationHook(self)) for layer in self._unique.values()]
+
+    def forward_hook(self, module, inputs, output) -> None:
+        if module.training:
+            self.importance.observe_forward(module, inputs, output)
+
+    def sparsity(self, finalized: bool) -> float:
+        zeros = total = 0
+        for layer in self._unique.values():
+            mask = current_mask(layer)
+            zeros += int((~mask).sum()) if not finalized else int((layer.weight == 0).sum())
+            total += mask.numel()
+        return zeros / total if total else 0.0
+
+    def observe_step(self) -> None:
+        """Gradient criteria without ``data`` sum each layer's ``.grad`` at every step."""
         criterion = self.importance
         if criterion.requires_loss and self._data is None:
             for layer in self._unique.values():
                 criterion.observe(layer)
-        step = self._step
-        self._step += 1
-        if not any(s.is_update(step) for s in self._schedules.values()):
-            return False
-        return self._update(step)
 
-    def _update(self, step: int) -> bool:
-        _check_finite_weights(self._unique)  # a diverged run: say which layer, before ranking noise
+    def update(self, step: int) -> bool:
+        check_finite_weights(self._unique)  # a diverged run: say which layer, before ranking noise
         criterion = self.importance
         criterion.prepare(self.model, self._unique)
         if self._data is not None:
             criterion.reset()
             with fail_together("scoring on the Pruner's `data`"):  # a rank's own data may fail alone
                 observe(self.model, self._unique, criterion, self._data, self._loss_fn)
-        current = {name: _current_mask(layer) for name, layer in self._unique.items()}
-        targets = {name: s.sparsity_at(step) for name, s in self._schedules.items()}
+        current = {name: current_mask(layer) for name, layer in self._unique.items()}
+        targets = {name: s.sparsity_at(step) for name, s in self.schedules.items()}
         if all(t == 0 for t in targets.values()):
             criterion.reset()
             return False
         if criterion.requires_data:  # each rank observed its own batches: rank on their average
             average_importance_state(criterion, self._unique)
-        scores = {name: _checked_score(criterion, name, layer, current[name]) for name, layer in self._unique.items()}
+        scores = {name: checked_score(criterion, name, layer, current[name]) for name, layer in self._unique.items()}
         new = self._select(scores, current, targets)
-        for name, layer in self._layers.items():
+        for name, layer in self.layers.items():
             attach_mask(layer, new[self._owners[name]])
-        self._updates += 1
         criterion.reset()  # scores accumulate between updates
         check_equal_across_ranks(new, step)
         return True
+
+    def after_step(self) -> None:
+        """Nothing: masks keep pruned weights out of every forward pass by themselves."""
 
     def _select(self, scores, current, targets) -> Dict[str, torch.Tensor]:
         names = list(scores)
@@ -264,26 +371,14 @@ class Pruner:
         return {k: by_ratio(scores[k], current[k], targets[k]) for k in names}
 
     def state_dict(self) -> dict:
-        """The step count and the criterion's accumulated state (the masks live in the model's
-        state_dict). Together with the model's and optimizer's state it resumes a run exactly."""
         return {
-            "version": _STATE_VERSION,
-            "step": self._step,
-            "updates": self._updates,
             "layers": list(self._unique),
             "shapes": {name: list(layer.weight.shape) for name, layer in self._unique.items()},
             "importance": self.importance.state_dict(self._unique),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restores `state_dict()` output into a Pruner built with the same arguments; a layer whose
-        weight has another shape than when saved is named in a ValueError (nothing is changed).
-
-        Under DDP the statistics gathered since the last update are each rank's own: load every
-        rank's own state, or checkpoint right after an update (when there are none) if only rank 0
-        saves."""
-        if not isinstance(state, dict) or state.get("version") not in (1, _STATE_VERSION):
-            raise ValueError("`state` must be a dict returned by Pruner.state_dict()")
+    def check_state(self, state: dict) -> None:
+        """The state was saved for these layers, with these weight shapes (version 1 has no shapes)."""
         if state.get("layers") != list(self._unique):
             raise ValueError(f"`state` was saved for layers {state.get('layers')}, this Pruner prunes {list(self._unique)}")
         shapes = state.get("shapes")  # version 1 states have none
@@ -291,33 +386,25 @@ class Pruner:
             if list(shapes.get(name, ())) != list(layer.weight.shape):
                 raise ValueError(f"`state` was saved for layer {name!r} with weight shape {shapes.get(name)}, but this "
                                  f"model's {name!r} has shape {list(layer.weight.shape)}")
-        if self._finalized:
-            raise RuntimeError("the Pruner was finalized; build a new one to resume")
-        step, updates = state.get("step"), state.get("updates")
-        for value, what in ((step, "step"), (updates, "updates")):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"`state[{what!r}]` must be a non-negative int, got {value!r}")
+
+    def load_state(self, state: dict) -> None:
+        """Loads the criterion's statistics; if they do not load, leaves the criterion as it was."""
+        by_name = state["importance"]
         before = self.importance.state_dict(self._unique)
         try:
             self.importance.reset()
-            self.importance.load_state_dict(state["importance"], self._unique)
+            self.importance.load_state_dict(by_name, self._unique)
         except Exception:  # leave the criterion as it was
             self.importance.reset()
             self.importance.load_state_dict(before, self._unique)
             raise
-        self._step = int(step)
-        self._updates = int(updates)
 
-    def __getstate__(self) -> dict:
-        """For pickle and deepcopy: the criterion's statistics are keyed by module identity, so they
-        travel by layer name and are re-keyed to the copied layers in `__setstate__`."""
-        state = self.__dict__.copy()
-        state["_importance_by_name"] = self.importance.state_dict(self._unique)
-        return state
+    def portable_state(self):
+        """The criterion's statistics by layer name (they are keyed by module identity inside)."""
+        return self.importance.state_dict(self._unique)
 
-    def __setstate__(self, state: dict) -> None:
-        by_name = state.pop("_importance_by_name")
-        self.__dict__.update(state)
+    def restore(self, by_name) -> None:
+        """In a copy: re-keys the statistics to the copied layers and observes through this copy."""
         self.importance.reset()
         self.importance.load_state_dict(by_name, self._unique)
         if self._hooks:  # the copied layers hold inert copies of the hooks: observe through this copy
@@ -325,44 +412,50 @@ class Pruner:
                 handle.remove()
             self._observe_training_forwards()
 
-    def finalize(self) -> nn.Module:
-        """Makes the masks permanent (pruned weights zero, plain layers back), removes the hooks
-        and returns the model. Call it when training is over."""
+    def finalize(self) -> None:
+        """Makes the masks permanent (pruned weights zero, plain layers back) and removes the hooks."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        for layer in self._layers.values():
+        for layer in self.layers.values():
             mask = get_mask(layer)
             if mask is not None:
                 with torch.no_grad():
                     layer.weight.masked_fill_(~mask, 0)
                 remove_mask(layer)
-        self._finalized = True
         self.importance.reset()
-        return self.model
 
-    def __repr__(self) -> str:
-        return (f"Pruner(target_sparsity={self.target_sparsity}, schedule={self.schedule!r}, importance={self.importance!r}, "
-                f"granularity={self.granularity!r}, scope={self.scope!r}, layers={len(self._unique)}, step={self._step}, "
-                f"sparsity={self.sparsity:.4f})")
+
+def _checked_amount(target_sparsity, schedule: Schedule, scope, n_m) -> Optional[float]:
+    """The weight Pruner's final sparsity (None with a dict scope, whose values are checked instead)."""
+    check_scope(scope)
+    dict_scope = isinstance(scope, Mapping)
+    if dict_scope and (target_sparsity is not None or schedule.final is not None):
+        raise ValueError("with a dict `scope` the final sparsities come from it: pass target_sparsity=None "
+                         "and a schedule without `final`")
+    if dict_scope:
+        check_dict_scope(scope)
+    if n_m is not None and (dict_scope or scope != "layer"):
+        raise ValueError(f"`scope` must be 'layer' for N:M granularity, got {scope!r}")
+    return target_sparsity if dict_scope else check_target(target_sparsity, schedule, n_m)
 
 
 class _ObservationHook:
-    """The forward hook through which a Pruner observes training forward passes.
+    """The forward hook through which a Pruner's weight strategy observes training forward passes.
 
-    It holds the Pruner weakly (a Pruner dropped without `finalize()` stops observing instead of
+    It holds the strategy weakly (a Pruner dropped without `finalize()` stops observing instead of
     accumulating forever), and a copy of it, made when the model is deep-copied or pickled, observes
     nothing: a copied model must not feed the original Pruner's statistics, and a copied Pruner
     registers hooks of its own on its copied layers.
     """
 
-    def __init__(self, pruner: Optional[Pruner]):
-        self._pruner = weakref.ref(pruner) if pruner is not None else None
+    def __init__(self, strategy: Optional[WeightStrategy]):
+        self._strategy = weakref.ref(strategy) if strategy is not None else None
 
     def __call__(self, module, inputs, output) -> None:
-        pruner = self._pruner() if self._pruner is not None else None
-        if pruner is not None:
-            pruner._forward_hook(module, inputs, output)
+        strategy = self._strategy() if self._strategy is not None else None
+        if strategy is not None:
+            strategy.forward_hook(module, inputs, output)
 
     def __reduce__(self):
         return _ObservationHook, (None,)

@@ -20,7 +20,8 @@ from torch import nn
 
 from .importance import Importance, resolve
 from .masking import attach_mask, get_mask, remove_mask
-from .pruner import _target_layers, _weight_owners, prune
+from .oneshot import prune
+from .targets import target_layers as _target_layers, weight_owners as _weight_owners
 
 __all__ = ["Sensitivity", "sensitivity", "allocate"]
 
