@@ -2,15 +2,16 @@
 
 ``tp.Pruner(model, 0.5, schedule, granularity="channel", example_inputs=x)`` returns a
 `ChannelPruner` (pruner.py), whose lifecycle (steps, schedule, state header, finalize guard) is the
-Pruner's and whose updates are the `ChannelStrategy` here. At construction it traces the model once (`tp.DependencyGraph`) and takes its
-prunable channel groups (a conv's filters together with the next BN's entries and the next layer's
-input channels, a whole residual stream, ...). During training nothing changes shape: at each of
-the schedule's updates the groups are ranked with the structured group importance
-(`torchprune.structured.scoring`) and the chosen channels are *zeroed* in every member tensor of
-their group, the same slices physical removal would cut. `step()` re-zeroes them after every
-optimizer step, so stale momentum cannot bring them back and every forward pass computes exactly
-what the smaller model will. `finalize()` then removes them physically (same outputs, fewer
-parameters and MACs) and records the removal so that `tp.save` / `tp.load` replay it.
+Pruner's and whose updates are the `ChannelStrategy` here. At construction it traces the model once
+(`tp.DependencyGraph`) and takes its prunable channel groups (a conv's filters together with the
+next BN's entries and the next layer's input channels, a whole residual stream, ...). During
+training nothing changes shape: at each of the schedule's updates the groups are ranked with the
+structured group importance (`torchprune.structured.scoring`) and the chosen channels are
+*zeroed* in every member tensor of their group, the same slices physical removal would cut.
+`step()` re-zeroes them after every optimizer step, so stale momentum cannot bring them back and
+every forward pass computes exactly what the smaller model will. `finalize()` then removes them
+physically (same outputs, fewer parameters and MACs) and records the removal so that `tp.save` /
+`tp.load` replay it.
 
 Only groups where zeroing a channel is the same as removing it (``Group.exact``) are pruned: a
 channel that a LayerNorm normalizes over still changes the statistics when zeroed, so the masked
@@ -189,18 +190,19 @@ class ChannelStrategy:
         if state.get("groups") != list(self._names) or state.get("sizes") != sizes:
             saved = dict(zip(state.get("groups") or [], state.get("sizes") or []))
             differ = [name for name, n in zip(self._names, sizes) if saved.get(name) != n] or list(self._names)
-            raise ValueError(f"`state` was saved for channel groups {state.get('groups')} of sizes {state.get('sizes')}, "
-                             f"this Pruner prunes {list(self._names)} of sizes {sizes}: {differ} differ")
+            raise ValueError(f"`state` was saved for channel groups {state.get('groups')} "
+                             f"of sizes {state.get('sizes')}, this Pruner prunes {list(self._names)} "
+                             f"of sizes {sizes}: {differ} differ")
 
     def load_state(self, state: dict) -> None:
         """Restores the zeroed channels and re-zeroes them (so the order of loading model and Pruner
         does not matter)."""
         sizes = [len(g) for g in self._groups]
         removed = state.get("removed")
-        if not isinstance(removed, list) or len(removed) != len(sizes) or any(
-                not isinstance(r, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in r)
-                or len(r) >= n for r, n in zip(removed, sizes)):
-            raise ValueError("`state['removed']` must list, per group, channel indices within the group (at least one kept)")
+        if not isinstance(removed, list) or len(removed) != len(sizes) or not all(
+                _channel_list(r, n) for r, n in zip(removed, sizes)):
+            raise ValueError("`state['removed']` must list, per group, channel indices within the group "
+                             "(at least one kept)")
         self._removed = [torch.zeros(n, dtype=torch.bool) for n in sizes]
         for mask, indices in zip(self._removed, removed):
             mask[torch.as_tensor(indices, dtype=torch.int64)] = True
@@ -225,6 +227,12 @@ class ChannelStrategy:
             steps = self.model.__dict__.setdefault(PLAN_ATTRIBUTE, [])
             steps.append({"kind": "channels", "keep": [[m, t, d, keep] for (m, t, d), keep in plan.items()]})
         self._zeroed = {}
+
+
+def _channel_list(indices, size: int) -> bool:
+    """Whether ``indices`` is a list of channel indices within a group of ``size`` that keeps one."""
+    return (isinstance(indices, list) and len(indices) < size
+            and all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i < size for i in indices))
 
 
 def _group_names(groups: List[Group]) -> List[str]:

@@ -61,21 +61,15 @@ def prune(
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(granularity, str) and granularity in STRUCTURAL:  # physical removal: structured/
-        return prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs, data,
-                                loss_fn, round_to)
+        return prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs,
+                                data, loss_fn, round_to)
     if round_to is not None:
-        raise ValueError(f"`round_to` only applies to granularity='channel' (channels kept per group), got granularity={granularity!r}")
+        raise ValueError("`round_to` only applies to granularity='channel' (channels kept per group), "
+                         f"got granularity={granularity!r}")
     criterion = resolve(importance)
     n_m = parse_granularity(granularity)
-    check_amount(sparsity, threshold, scope, n_m)
-    layers, scope = target_layers(model, exclude, scope)
-    owners = weight_owners(model, layers, scope)
-    check_supported(layers)
-    if n_m is not None:
-        check_n_m_divides(layers, n_m)
-    if criterion.requires_data:
-        check_data_args(data, loss_fn, importance, criterion.requires_loss)
-
+    layers, owners, scope = _checked_layers(model, criterion, importance, n_m, sparsity, threshold, scope, exclude,
+                                            data, loss_fn)
     # Layers that share one weight tensor are ranked once, through the first of them, and all get
     # the same mask object (what any of them pruned before stays pruned).
     unique = {name: layer for name, layer in layers.items() if owners[name] == name}
@@ -86,6 +80,21 @@ def prune(
         owner = owners[name]
         attach_mask(layer, new_masks.pop(owner) if owner == name else layers[owner].weight_mask, copy=False)
     return model
+
+
+def _checked_layers(model: nn.Module, criterion: Importance, importance, n_m, sparsity, threshold, scope, exclude,
+                    data, loss_fn):
+    """The layers to mask by name, the owner of each one's weight and the resolved scope, after
+    every check of the arguments (nothing is changed)."""
+    check_amount(sparsity, threshold, scope, n_m)
+    layers, scope = target_layers(model, exclude, scope)
+    owners = weight_owners(model, layers, scope)
+    check_supported(layers)
+    if n_m is not None:
+        check_n_m_divides(layers, n_m)
+    if criterion.requires_data:
+        check_data_args(data, loss_fn, importance, criterion.requires_loss)
+    return layers, owners, scope
 
 
 def _new_masks(model: nn.Module, unique: Dict[str, nn.Module], current: Dict[str, Optional[torch.Tensor]],
@@ -129,7 +138,8 @@ def _scores(criterion: Importance, name: str, layer: nn.Module, kept: Optional[t
         dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
         if criterion.p != 1 and not _powers_finite(layer.weight.detach(), criterion.p, dtype):
             return checked_score(criterion, name, layer, kept)  # |w|^p overflows: raises naming the layer
-        return selection.RowScores(layer.weight.shape, dtype, lambda start, stop: criterion.score_rows(layer, start, stop))
+        return selection.RowScores(layer.weight.shape, dtype,
+                                   lambda start, stop: criterion.score_rows(layer, start, stop))
     return checked_score(criterion, name, layer, kept)
 
 

@@ -203,9 +203,9 @@ class Pruner:
         return self.model
 
     def __repr__(self) -> str:
-        return (f"Pruner(target_sparsity={self.target_sparsity}, schedule={self.schedule!r}, importance={self.importance!r}, "
-                f"granularity={self.granularity!r}, scope={self.scope!r}, layers={len(self._strategy.schedules)}, "
-                f"step={self._step}, sparsity={self.sparsity:.4f})")
+        return (f"Pruner(target_sparsity={self.target_sparsity}, schedule={self.schedule!r}, "
+                f"importance={self.importance!r}, granularity={self.granularity!r}, scope={self.scope!r}, "
+                f"layers={len(self._strategy.schedules)}, step={self._step}, sparsity={self.sparsity:.4f})")
 
 
 class ChannelPruner(Pruner):
@@ -285,7 +285,8 @@ class WeightStrategy:
             refuse_unused_data(data, loss_fn, importance)
         unique = {name: layer for name, layer in layers.items() if owners[name] == name}
         dict_scope = isinstance(scope, Mapping)
-        self.schedules = {name: schedule.resolved(float(scope[name]) if dict_scope else target_sparsity) for name in unique}
+        self.schedules = {name: schedule.resolved(float(scope[name]) if dict_scope else target_sparsity)
+                          for name in unique}
         criterion.prepare(model, unique)  # e.g. BNScale finds its BatchNorms now, not mid-training
 
         self.model = model
@@ -361,13 +362,15 @@ class WeightStrategy:
             out = {}
             for name in names:
                 pruned = min(int(round(targets[name] * m)), m - self._n_m[0])
-                out[name] = current[name] if pruned == 0 else selection.n_of_m(scores[name], current[name], m - pruned, m)
+                keep = m - pruned
+                out[name] = current[name] if pruned == 0 else selection.n_of_m(scores[name], current[name], keep, m)
             return out
         if self.scope == "global":
             masks = selection.by_global_ratio([scores[k] for k in names], [current[k] for k in names],
                                               targets[names[0]])
             return dict(zip(names, masks))
-        by_ratio = selection.by_row_ratio if getattr(self.importance, "compare_within_rows", False) else selection.by_ratio
+        row_wise = getattr(self.importance, "compare_within_rows", False)
+        by_ratio = selection.by_row_ratio if row_wise else selection.by_ratio
         return {k: by_ratio(scores[k], current[k], targets[k]) for k in names}
 
     def state_dict(self) -> dict:
@@ -380,7 +383,8 @@ class WeightStrategy:
     def check_state(self, state: dict) -> None:
         """The state was saved for these layers, with these weight shapes (version 1 has no shapes)."""
         if state.get("layers") != list(self._unique):
-            raise ValueError(f"`state` was saved for layers {state.get('layers')}, this Pruner prunes {list(self._unique)}")
+            raise ValueError(f"`state` was saved for layers {state.get('layers')}, "
+                             f"this Pruner prunes {list(self._unique)}")
         shapes = state.get("shapes")  # version 1 states have none
         for name, layer in self._unique.items() if shapes is not None else ():
             if list(shapes.get(name, ())) != list(layer.weight.shape):

@@ -32,9 +32,10 @@ from .masking import PRUNABLE_TYPES, base_type, get_mask, prunable_layers
 from .schedules import Schedule
 
 __all__ = [
-    "SCOPES", "STRUCTURAL", "GRANULARITY_HELP", "parse_granularity", "check_sparsity_value", "check_amount",
-    "check_target", "check_scope", "excluded_ids", "target_layers", "weight_owners", "check_n_m_divides",
-    "check_data_args", "refuse_unused_data", "nonfinite", "check_finite_weights", "checked_score", "current_mask",
+    "SCOPES", "STRUCTURAL", "GRANULARITY_HELP", "parse_granularity", "check_sparsity_value", "check_scope",
+    "check_dict_scope", "check_amount", "check_target", "excluded_ids", "target_layers", "weight_owners",
+    "check_n_m_divides", "check_data_args", "refuse_unused_data", "nonfinite", "check_finite_weights", "checked_score",
+    "current_mask",
 ]
 
 SCOPES = ("layer", "global")
@@ -75,7 +76,8 @@ def check_scope(scope, allow_dict: bool = True, context: str = "") -> None:
         return
     if not isinstance(scope, str) or scope not in SCOPES:
         if allow_dict:
-            raise ValueError(f"`scope` must be one of {list(SCOPES)} or a dict {{module_name: sparsity}}, got {scope!r}")
+            raise ValueError(f"`scope` must be one of {list(SCOPES)} or a dict {{module_name: sparsity}}, "
+                             f"got {scope!r}")
         raise ValueError(f"`scope` must be 'layer' or 'global' for {context}, got {scope!r}")
 
 
@@ -91,7 +93,8 @@ def check_amount(sparsity, threshold, scope, n_m: Optional[NM]) -> None:
     """Exactly one of sparsity / threshold / dict scope / N:M says how much to prune."""
     if isinstance(scope, Mapping):
         if sparsity is not None or threshold is not None:
-            raise ValueError("with a dict `scope` the per-layer sparsities come from it: pass neither `sparsity` nor `threshold`")
+            raise ValueError("with a dict `scope` the per-layer sparsities come from it: "
+                             "pass neither `sparsity` nor `threshold`")
         if n_m is not None:
             raise ValueError("`scope` must be 'layer' for N:M granularity (choose layers with `exclude`), got a dict")
         check_dict_scope(scope)
@@ -128,9 +131,11 @@ def check_target(target, schedule: Schedule, n_m: Optional[NM]) -> float:
         target = schedule.final
     check_sparsity_value(target, "`target_sparsity`")
     if schedule.final is not None and abs(schedule.final - float(target)) > 1e-12:
-        raise ValueError(f"`schedule` ends at final={schedule.final} but `target_sparsity` is {target}: make them agree")
+        raise ValueError(f"`schedule` ends at final={schedule.final} but `target_sparsity` is {target}: "
+                         "make them agree")
     if n_m is not None and abs(float(target) - (1 - n_m[0] / n_m[1])) > 1e-9:
-        raise ValueError(f"`target_sparsity` must be {1 - n_m[0] / n_m[1]} for {n_m[0]}:{n_m[1]} granularity, got {target}")
+        raise ValueError(f"`target_sparsity` must be {1 - n_m[0] / n_m[1]} for {n_m[0]}:{n_m[1]} granularity, "
+                         f"got {target}")
     return float(target)
 
 
@@ -143,7 +148,8 @@ def excluded_ids(model: nn.Module, exclude) -> Set[int]:
     try:
         items = list(exclude)
     except TypeError:
-        raise TypeError(f"`exclude` must be module names, modules or module types, got {type(exclude).__name__}") from None
+        raise TypeError(f"`exclude` must be module names, modules or module types, "
+                        f"got {type(exclude).__name__}") from None
     named = dict(model.named_modules(remove_duplicate=False))  # a module may have several names
     members = {id(m) for m in named.values()}
     excluded: Set[int] = set()
@@ -192,7 +198,8 @@ def _resolved_scope(model: nn.Module, scope: Mapping, candidates: Dict[str, nn.M
     for key, value in scope.items():
         name = canonical.get(id(every_name.get(key)))
         if name is None:
-            raise ValueError(f"`scope` key {key!r} is not a prunable layer of the model; prunable layers: {list(candidates)}")
+            raise ValueError(f"`scope` key {key!r} is not a prunable layer of the model; "
+                             f"prunable layers: {list(candidates)}")
         if name not in layers:
             raise ValueError(f"`scope` key {key!r} is also excluded by `exclude`")
         if resolved.setdefault(name, value) != value:
@@ -212,9 +219,8 @@ def weight_owners(model: nn.Module, layers: Dict[str, nn.Module], scope) -> Dict
     for name, layer in layers.items():
         owners[name] = by_weight.setdefault(id(layer.weight), name)
         if isinstance(scope, Mapping) and scope[name] != scope[owners[name]]:
-            raise ValueError(
-                f"`scope` gives layers {owners[name]!r} and {name!r} different sparsities, but they share one weight tensor"
-            )
+            raise ValueError(f"`scope` gives layers {owners[name]!r} and {name!r} different sparsities, "
+                             "but they share one weight tensor")
     targets = {id(layer) for layer in layers.values()}
     for name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module.named_parameters(recurse=False):
@@ -247,13 +253,14 @@ def check_data_args(data, loss_fn, importance, requires_loss: bool = True, note:
     """A data-driven criterion got ``data`` (and, if it ``requires_loss``, a callable ``loss_fn``);
     ``note`` ends the message with what the entry point does with them."""
     if not requires_loss and data is None:
-        raise ValueError(f"importance {importance!r} is data-driven: pass `data` (batches of (inputs, targets) or inputs){note}")
+        raise ValueError(f"importance {importance!r} is data-driven: "
+                         f"pass `data` (batches of (inputs, targets) or inputs){note}")
     if not requires_loss:
         return
     if data is None or loss_fn is None:
         missing = " and ".join(f"`{a}`" for a, v in (("data", data), ("loss_fn", loss_fn)) if v is None)
-        raise ValueError(f"importance {importance!r} is data-driven: pass {missing} (batches of (inputs, targets) and a "
-                         f"loss function){note}")
+        raise ValueError(f"importance {importance!r} is data-driven: "
+                         f"pass {missing} (batches of (inputs, targets) and a loss function){note}")
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
 
@@ -306,16 +313,19 @@ def check_finite_weights(layers: Dict[str, nn.Module]) -> None:
             )
 
 
-def checked_score(criterion: Importance, name: str, layer: nn.Module, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+def checked_score(criterion: Importance, name: str, layer: nn.Module,
+                  kept: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The criterion's scores for ``layer``, checked: the weight's shape, and finite (NaN or Inf
     scores, from gradients or calibration data, would rank arbitrarily) where ``kept`` (the current
     mask) keeps the weight: already pruned weights are never ranked, as for the weights' check."""
     scores = criterion(layer)
     if not isinstance(scores, torch.Tensor) or scores.shape != layer.weight.shape:
         got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"importance {criterion!r} returned {got} for layer {name!r}; expected the weight's shape {list(layer.weight.shape)}")
+        raise ValueError(f"importance {criterion!r} returned {got} for layer {name!r}; "
+                         f"expected the weight's shape {list(layer.weight.shape)}")
     if not scores.is_floating_point():
-        raise TypeError(f"importance {criterion!r} returned {scores.dtype} scores for layer {name!r}; expected a float tensor")
+        raise TypeError(f"importance {criterion!r} returned {scores.dtype} scores for layer {name!r}; "
+                        "expected a float tensor")
     found = nonfinite(scores.detach(), kept)
     if found:
         source = "its weights, gradients or calibration data"
