@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchprune as tp
 import zoo
 from conftest import assert_unchanged, snapshot
-from torchprune.progressive_channels import ChannelPruner
+from torchprune.pruner import ChannelPruner
 from torchprune.schedules import Linear, OneShot
 
 

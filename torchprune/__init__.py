@@ -10,7 +10,8 @@ from ._version import __version__
 from .analysis import summary
 from .io import load, save
 from .masking import make_permanent, masks, sparsity
-from .pruner import Pruner, prune
+from .oneshot import prune
+from .pruner import Pruner
 from .sensitivity import allocate, sensitivity
 from .sparsify import sparsify
 from .structured import DependencyGraph

@@ -1,410 +1,465 @@
-"""prune(): one-shot pruning of a model's layers with masks.
+"""Pruner: pruning while training, gradually, by a sparsity schedule (Zhu & Gupta 2017).
 
-Every argument is checked before anything is touched, and the data-driven scoring pass restores the
-model's gradients and train/eval mode, so a call that raises leaves the model exactly as it was.
+The model keeps learning while weights are removed, so it recovers from each small cut instead of
+one large one. `step()` goes right after ``optimizer.step()``; it counts training steps, lets
+data-driven criteria accumulate what the training step saw, and at the schedule's update steps
+ranks the surviving weights and masks more of them. Masks only grow: a pruned weight never comes
+back (there is no regrowth option in this version).
+
+Where scores come from, per criterion:
+
+* weight criteria (magnitude, filter norm, random): the weights at the update step;
+* ``Gradient`` / ``Taylor``: the ``.grad`` of each layer's weight at every `step()` call, summed
+  since the previous update (Taylor uses the weight after the optimizer step);
+* ``Activation`` / ``Wanda``: forward hooks on the layers observe every forward pass made in train
+  mode since the previous update (eval-mode passes, e.g. validation, are not counted);
+* with ``data`` (and ``loss_fn`` for gradient criteria) every update scores on those batches
+  instead, as `prune()` does.
+
+With ``granularity="channel"`` the Pruner prunes whole coupled channels instead (zeroed while
+training, removed at `finalize()`): see channel_pruner.py.
+
+One lifecycle, two strategies: `Pruner` owns what every granularity shares (the step count, the
+schedule's update steps, the finalize guard, the state_dict header, the DDP unwrap, copy and
+pickle) and holds a strategy that decides what one update prunes and how: `WeightStrategy` (here)
+masks weights ("weight", "N:M"); `ChannelStrategy` (channel_pruner.py) zeroes coupled channels.
+
+Under DistributedDataParallel (pass the wrapper or its ``.module``, the same call on every rank)
+the data-driven statistics are averaged across ranks before each ranking and the new masks are
+compared across ranks after it (distributed.py), so every rank's copy stays the same.
+
+A copy of the model (``copy.deepcopy``, pickle) keeps its masks but not the Pruner's observation
+hooks; a copy of the Pruner copies its model and carries on with its own statistics.
+
+>>> pruner = tp.Pruner(model, 0.9, tp.schedules.Cubic(begin=0, end=1000, every=100))
+>>> for inputs, targets in loader:
+...     loss_fn(model(inputs), targets).backward(); optimizer.step(); optimizer.zero_grad()
+...     pruner.step()
 """
 
 from __future__ import annotations
 
-import math
 import numbers
-import re
-from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+import weakref
+from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from . import selection
 from .calibration import observe
-from .importance import Importance, Magnitude, resolve
-from .masking import PRUNABLE_TYPES, attach_mask, base_type, check_supported, get_mask, prunable_layers
+from .channel_pruner import ChannelStrategy
+from .distributed import average_importance_state, check_equal_across_ranks, fail_together, unwrap
+from .importance import Importance, resolve
+from .masking import attach_mask, check_supported, get_mask, remove_mask
+from .oneshot import prune  # noqa: F401  # shim: removed at integration (demo.py, demo_channels.py import it from here)
+from .schedules import Schedule
+from .targets import (GRANULARITY_HELP, STRUCTURAL, check_data_args, check_dict_scope, check_finite_weights,
+                      check_n_m_divides, check_scope, check_target, checked_score, current_mask, parse_granularity,
+                      refuse_unused_data, target_layers, weight_owners)
+from .targets import excluded_ids as _excluded_ids  # noqa: F401  # shim: removed at integration (structured/prune.py)
 
-__all__ = ["prune", "Pruner"]
-
-_SCOPES = ("layer", "global")
-_STRUCTURAL = ("channel", "head", "layer")
-_GRANULARITY_HELP = "'weight' or 'N:M' with 0 < N < M (e.g. '2:4')"
+__all__ = ["Pruner", "ChannelPruner", "WeightStrategy"]
 
 
-def prune(
-    model: nn.Module,
-    sparsity: Optional[float] = None,
-    threshold: Optional[float] = None,
-    importance: Union[str, Importance] = "magnitude",
-    granularity: str = "weight",
-    scope: Union[str, Mapping[str, float]] = "layer",
-    exclude: Iterable = (),
-    example_inputs=None,
-    data: Optional[Iterable] = None,
-    loss_fn: Optional[Callable] = None,
-    round_to: Optional[int] = None,
-) -> nn.Module:
-    """Masks the least important weights of every Linear/Conv1d/Conv2d layer; returns ``model``.
+class Pruner:
+    """Prunes ``model`` to ``target_sparsity`` along ``schedule`` while it trains.
 
-    ``sparsity`` is the fraction of weights pruned (per layer with ``scope="layer"``, over all
-    layers together with ``scope="global"``, or per named layer with a dict scope); ``threshold``
-    prunes every weight whose score is below it instead. ``granularity="N:M"`` keeps the N best of
-    each M consecutive weights along the input dimension. Already pruned weights stay pruned.
-    ``granularity="channel" | "head" | "layer"`` removes whole channels, attention heads or
-    residual blocks physically (see `torchprune.structured`); it needs ``example_inputs``, and
-    with "channel", ``round_to=k`` makes every group keep a multiple of k channels.
+    ``granularity="channel"`` (with ``example_inputs``) returns a `ChannelPruner`: whole coupled
+    channels zeroed while training and removed physically at `finalize()` (channel_pruner.py).
+    Otherwise:
 
-    Odd inputs: NaN/Inf in a layer's weights or scores raises a ValueError naming the layer and
-    what was found, before anything changes; a ratio never empties a layer (at least one weight
-    stays, each layer's best under ``scope="global"``), only an explicit ``threshold`` may; layers
-    tied to one weight share one mask object; zero-size layers get empty masks; meta tensors are
-    refused. Memory: besides the new bool masks, magnitude scores are made in blocks of rows and
-    ranked without sorting (`selection`), so the peak stays well under the model's size.
+    ``importance``, ``granularity`` ("weight" or "N:M"), ``scope`` ("layer", "global" or a dict
+    {layer_name: final sparsity}, e.g. from `tp.allocate`) and ``exclude`` mean what they mean in
+    `prune()`. With a dict scope pass ``target_sparsity=None``: each layer follows the schedule
+    towards its own final sparsity. With N:M the schedule's sparsity s prunes round(s * M) weights
+    of every group of M (never more than M - N), so 2:4 goes 0 -> 1:4 pruned -> 2:4.
 
-    >>> model = tp.prune(model, sparsity=0.9, scope="global")
-    >>> tp.prune(model, granularity="2:4", exclude=["classifier"])
-    >>> tp.prune(model, sparsity=0.5, importance="taylor", data=batches, loss_fn=F.cross_entropy)
+    All layers get a mask (all true) at construction, so the model's state_dict has the same keys
+    from the first step on and a checkpoint loads into a fresh model wrapped by a fresh Pruner.
+    ``example_inputs`` is only used with ``granularity="channel"``. ``model`` may be a
+    DistributedDataParallel wrapper: layer names are those of its ``.module``.
     """
+
+    def __new__(cls, model=None, target_sparsity=None, schedule=None, importance="magnitude", granularity="weight",
+                *args, **kwargs):
+        # tp.Pruner(..., granularity="channel") is a ChannelPruner: this lifecycle, plus the channel accessors.
+        # (copy and pickle call __new__ with no arguments: the class is already the right one then)
+        return super().__new__(ChannelPruner if cls is Pruner and granularity == "channel" else cls)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_sparsity: Optional[float] = None,
+        schedule: Optional[Schedule] = None,
+        importance: Union[str, Importance] = "magnitude",
+        granularity: str = "weight",
+        scope: Union[str, Mapping[str, float]] = "layer",
+        exclude: Iterable = (),
+        data: Optional[Iterable] = None,
+        loss_fn: Optional[Callable] = None,
+        example_inputs=None,
+    ):
+        model = _checked_model(model, schedule)
+        criterion = resolve(importance)
+        if isinstance(self, ChannelPruner):
+            strategy = ChannelStrategy(model, criterion, target_sparsity, schedule, importance, granularity, scope,
+                                       exclude, data, loss_fn, example_inputs)
+        else:
+            strategy = WeightStrategy(model, criterion, target_sparsity, schedule, importance, granularity, scope,
+                                      exclude, data, loss_fn)
+        self.model = model
+        self.target_sparsity = strategy.target_sparsity
+        self.schedule = strategy.schedule
+        self.importance = criterion
+        self.granularity = granularity
+        self.scope = strategy.scope
+        self._strategy = strategy
+        self._step = 0
+        self._updates = 0
+        self._finalized = False
+
+    @property
+    def sparsity(self) -> float:
+        """The sparsity the pruned layers have now: the fraction of zero effective weights among them
+        (with ``granularity="channel"``: of the groups' channels zeroed, or removed after `finalize()`)."""
+        return self._strategy.sparsity(self._finalized)
+
+    @property
+    def steps(self) -> int:
+        """How many times `step()` has been called."""
+        return self._step
+
+    def target_at(self, step: Optional[int] = None) -> Dict[str, float]:
+        """The scheduled sparsity of each pruned layer at ``step`` (default: the last step taken)."""
+        step = max(self._step - 1, 0) if step is None else step
+        return {name: s.sparsity_at(step) for name, s in self._strategy.schedules.items()}
+
+    def step(self) -> bool:
+        """Call once per training step, after ``optimizer.step()``; returns True when the masks were
+        updated (at the schedule's update steps with a target above 0)."""
+        strategy = self._strategy
+        if self._finalized:
+            raise RuntimeError(f"the Pruner was finalized: {strategy.finalized_note} and it cannot step any more")
+        strategy.observe_step()
+        step = self._step
+        self._step += 1
+        updated = any(s.is_update(step) for s in strategy.schedules.values()) and strategy.update(step)
+        if updated:
+            self._updates += 1
+        strategy.after_step()
+        return updated
+
+    def state_dict(self) -> dict:
+        """The step count and the strategy's state: the criterion's accumulated statistics (the masks
+        live in the model's state_dict), or the zeroed channels. Together with the model's and
+        optimizer's state it resumes a run exactly."""
+        strategy = self._strategy
+        header = {"version": strategy.state_version, "step": self._step, "updates": self._updates}
+        return {**header, **strategy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()` output into a Pruner built with the same arguments; a layer whose
+        weight has another shape than when saved (a channel group of another size) is named in a
+        ValueError, and nothing is changed.
+
+        Under DDP the statistics gathered since the last update are each rank's own: load every
+        rank's own state, or checkpoint right after an update (when there are none) if only rank 0
+        saves."""
+        strategy = self._strategy
+        if (not isinstance(state, dict) or state.get("version") not in strategy.state_versions
+                or state.get("granularity") != strategy.state_granularity):
+            raise ValueError(f"`state` must be a dict returned by Pruner.state_dict(){strategy.state_note}")
+        strategy.check_state(state)
+        if self._finalized:
+            raise RuntimeError("the Pruner was finalized; build a new one to resume")
+        step, updates = state.get("step"), state.get("updates")
+        for value, what in ((step, "step"), (updates, "updates")):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"`state[{what!r}]` must be a non-negative int, got {value!r}")
+        strategy.load_state(state)
+        self._step = int(step)
+        self._updates = int(updates)
+
+    def __getstate__(self) -> dict:
+        """For pickle and deepcopy: what the strategy keys by module identity (the criterion's
+        statistics) travels by layer name and is re-keyed to the copied layers in `__setstate__`."""
+        state = self.__dict__.copy()
+        state["_strategy_by_name"] = self._strategy.portable_state()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        by_name = state.pop("_strategy_by_name")
+        self.__dict__.update(state)
+        self._strategy.restore(by_name)
+
+    def finalize(self) -> nn.Module:
+        """Makes the pruning permanent and returns the model; call it when training is over. Masks:
+        pruned weights zero, plain layers back, hooks removed. Channels: removed physically (the
+        layers get new parameters: build the optimizer anew to fine-tune)."""
+        if not self._finalized:
+            self._strategy.finalize()
+            self._finalized = True
+        return self.model
+
+    def __repr__(self) -> str:
+        return (f"Pruner(target_sparsity={self.target_sparsity}, schedule={self.schedule!r}, "
+                f"importance={self.importance!r}, granularity={self.granularity!r}, scope={self.scope!r}, "
+                f"layers={len(self._strategy.schedules)}, step={self._step}, sparsity={self.sparsity:.4f})")
+
+
+class ChannelPruner(Pruner):
+    """What ``tp.Pruner(..., granularity="channel", example_inputs=...)`` returns: the Pruner's
+    lifecycle with a `ChannelStrategy` (channel_pruner.py), plus the channel groups' accessors.
+
+    ``scope="layer"`` prunes ``target_sparsity`` of each group (it keeps floor((1 - s) * channels),
+    at least one), ``scope="global"`` of all groups' channels together, as ``tp.prune(...,
+    granularity="channel")`` does. ``exclude`` leaves every group touching an excluded module whole.
+    ``sparsity`` is the fraction of the groups' channels zeroed so far.
+    """
+
+    @property
+    def graph(self):
+        """The `tp.DependencyGraph` traced at construction."""
+        return self._strategy.graph
+
+    @property
+    def groups(self):
+        """The channel groups this Pruner prunes, by name (the group's first member)."""
+        return self._strategy.groups
+
+    def removed_channels(self) -> Dict[str, list]:
+        """The zeroed (after `finalize()`: removed) channel indices of each group, by group name."""
+        return self._strategy.removed_channels()
+
+    def __repr__(self) -> str:
+        return (f"Pruner(granularity='channel', target_sparsity={self.target_sparsity}, schedule={self.schedule!r}, "
+                f"importance={self.importance!r}, scope={self.scope!r}, groups={len(self._strategy.groups)}, "
+                f"step={self._step}, sparsity={self.sparsity:.4f})")
+
+
+def _checked_model(model, schedule) -> nn.Module:
+    """The module to prune (a DistributedDataParallel wrapper's ``.module``), after checking the
+    two arguments every Pruner takes first."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(granularity, str) and granularity in _STRUCTURAL:  # physical removal: structured/
-        from .structured.prune import prune_structural
-
-        return prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs, data,
-                                loss_fn, round_to)
-    if round_to is not None:
-        raise ValueError(f"`round_to` only applies to granularity='channel' (channels kept per group), got granularity={granularity!r}")
-    criterion = resolve(importance)
-    n_m = _parse_granularity(granularity)
-    _check_amount(sparsity, threshold, scope, n_m)
-    layers, scope = _target_layers(model, exclude, scope)
-    owners = _weight_owners(model, layers, scope)
-    check_supported(layers)
-    if n_m is not None:
-        _check_n_m_divides(layers, n_m)
-    if criterion.requires_data:
-        _check_data_args(data, loss_fn, importance, criterion.requires_loss)
-
-    # Layers that share one weight tensor are ranked once, through the first of them, and all get
-    # the same mask object (what any of them pruned before stays pruned).
-    unique = {name: layer for name, layer in layers.items() if owners[name] == name}
-    _check_finite_weights(unique)
-    criterion.reset()
-    criterion.prepare(model, unique)
-    if criterion.requires_data:
-        observe(model, unique, criterion, data, loss_fn)
-    current = _current_masks(layers, owners)
-    row_wise = getattr(criterion, "compare_within_rows", False)
-    if scope == "global" and threshold is None and n_m is None:
-        scores = {name: _scores(criterion, name, layer, current[name]) for name, layer in unique.items()}
-        new_masks = _select(scores, current, sparsity, threshold, scope, n_m, row_wise)
-        del scores
-    else:  # one layer at a time: only one layer's scores exist at once (memory)
-        new_masks = {}
-        for name, layer in unique.items():
-            score = _scores(criterion, name, layer, current[name])
-            new_masks.update(_select({name: score}, {name: current[name]}, sparsity, threshold, scope, n_m, row_wise))
-            del score
-    del current
-
-    # Nothing was changed before this point: every score was checked and every mask computed.
-    for name, layer in layers.items():
-        owner = owners[name]
-        attach_mask(layer, new_masks.pop(owner) if owner == name else layers[owner].weight_mask, copy=False)
-    return model
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"`schedule` must be a tp.schedules.Schedule, got {type(schedule).__name__}")
+    return unwrap(model)
 
 
-def _parse_granularity(granularity) -> Optional[Tuple[int, int]]:
-    """None for "weight", (N, M) for "N:M"."""
-    if not isinstance(granularity, str):
-        raise TypeError(f"`granularity` must be a string, {_GRANULARITY_HELP}, got {type(granularity).__name__}")
-    if granularity == "weight":
-        return None
-    if granularity in _STRUCTURAL:
-        raise ValueError(
-            f"`granularity` must be {_GRANULARITY_HELP}, got {granularity!r}: structural pruning "
-            "(channels, heads, layers) is not available in this version"
-        )
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", granularity)
-    if match is None:
-        raise ValueError(f"`granularity` must be {_GRANULARITY_HELP}, got {granularity!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise ValueError(f"`granularity` N:M needs 0 < N < M, got {granularity!r}")
-    return n, m
+class WeightStrategy:
+    """What a Pruner's update does with ``granularity="weight"`` or ``"N:M"``: ranks the surviving
+    weights of every target layer and masks more of them (masks only grow).
 
+    The strategy's contract with `Pruner` (`ChannelStrategy` keeps the same one): ``target_sparsity``,
+    ``schedule``, ``scope`` and ``schedules`` ({name: schedule}) as resolved at construction;
+    ``observe_step()`` / ``update(step) -> bool`` / ``after_step()`` around each step; ``sparsity(finalized)``;
+    ``state_dict()`` / ``check_state()`` / ``load_state()`` below the header the Pruner writes;
+    ``portable_state()`` / ``restore()`` for copies; ``finalize()``.
+    """
 
-def _check_sparsity_value(value, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a number in [0, 1), got {type(value).__name__}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{what} must be in [0, 1), got {value}")
+    state_version = 2  # 2 added "shapes"; version 1 states still load
+    state_versions = (1, 2)
+    state_granularity = None  # weight states carry no "granularity" entry
+    state_note = ""
+    finalized_note = "its masks are permanent"
 
-
-def _check_amount(sparsity, threshold, scope, n_m) -> None:
-    """Exactly one of sparsity / threshold / dict scope / N:M says how much to prune."""
-    if isinstance(scope, Mapping):
-        if sparsity is not None or threshold is not None:
-            raise ValueError("with a dict `scope` the per-layer sparsities come from it: pass neither `sparsity` nor `threshold`")
+    def __init__(self, model: nn.Module, criterion: Importance, target_sparsity, schedule: Schedule, importance,
+                 granularity, scope, exclude, data, loss_fn):
+        if isinstance(granularity, str) and granularity.strip() in STRUCTURAL:
+            raise ValueError(
+                f"`granularity` must be {GRANULARITY_HELP} or 'channel', got {granularity!r}: the Pruner does "
+                "not prune attention heads or layers progressively (use tp.prune for those)"
+            )
+        n_m = parse_granularity(granularity)
+        target_sparsity = _checked_amount(target_sparsity, schedule, scope, n_m)
+        layers, scope = target_layers(model, exclude, scope)
+        owners = weight_owners(model, layers, scope)
+        check_supported(layers)
         if n_m is not None:
-            raise ValueError("`scope` must be 'layer' for N:M granularity (choose layers with `exclude`), got a dict")
-        for name, value in scope.items():
-            if not isinstance(name, str):
-                raise TypeError(f"`scope` keys must be module names (str), got {type(name).__name__}")
-            _check_sparsity_value(value, f"`scope[{name!r}]`")
-        return
-    if not isinstance(scope, str) or scope not in _SCOPES:
-        raise ValueError(f"`scope` must be one of {list(_SCOPES)} or a dict {{module_name: sparsity}}, got {scope!r}")
-    if n_m is not None:
-        n, m = n_m
-        if threshold is not None:
-            raise ValueError("`threshold` cannot be combined with N:M granularity (N:M fixes the sparsity at 1 - N/M)")
-        if scope != "layer":
-            raise ValueError(f"`scope` must be 'layer' for N:M granularity, got {scope!r}")
-        if sparsity is not None:
-            _check_sparsity_value(sparsity, "`sparsity`")
-            if abs(float(sparsity) - (1 - n / m)) > 1e-9:
-                raise ValueError(f"`sparsity` must be None or {1 - n / m} for {n}:{m} granularity, got {sparsity}")
-        return
-    if (sparsity is None) == (threshold is None):
-        raise ValueError("pass exactly one of `sparsity` (a fraction in [0, 1)) or `threshold` (an absolute score)")
-    if sparsity is not None:
-        _check_sparsity_value(sparsity, "`sparsity`")
-    elif isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"`threshold` must be a finite real number, got {type(threshold).__name__}")
-    elif not math.isfinite(threshold):
-        raise ValueError(f"`threshold` must be a finite real number, got {threshold}")
-
-
-def _excluded_ids(model: nn.Module, exclude) -> set:
-    """Ids of the modules never pruned; a name or module excludes its whole subtree."""
-    if isinstance(exclude, (str, nn.Module, type)):
-        exclude = (exclude,)
-    if exclude is None:
-        exclude = ()
-    try:
-        items = list(exclude)
-    except TypeError:
-        raise TypeError(f"`exclude` must be module names, modules or module types, got {type(exclude).__name__}") from None
-    named = dict(model.named_modules(remove_duplicate=False))  # a module may have several names
-    members = {id(m) for m in named.values()}
-    excluded = set()
-    for item in items:
-        if isinstance(item, str):
-            if item not in named:
-                raise ValueError(f"`exclude` names no module of the model: {item!r}")
-            excluded.update(id(m) for m in named[item].modules())
-        elif isinstance(item, nn.Module):
-            if id(item) not in members:
-                raise ValueError(f"`exclude` holds a {type(item).__name__} that is not part of the model")
-            excluded.update(id(m) for m in item.modules())
-        elif isinstance(item, type) and issubclass(item, nn.Module):
-            excluded.update(id(m) for m in named.values() if issubclass(base_type(m), item) or isinstance(m, item))
+            check_n_m_divides(layers, n_m)
+        if data is not None and criterion.requires_data:
+            check_data_args(data, loss_fn, importance, criterion.requires_loss)
         else:
-            raise TypeError(f"`exclude` items must be module names, modules or nn.Module types, got {item!r}")
-    return excluded
+            refuse_unused_data(data, loss_fn, importance)
+        unique = {name: layer for name, layer in layers.items() if owners[name] == name}
+        dict_scope = isinstance(scope, Mapping)
+        self.schedules = {name: schedule.resolved(float(scope[name]) if dict_scope else target_sparsity)
+                          for name in unique}
+        criterion.prepare(model, unique)  # e.g. BNScale finds its BatchNorms now, not mid-training
 
+        self.model = model
+        self.importance = criterion
+        self.target_sparsity = target_sparsity
+        self.schedule = schedule if dict_scope else schedule.resolved(target_sparsity)
+        self.scope = scope
+        self.layers = layers
+        self._n_m = n_m
+        self._owners = owners
+        self._unique = unique
+        self._data = data
+        self._loss_fn = loss_fn
+        self._hooks = []
+        for layer in layers.values():
+            attach_mask(layer, current_mask(layer))
+        criterion.reset()
+        if criterion.requires_data and not criterion.requires_loss and data is None:
+            self._observe_training_forwards()
 
-def _target_layers(model: nn.Module, exclude, scope):
-    """The layers to prune by name, and the scope with dict keys turned into those names.
+    def _observe_training_forwards(self) -> None:
+        self._hooks = [layer.register_forward_hook(_ObservationHook(self)) for layer in self._unique.values()]
 
-    Names are ``named_modules()`` names; a module registered under several names (an alias such
-    as ``self.classifier = self.fc``) may be named by any of them.
-    """
-    excluded = _excluded_ids(model, exclude)
-    candidates = prunable_layers(model)
-    layers = {name: m for name, m in candidates.items() if id(m) not in excluded}
-    if isinstance(scope, Mapping):
-        if not scope:
-            raise ValueError("`scope` must name at least one layer when it is a dict, got {}")
-        canonical = {id(m): name for name, m in candidates.items()}
-        every_name = dict(model.named_modules(remove_duplicate=False))
-        resolved: Dict[str, float] = {}
-        for key, value in scope.items():
-            name = canonical.get(id(every_name.get(key)))
-            if name is None:
-                raise ValueError(
-                    f"`scope` key {key!r} is not a prunable layer of the model; prunable layers: {list(candidates)}"
-                )
-            if name not in layers:
-                raise ValueError(f"`scope` key {key!r} is also excluded by `exclude`")
-            if resolved.setdefault(name, value) != value:
-                raise ValueError(f"`scope` gives layer {name!r} two sparsities under two of its names")
-        scope = resolved
-        layers = {name: m for name, m in layers.items() if name in scope}  # model order, not dict order
-    if not layers:
-        kinds = ", ".join(t.__name__ for t in PRUNABLE_TYPES)
-        raise ValueError(f"`model` has no prunable layer ({kinds}) left after `exclude`")
-    return layers, scope
+    def forward_hook(self, module, inputs, output) -> None:
+        if module.training:
+            self.importance.observe_forward(module, inputs, output)
 
+    def sparsity(self, finalized: bool) -> float:
+        zeros = total = 0
+        for layer in self._unique.values():
+            mask = current_mask(layer)
+            zeros += int((~mask).sum()) if not finalized else int((layer.weight == 0).sum())
+            total += mask.numel()
+        return zeros / total if total else 0.0
 
-def _weight_owners(model: nn.Module, layers: Dict[str, nn.Module], scope) -> Dict[str, str]:
-    """For each target layer, the first target layer holding the same weight tensor (tied weights).
+    def observe_step(self) -> None:
+        """Gradient criteria without ``data`` sum each layer's ``.grad`` at every step."""
+        criterion = self.importance
+        if criterion.requires_loss and self._data is None:
+            for layer in self._unique.values():
+                criterion.observe(layer)
 
-    Pruning a weight changes every module that holds it, so a weight shared with any module that
-    is not pruned now (an unpruned layer, a tied embedding) is refused; so are different dict-scope
-    sparsities for one weight.
-    """
-    by_weight: Dict[int, str] = {}
-    owners = {}
-    for name, layer in layers.items():
-        owners[name] = by_weight.setdefault(id(layer.weight), name)
-        if isinstance(scope, Mapping) and scope[name] != scope[owners[name]]:
-            raise ValueError(
-                f"`scope` gives layers {owners[name]!r} and {name!r} different sparsities, but they share one weight tensor"
-            )
-    targets = {id(layer) for layer in layers.values()}
-    for name, module in model.named_modules(remove_duplicate=False):
-        for param_name, param in module.named_parameters(recurse=False):
-            owner = by_weight.get(id(param))
-            if owner is not None and not (id(module) in targets and param_name == "weight"):
-                raise ValueError(
-                    f"{type(module).__name__} {name!r} shares its {param_name} with layer {owner!r}, which pruning "
-                    "would change under it: prune both or neither (`exclude` or `scope` splits them)"
-                )
-    return owners
-
-
-def _input_size(layer: nn.Module) -> int:
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels // layer.groups
-
-
-def _check_n_m_divides(layers: Dict[str, nn.Module], n_m: Tuple[int, int]) -> None:
-    n, m = n_m
-    for name, layer in layers.items():
-        size = _input_size(layer)
-        if size % m:
-            raise ValueError(
-                f"`granularity` {n}:{m} needs M={m} to divide the input size of every layer; layer {name!r} "
-                f"({base_type(layer).__name__}) has input size {size}; exclude it or choose another M"
-            )
-
-
-def _check_data_args(data, loss_fn, importance, requires_loss: bool = True) -> None:
-    if not requires_loss and data is None:
-        raise ValueError(f"importance {importance!r} is data-driven: pass `data` (batches of (inputs, targets) or inputs)")
-    if not requires_loss:
-        return
-    if data is None or loss_fn is None:
-        missing = " and ".join(f"`{a}`" for a, v in (("data", data), ("loss_fn", loss_fn)) if v is None)
-        raise ValueError(f"importance {importance!r} is data-driven: pass {missing} (batches of (inputs, targets) and a loss function)")
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
-
-
-def _nonfinite(tensor: torch.Tensor, where: Optional[torch.Tensor] = None) -> Optional[str]:
-    """None when every entry (of ``where``, if given) is finite, else what was found and where.
-
-    The common case costs one reduction and no layer-sized temporary: a sum is finite only if
-    every entry is (an overflowing sum just falls through to the exact count, done in row blocks).
-    """
-    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
-        return None
-    counts = {"NaN": 0, "+Inf": 0, "-Inf": 0}
-    first = None
-    rows = tensor.shape[0]
-    for r0, r1 in selection._row_blocks(tensor.numel(), rows):
-        block = tensor[r0:r1]
-        bad = ~torch.isfinite(block)
-        if where is not None:
-            bad &= where[r0:r1].to(bad.device)
-        if not bool(bad.any()):
-            continue
-        counts["NaN"] += int((bad & block.isnan()).sum())
-        counts["+Inf"] += int((bad & block.isposinf()).sum())
-        counts["-Inf"] += int((bad & block.isneginf()).sum())
-        if first is None:
-            index = [int(i) for i in bad.nonzero()[0]]
-            first = [index[0] + r0] + index[1:]
-    if first is None:
-        return None
-    found = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
-    return f"{found} of {tensor.numel()} entries (the first at index {first})"
-
-
-def _check_finite_weights(layers: Dict[str, nn.Module]) -> None:
-    """Raises before anything runs if a layer's (unpruned) weights hold NaN or Inf: no ranking of
-    such a layer means anything, and its outputs are already broken."""
-    for name, layer in layers.items():
-        found = _nonfinite(layer.weight.detach(), get_mask(layer))
-        if found:
-            raise ValueError(
-                f"layer {name!r} ({base_type(layer).__name__}) has non-finite weights: {found}; fix or reload "
-                "the weights (or exclude the layer with `exclude`) before pruning; nothing was changed"
-            )
-
-
-def _checked_score(criterion: Importance, name: str, layer: nn.Module, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The criterion's scores for ``layer``, checked: the weight's shape, and finite (NaN or Inf
-    scores, from gradients or calibration data, would rank arbitrarily) where ``kept`` (the current
-    mask) keeps the weight: already pruned weights are never ranked, as for the weights' check."""
-    scores = criterion(layer)
-    if not isinstance(scores, torch.Tensor) or scores.shape != layer.weight.shape:
-        got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"importance {criterion!r} returned {got} for layer {name!r}; expected the weight's shape {list(layer.weight.shape)}")
-    if not scores.is_floating_point():
-        raise TypeError(f"importance {criterion!r} returned {scores.dtype} scores for layer {name!r}; expected a float tensor")
-    found = _nonfinite(scores.detach(), kept)
-    if found:
-        source = "its weights, gradients or calibration data"
-        raise ValueError(
-            f"importance {criterion!r} gave non-finite scores for layer {name!r}: {found}; they come from {source} "
-            "(NaN/Inf cannot be ranked); nothing was changed"
-        )
-    return scores
-
-
-def _powers_finite(weight: torch.Tensor, p: float, dtype: torch.dtype) -> bool:
-    """Whether |w|^p of the largest |w| (so of every weight) is finite in the scoring dtype: one
-    reduction, no layer-sized temporary. False as well when a (pruned) weight is NaN or Inf."""
-    if weight.numel() == 0:
+    def update(self, step: int) -> bool:
+        check_finite_weights(self._unique)  # a diverged run: say which layer, before ranking noise
+        criterion = self.importance
+        criterion.prepare(self.model, self._unique)
+        if self._data is not None:
+            criterion.reset()
+            with fail_together("scoring on the Pruner's `data`"):  # a rank's own data may fail alone
+                observe(self.model, self._unique, criterion, self._data, self._loss_fn)
+        current = {name: current_mask(layer) for name, layer in self._unique.items()}
+        targets = {name: s.sparsity_at(step) for name, s in self.schedules.items()}
+        if all(t == 0 for t in targets.values()):
+            criterion.reset()
+            return False
+        if criterion.requires_data:  # each rank observed its own batches: rank on their average
+            average_importance_state(criterion, self._unique)
+        scores = {name: checked_score(criterion, name, layer, current[name]) for name, layer in self._unique.items()}
+        new = self._select(scores, current, targets)
+        for name, layer in self.layers.items():
+            attach_mask(layer, new[self._owners[name]])
+        criterion.reset()  # scores accumulate between updates
+        check_equal_across_ranks(new, step)
         return True
-    peak = torch.linalg.vector_norm(weight, float("inf")).to(dtype).reshape(1)
-    return bool(torch.isfinite(peak.pow_(p)).all())
+
+    def after_step(self) -> None:
+        """Nothing: masks keep pruned weights out of every forward pass by themselves."""
+
+    def _select(self, scores, current, targets) -> Dict[str, torch.Tensor]:
+        names = list(scores)
+        if self._n_m is not None:
+            m = self._n_m[1]
+            out = {}
+            for name in names:
+                pruned = min(int(round(targets[name] * m)), m - self._n_m[0])
+                keep = m - pruned
+                out[name] = current[name] if pruned == 0 else selection.n_of_m(scores[name], current[name], keep, m)
+            return out
+        if self.scope == "global":
+            masks = selection.by_global_ratio([scores[k] for k in names], [current[k] for k in names],
+                                              targets[names[0]])
+            return dict(zip(names, masks))
+        row_wise = getattr(self.importance, "compare_within_rows", False)
+        by_ratio = selection.by_row_ratio if row_wise else selection.by_ratio
+        return {k: by_ratio(scores[k], current[k], targets[k]) for k in names}
+
+    def state_dict(self) -> dict:
+        return {
+            "layers": list(self._unique),
+            "shapes": {name: list(layer.weight.shape) for name, layer in self._unique.items()},
+            "importance": self.importance.state_dict(self._unique),
+        }
+
+    def check_state(self, state: dict) -> None:
+        """The state was saved for these layers, with these weight shapes (version 1 has no shapes)."""
+        if state.get("layers") != list(self._unique):
+            raise ValueError(f"`state` was saved for layers {state.get('layers')}, "
+                             f"this Pruner prunes {list(self._unique)}")
+        shapes = state.get("shapes")  # version 1 states have none
+        for name, layer in self._unique.items() if shapes is not None else ():
+            if list(shapes.get(name, ())) != list(layer.weight.shape):
+                raise ValueError(f"`state` was saved for layer {name!r} with weight shape {shapes.get(name)}, but this "
+                                 f"model's {name!r} has shape {list(layer.weight.shape)}")
+
+    def load_state(self, state: dict) -> None:
+        """Loads the criterion's statistics; if they do not load, leaves the criterion as it was."""
+        by_name = state["importance"]
+        before = self.importance.state_dict(self._unique)
+        try:
+            self.importance.reset()
+            self.importance.load_state_dict(by_name, self._unique)
+        except Exception:  # leave the criterion as it was
+            self.importance.reset()
+            self.importance.load_state_dict(before, self._unique)
+            raise
+
+    def portable_state(self):
+        """The criterion's statistics by layer name (they are keyed by module identity inside)."""
+        return self.importance.state_dict(self._unique)
+
+    def restore(self, by_name) -> None:
+        """In a copy: re-keys the statistics to the copied layers and observes through this copy."""
+        self.importance.reset()
+        self.importance.load_state_dict(by_name, self._unique)
+        if self._hooks:  # the copied layers hold inert copies of the hooks: observe through this copy
+            for handle in self._hooks:
+                handle.remove()
+            self._observe_training_forwards()
+
+    def finalize(self) -> None:
+        """Makes the masks permanent (pruned weights zero, plain layers back) and removes the hooks."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        for layer in self.layers.values():
+            mask = get_mask(layer)
+            if mask is not None:
+                with torch.no_grad():
+                    layer.weight.masked_fill_(~mask, 0)
+                remove_mask(layer)
+        self.importance.reset()
 
 
-def _scores(criterion: Importance, name: str, layer: nn.Module, kept: Optional[torch.Tensor] = None):
-    """A layer's scores for selection: made block by block when the criterion is the plain
-    magnitude, so no layer-sized score tensor exists (scores of finite weights, checked before,
-    are finite, unless |w|^p overflows: then computed and checked, so that it raises); else
-    computed and checked now."""
-    cls = type(criterion)
-    if isinstance(criterion, Magnitude) and cls.score is Magnitude.score and cls.score_rows is Magnitude.score_rows:
-        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-        if criterion.p != 1 and not _powers_finite(layer.weight.detach(), criterion.p, dtype):
-            return _checked_score(criterion, name, layer, kept)  # |w|^p overflows: raises naming the layer
-        return selection.RowScores(layer.weight.shape, dtype, lambda start, stop: criterion.score_rows(layer, start, stop))
-    return _checked_score(criterion, name, layer, kept)
+def _checked_amount(target_sparsity, schedule: Schedule, scope, n_m) -> Optional[float]:
+    """The weight Pruner's final sparsity (None with a dict scope, whose values are checked instead)."""
+    check_scope(scope)
+    dict_scope = isinstance(scope, Mapping)
+    if dict_scope and (target_sparsity is not None or schedule.final is not None):
+        raise ValueError("with a dict `scope` the final sparsities come from it: pass target_sparsity=None "
+                         "and a schedule without `final`")
+    if dict_scope:
+        check_dict_scope(scope)
+    if n_m is not None and (dict_scope or scope != "layer"):
+        raise ValueError(f"`scope` must be 'layer' for N:M granularity, got {scope!r}")
+    return target_sparsity if dict_scope else check_target(target_sparsity, schedule, n_m)
 
 
-def _current_masks(layers: Dict[str, nn.Module], owners: Dict[str, str]) -> Dict[str, Optional[torch.Tensor]]:
-    """Each weight's current mask by owner name: None when no layer holding it is masked, the
-    layers' common mask otherwise (and-ed when tied layers were masked separately)."""
-    current: Dict[str, Optional[torch.Tensor]] = {}
-    for name, layer in layers.items():
-        owner, mask = owners[name], get_mask(layer)
-        before = current.get(owner)
-        if mask is None or before is mask:
-            current.setdefault(owner, before)
-        else:
-            current[owner] = mask if before is None else before & mask
-    return current
+class _ObservationHook:
+    """The forward hook through which a Pruner's weight strategy observes training forward passes.
 
+    It holds the strategy weakly (a Pruner dropped without `finalize()` stops observing instead of
+    accumulating forever), and a copy of it, made when the model is deep-copied or pickled, observes
+    nothing: a copied model must not feed the original Pruner's statistics, and a copied Pruner
+    registers hooks of its own on its copied layers.
+    """
 
-def _current_mask(layer: nn.Module) -> torch.Tensor:
-    mask = get_mask(layer)
-    return mask if mask is not None else torch.ones_like(layer.weight, dtype=torch.bool)
+    def __init__(self, strategy: Optional[WeightStrategy]):
+        self._strategy = weakref.ref(strategy) if strategy is not None else None
 
+    def __call__(self, module, inputs, output) -> None:
+        strategy = self._strategy() if self._strategy is not None else None
+        if strategy is not None:
+            strategy.forward_hook(module, inputs, output)
 
-def _select(scores, current, sparsity, threshold, scope, n_m, row_wise=False) -> Dict[str, torch.Tensor]:
-    """New masks; ``row_wise`` (criteria such as Wanda) takes per-layer amounts from each output row."""
-    names = list(scores)
-    by_ratio = selection.by_row_ratio if row_wise else selection.by_ratio
-    if n_m is not None:
-        return {k: selection.n_of_m(scores[k], current[k], *n_m) for k in names}
-    if isinstance(scope, Mapping):
-        return {k: by_ratio(scores[k], current[k], float(scope[k])) for k in names}
-    if threshold is not None:
-        return {k: selection.by_threshold(scores[k], current[k], float(threshold)) for k in names}
-    if scope == "global":
-        masks = selection.by_global_ratio([scores[k] for k in names], [current[k] for k in names], float(sparsity))
-        return dict(zip(names, masks))
-    return {k: by_ratio(scores[k], current[k], float(sparsity)) for k in names}
-
-
-from .progressive import Pruner  # noqa: E402  (progressive.py builds on the helpers above)
+    def __reduce__(self):
+        return _ObservationHook, (None,)

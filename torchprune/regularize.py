@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .masking import get_mask
-from .pruner import _target_layers
+from .targets import target_layers as _target_layers
 
 __all__ = ["l1", "group_lasso", "bn_l1"]
 

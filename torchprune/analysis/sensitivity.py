@@ -20,7 +20,8 @@ from torch import nn
 
 from ..importance import Importance, resolve
 from ..masking import attach_mask, get_mask, remove_mask
-from ..pruner import _target_layers, _weight_owners, prune
+from ..oneshot import prune
+from ..targets import target_layers, weight_owners
 
 __all__ = ["Sensitivity", "sensitivity", "allocate"]
 
@@ -104,8 +105,8 @@ def sensitivity(
         raise TypeError(f"`evaluate` must be callable, got {type(evaluate).__name__}")
     levels = _check_sparsities(sparsities)
     resolve(importance)  # checked now, not after the first evaluation
-    layers, _ = _target_layers(model, exclude, "layer")
-    owners = _weight_owners(model, layers, "layer")
+    layers, _ = target_layers(model, exclude, "layer")
+    owners = weight_owners(model, layers, "layer")
     layers = {name: layer for name, layer in layers.items() if owners[name] == name}
     baseline = _metric(evaluate, model)
     curves: Dict[str, Dict[float, float]] = {}
@@ -161,7 +162,7 @@ def allocate(model: nn.Module, target_sparsity: float, sensitivity: Sensitivity)
     if (isinstance(target_sparsity, bool) or not isinstance(target_sparsity, numbers.Real)
             or not 0 <= target_sparsity < 1):
         raise ValueError(f"`target_sparsity` must be in [0, 1), got {target_sparsity!r}")
-    layers, _ = _target_layers(model, (), "layer")
+    layers, _ = target_layers(model, (), "layer")
     unknown = [name for name in sensitivity.curves if name not in layers]
     if unknown:
         raise ValueError(f"`sensitivity` measures layers {unknown} that `model` does not have")

@@ -1,15 +1,17 @@
-"""The Pruner with ``granularity="channel"``: whole coupled channels pruned while training.
+"""The Pruner's channel strategy: whole coupled channels pruned while training.
 
 ``tp.Pruner(model, 0.5, schedule, granularity="channel", example_inputs=x)`` returns a
-`ChannelPruner`. At construction it traces the model once (`tp.DependencyGraph`) and takes its
-prunable channel groups (a conv's filters together with the next BN's entries and the next layer's
-input channels, a whole residual stream, ...). During training nothing changes shape: at each of
-the schedule's updates the groups are ranked with the structured group importance
-(`torchprune.structured.scoring`) and the chosen channels are *zeroed* in every member tensor of
-their group, the same slices physical removal would cut. `step()` re-zeroes them after every
-optimizer step, so stale momentum cannot bring them back and every forward pass computes exactly
-what the smaller model will. `finalize()` then removes them physically (same outputs, fewer
-parameters and MACs) and records the removal so that `tp.save` / `tp.load` replay it.
+`ChannelPruner` (pruner.py), whose lifecycle (steps, schedule, state header, finalize guard) is the
+Pruner's and whose updates are the `ChannelStrategy` here. At construction it traces the model once
+(`tp.DependencyGraph`) and takes its prunable channel groups (a conv's filters together with the
+next BN's entries and the next layer's input channels, a whole residual stream, ...). During
+training nothing changes shape: at each of the schedule's updates the groups are ranked with the
+structured group importance (`torchprune.structured.scoring`) and the chosen channels are
+*zeroed* in every member tensor of their group, the same slices physical removal would cut.
+`step()` re-zeroes them after every optimizer step, so stale momentum cannot bring them back and
+every forward pass computes exactly what the smaller model will. `finalize()` then removes them
+physically (same outputs, fewer parameters and MACs) and records the removal so that `tp.save` /
+`tp.load` replay it.
 
 Only groups where zeroing a channel is the same as removing it (``Group.exact``) are pruned: a
 channel that a LayerNorm normalizes over still changes the statistics when zeroed, so the masked
@@ -33,68 +35,50 @@ replaces the pruned layers' parameters: wrap the smaller model in a new DDP (and
 
 from __future__ import annotations
 
-import numbers
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from .distributed import average_, check_equal_across_ranks, fail_together
-from .importance import Importance, resolve
-from .progressive import Pruner
-from .pruner import _excluded_ids
+from .importance import Importance
 from .schedules import Schedule
 from .structured.graph import DependencyGraph, Group
 from .structured.prune import PLAN_ATTRIBUTE, select
 from .structured.remove import apply_plan, plan_from_removed, zero_channels
 from .structured.scoring import group_scores, needs
 from .structured.trace import Member
+from .targets import check_data_args, check_scope, check_target, excluded_ids, refuse_unused_data
 
-__all__ = ["ChannelPruner"]
-
-_STATE_VERSION = 1
+__all__ = ["ChannelStrategy"]
 
 
-class ChannelPruner(Pruner):
-    """Prunes a fraction ``target_sparsity`` of the channels of every prunable group along
-    ``schedule`` (use it through ``tp.Pruner(..., granularity="channel", example_inputs=...)``).
+class ChannelStrategy:
+    """What a Pruner's update does with ``granularity="channel"``: ranks the channel groups and zeroes
+    the chosen channels in every member tensor; `finalize()` removes them. It keeps the strategy
+    contract `pruner.WeightStrategy` describes; the lifecycle around it is the Pruner's."""
 
-    ``scope="layer"`` prunes that fraction of each group (it keeps floor((1 - s) * channels), at
-    least one), ``scope="global"`` of all groups' channels together, as ``tp.prune(...,
-    granularity="channel")`` does. ``exclude`` leaves every group touching an excluded module whole.
-    ``sparsity`` is the fraction of the groups' channels zeroed so far.
-    """
+    state_version = 1
+    state_versions = (1,)
+    state_granularity = "channel"
+    state_note = " with granularity='channel'"
+    finalized_note = "its channels are removed"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        target_sparsity: Optional[float] = None,
-        schedule: Optional[Schedule] = None,
-        importance: Union[str, Importance] = "magnitude",
-        granularity: str = "channel",
-        scope: str = "layer",
-        exclude: Iterable = (),
-        data: Optional[Iterable] = None,
-        loss_fn: Optional[Callable] = None,
-        example_inputs=None,
-    ):
-        model = self._checked_model(model, schedule)
+    def __init__(self, model: nn.Module, criterion: Importance, target_sparsity, schedule: Schedule, importance,
+                 granularity, scope, exclude, data, loss_fn, example_inputs):
         if granularity != "channel":
             raise ValueError(f"`granularity` must be 'channel' for a ChannelPruner, got {granularity!r}")
-        if not isinstance(scope, str) or scope not in ("layer", "global"):
-            raise ValueError(f"`scope` must be 'layer' or 'global' for granularity='channel', got {scope!r}")
-        criterion = resolve(importance)
+        check_scope(scope, allow_dict=False, context="granularity='channel'")
         need = needs(criterion)  # ValueError for criteria without a structured form (e.g. wanda)
-        if need and data is None or need == "loss" and loss_fn is None:
-            missing = "`data` and `loss_fn`" if need == "loss" else "`data`"
-            raise ValueError(f"importance {importance!r} is data-driven: pass {missing} (batches of (inputs, targets)); "
-                             "with granularity='channel' it is scored on them at every update")
-        if not need and (data is not None or loss_fn is not None):
-            raise ValueError(f"`data`/`loss_fn` are for data-driven criteria; importance {importance!r} does not use them")
+        if need:
+            check_data_args(data, loss_fn, importance, need == "loss",
+                            note="; with granularity='channel' it is scored on them at every update")
+        else:
+            refuse_unused_data(data, loss_fn, importance)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
-        target = self._check_target(target_sparsity, schedule, None)
-        excluded = _excluded_ids(model, exclude)
+        target = check_target(target_sparsity, schedule, None)
+        excluded = excluded_ids(model, exclude)
         graph = DependencyGraph(model, example_inputs)
         modules = dict(model.named_modules())
         groups = [g for g in graph.prunable_groups
@@ -104,47 +88,37 @@ class ChannelPruner(Pruner):
                              f"where zeroing differs from removal are left out): {graph.unprunable or 'no groups'}")
 
         self.model = model
+        self.importance = criterion
         self.target_sparsity = target
         self.schedule = schedule.resolved(target)
-        self.importance = criterion
-        self.granularity = "channel"
         self.scope = scope
         self.graph = graph
         self._groups: List[Group] = groups
         self._names = _group_names(groups)
-        self._schedules = {name: self.schedule for name in self._names}
+        self.schedules = {name: self.schedule for name in self._names}
         self._removed = [torch.zeros(len(g), dtype=torch.bool) for g in groups]
         self._zeroed: Dict[Member, torch.Tensor] = {}
         self._data = data
         self._loss_fn = loss_fn
-        self._step = 0
-        self._updates = 0
-        self._finalized = False
-        self._hooks = []
 
     @property
     def groups(self) -> Dict[str, Group]:
-        """The channel groups this Pruner prunes, by name (the group's first member)."""
+        """The channel groups pruned, by name (the group's first member)."""
         return dict(zip(self._names, self._groups))
 
-    @property
-    def sparsity(self) -> float:
+    def sparsity(self, finalized: bool) -> float:
         """The fraction of the pruned groups' channels zeroed (removed after `finalize()`)."""
         total = sum(len(g) for g in self._groups)
         return sum(int(r.sum()) for r in self._removed) / total
 
-    def step(self) -> bool:
-        """Call once per training step, after ``optimizer.step()``: re-zeroes the pruned channels and,
-        at the schedule's update steps, prunes more; True when it ranked and updated the channels."""
-        if self._finalized:
-            raise RuntimeError("the Pruner was finalized: its channels are removed and it cannot step any more")
-        step = self._step
-        self._step += 1
-        updated = self.schedule.is_update(step) and self._update(step)
-        self._zero()
-        return updated
+    def observe_step(self) -> None:
+        """Nothing: channel scores come from the weights or ``data`` at each update."""
 
-    def _update(self, step: int) -> bool:
+    def after_step(self) -> None:
+        """Re-zeroes the pruned channels after every optimizer step (stale momentum cannot bring them back)."""
+        self._zero()
+
+    def update(self, step: int) -> bool:
         target = self.schedule.sparsity_at(step)
         if target == 0:
             return False
@@ -165,7 +139,6 @@ class ChannelPruner(Pruner):
         for removed, units in zip(self._removed, chosen):
             removed[units] = True
         self._zeroed = self._members_of_removed()
-        self._updates += 1
         check_equal_across_ranks({name: ~r for name, r in zip(self._names, self._removed)}, step, "channels")
         return True
 
@@ -203,59 +176,48 @@ class ChannelPruner(Pruner):
         return {name: torch.nonzero(r).flatten().tolist() for name, r in zip(self._names, self._removed)}
 
     def state_dict(self) -> dict:
-        """The step count and the zeroed channels (plain data). With the model's and optimizer's
-        state it resumes a run exactly; the zeroed weights themselves live in the model's state."""
+        """The zeroed channels (plain data); the zeroed weights themselves live in the model's state."""
         return {
-            "version": _STATE_VERSION,
             "granularity": "channel",
-            "step": self._step,
-            "updates": self._updates,
             "groups": list(self._names),
             "sizes": [len(g) for g in self._groups],
             "removed": [torch.nonzero(r).flatten().tolist() for r in self._removed],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restores `state_dict()` output into a ChannelPruner built with the same arguments (and
-        re-zeroes the saved channels, so the order of loading model and Pruner does not matter)."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or state.get("granularity") != "channel":
-            raise ValueError("`state` must be a dict returned by Pruner.state_dict() with granularity='channel'")
+    def check_state(self, state: dict) -> None:
+        """The state was saved for these channel groups, of these sizes."""
         sizes = [len(g) for g in self._groups]
         if state.get("groups") != list(self._names) or state.get("sizes") != sizes:
             saved = dict(zip(state.get("groups") or [], state.get("sizes") or []))
             differ = [name for name, n in zip(self._names, sizes) if saved.get(name) != n] or list(self._names)
-            raise ValueError(f"`state` was saved for channel groups {state.get('groups')} of sizes {state.get('sizes')}, "
-                             f"this Pruner prunes {list(self._names)} of sizes {sizes}: {differ} differ")
-        if self._finalized:
-            raise RuntimeError("the Pruner was finalized; build a new one to resume")
-        step, updates, removed = state.get("step"), state.get("updates"), state.get("removed")
-        for value, what in ((step, "step"), (updates, "updates")):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"`state[{what!r}]` must be a non-negative int, got {value!r}")
-        if not isinstance(removed, list) or len(removed) != len(sizes) or any(
-                not isinstance(r, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in r)
-                or len(r) >= n for r, n in zip(removed, sizes)):
-            raise ValueError("`state['removed']` must list, per group, channel indices within the group (at least one kept)")
+            raise ValueError(f"`state` was saved for channel groups {state.get('groups')} "
+                             f"of sizes {state.get('sizes')}, this Pruner prunes {list(self._names)} "
+                             f"of sizes {sizes}: {differ} differ")
+
+    def load_state(self, state: dict) -> None:
+        """Restores the zeroed channels and re-zeroes them (so the order of loading model and Pruner
+        does not matter)."""
+        sizes = [len(g) for g in self._groups]
+        removed = state.get("removed")
+        if not isinstance(removed, list) or len(removed) != len(sizes) or not all(
+                _channel_list(r, n) for r, n in zip(removed, sizes)):
+            raise ValueError("`state['removed']` must list, per group, channel indices within the group "
+                             "(at least one kept)")
         self._removed = [torch.zeros(n, dtype=torch.bool) for n in sizes]
         for mask, indices in zip(self._removed, removed):
             mask[torch.as_tensor(indices, dtype=torch.int64)] = True
         self._zeroed = self._members_of_removed()
-        self._step = int(step)
-        self._updates = int(updates)
         self._zero()
 
-    def __getstate__(self) -> dict:
-        """For pickle and deepcopy: everything is plain or keyed by name (no statistics between updates)."""
-        return self.__dict__.copy()
+    def portable_state(self) -> None:
+        """Nothing to re-key in a copy: everything is plain or keyed by name (no statistics between updates)."""
+        return None
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+    def restore(self, by_name: None) -> None:
+        """Nothing to re-key in a copy."""
 
-    def finalize(self) -> nn.Module:
-        """Removes the zeroed channels physically (plain, smaller layers with the same outputs) and
-        returns the model. The layers get new parameters: build the optimizer anew to fine-tune."""
-        if self._finalized:
-            return self.model
+    def finalize(self) -> None:
+        """Removes the zeroed channels physically (plain, smaller layers with the same outputs)."""
         self._zero()
         removed = self._members_of_removed()
         if removed:
@@ -265,13 +227,12 @@ class ChannelPruner(Pruner):
             steps = self.model.__dict__.setdefault(PLAN_ATTRIBUTE, [])
             steps.append({"kind": "channels", "keep": [[m, t, d, keep] for (m, t, d), keep in plan.items()]})
         self._zeroed = {}
-        self._finalized = True
-        return self.model
 
-    def __repr__(self) -> str:
-        return (f"Pruner(granularity='channel', target_sparsity={self.target_sparsity}, schedule={self.schedule!r}, "
-                f"importance={self.importance!r}, scope={self.scope!r}, groups={len(self._groups)}, step={self._step}, "
-                f"sparsity={self.sparsity:.4f})")
+
+def _channel_list(indices, size: int) -> bool:
+    """Whether ``indices`` is a list of channel indices within a group of ``size`` that keeps one."""
+    return (isinstance(indices, list) and len(indices) < size
+            and all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i < size for i in indices))
 
 
 def _group_names(groups: List[Group]) -> List[str]:
