@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .calibration import hooked_eval
+from .state import hooked_eval
 from .masking import base_type, effective_weight
 from .nn import SparseConv2d, SparseLinear, _SparseLayer
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ._devices import kernel_devices, synchronize
-from .calibration import hooked_eval
+from .state import hooked_eval
 from .masking import base_type, get_mask, is_prunable
 from .nn import _DTYPES, SparseConv2d, SparseLinear
 

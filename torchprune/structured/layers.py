@@ -17,7 +17,7 @@ from typing import Dict, List
 import torch
 from torch import fx, nn
 
-from ..calibration import preserved_state
+from ..state import preserved_state
 from .graph import as_inputs
 
 __all__ = ["residual_blocks", "prune_layers", "replace_by_identity"]

@@ -14,7 +14,7 @@ from typing import Any, Dict
 import torch
 from torch import fx
 
-from ..calibration import preserved_state
+from ..state import preserved_state
 from . import rules
 from .dispatch import LabelRecorder, Member
 
