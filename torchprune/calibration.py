@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .state import hooked_eval, preserved_state
 
@@ -42,7 +42,9 @@ def batches(data: Iterable, targets: bool = True) -> Iterator[Tuple[Any, Any]]:
         elif isinstance(batch, torch.Tensor):
             yield batch, None
         else:
-            got = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+            got = type(batch).__name__
+            if isinstance(batch, (tuple, list)):
+                got = f"a {got} of {len(batch)}"
             raise TypeError(f"`data` must yield (inputs, targets) pairs or input tensors, got {got}")
 
 
@@ -50,12 +52,16 @@ def as_inputs(example_inputs, tensors_only: bool = False) -> tuple:
     """``example_inputs`` (a tensor, or a tuple/list of the model's inputs) as a tuple of positional
     arguments; with ``tensors_only`` every input must be a tensor. None is refused (ValueError)."""
     if example_inputs is None:
-        raise ValueError("`example_inputs` must be given for structural pruning: a tensor or a tuple of the model's inputs")
+        raise ValueError(
+            "`example_inputs` must be given for structural pruning: a tensor or a tuple of the model's inputs"
+        )
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if tensors_only:
-        if not isinstance(example_inputs, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in example_inputs):
-            raise TypeError(f"`example_inputs` must be a Tensor or a tuple/list of Tensors, got {type(example_inputs).__name__}")
+        if not isinstance(example_inputs, (tuple, list)) or not all(isinstance(x, Tensor) for x in example_inputs):
+            raise TypeError(
+                f"`example_inputs` must be a Tensor or a tuple/list of Tensors, got {type(example_inputs).__name__}"
+            )
         return tuple(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)

@@ -21,7 +21,10 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["Importance", "Requires", "ChannelTensor", "score_precision", "per_output", "has_channel_form", "check_channel_form"]
+__all__ = [
+    "Importance", "Requires", "ChannelTensor", "score_precision", "per_output",
+    "has_channel_form", "check_channel_form",
+]
 
 
 class Requires(str, enum.Enum):
@@ -78,7 +81,7 @@ class Importance:
         """One float64 score per index along each dim of ``member.dims`` (higher = keep), or None
         when this criterion does not score that member. Only criteria with a structured form
         implement it."""
-        raise ValueError(f"`importance` {self!r} has no structured form; use one of {_STRUCTURED_NAMES}")
+        raise _no_channel_form(self)
 
     def unit_scores(self, sizes: Sequence[int]) -> Optional[list]:
         """Scores decided per unit without reading any member (one float64 vector per size), or
@@ -118,9 +121,13 @@ def has_channel_form(criterion: Importance) -> bool:
 
 
 def check_channel_form(criterion: Importance) -> None:
-    """Raises the ValueError of `Importance.channel_scores` for a criterion without a structured form."""
+    """Raises ValueError, naming the criteria that have one, for a criterion without a structured form."""
     if not has_channel_form(criterion):
-        Importance.channel_scores(criterion, ChannelTensor(torch.empty(0), ()))
+        raise _no_channel_form(criterion)
+
+
+def _no_channel_form(criterion: Importance) -> ValueError:
+    return ValueError(f"`importance` {criterion!r} has no structured form; use one of {_STRUCTURED_NAMES}")
 
 
 def score_precision(weight: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,8 @@ class BNScale(Importance):
             found[id(layer)] = bn
         if missing:
             raise ValueError(
-                f"BNScale found no affine BatchNorm right after layers {missing} ({base_type(layers[missing[0]]).__name__}): "
+                f"BNScale found no affine BatchNorm right after layers {missing} "
+                f"({base_type(layers[missing[0]]).__name__}): "
                 "exclude them, or name their BatchNorm with BNScale(pairs={layer_name: bn_name})"
             )
         self._bn = found
