@@ -46,3 +46,32 @@ def test_layer_without_gradient_is_named_and_nothing_changes():
     with pytest.raises(ValueError, match=r"layers \['0'\] received no gradient"):
         tp.prune(net, sparsity=0.5, importance="taylor", data=batches(), loss_fn=F.cross_entropy)
     assert_unchanged(net, before)
+
+
+# --- the one parser of `data` batches and `example_inputs` ---------------------------------------
+
+
+def test_batches_reads_pairs_and_bare_inputs_only_when_asked():
+    from torchprune.calibration import batches
+
+    x, y = torch.zeros(2, 3), torch.zeros(2)
+    assert [b for b in batches([(x, y), [x, y]])] == [(x, y), (x, y)]
+    assert list(batches([x], targets=False)) == [(x, None)]
+    with pytest.raises(TypeError, match=r"`data` must yield \(inputs, targets\) pairs, got Tensor"):
+        list(batches([x]))
+    with pytest.raises(TypeError, match="pairs or input tensors, got a tuple of 3"):
+        list(batches([(x, y, y)], targets=False))
+
+
+def test_as_inputs_and_call():
+    from torchprune.calibration import as_inputs, call
+
+    x = torch.ones(2, 3)
+    assert as_inputs(x) == (x,) and as_inputs([x, 2]) == (x, 2) and as_inputs((x,), tensors_only=True) == (x,)
+    with pytest.raises(ValueError, match="`example_inputs` must be given"):
+        as_inputs(None)
+    with pytest.raises(TypeError, match="`example_inputs` must be a tensor or a tuple"):
+        as_inputs(3)
+    with pytest.raises(TypeError, match="`example_inputs` must be a Tensor or a tuple/list of Tensors"):
+        as_inputs([x, 2], tensors_only=True)
+    assert torch.equal(call(torch.add, (x, x)), 2 * x) and torch.equal(call(torch.neg, x), -x)

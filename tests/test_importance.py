@@ -106,7 +106,7 @@ def test_resolve_errors_list_the_allowed_names():
         imp.Random(seed=1.5)
 
 
-# --- data-driven criteria that read activations (torchprune/activations.py) ---------------------
+# --- data-driven criteria that read activations (torchprune/importance/activations.py) ----------
 
 
 def test_activation_mean_and_apoz_by_hand():

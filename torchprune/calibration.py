@@ -1,50 +1,76 @@
-"""Running calibration data through a model for data-driven importance, without side effects.
+"""Running calibration data through a model, without side effects, and THE parser of its inputs.
 
 Data-driven criteria need forward (and, for gradient criteria, backward) passes; pruning must not
-change anything else.
-The passes run in eval mode (no BatchNorm statistic updates, no dropout) with gradients enabled
-even when the caller is under ``torch.no_grad()`` or ``torch.inference_mode()``, and afterwards
-every parameter's ``.grad`` and every submodule's own train/eval flag are restored.
+change anything else. The passes run in eval mode (no BatchNorm statistic updates, no dropout)
+with gradients enabled even when the caller is under ``torch.no_grad()`` or
+``torch.inference_mode()``, and afterwards every parameter's ``.grad`` and every submodule's own
+train/eval flag are restored (see `state.py`).
+
+Every entry point reads ``data`` through `batches` and ``example_inputs`` through `as_inputs`, and
+calls the model with `call`, so that all of them accept the same forms with the same errors.
+
+* weight level: `observe` (`observe_gradients` / `observe_activations`) feeds a criterion's
+  ``observe(layer)`` / ``observe_forward(layer, inputs, output)``;
+* channel level: `observe_parameter_gradients` / `observe_outputs` return per-tensor sums of a
+  criterion's ``gradient_term`` / ``output_statistics``, read by its ``channel_scores``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Dict, Iterable, Iterator, List
+from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["preserved_state", "hooked_eval", "observe_gradients", "observe_activations", "observe"]
+from .state import hooked_eval, preserved_state
 
-
-@contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[List[torch.nn.Parameter]]:
-    """Restores the parameters' gradients and each submodule's train/eval flag on exit."""
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        yield params
-    finally:
-        for p, grad in zip(params, grads):
-            p.grad = grad
-        for module, training in modes:
-            module.training = training
+__all__ = [
+    "batches", "as_inputs", "call", "observe_gradients", "observe_activations", "observe",
+    "observe_parameter_gradients", "observe_outputs",
+]
 
 
-@contextlib.contextmanager
-def hooked_eval(model: nn.Module, handles: List) -> Iterator[None]:
-    """Forward passes for observation only: eval mode under ``no_grad`` while the hooks behind
-    ``handles`` are in place; on exit the hooks are removed and every gradient and train/eval flag
-    is restored (see :func:`preserved_state`)."""
-    try:
-        with preserved_state(model), torch.no_grad():
-            model.eval()
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def batches(data: Iterable, targets: bool = True) -> Iterator[Tuple[Any, Any]]:
+    """The ``(inputs, targets)`` pairs of ``data``; with ``targets=False`` a batch may also be the
+    bare inputs (a tensor), given with targets None. ``inputs`` is a tensor or a tuple/list of the
+    model's positional inputs (see `call`). Raises TypeError on the first batch of another form."""
+    for batch in data:
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            yield batch[0], batch[1]
+        elif targets:
+            raise TypeError(f"`data` must yield (inputs, targets) pairs, got {type(batch).__name__}")
+        elif isinstance(batch, torch.Tensor):
+            yield batch, None
+        else:
+            got = type(batch).__name__
+            if isinstance(batch, (tuple, list)):
+                got = f"a {got} of {len(batch)}"
+            raise TypeError(f"`data` must yield (inputs, targets) pairs or input tensors, got {got}")
+
+
+def as_inputs(example_inputs, tensors_only: bool = False) -> tuple:
+    """``example_inputs`` (a tensor, or a tuple/list of the model's inputs) as a tuple of positional
+    arguments; with ``tensors_only`` every input must be a tensor. None is refused (ValueError)."""
+    if example_inputs is None:
+        raise ValueError(
+            "`example_inputs` must be given for structural pruning: a tensor or a tuple of the model's inputs"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if tensors_only:
+        if not isinstance(example_inputs, (tuple, list)) or not all(isinstance(x, Tensor) for x in example_inputs):
+            raise TypeError(
+                f"`example_inputs` must be a Tensor or a tuple/list of Tensors, got {type(example_inputs).__name__}"
+            )
+        return tuple(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"`example_inputs` must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")
+
+
+def call(model: nn.Module, inputs) -> Any:
+    """``model`` on one batch's inputs: a tuple/list is spread over its positional arguments."""
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
 def _autograd_ready(value):
@@ -56,27 +82,45 @@ def _autograd_ready(value):
     return value
 
 
+def backward_passes(model: nn.Module, data: Iterable, loss_fn: Callable, after_backward: Callable[[], None]) -> None:
+    """One backward pass of ``loss_fn(model(inputs), targets)`` per batch of ``data``, each from
+    cleared gradients, calling ``after_backward()`` after each. Raises ValueError if ``data`` is empty."""
+    count = 0
+    with preserved_state(model) as params, torch.inference_mode(False), torch.enable_grad():
+        model.eval()
+        for inputs, targets in batches(data):
+            for p in params:
+                p.grad = None
+            loss_fn(call(model, _autograd_ready(inputs)), _autograd_ready(targets)).backward()
+            after_backward()
+            count += 1
+    if count == 0:
+        raise ValueError("`data` yielded no batches")
+
+
+def forward_passes(model: nn.Module, data: Iterable, hooks: List[Tuple[nn.Module, Callable]]) -> None:
+    """One observation-only forward pass per batch of ``data`` (pairs or bare inputs) with each
+    ``(module, hook)`` of ``hooks`` registered as a forward hook. Raises ValueError if ``data`` is empty."""
+    count = 0
+    with hooked_eval(model, [module.register_forward_hook(hook) for module, hook in hooks]):
+        for inputs, _ in batches(data, targets=False):
+            call(model, inputs)
+            count += 1
+    if count == 0:
+        raise ValueError("`data` yielded no batches")
+
+
 def observe_gradients(
     model: nn.Module, layers: Dict[str, nn.Module], criterion, data: Iterable, loss_fn: Callable
 ) -> None:
     """One backward pass per ``(inputs, targets)`` batch of ``data``; after each, the criterion
     observes every layer of ``layers``. Raises ValueError if a layer got no gradient at all."""
-    batches = 0
-    with preserved_state(model) as params, torch.inference_mode(False), torch.enable_grad():
-        model.eval()
-        for batch in data:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError(f"`data` must yield (inputs, targets) pairs, got {type(batch).__name__}")
-            inputs, targets = _autograd_ready(batch[0]), _autograd_ready(batch[1])
-            for p in params:
-                p.grad = None
-            output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-            loss_fn(output, targets).backward()
-            for layer in layers.values():
-                criterion.observe(layer)
-            batches += 1
-    if batches == 0:
-        raise ValueError("`data` yielded no batches")
+
+    def observe_all():
+        for layer in layers.values():
+            criterion.observe(layer)
+
+    backward_passes(model, data, loss_fn, observe_all)
     silent = [name for name, layer in layers.items() if not criterion.observed(layer)]
     if silent:
         raise ValueError(
@@ -85,33 +129,15 @@ def observe_gradients(
         )
 
 
-def _inputs_of(batch):
-    """The model inputs of a batch: the first element of an ``(inputs, targets)`` pair, or the batch."""
-    if isinstance(batch, (tuple, list)):
-        if len(batch) != 2:
-            raise TypeError(f"`data` must yield (inputs, targets) pairs or input tensors, got a {type(batch).__name__} of {len(batch)}")
-        return batch[0]
-    if isinstance(batch, torch.Tensor):
-        return batch
-    raise TypeError(f"`data` must yield (inputs, targets) pairs or input tensors, got {type(batch).__name__}")
-
-
 def observe_activations(model: nn.Module, layers: Dict[str, nn.Module], criterion, data: Iterable) -> None:
     """One forward pass per batch of ``data`` (``(inputs, targets)`` pairs or bare inputs) in eval mode
     under ``no_grad``; forward hooks hand each layer's inputs and output to
     ``criterion.observe_forward(layer, inputs, output)``. Raises ValueError if a layer never ran."""
-    batches = 0
 
     def hook(module, inputs, output):
         criterion.observe_forward(module, inputs, output)
 
-    with hooked_eval(model, [layer.register_forward_hook(hook) for layer in layers.values()]):
-        for batch in data:
-            inputs = _inputs_of(batch)
-            model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-            batches += 1
-    if batches == 0:
-        raise ValueError("`data` yielded no batches")
+    forward_passes(model, data, [(layer, hook) for layer in layers.values()])
     silent = [name for name, layer in layers.items() if not criterion.observed(layer)]
     if silent:
         raise ValueError(f"layers {silent} were not called by the forward on `data`: exclude them with `exclude`")
@@ -124,3 +150,37 @@ def observe(model: nn.Module, layers: Dict[str, nn.Module], criterion, data: Ite
         observe_gradients(model, layers, criterion, data, loss_fn)
     else:
         observe_activations(model, layers, criterion, data)
+
+
+def observe_parameter_gradients(
+    model: nn.Module, tensors: Dict[Hashable, nn.Parameter], term: Callable, data: Iterable, loss_fn: Callable
+) -> Dict[Hashable, torch.Tensor]:
+    """Sum over the backward passes on ``data`` of ``term(tensor, tensor.grad)`` in float64, for
+    each parameter of ``tensors`` (zeros for one that never gets a gradient)."""
+    sums = {key: torch.zeros_like(t, dtype=torch.float64) for key, t in tensors.items()}
+
+    def add_terms():
+        for key, t in tensors.items():
+            if t.grad is not None:
+                sums[key] += term(t.detach(), t.grad).double()
+
+    backward_passes(model, data, loss_fn, add_terms)
+    return sums
+
+
+def observe_outputs(
+    model: nn.Module, producers: Dict[Hashable, Tuple[nn.Module, int]], statistic: Callable, data: Iterable
+) -> Dict[Hashable, Dict[str, torch.Tensor]]:
+    """Sums over the forward passes on ``data`` of ``statistic(output, dim)`` (a dict of tensors) for
+    the output of each ``(module, dim)`` of ``producers``; a module that never runs is left out."""
+    sums: Dict[Hashable, Dict[str, torch.Tensor]] = {}
+
+    def hook_for(key, dim):
+        def hook(module, inputs, output):
+            stats = sums.setdefault(key, {})
+            for name, value in statistic(output.detach(), dim).items():
+                stats[name] = value if name not in stats else stats[name] + value
+        return hook
+
+    forward_passes(model, data, [(module, hook_for(key, dim)) for key, (module, dim) in producers.items()])
+    return sums

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ._devices import kernel_devices
-from .calibration import hooked_eval
+from .state import hooked_eval
 from .errors import describe
 from .masking import base_type, get_mask, is_prunable
 from .nn.sparse import SPARSE_DTYPES, SparseConv2d, SparseLinear

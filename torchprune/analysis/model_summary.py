@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..calibration import hooked_eval
+from ..state import hooked_eval
 from ..errors import describe
 from ..masking import base_type, effective_weight, prunable_layers
 from ..nn.sparse import SparseConv2d, SparseLayer, SparseLinear

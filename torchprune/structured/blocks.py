@@ -17,7 +17,7 @@ from typing import Dict, List
 import torch
 from torch import fx, nn
 
-from ..calibration import preserved_state
+from ..state import preserved_state
 from .graph import as_inputs
 from .plan import record_step
 

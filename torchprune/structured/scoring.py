@@ -1,72 +1,73 @@
 """Group importance: one score per removable channel (unit), aggregated over all its members.
 
-How the members are combined: each member tensor gets one score per index along its pruned dim
-(see below); that vector is divided by its mean over the member (so that a layer with large
-weights does not outvote one with small weights), and a unit's score is the mean, over the
-group's scored members, of the normalized scores of the indices the unit owns (summed when a
-unit owns several indices, e.g. the H*W features a channel feeds into a Linear).
+The criterion owns the scoring (Torch-Pruning's ``Importance(group)`` idea): each member tensor of
+the groups is handed to ``criterion.channel_scores`` (see `importance.base.ChannelTensor`), which
+returns one score per index along the member's pruned dims, or None for a member it does not
+score; data-driven criteria are first fed by `calibration`'s passes (``criterion.requires``).
+`Random` scores units directly (``unit_scores``). A criterion without these hooks (e.g. Wanda)
+has no structured form: ValueError.
 
-Per-index member scores, by criterion:
+How the members are combined: each member's per-index scores are divided by their mean over the
+member (so that a layer with large weights does not outvote one with small weights), and a
+unit's score is the mean, over the group's scored members, of the normalized scores of the
+indices the unit owns (summed when a unit owns several indices, e.g. the H*W features a channel
+feeds into a Linear). A group none of whose members the criterion scores is scored by its
+``channel_fallback`` (FilterNorm(2) for ``BNScale`` and ``Activation``).
+
+Per-index member scores, by criterion (see each class):
 
 * ``Magnitude(p)`` ("l1", "l2", "magnitude"): sum of |w|^p over the slice, for members that are
   weights of 2 or more dims (conv, linear, embedding, LSTM input weights);
 * ``FilterNorm(p)`` ("filter_norm"): the Lp norm of the slice, same members;
 * ``Taylor`` / ``Gradient``: sum over the calibration batches of |w * dL/dw| (or |dL/dw|) over
   the slice, same members;
-* ``BNScale`` ("bn_scale"): |gamma| of the group's BatchNorm/LayerNorm members; a group without
-  one is scored by FilterNorm(2) instead;
-* ``Activation`` ("activation", "apoz"): the mean |output| (or 1 - fraction of zeros) per channel
-  of the group's layers that produce it (conv, linear, norm outputs) over the calibration batches;
-  a group that no layer outputs (the q/k or v positions inside attention) is scored by FilterNorm(2);
+* ``BNScale`` ("bn_scale"): |gamma| of the group's BatchNorm/LayerNorm members;
+* ``Activation`` ("activation", "apoz"): the mean of max(y, 0) (or 1 - APoZ, the share of
+  max(y, 0) that is nonzero) per channel of the output y of the group's layers that produce it
+  (conv, linear, norm outputs) over the calibration batches, as at weight level;
 * ``Random``: uniform random per unit (seeded).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Hashable, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..calibration import hooked_eval, preserved_state
-from ..importance import FilterNorm, Gradient, Importance, Magnitude, Random, Taylor
+from ..calibration import observe_outputs, observe_parameter_gradients
+from ..importance import Importance
+from ..importance.base import ChannelTensor, Requires, check_channel_form
 from .graph import Group
 from .trace import Member
 
-__all__ = ["group_scores"]
+__all__ = ["group_scores", "needs", "member_layout"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm)
-
-
-def _kind(criterion: Importance) -> str:
-    name = type(criterion).__name__
-    if isinstance(criterion, FilterNorm):
-        return "filter_norm"
-    if isinstance(criterion, Magnitude):
-        return "magnitude"
-    if isinstance(criterion, (Taylor, Gradient)):
-        return "gradient"
-    if isinstance(criterion, Random):
-        return "random"
-    if name == "BNScale":
-        return "bn_scale"
-    if name == "Activation":
-        return "activation"
-    raise ValueError(
-        f"`importance` {criterion!r} has no structured form; use one of 'l1', 'l2', 'filter_norm', "
-        "'taylor', 'gradient', 'bn_scale', 'activation', 'apoz', 'random'"
-    )
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def needs(criterion: Importance) -> str:
-    """'loss' (backward passes), 'data' (forward passes) or '' for the criterion."""
-    kind = _kind(criterion)
-    return {"gradient": "loss", "activation": "data"}.get(kind, "")
+    """'loss' (backward passes), 'data' (forward passes) or '' for the criterion (its ``requires``);
+    ValueError for a criterion without a structured form."""
+    check_channel_form(criterion)
+    return {Requires.LOSS: "loss", Requires.DATA: "data"}.get(criterion.requires, "")
 
 
-def _owner(model, module):
-    return model.get_submodule(module) if module else model
+def member_layout(owner: nn.Module, tensor: str) -> Tuple[Optional[int], bool]:
+    """For the tensor ``tensor`` of ``owner``: the dim of ``owner``'s output that carries the
+    indices of the tensor's dim 0 (None when the tensor does not produce its output channels), and
+    whether it is a norm layer's scale. The one place here that knows layer types."""
+    if tensor != "weight":
+        return None, False
+    if isinstance(owner, _NORMS):
+        return (-1 if isinstance(owner, nn.LayerNorm) else 1), True
+    if isinstance(owner, nn.Linear):
+        return -1, False
+    if isinstance(owner, _CONVS):
+        return 1, False
+    return None, False
 
 
 def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, data=None, loss_fn=None,
@@ -77,50 +78,19 @@ def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, d
     are zeroed rather than removed (the channel Pruner): each member's mean is then taken over
     those only, so the scores are those of the model with the zeroed channels removed.
     """
-    kind = _kind(criterion)
-    if kind == "random":
-        criterion.reset()
-        return [torch.rand(len(g), generator=criterion._generator, dtype=torch.float64) for g in groups]
-    members = list(dict.fromkeys(m for g in groups for m in g.indices))
+    units = criterion.unit_scores([len(g) for g in groups])
+    if units is not None:
+        return units
+    check_channel_form(criterion)
     if modules is None:
         modules = dict(model.named_modules())
-    if kind == "gradient":
-        per_index = _gradient_scores(model, members, isinstance(criterion, Taylor), data, loss_fn)
-    elif kind == "activation":
-        per_index = _activation_scores(model, members, getattr(criterion, "kind", "mean"), data)
-    else:
-        per_index = {}
-        # (module, tensor) -> |w|^p in float64: a weight in two groups (rows, columns) is powered
-        # once, and only the current weight's copy is alive (members sorted by weight), so scoring
-        # holds one float64 weight at a time, not a float64 copy of the whole model
-        powered_of = {}
-        for m in sorted(members, key=lambda m: (m[0], m[1], m[2])):
-            module, tensor, dim = m
-            if (module, tensor) not in powered_of:
-                powered_of.clear()
-            owner = modules[module]
-            value = owner._parameters.get(tensor)  # the usual case, without nn.Module's attribute lookup
-            value = (getattr(owner, tensor) if value is None else value).detach()
-            if kind == "bn_scale":
-                if isinstance(owner, _NORMS) and tensor == "weight":
-                    per_index[m] = value.double().abs()
-            elif value.dim() >= 2 and tensor != "weight_mask":
-                p = float(criterion.p)
-                powered = powered_of.get((module, tensor))
-                if powered is None:
-                    # one float64 copy (never the weight itself), powered in place
-                    powered = value.to(dtype=torch.float64, copy=True)
-                    powered = powered.square_() if p == 2 else powered.abs_() if p == 1 else powered.abs_().pow_(p)
-                    powered_of[(module, tensor)] = powered
-                summed = powered.sum([d for d in range(powered.dim()) if d != dim])
-                per_index[m] = summed.pow(1 / p) if kind == "filter_norm" else summed
+    per_index = _member_scores(model, groups, criterion, data, loss_fn, modules)
     scores = []
     normalized_of = {}  # member -> its per-index scores divided by their mean (numpy: tiny arrays, many ops)
     for g in groups:
         scored = [m for m in g.indices if m in per_index]
-        if not scored and kind in ("bn_scale", "activation"):  # no norm layer / no layer output here: FilterNorm(2)
-            return_scores = group_scores(model, [g], FilterNorm(p=2), alive=alive, modules=modules)[0]
-            scores.append(return_scores)
+        if not scored and criterion.channel_fallback is not None:
+            scores.append(group_scores(model, [g], criterion.channel_fallback, alive=alive, modules=modules)[0])
             continue
         total = np.zeros(len(g), dtype=np.float64)
         for m in scored:
@@ -136,69 +106,43 @@ def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, d
     return scores
 
 
-def _batches(data):
-    for batch in data:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(f"`data` must yield (inputs, targets) pairs, got {type(batch).__name__}")
-        yield batch
+def _member_scores(model: nn.Module, groups: List[Group], criterion: Importance, data, loss_fn,
+                   modules: Dict[str, nn.Module]) -> Dict[Member, torch.Tensor]:
+    """``criterion.channel_scores`` of every member tensor of ``groups``, by member.
+
+    One call per tensor with all its pruned dims, tensors in name order: a weight in two groups
+    (rows, columns) is read once, and a criterion's float64 copy of it is freed before the next
+    tensor's, so scoring holds one float64 weight at a time, not a float64 copy of the model."""
+    dims_of: Dict[Tuple[str, str], List[int]] = {}
+    for g in groups:
+        for module, tensor, dim in g.indices:
+            if tensor != "weight_mask":
+                dims = dims_of.setdefault((module, tensor), [])
+                if dim not in dims:
+                    dims.append(dim)
+    tensors = {}  # (module, tensor) -> (owner, the tensor itself, output dim of its dim 0, norm scale)
+    for key in sorted(dims_of):
+        owner = modules[key[0]]
+        value = owner._parameters.get(key[1])  # the usual case, without nn.Module's attribute lookup
+        output_dim, norm_scale = member_layout(owner, key[1])
+        tensors[key] = (owner, getattr(owner, key[1]) if value is None else value,
+                        output_dim if 0 in dims_of[key] else None, norm_scale)
+    gathered = _gathered(model, criterion, tensors, data, loss_fn)
+    per_index = {}
+    for key, (owner, value, output_dim, norm_scale) in tensors.items():
+        member = ChannelTensor(value.detach(), tuple(sorted(dims_of[key])), output_dim, norm_scale, gathered.get(key))
+        for dim, scores in (criterion.channel_scores(member) or {}).items():
+            per_index[(key[0], key[1], dim)] = scores
+    return per_index
 
 
-def _call(model, inputs):
-    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-
-
-def _gradient_scores(model, members: List[Member], taylor: bool, data, loss_fn) -> Dict[Member, torch.Tensor]:
-    tensors = {}
-    for m in members:
-        value = getattr(_owner(model, m[0]), m[1])
-        if isinstance(value, nn.Parameter) and value.dim() >= 2:
-            tensors[m] = value
-    sums = {m: torch.zeros_like(t, dtype=torch.float64) for m, t in tensors.items()}
-    count = 0
-    with preserved_state(model) as params, torch.inference_mode(False), torch.enable_grad():
-        model.eval()
-        for inputs, targets in _batches(data):
-            for p in params:
-                p.grad = None
-            loss_fn(_call(model, inputs), targets).backward()
-            for m, t in tensors.items():
-                if t.grad is not None:
-                    term = (t.detach() * t.grad) if taylor else t.grad
-                    sums[m] += term.double().abs()
-            count += 1
-    if count == 0:
-        raise ValueError("`data` yielded no batches")
-    return {m: s.movedim(m[2], 0).reshape(s.shape[m[2]], -1).sum(1) for m, s in sums.items()}
-
-
-def _activation_scores(model, members: List[Member], kind: str, data) -> Dict[Member, torch.Tensor]:
-    producers = {}
-    for m in members:
-        module, tensor, dim = m
-        owner = _owner(model, module)
-        if isinstance(owner, nn.Linear) and tensor == "weight" and dim == 0:
-            producers[m] = (owner, -1)
-        elif isinstance(owner, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and tensor == "weight" and dim == 0:
-            producers[m] = (owner, 1)
-        elif isinstance(owner, _NORMS) and tensor == "weight":
-            producers[m] = (owner, -1 if isinstance(owner, nn.LayerNorm) else 1)
-    sums: Dict[Member, torch.Tensor] = {}
-    counts: Dict[Member, int] = {}
-
-    def hook_for(m, dim):
-        def hook(module, inputs, output):
-            out = output.detach().double().movedim(dim, 0)
-            flat = out.reshape(out.shape[0], -1)
-            value = (flat != 0).double().sum(1) if kind == "apoz" else flat.abs().sum(1)
-            sums[m] = sums.get(m, 0) + value
-            counts[m] = counts.get(m, 0) + flat.shape[1]
-        return hook
-
-    seen = 0
-    with hooked_eval(model, [owner.register_forward_hook(hook_for(m, dim)) for m, (owner, dim) in producers.items()]):
-        for inputs, _ in _batches(data):
-            _call(model, inputs)
-            seen += 1
-    if seen == 0:
-        raise ValueError("`data` yielded no batches")
-    return {m: sums[m] / counts[m] for m in sums}
+def _gathered(model: nn.Module, criterion: Importance, tensors: Dict[Hashable, tuple], data, loss_fn) -> Dict:
+    """What the criterion's data passes collect for each tensor (nothing for weight-only criteria):
+    summed ``gradient_term`` of every parameter, or summed ``output_statistics`` of every output."""
+    if criterion.requires is Requires.LOSS:
+        params = {key: value for key, (_, value, _, _) in tensors.items() if isinstance(value, nn.Parameter)}
+        return observe_parameter_gradients(model, params, criterion.gradient_term, data, loss_fn)
+    if criterion.requires is Requires.DATA:
+        producers = {key: (owner, dim) for key, (owner, _, dim, _) in tensors.items() if dim is not None}
+        return observe_outputs(model, producers, criterion.output_statistics, data)
+    return {}

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from ... import layer_types
-from ...calibration import preserved_state
+from ...state import preserved_state
 from ..attention import PrunedMultiheadAttention
 from . import rules
 from .record import Unrun, record

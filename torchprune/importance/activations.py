@@ -3,13 +3,10 @@
 * `Activation` ranks a layer's output neurons / filters by how they fire on real data: the mean
   activation or the Average Percentage of Zeros (APoZ, Hu et al. 2016).
 * `Wanda` (Sun et al. 2023) weighs each weight by the size of the input feature it multiplies.
-* `BNScale` ranks a conv's filters by the |gamma| of the BatchNorm that follows it (network
-  slimming, Liu et al. 2017).
 
-`Activation` and `Wanda` accumulate statistics in forward hooks through `observe_forward()`:
-`prune()` runs the ``data`` batches through the model (see `calibration.observe_activations`),
-and the progressive Pruner observes the training forward passes (or its own ``data``).
-These are re-exported by `torchprune.importance`.
+Both accumulate statistics in forward hooks through `observe_forward()`: `prune()` runs the
+``data`` batches through the model (see `calibration.observe_activations`), and the progressive
+Pruner observes the training forward passes (or its own ``data``).
 """
 
 from __future__ import annotations
@@ -19,15 +16,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .importance import Importance, _score_precision
-from .masking import base_type, effective_weight
+from ..masking import effective_weight
+from .base import ChannelTensor, Importance, per_output, score_precision
+from .weights import FilterNorm
 
-__all__ = ["Activation", "Wanda", "BNScale"]
-
-
-def _per_output(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """One value per output neuron / filter given to every weight of that row."""
-    return values.view(-1, *([1] * (weight.dim() - 1))).expand(weight.shape).clone()
+__all__ = ["Activation", "Wanda"]
 
 
 def _channel_dim(module: nn.Module, tensor: torch.Tensor) -> int:
@@ -88,16 +81,21 @@ class _ForwardStatistic(Importance):
 class Activation(_ForwardStatistic):
     """How each output neuron / filter fires on data, given to all the weights that feed it.
 
-    Statistics are taken on the layer's output as a following ReLU passes it, the convention of
-    both criteria's papers: ``kind="mean"`` scores a channel by the mean of max(output, 0) over
-    all samples and positions; ``kind="apoz"`` by 1 - APoZ, where APoZ is the fraction of its
-    outputs that are <= 0 (zero after the ReLU). A channel that rarely fires scores low. With
-    weight granularity the whole row (neuron or filter) goes at once, like `FilterNorm`.
+    Both kinds read the layer's output ``y`` as a ReLU passes it, max(y, 0): the post-activation
+    output when a ReLU follows the layer, the convention of both criteria's papers. Over all
+    samples and positions of the calibration data, ``kind="mean"`` ("activation") scores a channel
+    by the mean of max(y, 0); ``kind="apoz"`` by 1 - APoZ, where APoZ (Average Percentage of Zeros)
+    is the share of max(y, 0) that is zero (y <= 0). A channel that rarely fires scores low. With
+    weight granularity the whole row (neuron or filter) goes at once, like `FilterNorm`. With
+    channel granularity the same per-channel values are read on every layer of the group that
+    outputs the channel (conv, linear, norm); a group that no layer outputs (the q/k or v positions
+    inside attention) is scored by FilterNorm(2).
 
     >>> tp.prune(model, sparsity=0.5, importance=tp.importance.Activation("apoz"), data=batches)
     """
 
     _KINDS = ("mean", "apoz")
+    channel_fallback = FilterNorm(p=2)
 
     def __init__(self, kind: str = "mean"):
         if kind not in self._KINDS:
@@ -105,20 +103,33 @@ class Activation(_ForwardStatistic):
         super().__init__()
         self.kind = kind
 
+    @staticmethod
+    def output_statistics(output: torch.Tensor, dim: int) -> Dict[str, torch.Tensor]:
+        """The float64 sums behind both kinds, per channel along ``dim`` of a layer's ``output``:
+        ``positive`` (sum of max(y, 0)), ``zeros`` (count of y <= 0) and ``count`` (values per channel)."""
+        values = _per_channel(output, dim)
+        return dict(positive=values.clamp(min=0).sum(1), zeros=(values <= 0).sum(1).double(),
+                    count=torch.tensor(float(values.shape[1]), dtype=torch.float64))
+
+    def per_channel(self, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The score of each channel from the sums of `output_statistics`."""
+        if self.kind == "mean":
+            return stats["positive"] / stats["count"]
+        return 1.0 - stats["zeros"] / stats["count"]
+
     def observe_forward(self, module: nn.Module, inputs, output) -> None:
         if not isinstance(output, torch.Tensor):
             return
-        values = _per_channel(output, _channel_dim(module, output))
-        self._add(module, positive=values.clamp(min=0).sum(1), zeros=(values <= 0).sum(1).double(),
-                  count=torch.tensor(float(values.shape[1]), dtype=torch.float64))
+        self._add(module, **self.output_statistics(output, _channel_dim(module, output)))
 
     def score(self, module: nn.Module) -> torch.Tensor:
-        stats = self._stats_of(module)
-        if self.kind == "mean":
-            per_channel = stats["positive"] / stats["count"]
-        else:
-            per_channel = 1.0 - stats["zeros"] / stats["count"]
-        return _per_output(per_channel.to(module.weight.device), module.weight)
+        per_channel = self.per_channel(self._stats_of(module))
+        return per_output(per_channel.to(module.weight.device), module.weight)
+
+    def channel_scores(self, member: ChannelTensor) -> Optional[Dict[int, torch.Tensor]]:
+        if member.gathered is None or 0 not in member.dims:
+            return None
+        return {0: self.per_channel(member.gathered)}
 
 
 class Wanda(_ForwardStatistic):
@@ -146,7 +157,7 @@ class Wanda(_ForwardStatistic):
 
     def score(self, module: nn.Module) -> torch.Tensor:
         norms = self._stats_of(module)["squares"].sqrt()
-        weight = _score_precision(effective_weight(module)).abs()
+        weight = score_precision(effective_weight(module)).abs()
         if isinstance(module, nn.Linear):
             return weight * norms.to(weight)
         groups = module.groups
@@ -156,61 +167,3 @@ class Wanda(_ForwardStatistic):
         index = group_of_row[:, None] * per_group + torch.arange(per_group, device=weight.device)[None, :]
         row_norms = norms.to(weight)[index]  # (out, in/groups)
         return weight * row_norms.view(*row_norms.shape, *([1] * (weight.dim() - 2)))
-
-
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-class BNScale(Importance):
-    """|gamma| of the BatchNorm that normalises each filter's output (network slimming).
-
-    The BatchNorm of a layer is found by module order: the module registered right after the layer
-    (``nn.Sequential(conv, bn, ...)`` or ``self.conv = ...; self.bn = ...``) when it is a BatchNorm
-    over the layer's output channels; pass ``pairs={layer_name: bn_name}`` where the order does not
-    tell. A layer without a BatchNorm cannot be scored: exclude it. Train with
-    ``tp.regularize.bn_l1`` first so that the scales separate.
-
-    >>> tp.prune(model, sparsity=0.3, importance="bn_scale", exclude=["fc"])
-    """
-
-    def __init__(self, pairs: Optional[Dict[str, str]] = None):
-        if pairs is not None and (not isinstance(pairs, dict) or
-                                  not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs.items())):
-            raise TypeError("`pairs` must be None or a dict {layer_name: batchnorm_name}")
-        self.pairs = dict(pairs) if pairs else None
-        self._bn: Dict[int, nn.Module] = {}
-
-    def prepare(self, model: nn.Module, layers: Dict[str, nn.Module]) -> None:
-        named = list(model.named_modules())
-        every = dict(model.named_modules(remove_duplicate=False))
-        position = {id(m): i for i, (_, m) in enumerate(named)}
-        found, missing = {}, []
-        for name, layer in layers.items():
-            channels = layer.weight.shape[0]
-            if self.pairs and name in self.pairs:
-                bn = every.get(self.pairs[name])
-                if not isinstance(bn, _BN_TYPES) or bn.num_features != channels or bn.weight is None:
-                    raise ValueError(f"`pairs[{name!r}]` must name an affine BatchNorm with {channels} features")
-            else:
-                following = position[id(layer)] + 1
-                bn = named[following][1] if following < len(named) else None
-                if not (isinstance(bn, _BN_TYPES) and bn.num_features == channels and bn.weight is not None):
-                    missing.append(name)
-                    continue
-            found[id(layer)] = bn
-        if missing:
-            raise ValueError(
-                f"BNScale found no affine BatchNorm right after layers {missing} ({base_type(layers[missing[0]]).__name__}): "
-                "exclude them, or name their BatchNorm with BNScale(pairs={layer_name: bn_name})"
-            )
-        self._bn = found
-
-    def observed(self, module: nn.Module) -> bool:
-        return id(module) in self._bn
-
-    def score(self, module: nn.Module) -> torch.Tensor:
-        bn = self._bn.get(id(module))
-        if bn is None:
-            raise RuntimeError("BNScale has no BatchNorm for this layer: call prepare(model, layers) first")
-        gamma = _score_precision(bn.weight.detach()).abs()
-        return _per_output(gamma.to(module.weight.device), module.weight)
