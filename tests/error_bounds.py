@@ -159,3 +159,67 @@ def assert_layer_close(actual: torch.Tensor, layer: torch.nn.Module, x: torch.Te
     same inputs, within the rounding bound of actual.dtype."""
     expected, magnitude, terms = layer_references(layer, x)
     assert_close_bounded(actual, expected, magnitude, terms, actual.dtype, msg or type(layer).__name__)
+
+
+def layer_grad_references(layer: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
+    """layer_references() for the backward pass too: for (expected, magnitude, terms) each a tuple
+    (output, grad of x, grad of layer.weight) in float64, with upstream gradient ``grad_out``."""
+    def run(transform):
+        twin = copy.deepcopy(layer).double()
+        with torch.no_grad():
+            for p in twin.parameters():
+                if p.is_floating_point():
+                    p.copy_(transform(p))
+        twin.zero_grad(set_to_none=True)
+        leaf = transform(x.detach().double()).requires_grad_()
+        out = twin(leaf)
+        out.backward(transform(grad_out.detach().double()))
+        return out.detach(), leaf.grad, twin.weight.grad
+
+    return run(lambda t: t), run(torch.abs), run(torch.ones_like)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: no magnitude to derive through softmax, normalization and residual adds, so two
+# models said to compute the same function (pruned vs masked, sparse vs dense, before vs after
+# make_permanent) are compared in float64, on copies. There a different summation order moves a
+# result by ~K * 1.1e-16 * magnitude, some 1e-12 of the output scale for these models, far below
+# the 1e-9 allowed, while any real difference (a wrong channel, head or weight) is O(1e-3) or more.
+
+MODEL_RTOL = 1e-9
+
+
+def as_float64(value):
+    """``value`` with every floating tensor in it (tuples, lists, dicts) converted to float64."""
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(as_float64(v) for v in value)
+    if isinstance(value, dict):
+        return {k: as_float64(v) for k, v in value.items()}
+    return value
+
+
+def float64_outputs(module: torch.nn.Module, *inputs, **kwargs):
+    """What a float64 copy of ``module`` returns for float64 copies of the inputs (no grad)."""
+    with torch.no_grad():
+        return copy.deepcopy(module).double()(*as_float64(inputs), **as_float64(kwargs))
+
+
+def _largest(value) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.abs().max()) if value.numel() and value.is_floating_point() else 0.0
+    if isinstance(value, (tuple, list)):
+        return max((_largest(v) for v in value), default=0.0)
+    return 0.0
+
+
+def assert_close_outputs(got, want, msg: str = "") -> None:
+    """float64 outputs ``got`` and ``want`` agree to MODEL_RTOL of their scale (see above)."""
+    atol = MODEL_RTOL * max(1.0, _largest(want))
+    torch.testing.assert_close(got, want, rtol=MODEL_RTOL, atol=atol, msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+
+def assert_same_function(a: torch.nn.Module, b: torch.nn.Module, *inputs, msg: str = "", **kwargs) -> None:
+    """Modules ``a`` and ``b`` compute the same function of ``inputs``: compared in float64, on copies."""
+    assert_close_outputs(float64_outputs(a, *inputs, **kwargs), float64_outputs(b, *inputs, **kwargs), msg)
