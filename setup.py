@@ -175,7 +175,7 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         install_requires=["numpy"],
         extras_require={
-            "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "tqdm"],
+            "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "tqdm", "ruff==0.17.6"],
             "demo": ["scikit-learn", "matplotlib", "tqdm"],
         },
         ext_modules=extensions(),

@@ -11,6 +11,7 @@ from torchprune.masking import attach_mask, effective_weight
 from torchprune.nn import SparseConv2d, SparseLinear
 
 from conftest import make_mlp
+from error_bounds import assert_layer_close
 
 
 def masked(layer, sparsity, seed=0):
@@ -44,7 +45,7 @@ def test_linear_round_trip(dtype, bias):
     assert sparse.nnz == int(dense.weight_mask.sum())
     assert sparse.row_ptr.dtype == torch.int32 and sparse.col_idx.dtype == torch.int16
     x = torch.randn(3, 5, 24, dtype=dtype)
-    torch.testing.assert_close(sparse(x), dense(x))
+    assert_layer_close(sparse(x), dense, x)
     back = sparse.to_dense()
     assert type(back) is nn.Linear and back.weight.dtype == dtype
     assert torch.equal(back.weight, effective_weight(dense))
@@ -75,7 +76,7 @@ def test_masked_layer_with_garbage_in_pruned_slots():
         dense.weight[~dense.weight_mask] = float("nan")  # the mask decides, not the stored value
     sparse = SparseLinear.from_dense(dense)
     x = torch.randn(4, 24)
-    torch.testing.assert_close(sparse(x), dense(x))
+    assert_layer_close(sparse(x), dense, x)
 
 
 CONV_CASES = {
@@ -94,12 +95,12 @@ def test_conv_round_trip(case):
     sparse = SparseConv2d.from_dense(dense)
     assert sparse.nnz == int(dense.weight_mask.sum())
     x = torch.randn(2, 4, 9, 10)
-    torch.testing.assert_close(sparse(x), dense(x))
-    torch.testing.assert_close(sparse(x[0]), dense(x[0]))  # unbatched input
+    assert_layer_close(sparse(x), dense, x)
+    assert_layer_close(sparse(x[0]), dense, x[0])  # unbatched input
     back = sparse.to_dense()
     assert type(back) is nn.Conv2d
     assert torch.equal(back.weight, effective_weight(dense))
-    torch.testing.assert_close(back(x), dense(x))
+    assert_layer_close(back(x), dense, x)
 
 
 def test_extra_repr_shows_shape_nnz_sparsity_format():
@@ -122,7 +123,7 @@ def test_wide_layer_uses_int32_indices():
     sparse = SparseLinear.from_dense(layer)
     assert sparse.col_idx.dtype == torch.int32 and sparse.nnz == 2
     x = torch.randn(3, 70000)
-    torch.testing.assert_close(sparse(x), layer(x))
+    assert_layer_close(sparse(x), layer, x)
 
 
 @pytest.mark.parametrize("in_features,out_features", [(0, 4), (4, 0), (1, 1)])
@@ -130,7 +131,7 @@ def test_empty_and_tiny_layers(in_features, out_features):
     dense = nn.Linear(in_features, out_features)
     sparse = SparseLinear.from_dense(dense)
     x = torch.randn(3, in_features)
-    torch.testing.assert_close(sparse(x), dense(x))
+    assert_layer_close(sparse(x), dense, x)
     assert sparse(torch.randn(0, in_features)).shape == (0, out_features)
 
 
@@ -141,14 +142,14 @@ def test_non_contiguous_input_bf16_deepcopy_and_pickle():
     dense = masked(linear(), 0.5)
     sparse = SparseLinear.from_dense(dense)
     x = torch.randn(8, 24)[::2]
-    torch.testing.assert_close(sparse(x), dense(x))
+    assert_layer_close(sparse(x), dense, x)
     for clone in (copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
         assert torch.equal(clone(x), sparse(x))
     half = SparseLinear.from_dense(masked(linear(dtype=torch.bfloat16), 0.5))
     assert half.values.dtype == torch.bfloat16
     y = half(x.bfloat16())
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), half.to_dense()(x.bfloat16()).float(), rtol=2e-2, atol=2e-2)
+    assert_layer_close(y, half.to_dense(), x.bfloat16())  # accumulated in float32
 
 
 def test_tp_sparsity_counts_sparse_layers():
@@ -186,7 +187,7 @@ def test_state_dict_round_trip_and_size():
     fresh = SparseLinear(256, 256)
     fresh.load_state_dict(loaded)
     x = torch.randn(4, 256)
-    torch.testing.assert_close(fresh(x), dense(x))
+    assert_layer_close(fresh(x), dense, x)
     tp.make_permanent(dense)
     assert saved_size(state) <= saved_size(dense.state_dict()) / 4
 

@@ -11,6 +11,7 @@ import torchprune as tp
 import zoo
 from torchprune.structured.attention import PrunedMultiheadAttention
 from torchprune.structured.heads import attention_modules, remove_heads, zero_heads
+from error_bounds import assert_same_function
 
 
 @pytest.mark.parametrize("name", ["vit", "transformer"])
@@ -21,7 +22,7 @@ def test_removing_heads_equals_zeroing_them(name):
         zero_heads(masked, attn, [1, 3])
         remove_heads(pruned, attn, [0, 2])
     with torch.no_grad():
-        torch.testing.assert_close(pruned(*x), masked(*x), rtol=1e-4, atol=1e-5)
+        assert_same_function(pruned, masked, *x)
     assert all(m.num_heads == 2 for m in attention_modules(pruned).values())
 
 
@@ -35,10 +36,7 @@ def test_pruned_mha_matches_nn_mha_with_masks_and_weights():
     attn_mask[0, 3] = True
     full = PrunedMultiheadAttention.from_attention(mha, torch.arange(4)).eval()
     for kwargs in [{}, {"key_padding_mask": pad}, {"attn_mask": attn_mask, "average_attn_weights": False}]:
-        want = mha(q, kv, kv, **kwargs)
-        got = full(q, kv, kv, **kwargs)
-        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+        assert_same_function(full, mha, q, kv, kv, **kwargs)
 
 
 def test_pruned_mha_pickled_before_v_head_dim_and_scale_still_loads():
@@ -52,7 +50,7 @@ def test_pruned_mha_pickled_before_v_head_dim_and_scale_still_loads():
     assert restored.v_head_dim == 4 and restored.scale == pytest.approx(0.5)
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
-        torch.testing.assert_close(restored(x, x, x)[0], mha(x, x, x)[0], rtol=1e-5, atol=1e-6)
+        assert_same_function(restored, mha, x, x, x)
 
 
 @pytest.mark.parametrize("name", ["vit", "transformer"])
