@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchprune import _ops
+from torchprune import ops as _ops
 
 OPS = torch.ops.torchprune
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -360,7 +360,7 @@ def test_portable_kernels_match_too():
 
     script = (
         "import torch, torch.nn.functional as F\n"
-        "from torchprune import _ops\n"
+        "from torchprune import ops as _ops\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for m, n, k in [(1, 37, 70), (5, 64, 33), (40, 9, 128), (70, 33, 20)]:\n"
         "    for dtype in (torch.float32, torch.float64):\n"

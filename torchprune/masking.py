@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import _ops
-from ._devices import kernel_devices
+from . import ops as _ops
+from .ops.devices import kernel_devices
 
 __all__ = [
     "PRUNABLE_TYPES",

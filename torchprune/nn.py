@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import _ops
-from ._devices import kernel_devices
+from . import ops as _ops
+from .ops.devices import kernel_devices
 from .masking import _conv_input_and_padding, get_mask
 
 __all__ = ["SparseLinear", "SparseConv2d"]

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._devices import kernel_devices, synchronize
+from .ops.devices import kernel_devices, synchronize
 from .calibration import hooked_eval
 from .masking import base_type, get_mask, is_prunable
 from .nn import _DTYPES, SparseConv2d, SparseLinear

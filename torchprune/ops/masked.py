@@ -1,101 +1,23 @@
-"""The C++ ops of torchprune: loading, fake kernels and typed Python wrappers.
+"""The masked ops: a dense weight times its bool mask, without storing the masked copy.
 
-The ops live under ``torch.ops.torchprune``; their schemas are in ``csrc/torchprune.cpp``, their
-CPU kernels in ``csrc/cpu/`` and their autograd in ``csrc/autograd/`` (in C++, so that a masked
-layer runs no Python; each backward is itself an op, so compiled backward graphs see it too;
-higher derivatives go through differentiable ATen ops). This module adds what the C++ side does
-not have:
-
-* fake kernels (``torch.library.register_fake``): output shapes and strides without running the
-  kernel, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace straight through the ops;
-* thin wrappers (:func:`masked_linear`, :func:`masked_conv2d`) with types and docstrings.
-
-Every op validates its arguments in C++; the fake kernels repeat the checks that decide output
-shapes, with the same messages, so a bad call fails the same way while tracing.
+:func:`masked_linear` and :func:`masked_conv2d` are the forward of torchprune's masked layers
+(``MaskedLinear``, ``MaskedConv2d``). Pruned entries count as exactly 0, even where the stored
+weight holds inf/nan, and the weight gradient is exactly 0 there. Schemas in
+``csrc/torchprune.cpp``, kernels in ``csrc/cpu/masked_ops.cpp`` and ``csrc/cuda/``, autograd in
+``csrc/autograd/masked_ops.cpp``; here, each op's typed wrapper sits above its fake kernels, which
+give output shapes and strides for tracing (the schema fragment names this module).
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the ops in torch.ops.torchprune)
-except ImportError as error:  # pragma: no cover - depends on how the package was installed
-    raise ImportError(
-        "torchprune's C++ ops (torchprune._C) could not be loaded: they are not built, or were "
-        "built against a different PyTorch. Build them against the torch you have, from the "
-        'repository root: pip install --no-build-isolation -e ".[test]"  (or, for the ops only: '
-        f"python setup.py build_ext --inplace). Original error: {error}"
-    ) from error
+from .csr import IntPair, pair
 
-__all__ = [
-    "masked_linear",
-    "masked_conv2d",
-    "pack_csr",
-    "unpack_csr",
-    "check_csr",
-    "sparse_linear",
-    "sparse_conv2d",
-]
-
-IntPair = Union[int, Sequence[int]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Python wrappers
-
-
-def masked_linear(
-    x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None
-) -> Tensor:
-    """``x @ where(mask, weight, 0).T + bias`` without storing a second, masked copy of ``weight``.
-
-    ``x`` has shape ``(..., in_features)`` (any number of leading dims, including size 0),
-    ``weight`` ``(out_features, in_features)``, ``mask`` a bool tensor of ``weight``'s shape and
-    ``bias`` ``(out_features,)`` or None. Pruned entries count as exactly 0 (even if the stored
-    weight holds inf/nan), and the gradient w.r.t. ``weight`` is exactly 0 there.
-
-    >>> w = torch.randn(8, 4); mask = w.abs() > 0.5
-    >>> y = masked_linear(torch.randn(2, 4), w, mask)
-    >>> y.shape
-    torch.Size([2, 8])
-    """
-    return torch.ops.torchprune.masked_linear(x, weight, mask, bias)
-
-
-def masked_conv2d(
-    x: Tensor,
-    weight: Tensor,
-    mask: Tensor,
-    bias: Optional[Tensor] = None,
-    stride: IntPair = (1, 1),
-    padding: IntPair = (0, 0),
-    dilation: IntPair = (1, 1),
-    groups: int = 1,
-) -> Tensor:
-    """``F.conv2d(x, where(mask, weight, 0), bias, ...)`` with no stored masked copy of ``weight``.
-
-    ``x`` is ``(N, C_in, H, W)`` (N may be 0), ``weight`` ``(C_out, C_in / groups, kH, kW)``,
-    ``mask`` a bool tensor of ``weight``'s shape, ``bias`` ``(C_out,)`` or None. ``stride``,
-    ``padding`` (zeros) and ``dilation`` take an int or a pair of ints. The gradient w.r.t.
-    ``weight`` is exactly 0 where ``mask`` is false.
-
-    >>> w = torch.randn(16, 3, 3, 3); mask = w.abs() > 0.5
-    >>> y = masked_conv2d(torch.randn(2, 3, 32, 32), w, mask, padding=1)
-    >>> y.shape
-    torch.Size([2, 16, 32, 32])
-    """
-    return torch.ops.torchprune.masked_conv2d(
-        x, weight, mask, bias, _pair(stride, "stride", "masked_conv2d"),
-        _pair(padding, "padding", "masked_conv2d"), _pair(dilation, "dilation", "masked_conv2d"), groups
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake kernels: shapes, dtypes and strides of the outputs, the same as the CPU kernels produce.
+__all__ = ["masked_linear", "masked_conv2d"]
 
 
 def _check(condition, message: Callable[[], str]) -> None:
@@ -117,6 +39,28 @@ def _check_mask(op: str, weight: Tensor, mask: Tensor) -> None:
         lambda: f"{op}: `mask` must have the same shape as `weight` {_shape(weight.shape)}, "
         f"got {_shape(mask.shape)}",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_linear
+
+
+def masked_linear(
+    x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
+    """``x @ where(mask, weight, 0).T + bias`` without storing a second, masked copy of ``weight``.
+
+    ``x`` has shape ``(..., in_features)`` (any number of leading dims, including size 0),
+    ``weight`` ``(out_features, in_features)``, ``mask`` a bool tensor of ``weight``'s shape and
+    ``bias`` ``(out_features,)`` or None. Pruned entries count as exactly 0 (even if the stored
+    weight holds inf/nan), and the gradient w.r.t. ``weight`` is exactly 0 there.
+
+    >>> w = torch.randn(8, 4); mask = w.abs() > 0.5
+    >>> y = masked_linear(torch.randn(2, 4), w, mask)
+    >>> y.shape
+    torch.Size([2, 8])
+    """
+    return torch.ops.torchprune.masked_linear(x, weight, mask, bias)
 
 
 def _check_linear(op: str, x: Tensor, weight: Tensor, mask: Tensor) -> None:
@@ -152,6 +96,39 @@ def _masked_linear_backward_fake(
     grad_weight = x.new_empty(weight.shape) if output_mask[1] else x.new_empty(0)
     grad_bias = x.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0)
     return grad_x, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_conv2d
+
+
+def masked_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = (1, 1),
+    padding: IntPair = (0, 0),
+    dilation: IntPair = (1, 1),
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv2d(x, where(mask, weight, 0), bias, ...)`` with no stored masked copy of ``weight``.
+
+    ``x`` is ``(N, C_in, H, W)`` (N may be 0), ``weight`` ``(C_out, C_in / groups, kH, kW)``,
+    ``mask`` a bool tensor of ``weight``'s shape, ``bias`` ``(C_out,)`` or None. ``stride``,
+    ``padding`` (zeros) and ``dilation`` take an int or a pair of ints. The gradient w.r.t.
+    ``weight`` is exactly 0 where ``mask`` is false.
+
+    >>> w = torch.randn(16, 3, 3, 3); mask = w.abs() > 0.5
+    >>> y = masked_conv2d(torch.randn(2, 3, 32, 32), w, mask, padding=1)
+    >>> y.shape
+    torch.Size([2, 16, 32, 32])
+    """
+    op = "masked_conv2d"
+    return torch.ops.torchprune.masked_conv2d(
+        x, weight, mask, bias, pair(stride, "stride", op), pair(padding, "padding", op),
+        pair(dilation, "dilation", op), groups
+    )
 
 
 def _check_conv2d(op: str, x: Tensor, weight: Tensor, mask: Tensor, groups: int) -> None:
@@ -206,11 +183,3 @@ def _masked_conv2d_backward_fake(
         grad_weight.contiguous() if output_mask[1] else x.new_empty(0),
         grad_bias if output_mask[2] else x.new_empty(0),
     )
-
-
-# The packed-sparse ops keep their wrappers and fake kernels in a module of their own (their
-# schemas name it as their python module); the wrappers are re-exported here with the others.
-from ._sparse_ops import _pair, check_csr, pack_csr, sparse_conv2d, sparse_linear, unpack_csr  # noqa: E402
-
-# The structured-pruning op `compact` keeps its wrapper and fake kernel next to its Python users.
-from .structured.compact import compact  # noqa: E402,F401

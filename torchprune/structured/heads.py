@@ -29,7 +29,7 @@ from torch import nn
 
 from ..importance import FilterNorm, Magnitude, Random, resolve
 from .attention import PrunedMultiheadAttention
-from .compact import compact
+from ..ops import compact
 from .graph import as_inputs
 
 __all__ = ["attention_modules", "prune_heads", "remove_heads"]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compact import compact
+from ..ops import compact
 from .trace import Member
 
 __all__ = ["apply_plan", "zero_channels", "plan_from_removed", "sync_attributes"]
