@@ -4,7 +4,7 @@
   coupled channel groups, from one recorded run on the example inputs or, where a layer does not
   run on them, from torch.fx's symbolic trace;
 * scoring.py: group importance; prune.py: selection and `prune_channels`;
-* remove.py + compact.py: slicing every member through the C++ ``compact`` op;
+* remove.py: slicing every member through the C++ ``compact`` op (torchprune/ops/compact.py);
 * heads.py + attention.py: attention heads; layers.py: residual blocks; replay.py: `tp.load`.
 
 `tp.prune(model, sparsity, granularity="channel" | "head" | "layer", example_inputs=...)` is the
@@ -13,14 +13,6 @@ entry point (with "channel", ``round_to=k`` keeps a multiple of k channels per g
 
 from .attention import PrunedMultiheadAttention
 from .graph import DependencyGraph, Group
+from .prune import prune_channels
+
 __all__ = ["DependencyGraph", "Group", "PrunedMultiheadAttention", "prune_channels"]
-
-
-def __getattr__(name):
-    # prune.py needs torchprune.importance, which (through masking and _ops) imports this
-    # package: load it on first use rather than at import time.
-    if name == "prune_channels":
-        from .prune import prune_channels
-
-        return prune_channels
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from ..calibration import preserved_state
+from ..masking import is_prunable
 from . import rules
 from .dispatch import LabelRecorder, Member
 
@@ -101,7 +102,6 @@ class _LeafTracer(fx.Tracer):
     nn.Linear is still an nn.Linear) and PrunedMultiheadAttention; plus ``opaque`` modules."""
 
     def __init__(self, opaque=frozenset()):
-        from ..masking import is_prunable  # here, not at import time: masking imports this package
         from .attention import PrunedMultiheadAttention
 
         super().__init__()
