@@ -108,7 +108,7 @@ def require_cuda(parser: argparse.ArgumentParser) -> None:
     if not torch.cuda.is_available():
         parser.error(f"--device cuda needs a GPU, but torch {torch.__version__} sees none "
                      "(torch.cuda.is_available() is False); run with --device cpu")
-    import torchprune._ops  # noqa: F401  (loads the C++ ops)
+    import torchprune.ops  # noqa: F401  (loads the C++ ops)
 
     if not torch._C._dispatch_has_kernel_for_dispatch_key("torchprune::masked_linear", "CUDA"):
         parser.error("--device cuda needs torchprune's CUDA ops, but this build has none: rebuild with "

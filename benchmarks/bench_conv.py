@@ -31,7 +31,7 @@ from _common import (break_even, describe, describe_gpu, gpu_info, machine_info,
                      parse_args, pyplot, random_mask, save_figure, speedup_axis, time_cuda,
                      time_interleaved, write_json)
 
-from torchprune import _ops  # noqa: E402
+from torchprune import ops as _ops  # noqa: E402
 
 # (kernel, in_channels, out_channels, height = width)
 CASES = [

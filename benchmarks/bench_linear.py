@@ -51,7 +51,7 @@ from _common import (break_even, describe, describe_gpu, fmt_ms, gpu_info, machi
                      parse_args, pyplot, random_mask, ratio, save_figure, semi_structured,
                      speedup_axis, time_cuda, time_interleaved, write_json)
 
-from torchprune import _ops  # noqa: E402
+from torchprune import ops as _ops  # noqa: E402
 
 SHAPES = [(768, 768), (3072, 768), (768, 3072), (4096, 4096)]  # (out_features, in_features)
 BATCHES = [1, 8, 64, 256]

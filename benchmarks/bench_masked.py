@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (add_device_argument, describe_gpu, gpu_info, machine_info,  # noqa: E402
                      require_cuda, time_cuda, time_interleaved)
 
-from torchprune import _ops  # noqa: E402
+from torchprune import ops as _ops  # noqa: E402
 
 LINEAR_SHAPES = [(768, 768), (3072, 768), (4096, 4096)]  # (out_features, in_features)
 LINEAR_BATCHES = [1, 64, 256]

@@ -78,7 +78,7 @@ else
 fi
 if ! step build "$out/build.log" "${build[@]}" ||
    ! step "CUDA ops registered" "$out/build_check.log" "$python" -c "
-import torch, torchprune._ops
+import torch, torchprune.ops
 for op in ('masked_linear', 'compact', 'sparse_linear', 'pack_csr'):
     print(op, 'CUDA kernel:', torch._C._dispatch_has_kernel_for_dispatch_key('torchprune::' + op, 'CUDA'))
 assert torch._C._dispatch_has_kernel_for_dispatch_key('torchprune::masked_linear', 'CUDA'), 'no CUDA kernels'

@@ -1,6 +1,8 @@
-// The op schemas of torchprune, all in one place. Implementations are registered per dispatch
-// key next to their kernels (csrc/cpu/*.cpp, later csrc/cuda/register.cpp); fake kernels and
-// autograd live in torchprune/_ops.py.
+// The op schemas of torchprune, all in one place, one fragment per op family. Implementations are
+// registered per dispatch key next to their kernels: CPU in csrc/cpu/*.cpp, CUDA in
+// csrc/cuda/register_*.cpp, autograd in csrc/autograd/, autocast in csrc/autocast/. The fake kernels
+// and typed wrappers are Python, one module per family in torchprune/ops/, which each fragment
+// names with set_python_module.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -20,8 +22,9 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(torchprune, m) {
-  // Fake (meta) kernels are registered from Python; torch imports this module when it needs them.
-  m.set_python_module("torchprune._ops");
+  // Fake (meta) kernels are registered from Python, in the module named here: torch checks that
+  // each fake comes from its fragment's module, and names that module when a fake is missing.
+  m.set_python_module("torchprune.ops.masked");
 
   // y = x @ where(mask, weight, 0)^T + bias, over any number of leading dims of x.
   m.def(
@@ -48,9 +51,9 @@ TORCH_LIBRARY(torchprune, m) {
       {at::Tag::pt2_compliant_tag});
 }
 
-// The packed-sparse ops keep their fake kernels in a Python module of their own.
+// The packed-sparse (CSR) ops.
 TORCH_LIBRARY_FRAGMENT(torchprune, m) {
-  m.set_python_module("torchprune._sparse_ops");
+  m.set_python_module("torchprune.ops.csr");
 
   // Packed sparse weights (CSR; the format is described in csrc/common/csr.h). pack_csr keeps
   // the entries where mask is true, or the nonzeros of weight when mask is None.
@@ -87,11 +90,11 @@ TORCH_LIBRARY_FRAGMENT(torchprune, m) {
       {at::Tag::pt2_compliant_tag});
 }
 
-// Structured pruning (fake kernel and wrapper in torchprune/structured/compact.py).
+// Structured pruning's slicing op.
 TORCH_LIBRARY_FRAGMENT(torchprune, m) {
-  m.set_python_module("torchprune.structured.compact");
+  m.set_python_module("torchprune.ops.compact");
   // out[i] = tensors[i].index_select(dims[i], indices[i]) for every i, in one call
-  // (csrc/cpu/compact.cpp). Outputs are fresh contiguous tensors.
+  // (csrc/cpu/compact.cpp, csrc/cuda/compact.cu). Outputs are fresh contiguous tensors.
   m.def("compact(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]",
         {at::Tag::pt2_compliant_tag});
 }

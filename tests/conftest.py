@@ -77,7 +77,7 @@ def by_fx(model, x):
     on x) and a labelled run of its graph, for comparing with the recorded run."""
     from torchprune.structured import DependencyGraph
     from torchprune.structured import graph as graph_module
-    from torchprune.structured.trace import trace_fx
+    from torchprune.structured.tracing.fx import trace_fx
 
     original = graph_module.trace
     graph_module.trace = trace_fx

@@ -5,7 +5,7 @@ kernel (csrc/cuda/compact.cu) runs the same cases against the CPU op whenever a 
 import pytest
 import torch
 
-from torchprune._ops import compact
+from torchprune.ops import compact
 
 
 def reference(tensors, dims, indices):

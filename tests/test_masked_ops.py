@@ -1,4 +1,4 @@
-"""masked_linear / masked_conv2d (csrc/cpu/masked_ops.cpp, torchprune/_ops.py) vs plain PyTorch.
+"""masked_linear / masked_conv2d (csrc/cpu/masked_ops.cpp, torchprune/ops/masked.py) vs plain PyTorch.
 
 The reference is F.linear / F.conv2d with ``weight * mask``: the same function, same gradients for
 x and bias, and a weight gradient that is exactly zero wherever the mask is false. The CUDA kernels
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchprune import _ops
+from torchprune import ops as _ops
 
 from error_bounds import assert_close_bounded, assert_op_close, bilinear_references
 

@@ -325,7 +325,7 @@ def test_compile_fullgraph_over_sparsified_model():
 
 
 def test_layers_on_a_device_without_kernels_are_refused_naming_the_devices():
-    from torchprune._devices import kernel_devices
+    from torchprune.ops.devices import kernel_devices
 
     devices = kernel_devices("sparse_linear")
     assert devices[0] == "cpu"

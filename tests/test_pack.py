@@ -5,7 +5,7 @@ the packed tensors must equal the CPU's byte for byte."""
 import pytest
 import torch
 
-from torchprune import _ops
+from torchprune import ops as _ops
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from torchprune import _ops
+from torchprune import ops as _ops
 
 from property_settings import SETTINGS, examples
 

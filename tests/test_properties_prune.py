@@ -14,7 +14,7 @@ granularity and a scope, and checks against an independent reference of the docu
   position) exactly the M - N lowest (stable) go;
 * channel granularity: each hidden layer keeps max(1, floor((1 - s) * width)) channels with scope
   "layer", floor(s * total + 1/2) channels go with scope "global" (each group keeping one)
-  (structured/prune.py), and the smaller model computes what the original computes with the
+  (structured/channels.py), and the smaller model computes what the original computes with the
   removed channels zeroed;
 * the masked model computes what a plain model with ``where(mask, w, 0)`` computes, tp.sparsity
   counts exactly, and tp.save / tp.load into a fresh instance restores identical masks, weights
@@ -40,8 +40,8 @@ import torchprune as tp
 from torchprune.importance import resolve
 from torchprune.masking import base_type
 from torchprune.structured import DependencyGraph
-from torchprune.structured.prune import choose_removal
-from torchprune.structured.remove import zero_channels
+from torchprune.structured.channels import choose_removal
+from torchprune.structured.plan import zero_channels
 
 from error_bounds import assert_same_function
 from property_settings import SETTINGS, examples

@@ -55,7 +55,7 @@ def test_input_pixels_counts_kept_weights_per_pixel(tmp_path):
         report.plot_input_pixels({"conv": nn.Conv2d(1, 1, 1)}, tmp_path / "q.png")
     with pytest.raises(TypeError, match="`layers`"):
         report.plot_input_pixels(nn.Conv2d(1, 1, 1), tmp_path / "q.png")
-    from torchprune.demo import pixel_statistics
+    from torchprune.demo.writeup import pixel_statistics
     stats = pixel_statistics(layer, torch.tensor([0.0, 0.0, 0.5, 0.5]))
     assert stats["ignored"] == 1 and stats["ignored_blank"] == 1 and stats["blank"] == 2
     assert stats["kept_blank"] == pytest.approx(1.5) and stats["kept_other"] == pytest.approx(2.0)

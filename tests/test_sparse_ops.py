@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchprune import _ops
+from torchprune import ops as _ops
 
 from error_bounds import assert_close, assert_op_close, bilinear_references
 
@@ -360,7 +360,7 @@ def test_portable_kernels_match_too():
     script = (
         f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
         "import torch, torch.nn.functional as F\n"
-        "from torchprune import _ops\n"
+        "from torchprune import ops as _ops\n"
         "from error_bounds import assert_op_close\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for m, n, k in [(1, 37, 70), (5, 64, 33), (40, 9, 128), (70, 33, 20)]:\n"

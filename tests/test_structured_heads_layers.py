@@ -9,7 +9,7 @@ from torch import nn
 
 import torchprune as tp
 import zoo
-from torchprune.structured.attention import PrunedMultiheadAttention
+from torchprune.nn.attention import PrunedMultiheadAttention
 from torchprune.structured.heads import attention_modules, remove_heads, zero_heads
 from error_bounds import assert_same_function
 

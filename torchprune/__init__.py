@@ -9,10 +9,11 @@ from . import importance, nn, regularize, schedules
 from ._version import __version__
 from .analysis import summary
 from .io import load, save
-from .masking import make_permanent, masks, sparsity
+from .analysis import sparsity
+from .masking import make_permanent, masks
 from .oneshot import prune
 from .pruner import Pruner
-from .sensitivity import allocate, sensitivity
+from .analysis.sensitivity import allocate, sensitivity
 from .sparsify import sparsify
 from .structured import DependencyGraph
 

@@ -44,10 +44,10 @@ from .distributed import average_, check_equal_across_ranks, fail_together
 from .importance import Importance
 from .schedules import Schedule
 from .structured.graph import DependencyGraph, Group
-from .structured.prune import PLAN_ATTRIBUTE, select
-from .structured.remove import apply_plan, plan_from_removed, zero_channels
+from .structured.plan import apply_plan, channel_step, plan_from_removed, record_step, zero_channels
 from .structured.scoring import group_scores, needs
-from .structured.trace import Member
+from .structured.select import select
+from .structured.tracing.recorder import Member
 from .targets import check_data_args, check_scope, check_target, excluded_ids, refuse_unused_data
 
 __all__ = ["ChannelStrategy"]
@@ -158,7 +158,7 @@ class ChannelStrategy:
         return alive
 
     def _members_of_removed(self) -> Dict[Member, torch.Tensor]:
-        """The removed indices of every member tensor, as structured.prune.choose_removal builds them."""
+        """The removed indices of every member tensor, as structured.channels.choose_removal builds them."""
         parts: Dict[Member, List[torch.Tensor]] = {}
         for group, removed in zip(self._groups, self._removed):
             units = torch.nonzero(removed).flatten()
@@ -223,9 +223,7 @@ class ChannelStrategy:
         if removed:
             plan = plan_from_removed(self.model, removed)
             apply_plan(self.model, plan)
-            # the step format tp.save stores and tp.load replays (structured/replay.py)
-            steps = self.model.__dict__.setdefault(PLAN_ATTRIBUTE, [])
-            steps.append({"kind": "channels", "keep": [[m, t, d, keep] for (m, t, d), keep in plan.items()]})
+            record_step(self.model, channel_step(plan))  # the step tp.save stores and tp.load replays
         self._zeroed = {}
 
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .structured.attention import PrunedMultiheadAttention
+from .nn.attention import PrunedMultiheadAttention
 
 __all__ = [
     "LayerType", "register_layer_type", "lookup", "is_registered", "output_channel_dim", "scale_tensor",

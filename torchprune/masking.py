@@ -14,7 +14,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ._devices import kernel_devices
+from .ops.devices import kernel_devices
 from .nn.masked import (
     BASE_CLASS,
     MASKED_CLASS,
@@ -156,11 +156,3 @@ def make_permanent(model: nn.Module) -> nn.Module:
             module.weight.masked_fill_(~mask, 0)
         remove_mask(module)
     return model
-
-
-def __getattr__(name: str):  # shim: removed at integration (tp/__init__.py and demo.py import sparsity from here)
-    if name == "sparsity":  # moved to torchprune.analysis; importing it at the top would make a circle
-        from .analysis.model_summary import sparsity
-
-        return sparsity
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,12 +52,10 @@ from .channel_pruner import ChannelStrategy
 from .distributed import average_importance_state, check_equal_across_ranks, fail_together, unwrap
 from .importance import Importance, resolve
 from .masking import attach_mask, check_supported, get_mask, remove_mask
-from .oneshot import prune  # noqa: F401  # shim: removed at integration (demo.py, demo_channels.py import it from here)
 from .schedules import Schedule
 from .targets import (GRANULARITY_HELP, STRUCTURAL, check_data_args, check_dict_scope, check_finite_weights,
                       check_n_m_divides, check_scope, check_target, checked_score, current_mask, parse_granularity,
                       refuse_unused_data, target_layers, weight_owners)
-from .targets import excluded_ids as _excluded_ids  # noqa: F401  # shim: removed at integration (structured/prune.py)
 
 __all__ = ["Pruner", "ChannelPruner", "WeightStrategy"]
 

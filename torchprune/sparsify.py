@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._devices import kernel_devices
+from .ops.devices import kernel_devices
 from .state import hooked_eval
 from .errors import describe
 from .masking import base_type, get_mask, is_prunable

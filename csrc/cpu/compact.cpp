@@ -12,26 +12,17 @@
 #include <cstring>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/compact_checks.h"
 
 namespace torchprune {
 namespace {
 
-constexpr const char* kOp = "compact";
-
+// indices[i], checked: 1-D int64 on the CPU with entries in [0, size).
 void check_indices(int64_t i, const at::Tensor& index, int64_t size) {
-  TORCH_CHECK(index.dim() == 1, kOp, ": `indices[", i, "]` must be 1-D, got a ", index.dim(),
-              "-D tensor of shape ", shape_str(index.sizes()));
-  TORCH_CHECK(index.scalar_type() == at::kLong, kOp, ": `indices[", i,
-              "]` must have dtype torch.int64, got ", dtype_str(index.scalar_type()));
-  TORCH_CHECK(index.device().is_cpu(), kOp, ": `indices[", i, "]` must be on the CPU, got ",
+  check_compact_index(i, index);
+  TORCH_CHECK(index.device().is_cpu(), kCompactOp, ": `indices[", i, "]` must be on the CPU, got ",
               index.device());
-  const at::Tensor contiguous = index.contiguous();
-  const int64_t* idx = contiguous.data_ptr<int64_t>();
-  for (int64_t k = 0; k < contiguous.numel(); ++k) {
-    TORCH_CHECK(idx[k] >= 0 && idx[k] < size, kOp, ": `indices[", i, "]` must lie in [0, ", size,
-                "), got ", idx[k], " at position ", k);
-  }
+  check_compact_index_range(i, index.contiguous(), size);
 }
 
 at::Tensor compact_one(const at::Tensor& tensor, int64_t dim, const at::Tensor& index) {
@@ -65,20 +56,13 @@ at::Tensor compact_one(const at::Tensor& tensor, int64_t dim, const at::Tensor& 
 
 std::vector<at::Tensor> compact_cpu(at::TensorList tensors, at::IntArrayRef dims,
                                     at::TensorList indices) {
-  TORCH_CHECK(dims.size() == tensors.size() && indices.size() == tensors.size(), kOp,
-              ": `tensors`, `dims` and `indices` must have the same length, got ", tensors.size(),
-              ", ", dims.size(), " and ", indices.size());
+  check_compact_lengths(tensors, dims, indices);
   std::vector<int64_t> wrapped(dims.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.device().is_cpu(), kOp, ": `tensors[", i, "]` must be on the CPU, got ",
+    TORCH_CHECK(t.device().is_cpu(), kCompactOp, ": `tensors[", i, "]` must be on the CPU, got ",
                 t.device());
-    TORCH_CHECK(t.dim() >= 1, kOp, ": `tensors[", i, "]` must have at least 1 dimension, got a ",
-                "0-D tensor");
-    TORCH_CHECK(dims[i] >= -t.dim() && dims[i] < t.dim(), kOp, ": `dims[", i, "]` must be in [",
-                -t.dim(), ", ", t.dim() - 1, "] for a tensor of shape ", shape_str(t.sizes()),
-                ", got ", dims[i]);
-    wrapped[i] = dims[i] < 0 ? dims[i] + t.dim() : dims[i];
+    wrapped[i] = checked_compact_dim(i, t, dims[i]);
     check_indices(i, indices[i], t.size(wrapped[i]));
   }
   std::vector<at::Tensor> out;

@@ -1,7 +1,8 @@
 // CUDA implementations of the masked ops and of `compact` (CUDA builds only; setup.py compiles
 // csrc/cuda/*.cpp only when it builds the CUDA extension).
 //
-// Same contract and messages as the CPU kernels (csrc/cpu/masked_ops.cpp, csrc/cpu/compact.cpp).
+// Same contract and messages as the CPU kernels (csrc/cpu/masked_ops.cpp, csrc/cpu/compact.cpp),
+// whose argument checks they share (common/masked_checks.h, common/compact_checks.h).
 // Our own kernels do the masking and the compaction (masked.cu, compact.cu); the dense products go
 // through ATen: at::linear / at::mm (cuBLAS), at::convolution / at::convolution_backward (cuDNN).
 // Only c10/cuda headers are used here, not ATen/cuda ones, which pull in cuBLAS / cuSPARSE headers.
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/compact_checks.h"
 #include "common/masked_checks.h"
 #include "common/masked_dense.h"
 #include "common/op_helpers.h"
@@ -121,112 +123,110 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_cuda(
 // ---------------------------------------------------------------------------------------------
 // compact
 
-constexpr const char* kCompact = "compact";
+// The checked arguments of one call.
+struct CompactArgs {
+  std::vector<int64_t> dims;         // every dim wrapped into [0, tensors[i].dim())
+  std::vector<Tensor> host_indices;  // every index as a contiguous CPU tensor, checked
+};
 
-// The indices as a contiguous CPU tensor, checked. Indices may be on the CPU (as the CPU op takes
-// them) or on the tensors' GPU; GPU indices are copied to the host for the bounds check (a sync
-// per tensor: compaction runs once per pruning step, not per batch).
-Tensor checked_host_indices(int64_t i, const Tensor& index, int64_t size, const at::Device& device) {
-  TORCH_CHECK(index.dim() == 1, kCompact, ": `indices[", i, "]` must be 1-D, got a ", index.dim(),
-              "-D tensor of shape ", shape_str(index.sizes()));
-  TORCH_CHECK(index.scalar_type() == at::kLong, kCompact, ": `indices[", i,
-              "]` must have dtype torch.int64, got ", dtype_str(index.scalar_type()));
-  TORCH_CHECK(index.device().is_cpu() || index.device() == device, kCompact, ": `indices[", i,
-              "]` must be on the CPU or on ", device, " (the device of `tensors[0]`), got ",
-              index.device());
-  const Tensor host = index.to(at::kCPU).contiguous();
-  const int64_t* idx = host.const_data_ptr<int64_t>();
-  for (int64_t k = 0; k < host.numel(); ++k) {
-    TORCH_CHECK(idx[k] >= 0 && idx[k] < size, kCompact, ": `indices[", i, "]` must lie in [0, ",
-                size, "), got ", idx[k], " at position ", k);
+// tensors[0] must be on a GPU: CPU tensors reach this kernel only when an index is on one.
+void check_on_gpu(const at::Device& device, at::TensorList indices) {
+  if (device.is_cuda()) {
+    return;
   }
-  return host;
+  for (size_t i = 0; i < indices.size(); ++i) {
+    TORCH_CHECK(!indices[i].device().is_cuda(), kCompactOp, ": `indices[", i,
+                "]` must be on the CPU when `tensors[0]` is, got ", indices[i].device());
+  }
+  TORCH_CHECK(false, kCompactOp, ": `tensors` must all be on one device, got `tensors[0]` on ",
+              device, " and a tensor on a CUDA device");
+}
+
+// Checks everything, before anything is allocated on the device. Indices may be on the CPU (as
+// the CPU op takes them) or on the tensors' GPU; GPU indices are copied to the host for the bounds
+// check (a sync per tensor: compaction runs once per pruning step, not per batch).
+CompactArgs checked_compact_args(at::TensorList tensors, at::IntArrayRef dims,
+                                 at::TensorList indices, const at::Device& device) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  CompactArgs args{std::vector<int64_t>(n), std::vector<Tensor>(n)};
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor& t = tensors[i];
+    TORCH_CHECK(t.device() == device, kCompactOp, ": `tensors[", i,
+                "]` must be on the same device as `tensors[0]` (", device, "), got ", t.device());
+    args.dims[i] = checked_compact_dim(i, t, dims[i]);
+    const Tensor& index = indices[i];
+    check_compact_index(i, index);
+    TORCH_CHECK(index.device().is_cpu() || index.device() == device, kCompactOp, ": `indices[", i,
+                "]` must be on the CPU or on ", device, " (the device of `tensors[0]`), got ",
+                index.device());
+    args.host_indices[i] = index.to(at::kCPU).contiguous();
+    check_compact_index_range(i, args.host_indices[i], t.size(args.dims[i]));
+  }
+  return args;
+}
+
+// The outputs and the launch table: one entry per non-empty output.
+struct CompactLaunch {
+  std::vector<Tensor> out;
+  std::vector<Tensor> inputs;  // contiguous inputs, kept alive until the launch is queued (the
+                               // caching allocator reuses their memory only in stream order)
+  std::vector<cuda::CompactEntry> entries;
+  std::vector<int64_t> entry_tensor;  // the tensor each entry copies
+  int64_t index_count = 0;            // total length of the entries' indices
+};
+
+CompactLaunch allocate_outputs(at::TensorList tensors, const CompactArgs& args) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  CompactLaunch launch;
+  launch.out.resize(n);
+  launch.inputs.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor& input = launch.inputs[i] = tensors[i].contiguous();
+    const int64_t dim = args.dims[i];
+    std::vector<int64_t> sizes = input.sizes().vec();
+    const int64_t size = sizes[dim];
+    sizes[dim] = args.host_indices[i].numel();
+    launch.out[i] = at::empty(sizes, input.options().memory_format(at::MemoryFormat::Contiguous));
+    if (launch.out[i].numel() == 0) {
+      continue;
+    }
+    cuda::CompactEntry e{};
+    e.src = input.const_data_ptr();
+    e.dst = launch.out[i].mutable_data_ptr();
+    e.outer = 1;
+    for (int64_t d = 0; d < dim; ++d) e.outer *= sizes[d];
+    int64_t inner = 1;
+    for (int64_t d = dim + 1; d < static_cast<int64_t>(sizes.size()); ++d) inner *= sizes[d];
+    e.size = size;
+    e.kept = sizes[dim];
+    e.row_bytes = inner * static_cast<int64_t>(input.element_size());
+    launch.entries.push_back(e);
+    launch.entry_tensor.push_back(i);
+    launch.index_count += e.kept;
+  }
+  return launch;
 }
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
-std::vector<Tensor> compact_cuda(at::TensorList tensors, at::IntArrayRef dims,
-                                 at::TensorList indices) {
-  TORCH_CHECK(dims.size() == tensors.size() && indices.size() == tensors.size(), kCompact,
-              ": `tensors`, `dims` and `indices` must have the same length, got ", tensors.size(),
-              ", ", dims.size(), " and ", indices.size());
-  if (tensors.empty()) {
-    return {};
-  }
-  const at::Device device = tensors[0].device();
-  if (!device.is_cuda()) {  // CPU tensors reach this kernel only when an index is on a GPU
-    for (size_t i = 0; i < indices.size(); ++i) {
-      TORCH_CHECK(!indices[i].device().is_cuda(), kCompact, ": `indices[", i,
-                  "]` must be on the CPU when `tensors[0]` is, got ", indices[i].device());
-    }
-    TORCH_CHECK(false, kCompact, ": `tensors` must all be on one device, got `tensors[0]` on ",
-                device, " and a tensor on a CUDA device");
-  }
-  const c10::cuda::CUDAGuard guard(device);
-
-  // Check everything before allocating anything.
-  const int64_t n = static_cast<int64_t>(tensors.size());
-  std::vector<int64_t> wrapped(n);
-  std::vector<Tensor> host_indices(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const Tensor& t = tensors[i];
-    TORCH_CHECK(t.device() == device, kCompact, ": `tensors[", i,
-                "]` must be on the same device as `tensors[0]` (", device, "), got ", t.device());
-    TORCH_CHECK(t.dim() >= 1, kCompact, ": `tensors[", i,
-                "]` must have at least 1 dimension, got a 0-D tensor");
-    TORCH_CHECK(dims[i] >= -t.dim() && dims[i] < t.dim(), kCompact, ": `dims[", i,
-                "]` must be in [", -t.dim(), ", ", t.dim() - 1, "] for a tensor of shape ",
-                shape_str(t.sizes()), ", got ", dims[i]);
-    wrapped[i] = dims[i] < 0 ? dims[i] + t.dim() : dims[i];
-    host_indices[i] = checked_host_indices(i, indices[i], t.size(wrapped[i]), device);
-  }
-
-  // Outputs, contiguous inputs (kept alive until the launch is queued; the caching allocator
-  // reuses their memory only in stream order) and the table rows of the non-empty outputs.
-  std::vector<Tensor> out(n), inputs(n);
-  std::vector<cuda::CompactEntry> entries;
-  std::vector<int64_t> entry_tensor;
-  int64_t index_count = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    inputs[i] = tensors[i].contiguous();
-    std::vector<int64_t> sizes = inputs[i].sizes().vec();
-    const int64_t size = sizes[wrapped[i]];
-    sizes[wrapped[i]] = host_indices[i].numel();
-    out[i] = at::empty(sizes, inputs[i].options().memory_format(at::MemoryFormat::Contiguous));
-    if (out[i].numel() == 0) {
-      continue;
-    }
-    cuda::CompactEntry e{};
-    e.src = inputs[i].const_data_ptr();
-    e.dst = out[i].mutable_data_ptr();
-    e.outer = 1;
-    for (int64_t d = 0; d < wrapped[i]; ++d) e.outer *= sizes[d];
-    int64_t inner = 1;
-    for (int64_t d = wrapped[i] + 1; d < static_cast<int64_t>(sizes.size()); ++d) inner *= sizes[d];
-    e.size = size;
-    e.kept = host_indices[i].numel();
-    e.row_bytes = inner * static_cast<int64_t>(inputs[i].element_size());
-    entries.push_back(e);
-    entry_tensor.push_back(i);
-    index_count += e.kept;
-  }
-  if (entries.empty()) {
-    return out;
-  }
+// One upload: [table | indices of every entry], staged in pinned memory and copied on the current
+// stream (the pinned buffer is recycled only after that copy has run); then one launch.
+void upload_and_launch(CompactLaunch& launch, const CompactArgs& args, const at::Device& device) {
+  std::vector<cuda::CompactEntry>& entries = launch.entries;
   const int64_t count = static_cast<int64_t>(entries.size());
   const int64_t blocks = cuda::compact_plan(entries.data(), count);
-
-  // One upload: [table | indices of every entry], staged in pinned memory and copied on the
-  // current stream (the pinned buffer is recycled only after that copy has run).
-  const int64_t table_bytes = round_up(count * static_cast<int64_t>(sizeof(cuda::CompactEntry)), 16);
-  const int64_t total_bytes = table_bytes + index_count * static_cast<int64_t>(sizeof(int64_t));
-  Tensor staged = at::empty({total_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  Tensor device_buffer = at::empty({total_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  const int64_t entry_bytes = static_cast<int64_t>(sizeof(cuda::CompactEntry));
+  const int64_t table_bytes = round_up(count * entry_bytes, 16);
+  const int64_t total_bytes =
+      table_bytes + launch.index_count * static_cast<int64_t>(sizeof(int64_t));
+  const at::TensorOptions bytes_options = at::TensorOptions().dtype(at::kByte);
+  Tensor staged = at::empty({total_bytes}, bytes_options.pinned_memory(true));
+  Tensor device_buffer = at::empty({total_bytes}, bytes_options.device(device));
   char* host = static_cast<char*>(staged.mutable_data_ptr());
   const char* device_base = static_cast<const char*>(device_buffer.const_data_ptr());
   int64_t offset = table_bytes;
   for (int64_t j = 0; j < count; ++j) {
-    const Tensor& idx = host_indices[entry_tensor[j]];
+    const Tensor& idx = args.host_indices[launch.entry_tensor[j]];
     const int64_t bytes = idx.numel() * static_cast<int64_t>(sizeof(int64_t));
     std::memcpy(host + offset, idx.const_data_ptr<int64_t>(), bytes);
     entries[j].index = reinterpret_cast<const int64_t*>(device_base + offset);
@@ -238,7 +238,23 @@ std::vector<Tensor> compact_cuda(at::TensorList tensors, at::IntArrayRef dims,
   C10_CUDA_CHECK(cuda::launch_compact(
       reinterpret_cast<const cuda::CompactEntry*>(device_buffer.const_data_ptr()), count, blocks,
       c10::cuda::getCurrentCUDAStream(device.index()).stream()));
-  return out;
+}
+
+std::vector<Tensor> compact_cuda(at::TensorList tensors, at::IntArrayRef dims,
+                                 at::TensorList indices) {
+  check_compact_lengths(tensors, dims, indices);
+  if (tensors.empty()) {
+    return {};
+  }
+  const at::Device device = tensors[0].device();
+  check_on_gpu(device, indices);
+  const c10::cuda::CUDAGuard guard(device);
+  const CompactArgs args = checked_compact_args(tensors, dims, indices, device);
+  CompactLaunch launch = allocate_outputs(tensors, args);
+  if (!launch.entries.empty()) {
+    upload_and_launch(launch, args, device);
+  }
+  return launch.out;
 }
 
 }  // namespace

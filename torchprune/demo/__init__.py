@@ -32,7 +32,6 @@ import torch
 
 from . import channels, digits, weights, writeup
 from .common import FULL, QUICK, SPARSITIES, DemoResult, progress_bar
-from .writeup import pixel_statistics  # noqa: F401  # shim: removed at integration
 
 __all__ = ["run", "add_arguments"]
 

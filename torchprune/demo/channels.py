@@ -20,10 +20,10 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .. import report
+from ..analysis import report
 from ..analysis import summary
-from ..progressive import Pruner
-from ..pruner import prune
+from ..oneshot import prune
+from ..pruner import Pruner
 from .common import LR, Split, accuracy, progressive_schedule, train
 
 __all__ = ["run", "section"]

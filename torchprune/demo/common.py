@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..progressive import Pruner
+from ..pruner import Pruner
 from ..schedules import Cubic
 from .digits import batches
 

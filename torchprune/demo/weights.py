@@ -18,8 +18,8 @@ from typing import Sequence, Tuple
 import torch
 from torch import nn
 
-from ..progressive import Pruner
-from ..pruner import prune
+from ..oneshot import prune
+from ..pruner import Pruner
 from .common import LR, Split, Sweep, Wanda, accuracy, make_cnn, make_mlp, progressive_schedule, train
 
 __all__ = ["sweep", "wanda"]

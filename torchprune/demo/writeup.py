@@ -15,9 +15,10 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from .. import report
+from ..analysis import report
 from ..analysis import summary
-from ..masking import effective_weight, sparsity as model_sparsity
+from ..analysis import sparsity as model_sparsity
+from ..masking import effective_weight
 from ..sparsify import sparsify
 from . import channels
 from .common import BATCH, LR, METHODS, SPARSITIES, DemoResult, Sweep

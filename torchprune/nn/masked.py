@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .. import _ops
+from .. import ops
 from .conv import conv_input_and_padding
 
 __all__ = [
@@ -62,7 +62,7 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
     """An ``nn.Linear`` whose forward uses ``weight`` only where ``weight_mask`` is true."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ops.masked_linear(x, self.weight, self.weight_mask, self.bias)
+        return ops.masked_linear(x, self.weight, self.weight_mask, self.bias)
 
 
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
@@ -73,7 +73,7 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
         if unbatched:
             x = x.unsqueeze(0)
         x, padding = conv_input_and_padding(self, x)
-        y = _ops.masked_conv2d(
+        y = ops.masked_conv2d(
             x, self.weight, self.weight_mask, self.bias, self.stride, padding, self.dilation, self.groups
         )
         return y.squeeze(0) if unbatched else y
@@ -91,7 +91,7 @@ class MaskedConv1d(_MaskedMixin, nn.Conv1d):
             x = x.unsqueeze(0)
         x, padding = conv_input_and_padding(self, x)
         padding = padding if isinstance(padding, int) else padding[0]
-        y = _ops.masked_conv2d(
+        y = ops.masked_conv2d(
             x.unsqueeze(2),
             self.weight.unsqueeze(2),
             self.weight_mask.unsqueeze(2),

@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _ops
-from .. import _devices
+from .. import ops
+from ..ops.devices import kernel_devices
 from ..errors import describe
 from .conv import conv_input_and_padding
 from .masked import get_mask
@@ -80,7 +80,7 @@ class SparseLayer(nn.Module):
         weight = layer.weight.detach()
         mask = get_mask(layer)
         rows = weight.shape[0]
-        row_ptr, col_idx, values = _ops.pack_csr(
+        row_ptr, col_idx, values = ops.pack_csr(
             weight.reshape(rows, self._columns), None if mask is None else mask.reshape(rows, self._columns)
         )
         with torch.no_grad():
@@ -94,7 +94,7 @@ class SparseLayer(nn.Module):
     @staticmethod
     def _check_source(layer: nn.Module, argument: str) -> None:
         weight = layer.weight
-        devices = _devices.kernel_devices("sparse_linear")
+        devices = kernel_devices("sparse_linear")
         if weight.device.type not in devices:
             raise ValueError(
                 f"`{argument}` is on {weight.device}; this build's sparse kernels run on "
@@ -137,7 +137,7 @@ class SparseLayer(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The dense weight (zeros where nothing is stored), detached, in ``_dense_shape``."""
-        dense = _ops.unpack_csr(self.row_ptr, self.col_idx, self.values.detach(), self._columns)
+        dense = ops.unpack_csr(self.row_ptr, self.col_idx, self.values.detach(), self._columns)
         return dense.reshape(self._dense_shape)
 
     def _stats_repr(self) -> str:
@@ -194,7 +194,7 @@ class SparseLayer(nn.Module):
             return [f"{keys['col_idx']!r} holds column {int(columns.max())}, beyond the "
                     f"{self._columns} input columns"]
         try:  # the C++ walk of the whole structure, as the kernels expect it (ascending columns)
-            _ops.check_csr(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), self._columns)
+            ops.check_csr(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), self._columns)
         except RuntimeError as error:
             return [f"{keys['col_idx']!r} / {keys['row_ptr']!r}: {error}"]
         return []
@@ -260,7 +260,7 @@ class SparseLinear(SparseLayer):
         return sparse
 
     def forward(self, x: Tensor) -> Tensor:
-        return _ops.sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.in_features, self.bias)
+        return ops.sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.in_features, self.bias)
 
     def to_dense(self) -> nn.Linear:
         """An equal plain ``nn.Linear`` (zeros where nothing is stored)."""
@@ -321,7 +321,7 @@ class SparseConv2d(SparseLayer):
         if unbatched:
             x = x.unsqueeze(0)
         x, padding = conv_input_and_padding(self, x)
-        y = _ops.sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.kernel_size, self.bias,
+        y = ops.sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.kernel_size, self.bias,
                                self.stride, padding, self.dilation)
         return y.squeeze(0) if unbatched else y
 

@@ -4,29 +4,18 @@
   on the example inputs or, where a layer does not run on them, from torch.fx's symbolic trace;
   what each layer type couples, slices and scores is in torchprune/layer_types.py;
 * scoring.py: group importance; select.py: which units go; channels.py: `prune_channels`;
-* plan.py + compact.py: the removal plan (its format, recorded on the model) and slicing every
-  member through the C++ ``compact`` op;
-* heads.py + attention.py: attention heads; blocks.py: residual blocks; replay.py: `tp.load`;
+* plan.py: the removal plan (its format, recorded on the model) and slicing every member through
+  the C++ ``compact`` op (torchprune/ops/compact.py);
+* heads.py (with torchprune/nn/attention.py): attention heads; blocks.py: residual blocks; replay.py: `tp.load`;
 * granularity.py: `prune_structural`, the structural branch of `tp.prune`.
 
 `tp.prune(model, sparsity, granularity="channel" | "head" | "layer", example_inputs=...)` is the
 entry point (with "channel", ``round_to=k`` keeps a multiple of k channels per group).
 """
 
-from .attention import PrunedMultiheadAttention
+from ..nn.attention import PrunedMultiheadAttention
+from .channels import prune_channels
 from .graph import DependencyGraph, Group
+from .granularity import prune_structural
+
 __all__ = ["DependencyGraph", "Group", "PrunedMultiheadAttention", "prune_channels", "prune_structural"]
-
-
-def __getattr__(name):
-    # channels.py needs torchprune.importance, which (through masking and _ops) imports this
-    # package: load it on first use rather than at import time.
-    if name == "prune_channels":
-        from .channels import prune_channels
-
-        return prune_channels
-    if name == "prune_structural":
-        from .granularity import prune_structural
-
-        return prune_structural
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,2 +1,6 @@
-"""Moved to torchprune.nn.attention (old pickles of PrunedMultiheadAttention name this path: keep an alias)."""
-from ..nn.attention import PrunedMultiheadAttention  # noqa: F401  # shim: removed at integration
+"""An alias kept for pickles: models pickled by torchprune 0.3 name PrunedMultiheadAttention by this
+path. The class lives in torchprune/nn/attention.py."""
+
+from ..nn.attention import PrunedMultiheadAttention
+
+__all__ = ["PrunedMultiheadAttention"]

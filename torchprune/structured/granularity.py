@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..targets import excluded_ids
 from .blocks import prune_layers
 from .channels import prune_channels
 from .heads import prune_heads
@@ -16,8 +17,6 @@ __all__ = ["prune_structural"]
 def prune_structural(model: nn.Module, sparsity, threshold, importance, granularity: str, scope: str, exclude,
                      example_inputs, data, loss_fn, round_to=None) -> nn.Module:
     """The structural branch of `tp.prune` (granularity "channel", "head" or "layer"); returns ``model``."""
-    from ..pruner import _excluded_ids  # pruner.py imports this module: moves to targets.py at integration
-
     if round_to is not None and granularity != "channel":
         raise ValueError("`round_to` only applies to granularity='channel' (channels kept per group), "
                          f"got granularity={granularity!r}")
@@ -26,7 +25,7 @@ def prune_structural(model: nn.Module, sparsity, threshold, importance, granular
                          "pass `sparsity` (a fraction of channels)")
     if sparsity is None:
         raise ValueError(f"`sparsity` must be given with granularity={granularity!r} (a fraction in [0, 1))")
-    excluded = _excluded_ids(model, exclude)
+    excluded = excluded_ids(model, exclude)
     if granularity == "channel":
         return prune_channels(model, example_inputs, sparsity, importance, scope, excluded, round_to, data, loss_fn)
     if granularity == "head":

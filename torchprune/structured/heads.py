@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..importance import FilterNorm, Magnitude, Random, resolve
-from .attention import PrunedMultiheadAttention
-from .compact import compact
+from ..nn.attention import PrunedMultiheadAttention
+from ..ops import compact
 from .graph import as_inputs
 from .plan import record_step
 from .select import select

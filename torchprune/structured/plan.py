@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from .. import layer_types
-from .attention import PrunedMultiheadAttention
-from .compact import compact
+from ..nn.attention import PrunedMultiheadAttention
+from ..ops import compact
 from .tracing.recorder import Member
 
 __all__ = ["PLAN_ATTRIBUTE", "record_step", "steps_of", "apply_plan", "zero_channels", "plan_from_removed",

@@ -40,7 +40,7 @@ from ..calibration import observe_outputs, observe_parameter_gradients
 from ..importance import Importance
 from ..importance.base import ChannelTensor, Requires, check_channel_form
 from .graph import Group
-from .trace import Member
+from .tracing.recorder import Member
 
 __all__ = ["group_scores", "needs", "member_layout"]
 

@@ -15,8 +15,9 @@ import torch
 from torch import fx
 
 from ... import layer_types
+from ...masking import is_prunable
+from ...nn.attention import PrunedMultiheadAttention
 from ...state import preserved_state
-from ..attention import PrunedMultiheadAttention
 from . import rules
 from .record import Unrun, record
 from .recorder import LabelRecorder, Member
@@ -105,8 +106,6 @@ class _LeafTracer(fx.Tracer):
     torchprune/layer_types.py; plus ``opaque`` modules."""
 
     def __init__(self, opaque=frozenset()):
-        from ...masking import is_prunable  # here, not at import time: masking imports this package
-
         super().__init__()
         self.opaque = opaque
         self.failed_in = None  # the innermost submodule whose forward could not be traced

@@ -8,7 +8,7 @@ from typing import Tuple
 
 import torch
 
-from . import _ops  # noqa: F401  (loads torchprune._C, which registers the ops)
+__all__ = ["kernel_devices", "synchronize"]
 
 
 def kernel_devices(op: str) -> Tuple[str, ...]:
