@@ -65,7 +65,7 @@ def _kept(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return mask.to(device="cpu", dtype=torch.bool)
 
 
-def _row_blocks(numel: int, rows: int) -> Iterator[Tuple[int, int]]:
+def row_blocks(numel: int, rows: int) -> Iterator[Tuple[int, int]]:
     """Row ranges ``[r0, r1)`` covering ``rows`` rows of ``numel // rows`` elements, ~_CHUNK each."""
     if numel == 0:
         return
@@ -82,7 +82,7 @@ def _blocks(scores: torch.Tensor, mask: Optional[torch.Tensor], reserved: Option
     scores = scores.detach()
     rows = scores.shape[0] if scores.dim() else 1
     per_row = scores.numel() // max(rows, 1)
-    for r0, r1 in _row_blocks(scores.numel(), rows):
+    for r0, r1 in row_blocks(scores.numel(), rows):
         offset = r0 * per_row
         flat = scores[r0:r1].reshape(-1).to("cpu")
         kept = (torch.ones(flat.numel(), dtype=torch.bool) if mask is None
@@ -226,7 +226,7 @@ def by_row_ratio(scores: torch.Tensor, mask: Optional[torch.Tensor], sparsity: f
     length = scores.numel() // rows if rows else 0
     keep = torch.empty(scores.shape, dtype=torch.bool)
     want = int(round(sparsity * length))
-    for r0, r1 in _row_blocks(scores.numel(), rows):
+    for r0, r1 in row_blocks(scores.numel(), rows):
         block = scores[r0:r1].reshape(r1 - r0, length).to(device="cpu", dtype=torch.float64)
         kept = _kept(None if mask is None else mask[r0:r1], block).reshape(r1 - r0, length)
         block = block.masked_fill(~kept, float("-inf"))
@@ -283,7 +283,7 @@ def n_of_m(scores: torch.Tensor, mask: Optional[torch.Tensor], n: int, m: int) -
     scores = scores.detach()
     keep = torch.empty(scores.shape, dtype=torch.bool)
     dims = scores.dim()
-    for r0, r1 in _row_blocks(scores.numel(), scores.shape[0] if dims else 1):
+    for r0, r1 in row_blocks(scores.numel(), scores.shape[0] if dims else 1):
         kept = _kept(None if mask is None else mask[r0:r1], scores[r0:r1])
         ranked = scores[r0:r1].to(device="cpu", dtype=torch.float64).masked_fill(~kept, float("-inf"))
         grouped = group_input_last(ranked)

@@ -282,7 +282,7 @@ def nonfinite(tensor: torch.Tensor, where: Optional[torch.Tensor] = None) -> Opt
     counts = {"NaN": 0, "+Inf": 0, "-Inf": 0}
     first = None
     rows = tensor.shape[0]
-    for r0, r1 in selection._row_blocks(tensor.numel(), rows):
+    for r0, r1 in selection.row_blocks(tensor.numel(), rows):
         block = tensor[r0:r1]
         bad = ~torch.isfinite(block)
         if where is not None:
