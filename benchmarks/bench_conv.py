@@ -27,11 +27,23 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (break_even, describe, describe_gpu, gpu_info, machine_info,  # noqa: E402
-                     parse_args, pyplot, random_mask, save_figure, speedup_axis, time_cuda,
-                     time_interleaved, write_json)
-
 from torchprune import ops as _ops  # noqa: E402
+
+from _common import (  # noqa: E402
+    break_even,
+    describe,
+    describe_gpu,
+    gpu_info,
+    machine_info,
+    parse_args,
+    pyplot,
+    random_mask,
+    save_figure,
+    speedup_axis,
+    time_cuda,
+    time_interleaved,
+    write_json,
+)
 
 # (kernel, in_channels, out_channels, height = width)
 CASES = [

@@ -47,11 +47,26 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (break_even, describe, describe_gpu, fmt_ms, gpu_info, machine_info,  # noqa: E402
-                     parse_args, pyplot, random_mask, ratio, save_figure, semi_structured,
-                     speedup_axis, time_cuda, time_interleaved, write_json)
-
 from torchprune import ops as _ops  # noqa: E402
+
+from _common import (  # noqa: E402
+    break_even,
+    describe,
+    describe_gpu,
+    fmt_ms,
+    gpu_info,
+    machine_info,
+    parse_args,
+    pyplot,
+    random_mask,
+    ratio,
+    save_figure,
+    semi_structured,
+    speedup_axis,
+    time_cuda,
+    time_interleaved,
+    write_json,
+)
 
 SHAPES = [(768, 768), (3072, 768), (768, 3072), (4096, 4096)]  # (out_features, in_features)
 BATCHES = [1, 8, 64, 256]

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (add_device_argument, describe_gpu, gpu_info, machine_info,  # noqa: E402
-                     require_cuda, time_cuda, time_interleaved)
-
 from torchprune import ops as _ops  # noqa: E402
+
+from _common import add_device_argument, describe_gpu, gpu_info, machine_info, require_cuda, time_cuda, time_interleaved  # noqa: E402
 
 LINEAR_SHAPES = [(768, 768), (3072, 768), (4096, 4096)]  # (out_features, in_features)
 LINEAR_BATCHES = [1, 64, 256]

@@ -33,10 +33,20 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (describe, describe_gpu, gpu_info, machine_info, parse_args, pyplot,  # noqa: E402
-                     save_figure, time_cuda, time_interleaved, write_json)
-
 import torchprune as tp  # noqa: E402
+
+from _common import (  # noqa: E402
+    describe,
+    describe_gpu,
+    gpu_info,
+    machine_info,
+    parse_args,
+    pyplot,
+    save_figure,
+    time_cuda,
+    time_interleaved,
+    write_json,
+)
 
 SPARSITY = 0.9
 BATCHES = [1, 64]

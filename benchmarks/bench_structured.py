@@ -31,9 +31,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torchprune as tp  # noqa: E402
+from torchprune.nn.attention import PrunedMultiheadAttention  # noqa: E402
+
 import zoo  # noqa: E402
 from _common import RESULTS, describe, machine_info, pyplot, set_threads, time_interleaved, write_json  # noqa: E402
-from torchprune.nn.attention import PrunedMultiheadAttention  # noqa: E402
 
 try:
     import torch_pruning as tpp

@@ -216,8 +216,9 @@ def test_example_inputs_must_be_tensors(bad, got):
 
 
 def test_tied_weight_counts_once_in_the_totals():
-    import torchprune as tp
     from test_pruner import TiedNet
+
+    import torchprune as tp
 
     model = TiedNet()
     tp.prune(model, sparsity=0.5, exclude=["head"])

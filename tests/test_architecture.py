@@ -32,8 +32,6 @@ from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1] / "torchprune"
 PACKAGE = "torchprune"
 MAX_FUNCTION_LINES = 60

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchprune as tp
+
 from conftest import assert_unchanged, snapshot
 
 

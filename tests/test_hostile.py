@@ -16,7 +16,6 @@ from torchprune import selection
 from conftest import assert_unchanged, make_mlp, snapshot
 from error_bounds import assert_layer_close
 
-
 # --------------------------------------------------------------------------- NaN / Inf
 
 

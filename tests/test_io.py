@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import torchprune as tp
+
 from conftest import SmallNet
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -9,6 +9,7 @@ from torch import nn
 
 import torchprune as tp
 from torchprune.masking import attach_mask, get_mask, remove_mask
+
 from conftest import SmallNet
 from error_bounds import assert_close_bounded, assert_layer_close, assert_same_function, layer_grad_references
 

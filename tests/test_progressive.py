@@ -13,9 +13,8 @@ import torchprune as tp
 from torchprune import selection
 from torchprune.schedules import Constant, Cubic, Linear, OneShot
 
-from conftest import SmallNet, assert_unchanged, make_mlp, snapshot
+from conftest import assert_unchanged, make_mlp, snapshot
 from error_bounds import assert_same_function
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

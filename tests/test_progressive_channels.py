@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import torchprune as tp
-import zoo
-from conftest import assert_unchanged, snapshot
 from torchprune.pruner import ChannelPruner
-from error_bounds import assert_same_function
 from torchprune.schedules import Linear, OneShot
 
+import zoo
+from conftest import assert_unchanged, snapshot
+from error_bounds import assert_same_function
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -46,7 +46,6 @@ from torchprune.structured.plan import zero_channels
 from error_bounds import assert_same_function
 from property_settings import SETTINGS, examples
 
-
 # Masked vs plain and sparse vs masked models are compared in float64, on copies
 # (error_bounds.assert_same_function): in float32 and below only summation order (blocking, AVX-512
 # vs AVX2) and the rounding of activations between layers would differ, by an amount that follows

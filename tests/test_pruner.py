@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchprune as tp
+
 from conftest import SmallNet, assert_unchanged, make_mlp, snapshot
 from error_bounds import assert_same_function
 

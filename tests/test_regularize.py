@@ -9,7 +9,6 @@ from torchprune import regularize
 
 from conftest import make_mlp
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -21,7 +21,6 @@ from torchprune.schedules import Cubic
 
 from conftest import make_mlp
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

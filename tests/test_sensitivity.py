@@ -9,7 +9,6 @@ from torchprune.analysis.sensitivity import Sensitivity
 
 from conftest import assert_unchanged, make_mlp, snapshot
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import torchprune as tp
-from torchprune.nn import MaskedConv2d, MaskedLinear
-from torchprune.nn import SparseConv2d, SparseLinear
+from torchprune.nn import MaskedConv2d, MaskedLinear, SparseConv2d, SparseLinear
 from torchprune.sparsify import BREAK_EVEN, plan
 
 from conftest import assert_unchanged, make_mlp, snapshot

@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
-import zoo
-from conftest import by_fx
 from torch import nn
 
 import torchprune as tp
 from torchprune.structured import DependencyGraph
+
+import zoo
+from conftest import by_fx
 
 
 def group_of(graph, member):

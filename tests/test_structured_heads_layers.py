@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 import torchprune as tp
-import zoo
 from torchprune.nn.attention import PrunedMultiheadAttention
 from torchprune.structured.heads import attention_modules, remove_heads, zero_heads
+
+import zoo
 from error_bounds import assert_same_function
 
 

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 import torchprune as tp
-import zoo
-from conftest import assert_unchanged, snapshot
 from torchprune.importance import resolve
 from torchprune.structured import DependencyGraph
 from torchprune.structured.channels import choose_removal
 from torchprune.structured.plan import apply_plan, plan_from_removed, zero_channels
+
+import zoo
+from conftest import assert_unchanged, snapshot
 from error_bounds import assert_same_function
 
 NAMES = list(zoo.ZOO)

@@ -5,8 +5,6 @@ import copy
 
 import pytest
 import torch
-import zoo
-from conftest import by_fx
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
@@ -15,6 +13,9 @@ from torchprune.importance import resolve
 from torchprune.structured import DependencyGraph
 from torchprune.structured.channels import choose_removal
 from torchprune.structured.plan import apply_plan, plan_from_removed, zero_channels
+
+import zoo
+from conftest import by_fx
 from error_bounds import assert_same_function
 
 

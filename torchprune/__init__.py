@@ -7,13 +7,12 @@
 
 from . import importance, nn, regularize, schedules
 from ._version import __version__
-from .analysis import summary
+from .analysis import sparsity, summary
+from .analysis.sensitivity import allocate, sensitivity
 from .io import load, save
-from .analysis import sparsity
 from .masking import make_permanent, masks
 from .oneshot import prune
 from .pruner import Pruner
-from .analysis.sensitivity import allocate, sensitivity
 from .sparsify import sparsify
 from .structured import DependencyGraph
 

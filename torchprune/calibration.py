@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Tupl
 import torch
 from torch import Tensor, nn
 
+from .errors import describe
 from .state import hooked_eval, preserved_state
 
 __all__ = [
@@ -59,9 +60,7 @@ def as_inputs(example_inputs, tensors_only: bool = False) -> tuple:
         return (example_inputs,)
     if tensors_only:
         if not isinstance(example_inputs, (tuple, list)) or not all(isinstance(x, Tensor) for x in example_inputs):
-            raise TypeError(
-                f"`example_inputs` must be a Tensor or a tuple/list of Tensors, got {type(example_inputs).__name__}"
-            )
+            raise TypeError(f"`example_inputs` must be a Tensor or a tuple/list of Tensors, got {describe(example_inputs)}")
         return tuple(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .structured.replay import replay, structure_of
 from .masking import attach_mask, base_type, check_supported, get_mask, is_prunable
+from .structured.replay import replay, structure_of
 
 __all__ = ["save", "load"]
 

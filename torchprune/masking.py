@@ -14,7 +14,6 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .ops.devices import kernel_devices
 from .nn.masked import (
     BASE_CLASS,
     MASKED_CLASS,
@@ -25,6 +24,7 @@ from .nn.masked import (
     get_mask,
     release_mask,
 )
+from .ops.devices import kernel_devices
 
 # MaskedLinear, MaskedConv1d, MaskedConv2d and get_mask live in torchprune.nn.masked; they stay
 # importable from here, where they were public (and where old pickles of masked models find them).

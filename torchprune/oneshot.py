@@ -18,8 +18,17 @@ from .calibration import observe
 from .importance import Importance, Magnitude, resolve
 from .masking import attach_mask, check_supported, get_mask
 from .structured import prune_structural
-from .targets import (STRUCTURAL, check_amount, check_data_args, check_finite_weights, check_n_m_divides, checked_score,
-                      parse_granularity, target_layers, weight_owners)
+from .targets import (
+    STRUCTURAL,
+    check_amount,
+    check_data_args,
+    check_finite_weights,
+    check_n_m_divides,
+    checked_score,
+    parse_granularity,
+    target_layers,
+    weight_owners,
+)
 
 __all__ = ["prune"]
 

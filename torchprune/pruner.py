@@ -53,9 +53,22 @@ from .distributed import average_importance_state, check_equal_across_ranks, fai
 from .importance import Importance, resolve
 from .masking import attach_mask, check_supported, get_mask, remove_mask
 from .schedules import Schedule
-from .targets import (GRANULARITY_HELP, STRUCTURAL, check_data_args, check_dict_scope, check_finite_weights,
-                      check_n_m_divides, check_scope, check_target, checked_score, current_mask, parse_granularity,
-                      refuse_unused_data, target_layers, weight_owners)
+from .targets import (
+    GRANULARITY_HELP,
+    STRUCTURAL,
+    check_data_args,
+    check_dict_scope,
+    check_finite_weights,
+    check_n_m_divides,
+    check_scope,
+    check_target,
+    checked_score,
+    current_mask,
+    parse_granularity,
+    refuse_unused_data,
+    target_layers,
+    weight_owners,
+)
 
 __all__ = ["Pruner", "ChannelPruner", "WeightStrategy"]
 

@@ -16,12 +16,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .layer_types import BATCH_NORMS
 from .masking import get_mask
 from .targets import target_layers as _target_layers
 
 __all__ = ["l1", "group_lasso", "bn_l1"]
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _weights(model: nn.Module, exclude: Iterable):
@@ -53,7 +53,7 @@ def bn_l1(model: nn.Module) -> torch.Tensor:
     """Sum of |gamma| over all affine BatchNorm layers (Liu et al. 2017, network slimming)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, _BN_TYPES) and m.weight is not None]
+    terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, BATCH_NORMS) and m.weight is not None]
     if not terms:
         raise ValueError("`model` has no affine BatchNorm layer for bn_l1")
     return sum(terms)

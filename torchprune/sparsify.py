@@ -35,11 +35,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .ops.devices import kernel_devices
-from .state import hooked_eval
-from .errors import describe
+from .calibration import as_inputs
 from .masking import base_type, get_mask, is_prunable
 from .nn.sparse import SPARSE_DTYPES, SparseConv2d, SparseLinear
+from .ops.devices import kernel_devices
+from .state import hooked_eval
 from .timing import medians, sample_interleaved, warm_up
 
 __all__ = ["sparsify", "plan", "Decision", "BREAK_EVEN"]
@@ -117,12 +117,7 @@ def plan(model: nn.Module, min_sparsity: Optional[float] = None,
         if not 0 <= min_sparsity <= 1:
             raise ValueError(f"`min_sparsity` must be in [0, 1], got {min_sparsity}")
     if example_inputs is not None:
-        if isinstance(example_inputs, Tensor):
-            example_inputs = (example_inputs,)
-        elif not isinstance(example_inputs, (tuple, list)) or not all(
-                isinstance(x, Tensor) for x in example_inputs):
-            raise TypeError("`example_inputs` must be a Tensor or a tuple/list of Tensors, got "
-                            f"{describe(example_inputs)}")
+        example_inputs = as_inputs(example_inputs, tensors_only=True)
 
     decisions, eligible = _candidates(model)
     if not eligible:

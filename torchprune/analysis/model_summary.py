@@ -31,10 +31,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..state import hooked_eval
-from ..errors import describe
+from ..calibration import as_inputs
 from ..masking import base_type, effective_weight, prunable_layers
 from ..nn.sparse import SparseConv2d, SparseLayer, SparseLinear
+from ..state import hooked_eval
 
 __all__ = ["Summary", "summary", "sparsity"]
 
@@ -124,7 +124,7 @@ def summary(model: nn.Module,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    positions = None if example_inputs is None else _trace_positions(model, _checked_inputs(example_inputs))
+    positions = None if example_inputs is None else _trace_positions(model, as_inputs(example_inputs, tensors_only=True))
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
         raise ValueError("`model` has uninitialized (lazy) parameters; pass `example_inputs` "
                          "so that one forward can materialise them")
@@ -135,15 +135,6 @@ def summary(model: nn.Module,
         if own:  # one row per module that owns parameters directly
             rows.append(_layer_row(name, module, own, positions, totals))
     return Summary(rows, totals.as_dict())
-
-
-def _checked_inputs(example_inputs: Any) -> Tuple[Tensor, ...]:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not all(isinstance(x, Tensor) for x in example_inputs):
-        raise TypeError("`example_inputs` must be a Tensor or a tuple/list of Tensors, "
-                        f"got {describe(example_inputs)}")
-    return tuple(example_inputs)
 
 
 class _Totals:

@@ -20,8 +20,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ..analysis import report
-from ..analysis import summary
+from ..analysis import report, summary
 from ..oneshot import prune
 from ..pruner import Pruner
 from .common import LR, Split, accuracy, progressive_schedule, train

@@ -15,8 +15,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from ..analysis import report
-from ..analysis import summary
+from ..analysis import report, summary
 from ..analysis import sparsity as model_sparsity
 from ..masking import effective_weight
 from ..sparsify import sparsify

@@ -43,7 +43,9 @@ class ChannelTensor:
     ``output_dim`` the dim of its module's output that carries the indices of dim 0 when the tensor
     produces them (a Linear/conv weight, a norm's scale), else None; ``norm_scale`` is True for the
     scale (gamma) of a BatchNorm/InstanceNorm/LayerNorm; ``gathered`` is what the data passes
-    collected for it (None for weight-only criteria, or when the passes had nothing for it).
+    collected for it (None for weight-only criteria, or when the passes had nothing for it);
+    ``weight`` is True when the weight criteria (magnitude, filter norm, gradient, Taylor) score it:
+    what the layer-type table says for a known layer type, any tensor of 2 or more dims otherwise.
     """
 
     value: torch.Tensor
@@ -51,6 +53,7 @@ class ChannelTensor:
     output_dim: Optional[int] = None
     norm_scale: bool = False
     gathered: Union[None, torch.Tensor, Dict[str, torch.Tensor]] = None
+    weight: bool = False
 
 
 _STRUCTURED_NAMES = "'l1', 'l2', 'filter_norm', 'taylor', 'gradient', 'bn_scale', 'activation', 'apoz', 'random'"

@@ -7,13 +7,13 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ..layer_types import BATCH_NORMS
 from ..masking import base_type
 from .base import ChannelTensor, Importance, per_output, score_precision
 from .weights import FilterNorm
 
 __all__ = ["BNScale"]
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 class BNScale(Importance):
@@ -47,12 +47,12 @@ class BNScale(Importance):
             channels = layer.weight.shape[0]
             if self.pairs and name in self.pairs:
                 bn = every.get(self.pairs[name])
-                if not isinstance(bn, _BN_TYPES) or bn.num_features != channels or bn.weight is None:
+                if not isinstance(bn, BATCH_NORMS) or bn.num_features != channels or bn.weight is None:
                     raise ValueError(f"`pairs[{name!r}]` must name an affine BatchNorm with {channels} features")
             else:
                 following = position[id(layer)] + 1
                 bn = named[following][1] if following < len(named) else None
-                if not (isinstance(bn, _BN_TYPES) and bn.num_features == channels and bn.weight is not None):
+                if not (isinstance(bn, BATCH_NORMS) and bn.num_features == channels and bn.weight is not None):
                     missing.append(name)
                     continue
             found[id(layer)] = bn

@@ -45,7 +45,7 @@ class _Accumulated(Importance):
     def channel_scores(self, member: ChannelTensor) -> Optional[Dict[int, torch.Tensor]]:
         """The summed terms over each channel's slice, for weights of 2 or more dims."""
         sums = member.gathered
-        if sums is None or member.value.dim() < 2:
+        if sums is None or not member.weight:
             return None
         return {dim: sums.movedim(dim, 0).reshape(sums.shape[dim], -1).sum(1) for dim in member.dims}
 

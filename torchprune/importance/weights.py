@@ -37,7 +37,7 @@ def _powered_sums(member: ChannelTensor, p: float) -> Optional[Dict[int, torch.T
     One float64 copy (never the tensor itself), powered in place and shared by the dims, so that
     scoring holds one float64 weight at a time rather than a float64 copy of the model."""
     value = member.value
-    if value.dim() < 2:
+    if not member.weight:
         return None
     powered = value.to(dtype=torch.float64, copy=True)
     powered = powered.square_() if p == 2 else powered.abs_() if p == 1 else powered.abs_().pow_(p)

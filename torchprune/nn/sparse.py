@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.devices import kernel_devices
 from ..errors import describe
+from ..ops.devices import kernel_devices
 from .conv import conv_input_and_padding
 from .masked import get_mask
 

@@ -15,7 +15,7 @@ entry point (with "channel", ``round_to=k`` keeps a multiple of k channels per g
 
 from ..nn.attention import PrunedMultiheadAttention
 from .channels import prune_channels
-from .graph import DependencyGraph, Group
 from .granularity import prune_structural
+from .graph import DependencyGraph, Group
 
 __all__ = ["DependencyGraph", "Group", "PrunedMultiheadAttention", "prune_channels", "prune_structural"]

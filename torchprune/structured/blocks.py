@@ -17,8 +17,9 @@ from typing import Dict, List
 import torch
 from torch import fx, nn
 
+from ..calibration import as_inputs, call
+from ..calibration import batches as data_batches
 from ..state import preserved_state
-from .graph import as_inputs
 from .plan import record_step
 
 __all__ = ["residual_blocks", "prune_layers", "replace_by_identity"]
@@ -72,10 +73,10 @@ def prune_layers(model: nn.Module, example_inputs, sparsity: float, excluded_ids
     candidates = [n for n in residual_blocks(model, inputs) if id(model.get_submodule(n)) not in excluded_ids]
     if not candidates:
         raise ValueError("`model` has no residual block (an nn.Sequential element that adds its input to its output) to remove")
-    batches = [inputs] if data is None else [b[0] if isinstance(b[0], tuple) else (b[0],) for b in data]
+    batches = [inputs] if data is None else [x for x, _ in data_batches(data)]
     with preserved_state(model), torch.no_grad():
         model.eval()
-        reference = [model(*b) for b in batches]
+        reference = [call(model, b) for b in batches]
         sensitivity = {}
         for name in candidates:
             parent_name, _, attr = name.rpartition(".")
@@ -83,7 +84,7 @@ def prune_layers(model: nn.Module, example_inputs, sparsity: float, excluded_ids
             block = getattr(parent, attr)
             setattr(parent, attr, nn.Identity())
             try:
-                change = sum(float((model(*b) - y).norm() / y.norm().clamp_min(1e-12)) for b, y in zip(batches, reference))
+                change = sum(float((call(model, b) - y).norm() / y.norm().clamp_min(1e-12)) for b, y in zip(batches, reference))
             finally:
                 setattr(parent, attr, block)
             sensitivity[name] = change

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..calibration import as_inputs
 from .tracing.fx import trace
 from .tracing.recorder import Member
 
@@ -245,16 +246,3 @@ def _signatures(frozen, runs, unit_first, run_key, run_length, weights=None) -> 
     rows[unit_of_run, 2 + 2 * slot] = run_key
     rows[unit_of_run, 3 + 2 * slot] = run_length
     return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
-
-
-def as_inputs(example_inputs) -> tuple:
-    """``example_inputs`` as a tuple of positional arguments."""
-    if example_inputs is None:
-        raise ValueError("`example_inputs` must be given for structural pruning: a tensor or a tuple of the model's inputs")
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    raise TypeError(f"`example_inputs` must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")

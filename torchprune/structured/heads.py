@@ -28,10 +28,11 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from ..calibration import as_inputs
 from ..importance import FilterNorm, Magnitude, Random, resolve
 from ..nn.attention import PrunedMultiheadAttention
 from ..ops import compact
-from .graph import as_inputs
+from ..targets import check_scope
 from .plan import record_step
 from .select import select
 
@@ -140,15 +141,13 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float, importance, s
     criterion = resolve(importance)
     if not isinstance(criterion, (Magnitude, FilterNorm, Random)):
         raise ValueError(f"`importance` must be 'l1', 'l2', 'magnitude', 'filter_norm' or 'random' for granularity='head', got {importance!r}")
-    if scope not in ("layer", "global"):
-        raise ValueError(f"`scope` must be 'layer' or 'global' for structural pruning, got {scope!r}")
+    check_scope(scope, allow_dict=False, context="structural pruning")
     inputs = as_inputs(example_inputs)
     found = {n: m for n, m in attention_modules(model).items() if id(m) not in excluded_ids}
     if not found:
         raise ValueError("`model` has no attention module whose heads can be pruned (nn.MultiheadAttention, or a module with num_heads, head_dim, qkv and proj)")
     if isinstance(criterion, Random):
-        criterion.reset()
-        scores = {n: torch.rand(m.num_heads, generator=criterion._generator, dtype=torch.float64) for n, m in found.items()}
+        scores = dict(zip(found, criterion.unit_scores([m.num_heads for m in found.values()])))
     else:
         scores = {n: _head_scores(m, criterion) for n, m in found.items()}
     drops = _select_heads(scores, float(sparsity), scope)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import layer_types
 from ..calibration import observe_outputs, observe_parameter_gradients
 from ..importance import Importance
 from ..importance.base import ChannelTensor, Requires, check_channel_form
@@ -44,8 +45,6 @@ from .tracing.recorder import Member
 
 __all__ = ["group_scores", "needs", "member_layout"]
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def needs(criterion: Importance) -> str:
@@ -55,19 +54,13 @@ def needs(criterion: Importance) -> str:
     return {Requires.LOSS: "loss", Requires.DATA: "data"}.get(criterion.requires, "")
 
 
-def member_layout(owner: nn.Module, tensor: str) -> Tuple[Optional[int], bool]:
-    """For the tensor ``tensor`` of ``owner``: the dim of ``owner``'s output that carries the
-    indices of the tensor's dim 0 (None when the tensor does not produce its output channels), and
-    whether it is a norm layer's scale. The one place here that knows layer types."""
-    if tensor != "weight":
-        return None, False
-    if isinstance(owner, _NORMS):
-        return (-1 if isinstance(owner, nn.LayerNorm) else 1), True
-    if isinstance(owner, nn.Linear):
-        return -1, False
-    if isinstance(owner, _CONVS):
-        return 1, False
-    return None, False
+def member_layout(owner: nn.Module, tensor: str, value: torch.Tensor) -> Tuple[Optional[int], bool, bool]:
+    """What the layer-type table (torchprune/layer_types.py) says about ``owner.<tensor>`` for
+    scoring: the dim of ``owner``'s output that carries the indices of the tensor's dim 0 (None when
+    the tensor does not produce its output channels), whether it is a norm layer's scale, and
+    whether the weight criteria score it."""
+    return (layer_types.output_channel_dim(owner, tensor, 0), tensor == layer_types.scale_tensor(owner),
+            layer_types.is_scorable_weight(owner, tensor, value))
 
 
 def group_scores(model: nn.Module, groups: List[Group], criterion: Importance, data=None, loss_fn=None,
@@ -120,17 +113,18 @@ def _member_scores(model: nn.Module, groups: List[Group], criterion: Importance,
                 dims = dims_of.setdefault((module, tensor), [])
                 if dim not in dims:
                     dims.append(dim)
-    tensors = {}  # (module, tensor) -> (owner, the tensor itself, output dim of its dim 0, norm scale)
+    tensors = {}  # (module, tensor) -> (owner, the tensor itself, output dim of its dim 0, norm scale, weight)
     for key in sorted(dims_of):
         owner = modules[key[0]]
         value = owner._parameters.get(key[1])  # the usual case, without nn.Module's attribute lookup
-        output_dim, norm_scale = member_layout(owner, key[1])
-        tensors[key] = (owner, getattr(owner, key[1]) if value is None else value,
-                        output_dim if 0 in dims_of[key] else None, norm_scale)
+        value = getattr(owner, key[1]) if value is None else value
+        output_dim, norm_scale, weight = member_layout(owner, key[1], value)
+        tensors[key] = (owner, value, output_dim if 0 in dims_of[key] else None, norm_scale, weight)
     gathered = _gathered(model, criterion, tensors, data, loss_fn)
     per_index = {}
-    for key, (owner, value, output_dim, norm_scale) in tensors.items():
-        member = ChannelTensor(value.detach(), tuple(sorted(dims_of[key])), output_dim, norm_scale, gathered.get(key))
+    for key, (owner, value, output_dim, norm_scale, weight) in tensors.items():
+        member = ChannelTensor(value.detach(), tuple(sorted(dims_of[key])), output_dim, norm_scale,
+                               gathered.get(key), weight)
         for dim, scores in (criterion.channel_scores(member) or {}).items():
             per_index[(key[0], key[1], dim)] = scores
     return per_index
@@ -140,9 +134,9 @@ def _gathered(model: nn.Module, criterion: Importance, tensors: Dict[Hashable, t
     """What the criterion's data passes collect for each tensor (nothing for weight-only criteria):
     summed ``gradient_term`` of every parameter, or summed ``output_statistics`` of every output."""
     if criterion.requires is Requires.LOSS:
-        params = {key: value for key, (_, value, _, _) in tensors.items() if isinstance(value, nn.Parameter)}
+        params = {key: value for key, (_, value, _, _, _) in tensors.items() if isinstance(value, nn.Parameter)}
         return observe_parameter_gradients(model, params, criterion.gradient_term, data, loss_fn)
     if criterion.requires is Requires.DATA:
-        producers = {key: (owner, dim) for key, (owner, _, dim, _) in tensors.items() if dim is not None}
+        producers = {key: (owner, dim) for key, (owner, _, dim, _, _) in tensors.items() if dim is not None}
         return observe_outputs(model, producers, criterion.output_statistics, data)
     return {}
