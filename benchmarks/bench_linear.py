@@ -12,9 +12,10 @@ sparse ``W`` compare, fp32 on the CPU, when run by
 
 The torch candidates of a case run in one interleaved loop (round-robin, so drift hits all alike);
 numpy runs in its own loop just before (its thread pool and torch's fight over the cores when
-interleaved call by call); medians of ``--repeats`` calls. Weights are random with exactly ``round(s * N * K)`` zeros at random
-positions. Weights stay in cache between calls when they fit (the small shapes), as in repeated
-inference; 4096x4096 fp32 (64 MiB dense) does not fit, its sparse form at 90% (9.6 MiB) does.
+interleaved call by call); medians of ``--repeats`` calls. Weights are random with exactly
+``round(s * N * K)`` zeros at random positions. Weights stay in cache between calls when they fit
+(the small shapes), as in repeated inference; 4096x4096 fp32 (64 MiB dense) does not fit, its
+sparse form at 90% (9.6 MiB) does.
 Prints the machine and a table, writes JSON and a PNG (speedup over the best dense product
 against sparsity, one panel per batch, with the ideal 1/(1-s) line and, at batch 1, the memory
 bound 4/(6(1-s)) of CSR with int16 column indices).
@@ -301,7 +302,8 @@ def plot_cuda(results, path, info) -> None:
                 rows = sorted((r for r in results if r["dtype"] == dtype and r["batch"] == batch
                                and (r["out_features"], r["in_features"]) == shape), key=lambda r: r["sparsity"])
                 color, label = f"C{i}", f"{shape[0]}x{shape[1]}"
-                for key, style, who in (("speedup vs dense", "o-", "torchprune"), ("torch CSR vs dense", "x:", "torch CSR")):
+                for key, style, who in (("speedup vs dense", "o-", "torchprune"),
+                                        ("torch CSR vs dense", "x:", "torch CSR")):
                     pts = [(r["sparsity"], r[key]) for r in rows if r[key] is not None]
                     if pts:
                         ax.plot(*zip(*pts), style, color=color, label=f"{who} {label}")

@@ -97,13 +97,15 @@ def main(argv=None) -> None:
         parser.error("--repeats must be >= 1")
     if args.device == "cuda":
         require_cuda(parser)
-        info, device, dtypes, timer, name = gpu_info(), GPU, (torch.float32, torch.float16), time_cuda, "bench_masked_cuda"
+        info, device, dtypes, timer, name = (gpu_info(), GPU, (torch.float32, torch.float16), time_cuda,
+                                             "bench_masked_cuda")
         print(f"machine: {describe_gpu(info)}; fp32 and fp16, sparsity {SPARSITY}")
     else:
         info, device, dtypes, timer, name = machine_info(), "cpu", (torch.float32,), time_interleaved, "bench_masked"
         print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}; fp32, sparsity {SPARSITY}")
     print(f"medians of {args.repeats} interleaved repeats; ratio = time / dense time (lower is better)\n")
-    header = f"{'case':<44} {'pass':<8} {'dense ms':>9} {'mul-mask ms':>12} {'torchprune ms':>14} {'mul/dense':>10} {'tp/dense':>9}"
+    header = (f"{'case':<44} {'pass':<8} {'dense ms':>9} {'mul-mask ms':>12} {'torchprune ms':>14}"
+              f" {'mul/dense':>10} {'tp/dense':>9}")
     print(header)
     print("-" * len(header))
     results = []

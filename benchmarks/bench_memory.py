@@ -110,7 +110,8 @@ def run(sizes: List[float]) -> List[Dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[50, 200, 400], help="model sizes in MB of fp32 weights")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[50, 200, 400],
+                        help="model sizes in MB of fp32 weights")
     parser.add_argument("--quick", action="store_true", help="only the smallest size")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG (default benchmarks/results)")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "MB"), help=argparse.SUPPRESS)

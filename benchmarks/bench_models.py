@@ -191,7 +191,8 @@ def plot(results, path, info, describe=describe) -> None:
         ax.barh([y + offset for y in ys], [r[key] / r["dense ms"] for r in results], height=0.26,
                 color=color, label=key.replace(" ms", ""))
     for y, r in zip(ys, results):
-        ax.text(r["sparsified ms"] / r["dense ms"], y + 0.27, f"  dense / sparsified = {r['speedup']:.2f}", va="center", fontsize=7)
+        ax.text(r["sparsified ms"] / r["dense ms"], y + 0.27, f"  dense / sparsified = {r['speedup']:.2f}",
+                va="center", fontsize=7)
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.set_xlabel("latency relative to dense (lower is better)")
     ax.legend(loc="lower right")

@@ -217,8 +217,10 @@ def _prune_times(names, ratios, calls):
                     row[f"{k}_median_ms"] = statistics.median(v[1:]) * 1e3
                     row[f"{k}_min_ms"] = min(v[1:]) * 1e3
             rows.append(row)
-            tp_text = f"{row['tp_median_ms']:7.1f} / {row['tp_min_ms']:7.1f}" if "tp_median_ms" in row else "      fails      "
-            print(f"| {name} | {ratio:.1f} | {row['ours_median_ms']:7.1f} / {row['ours_min_ms']:7.1f} | {tp_text} |", flush=True)
+            tp_text = (f"{row['tp_median_ms']:7.1f} / {row['tp_min_ms']:7.1f}" if "tp_median_ms" in row
+                       else "      fails      ")
+            print(f"| {name} | {ratio:.1f} | {row['ours_median_ms']:7.1f} / {row['ours_min_ms']:7.1f} | {tp_text} |",
+                  flush=True)
     info = machine_info()
     write_json(os.path.join(RESULTS, "bench_structured_prune_time.json"),
                {"machine": info, "torch_pruning": getattr(tpp, "__version__", None), "calls": calls, "results": rows})
@@ -235,7 +237,8 @@ def _fmt(v, kind=""):
 
 
 def _line(r):
-    return (f"{r['model']:<18} {r['ratio']:.1f}  params {r['params_base']} -> ours {r.get('params_ours', r.get('ours_error'))}"
+    return (f"{r['model']:<18} {r['ratio']:.1f}  params {r['params_base']}"
+            f" -> ours {r.get('params_ours', r.get('ours_error'))}"
             f" / TP {r.get('params_tp', r.get('tp_error', '-'))}")
 
 
@@ -264,7 +267,8 @@ def _plot(rows):
     half = [r for r in rows if abs(r["ratio"] - 0.5) < 1e-9]
     names = [r["model"] for r in half]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, key, title in ((axes[0], "params", "params kept at 50% channels"), (axes[1], "macs", "MACs kept at 50% channels")):
+    for ax, key, title in ((axes[0], "params", "params kept at 50% channels"),
+                           (axes[1], "macs", "MACs kept at 50% channels")):
         xs = range(len(names))
         ours = [r.get(f"{key}_ours", 0) / r[f"{key}_base"] for r in half]
         theirs = [r.get(f"{key}_tp", 0) / r[f"{key}_base"] for r in half]
@@ -272,7 +276,8 @@ def _plot(rows):
         ax.bar([x + 0.2 for x in xs], theirs, 0.4, label="Torch-Pruning")
         for x, r in zip(xs, half):
             if f"{key}_tp" not in r:
-                ax.text(x + 0.2, 0.02, "fails" if "tp_error" in r else "n/a", rotation=90, ha="center", va="bottom", fontsize=8)
+                ax.text(x + 0.2, 0.02, "fails" if "tp_error" in r else "n/a", rotation=90, ha="center", va="bottom",
+                        fontsize=8)
         ax.set_xticks(list(xs), names, rotation=45, ha="right")
         ax.set_ylabel("fraction of the unpruned model")
         ax.set_title(title)

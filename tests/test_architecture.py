@@ -325,3 +325,21 @@ def test_no_long_functions():
     found = long_functions()
     assert not found, (f"{len(found)} function(s) over {MAX_FUNCTION_LINES} lines without \"{LONG_BECAUSE}\" "
                        f"in the docstring:\n" + "\n".join(found))
+
+
+def documented_floors() -> dict[str, int]:
+    """The floor table of docs/architecture.md: ``| floor | `module` | ... |`` rows."""
+    table = {}
+    for line in (ROOT.parent / "docs" / "architecture.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].isdigit() and cells[1].startswith("`"):
+            table[cells[1].strip("`")] = int(cells[0])
+    return table
+
+
+def test_the_documented_floors_are_the_enforced_ones():
+    documented = documented_floors()
+    assert documented == FLOORS, (
+        "docs/architecture.md's floor table and FLOORS differ: "
+        f"only in the docs {sorted(documented.items() - FLOORS.items())}, "
+        f"only in FLOORS {sorted(FLOORS.items() - documented.items())}")

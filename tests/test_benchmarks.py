@@ -125,7 +125,8 @@ def test_cuda_code_path_runs_with_the_cpu_standing_in(name, tmp_path, monkeypatc
     common = __import__("_common")
     module = __import__(f"bench_{name}")
     monkeypatch.setattr(module, "GPU", "cpu")
-    monkeypatch.setattr(module, "time_cuda", lambda runners, repeats, warmup=1: common.time_interleaved(runners, repeats, 1))
+    monkeypatch.setattr(module, "time_cuda",
+                        lambda runners, repeats, warmup=1: common.time_interleaved(runners, repeats, 1))
     monkeypatch.setattr(module, "gpu_info", lambda: {"gpu": "CPU stand-in"})
     monkeypatch.setattr(module, "describe_gpu", lambda info: "CPU stand-in")
     if name == "masked":

@@ -30,7 +30,8 @@ def test_matches_index_select_on_random_shapes(seed):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
+                                   torch.bool])
 def test_dtypes(dtype):
     t = (torch.randn(4, 6, 3) * 10).to(dtype)
     idx = torch.tensor([5, 0, 2])
@@ -52,7 +53,8 @@ def test_fake_kernel_gives_shapes():
 
     with FakeTensorMode():
         w = torch.empty(8, 4)
-        out = torch.ops.torchprune.compact([w, w], [0, -1], [torch.empty(3, dtype=torch.int64), torch.empty(2, dtype=torch.int64)])
+        out = torch.ops.torchprune.compact([w, w], [0, -1],
+                                           [torch.empty(3, dtype=torch.int64), torch.empty(2, dtype=torch.int64)])
     assert [tuple(o.shape) for o in out] == [(3, 4), (8, 2)]
 
 

@@ -221,7 +221,8 @@ def test_cuda_extension_sources_and_flags(env, tmp_path):
     env.setattr(SETUP, "use_cuda", lambda: True)
     (ext,) = SETUP.extensions()
     rel = lambda paths: {os.path.relpath(os.path.join(ROOT, p), ROOT) for p in paths}  # noqa: E731
-    assert rel(glob.glob("csrc/cuda/*.cu", root_dir=ROOT) + glob.glob("csrc/cuda/*.cpp", root_dir=ROOT)) <= set(ext.sources)
+    assert rel(glob.glob("csrc/cuda/*.cu", root_dir=ROOT)
+               + glob.glob("csrc/cuda/*.cpp", root_dir=ROOT)) <= set(ext.sources)
     assert "csrc/cpu/masked_ops.cpp" in ext.sources  # the CPU ops are in the CUDA build too
     assert ("TORCHPRUNE_WITH_CUDA", None) in ext.define_macros
     nvcc = ext.extra_compile_args["nvcc"]

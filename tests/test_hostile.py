@@ -165,7 +165,8 @@ def test_zero_size_layers_with_data_driven_importance(importance):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(0, 8), nn.Linear(8, 8), nn.Linear(8, 0))
     data = [(torch.randn(5, 0), torch.randn(5, 0))]
-    loss_fn = (lambda out, target: (out - target).pow(2).sum() + model[1].weight.pow(2).sum()) if importance == "taylor" else None
+    loss_fn = ((lambda out, target: (out - target).pow(2).sum() + model[1].weight.pow(2).sum())
+               if importance == "taylor" else None)
     tp.prune(model, sparsity=0.5, importance=importance, data=data, loss_fn=loss_fn)
     assert model[2].weight_mask.numel() == 0
     assert model[1].weight_mask.shape == (8, 8)
@@ -425,7 +426,8 @@ def test_load_into_a_meta_model_is_refused_naming_the_layer(tmp_path):
 @pytest.mark.parametrize("other, message", [
     (lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 20), nn.ReLU(), nn.Linear(20, 4)),
      r"at layers '2' \(Linear\), '4' \(Linear\); nothing was changed \(shape differs: 2.bias \[24\] vs \[20\]"),
-    (lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4), nn.Linear(4, 2)),
+    (lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4),
+                           nn.Linear(4, 2)),
      r"at layer '5' \(Linear\); nothing was changed \(missing in the file: \['5.bias', '5.weight'\]"),
     (lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24)),
      r"the file masks a Linear at '4', the model has nothing there"),
@@ -492,7 +494,8 @@ def _sorted_path(monkeypatch):
 
 
 def _random_case(generator, trial):
-    shapes = [(int(torch.randint(1, 40, (1,), generator=generator)), int(torch.randint(1, 30, (1,), generator=generator)))
+    shapes = [(int(torch.randint(1, 40, (1,), generator=generator)),
+               int(torch.randint(1, 30, (1,), generator=generator)))
               for _ in range(3)]
     scores, masks = [], []
     for i, shape in enumerate(shapes):
@@ -621,7 +624,8 @@ def test_channel_pruning_never_removes_a_whole_group(scope):
 def test_float8_weights_are_refused_by_layer_before_anything_changes(entry):
     model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)).to(torch.float8_e4m3fn)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TypeError, match=r"layer '0' has torch.float8_e4m3fn weights; the masked ops take torch.float32"):
+    with pytest.raises(TypeError,
+                       match=r"layer '0' has torch.float8_e4m3fn weights; the masked ops take torch.float32"):
         if entry == "prune":
             tp.prune(model, sparsity=0.5)
         else:

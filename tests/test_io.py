@@ -26,7 +26,8 @@ def test_round_trip_into_fresh_instance(small_net, tmp_path):
     small_net.eval(), fresh.eval()
     x = torch.randn(2, 3, 4, 4)
     assert torch.equal(fresh(x), small_net(x))
-    assert {k: v.tolist() for k, v in tp.masks(fresh).items()} == {k: v.tolist() for k, v in tp.masks(small_net).items()}
+    assert ({k: v.tolist() for k, v in tp.masks(fresh).items()}
+            == {k: v.tolist() for k, v in tp.masks(small_net).items()})
     assert type(fresh.fc2) is nn.Linear
 
 

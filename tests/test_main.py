@@ -61,5 +61,6 @@ def test_out_must_not_be_a_file(tmp_path, capsys):
 
 
 def test_module_entry_point():
-    done = subprocess.run([sys.executable, "-m", "torchprune", "demo", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "torchprune", "demo", "--help"], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0 and "--quick" in done.stdout and "--out" in done.stdout

@@ -185,7 +185,8 @@ def test_attach_mask_errors():
 
 def test_autocast_mixes_pruned_and_unpruned_layers():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 16), nn.ReLU(),
+                          nn.Linear(16, 4))
     tp.prune(model, sparsity=0.5, exclude=["5"])
     reference = masked_copy_model(model)
     x = torch.randn(2, 3, 4, 4)

@@ -111,7 +111,8 @@ def _run(importance, total, checkpoint=None, granularity="weight"):
         return model, pruner
     train(model, optimizer, pruner, data, 0, checkpoint)
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()}, buffer)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()},
+               buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     del model, optimizer, pruner
@@ -257,14 +258,19 @@ def test_leaves_other_pruned_layers_alone_at_finalize():
     (dict(target_sparsity=None, schedule=Cubic(0, 10, 1)), ValueError, "pass `target_sparsity`"),
     (dict(target_sparsity=0.5, schedule="cubic"), TypeError, "`schedule` must be"),
     (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), scope="net"), ValueError, "`scope` must be one of"),
-    (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), scope={"fc1": 0.5}), ValueError, "target_sparsity=None"),
-    (dict(target_sparsity=None, schedule=Cubic(0, 10, 1, final=0.5), scope={"fc1": 0.5}), ValueError, "without `final`"),
-    (dict(target_sparsity=None, schedule=Cubic(0, 10, 1), scope={"fc1": 1.5}), ValueError, r"`scope\['fc1'\]` must be in"),
+    (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), scope={"fc1": 0.5}), ValueError,
+     "target_sparsity=None"),
+    (dict(target_sparsity=None, schedule=Cubic(0, 10, 1, final=0.5), scope={"fc1": 0.5}), ValueError,
+     "without `final`"),
+    (dict(target_sparsity=None, schedule=Cubic(0, 10, 1), scope={"fc1": 1.5}), ValueError,
+     r"`scope\['fc1'\]` must be in"),
     (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), importance="bn_scale"), ValueError, "no affine BatchNorm"),
     (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), data=[torch.zeros(1)]), ValueError, "do"),
-    (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), importance="taylor", data=[torch.zeros(1)]), ValueError, "loss_fn"),
+    (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), importance="taylor", data=[torch.zeros(1)]), ValueError,
+     "loss_fn"),
     (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), exclude=["nope"]), ValueError, "names no module"),
-    (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), granularity="2:4", scope="global"), ValueError, "'layer' for N:M"),
+    (dict(target_sparsity=0.5, schedule=Cubic(0, 10, 1), granularity="2:4", scope="global"), ValueError,
+     "'layer' for N:M"),
 ])
 def test_bad_arguments_raise_before_anything_changes(small_net, kwargs, error, message):
     before = snapshot(small_net)

@@ -75,7 +75,8 @@ def test_one_update_equals_one_shot_channel_pruning(importance):
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
     kwargs = {"taylor": dict(data=data, loss_fn=F.cross_entropy), "activation": dict(data=data)}.get(importance, {})
-    pruner = tp.Pruner(model, 0.5, OneShot(at=0), importance=importance, granularity="channel", example_inputs=x, **kwargs)
+    pruner = tp.Pruner(model, 0.5, OneShot(at=0), importance=importance, granularity="channel", example_inputs=x,
+                       **kwargs)
     pruner.step()
     pruner.finalize()
     tp.prune(reference, sparsity=0.5, granularity="channel", example_inputs=x, importance=importance, **kwargs)

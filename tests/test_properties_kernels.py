@@ -147,7 +147,8 @@ def test_masked_linear_matches_dense(lead, in_f, out_f, dtype, mask_spec, bias, 
     b = uniform((out_f,), dtype, gen) if bias else None
     stored = w.clone()
     if poison:  # pruned entries count as exactly 0 whatever they hold
-        stored[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype).repeat(w.numel())[: int((~mask).sum())]
+        stored[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf")],
+                                     dtype=dtype).repeat(w.numel())[: int((~mask).sum())]
     grad_out = uniform((*lead, out_f), dtype, gen)
 
     xs = laid_out(x, x_layout).requires_grad_(need[0])
@@ -401,7 +402,8 @@ def test_wide_layers_pack_and_multiply(cols, rows, density, last_column, seed):
         mask[:, -1] = True
     row_ptr, col_idx, values = _ops.pack_csr(w, mask)
     _check_structure(row_ptr, col_idx, values, mask, w)
-    torch.testing.assert_close(_ops.unpack_csr(row_ptr, col_idx, values, cols), torch.where(mask, w, 0.0), rtol=0, atol=0)
+    torch.testing.assert_close(_ops.unpack_csr(row_ptr, col_idx, values, cols), torch.where(mask, w, 0.0),
+                               rtol=0, atol=0)
     x = uniform((2, cols), torch.float32, gen)
     for batch in (x[:1], x):
         y = _ops.sparse_linear(batch, row_ptr, col_idx, values, cols)

@@ -163,7 +163,8 @@ def scores_of(model: nn.Module):
 
 
 def flat_masks(model: nn.Module):
-    return {name: (m.weight_mask.flatten().clone() if hasattr(m, "weight_mask") else torch.ones(m.weight.numel(), dtype=torch.bool))
+    return {name: (m.weight_mask.flatten().clone() if hasattr(m, "weight_mask")
+                   else torch.ones(m.weight.numel(), dtype=torch.bool))
             for name, m in prunable(model).items()}
 
 

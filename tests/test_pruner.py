@@ -160,8 +160,10 @@ BAD_CALLS = [
     (dict(sparsity=0.5, exclude=[nn.Linear, nn.Conv1d, nn.Conv2d]), ValueError, r"no prunable layer"),
     (dict(sparsity=0.5, importance="taylor"), ValueError, r"pass `data` and `loss_fn`"),
     (dict(sparsity=0.5, importance="gradient", data=[]), ValueError, r"pass `loss_fn`"),
-    (dict(sparsity=0.5, importance="gradient", data=[], loss_fn=F.cross_entropy), ValueError, r"`data` yielded no batches"),
-    (dict(sparsity=0.5, importance="gradient", data=[torch.zeros(1)], loss_fn=F.cross_entropy), TypeError, r"`data` must yield"),
+    (dict(sparsity=0.5, importance="gradient", data=[], loss_fn=F.cross_entropy), ValueError,
+     r"`data` yielded no batches"),
+    (dict(sparsity=0.5, importance="gradient", data=[torch.zeros(1)], loss_fn=F.cross_entropy), TypeError,
+     r"`data` must yield"),
     (dict(threshold=float("nan")), ValueError, r"`threshold` must be a finite real number, got nan"),
     (dict(threshold=float("inf")), ValueError, r"`threshold` must be a finite real number, got inf"),
     (dict(threshold="0.1"), TypeError, r"`threshold` must be a finite real number, got str"),
@@ -234,7 +236,8 @@ def test_tied_weights_get_one_mask(scope):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(sparsity=0.5, exclude=["second"]), r"Linear 'second' shares its weight with layer 'first', which pruning would change"),
+    (dict(sparsity=0.5, exclude=["second"]),
+     r"Linear 'second' shares its weight with layer 'first', which pruning would change"),
     (dict(scope={"first": 0.5}), r"Linear 'second' shares its weight with layer 'first'"),
     (dict(scope={"first": 0.5, "second": 0.3}), r"`scope` gives layers 'first' and 'second' different sparsities"),
 ])

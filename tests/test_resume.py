@@ -60,7 +60,8 @@ def make_run(case, seed=0):
 def checkpoint(model, optimizer, pruner):
     """Through bytes, as torch.save / torch.load(weights_only=True) would store it."""
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()}, buffer)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()},
+               buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
 

@@ -47,7 +47,8 @@ def test_global_ratio_ranks_across_layers():
 
 def test_global_ties_prune_earlier_layer_first():
     masks = [torch.ones(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)]
-    ka, kb = selection.by_global_ratio([torch.ones(4), torch.ones(6)], masks[:1] + [torch.ones(6, dtype=torch.bool)], 0.3)
+    ka, kb = selection.by_global_ratio([torch.ones(4), torch.ones(6)], masks[:1] + [torch.ones(6, dtype=torch.bool)],
+                                       0.3)
     assert torch.equal(ka, torch.tensor([False, False, False, True]))  # 3 of 10, the first layer first
     assert kb.all()
     # ...but a global ranking never empties a layer: the first keeps its best (last tied) weight

@@ -19,8 +19,8 @@ def test_each_layer_is_pruned_alone_and_restored_exactly():
     seen = []
 
     def evaluate(m):
-        seen.append({name: round(float((tp.masking.effective_weight(l) == 0).float().mean()), 3)
-                     for name, l in m.named_children() if isinstance(l, nn.Linear)})
+        seen.append({name: round(float((tp.masking.effective_weight(layer) == 0).float().mean()), 3)
+                     for name, layer in m.named_children() if isinstance(layer, nn.Linear)})
         return 1.0 - sum(seen[-1].values())
 
     sens = tp.sensitivity(model, evaluate, sparsities=(0.5, 0.75), progress=False)
@@ -44,7 +44,8 @@ def test_real_accuracy_sensitivity_the_last_layer_hurts_more():
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-    sens = tp.sensitivity(model, lambda m: float((m(x).argmax(1) == y).float().mean()), sparsities=(0.9,), progress=False)
+    sens = tp.sensitivity(model, lambda m: float((m(x).argmax(1) == y).float().mean()), sparsities=(0.9,),
+                          progress=False)
     assert sens.damage("4", 0.9) > 0.0
 
 

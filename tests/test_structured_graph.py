@@ -30,7 +30,8 @@ def test_residual_stream_is_one_group():
     model, x = zoo.build("resnet_basic")
     graph = DependencyGraph(model, x)
     g = group_of(graph, ("stem.0", "weight", 0))
-    for member in [("layers.0.conv2", "weight", 0), ("layers.1.conv2", "weight", 0), ("layers.2.downsample.0", "weight", 1)]:
+    for member in [("layers.0.conv2", "weight", 0), ("layers.1.conv2", "weight", 0),
+                   ("layers.2.downsample.0", "weight", 1)]:
         assert member in g.indices
 
 
@@ -38,7 +39,8 @@ def test_depthwise_and_gating_couple_channels():
     model, x = zoo.build("mobilenetv2")
     graph = DependencyGraph(model, x)
     g = group_of(graph, ("blocks.1.conv.0", "weight", 0))
-    for member in [("blocks.1.conv.3", "weight", 0), ("blocks.1.conv.6.fc2", "weight", 0), ("blocks.1.conv.6.fc1", "weight", 1), ("blocks.1.conv.7", "weight", 1)]:
+    for member in [("blocks.1.conv.3", "weight", 0), ("blocks.1.conv.6.fc2", "weight", 0),
+                   ("blocks.1.conv.6.fc1", "weight", 1), ("blocks.1.conv.7", "weight", 1)]:
         assert member in g.indices
 
 

@@ -62,7 +62,8 @@ def test_prune_gives_a_smaller_plain_module(name, tmp_path):
     torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    traced = torch.jit.trace(model, x, check_trace=False)  # nn.MultiheadAttention fails the re-trace check even unpruned
+    # nn.MultiheadAttention fails the re-trace check even unpruned
+    traced = torch.jit.trace(model, x, check_trace=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(*x), y)
         torch.testing.assert_close(traced(*x), y)
@@ -318,7 +319,8 @@ def test_conv_transpose_and_conv1d():
     model, x = Decoder().eval(), (torch.randn(2, 3, 8, 8),)
     zoo.randomize_norms(model)
     graph = DependencyGraph(model, x)
-    assert next(g for g in graph.groups if ("enc", "weight", 0) in g.indices).indices.keys() >= {("up", "weight", 0), ("bn", "weight", 0)}
+    assert (next(g for g in graph.groups if ("enc", "weight", 0) in g.indices).indices.keys()
+            >= {("up", "weight", 0), ("bn", "weight", 0)})
     assert not next(g for g in graph.groups if ("up", "weight", 1) in g.indices).prunable  # GroupNorm keeps its groups
     removed = choose_removal(model, graph, 0.5, resolve("l2"), only_exact=True)
     masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
@@ -386,7 +388,8 @@ def test_the_saved_plan_format_is_unchanged(tmp_path):
                for m, t, d, keep in step["keep"])
     kept = step["keep"][0][3]
     old = [{"kind": "channels", "keep": [["0", "weight", 0, kept], ["0", "bias", 0, kept], ["2", "weight", 1, kept]]}]
-    assert sorted(map(tuple, ((m, t, d) for m, t, d, _ in step["keep"]))) == sorted((m, t, d) for m, t, d, _ in old[0]["keep"])
+    assert (sorted(map(tuple, ((m, t, d) for m, t, d, _ in step["keep"])))
+            == sorted((m, t, d) for m, t, d, _ in old[0]["keep"]))
     tp.save(model, tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     payload["structure"] = old

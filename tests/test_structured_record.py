@@ -62,7 +62,8 @@ def test_recorded_run_finds_the_groups_fx_finds(name):
     traced, by_run = by_fx(model, x), DependencyGraph(model, x)
     assert traced.tracing == "torch.fx" and by_run.tracing == "recorded run"
     assert _summary(by_run) == _summary(traced)
-    for a, b in zip(sorted(traced.groups, key=lambda g: sorted(g.indices)), sorted(by_run.groups, key=lambda g: sorted(g.indices))):
+    for a, b in zip(sorted(traced.groups, key=lambda g: sorted(g.indices)),
+                    sorted(by_run.groups, key=lambda g: sorted(g.indices))):
         for member in a.indices:
             assert sorted(a.indices[member].tolist()) == sorted(b.indices[member].tolist()), member
 
@@ -86,7 +87,8 @@ def test_a_module_that_did_not_run_is_refused():
     with pytest.raises(ValueError, match=r"did not run: \['fc'\]"):
         DependencyGraph(model, -torch.ones(2, 4))
     graph = DependencyGraph(model, torch.ones(2, 4))
-    assert {("a", "weight", 0), ("fc", "weight", 0), ("fc", "weight", 1), ("out", "weight", 1)} <= set(group_of(graph, ("a", "weight", 0)).indices)
+    assert ({("a", "weight", 0), ("fc", "weight", 0), ("fc", "weight", 1), ("out", "weight", 1)}
+            <= set(group_of(graph, ("a", "weight", 0)).indices))
     tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=torch.ones(2, 4))
     assert model.fc.out_features == 4
     model(-torch.ones(2, 4))  # the other branch still runs
@@ -390,7 +392,8 @@ def test_an_lstm_on_a_packed_sequence_is_left_whole():
             self.proj, self.lstm, self.out = nn.Linear(5, 8), nn.LSTM(8, 6, batch_first=True), nn.Linear(6, 2)
 
         def forward(self, x):
-            packed = pack_padded_sequence(torch.relu(self.proj(x)), torch.full((x.shape[0],), x.shape[1]), batch_first=True)
+            packed = pack_padded_sequence(torch.relu(self.proj(x)), torch.full((x.shape[0],), x.shape[1]),
+                                          batch_first=True)
             y, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)
             return self.out(y[:, -1])
 

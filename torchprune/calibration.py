@@ -60,7 +60,8 @@ def as_inputs(example_inputs, tensors_only: bool = False) -> tuple:
         return (example_inputs,)
     if tensors_only:
         if not isinstance(example_inputs, (tuple, list)) or not all(isinstance(x, Tensor) for x in example_inputs):
-            raise TypeError(f"`example_inputs` must be a Tensor or a tuple/list of Tensors, got {describe(example_inputs)}")
+            raise TypeError("`example_inputs` must be a Tensor or a tuple/list of Tensors, "
+                            f"got {describe(example_inputs)}")
         return tuple(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)

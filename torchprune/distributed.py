@@ -165,7 +165,8 @@ def check_equal_across_ranks(masks: Dict[str, torch.Tensor], step: int, what: st
         return
     world = dist.get_world_size()
     names = list(masks)
-    names_digest = int.from_bytes(hashlib.blake2b("\0".join(names).encode(), digest_size=8).digest(), "little", signed=True)
+    names_digest = int.from_bytes(hashlib.blake2b("\0".join(names).encode(), digest_size=8).digest(), "little",
+                                  signed=True)
     header = torch.tensor([step, len(names), names_digest], dtype=torch.int64)
     device = _collective_device(header)
     headers = [torch.empty(3, dtype=torch.int64, device=device) for _ in range(world)]
@@ -173,7 +174,8 @@ def check_equal_across_ranks(masks: Dict[str, torch.Tensor], step: int, what: st
     headers = [h.cpu().tolist() for h in headers]
     if any(h[0] != step for h in headers):
         raise RuntimeError(f"the ranks updated their {what} at different steps {[h[0] for h in headers]} (rank order): "
-                           "every rank must call Pruner.step() once per training step and resume from the same checkpoint")
+                           "every rank must call Pruner.step() once per training step and resume from the same "
+                           "checkpoint")
     if any(h[1:] != headers[0][1:] for h in headers):
         raise RuntimeError(f"the ranks prune different layers ({[h[1] for h in headers]} layers, rank order): "
                            "build the Pruner with the same model and arguments on every rank")

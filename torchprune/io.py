@@ -84,7 +84,8 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         module = modules.get(name)
         if module is None or not is_prunable(module) or base_type(module).__name__ != kind:
             found = "nothing" if module is None else type(module).__name__
-            raise ValueError(f"`model` does not match the file: the file masks a {kind} at {name!r}, the model has {found} there")
+            raise ValueError(f"`model` does not match the file: the file masks a {kind} at {name!r}, "
+                             f"the model has {found} there")
     _check_state_matches(target, masked, state)
     check_supported({name: modules[name] for name in masked})  # on the checked copy: model unchanged
     if structure:
@@ -119,7 +120,8 @@ def _check_state_matches(model: nn.Module, masked: Dict[str, str], state: Dict[s
         if id(module) in masked_ids:
             expected[key] = tuple(module.weight.shape)
         elif get_mask(module) is not None:
-            raise ValueError(f"`model` layer {name!r} is pruned but the file has no mask for it; load into a fresh model")
+            raise ValueError(f"`model` layer {name!r} is pruned but the file has no mask for it; "
+                             "load into a fresh model")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if _shape(state[k]) != expected[k])
@@ -131,7 +133,8 @@ def _check_state_matches(model: nn.Module, masked: Dict[str, str], state: Dict[s
         if unexpected:
             parts.append(f"not in the model: {unexpected[:5]}")
         if wrong:
-            parts.append("shape differs: " + ", ".join(f"{k} {list(_shape(state[k]))} vs {list(expected[k])}" for k in wrong[:5]))
+            parts.append("shape differs: "
+                         + ", ".join(f"{k} {list(_shape(state[k]))} vs {list(expected[k])}" for k in wrong[:5]))
         raise ValueError(f"`model` does not match the file at {where}; nothing was changed (" + "; ".join(parts)
                          + "; sizes are the file's vs the model's)")
 

@@ -1,4 +1,4 @@
-"""THE layer-type table: per layer type, how its channels couple, how it is sliced, how it is scored.
+"""The layer-type table: per layer type, how its channels couple, how it is sliced, how it is scored.
 
 Structured pruning needs three facts about every layer it may cut, and they used to live in three
 isinstance ladders (the tracer's rules, the slicer, the channel scorer). Here each layer type has one

@@ -177,7 +177,8 @@ class Iterative(Schedule):
             raise TypeError("`milestones` and `sparsities` must be sequences") from None
         if not milestones or len(milestones) != len(sparsities):
             raise ValueError(
-                f"`milestones` and `sparsities` must be non-empty and of equal length, got {len(milestones)} and {len(sparsities)}")
+                "`milestones` and `sparsities` must be non-empty and of equal length, "
+                f"got {len(milestones)} and {len(sparsities)}")
         self.milestones = [_check_step(m, "milestones") for m in milestones]
         self.sparsities = [_check_fraction(s, "sparsities") for s in sparsities]
         if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):

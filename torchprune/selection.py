@@ -238,7 +238,8 @@ def by_row_ratio(scores: torch.Tensor, mask: Optional[torch.Tensor], sparsity: f
     return keep
 
 
-def by_global_ratio(scores: List[torch.Tensor], masks: List[Optional[torch.Tensor]], sparsity: float) -> List[torch.Tensor]:
+def by_global_ratio(scores: List[torch.Tensor], masks: List[Optional[torch.Tensor]],
+                    sparsity: float) -> List[torch.Tensor]:
     """All layers ranked together; the total pruned count is round(sparsity * total weights), but
     every layer keeps its best weight (so at most all but one weight per layer goes)."""
     total = sum(s.numel() for s in scores)

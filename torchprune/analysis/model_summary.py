@@ -124,7 +124,8 @@ def summary(model: nn.Module,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    positions = None if example_inputs is None else _trace_positions(model, as_inputs(example_inputs, tensors_only=True))
+    positions = (None if example_inputs is None
+                 else _trace_positions(model, as_inputs(example_inputs, tensors_only=True)))
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
         raise ValueError("`model` has uninitialized (lazy) parameters; pass `example_inputs` "
                          "so that one forward can materialise them")

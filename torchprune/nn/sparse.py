@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import describe
+from ..ops.csr import IntPair, index_dtype
 from ..ops.devices import kernel_devices
 from .conv import conv_input_and_padding
 from .masked import get_mask
@@ -34,11 +35,6 @@ __all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "SPARSE_DTYPES"]
 _FORMAT = "csr"
 #: Weight dtypes the sparse kernels compute in.
 SPARSE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_INT16_LIMIT = 65536  # column indices are stored as unsigned 16-bit values below this input size
-
-
-def _index_dtype(columns: int) -> torch.dtype:
-    return torch.int16 if columns < _INT16_LIMIT else torch.int32
 
 
 class SparseLayer(nn.Module):
@@ -62,7 +58,7 @@ class SparseLayer(nn.Module):
         # A fresh module holds no weights (nnz = 0): fill it with from_dense() or load_state_dict().
         self.values = nn.Parameter(torch.empty(0, dtype=dtype, device=device))
         self.register_buffer("row_ptr", torch.zeros(rows + 1, dtype=torch.int32, device=device))
-        self.register_buffer("col_idx", torch.empty(0, dtype=_index_dtype(self._columns), device=device))
+        self.register_buffer("col_idx", torch.empty(0, dtype=index_dtype(self._columns), device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device))
         else:
@@ -175,12 +171,12 @@ class SparseLayer(nn.Module):
             if not isinstance(tensor, Tensor) or tensor.dim() != 1:
                 return [f"{keys[name]!r} must be a 1-D tensor, got {describe(tensor)}"]
         row_ptr, col_idx, values = tensors["row_ptr"], tensors["col_idx"], tensors["values"]
-        rows, index_dtype = self._dense_shape[0], _index_dtype(self._columns)
+        rows, want = self._dense_shape[0], index_dtype(self._columns)
         if row_ptr.dtype != torch.int32 or row_ptr.numel() != rows + 1:
             return [f"{keys['row_ptr']!r} must be int32 with {rows + 1} entries (out features + 1), "
                     f"got {row_ptr.dtype} with {row_ptr.numel()}"]
-        if col_idx.dtype != index_dtype:
-            return [f"{keys['col_idx']!r} must be {index_dtype} for {self._columns} input columns, "
+        if col_idx.dtype != want:
+            return [f"{keys['col_idx']!r} must be {want} for {self._columns} input columns, "
                     f"got {col_idx.dtype}"]
         if not values.is_floating_point() or values.numel() != col_idx.numel():
             return [f"{keys['values']!r} must be floating point with one entry per column index "
@@ -189,7 +185,7 @@ class SparseLayer(nn.Module):
         if int(row_ptr[0]) != 0 or bool((steps < 0).any()) or int(row_ptr[-1]) != values.numel():
             return [f"{keys['row_ptr']!r} must start at 0, never decrease and end at nnz = "
                     f"{values.numel()}"]
-        columns = col_idx.long() & 0xFFFF if index_dtype == torch.int16 else col_idx.long()
+        columns = col_idx.long() & 0xFFFF if want == torch.int16 else col_idx.long()
         if columns.numel() and int(columns.max()) >= self._columns:
             return [f"{keys['col_idx']!r} holds column {int(columns.max())}, beyond the "
                     f"{self._columns} input columns"]
@@ -272,7 +268,6 @@ class SparseLinear(SparseLayer):
                 f"bias={self.bias is not None}, {self._stats_repr()}")
 
 
-IntPair = Union[int, Tuple[int, int]]
 
 
 class SparseConv2d(SparseLayer):

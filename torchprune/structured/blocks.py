@@ -47,7 +47,8 @@ def residual_blocks(model: nn.Module, inputs: tuple) -> List[str]:
                 full = f"{name}.{child_name}" if name else child_name
 
                 def hook(m, args, out, full=full):
-                    shapes[full] = (len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)
+                    shapes[full] = (len(args) == 1 and isinstance(args[0], torch.Tensor)
+                                    and isinstance(out, torch.Tensor)
                                     and args[0].shape == out.shape and shapes.get(full, True))
                 hooks.append(child.register_forward_hook(hook))
     try:
@@ -72,8 +73,9 @@ def prune_layers(model: nn.Module, example_inputs, sparsity: float, excluded_ids
     inputs = as_inputs(example_inputs)
     candidates = [n for n in residual_blocks(model, inputs) if id(model.get_submodule(n)) not in excluded_ids]
     if not candidates:
-        raise ValueError("`model` has no residual block (an nn.Sequential element that adds its input to its output) to remove")
-    batches = [inputs] if data is None else [x for x, _ in data_batches(data)]
+        raise ValueError("`model` has no residual block (an nn.Sequential element that adds its input to its output) "
+                         "to remove")
+    batches = [inputs] if data is None else [x for x, _ in data_batches(data, targets=False)]
     with preserved_state(model), torch.no_grad():
         model.eval()
         reference = [call(model, b) for b in batches]
@@ -84,7 +86,8 @@ def prune_layers(model: nn.Module, example_inputs, sparsity: float, excluded_ids
             block = getattr(parent, attr)
             setattr(parent, attr, nn.Identity())
             try:
-                change = sum(float((call(model, b) - y).norm() / y.norm().clamp_min(1e-12)) for b, y in zip(batches, reference))
+                change = sum(float((call(model, b) - y).norm() / y.norm().clamp_min(1e-12))
+                             for b, y in zip(batches, reference))
             finally:
                 setattr(parent, attr, block)
             sensitivity[name] = change

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..importance import resolve
+from ..targets import check_data_args, check_scope
 from .graph import DependencyGraph
 from .plan import apply_plan, channel_step, plan_from_removed, record_step
 from .scoring import group_scores, needs
@@ -38,9 +39,11 @@ def check_round_to(round_to) -> int:
     if round_to is None:
         return 1
     if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral):
-        raise TypeError(f"`round_to` must be a positive int (channels kept per group are a multiple of it), got {type(round_to).__name__}")
+        raise TypeError("`round_to` must be a positive int (channels kept per group are a multiple of it), "
+                        f"got {type(round_to).__name__}")
     if round_to < 1:
-        raise ValueError(f"`round_to` must be a positive int (channels kept per group are a multiple of it), got {round_to!r}")
+        raise ValueError("`round_to` must be a positive int (channels kept per group are a multiple of it), "
+                         f"got {round_to!r}")
     return int(round_to)
 
 
@@ -52,14 +55,12 @@ def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance
     """
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= float(sparsity) < 1:
         raise ValueError(f"`sparsity` must be a number in [0, 1) for structural pruning, got {sparsity!r}")
-    if scope not in ("layer", "global"):
-        raise ValueError(f"`scope` must be 'layer' or 'global' for structural pruning, got {scope!r}")
+    check_scope(scope, allow_dict=False, context="structural pruning")
     round_to = check_round_to(round_to)
     criterion = resolve(importance)
     need = needs(criterion)
-    if need and data is None or need == "loss" and loss_fn is None:
-        missing = "`data` and `loss_fn`" if need == "loss" else "`data`"
-        raise ValueError(f"importance {importance!r} is data-driven: pass {missing}")
+    if need:
+        check_data_args(data, loss_fn, importance, requires_loss=need == "loss")
     graph = DependencyGraph(model, example_inputs)
     warn_unprunable(graph, excluded_ids)
     removed = choose_removal(model, graph, float(sparsity), criterion, scope, excluded_ids, round_to, data, loss_fn)
@@ -94,8 +95,8 @@ def warn_unprunable(graph: DependencyGraph, excluded_ids=frozenset(), stacklevel
             by_reasons.setdefault(reasons, []).append(name or "(the model itself)")
     if by_reasons:
         kept = "".join(f"\n  kept {', '.join(names)}: {'; '.join(reasons)}" for reasons, names in by_reasons.items())
-        warnings.warn(f"structural pruning left some channels of these layers in place (removing them is not safe):{kept}",
-                      UserWarning, stacklevel=stacklevel)
+        warnings.warn("structural pruning left some channels of these layers in place (removing them is not safe):"
+                      f"{kept}", UserWarning, stacklevel=stacklevel)
 
 
 def choose_removal(model, graph: DependencyGraph, sparsity: float, criterion, scope="layer", excluded_ids=frozenset(),

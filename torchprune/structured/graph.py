@@ -143,8 +143,10 @@ class DependencyGraph:
                 reasons = list(dict.fromkeys(r for c in units[rows].tolist() for r in labels.frozen_reasons[c]))
             hits = rows[inexact[rows]]
             if len(hits):
-                inexact_reasons = list(dict.fromkeys(r for c in units[hits].tolist() for r in labels.inexact_reasons[c]))
-            groups.append(Group(runs_of.indices(rows), not bool(frozen[rows[0]]), reasons, not inexact_reasons, inexact_reasons))
+                inexact_reasons = list(dict.fromkeys(r for c in units[hits].tolist()
+                                                     for r in labels.inexact_reasons[c]))
+            groups.append(Group(runs_of.indices(rows), not bool(frozen[rows[0]]), reasons, not inexact_reasons,
+                                inexact_reasons))
         return groups
 
     @property
@@ -163,8 +165,8 @@ class DependencyGraph:
         return out
 
     def __repr__(self) -> str:
-        lines = [f"DependencyGraph({type(self.model).__name__}: {len(self.groups)} groups, {len(self.prunable_groups)} prunable, "
-                 f"traced by {self.tracing})"]
+        lines = [f"DependencyGraph({type(self.model).__name__}: {len(self.groups)} groups, "
+                 f"{len(self.prunable_groups)} prunable, traced by {self.tracing})"]
         lines += [f"  {g}" for g in self.groups]
         return "\n".join(lines)
 
@@ -194,7 +196,8 @@ class _Runs:
         rank_of = np.cumsum(single) - 1
         if single.any():
             gathered = self.index[self.run_start[first[None, :] + np.flatnonzero(single)[:, None]]]
-        for j, (member, length, one) in enumerate(zip(self.run_key[a : a + count].tolist(), lengths.tolist(), single.tolist())):
+        for j, (member, length, one) in enumerate(zip(self.run_key[a : a + count].tolist(), lengths.tolist(),
+                                                      single.tolist())):
             if one:
                 indices[self.keys[member]] = torch.from_numpy(gathered[rank_of[j]].reshape(-1, 1))
             else:

@@ -95,7 +95,8 @@ def remove_heads(model: nn.Module, name: str, keep: List[int]) -> None:
     qkv_rows = torch.cat([rows + i * inner for i in range(3)])
     tensors = [module.qkv.weight, module.proj.weight] + ([module.qkv.bias] if module.qkv.bias is not None else [])
     dims = [0, 1] + ([0] if module.qkv.bias is not None else [])
-    out = compact([t.detach() for t in tensors], dims, [qkv_rows, rows] + ([qkv_rows] if module.qkv.bias is not None else []))
+    out = compact([t.detach() for t in tensors], dims,
+                  [qkv_rows, rows] + ([qkv_rows] if module.qkv.bias is not None else []))
     module.qkv.weight = nn.Parameter(out[0], requires_grad=module.qkv.weight.requires_grad)
     module.proj.weight = nn.Parameter(out[1], requires_grad=module.proj.weight.requires_grad)
     if module.qkv.bias is not None:
@@ -140,12 +141,14 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float, importance, s
     """Removes ``sparsity`` of the heads of every attention module of ``model`` not excluded; returns it."""
     criterion = resolve(importance)
     if not isinstance(criterion, (Magnitude, FilterNorm, Random)):
-        raise ValueError(f"`importance` must be 'l1', 'l2', 'magnitude', 'filter_norm' or 'random' for granularity='head', got {importance!r}")
+        raise ValueError("`importance` must be 'l1', 'l2', 'magnitude', 'filter_norm' or 'random' for "
+                         f"granularity='head', got {importance!r}")
     check_scope(scope, allow_dict=False, context="structural pruning")
     inputs = as_inputs(example_inputs)
     found = {n: m for n, m in attention_modules(model).items() if id(m) not in excluded_ids}
     if not found:
-        raise ValueError("`model` has no attention module whose heads can be pruned (nn.MultiheadAttention, or a module with num_heads, head_dim, qkv and proj)")
+        raise ValueError("`model` has no attention module whose heads can be pruned (nn.MultiheadAttention, "
+                         "or a module with num_heads, head_dim, qkv and proj)")
     if isinstance(criterion, Random):
         scores = dict(zip(found, criterion.unit_scores([m.num_heads for m in found.values()])))
     else:
@@ -157,8 +160,8 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float, importance, s
         if not drop:
             continue
         if not _packed(found[name]) and not _verified(model, name, keep, drop, inputs):
-            warnings.warn(f"attention module {name!r} was left whole: removing its heads does not give the outputs of zeroing "
-                          "them (its forward must shape q, k, v from self.num_heads and self.head_dim)")
+            warnings.warn(f"attention module {name!r} was left whole: removing its heads does not give the outputs "
+                          "of zeroing them (its forward must shape q, k, v from self.num_heads and self.head_dim)")
             continue
         remove_heads(model, name, keep)
         record_step(model, {"kind": "heads", "module": name, "keep": keep})

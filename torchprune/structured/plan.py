@@ -60,7 +60,8 @@ def _as_list(keep) -> List[int]:
     return keep.tolist() if hasattr(keep, "tolist") else list(keep)
 
 
-def plan_from_removed(model: nn.Module, removed: Dict[Member, torch.Tensor], modules=None, arrays: bool = False) -> Plan:
+def plan_from_removed(model: nn.Module, removed: Dict[Member, torch.Tensor], modules=None,
+                      arrays: bool = False) -> Plan:
     """Kept indices per member from the removed ones (int lists; int64 numpy arrays with
     ``arrays=True``, which `apply_plan` takes as they are). ``modules``: the model's
     ``dict(named_modules())`` if the caller has it."""
@@ -79,7 +80,8 @@ def plan_from_removed(model: nn.Module, removed: Dict[Member, torch.Tensor], mod
 def _mask_of(owner: nn.Module):
     """``owner.weight_mask`` or None, without the cost of a failed attribute lookup on nn.Module."""
     mask = owner._buffers.get("weight_mask")
-    if mask is None and ("weight_mask" in owner._parameters or "weight_mask" in owner.__dict__ or hasattr(type(owner), "weight_mask")):
+    if mask is None and ("weight_mask" in owner._parameters or "weight_mask" in owner.__dict__
+                         or hasattr(type(owner), "weight_mask")):
         mask = getattr(owner, "weight_mask", None)
     return mask
 
@@ -90,7 +92,8 @@ def _tensor(model: nn.Module, module: str, tensor: str, modules=None) -> torch.T
     if value is None:
         value = getattr(owner, tensor, None)
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"the removal plan names {module + '.' if module else ''}{tensor}, which the model does not have")
+        raise ValueError(f"the removal plan names {module + '.' if module else ''}{tensor}, "
+                         "which the model does not have")
     return value
 
 

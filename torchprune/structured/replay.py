@@ -29,15 +29,18 @@ def _replay_other(model: nn.Module, step: dict, number: int) -> bool:
     if step.get("kind") == "heads":
         name, keep = step.get("module"), step.get("keep")
         module = attention_modules(model).get(name)
-        if module is None or not isinstance(keep, list) or any(not isinstance(h, int) or not 0 <= h < module.num_heads for h in keep):
-            raise ValueError(f"`model` does not match the file: {where} keeps heads {keep} of attention module {name!r}")
+        if module is None or not isinstance(keep, list) or any(not isinstance(h, int) or not 0 <= h < module.num_heads
+                                                               for h in keep):
+            raise ValueError(f"`model` does not match the file: {where} keeps heads {keep} "
+                             f"of attention module {name!r}")
         remove_heads(model, name, keep)
         return True
     if step.get("kind") == "layers":
         names = step.get("replaced")
         every = dict(model.named_modules())
         if not isinstance(names, list) or any(n not in every for n in names):
-            raise ValueError(f"`model` does not match the file: {where} replaces blocks {names} that the model does not have")
+            raise ValueError(f"`model` does not match the file: {where} replaces blocks {names} "
+                             "that the model does not have")
         for name in names:
             replace_by_identity(model, name)
         return True
@@ -47,7 +50,8 @@ def _replay_other(model: nn.Module, step: dict, number: int) -> bool:
 def _check_step(model: nn.Module, step, number: int) -> dict:
     where = f"structural step {number}"
     if not isinstance(step, dict) or step.get("kind") != "channels" or not isinstance(step.get("keep"), list):
-        raise ValueError(f"`model` does not match the file: {where} is not a channel removal this torchprune can replay")
+        raise ValueError(f"`model` does not match the file: {where} is not a channel removal "
+                         "this torchprune can replay")
     plan = {}
     for entry in step["keep"]:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 4):
@@ -56,12 +60,15 @@ def _check_step(model: nn.Module, step, number: int) -> dict:
         try:
             owner = model.get_submodule(module) if module else model
         except AttributeError:
-            raise ValueError(f"`model` does not match the file: {where} slices {module!r}, which the model does not have") from None
+            raise ValueError(f"`model` does not match the file: {where} slices {module!r}, "
+                             "which the model does not have") from None
         value = getattr(owner, tensor, None)
         if value is None or not hasattr(value, "shape") or not 0 <= dim < value.dim():
-            raise ValueError(f"`model` does not match the file: {where} slices {module}.{tensor} along dim {dim}, which the model does not have")
+            raise ValueError(f"`model` does not match the file: {where} slices {module}.{tensor} along dim {dim}, "
+                             "which the model does not have")
         if any(not isinstance(i, int) or not 0 <= i < value.shape[dim] for i in keep):
-            raise ValueError(f"`model` does not match the file: {where} keeps indices outside {module}.{tensor}'s dim {dim} (size {value.shape[dim]})")
+            raise ValueError(f"`model` does not match the file: {where} keeps indices outside "
+                             f"{module}.{tensor}'s dim {dim} (size {value.shape[dim]})")
         plan[(module, tensor, dim)] = list(keep)
     return plan
 

@@ -49,7 +49,8 @@ class Labels:
     def fresh(self, shape: Sequence[int]) -> torch.Tensor:
         """New ids, one per position of ``shape``."""
         n = math.prod(shape)
-        ids = torch.arange(self.count, self.count + n, dtype=torch.int64).view(tuple(shape))  # (a 0-dim parameter: shape ())
+        # (a 0-dim parameter: shape ())
+        ids = torch.arange(self.count, self.count + n, dtype=torch.int64).view(tuple(shape))
         self.count += n
         return ids
 

@@ -49,9 +49,11 @@ _OPERATORS = {
 }
 # Comparisons: a deferred check (see `Recorder.defer_checks`) goes on to their result.
 _COMPARE = {"__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__", "gt", "lt", "ge", "le", "eq", "ne",
-            "__and__", "__or__", "__invert__", "logical_and", "logical_or", "logical_not", "isnan", "isfinite", "all", "any"}
+            "__and__", "__or__", "__invert__", "logical_and", "logical_or", "logical_not", "isnan", "isfinite",
+            "all", "any"}
 # Calls whose result no channel goes through: one-element tensors made Python numbers, printing, hashing.
-_SCALAR = {"__bool__", "__int__", "__float__", "__index__", "__complex__", "item", "__hash__", "__repr__", "__str__", "__format__"}
+_SCALAR = {"__bool__", "__int__", "__float__", "__index__", "__complex__", "item", "__hash__", "__repr__", "__str__",
+           "__format__"}
 # Of those, the ones through which a tensor's value can steer Python control flow.
 _TO_PYTHON = {"__bool__", "__int__", "__float__", "__index__", "__complex__", "item"}
 
@@ -183,7 +185,8 @@ class Recorder(LabelRecorder):
         if isinstance(value, _Size):
             return SizeRef(value._label)
         if isinstance(value, (list, tuple)):
-            return type(value)(self.label_of(v) for v in value) if type(value) in (list, tuple) else [self.label_of(v) for v in value]
+            return (type(value)(self.label_of(v) for v in value) if type(value) in (list, tuple)
+                    else [self.label_of(v) for v in value])
         if isinstance(value, dict):
             return {k: self.label_of(v) for k, v in value.items()}
         return None

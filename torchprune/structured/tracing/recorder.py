@@ -63,7 +63,8 @@ class LabelRecorder:
             self.labels.unify_arrays(a, b)
             mixed = (a >= 0) != (b >= 0)
             if mixed.any():
-                self.labels.freeze(torch.from_numpy(np.concatenate([a[mixed], b[mixed]])), f"{module!r} is called on different channels")
+                self.labels.freeze(torch.from_numpy(np.concatenate([a[mixed], b[mixed]])),
+                                   f"{module!r} is called on different channels")
         else:
             self.members[key] = ids  # labels are never changed in place
 
@@ -93,7 +94,8 @@ class LabelRecorder:
                     mixed = (a >= 0) != (b >= 0)
                     if mixed.any():
                         self.labels.freeze(torch.from_numpy(np.concatenate([a[mixed], b[mixed]])),
-                                           f"a tensor shared by {sorted(names[key])} is used on pruned and fixed channels")
+                                           f"a tensor shared by {sorted(names[key])} is used on pruned and fixed "
+                                           "channels")
 
     def freeze_all(self, labels, reason: str) -> None:
         if isinstance(labels, (list, tuple)):
@@ -163,7 +165,8 @@ class LabelRecorder:
         if method == "size":
             if len(args) > 1 or "dim" in kwargs:
                 if used:
-                    labels.check(lab, args[1] if len(args) > 1 else kwargs["dim"], f"x.size(dim) of a pruned dim at {where!r}")
+                    labels.check(lab, args[1] if len(args) > 1 else kwargs["dim"],
+                                 f"x.size(dim) of a pruned dim at {where!r}")
                 return None
             return SizeRef(lab)
         if method in ("dim", "ndimension") or target is builtins.len and isinstance(lab, torch.Tensor):
@@ -196,7 +199,8 @@ class LabelRecorder:
         if target in rules.UNARY or method in rules.UNARY_METHODS:
             return lab
         if target in rules.BINARY or method in rules.BINARY_METHODS:
-            return rules.elementwise(self, [labs[0], labs[1] if len(labs) > 1 else klabs.get("other")], [args[0], args[1] if len(args) > 1 else kwargs.get("other")], out, where)
+            return rules.elementwise(self, [labs[0], labs[1] if len(labs) > 1 else klabs.get("other")],
+                                     [args[0], args[1] if len(args) > 1 else kwargs.get("other")], out, where)
         if target is torch.where and len(args) == 3:
             return rules.elementwise(self, list(labs), list(args), out, where)
         if target is F.glu:  # a * sigmoid(b) of the two halves a, b = x.chunk(2, dim)
@@ -205,7 +209,8 @@ class LabelRecorder:
             return rules.elementwise(self, list(self._chunk(lab, x, halves, dim, where)), list(halves), out, where)
         if target in (operator.matmul, torch.matmul, torch.bmm) or method in ("matmul", "bmm"):
             return rules.matmul(self, labs[0], labs[1], args[0], args[1], out, where)
-        if target in (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax) or method in ("softmax", "log_softmax"):
+        if (target in (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax)
+                or method in ("softmax", "log_softmax")):
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             labels.check(lab, -1 if dim is None else dim, f"softmax over a pruned dim at {where!r}")
             return lab
@@ -218,7 +223,8 @@ class LabelRecorder:
             return rules.reduce(self, kind, lab, x, out, dims, keepdim, where)
         if target in rules.SHAPE_FUNCTIONS or method in rules.SHAPE_METHODS:
             return self._shape_op(target, method, args, kwargs, labs, out, where, klabs)
-        self.freeze_all((labs, klabs), f"{getattr(target, '__name__', method or target)} at {where!r} has no pruning rule")
+        self.freeze_all((labs, klabs),
+                        f"{getattr(target, '__name__', method or target)} at {where!r} has no pruning rule")
         return self.unowned_like(out)
 
     def _shape_op(self, target, method, args, kwargs, labs, out, where, klabs=None):
@@ -244,7 +250,8 @@ class LabelRecorder:
             new_kwargs = {k: rules.substitute(v, env) for k, v in kwargs.items()}
             if target in (torch.cat, torch.concat, torch.stack):
                 self._join(target, args, kwargs, values, where)
-        result = getattr(new_args[0], method)(*new_args[1:], **new_kwargs) if method else target(*new_args, **new_kwargs)
+        result = (getattr(new_args[0], method)(*new_args[1:], **new_kwargs) if method
+                  else target(*new_args, **new_kwargs))
         x, lab = (args[0], labs[0]) if args else (None, None)
         if lab is None and isinstance(x, torch.Tensor):
             lab = rules.unowned(x)
@@ -252,7 +259,8 @@ class LabelRecorder:
         if name in ("view", "reshape", "expand", "unflatten"):
             sizes = args[1:] if name != "unflatten" else ()
             if name == "unflatten":
-                labels.check(lab, args[1] if len(args) > 1 else kwargs["dim"], f"unflatten of a pruned dim at {where!r}")
+                labels.check(lab, args[1] if len(args) > 1 else kwargs["dim"],
+                             f"unflatten of a pruned dim at {where!r}")
             if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
                 sizes = sizes[0]
             sizes = sizes or kwargs.get("shape", kwargs.get("size", ()))
@@ -272,12 +280,11 @@ class LabelRecorder:
             dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
             return _compress_all(self._chunk(lab, x, out, dim, where))
         elif name in ("narrow", "select", "split", "unbind", "split_with_sizes"):
-            dim = kwargs.get("dim", args[2] if name in ("narrow", "select", "split", "split_with_sizes") and len(args) > 2 else 0)
-            if name in ("select", "narrow") and len(args) > 1:
+            dim = kwargs.get("dim", args[2] if name != "unbind" and len(args) > 2 else 0)
+            if name in ("select", "narrow", "unbind") and len(args) > 1:
                 dim = args[1]
-            if name == "unbind" and len(args) > 1:
-                dim = args[1]
-            why = "split with fixed sizes (torch.chunk keeps working when channels go)" if name.startswith("split") else name
+            why = ("split with fixed sizes (torch.chunk keeps working when channels go)" if name.startswith("split")
+                   else name)
             labels.check(lab, dim, f"{why} along a pruned dim at {where!r}")
         return _compress_all(result)
 

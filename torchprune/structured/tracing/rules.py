@@ -190,7 +190,8 @@ def elementwise(tracer, operands, values, out, where: str) -> torch.Tensor:
             a, b = np.broadcast_arrays(labs[i], labs[j])
             facing = (a >= 0) & (b < 0)
             if facing.any() and any(a.shape[d] > 1 and shapes[j][d] > 1 for d in range(nd)):
-                labels.freeze(torch.from_numpy(np.ascontiguousarray(a[facing])), f"elementwise op at {where!r} with an unpruned tensor")
+                labels.freeze(torch.from_numpy(np.ascontiguousarray(a[facing])),
+                              f"elementwise op at {where!r} with an unpruned tensor")
     result = np.broadcast_arrays(*labs)[0]
     if not owned[0]:  # positions the first operand does not own take the others' ids
         for lab in labs[1:]:
@@ -219,7 +220,8 @@ def matmul(tracer, a_lab, b_lab, a, b, out, where: str) -> torch.Tensor:
         labels.unify(a_k, b_k)
         mismatch = (a_k >= 0) != (b_k >= 0)
         if mismatch.any():
-            labels.freeze(torch.cat([a_k[mismatch], b_k[mismatch]]), f"matmul at {where!r} contracts owned with unowned positions")
+            labels.freeze(torch.cat([a_k[mismatch], b_k[mismatch]]),
+                          f"matmul at {where!r} contracts owned with unowned positions")
     rows = torch.where(a_const, A[..., 0], torch.full_like(A[..., 0], NONE)).unsqueeze(-1)
     cols = torch.where(b_const, B[..., 0, :], torch.full_like(B[..., 0, :], NONE)).unsqueeze(-2)
     both = (rows >= 0) & (cols >= 0)
