@@ -8,11 +8,14 @@
 from . import importance, nn, regularize, schedules
 from ._version import __version__
 from .analysis import sparsity, summary
-from .analysis.sensitivity import allocate, sensitivity
 from .io import load, save
 from .masking import make_permanent, masks
 from .oneshot import prune
 from .pruner import Pruner
+
+# importing from the module torchprune.sensitivity loads it now, so that the function bound here hides
+# it for good (a later `import torchprune.sensitivity` would otherwise rebind tp.sensitivity)
+from .sensitivity import allocate, sensitivity  # noqa: I001
 from .sparsify import sparsify
 from .structured import DependencyGraph
 

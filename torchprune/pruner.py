@@ -319,7 +319,7 @@ class WeightStrategy:
             self._observe_training_forwards()
 
     def _observe_training_forwards(self) -> None:
-        self._hooks = [layer.register_forward_hook(_ObservationHook(self)) for layer in self._unique.values()]
+        self._hooks = [layer.register_forward_hook(ObservationHook(self)) for layer in self._unique.values()]
 
     def forward_hook(self, module, inputs, output) -> None:
         if module.training:
@@ -455,7 +455,7 @@ def _checked_amount(target_sparsity, schedule: Schedule, scope, n_m) -> Optional
     return target_sparsity if dict_scope else check_target(target_sparsity, schedule, n_m)
 
 
-class _ObservationHook:
+class ObservationHook:
     """The forward hook through which a Pruner's weight strategy observes training forward passes.
 
     It holds the strategy weakly (a Pruner dropped without `finalize()` stops observing instead of
@@ -473,4 +473,4 @@ class _ObservationHook:
             strategy.forward_hook(module, inputs, output)
 
     def __reduce__(self):
-        return _ObservationHook, (None,)
+        return ObservationHook, (None,)
