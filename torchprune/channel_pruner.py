@@ -139,8 +139,11 @@ class ChannelStrategy:
         for removed, units in zip(self._removed, chosen):
             removed[units] = True
         self._zeroed = self._members_of_removed()
-        check_equal_across_ranks({name: ~r for name, r in zip(self._names, self._removed)}, step, "channels")
         return True
+
+    def check_across_ranks(self, step: int) -> None:
+        """Under DDP: every rank zeroed the same channels at ``step`` (else all raise)."""
+        check_equal_across_ranks({name: ~r for name, r in zip(self._names, self._removed)}, step, "channels")
 
     def _alive(self) -> Optional[Dict[Member, torch.Tensor]]:
         """Per member, which indices along its dim are not zeroed (None while nothing is)."""

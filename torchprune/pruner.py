@@ -157,7 +157,8 @@ class Pruner:
         self._step += 1
         updated = any(s.is_update(step) for s in strategy.schedules.values()) and strategy.update(step)
         if updated:
-            self._updates += 1
+            self._updates += 1  # counted before the check: the update is applied even when ranks differ
+            strategy.check_across_ranks(step)
         strategy.after_step()
         return updated
 
@@ -265,7 +266,8 @@ class WeightStrategy:
 
     The strategy's contract with `Pruner` (`ChannelStrategy` keeps the same one): ``target_sparsity``,
     ``schedule``, ``scope`` and ``schedules`` ({name: schedule}) as resolved at construction;
-    ``observe_step()`` / ``update(step) -> bool`` / ``after_step()`` around each step; ``sparsity(finalized)``;
+    ``observe_step()`` / ``update(step) -> bool`` / ``check_across_ranks(step)`` (after an update) /
+    ``after_step()`` around each step; ``sparsity(finalized)``;
     ``state_dict()`` / ``check_state()`` / ``load_state()`` below the header the Pruner writes;
     ``portable_state()`` / ``restore()`` for copies; ``finalize()``.
     """
@@ -360,8 +362,11 @@ class WeightStrategy:
         for name, layer in self.layers.items():
             attach_mask(layer, new[self._owners[name]])
         criterion.reset()  # scores accumulate between updates
-        check_equal_across_ranks(new, step)
         return True
+
+    def check_across_ranks(self, step: int) -> None:
+        """Under DDP: every rank holds the same masks after the update at ``step`` (else all raise)."""
+        check_equal_across_ranks({name: current_mask(layer) for name, layer in self._unique.items()}, step)
 
     def after_step(self) -> None:
         """Nothing: masks keep pruned weights out of every forward pass by themselves."""
