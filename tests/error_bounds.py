@@ -132,16 +132,23 @@ def bilinear_references(reference: Callable, inputs: Sequence[Optional[torch.Ten
     return run(lambda t: t), run(torch.abs), run(torch.ones_like)
 
 
+def transformed_twin(layer: torch.nn.Module, transform: Callable) -> torch.nn.Module:
+    """A float64 copy of ``layer`` whose floating-point parameters went through ``transform``
+    (identity, abs or ones_like: the reference, its magnitude, its term count)."""
+    twin = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.is_floating_point():
+                p.copy_(transform(p))
+    return twin
+
+
 def layer_references(layer: torch.nn.Module, x: torch.Tensor):
     """For an affine layer (Linear, Conv2d, their masked and sparse forms): its float64 output on
     x, the magnitude (|weights|, |bias| on |x|) and the term count of each output (all ones)."""
     def run(transform):
-        twin = copy.deepcopy(layer).double()
         with torch.no_grad():
-            for p in twin.parameters():
-                if p.is_floating_point():
-                    p.copy_(transform(p))
-            return twin(transform(x.detach().double()))
+            return transformed_twin(layer, transform)(transform(x.detach().double()))
 
     return run(lambda t: t), run(torch.abs), run(torch.ones_like)
 
@@ -165,11 +172,7 @@ def layer_grad_references(layer: torch.nn.Module, x: torch.Tensor, grad_out: tor
     """layer_references() for the backward pass too: for (expected, magnitude, terms) each a tuple
     (output, grad of x, grad of layer.weight) in float64, with upstream gradient ``grad_out``."""
     def run(transform):
-        twin = copy.deepcopy(layer).double()
-        with torch.no_grad():
-            for p in twin.parameters():
-                if p.is_floating_point():
-                    p.copy_(transform(p))
+        twin = transformed_twin(layer, transform)
         twin.zero_grad(set_to_none=True)
         leaf = transform(x.detach().double()).requires_grad_()
         out = twin(leaf)
