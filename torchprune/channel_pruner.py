@@ -42,10 +42,11 @@ from torch import nn
 
 from .distributed import average_, check_equal_across_ranks, fail_together
 from .importance import Importance
+from .importance.base import Requires, check_channel_form
 from .schedules import Schedule
 from .structured.graph import DependencyGraph, Group
 from .structured.plan import apply_plan, channel_step, plan_from_removed, record_step, zero_channels
-from .structured.scoring import group_scores, needs
+from .structured.scoring import group_scores
 from .structured.select import select
 from .structured.tracing.recorder import Member
 from .targets import check_data_args, check_scope, check_target, excluded_ids, refuse_unused_data
@@ -69,9 +70,9 @@ class ChannelStrategy:
         if granularity != "channel":
             raise ValueError(f"`granularity` must be 'channel' for a ChannelPruner, got {granularity!r}")
         check_scope(scope, allow_dict=False, context="granularity='channel'")
-        need = needs(criterion)  # ValueError for criteria without a structured form (e.g. wanda)
-        if need:
-            check_data_args(data, loss_fn, importance, need == "loss",
+        check_channel_form(criterion)  # ValueError for criteria without a structured form (e.g. wanda)
+        if criterion.requires is not Requires.WEIGHTS:
+            check_data_args(data, loss_fn, importance, criterion.requires is Requires.LOSS,
                             note="; with granularity='channel' it is scored on them at every update")
         else:
             refuse_unused_data(data, loss_fn, importance)

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from ..importance import resolve
+from ..importance.base import Requires, check_channel_form
 from ..targets import check_data_args, check_scope
 from .graph import DependencyGraph
 from .plan import apply_plan, channel_step, plan_from_removed, record_step
-from .scoring import group_scores, needs
+from .scoring import group_scores
 from .select import select
 from .tracing.recorder import Member
 
@@ -58,9 +59,9 @@ def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance
     check_scope(scope, allow_dict=False, context="structural pruning")
     round_to = check_round_to(round_to)
     criterion = resolve(importance)
-    need = needs(criterion)
-    if need:
-        check_data_args(data, loss_fn, importance, requires_loss=need == "loss")
+    check_channel_form(criterion)
+    if criterion.requires is not Requires.WEIGHTS:
+        check_data_args(data, loss_fn, importance, requires_loss=criterion.requires is Requires.LOSS)
     graph = DependencyGraph(model, example_inputs)
     warn_unprunable(graph, excluded_ids)
     removed = choose_removal(model, graph, float(sparsity), criterion, scope, excluded_ids, round_to, data, loss_fn)

@@ -43,15 +43,8 @@ from ..importance.base import ChannelTensor, Requires, check_channel_form
 from .graph import Group
 from .tracing.recorder import Member
 
-__all__ = ["group_scores", "needs", "member_layout"]
+__all__ = ["group_scores", "member_layout"]
 
-
-
-def needs(criterion: Importance) -> str:
-    """'loss' (backward passes), 'data' (forward passes) or '' for the criterion (its ``requires``);
-    ValueError for a criterion without a structured form."""
-    check_channel_form(criterion)
-    return {Requires.LOSS: "loss", Requires.DATA: "data"}.get(criterion.requires, "")
 
 
 def member_layout(owner: nn.Module, tensor: str, value: torch.Tensor) -> Tuple[Optional[int], bool, bool]:
