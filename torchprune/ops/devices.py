@@ -8,7 +8,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["kernel_devices", "synchronize"]
+__all__ = ["kernel_devices"]
 
 
 def kernel_devices(op: str) -> Tuple[str, ...]:
@@ -18,8 +18,3 @@ def kernel_devices(op: str) -> Tuple[str, ...]:
         devices.append("cuda")
     return tuple(devices)
 
-
-def synchronize(device: torch.device) -> None:
-    """Waits for the device's queued work (CUDA runs asynchronously), so host timers see it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
