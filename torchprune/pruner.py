@@ -357,12 +357,43 @@ class WeightStrategy:
             return False
         if criterion.requires_data:  # each rank observed its own batches: rank on their average
             average_importance_state(criterion, self._unique)
-        scores = {name: checked_score(criterion, name, layer, current[name]) for name, layer in self._unique.items()}
-        new = self._select(scores, current, targets)
+        weights = {}
+        if getattr(criterion, "reconstructs", False):  # SparseGPT: new masks and new kept weights
+            new, weights = self._reconstructed(current, targets)
+        else:
+            scores = {name: checked_score(criterion, name, layer, current[name])
+                      for name, layer in self._unique.items()}
+            new = self._select(scores, current, targets)
+        with torch.no_grad():  # every result exists: only now does the model change
+            for name, weight in weights.items():
+                self._unique[name].weight.copy_(weight)
         for name, layer in self.layers.items():
             attach_mask(layer, new[self._owners[name]])
         criterion.reset()  # scores accumulate between updates
         return True
+
+    def _reconstructed(self, current, targets):
+        """New masks and weights from a reconstructing criterion at this update's ``targets``: N:M
+        prunes the schedule's share of each group; ``scope="global"`` takes each layer's share
+        from one ranking of every layer's scores, then reconstructs layer by layer."""
+        criterion, masks, weights = self.importance, {}, {}
+        if self.scope == "global" and self._n_m is None:
+            scores = {name: checked_score(criterion, name, layer, current[name])
+                      for name, layer in self._unique.items()}
+            ranked = self._select(scores, current, targets)
+            targets = {name: 1.0 - float(mask.sum()) / max(mask.numel(), 1) for name, mask in ranked.items()}
+        for name, layer in self._unique.items():
+            if self._n_m is not None:
+                n, m = self._n_m
+                pruned = min(int(round(targets[name] * m)), m - n)
+                if pruned == 0:
+                    masks[name] = current[name]
+                    continue
+                masks[name], weights[name] = criterion.reconstruct(layer, name, n_m=(m - pruned, m), kept=current[name])
+            else:
+                masks[name], weights[name] = criterion.reconstruct(layer, name, sparsity=targets[name],
+                                                                   kept=current[name])
+        return masks, weights
 
     def check_across_ranks(self, step: int) -> None:
         """Under DDP: every rank holds the same masks after the update at ``step`` (else all raise)."""

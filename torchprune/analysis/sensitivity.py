@@ -21,6 +21,7 @@ from torch import nn
 from ..importance import Importance, resolve
 from ..masking import attach_mask, get_mask, remove_mask
 from ..oneshot import prune
+from ..owl import check_owl_arguments, owl_sparsities
 from ..targets import target_layers, weight_owners
 
 __all__ = ["Sensitivity", "sensitivity", "allocate"]
@@ -146,22 +147,60 @@ def _progress(total: int, label: str):
     return tqdm(total=total, desc=label, leave=False)
 
 
-def allocate(model: nn.Module, target_sparsity: float, sensitivity: Sensitivity) -> Dict[str, float]:
-    """Per-layer sparsities for the layers ``sensitivity`` measured, whose weighted mean (by weight
-    count) is ``target_sparsity``, chosen with the least total measured damage; the result is a
-    dict scope for `prune()` or the Pruner.
+def allocate(model: nn.Module, target_sparsity: float, sensitivity: Optional[Sensitivity] = None, *,
+             method: Optional[str] = None, data: Optional[Iterable] = None, exclude: Iterable = (),
+             blocks=None, m: float = 5.0, lam: float = 0.08) -> Dict[str, float]:
+    """Per-layer sparsities whose weighted mean (by weight count) is ``target_sparsity``: a dict
+    scope for `prune()` or the Pruner.
 
-    Greedy on the measured curves: every layer starts at 0 and the next step is always the one
+    ``method="sensitivity"`` (the default when ``sensitivity`` is given) chooses for the layers
+    ``sensitivity`` measured, with the least total measured damage (below). ``method="owl"`` gives
+    every prunable layer not in ``exclude`` a sparsity from its share of outlier Wanda scores on
+    ``data`` (owl.py: ``m`` = 5 and ``lam`` = 0.08 by default, the layers of one of ``blocks``
+    sharing one value); it works with any importance, e.g. wanda, sparsegpt or magnitude.
+
+    >>> plan = tp.allocate(model, 0.7, method="owl", data=batches)
+    >>> tp.prune(model, scope=plan, importance="sparsegpt", data=batches)
+
+    Sensitivity, greedy on the measured curves: every layer starts at 0 and the next step is always the one
     with the least added damage per pruned weight (each curve is made non-decreasing first, since
     pruning more cannot really help). The step that crosses the target is taken in part, so the
     total matches the target within a weight. Layers never go beyond the highest measured
     sparsity; a target above what that allows is refused.
     """
-    if not isinstance(sensitivity, Sensitivity):
-        raise TypeError(f"`sensitivity` must be the result of tp.sensitivity(), got {type(sensitivity).__name__}")
+    method = _allocation_method(method, sensitivity)
     if (isinstance(target_sparsity, bool) or not isinstance(target_sparsity, numbers.Real)
             or not 0 <= target_sparsity < 1):
         raise ValueError(f"`target_sparsity` must be in [0, 1), got {target_sparsity!r}")
+    if method == "owl":
+        check_owl_arguments(m, lam)
+        if data is None:
+            raise ValueError("method='owl' reads Wanda scores on calibration data: pass `data`")
+        if iter(data) is data:
+            data = list(data)
+        layers, _ = target_layers(model, exclude, "layer")
+        owners = weight_owners(model, layers, "layer")
+        unique = {name: layer for name, layer in layers.items() if owners[name] == name}
+        return owl_sparsities(model, unique, float(target_sparsity), data, m=m, lam=lam, blocks=blocks)
+    return _allocate_by_sensitivity(model, float(target_sparsity), sensitivity)
+
+
+def _allocation_method(method, sensitivity) -> str:
+    """``method`` checked against ``sensitivity`` ("sensitivity" needs it, "owl" takes none)."""
+    if method is None:
+        method = "sensitivity" if sensitivity is not None else None
+    if method not in ("sensitivity", "owl"):
+        raise ValueError(f"`method` must be 'sensitivity' (with `sensitivity` from tp.sensitivity()) or 'owl' "
+                         f"(with `data`), got {method!r}")
+    if method == "sensitivity" and not isinstance(sensitivity, Sensitivity):
+        raise TypeError(f"`sensitivity` must be the result of tp.sensitivity(), got {type(sensitivity).__name__}")
+    if method == "owl" and sensitivity is not None:
+        raise ValueError("method='owl' does not read `sensitivity`; pass one or the other")
+    return method
+
+
+def _allocate_by_sensitivity(model: nn.Module, target_sparsity: float, sensitivity: Sensitivity) -> Dict[str, float]:
+    """The greedy allocation on measured curves (see `allocate`)."""
     layers, _ = target_layers(model, (), "layer")
     unknown = [name for name in sensitivity.curves if name not in layers]
     if unknown:
