@@ -56,6 +56,10 @@ def prune(
     residual blocks physically (see `torchprune.structured`); it needs ``example_inputs``, and
     with "channel", ``round_to=k`` makes every group keep a multiple of k channels.
 
+    ``data``: ``(inputs, targets)`` batches for Gradient/Taylor, also bare inputs for Activation/Wanda;
+    inputs are a tensor, a tuple, a dict (``model(**batch)``) or ``tp.Inputs(ids, attention_mask=m)``
+    (two tensors the forward could take both are ambiguous: docs/guide/oneshot.md, "Calibration data").
+
     Odd inputs: NaN/Inf in a layer's weights or scores raises a ValueError naming the layer and
     what was found, before anything changes; a ratio never empties a layer (at least one weight
     stays, each layer's best under ``scope="global"``), only an explicit ``threshold`` may; layers
