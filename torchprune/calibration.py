@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Tuple
 
 import torch
 from torch import Tensor, nn
