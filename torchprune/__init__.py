@@ -8,6 +8,7 @@
 from . import importance, nn, regularize, schedules
 from ._version import __version__
 from .analysis import sparsity, summary
+from .calibration import Inputs
 from .io import load, save
 from .masking import make_permanent, masks
 from .oneshot import prune
@@ -37,4 +38,5 @@ __all__ = [
     "regularize",
     "sensitivity",
     "allocate",
+    "Inputs",
 ]

@@ -70,8 +70,9 @@ def prune(
     residual blocks physically (see `torchprune.structured`); it needs ``example_inputs``, and
     with "channel", ``round_to=k`` makes every group keep a multiple of k channels.
 
-    Data-driven criteria read ``data``: batches of inputs (a tensor, a dict of keyword inputs, a
-    tuple of positional inputs) or (inputs, targets) pairs, with ``loss_fn`` for gradient criteria.
+    ``data``: ``(inputs, targets)`` batches for Gradient/Taylor (with ``loss_fn``), also bare inputs
+    for the others; inputs are a tensor, a tuple, a dict (``model(**batch)``) or
+    ``tp.Inputs(ids, attention_mask=m)`` (docs/guide/oneshot.md, "Calibration data").
     ``sequential=True`` calibrates and prunes the model's repeated blocks one after another
     (``blocks`` names them, else they are found: sequential.py); None does so for criteria whose
     method is defined that way (SparseGPT). ``importance="sparsegpt"`` also updates the kept weights.

@@ -81,9 +81,11 @@ class Pruner:
     Otherwise:
 
     ``importance``, ``granularity`` ("weight" or "N:M"), ``scope`` ("layer", "global" or a dict
-    {layer_name: final sparsity}, e.g. from `tp.allocate`) and ``exclude`` mean what they mean in
-    `prune()`. With a dict scope pass ``target_sparsity=None``: each layer follows the schedule
-    towards its own final sparsity. With N:M the schedule's sparsity s prunes round(s * M) weights
+    {layer_name: final sparsity}, e.g. from `tp.allocate`), ``exclude``, ``data`` and ``loss_fn``
+    mean what they mean in `prune()` (``data``'s batches: tensors, tuples, dicts for
+    ``model(**batch)`` or `tp.Inputs`, as pairs with targets for gradient criteria). With a dict
+    scope pass ``target_sparsity=None``: each layer follows the schedule towards its own final
+    sparsity. With N:M the schedule's sparsity s prunes round(s * M) weights
     of every group of M (never more than M - N), so 2:4 goes 0 -> 1:4 pruned -> 2:4.
 
     All layers get a mask (all true) at construction, so the model's state_dict has the same keys

@@ -209,7 +209,7 @@ def plan(model: nn.Module, layers: Dict[str, nn.Module], data: Iterable, blocks=
         warnings.warn("sequential calibration: no repeated blocks found (an nn.ModuleList/nn.Sequential of modules "
                       "of one class); calibrating in one pass. Name them with `blocks=`", stacklevel=3)
         return None
-    first = next(iter(batches(data, targets=False)), None)
+    first = next(iter(batches(data, targets=False, model=model)), None)
     if first is None:
         raise ValueError("`data` yielded no batches")
     events = _trace(model, found, layers, first[0])
@@ -245,7 +245,7 @@ def _capture(model: nn.Module, block: nn.Module, data: Iterable, offload: bool) 
         raise _Captured
 
     with hooked_eval(model, [block.register_forward_pre_hook(stop, with_kwargs=True)]):
-        for inputs, _ in batches(data, targets=False):
+        for inputs, _ in batches(data, targets=False, model=model):
             try:
                 call(model, inputs)
             except _Captured:

@@ -75,7 +75,7 @@ def prune_layers(model: nn.Module, example_inputs, sparsity: float, excluded_ids
     if not candidates:
         raise ValueError("`model` has no residual block (an nn.Sequential element that adds its input to its output) "
                          "to remove")
-    batches = [inputs] if data is None else [x for x, _ in data_batches(data, targets=False)]
+    batches = [inputs] if data is None else [x for x, _ in data_batches(data, targets=False, model=model)]
     with preserved_state(model), torch.no_grad():
         model.eval()
         reference = [call(model, b) for b in batches]
