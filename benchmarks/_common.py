@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -121,6 +123,45 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu (default) or cuda: dense cuBLAS/cuDNN vs torch CSR (cuSPARSE) vs "
                              "torchprune vs 2:4 semi-structured, fp32 and fp16")
+
+
+class PeakMemory:
+    """Peak extra resident memory of this process during a ``with`` block: ``extra_bytes``, the
+    peak RSS inside the block minus the RSS at its start (None where it cannot be measured).
+
+    Linux only: on entry, garbage is collected and glibc returns freed heap pages to the system
+    (malloc_trim, so memory freed by earlier work does not hide new allocations), then the kernel's
+    peak counter VmHWM is reset to the current RSS (/proc/self/clear_refs); on exit VmHWM is read.
+    The kernel tracks the peak itself, so no spike is missed and nothing samples during the block.
+    """
+
+    METHOD = "VmHWM (peak RSS) after clear_refs, minus RSS at the start; gc + malloc_trim before"
+
+    def __init__(self) -> None:
+        self.extra_bytes: Optional[int] = None
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self._start_kb = self._status_kb("VmRSS")
+        except (OSError, StopIteration):
+            self._start_kb = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._start_kb is not None:
+            self.extra_bytes = (self._status_kb("VmHWM") - self._start_kb) * 1024
 
 
 def write_json(path: str, payload: dict) -> None:

