@@ -81,8 +81,10 @@ class Method:
 METHODS = (
     Method("magnitude", "magnitude", "layer", data=False, sequential=False),
     Method("magnitude+OWL", "magnitude", "owl", data=True, sequential=False),
+    Method("wanda-1pass", "wanda", "layer", data=True, sequential=False),  # what sequential calibration adds
     Method("wanda", "wanda", "layer", data=True, sequential=True),
     Method("wanda+OWL", "wanda", "owl", data=True, sequential=True),
+    Method("sparsegpt-1pass", "sparsegpt", "layer", data=True, sequential=False),
     Method("sparsegpt", "sparsegpt", "layer", data=True, sequential=True),
     Method("sparsegpt+OWL", "sparsegpt", "owl", data=True, sequential=True),
 )

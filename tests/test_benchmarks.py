@@ -204,7 +204,7 @@ def test_bench_oneshot_method_table(monkeypatch):
     for the data-driven criteria, no OWL at 2:4."""
     module = oneshot_module(monkeypatch)
     methods = {m.name: m for m in module.METHODS}
-    assert len(methods) == 6 and {m.scope for m in module.METHODS} == {"layer", "owl"}
+    assert len(methods) == 8 and {m.scope for m in module.METHODS} == {"layer", "owl"}
     data = [{"input_ids": None}]
     assert module.prune_arguments(methods["magnitude"], 0.5, data) == {
         "sparsity": 0.5, "scope": "layer", "importance": "magnitude"}
@@ -212,6 +212,8 @@ def test_bench_oneshot_method_table(monkeypatch):
         "sparsity": 0.7, "scope": "owl", "importance": "magnitude", "data": data}
     assert module.prune_arguments(methods["sparsegpt"], 0.6, data) == {
         "sparsity": 0.6, "scope": "layer", "importance": "sparsegpt", "data": data, "sequential": True}
+    assert module.prune_arguments(methods["wanda-1pass"], 0.5, data) == {
+        "sparsity": 0.5, "scope": "layer", "importance": "wanda", "data": data}
     assert module.prune_arguments(methods["wanda"], "2:4", data) == {
         "granularity": "2:4", "importance": "wanda", "data": data, "sequential": True}
     assert module.prune_arguments(methods["magnitude"], "2:4", data) == {"granularity": "2:4",
