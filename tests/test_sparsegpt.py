@@ -66,8 +66,7 @@ def ref_sparsegpt(weight, hessians, kept, block, damp, sparsity=None, threshold=
                 drop = [x for x in candidates if x[0] < threshold]
             else:
                 pruned += (i2 - i1) * G * R - len(candidates)
-                count = max(round(target * i2 / D) - pruned, 0, left - int(M[..., i2:].sum()))
-                count = min(count, len(candidates), left)
+                count = min(max(round(target * i2 / D) - pruned, 0), len(candidates), left)
                 pruned, left = pruned + count, left - count
                 drop = sorted(candidates)[:count]
             for *_, g, r, c in drop:
@@ -413,9 +412,12 @@ def test_bad_arguments_name_themselves():
                                  (dict(threshold=float("inf")), ValueError, "`threshold`"),
                                  (dict(n_m=(2, 4)), ValueError, "M=4 to divide the input size of layer 'fc'"),
                                  (dict(n_m=(3, 2)), ValueError, "`n_m`"),
-                                 (dict(sparsity=0.5, kept=torch.ones(4, 5, dtype=torch.bool)), ValueError, "`kept`")]:
+                                 (dict(sparsity=0.5, kept=torch.ones(4, 5, dtype=torch.bool)), ValueError, "`kept`"),
+                                 (dict(sparsity=0.5, kept=[[True] * 6] * 4), TypeError, "`kept`")]:
         with pytest.raises(error, match=match):
             crit.reconstruct(layer, "fc", **kwargs)
+    with pytest.raises(TypeError, match="Linear, Conv1d and Conv2d layers, got Conv3d"):
+        crit.observe_forward(nn.Conv3d(2, 2, 1), (torch.zeros(1, 2, 2, 2, 2),), None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ spread their error over the columns not yet visited through the upper Cholesky f
 Columns go in blocks of ``block_size``; within a block the update is applied column by column, to
 the rest of the weight once per block (a lazy batch update).
 
-It follows the reference (IST-DASLab/sparsegpt, ``SparseGPT.fasterprune``) with three deliberate
+It follows the reference (IST-DASLab/sparsegpt, ``SparseGPT.fasterprune``) with these deliberate
 differences, each so that the result is exact and never silently wrong:
 
 * a ratio prunes exactly round(sparsity * numel) weights (the rule of `selection.by_ratio`): each
@@ -16,7 +16,9 @@ differences, each so that the result is exact and never silently wrong:
 * inputs that never fire (dead: H_jj = 0) are pruned first but not zeroed up front: the reference
   zeroes their weights even where the mask keeps them;
 * a factorization that fails is retried with ten times the damping (with a warning naming the
-  layer), then raises: there is no identity fallback.
+  layer), then raises: there is no identity fallback;
+* H is factored in float64 (the reference: float32), which costs little next to the column sweep
+  and keeps the float32 sweep's decisions those of float64 (tested).
 
 Columns: a Linear's inputs; a conv's unfolded input, kernel position major and input channel minor
 (the order of `selection.group_input_last`), so that the N:M groups of consecutive input channels
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import describe
 from ..masking import effective_weight
 from ..nn.conv import conv_input_and_padding
 from ..nn.masked import get_mask
@@ -50,7 +53,10 @@ _FIRST_RETRY_DAMP = 1e-6
 
 
 def layer_groups(module: nn.Module) -> int:
-    """How many independent column sets (and Hessians) a layer has: its conv ``groups``, 1 for Linear."""
+    """How many independent column sets (and Hessians) a layer has: its conv ``groups``, 1 for
+    Linear. Raises TypeError for a layer type SparseGPT cannot prune."""
+    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        raise TypeError(f"SparseGPT prunes Linear, Conv1d and Conv2d layers, got {type(module).__name__}")
     return 1 if isinstance(module, nn.Linear) else module.groups
 
 
@@ -73,12 +79,11 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Linear's tokens, or a conv's output positions, of every sample; batched or unbatched inputs;
     the conv's stride, dilation, padding and padding mode are honored. In float32 (float64 for a
     float64 input): half inputs are upcast, so that their products neither overflow nor round."""
+    groups = layer_groups(module)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.detach().to(dtype)
     if isinstance(module, nn.Linear):
         return x.reshape(1, -1, module.in_features)
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        raise TypeError(f"SparseGPT prunes Linear, Conv1d and Conv2d layers, got {type(module).__name__}")
     spatial = 1 if isinstance(module, nn.Conv1d) else 2
     if x.dim() == spatial + 1:
         x = x.unsqueeze(0)
@@ -90,7 +95,7 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         padding = (0, padding if isinstance(padding, int) else padding[0])
     unfolded = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C * K, L)
     samples, _, positions = unfolded.shape
-    groups, per_group, size = module.groups, module.in_channels // module.groups, math.prod(kernel)
+    per_group, size = module.in_channels // groups, math.prod(kernel)
     unfolded = unfolded.view(samples, groups, per_group, size, positions)  # unfold runs channel major
     return unfolded.permute(1, 0, 4, 3, 2).reshape(groups, samples * positions, size * per_group)
 
@@ -105,8 +110,10 @@ def ratio_counts(kept: torch.Tensor, sparsity: float, bounds: List[Tuple[int, in
     T = round(sparsity * numel) pruned (never fewer than already, never all: `selection.by_ratio`).
 
     After the block ending at column i2, round(T * i2 / columns) weights are pruned, counting those
-    pruned before; a block prunes no more than it keeps or than is left to prune, and no less than
-    the later blocks could not take (so an uneven earlier mask cannot make the count miss T).
+    pruned before; a block prunes no more than it keeps, nor than is left of T - already (else a
+    mask that pruned more in the later columns would push the total past T). The last block then
+    prunes exactly what is left: round(T * i2 / columns) >= T minus the weights after column i2,
+    so the earlier blocks never leave the later ones more than they hold.
     """
     numel, columns = kept.numel(), kept.shape[-1]
     per_column = kept.sum((0, 1)).tolist()
@@ -114,10 +121,9 @@ def ratio_counts(kept: torch.Tensor, sparsity: float, bounds: List[Tuple[int, in
     target = min(max(int(round(sparsity * numel)), already), max(numel - 1, already))
     left, pruned, counts = target - already, 0, []
     for i1, i2 in bounds:
-        kept_here, kept_after = sum(per_column[i1:i2]), sum(per_column[i2:])
+        kept_here = sum(per_column[i1:i2])
         pruned += (i2 - i1) * numel // columns - kept_here
-        count = max(int(round(target * i2 / columns)) - pruned, 0, left - kept_after)
-        count = min(count, kept_here, left)
+        count = min(max(int(round(target * i2 / columns)) - pruned, 0), kept_here, left)
         pruned, left = pruned + count, left - count
         counts.append(count)
     return counts
@@ -217,8 +223,10 @@ class SparseGPT(ForwardStatistic):
     def inverse_factor(self, hessian: torch.Tensor, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """(U, dead): U the upper Cholesky factor of the damped H^-1 per group, in float64; dead the
         columns whose input never fired (H_jj = 0; their H_jj becomes 1, they have no cross terms).
-        A failed factorization is retried with ten times the damping, with a warning; after
-        `_RETRIES` retries, or for a non-finite H, it raises naming ``where``."""
+        float64 whatever the weight's dtype: H^-1 amplifies rounding by H's condition number, which
+        calibration Hessians make large. A failed factorization is retried with ten times the
+        damping, with a warning; after `_RETRIES` retries, or for a non-finite H, it raises naming
+        ``where``."""
         if not torch.isfinite(hessian).all():
             raise ValueError(f"SparseGPT: the Hessian of {where} is not finite: its calibration inputs hold NaN or "
                              "inf (or overflow); check the data and the layers before it")
@@ -268,11 +276,11 @@ class SparseGPT(ForwardStatistic):
             raise ValueError(f"SparseGPT: {n_m[0]}:{n_m[1]} needs M={n_m[1]} to divide the input size of layer "
                              f"{name!r}, got {inputs}")
         kept = get_mask(module) if kept is None else kept
-        if kept is not None and (not isinstance(kept, torch.Tensor) or kept.dtype != torch.bool
-                                 or kept.shape != weight.shape):
-            raise ValueError(f"`kept` must be a bool tensor shaped like the weight of layer {name!r} "
-                             f"{list(weight.shape)}, got {kept.dtype if isinstance(kept, torch.Tensor) else ''} "
-                             f"{getattr(kept, 'shape', type(kept).__name__)}")
+        if kept is not None and not isinstance(kept, torch.Tensor):
+            raise TypeError(f"`kept` must be a bool tensor or None, got {describe(kept)}")
+        if kept is not None and (kept.dtype != torch.bool or kept.shape != weight.shape):
+            raise ValueError(f"`kept` must be a bool tensor of the shape of layer {name!r}'s weight "
+                             f"{list(weight.shape)}, got {describe(kept)} of {kept.dtype}")
         if not self.observed(module):
             raise RuntimeError(f"SparseGPT has no calibration statistics for layer {name!r}: pass `data` to prune() "
                                "(or run forward passes with observe_forward() hooked in)")
@@ -280,8 +288,7 @@ class SparseGPT(ForwardStatistic):
             raise ValueError(f"SparseGPT: the weight of layer {name!r} holds NaN or inf")
         upper, dead = self.inverse_factor(self.hessian(module).to(weight.device), f"layer {name!r}")
         compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        mask = (torch.ones_like(weight, dtype=torch.bool) if kept is None
-                else kept.to(device=weight.device))
+        mask = torch.ones_like(weight, dtype=torch.bool) if kept is None else kept.to(device=weight.device)
         mask = weight_columns(mask, groups).clone()
         columns = weight_columns(weight, groups).to(compute).masked_fill(~mask, 0.0)
         self._prune(columns, mask, upper.to(compute), dead, sparsity, threshold, n_m)
@@ -312,7 +319,7 @@ class SparseGPT(ForwardStatistic):
                 w = w1[..., i]
                 q = torch.where(kept[..., i], w, 0.0)
                 error = (w - q) / u1[:, i, i, None]
-                w1[..., i:] -= error[..., None] * u1[:, None, i, i:]
+                w1[..., i:].addcmul_(error[..., None], u1[:, None, i, i:], value=-1)  # no temporary
                 q1[..., i], errors[..., i] = q, error
             weight[..., i1:i2], mask[..., i1:i2] = q1, kept
             weight[..., i2:] -= torch.bmm(errors, upper[:, i1:i2, i2:])
