@@ -230,7 +230,7 @@ def test_bench_oneshot_quality_and_arguments(monkeypatch):
     assert module.quality(vectors, -vectors)["cosine"] == pytest.approx(-1.0)
     args = module.parse_args(["--quick", "--sparsities", "0.7", "2:4"])
     assert args.sparsities == [0.7, "2:4"] and args.methods == ["magnitude", "wanda"] and args.heldout == 32
-    assert module.parse_args([]).calibration == 128 and len(module.parse_args([]).methods) == 6
+    assert module.parse_args([]).calibration == 128 and len(module.parse_args([]).methods) == 8
     for bad in (["--sparsities", "1.0"], ["--sparsities", "3:4"], ["--methods", "random"], ["--heldout", "1"]):
         with pytest.raises(SystemExit):
             module.parse_args(bad)

@@ -6,11 +6,13 @@ them. Criteria know nothing about schedules or granularity. Data-driven criteria
 (``Activation``, ``Wanda``) accumulate statistics of each layer's inputs or outputs through
 `observe_forward()`. `prune()` feeds them the batches given as ``data``, and the progressive Pruner
 can feed them its training steps. Criteria with a structured form also score channel groups
-(``channel_scores``, see `base.py`).
+(``channel_scores``, see `base.py`). ``SparseGPT`` also reconstructs: it returns the new weights
+with the mask (``reconstruct()``), and the entry points use that instead of its scores.
 
 * base.py: the `Importance` contract, `Requires`, `ChannelTensor`, shared helpers;
 * weights.py: `Magnitude`, `FilterNorm`, `Random`; gradients.py: `Gradient`, `Taylor`;
-* activations.py: `Activation` (mean / APoZ), `Wanda`; batchnorm.py: `BNScale`.
+* activations.py: `Activation` (mean / APoZ), `Wanda`; batchnorm.py: `BNScale`;
+* sparsegpt.py: `SparseGPT` (prunes and reconstructs the kept weights from the layer's inputs).
 
 >>> crit = tp.importance.Taylor()
 >>> tp.prune(model, sparsity=0.5, importance=crit, data=batches, loss_fn=F.cross_entropy)
@@ -24,6 +26,7 @@ from .activations import Activation, Wanda
 from .base import Importance
 from .batchnorm import BNScale
 from .gradients import Gradient, Taylor
+from .sparsegpt import SparseGPT
 from .weights import FilterNorm, Magnitude, Random
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "Activation",
     "Wanda",
     "BNScale",
+    "SparseGPT",
     "NAMES",
     "resolve",
 ]
@@ -53,6 +57,7 @@ NAMES = {
     "apoz": lambda: Activation(kind="apoz"),
     "wanda": Wanda,
     "bn_scale": BNScale,
+    "sparsegpt": SparseGPT,
 }
 
 

@@ -38,8 +38,11 @@ def _per_channel(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor.detach().movedim(dim, 0).reshape(channels, rest).double()
 
 
-class _ForwardStatistic(Importance):
-    """Per-layer sums kept in float64 and updated by `observe_forward(module, inputs, output)`."""
+class ForwardStatistic(Importance):
+    """Per-layer sums kept in float64 and updated by `observe_forward(module, inputs, output)`.
+
+    Public inside the package (not in ``__all__``): `sparsegpt.SparseGPT` keeps its Hessian sums the
+    same way, so that resuming and the DDP averaging treat all forward criteria alike."""
 
     requires_data = True
     requires_loss = False
@@ -78,7 +81,7 @@ class _ForwardStatistic(Importance):
         return stats
 
 
-class Activation(_ForwardStatistic):
+class Activation(ForwardStatistic):
     """How each output neuron / filter fires on data, given to all the weights that feed it.
 
     Both kinds read the layer's output ``y`` as a ReLU passes it, max(y, 0): the post-activation
@@ -132,7 +135,7 @@ class Activation(_ForwardStatistic):
         return {0: self.per_channel(member.gathered)}
 
 
-class Wanda(_ForwardStatistic):
+class Wanda(ForwardStatistic):
     """|W_ij| * ||X_j||_2: each weight times the L2 norm of its input feature over all calibration
     inputs (Sun et al. 2023, "pruning by weights and activations").
 
