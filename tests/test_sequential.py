@@ -110,15 +110,19 @@ def manual_stage_by_stage(net, importance, sparsity, batches, loss_fn=None):
     return tp.masks(net)
 
 
-@pytest.mark.parametrize("importance", ["wanda", "activation", "apoz"])
+@pytest.mark.parametrize("importance", ["wanda", "activation", "apoz", "sparsegpt"])
 @pytest.mark.parametrize("by_keyword", [False, True])
 def test_forward_criteria_equal_pruning_stage_after_stage(importance, by_keyword):
     batches = data()
-    expected = manual_stage_by_stage(make_net(by_keyword=by_keyword), importance, 0.5, batches)
+    twin = make_net(by_keyword=by_keyword)
+    expected = manual_stage_by_stage(twin, importance, 0.5, batches)
     net = make_net(by_keyword=by_keyword)
-    tp.prune(net, 0.5, importance=importance, data=batches, sequential=True)
-    for name, mask in tp.masks(net).items():
-        assert torch.equal(mask, expected[name]), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the blocks replay: no warning
+        tp.prune(net, 0.5, importance=importance, data=batches, sequential=True)
+    for name, layer in prunable_layers(net).items():
+        assert torch.equal(layer.weight_mask, expected[name]), name
+        assert torch.equal(layer.weight, prunable_layers(twin)[name].weight), name  # SparseGPT's too
 
 
 @pytest.mark.parametrize("importance", ["taylor", "gradient"])
@@ -192,13 +196,15 @@ def test_no_blocks_warns_and_calibrates_in_one_pass():
     assert all(torch.equal(tp.masks(mlp)[n], m) for n, m in tp.masks(twin).items())
 
 
-def test_blocks_called_with_different_arguments_fall_back_with_the_reason():
+@pytest.mark.parametrize("importance", ["wanda", "sparsegpt"])
+def test_blocks_that_cannot_be_replayed_are_calibrated_on_full_passes(importance):
     batches = data()
-    net, twin = make_net(per_block_scale=True), make_net(per_block_scale=True)
-    with pytest.warns(UserWarning, match="block 'layers.1' gets another argument 'scale'"):
-        tp.prune(net, 0.5, importance="wanda", data=batches, sequential=True)
-    tp.prune(twin, 0.5, importance="wanda", data=batches)
-    assert all(torch.equal(tp.masks(net)[n], m) for n, m in tp.masks(twin).items())
+    expected = manual_stage_by_stage(make_net(per_block_scale=True), importance, 0.5, batches)
+    net = make_net(per_block_scale=True)
+    with pytest.warns(UserWarning, match="block 'layers.1' gets another argument 'scale'.*same result, slower"):
+        tp.prune(net, 0.5, importance=importance, data=batches, sequential=True)
+    for name, layer in prunable_layers(net).items():
+        assert torch.equal(layer.weight_mask, expected[name]), name
 
 
 class Failing(Wanda):

@@ -158,10 +158,10 @@ def _sequential_plan(model, unique, criterion, wanted: bool, blocks, data) -> Op
     if not (wanted and criterion.requires_data):
         return None
     the_plan = layer_by_layer.plan(model, unique, data, blocks)
-    if the_plan is not None and the_plan.problem and not criterion.requires_loss:
-        warnings.warn(f"sequential calibration is not possible: {the_plan.problem}; calibrating in one pass",
-                      stacklevel=3)
-        return None
+    if the_plan is not None and the_plan.slot is None and not criterion.requires_loss:
+        warnings.warn(f"sequential calibration cannot replay the blocks one by one: {the_plan.problem}; each "
+                      "block is calibrated on forward passes of the model up to it instead (same result, slower)",
+                      stacklevel=4)
     return the_plan
 
 

@@ -11,14 +11,17 @@ sequential=True)` for every data-driven criterion:
 * `plan`: one traced forward of the first batch puts each target layer in a stage (the head, run
   before block 0; its block; the tail) and checks the chain: block k+1 receives block k's output
   (its first element) unchanged in one argument, and every other argument (attention masks,
-  position embeddings) the same as block 0. When there are no blocks, or the chain does not hold,
-  it says why in a warning and the caller calibrates in one pass;
-* `run`: forward criteria capture block 0's inputs once (every positional and keyword argument),
-  then for each block collect statistics, let the caller prune that block's layers, and recompute
-  the block's outputs with the pruned weights as the next block's inputs. Only one block's
-  statistics exist at a time; captured activations move to the CPU when the model is on a GPU.
-  Gradient criteria need the model's loss, so each stage takes full backward passes instead, with
-  the stages before it already pruned.
+  position embeddings) the same as block 0. When there are no blocks it says so in a warning and
+  the caller calibrates in one pass;
+* `run`, when the chain holds: forward criteria capture block 0's inputs once (every positional
+  and keyword argument), then for each block collect statistics, let the caller prune that
+  block's layers, and recompute the block's outputs with the pruned weights as the next block's
+  inputs. Only one block's statistics exist at a time; captured activations move to the CPU when
+  the model is on a GPU.
+* `run`, otherwise: each stage is calibrated on full passes of the model with the stages before
+  it already pruned (stopped after the stage's block when every block runs once, in order). The
+  same statistics, at the cost of running the blocks before each stage again. Gradient criteria
+  always take this way, with backward passes: their loss needs the whole model.
 
 This module does not decide how a layer is pruned: `run` hands each stage's layers to a callback.
 """
@@ -51,12 +54,14 @@ class Stage:
 @dataclass
 class Plan:
     """The stages in the order they run, and where a block's call holds its input (``slot``:
-    a positional index or a keyword); ``problem`` says why the blocks cannot be chained (then only
-    full passes, as gradient criteria take, are possible)."""
+    a positional index or a keyword; None when the blocks cannot be chained, ``problem`` saying
+    why: then every stage is calibrated on full passes). ``in_order``: every block ran once, in
+    order, so a pass may stop after a stage's block."""
 
     stages: List[Stage]
     slot: Union[int, str, None]
     problem: Optional[str] = None
+    in_order: bool = True
 
 
 def find_blocks(model: nn.Module, blocks: Union[None, str, Sequence[str]] = None) -> List[Tuple[str, nn.Module]]:
@@ -207,7 +212,7 @@ def plan(model: nn.Module, layers: Dict[str, nn.Module], data: Iterable, blocks=
     found = find_blocks(model, blocks)
     if not found:
         warnings.warn("sequential calibration: no repeated blocks found (an nn.ModuleList/nn.Sequential of modules "
-                      "of one class); calibrating in one pass. Name them with `blocks=`", stacklevel=3)
+                      "of one class); calibrating in one pass. Name them with `blocks=`", stacklevel=5)
         return None
     first = next(iter(batches(data, targets=False, model=model)), None)
     if first is None:
@@ -215,7 +220,7 @@ def plan(model: nn.Module, layers: Dict[str, nn.Module], data: Iterable, blocks=
     events = _trace(model, found, layers, first[0])
     stages, calls, problem = _stages(found, layers, events)
     slot, chain_problem = (None, problem) if problem else _chain_slot(found, calls)
-    return Plan(stages, slot, chain_problem)
+    return Plan(stages, slot, chain_problem, in_order=problem is None)
 
 
 def _to(value, device: Optional[torch.device]):
@@ -253,6 +258,34 @@ def _capture(model: nn.Module, block: nn.Module, data: Iterable, offload: bool) 
     return captured
 
 
+def _observe_up_to(model: nn.Module, stage: Stage, criterion, data: Iterable, may_stop: bool) -> None:
+    """A stage's statistics from forward passes of ``model``, each stopped once the stage's block
+    has run (when ``may_stop``; the head and tail take whole passes)."""
+    def observe(module, args, output):
+        criterion.observe_forward(module, args, output)
+
+    def stop(module, args, output):
+        raise _Captured
+
+    handles = [layer.register_forward_hook(observe) for layer in stage.layers.values()]
+    if may_stop and stage.block is not None:
+        handles.append(stage.block.register_forward_hook(stop))
+    with hooked_eval(model, handles):
+        for inputs, _ in batches(data, targets=False, model=model):
+            try:
+                call(model, inputs)
+            except _Captured:
+                pass
+    _check_observed(stage, criterion)
+
+
+def _check_observed(stage: Stage, criterion) -> None:
+    silent = [name for name, layer in stage.layers.items() if not criterion.observed(layer)]
+    if silent:
+        where = f"block {stage.name!r}" if stage.block is not None else "the forward"
+        raise ValueError(f"layers {silent} were not called by {where} on `data`: exclude them with `exclude`")
+
+
 def _device_of(module: nn.Module) -> Optional[torch.device]:
     tensor = next(iter(module.parameters()), None)
     return None if tensor is None else tensor.device
@@ -269,11 +302,14 @@ def run(model: nn.Module, the_plan: Plan, criterion, data: Iterable, loss_fn: Op
     """Calibrates and prunes stage by stage: ``prune_stage(layers)`` prunes a stage's layers from
     the statistics ``criterion`` holds for them (it is reset before each stage)."""
     stages = the_plan.stages
-    if criterion.requires_loss:  # the loss needs the whole model: full passes, earlier stages pruned
+    if criterion.requires_loss or the_plan.slot is None:  # full passes, the stages before pruned
         for stage in stages:
             if stage.layers:
                 criterion.reset()
-                observe_gradients(model, stage.layers, criterion, data, loss_fn)
+                if criterion.requires_loss:  # the loss needs the whole model
+                    observe_gradients(model, stage.layers, criterion, data, loss_fn)
+                else:
+                    _observe_up_to(model, stage, criterion, data, the_plan.in_order)
                 prune_stage(stage.layers)
         return
     head, blocks, tail = stages[0], stages[1:-1], stages[-1]
@@ -308,10 +344,7 @@ def _block_stage(stage: Stage, criterion, inputs: List[Tuple[tuple, dict]], slot
         with hooked_eval(block, [layer.register_forward_hook(hook) for layer in stage.layers.values()]):
             for args, kwargs in inputs:
                 block(*_to(args, device), **_to(kwargs, device))
-        silent = [name for name, layer in stage.layers.items() if not criterion.observed(layer)]
-        if silent:
-            raise ValueError(f"layers {silent} were not called by block {stage.name!r} on `data`: "
-                             "exclude them with `exclude`")
+        _check_observed(stage, criterion)
         prune_stage(stage.layers)
     outputs = []
     with hooked_eval(block, []):
