@@ -106,8 +106,8 @@ def prune_arguments(method: Method, level: Level, calibration: List[dict]) -> Op
     arguments["importance"] = method.importance
     if method.data:
         arguments["data"] = calibration
-    if method.sequential:
-        arguments["sequential"] = True
+    if method.importance != "magnitude":  # explicit either way: SparseGPT's default is sequential
+        arguments["sequential"] = method.sequential
     return arguments
 
 

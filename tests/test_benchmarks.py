@@ -213,7 +213,7 @@ def test_bench_oneshot_method_table(monkeypatch):
     assert module.prune_arguments(methods["sparsegpt"], 0.6, data) == {
         "sparsity": 0.6, "scope": "layer", "importance": "sparsegpt", "data": data, "sequential": True}
     assert module.prune_arguments(methods["wanda-1pass"], 0.5, data) == {
-        "sparsity": 0.5, "scope": "layer", "importance": "wanda", "data": data}
+        "sparsity": 0.5, "scope": "layer", "importance": "wanda", "data": data, "sequential": False}
     assert module.prune_arguments(methods["wanda"], "2:4", data) == {
         "granularity": "2:4", "importance": "wanda", "data": data, "sequential": True}
     assert module.prune_arguments(methods["magnitude"], "2:4", data) == {"granularity": "2:4",

@@ -346,6 +346,7 @@ def _block_stage(stage: Stage, criterion, inputs: List[Tuple[tuple, dict]], slot
                 block(*_to(args, device), **_to(kwargs, device))
         _check_observed(stage, criterion)
         prune_stage(stage.layers)
+        criterion.reset()  # this block's statistics are spent: free them before its outputs are made
     outputs = []
     with hooked_eval(block, []):
         for args, kwargs in inputs:

@@ -210,8 +210,14 @@ class SparseGPT(ForwardStatistic):
         if not isinstance(x, torch.Tensor):
             return
         rows = input_columns(module, x)
-        gram = torch.bmm(rows.transpose(1, 2), rows).double()
-        self._add(module, gram=gram, rows=torch.tensor(float(rows.shape[1]), dtype=torch.float64, device=gram.device))
+        gram = torch.bmm(rows.transpose(1, 2), rows)
+        count = torch.tensor(float(rows.shape[1]), dtype=torch.float64, device=gram.device)
+        stats = self._stats.get(id(module))
+        if stats is None:
+            self._stats[id(module)] = {"gram": gram.double(), "rows": count}
+        else:  # added in place, in float64, from the float32 products: no float64 temporary
+            stats["gram"].add_(gram)
+            stats["rows"].add_(count)
 
     def hessian(self, module: nn.Module) -> torch.Tensor:
         """H = (2/n) * sum x x^T over the n input rows seen, (groups, columns, columns) in float64."""
@@ -226,20 +232,25 @@ class SparseGPT(ForwardStatistic):
         float64 whatever the weight's dtype: H^-1 amplifies rounding by H's condition number, which
         calibration Hessians make large. A failed factorization is retried with ten times the
         damping, with a warning; after `_RETRIES` retries, or for a non-finite H, it raises naming
-        ``where``."""
+        ``where``. ``hessian`` is changed (its dead diagonal entries become 1)."""
         if not torch.isfinite(hessian).all():
             raise ValueError(f"SparseGPT: the Hessian of {where} is not finite: its calibration inputs hold NaN or "
                              "inf (or overflow); check the data and the layers before it")
         dead = hessian.diagonal(dim1=-2, dim2=-1) == 0
-        hessian = hessian.clone()
-        hessian.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
+        hessian.diagonal(dim1=-2, dim2=-1)[dead] = 1.0  # in place: the callers hand over a fresh H
         mean = hessian.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None]
-        identity = torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device)
         damp, tried = self.damp, []
         for _ in range(_RETRIES + 1):
-            lower, info = torch.linalg.cholesky_ex(hessian + (damp * mean)[..., None] * identity)
+            # Memory: at most three (columns x columns) float64 matrices at once (H, the factor, its
+            # inverse): no identity matrix and no damped copy beside the factor.
+            lower = hessian.clone()
+            lower.diagonal(dim1=-2, dim2=-1).add_(damp * mean)
+            lower, info = torch.linalg.cholesky_ex(lower)
             if not info.any():
-                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+                inverse = torch.cholesky_inverse(lower)
+                del lower
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
                 if not info.any() and torch.isfinite(upper).all():
                     if tried:
                         warnings.warn(f"SparseGPT: the damped Hessian of {where} was not positive definite with "
