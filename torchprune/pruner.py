@@ -11,8 +11,9 @@ Where scores come from, per criterion:
 * weight criteria (magnitude, filter norm, random): the weights at the update step;
 * ``Gradient`` / ``Taylor``: the ``.grad`` of each layer's weight at every `step()` call, summed
   since the previous update (Taylor uses the weight after the optimizer step);
-* ``Activation`` / ``Wanda``: forward hooks on the layers observe every forward pass made in train
-  mode since the previous update (eval-mode passes, e.g. validation, are not counted);
+* ``Activation`` / ``Wanda`` / ``SparseGPT``: forward hooks on the layers observe every forward
+  pass made in train mode since the previous update (eval-mode passes, e.g. validation, are not
+  counted); SparseGPT then also reconstructs the weights it keeps at each update;
 * with ``data`` (and ``loss_fn`` for gradient criteria) every update scores on those batches
   instead, as `prune()` does.
 
