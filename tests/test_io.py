@@ -145,3 +145,67 @@ def test_extra_state_is_saved(tmp_path):
     tp.save(model, tmp_path / "extra.pt")
     fresh = tp.load(tmp_path / "extra.pt", ExtraStateNet())
     assert fresh.restored == {"note": "calibrated", "steps": 3}
+
+
+class VersionChecked(nn.Module):
+    """Refuses a state_dict without its module's version, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        version = local_metadata.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        self.loaded_version = version
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+class VersionedBlock(VersionChecked):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class VersionedNet(VersionChecked):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = VersionedBlock()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("pruning", ["masks", "channels"])
+def test_state_dict_metadata_round_trips(pruning, tmp_path):
+    torch.manual_seed(0)
+    model, x = VersionedNet().eval(), torch.randn(2, 3, 6, 6)
+    if pruning == "channels":
+        tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x)
+    tp.prune(model, sparsity=0.5)
+    tp.save(model, tmp_path / "v.pt")
+    fresh = tp.load(tmp_path / "v.pt", VersionedNet()).eval()
+    assert fresh.loaded_version == 2 and fresh.block.loaded_version == 2
+    payload = torch.load(tmp_path / "v.pt", weights_only=True)  # plain data
+    assert payload["metadata"][""] == {"version": 2} and payload["metadata"]["block.bn"] == {"version": 2}
+    assert torch.equal(fresh(x), model(x))
+    assert tp.masks(fresh).keys() == tp.masks(model).keys()
+
+
+def test_file_without_metadata_still_loads(small_net, tmp_path):
+    """Files written before the metadata was kept load as they did (without it)."""
+    tp.prune(small_net, sparsity=0.5)
+    tp.save(small_net, tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload.pop("metadata", None)  # as files written before the metadata was kept
+    torch.save(payload, tmp_path / "old.pt")
+    fresh = tp.load(tmp_path / "old.pt", SmallNet())
+    small_net.eval(), fresh.eval()
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(fresh(x), small_net(x))
+    assert tp.masks(fresh).keys() == tp.masks(small_net).keys()

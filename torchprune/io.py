@@ -1,15 +1,19 @@
 """save() / load() of pruned models as plain tensors, loadable with ``weights_only=True``.
 
 The file is a dict of tensors and plain data: the model's state_dict (masks included, as the
-``<layer>.weight_mask`` buffers) and the names of the masked layers. Loading replays the masking on a
-fresh, unpruned instance of the same class and then loads the state_dict strictly, so no module is
-ever pickled and the file loads in any process that can build the model.
+``<layer>.weight_mask`` buffers), its metadata (each module's state_dict ``version``, which
+BatchNorm and models such as torchvision's MNASNet read when loading) and the names of the masked
+layers. Loading replays the masking on a fresh, unpruned instance of the same class and then loads
+the state_dict strictly, with its metadata, so no module is ever pickled and the file loads in any
+process that can build the model. Files written before the metadata was kept load without it, as
+they always did.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from collections import OrderedDict
 from typing import Dict, Union
 
 import torch
@@ -35,6 +39,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     masked = {name: base_type(m).__name__ for name, m in model.named_modules() if get_mask(m) is not None}
+    state = model.state_dict()
     structure = structure_of(model)  # channels removed by structural pruning, replayed by load()
     payload = {
         "format": _FORMAT,
@@ -42,13 +47,36 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         "structure": structure,
         "torchprune_version": __version__,
         "masked_layers": masked,
-        "state_dict": {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in state.items()},
+        "metadata": _plain_metadata(state),
     }
     torch.save(payload, path)
 
 
+#: The types a state_dict metadata value may have in the file (so it loads with ``weights_only=True``).
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain_metadata(state) -> Dict[str, Dict[str, object]]:
+    """``state._metadata`` ({module prefix: {"version": n, ...}}) as plain dicts of plain values."""
+    metadata = getattr(state, "_metadata", None) or {}
+    return {str(prefix): {str(k): v for k, v in entries.items() if isinstance(v, _PLAIN)}
+            for prefix, entries in metadata.items() if isinstance(entries, dict)}
+
+
+def _with_metadata(state: Dict[str, torch.Tensor], metadata) -> Dict[str, torch.Tensor]:
+    """``state`` as `load_state_dict` takes it with metadata: an OrderedDict with ``_metadata``.
+    A file without metadata (written before it was kept) gives ``state`` as it is."""
+    if metadata is None:
+        return state
+    state = OrderedDict(state)
+    state._metadata = OrderedDict((prefix, dict(entries)) for prefix, entries in metadata.items())
+    return state
+
+
 def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     """Restores the pruned weights and masks saved by `save` into ``model``; returns ``model``.
+    The state_dict is loaded with the metadata it was saved with (each module's ``version``).
 
     ``model`` is a fresh instance of the saved model's class; for a file of a model pruned with
     masks only, it may also be one already pruned the same way. A file of a structurally pruned
@@ -68,6 +96,8 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         or payload.get("format") != _FORMAT
         or not isinstance(payload.get("masked_layers"), dict)
         or not isinstance(payload.get("state_dict"), dict)
+        or not isinstance(payload.get("metadata", {}), dict)
+        or not all(isinstance(entries, dict) for entries in payload.get("metadata", {}).values())
     ):
         raise ValueError(f"`path` {str(path)!r} is not a torchprune file (written by tp.save)")
     if payload.get("format_version", 0) > _STRUCTURE_VERSION:
@@ -101,7 +131,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
             shared[id(module.weight)] = module.weight_mask
         elif get_mask(module) is not mask:
             attach_mask(module, mask, copy=False)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_with_metadata(state, payload.get("metadata")), strict=True)
     return model
 
 
