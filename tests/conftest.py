@@ -22,6 +22,21 @@ class SmallNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+class TinyGPT(nn.Module):
+    """GPT-2's tie in small: the output layer ``lm_head`` holds the token embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = nn.Embedding(16, 8)
+        self.mlp = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 16, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.relu(self.mlp(self.wte(ids))))
+
+
 def make_mlp(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))

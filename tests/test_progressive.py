@@ -13,7 +13,7 @@ import torchprune as tp
 from torchprune import selection
 from torchprune.schedules import Constant, Cubic, Linear, OneShot
 
-from conftest import assert_unchanged, make_mlp, snapshot
+from conftest import TinyGPT, assert_unchanged, make_mlp, snapshot
 from error_bounds import assert_same_function
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -319,3 +319,19 @@ def test_an_update_on_diverged_weights_names_the_layer_and_changes_nothing():
     with pytest.raises(ValueError, match=r"layer '2' \(Linear\) has non-finite weights: 1 NaN"):
         pruner.step()  # step 2: an update
     assert torch.equal(model[2].weight_mask, before)
+
+
+@pytest.mark.parametrize("target,granularity", [(0.5, "weight"), (None, "2:4")])
+def test_tied_output_layer_is_left_out_with_a_warning(target, granularity):
+    model = TinyGPT()
+    embedding = model.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"layer 'lm_head' left unpruned: Embedding 'wte' shares its weight") as record:
+        pruner = tp.Pruner(model, target, OneShot(at=0), granularity=granularity)
+    assert len(record) == 1 and record[0].filename == __file__
+    assert pruner.step()
+    assert set(tp.masks(model)) == {"mlp"} and pruner.sparsity == 0.5
+    assert torch.equal(model.wte.weight, embedding) and model.lm_head.weight is model.wte.weight
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"Embedding 'wte' shares its weight with layer 'lm_head'.*leave 'lm_head'"):
+        tp.Pruner(model, None, OneShot(at=0), scope={"lm_head": 0.5})
+    assert_unchanged(model, before)

@@ -1,5 +1,7 @@
 """prune(): targets per scope, granularities, repeated pruning, data-driven scores, bad input."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ from torch import nn
 
 import torchprune as tp
 
-from conftest import SmallNet, assert_unchanged, make_mlp, snapshot
+from conftest import SmallNet, TinyGPT, assert_unchanged, make_mlp, snapshot
 from error_bounds import assert_same_function
 
 
@@ -260,7 +262,7 @@ def test_aliases_can_name_a_layer_in_exclude_and_scope():
     assert pruned_fraction(tp.masks(model)["fc"]) == 0.25
 
 
-def test_weight_tied_to_an_embedding_is_refused():
+def test_weight_tied_to_an_embedding_is_refused_when_nothing_else_is_left():
     class TiedHead(nn.Module):
         def __init__(self):
             super().__init__()
@@ -270,9 +272,46 @@ def test_weight_tied_to_an_embedding_is_refused():
 
     model = TiedHead()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"Embedding 'embed' shares its weight with layer 'lm_head'"):
+    with pytest.raises(ValueError, match=r"no prunable layer .* once tied layers are left out: "
+                                         r"Embedding 'embed' shares its weight with layer 'lm_head'.*untie it first"):
         tp.prune(model, sparsity=0.5)
     assert_unchanged(model, before)
+
+
+TIED_HEAD_LEFT_OUT = (r"layer 'lm_head' left unpruned: Embedding 'wte' shares its weight with layer 'lm_head', "
+                      r"which pruning would change under it\. To prune such a layer, untie it first .*`exclude`")
+
+
+@pytest.mark.parametrize("kwargs", [dict(sparsity=0.5), dict(sparsity=0.5, scope="global"), dict(granularity="2:4"),
+                                    dict(sparsity=0.5, importance="wanda", data=[torch.arange(16).view(2, 8)])])
+def test_tied_output_layer_is_left_out_with_a_warning(kwargs):
+    model = TinyGPT()
+    embedding = model.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match=TIED_HEAD_LEFT_OUT) as record:
+        tp.prune(model, **kwargs)
+    assert len(record) == 1 and record[0].filename == __file__  # one warning, at the call
+    assert set(tp.masks(model)) == {"mlp"} and pruned_fraction(tp.masks(model)["mlp"]) == 0.5
+    assert torch.equal(model.wte.weight, embedding) and model.lm_head.weight is model.wte.weight
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_tied_output_layer_named_or_untied():
+    model = TinyGPT()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"Embedding 'wte' shares its weight with layer 'lm_head', which pruning "
+                                         r"would change under it: leave 'lm_head' out of `scope` or untie it first"):
+        tp.prune(model, scope={"mlp": 0.5, "lm_head": 0.5})
+    assert_unchanged(model, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tp.prune(model, scope={"mlp": 0.5})  # not named: not a target, nothing to warn about
+        tp.prune(model, sparsity=0.75, exclude=["lm_head"])
+        assert set(tp.masks(model)) == {"mlp"}
+        model = TinyGPT()
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # untied: pruned alone
+        embedding = model.wte.weight.detach().clone()
+        tp.prune(model, sparsity=0.5)
+    assert set(tp.masks(model)) == {"mlp", "lm_head"} and torch.equal(model.wte.weight, embedding)
 
 
 def test_nan_weights_are_reported_not_kept(mlp):

@@ -7,7 +7,7 @@ from torch import nn
 import torchprune as tp
 from torchprune.analysis.sensitivity import Sensitivity
 
-from conftest import assert_unchanged, make_mlp, snapshot
+from conftest import TinyGPT, assert_unchanged, make_mlp, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,3 +99,14 @@ def test_sensitivity_argument_checks():
     with pytest.raises(ValueError, match="`importance` must be one of"):
         tp.sensitivity(model, lambda m: 1.0, importance="hessian")
     assert_unchanged(model, before)
+
+
+def test_tied_output_layer_is_left_out_with_a_warning():
+    model = TinyGPT()
+    with pytest.warns(UserWarning, match=r"layer 'lm_head' left unpruned: Embedding 'wte' shares its weight") as record:
+        result = tp.sensitivity(model, lambda m: 0.0, sparsities=[0.5])
+    assert len(record) == 1 and record[0].filename == __file__
+    assert set(result.curves) == {"mlp"} and not tp.masks(model)
+    with pytest.warns(UserWarning, match=r"layer 'lm_head' left unpruned") as record:
+        plan = tp.allocate(model, 0.5, method="owl", data=[torch.arange(16).view(2, 8)])
+    assert len(record) == 1 and record[0].filename == __file__ and set(plan) == {"mlp"}

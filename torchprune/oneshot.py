@@ -36,6 +36,7 @@ from .targets import (
     check_finite_weights,
     check_n_m_divides,
     checked_score,
+    leave_out_tied,
     parse_granularity,
     target_layers,
     weight_owners,
@@ -82,9 +83,11 @@ def prune(
     Odd inputs: NaN/Inf in a layer's weights or scores raises a ValueError naming the layer and
     what was found, before anything changes; a ratio never empties a layer (at least one weight
     stays, each layer's best under ``scope="global"``), only an explicit ``threshold`` may; layers
-    tied to one weight share one mask object; zero-size layers get empty masks; meta tensors are
-    refused. Memory: besides the new bool masks, magnitude scores are made in blocks of rows and
-    ranked without sorting (`selection`), so the peak stays well under the model's size.
+    tied to one weight share one mask object; a layer tied to a module never pruned (GPT-2's
+    ``lm_head``, tied to the embedding) is left unpruned with a warning (untie it to prune it; a
+    dict scope naming it raises); zero-size layers get empty masks; meta tensors are refused.
+    Memory: besides the new bool masks, magnitude scores are made in blocks of rows and ranked
+    without sorting (`selection`), so the peak stays well under the model's size.
 
     >>> model = tp.prune(model, sparsity=0.9, scope="global")
     >>> tp.prune(model, granularity="2:4", exclude=["classifier"])
@@ -171,6 +174,7 @@ def _checked_layers(model: nn.Module, criterion: Importance, importance, n_m, sp
     every check of the arguments (nothing is changed)."""
     check_amount(sparsity, threshold, scope, n_m)
     layers, scope = target_layers(model, exclude, scope)
+    layers = leave_out_tied(model, layers, scope, stacklevel=4)  # here, _prune_weights, prune, the caller
     owners = weight_owners(model, layers, scope)
     check_supported(layers)
     if n_m is not None:

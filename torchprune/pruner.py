@@ -65,6 +65,7 @@ from .targets import (
     check_target,
     checked_score,
     current_mask,
+    leave_out_tied,
     parse_granularity,
     refuse_unused_data,
     target_layers,
@@ -87,7 +88,10 @@ class Pruner:
     ``model(**batch)`` or `tp.Inputs`, as pairs with targets for gradient criteria). With a dict
     scope pass ``target_sparsity=None``: each layer follows the schedule towards its own final
     sparsity. With N:M the schedule's sparsity s prunes round(s * M) weights
-    of every group of M (never more than M - N), so 2:4 goes 0 -> 1:4 pruned -> 2:4.
+    of every group of M (never more than M - N), so 2:4 goes 0 -> 1:4 pruned -> 2:4. As in
+    `prune()`, a layer tied to a module that is never pruned (GPT-2's ``lm_head``, which holds the
+    token embedding's weight) is left unpruned with a warning, unless a dict scope names it (then
+    it raises).
 
     All layers get a mask (all true) at construction, so the model's state_dict has the same keys
     from the first step on and a checkpoint loads into a fresh model wrapped by a fresh Pruner.
@@ -291,6 +295,7 @@ class WeightStrategy:
         n_m = parse_granularity(granularity)
         target_sparsity = _checked_amount(target_sparsity, schedule, scope, n_m)
         layers, scope = target_layers(model, exclude, scope)
+        layers = leave_out_tied(model, layers, scope, stacklevel=3)  # here, Pruner.__init__, the caller
         owners = weight_owners(model, layers, scope)
         check_supported(layers)
         if n_m is not None:

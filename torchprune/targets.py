@@ -10,7 +10,8 @@ message, naming the argument, before anything changes:
 * ``granularity``: `parse_granularity` ("weight" or "N:M"; `STRUCTURAL` names the physical ones),
   `check_n_m_divides`;
 * ``scope`` and ``exclude``: `check_scope`, `excluded_ids`, `target_layers` (the layers to prune by
-  name, dict-scope keys resolved to those names), `weight_owners` (tied weights);
+  name, dict-scope keys resolved to those names), `weight_owners` (tied weights), `leave_out_tied`
+  (layers tied to a module that is never pruned, such as a tied output layer);
 * ``data`` / ``loss_fn``: `check_data_args`, `refuse_unused_data`;
 * weights and scores: `check_finite_weights`, `checked_score` (shape, dtype, NaN/Inf), and
   `current_mask`.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 from typing import Dict, Iterable, Mapping, Optional, Set, Tuple
 
 import torch
@@ -28,12 +30,13 @@ from torch import nn
 
 from . import selection
 from .importance import Importance
-from .masking import PRUNABLE_TYPES, base_type, get_mask, prunable_layers
+from .masking import PRUNABLE_TYPES, base_type, get_mask, is_prunable, prunable_layers
 from .schedules import Schedule
 
 __all__ = [
     "SCOPES", "STRUCTURAL", "GRANULARITY_HELP", "parse_granularity", "check_sparsity_value", "check_scope",
-    "check_dict_scope", "check_amount", "check_target", "excluded_ids", "target_layers", "weight_owners",
+    "check_dict_scope", "check_amount", "check_target", "excluded_ids", "target_layers", "leave_out_tied",
+    "weight_owners",
     "check_n_m_divides", "check_data_args", "refuse_unused_data", "nonfinite", "check_finite_weights", "checked_score",
     "current_mask",
 ]
@@ -226,11 +229,55 @@ def weight_owners(model: nn.Module, layers: Dict[str, nn.Module], scope) -> Dict
         for param_name, param in module.named_parameters(recurse=False):
             owner = by_weight.get(id(param))
             if owner is not None and not (id(module) in targets and param_name == "weight"):
-                raise ValueError(
-                    f"{type(module).__name__} {name!r} shares its {param_name} with layer {owner!r}, which pruning "
-                    "would change under it: prune both or neither (`exclude` or `scope` splits them)"
-                )
+                what = f"{type(module).__name__} {name or '<model>'!r} shares its {param_name} with layer {owner!r}"
+                if is_prunable(module):
+                    raise ValueError(f"{what}, which pruning would change under it: prune both or neither "
+                                     "(`exclude` or `scope` splits them)")
+                raise ValueError(f"{what}, which pruning would change under it: leave {owner!r} out of `scope` "
+                                 f"or untie it first ({_UNTIE})")
     return owners
+
+
+#: How to give a tied layer a weight of its own, for messages.
+_UNTIE = "give it its own copy: `layer.weight = nn.Parameter(layer.weight.detach().clone())`"
+
+
+def leave_out_tied(model: nn.Module, layers: Dict[str, nn.Module], scope, stacklevel: int) -> Dict[str, nn.Module]:
+    """``layers`` less those whose weight a module that is never pruned also holds, with one
+    UserWarning naming them (``stacklevel`` counts from the caller).
+
+    The usual case is a tied output layer: GPT-2's ``lm_head`` holds the token embedding's weight,
+    and pruning it would prune the embedding too. A dict ``scope`` names its layers on purpose, so
+    it gets ``layers`` whole and `weight_owners` refuses the tie; so does a weight shared with a
+    prunable layer that `exclude` left out (the arguments split the tie). Raises the "no prunable
+    layer" error, with the reason, when no layer is left.
+    """
+    if isinstance(scope, Mapping):
+        return layers
+    by_weight: Dict[int, list] = {}
+    for name, layer in layers.items():
+        by_weight.setdefault(id(layer.weight), []).append(name)
+    holders: Dict[str, str] = {}  # target layer -> the module that also holds its weight
+    for name, module in model.named_modules(remove_duplicate=False):
+        if is_prunable(module):
+            continue
+        for param in module.parameters(recurse=False):
+            for target in by_weight.get(id(param), ()):
+                holders.setdefault(target, f"{type(module).__name__} {name or '<model>'!r}")
+    if not holders:
+        return layers
+    reasons = "; ".join(f"{holder} shares its weight with layer {target!r}" for target, holder in holders.items())
+    kept = {name: layer for name, layer in layers.items() if name not in holders}
+    if not kept:
+        kinds = ", ".join(t.__name__ for t in PRUNABLE_TYPES)
+        raise ValueError(f"`model` has no prunable layer ({kinds}) left after `exclude` once tied layers are left out: "
+                         f"{reasons}, which pruning would change under it; to prune a tied layer, untie it first "
+                         f"({_UNTIE})")
+    names = ", ".join(repr(name) for name in holders)
+    warnings.warn(f"{'layer' if len(holders) == 1 else 'layers'} {names} left unpruned: {reasons}, which pruning "
+                  f"would change under it. To prune such a layer, untie it first ({_UNTIE}); to leave it "
+                  "unpruned without this warning, pass it in `exclude`", UserWarning, stacklevel=stacklevel + 1)
+    return kept
 
 
 def _input_size(layer: nn.Module) -> int:

@@ -22,7 +22,7 @@ from ..importance import Importance, resolve
 from ..masking import attach_mask, get_mask, remove_mask
 from ..oneshot import prune
 from ..owl import check_owl_arguments, owl_sparsities
-from ..targets import target_layers, weight_owners
+from ..targets import leave_out_tied, target_layers, weight_owners
 
 __all__ = ["Sensitivity", "sensitivity", "allocate"]
 
@@ -97,8 +97,9 @@ def sensitivity(
     metric ``evaluate(model)`` recorded, and the layer restored bit for bit.
 
     ``higher_is_better`` says whether the metric is an accuracy (True) or a loss (False).
-    ``importance``, ``data`` and ``loss_fn`` are passed to `prune()`. Shows a tqdm bar when
-    ``progress`` and tqdm is installed.
+    ``importance``, ``data`` and ``loss_fn`` are passed to `prune()`. A layer tied to a module
+    that is never pruned (a tied output layer) is left out with a warning, as `prune()` does.
+    Shows a tqdm bar when ``progress`` and tqdm is installed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -107,6 +108,7 @@ def sensitivity(
     levels = _check_sparsities(sparsities)
     resolve(importance)  # checked now, not after the first evaluation
     layers, _ = target_layers(model, exclude, "layer")
+    layers = leave_out_tied(model, layers, "layer", stacklevel=2)
     owners = weight_owners(model, layers, "layer")
     layers = {name: layer for name, layer in layers.items() if owners[name] == name}
     baseline = _metric(evaluate, model)
@@ -157,7 +159,8 @@ def allocate(model: nn.Module, target_sparsity: float, sensitivity: Optional[Sen
     ``sensitivity`` measured, with the least total measured damage (below). ``method="owl"`` gives
     every prunable layer not in ``exclude`` a sparsity from its share of outlier Wanda scores on
     ``data`` (owl.py: ``m`` = 5 and ``lam`` = 0.08 by default, the layers of one of ``blocks``
-    sharing one value); it works with any importance, e.g. wanda, sparsegpt or magnitude.
+    sharing one value; a tied output layer is left out with a warning, as in `prune()`); it works
+    with any importance, e.g. wanda, sparsegpt or magnitude.
 
     >>> plan = tp.allocate(model, 0.7, method="owl", data=batches)
     >>> tp.prune(model, scope=plan, importance="sparsegpt", data=batches)
@@ -179,6 +182,7 @@ def allocate(model: nn.Module, target_sparsity: float, sensitivity: Optional[Sen
         if iter(data) is data:
             data = list(data)
         layers, _ = target_layers(model, exclude, "layer")
+        layers = leave_out_tied(model, layers, "layer", stacklevel=2)
         owners = weight_owners(model, layers, "layer")
         unique = {name: layer for name, layer in layers.items() if owners[name] == name}
         return owl_sparsities(model, unique, float(target_sparsity), data, m=m, lam=lam, blocks=blocks)
