@@ -129,7 +129,7 @@ def test_state_dict_is_plain_data_and_checks_the_groups():
     pruner.step()
     state = pruner.state_dict()
     assert state["removed"] == list(pruner.removed_channels().values())
-    other = tp.Pruner(zoo.build("mlp")[0], 0.5, OneShot(at=0), granularity="channel", example_inputs=x, exclude=["fc3"])
+    other = tp.Pruner(zoo.build("mlp")[0], 0.5, OneShot(at=0), granularity="channel", example_inputs=x, freeze=["fc3"])
     with pytest.raises(ValueError, match="saved for channel groups"):
         other.load_state_dict(state)
     weight_pruner = tp.Pruner(zoo.build("mlp")[0], 0.5, OneShot(at=0))

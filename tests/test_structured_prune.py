@@ -120,9 +120,15 @@ def test_round_to_and_global_scope():
     assert model.fc1.out_features + model.fc2.out_features == 56 - 28
 
 
-def test_exclude_leaves_a_group_whole():
+def test_exclude_keeps_a_layers_outputs_and_freeze_the_whole_layer():
+    """features.3 excluded: its output channels stay, its input channels go with features.0's;
+    frozen: both stay (tests/test_structured_exclude.py has the rest)."""
     model, x = zoo.build("vgg")
     tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x, exclude=["features.3"])
+    assert model.features[3].out_channels == 16 and model.features[3].in_channels == 4
+    assert model.features[7].out_channels == 8
+    model, x = zoo.build("vgg")
+    tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=x, freeze=["features.3"])
     assert model.features[3].out_channels == 16 and model.features[3].in_channels == 8
     assert model.features[7].out_channels == 8
 

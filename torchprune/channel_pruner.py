@@ -13,6 +13,11 @@ every forward pass computes exactly what the smaller model will. `finalize()` th
 physically (same outputs, fewer parameters and MACs) and records the removal so that `tp.save` /
 `tp.load` replay it.
 
+``exclude`` and ``freeze`` keep groups as in ``tp.prune(..., granularity="channel")``
+(structured/exclusion.py): an excluded layer keeps its own output channels while the channels it
+reads may still be pruned (``exclude=["fc"]`` keeps the class count), and a frozen layer is left
+completely unchanged (every group it is in stays whole).
+
 Only groups where zeroing a channel is the same as removing it (``Group.exact``) are pruned: a
 channel that a LayerNorm normalizes over still changes the statistics when zeroed, so the masked
 model would not compute what the pruned one does. Masks only grow, as in the weight Pruner.
@@ -44,12 +49,13 @@ from .distributed import average_, check_equal_across_ranks, fail_together
 from .importance import Importance
 from .importance.base import Requires, check_channel_form
 from .schedules import Schedule
+from .structured.exclusion import exclusion
 from .structured.graph import DependencyGraph, Group
 from .structured.plan import apply_plan, channel_step, plan_from_removed, record_step, zero_channels
 from .structured.scoring import group_scores
 from .structured.select import select
 from .structured.tracing.recorder import Member
-from .targets import check_data_args, check_scope, check_target, excluded_ids, refuse_unused_data
+from .targets import check_data_args, check_scope, check_target, refuse_unused_data
 
 __all__ = ["ChannelStrategy"]
 
@@ -66,7 +72,7 @@ class ChannelStrategy:
     finalized_note = "its channels are removed"
 
     def __init__(self, model: nn.Module, criterion: Importance, target_sparsity, schedule: Schedule, importance,
-                 granularity, scope, exclude, data, loss_fn, example_inputs):
+                 granularity, scope, exclude, data, loss_fn, example_inputs, freeze=()):
         if granularity != "channel":
             raise ValueError(f"`granularity` must be 'channel' for a ChannelPruner, got {granularity!r}")
         check_scope(scope, allow_dict=False, context="granularity='channel'")
@@ -79,13 +85,13 @@ class ChannelStrategy:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
         target = check_target(target_sparsity, schedule, None)
-        excluded = excluded_ids(model, exclude)
+        kept = exclusion(model, exclude, freeze)
         graph = DependencyGraph(model, example_inputs)
         modules = dict(model.named_modules())
-        groups = [g for g in graph.prunable_groups
-                  if g.exact and not any(id(modules[m]) in excluded for m in g.modules if m in modules)]
+        groups = [g for g in graph.prunable_groups if g.exact and not kept.keeps(g.indices, modules)]
         if not groups:
-            raise ValueError("`model` has no channel group that can be pruned while training (after `exclude`; groups "
+            raise ValueError("`model` has no channel group that can be pruned while training (after `exclude` and "
+                             "`freeze`; groups "
                              f"where zeroing differs from removal are left out): {graph.unprunable or 'no groups'}")
 
         self.model = model

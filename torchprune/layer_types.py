@@ -41,7 +41,8 @@ from torch import nn
 from .nn.attention import PrunedMultiheadAttention
 
 __all__ = [
-    "LayerType", "register_layer_type", "lookup", "is_registered", "output_channel_dim", "scale_tensor",
+    "LayerType", "register_layer_type", "lookup", "is_registered", "output_channel_dim", "is_input_member",
+    "scale_tensor",
     "is_scorable_weight", "resize", "BATCH_NORMS", "INSTANCE_NORMS", "CHANNEL_NORMS", "NORMS",
 ]
 
@@ -99,6 +100,14 @@ def output_channel_dim(module: nn.Module, tensor: str, dim: int) -> Optional[int
     if entry is None or entry.output_member != (tensor, dim):
         return None
     return entry.channel_dim
+
+
+def is_input_member(module: nn.Module, tensor: str, dim: int) -> bool:
+    """True if ``(tensor, dim)`` of ``module`` is sliced with the channels the layer reads (its
+    ``inputs``: a Linear's or conv's weight dim 1, a transposed conv's dim 0), not with channels it
+    makes or scales (``exclude`` keeps the latter, see structured/exclusion.py)."""
+    entry = lookup(type(module))
+    return entry is not None and (tensor, dim) in entry.inputs
 
 
 def scale_tensor(module: nn.Module) -> Optional[str]:

@@ -38,6 +38,7 @@ from .targets import (
     checked_score,
     leave_out_tied,
     parse_granularity,
+    refuse_freeze,
     target_layers,
     weight_owners,
 )
@@ -59,6 +60,7 @@ def prune(
     round_to: Optional[int] = None,
     sequential: Optional[bool] = None,
     blocks=None,
+    freeze: Iterable = (),
 ) -> nn.Module:
     """Masks the least important weights of every Linear/Conv1d/Conv2d layer; returns ``model``.
 
@@ -69,7 +71,10 @@ def prune(
     weights along the input dimension. Already pruned weights stay pruned.
     ``granularity="channel" | "head" | "layer"`` removes whole channels, attention heads or
     residual blocks physically (see `torchprune.structured`); it needs ``example_inputs``, and
-    with "channel", ``round_to=k`` makes every group keep a multiple of k channels.
+    with "channel", ``round_to=k`` makes every group keep a multiple of k channels. ``exclude``
+    (names, modules, types) leaves layers unpruned; with "channel" an excluded layer keeps its output
+    channels, those it reads may still go (``exclude=[model.fc]`` keeps the classes). ``freeze``
+    (structural only) leaves a module and every group, head or block it is in whole.
 
     ``data``: ``(inputs, targets)`` batches for Gradient/Taylor (with ``loss_fn``), also bare inputs
     for the others; inputs are a tensor, a tuple, a dict (``model(**batch)``) or
@@ -99,12 +104,18 @@ def prune(
         if sequential or blocks is not None:
             raise ValueError(f"`sequential`/`blocks` apply to weight and N:M granularity, not {granularity!r}")
         return prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs,
-                                data, loss_fn, round_to)
+                                data, loss_fn, round_to, freeze)
+    _refuse_structural_args(granularity, round_to, freeze)
+    return _prune_weights(model, sparsity, threshold, importance, granularity, scope, exclude, data, loss_fn,
+                          sequential, blocks)
+
+
+def _refuse_structural_args(granularity, round_to, freeze) -> None:
+    """``round_to`` and ``freeze`` are for the structural granularities only."""
     if round_to is not None:
         raise ValueError("`round_to` only applies to granularity='channel' (channels kept per group), "
                          f"got granularity={granularity!r}")
-    return _prune_weights(model, sparsity, threshold, importance, granularity, scope, exclude, data, loss_fn,
-                          sequential, blocks)
+    refuse_freeze(freeze, granularity)
 
 
 def _prune_weights(model, sparsity, threshold, importance, granularity, scope, exclude, data, loss_fn, sequential,

@@ -67,6 +67,7 @@ from .targets import (
     current_mask,
     leave_out_tied,
     parse_granularity,
+    refuse_freeze,
     refuse_unused_data,
     target_layers,
     weight_owners,
@@ -95,7 +96,7 @@ class Pruner:
 
     All layers get a mask (all true) at construction, so the model's state_dict has the same keys
     from the first step on and a checkpoint loads into a fresh model wrapped by a fresh Pruner.
-    ``example_inputs`` is only used with ``granularity="channel"``. ``model`` may be a
+    ``example_inputs`` and ``freeze`` are only used with ``granularity="channel"``. ``model`` may be a
     DistributedDataParallel wrapper: layer names are those of its ``.module``.
     """
 
@@ -117,13 +118,15 @@ class Pruner:
         data: Optional[Iterable] = None,
         loss_fn: Optional[Callable] = None,
         example_inputs=None,
+        freeze: Iterable = (),
     ):
         model = _checked_model(model, schedule)
         criterion = resolve(importance)
         if isinstance(self, ChannelPruner):
             strategy = ChannelStrategy(model, criterion, target_sparsity, schedule, importance, granularity, scope,
-                                       exclude, data, loss_fn, example_inputs)
+                                       exclude, data, loss_fn, example_inputs, freeze)
         else:
+            refuse_freeze(freeze, granularity)
             strategy = WeightStrategy(model, criterion, target_sparsity, schedule, importance, granularity, scope,
                                       exclude, data, loss_fn)
         self.model = model
@@ -233,7 +236,10 @@ class ChannelPruner(Pruner):
 
     ``scope="layer"`` prunes ``target_sparsity`` of each group (it keeps floor((1 - s) * channels),
     at least one), ``scope="global"`` of all groups' channels together, as ``tp.prune(...,
-    granularity="channel")`` does. ``exclude`` leaves every group touching an excluded module whole.
+    granularity="channel")`` does. ``exclude`` keeps an excluded layer's own output channels, while the
+    channels it reads may still be pruned with their producer (its weight's input slices with them):
+    ``exclude=["fc"]`` keeps the class count and still prunes the penultimate layer. ``freeze``
+    leaves a module completely unchanged: every group it is in, in any role, stays whole.
     ``sparsity`` is the fraction of the groups' channels zeroed so far.
     """
 

@@ -9,9 +9,10 @@ message, naming the argument, before anything changes:
   N:M), `check_target` (a Pruner's ``target_sparsity`` against its schedule);
 * ``granularity``: `parse_granularity` ("weight" or "N:M"; `STRUCTURAL` names the physical ones),
   `check_n_m_divides`;
-* ``scope`` and ``exclude``: `check_scope`, `excluded_ids`, `target_layers` (the layers to prune by
-  name, dict-scope keys resolved to those names), `weight_owners` (tied weights), `leave_out_tied`
-  (layers tied to a module that is never pruned, such as a tied output layer);
+* ``scope``, ``exclude`` and ``freeze``: `check_scope`, `excluded_ids`, `refuse_freeze`,
+  `target_layers` (the layers to prune by name, dict-scope keys resolved to those names),
+  `weight_owners` (tied weights), `leave_out_tied` (layers tied to a module that is never pruned,
+  such as a tied output layer);
 * ``data`` / ``loss_fn``: `check_data_args`, `refuse_unused_data`;
 * weights and scores: `check_finite_weights`, `checked_score` (shape, dtype, NaN/Inf), and
   `current_mask`.
@@ -38,7 +39,7 @@ __all__ = [
     "check_dict_scope", "check_amount", "check_target", "excluded_ids", "target_layers", "leave_out_tied",
     "weight_owners",
     "check_n_m_divides", "check_data_args", "refuse_unused_data", "nonfinite", "check_finite_weights", "checked_score",
-    "current_mask",
+    "current_mask", "refuse_freeze",
 ]
 
 SCOPES = ("layer", "global")
@@ -142,34 +143,49 @@ def check_target(target, schedule: Schedule, n_m: Optional[NM]) -> float:
     return float(target)
 
 
-def excluded_ids(model: nn.Module, exclude) -> Set[int]:
-    """Ids of the modules never pruned; a name or module excludes its whole subtree."""
-    if isinstance(exclude, (str, nn.Module, type)):
-        exclude = (exclude,)
-    if exclude is None:
-        exclude = ()
-    try:
-        items = list(exclude)
-    except TypeError:
-        raise TypeError(f"`exclude` must be module names, modules or module types, "
-                        f"got {type(exclude).__name__}") from None
+def excluded_ids(model: nn.Module, exclude, argument: str = "exclude") -> Set[int]:
+    """Ids of the modules ``exclude`` names (names, modules or module types); a name or module
+    stands for its whole subtree. ``argument`` names the argument in errors (``freeze`` takes the
+    same forms)."""
+    items = _module_items(exclude, argument)
     named = dict(model.named_modules(remove_duplicate=False))  # a module may have several names
     members = {id(m) for m in named.values()}
     excluded: Set[int] = set()
     for item in items:
         if isinstance(item, str):
             if item not in named:
-                raise ValueError(f"`exclude` names no module of the model: {item!r}")
+                raise ValueError(f"`{argument}` names no module of the model: {item!r}")
             excluded.update(id(m) for m in named[item].modules())
         elif isinstance(item, nn.Module):
             if id(item) not in members:
-                raise ValueError(f"`exclude` holds a {type(item).__name__} that is not part of the model")
+                raise ValueError(f"`{argument}` holds a {type(item).__name__} that is not part of the model")
             excluded.update(id(m) for m in item.modules())
         elif isinstance(item, type) and issubclass(item, nn.Module):
             excluded.update(id(m) for m in named.values() if issubclass(base_type(m), item) or isinstance(m, item))
         else:
-            raise TypeError(f"`exclude` items must be module names, modules or nn.Module types, got {item!r}")
+            raise TypeError(f"`{argument}` items must be module names, modules or nn.Module types, got {item!r}")
     return excluded
+
+
+def refuse_freeze(freeze, granularity) -> None:
+    """``freeze`` is empty: it keeps whole the channel groups (heads, blocks) of structural pruning,
+    and with masks ``exclude`` already leaves a layer untouched."""
+    if _module_items(freeze, "freeze"):
+        raise ValueError(f"`freeze` applies to structural pruning (granularity 'channel', 'head' or 'layer'), "
+                         f"got granularity={granularity!r}: use `exclude`, which leaves a layer's weights untouched")
+
+
+def _module_items(exclude, argument: str) -> list:
+    """``exclude`` (None, one item or an iterable of names, modules and module types) as a list."""
+    if isinstance(exclude, (str, nn.Module, type)):
+        return [exclude]
+    if exclude is None:
+        return []
+    try:
+        return list(exclude)
+    except TypeError:
+        raise TypeError(f"`{argument}` must be module names, modules or module types, "
+                        f"got {type(exclude).__name__}") from None
 
 
 def target_layers(model: nn.Module, exclude: Iterable, scope):

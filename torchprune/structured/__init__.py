@@ -4,6 +4,7 @@
   on the example inputs or, where a layer does not run on them, from torch.fx's symbolic trace;
   what each layer type couples, slices and scores is in torchprune/layer_types.py;
 * scoring.py: group importance; select.py: which units go; channels.py: `prune_channels`;
+* exclusion.py: what ``exclude`` and ``freeze`` keep (channel groups, heads, blocks);
 * plan.py: the removal plan (its format, recorded on the model) and slicing every member through
   the C++ ``compact`` op (torchprune/ops/compact.py);
 * heads.py (with torchprune/nn/attention.py): attention heads; blocks.py: residual blocks; replay.py: `tp.load`;

@@ -20,6 +20,7 @@ from torch import fx, nn
 from ..calibration import as_inputs, call
 from ..calibration import batches as data_batches
 from ..state import preserved_state
+from .exclusion import Exclusion
 from .plan import record_step
 
 __all__ = ["residual_blocks", "prune_layers", "replace_by_identity"]
@@ -68,13 +69,15 @@ def replace_by_identity(model: nn.Module, name: str) -> None:
     setattr(parent, attr, nn.Identity())
 
 
-def prune_layers(model: nn.Module, example_inputs, sparsity: float, excluded_ids, data=None) -> nn.Module:
-    """Replaces the round(sparsity * candidates) least sensitive residual blocks by identity; returns ``model``."""
+def prune_layers(model: nn.Module, example_inputs, sparsity: float, kept: Exclusion = Exclusion(),
+                 data=None) -> nn.Module:
+    """Replaces the round(sparsity * candidates) least sensitive residual blocks by identity; returns
+    ``model``. Blocks that are excluded, or hold a frozen module, are not candidates (``kept``)."""
     inputs = as_inputs(example_inputs)
-    candidates = [n for n in residual_blocks(model, inputs) if id(model.get_submodule(n)) not in excluded_ids]
+    candidates = [n for n in residual_blocks(model, inputs) if not kept.keeps_block(model.get_submodule(n))]
     if not candidates:
         raise ValueError("`model` has no residual block (an nn.Sequential element that adds its input to its output) "
-                         "to remove")
+                         "to remove after `exclude` and `freeze`")
     batches = [inputs] if data is None else [x for x, _ in data_batches(data, targets=False, model=model)]
     with preserved_state(model), torch.no_grad():
         model.eval()

@@ -7,7 +7,9 @@ over all groups together with ``scope="global"`` (scores are comparable across g
 each member's scores are normalized by their mean, see scoring.py). Every group keeps at least
 one channel. With ``round_to=k`` (``tp.prune(..., round_to=8)``) the count a group keeps is
 rounded to the nearest multiple of k, halves up, and is at least k (select.py has the rules).
-Groups that touch an excluded module, or that the graph marks unprunable, are left alone.
+Groups that the graph marks unprunable are left alone, and so are those that ``exclude`` or
+``freeze`` keep (exclusion.py: an excluded layer keeps the channels it makes, while those it reads
+may go with their producer; a frozen one keeps every group it is in).
 
 The removal is recorded on the model as a plan step (plan.py) so that `tp.save` can store it and
 `tp.load` replay it on a fresh instance.
@@ -26,6 +28,7 @@ from torch import nn
 from ..importance import resolve
 from ..importance.base import Requires, check_channel_form
 from ..targets import check_data_args, check_scope
+from .exclusion import Exclusion
 from .graph import DependencyGraph
 from .plan import apply_plan, channel_step, plan_from_removed, record_step
 from .scoring import group_scores
@@ -49,8 +52,9 @@ def check_round_to(round_to) -> int:
 
 
 def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance="l2", scope="layer",
-                   excluded_ids=frozenset(), round_to: int = 1, data=None, loss_fn=None) -> nn.Module:
-    """Removes ``sparsity`` of the channels of every prunable group of ``model``; returns it.
+                   kept: Exclusion = Exclusion(), round_to: int = 1, data=None, loss_fn=None) -> nn.Module:
+    """Removes ``sparsity`` of the channels of every prunable group of ``model`` that ``kept`` (what
+    ``exclude`` and ``freeze`` name) does not keep; returns it.
 
     >>> tp.prune(model, sparsity=0.5, granularity="channel", example_inputs=(torch.randn(1, 3, 32, 32),))
     """
@@ -63,8 +67,8 @@ def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance
     if criterion.requires is not Requires.WEIGHTS:
         check_data_args(data, loss_fn, importance, requires_loss=criterion.requires is Requires.LOSS)
     graph = DependencyGraph(model, example_inputs)
-    warn_unprunable(graph, excluded_ids)
-    removed = choose_removal(model, graph, float(sparsity), criterion, scope, excluded_ids, round_to, data, loss_fn)
+    warn_unprunable(graph, kept)
+    removed = choose_removal(model, graph, float(sparsity), criterion, scope, kept, round_to, data, loss_fn)
     if not removed:
         return model
     modules = graph.modules
@@ -78,36 +82,38 @@ def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance
 _EXPECTED = ("reaches the model output",)
 
 
-def warn_unprunable(graph: DependencyGraph, excluded_ids=frozenset(), stacklevel: int = 5) -> None:
-    """One warning naming the layers in scope (not excluded) whose channels the graph keeps, with
-    why, e.g. "kept conv2, fc: view with a fixed size for a pruned dim at ...". Channels that
-    reach the model output are kept silently (the output width is the model's interface)."""
-    unprunable = graph.unprunable
-    if not unprunable:
-        return
+def warn_unprunable(graph: DependencyGraph, kept: Exclusion = Exclusion(), stacklevel: int = 5) -> None:
+    """One warning naming the layers whose channels the graph keeps, with why, e.g. "kept conv2, fc:
+    view with a fixed size for a pruned dim at ...". Groups that ``exclude`` or ``freeze`` keep
+    anyway are not named (the user asked for them), nor are channels that reach the model output
+    (the output width is the model's interface)."""
     modules = graph.modules
+    unprunable: Dict[str, List[str]] = {}
+    for group in graph.groups:
+        if group.prunable or kept.keeps(group.indices, modules):
+            continue
+        for name in group.modules:
+            reasons = unprunable.setdefault(name, [])
+            reasons += [r for r in group.reasons if r not in reasons and r not in _EXPECTED]
     by_reasons: Dict[tuple, List[str]] = {}
     for name, reasons in unprunable.items():
-        module = modules.get(name)
-        if module is not None and id(module) in excluded_ids:
-            continue
-        reasons = tuple(r for r in reasons if r not in _EXPECTED)
         if reasons:
-            by_reasons.setdefault(reasons, []).append(name or "(the model itself)")
+            by_reasons.setdefault(tuple(reasons), []).append(name or "(the model itself)")
     if by_reasons:
-        kept = "".join(f"\n  kept {', '.join(names)}: {'; '.join(reasons)}" for reasons, names in by_reasons.items())
+        kept_text = "".join(f"\n  kept {', '.join(names)}: {'; '.join(reasons)}"
+                            for reasons, names in by_reasons.items())
         warnings.warn("structural pruning left some channels of these layers in place (removing them is not safe):"
-                      f"{kept}", UserWarning, stacklevel=stacklevel)
+                      f"{kept_text}", UserWarning, stacklevel=stacklevel)
 
 
-def choose_removal(model, graph: DependencyGraph, sparsity: float, criterion, scope="layer", excluded_ids=frozenset(),
-                   round_to: int = 1, data=None, loss_fn=None, only_exact: bool = False) -> Dict[Member, torch.Tensor]:
-    """The indices to remove from each member tensor (nothing is changed yet)."""
+def choose_removal(model, graph: DependencyGraph, sparsity: float, criterion, scope="layer",
+                   kept: Exclusion = Exclusion(), round_to: int = 1, data=None, loss_fn=None,
+                   only_exact: bool = False) -> Dict[Member, torch.Tensor]:
+    """The indices to remove from each member tensor (nothing is changed yet); groups that ``kept``
+    keeps (exclusion.py) are left out."""
     modules = graph.modules if graph.model is model else dict(model.named_modules())
-    groups = [
-        g for g in graph.prunable_groups
-        if not any(id(modules[m]) in excluded_ids for m in g.modules if m in modules) and (g.exact or not only_exact)
-    ]
+    groups = [g for g in graph.prunable_groups
+              if (g.exact or not only_exact) and not kept.keeps(g.indices, modules)]
     if not groups:
         return {}
     scores = group_scores(model, groups, criterion, data, loss_fn, modules=modules)

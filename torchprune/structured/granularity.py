@@ -1,21 +1,21 @@
 """The structural branch of `tp.prune`: checks what only applies to structural pruning, then hands
 the model to the granularity's module: "channel" (channels.py), "head" (heads.py) or "layer"
-(blocks.py)."""
+(blocks.py). ``exclude`` and ``freeze`` mean what exclusion.py says."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..targets import excluded_ids
 from .blocks import prune_layers
 from .channels import prune_channels
+from .exclusion import exclusion
 from .heads import prune_heads
 
 __all__ = ["prune_structural"]
 
 
 def prune_structural(model: nn.Module, sparsity, threshold, importance, granularity: str, scope: str, exclude,
-                     example_inputs, data, loss_fn, round_to=None) -> nn.Module:
+                     example_inputs, data, loss_fn, round_to=None, freeze=()) -> nn.Module:
     """The structural branch of `tp.prune` (granularity "channel", "head" or "layer"); returns ``model``."""
     if round_to is not None and granularity != "channel":
         raise ValueError("`round_to` only applies to granularity='channel' (channels kept per group), "
@@ -25,9 +25,9 @@ def prune_structural(model: nn.Module, sparsity, threshold, importance, granular
                          "pass `sparsity` (a fraction of channels)")
     if sparsity is None:
         raise ValueError(f"`sparsity` must be given with granularity={granularity!r} (a fraction in [0, 1))")
-    excluded = excluded_ids(model, exclude)
+    kept = exclusion(model, exclude, freeze)
     if granularity == "channel":
-        return prune_channels(model, example_inputs, sparsity, importance, scope, excluded, round_to, data, loss_fn)
+        return prune_channels(model, example_inputs, sparsity, importance, scope, kept, round_to, data, loss_fn)
     if granularity == "head":
-        return prune_heads(model, example_inputs, sparsity, importance, scope, excluded)
-    return prune_layers(model, example_inputs, float(sparsity), excluded, data)
+        return prune_heads(model, example_inputs, sparsity, importance, scope, kept)
+    return prune_layers(model, example_inputs, float(sparsity), kept, data)

@@ -17,6 +17,12 @@ A head's score is the mean over its four slices (q, k, v rows and out-projection
 slice's sum of |w|^p divided by that member's mean over heads; "random" is also accepted. Heads
 are chosen by the channels' selection (select.py): with ``scope="layer"`` a module of n heads
 keeps floor((1 - sparsity) * n), at least one.
+
+``exclude`` and ``freeze`` follow the channels' rule (exclusion.py) with a head's members: its
+q/k/v rows are outputs of the q/k/v projection and the out-projection's columns reading it are
+inputs. So excluding the attention module or its ``qkv`` keeps its heads; excluding only its
+out-projection (``proj``, ``out_proj``) keeps that Linear's outputs (the model width, which heads
+do not change) and its heads may still go; freezing any of them keeps the heads.
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ from ..importance import FilterNorm, Magnitude, Random, resolve
 from ..nn.attention import PrunedMultiheadAttention
 from ..ops import compact
 from ..targets import check_scope
+from .exclusion import Exclusion
 from .plan import record_step
 from .select import select
+from .tracing.recorder import Member
 
-__all__ = ["attention_modules", "prune_heads", "remove_heads"]
+__all__ = ["attention_modules", "head_members", "prune_heads", "remove_heads"]
 
 
 def _packed(module) -> bool:
@@ -55,6 +63,15 @@ def _hand_written(module) -> bool:
 
 def attention_modules(model: nn.Module) -> Dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if _packed(m) or _hand_written(m)}
+
+
+def head_members(name: str, module: nn.Module) -> List[Member]:
+    """The (module name, tensor, dim) members that lose a head's slices: the q/k/v rows and the
+    out-projection's columns (what `exclude` and `freeze` are checked against)."""
+    prefix = f"{name}." if name else ""
+    if _packed(module):
+        return [(name, "in_proj_weight", 0), (prefix + "out_proj", "weight", 1)]
+    return [(prefix + "qkv", "weight", 0), (prefix + "proj", "weight", 1)]
 
 
 def _slices(module):
@@ -137,18 +154,21 @@ def _verified(model, name, keep, drop, inputs) -> bool:
         return False
 
 
-def prune_heads(model: nn.Module, example_inputs, sparsity: float, importance, scope: str, excluded_ids) -> nn.Module:
-    """Removes ``sparsity`` of the heads of every attention module of ``model`` not excluded; returns it."""
+def prune_heads(model: nn.Module, example_inputs, sparsity: float, importance, scope: str,
+                kept: Exclusion = Exclusion()) -> nn.Module:
+    """Removes ``sparsity`` of the heads of every attention module of ``model`` whose heads ``kept``
+    (what ``exclude`` and ``freeze`` name) does not keep; returns it."""
     criterion = resolve(importance)
     if not isinstance(criterion, (Magnitude, FilterNorm, Random)):
         raise ValueError("`importance` must be 'l1', 'l2', 'magnitude', 'filter_norm' or 'random' for "
                          f"granularity='head', got {importance!r}")
     check_scope(scope, allow_dict=False, context="structural pruning")
     inputs = as_inputs(example_inputs)
-    found = {n: m for n, m in attention_modules(model).items() if id(m) not in excluded_ids}
+    modules = dict(model.named_modules())
+    found = {n: m for n, m in attention_modules(model).items() if not kept.keeps(head_members(n, m), modules)}
     if not found:
         raise ValueError("`model` has no attention module whose heads can be pruned (nn.MultiheadAttention, "
-                         "or a module with num_heads, head_dim, qkv and proj)")
+                         "or a module with num_heads, head_dim, qkv and proj) after `exclude` and `freeze`")
     if isinstance(criterion, Random):
         scores = dict(zip(found, criterion.unit_scores([m.num_heads for m in found.values()])))
     else:
