@@ -91,8 +91,7 @@ def prune(
     tied to one weight share one mask object; a layer tied to a module never pruned (GPT-2's
     ``lm_head``, tied to the embedding) is left unpruned with a warning (untie it to prune it; a
     dict scope naming it raises); zero-size layers get empty masks; meta tensors are refused.
-    Memory: besides the new bool masks, magnitude scores are made in blocks of rows and ranked
-    without sorting (`selection`), so the peak stays well under the model's size.
+    Memory: docs/guide/oneshot.md ("Memory").
 
     >>> model = tp.prune(model, sparsity=0.9, scope="global")
     >>> tp.prune(model, granularity="2:4", exclude=["classifier"])
