@@ -100,13 +100,18 @@ def prune(
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(granularity, str) and granularity in STRUCTURAL:  # physical removal: structured/
-        if sequential or blocks is not None:
-            raise ValueError(f"`sequential`/`blocks` apply to weight and N:M granularity, not {granularity!r}")
+        _refuse_calibration_args(granularity, sequential, blocks)
         return prune_structural(model, sparsity, threshold, importance, granularity, scope, exclude, example_inputs,
                                 data, loss_fn, round_to, freeze)
     _refuse_structural_args(granularity, round_to, freeze)
     return _prune_weights(model, sparsity, threshold, importance, granularity, scope, exclude, data, loss_fn,
                           sequential, blocks)
+
+
+def _refuse_calibration_args(granularity, sequential, blocks) -> None:
+    """``sequential`` and ``blocks`` are for masks (weight, N:M) only."""
+    if sequential or blocks is not None:
+        raise ValueError(f"`sequential`/`blocks` apply to weight and N:M granularity, not {granularity!r}")
 
 
 def _refuse_structural_args(granularity, round_to, freeze) -> None:
