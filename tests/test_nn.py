@@ -152,6 +152,26 @@ def test_non_contiguous_input_bf16_deepcopy_and_pickle():
     assert_layer_close(y, half.to_dense(), x.bfloat16())  # accumulated in float32
 
 
+@pytest.mark.parametrize("make", [lambda: SparseLinear.from_dense(masked(linear(), 0.5)),
+                                  lambda: SparseConv2d.from_dense(masked(nn.Conv2d(2, 4, 3), 0.5))])
+def test_weight_access_says_what_to_do_and_stays_an_attribute_error(make):
+    import copy
+    import pickle
+
+    sparse = make()
+    name = type(sparse).__name__
+    with pytest.raises(AttributeError, match=rf"'{name}' has no attribute 'weight'.*dense_weight\(\).*"
+                                             r"tp.sparsify\(model, example_inputs=...\).*kept dense"):
+        sparse.weight
+    assert not hasattr(sparse, "weight") and getattr(sparse, "weight", None) is None
+    with pytest.raises(AttributeError, match=f"'{name}' object has no attribute 'other'"):
+        sparse.other  # every other missing name: torch's own message
+    assert sparse.bias is not None and sparse.values.numel() == sparse.nnz
+    x = torch.randn(2, 24) if name == "SparseLinear" else torch.randn(2, 2, 5, 5)
+    for clone in (copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
+        assert torch.equal(clone(x), sparse(x)) and not hasattr(clone, "weight")
+
+
 def test_tp_sparsity_counts_sparse_layers():
     model = tp.prune(make_mlp(), sparsity=0.8)
     assert tp.sparsity(tp.sparsify(model, min_sparsity=0.0)) == pytest.approx(tp.sparsity(model))

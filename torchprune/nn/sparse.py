@@ -14,6 +14,9 @@ and, where the kernel beats the dense product for the shape and batch (see ``tp.
   number of nonzeros (the tensors are resized, after every key has been checked).
 * Conv weights ``[out, in, kh, kw]`` are packed as ``[out, in * kh * kw]``; grouped and depthwise
   convolutions are not supported (``tp.sparsify`` leaves them dense).
+* There is no ``weight`` attribute (``dense_weight()`` gives the dense weight): reading it raises an
+  AttributeError that says so and how ``tp.sparsify`` keeps dense the layers whose weight a parent
+  reads; ``hasattr(layer, "weight")`` is False.
 """
 
 from __future__ import annotations
@@ -63,6 +66,19 @@ class SparseLayer(nn.Module):
             self.bias = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails (values, row_ptr, col_idx and bias are found first):
+        # a clearer AttributeError for the dense layer's ``weight``, still an AttributeError so
+        # that hasattr() and getattr(layer, "weight", None) keep working.
+        if name == "weight":
+            raise AttributeError(
+                f"'{type(self).__name__}' has no attribute 'weight': it stores only the kept weights "
+                "(values, row_ptr, col_idx; dense_weight() gives the dense one). If code outside this "
+                "layer's forward (its parent's forward) reads its weight, call "
+                "tp.sparsify(model, example_inputs=...) so that such layers are detected and kept dense"
+            )
+        return super().__getattr__(name)
 
     @property
     def _columns(self) -> int:
