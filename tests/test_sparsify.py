@@ -212,3 +212,144 @@ def test_summary_of_sparsified_model_counts_like_the_masked_one():
     assert rows["conv1"]["note"] == "sparse kernel (CSR)"
     assert rows["conv2"]["note"] == "groups > 1: no sparse kernel, runs dense"
     assert "Note" in str(after) and "Note" not in str(tp.summary(make_mlp()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers whose attributes a parent reads in its own forward (T5, timm's edgenext and xcit)
+
+
+class T5LikeFeedForward(nn.Module):
+    """transformers' T5DenseActDense: the forward reads ``wo.weight.dtype`` before calling ``wo``."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi = nn.Linear(16, 32)
+        self.wo = nn.Linear(32, 16)
+
+    def forward(self, x):
+        hidden = torch.relu(self.wi(x))
+        if isinstance(self.wo.weight, torch.Tensor) and hidden.dtype != self.wo.weight.dtype:
+            hidden = hidden.to(self.wo.weight.dtype)
+        return self.wo(hidden)
+
+
+class TimmLikeEncoding(nn.Module):
+    """timm's PositionalEncodingFourier (edgenext, xcit) reads ``token_projection.weight``'s device
+    and dtype, then calls it; ``proj``'s bias is read by this forward and ``proj`` is called."""
+
+    def __init__(self):
+        super().__init__()
+        self.token_projection = nn.Conv2d(8, 16, 1)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.proj = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        batch, _, height, width = x.shape
+        weight = self.token_projection.weight
+        grid = torch.arange(8 * height * width, dtype=weight.dtype, device=weight.device)
+        x = self.conv(x) + self.token_projection(grid.reshape(1, 8, height, width).sin() / 8)
+        y = self.proj(x.mean((2, 3)))
+        return self.fc(y - self.proj.bias)
+
+
+def swap_every_timed_layer(monkeypatch):
+    monkeypatch.setattr(sparsify_module, "_time_layer", lambda layer, shapes: (1.0, 0.5))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(min_sparsity=0.0)])
+def test_layers_read_by_their_parent_stay_dense_with_example_inputs(monkeypatch, kwargs):
+    swap_every_timed_layer(monkeypatch)
+    torch.manual_seed(0)
+    model = tp.prune(nn.Sequential(T5LikeFeedForward(), nn.ReLU(), T5LikeFeedForward()), sparsity=0.9)
+    x = torch.randn(3, 16)
+    before, attributes = snapshot(model), [dict(vars(m)) for m in model.modules()]
+    decisions = plan(model, example_inputs=x, **kwargs)
+    assert_unchanged(model, before)  # classes put back, nothing left on the layers
+    assert [dict(vars(m)) for m in model.modules()] == attributes
+    for block in ("0", "2"):
+        assert not decisions[f"{block}.wo"].swap
+        assert decisions[f"{block}.wo"].reason == (
+            "its weight is read outside its forward (by T5LikeFeedForward.forward); kept dense")
+        assert decisions[f"{block}.wi"].swap
+    sparse = tp.sparsify(model, example_inputs=x, **kwargs)
+    assert isinstance(sparse[0].wi, SparseLinear) and type(sparse[0].wo) is MaskedLinear
+    assert_same_outputs(model, sparse, x)
+
+
+def test_timm_like_reads_of_weight_and_bias_keep_those_layers_dense(monkeypatch):
+    swap_every_timed_layer(monkeypatch)
+    torch.manual_seed(0)
+    model = tp.prune(TimmLikeEncoding(), sparsity=0.9)
+    x = torch.randn(2, 16, 4, 4)
+    decisions = plan(model, example_inputs=x)
+    assert decisions["token_projection"].reason == (  # read and called: still dense
+        "its weight is read outside its forward (by TimmLikeEncoding.forward); kept dense")
+    assert decisions["proj"].reason == "its bias is read outside its forward (by TimmLikeEncoding.forward); kept dense"
+    assert decisions["conv"].swap and decisions["fc"].swap
+    sparse = tp.sparsify(model, example_inputs=x)
+    assert type(sparse.token_projection) is MaskedConv2d and type(sparse.proj) is MaskedLinear
+    assert isinstance(sparse.conv, SparseConv2d) and isinstance(sparse.fc, SparseLinear)
+    assert_same_outputs(model, sparse, x)
+
+
+class ReadsAtConstruction(nn.Module):
+    """Reads its child's weight in __init__ and in a method the forward does not call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.scale = 1.0 / self.fc.weight.shape[1]
+
+    def weight_norm(self):
+        return self.fc.weight.norm()
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_reads_outside_the_traced_forward_do_not_keep_a_layer_dense(monkeypatch):
+    swap_every_timed_layer(monkeypatch)
+    model = tp.prune(ReadsAtConstruction(), sparsity=0.9)
+    model.weight_norm()
+    assert plan(model, example_inputs=torch.randn(2, 8))["fc"].swap
+    assert isinstance(tp.sparsify(model, example_inputs=torch.randn(2, 8)).fc, SparseLinear)
+
+
+def test_a_failing_forward_leaves_the_layer_classes_as_they_were():
+    class Fails(T5LikeFeedForward):
+        def forward(self, x):
+            self.wo.weight
+            raise RuntimeError("boom")
+
+    model = tp.prune(Fails(), sparsity=0.9)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        plan(model, example_inputs=torch.randn(2, 16))
+    assert_unchanged(model, before)
+    assert type(model.wo) is MaskedLinear and "weight" in model.wo._parameters
+
+
+def test_without_example_inputs_the_read_says_what_to_do():
+    model = tp.prune(T5LikeFeedForward(), sparsity=0.9)
+    assert plan(model, min_sparsity=0.0)["wo"].swap  # nothing runs: the read cannot be seen
+    sparse = tp.sparsify(model, min_sparsity=0.0)
+    with pytest.raises(AttributeError, match=r"'SparseLinear' has no attribute 'weight'.*"
+                                             r"tp.sparsify\(model, example_inputs=...\)"):
+        sparse(torch.randn(2, 16))
+
+
+def test_t5_encoder_end_to_end(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    swap_every_timed_layer(monkeypatch)
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, num_heads=2, d_ff=32, num_layers=2)
+    model = tp.prune(transformers.T5EncoderModel(config).eval(), sparsity=0.9)
+    ids = torch.randint(0, 32, (2, 7))
+    decisions = plan(model, example_inputs=ids)
+    read = {name for name, d in decisions.items() if "read outside its forward" in d.reason}
+    assert read == {f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in range(2)}
+    assert all(d.swap for name, d in decisions.items() if name not in read)
+    sparse = tp.sparsify(model, example_inputs=ids)
+    assert isinstance(sparse.encoder.block[0].layer[0].SelfAttention.q, SparseLinear)
+    assert_same_function(model, sparse, ids, return_dict=False)

@@ -5,10 +5,11 @@ weight than a dense GEMM, so below a break-even sparsity (which depends on the b
 layer) the dense layer wins. sparsify() therefore decides per layer, in this order:
 
 1. ``min_sparsity`` given: every eligible layer at or above it is swapped (nothing is timed).
-2. ``example_inputs`` given: one forward records each layer's real input shapes (forward hooks),
-   then the layer as it is (dense or masked) and its sparse module are timed on those shapes,
-   interleaved, medians of several calls (``torchprune.timing``); the faster one is kept. Timing
-   uses the current ``torch.get_num_threads()``; a layer called with several shapes sums its calls.
+2. ``example_inputs`` given: one forward records each layer's real input shapes (forward hooks)
+   and the layers read from outside (below), then the layer as it is (dense or masked) and its
+   sparse module are timed on those shapes, interleaved, medians of several calls
+   (``torchprune.timing``); the faster one is kept. Timing uses the current
+   ``torch.get_num_threads()``; a layer called with several shapes sums its calls.
 3. Neither: the cost model :data:`BREAK_EVEN`: per layer kind (linear, 1x1 conv, other conv) and
    batch, the lowest sparsity from which the sparse kernel beat the dense one in every measured
    shape (the ``break_even`` entry that ``benchmarks/bench_linear.py`` and ``bench_conv.py``
@@ -21,6 +22,24 @@ fp64 or bf16, with groups=1, with some sparsity (a mask, or zero weights), and w
 other module uses. Grouped and depthwise convolutions stay dense: there is no sparse kernel for
 them. The sparse model computes the same outputs as the original (to float rounding).
 
+Layers read from outside their forward stay dense. Some parents read a child layer's attributes
+in their own forward instead of only calling it: transformers' ``T5DenseActDense`` compares its
+input's dtype with ``wo.weight.dtype``, timm's edgenext and xcit take ``token_projection.weight``'s
+device and dtype. A sparse module has no ``weight``, so such a layer must not be swapped. With
+``example_inputs`` (also alongside ``min_sparsity``) the one forward finds them: for that forward
+only, each eligible layer's class is a recording subclass that notes reads of its ``weight``,
+``bias`` and every other attribute its sparse module lacks (``weight_mask``, a conv's ``groups``)
+made by code other than the layer's own call (the sparse module has a ``bias``, but code that reads
+a layer's parameters treats it as a dense layer, and may reach its weight on other inputs); such a
+layer stays dense, with the reason "its weight is read outside its forward (by
+T5DenseActDense.forward); kept dense". The classes are put back
+after the forward, even when it fails. Only the reads on the path the example takes (eval mode, no
+grad) are seen; reads at construction or in methods the forward does not call do not matter.
+Without ``example_inputs`` nothing runs, so only the known case is kept dense (the ``linear1`` /
+``linear2`` of ``nn.TransformerEncoderLayer``, whose inference fast path reads their weights);
+another parent that reads a swapped layer's weight gets an AttributeError that says to pass
+``example_inputs``.
+
 A swapped layer is a new module: hooks registered on the original layer are not carried over, and
 it has no ``weight`` attribute (``dense_weight()`` gives the dense weight). Register hooks after
 sparsify().
@@ -29,6 +48,7 @@ sparsify().
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -98,7 +118,8 @@ def sparsify(model: nn.Module, min_sparsity: Optional[float] = None,
 
 
 _SPARSE_CLASS = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
-# Parents whose forward reads their Linear children's .weight itself instead of calling them.
+# Parents known to read their Linear children's .weight in their own forward: kept dense also
+# without example_inputs (with them, the traced forward finds any parent that does, see _OutsideReads).
 _READS_CHILD_WEIGHTS = (nn.TransformerEncoderLayer,)
 
 
@@ -122,10 +143,14 @@ def plan(model: nn.Module, min_sparsity: Optional[float] = None,
     decisions, eligible = _candidates(model)
     if not eligible:
         return decisions
+    shapes = None
+    if example_inputs is not None:  # one forward: the input shapes, and the layers read from outside
+        shapes, reads = _trace(model, tuple(example_inputs), eligible)
+        _keep_read_layers(decisions, eligible, reads)
     if min_sparsity is not None:
         _decide_by_threshold(decisions, eligible, min_sparsity)
-    elif example_inputs is not None:
-        _decide_by_timing(decisions, eligible, _input_shapes(model, tuple(example_inputs), eligible))
+    elif shapes is not None:
+        _decide_by_timing(decisions, eligible, shapes)
     else:
         _decide_by_cost_model(decisions, eligible)
     return decisions
@@ -224,9 +249,22 @@ def _kind(layer: nn.Module) -> str:
     return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
 
 
-def _input_shapes(model: nn.Module, inputs: Tuple[Tensor, ...],
-                  layers: Dict[str, nn.Module]) -> Dict[str, List[torch.Size]]:
-    """The distinct input shapes each layer is called with in ``model(*inputs)``."""
+def _keep_read_layers(decisions: Dict[str, Decision], eligible: Dict[str, nn.Module],
+                      reads: Dict[str, Tuple[List[str], str]]) -> None:
+    """Layers whose attributes code outside their forward read stay dense: the sparse module lacks
+    them (``weight``), or the code treats the layer as a dense one (it may reach the weight on
+    inputs the example did not take: T5's dtype check on ``wo.weight``)."""
+    for name, (attributes, reader) in reads.items():
+        verb = "is" if len(attributes) == 1 else "are"
+        decisions[name].reason = (f"its {' and '.join(attributes)} {verb} read outside its forward "
+                                  f"(by {reader}); kept dense")
+        del eligible[name]
+
+
+def _trace(model: nn.Module, inputs: Tuple[Tensor, ...], layers: Dict[str, nn.Module]
+           ) -> Tuple[Dict[str, List[torch.Size]], Dict[str, Tuple[List[str], str]]]:
+    """One ``model(*inputs)``: the distinct input shapes each layer is called with, and, for the
+    layers whose attributes other code reads (see :class:`_OutsideReads`), which and by whom."""
     shapes: Dict[str, List[torch.Size]] = {name: [] for name in layers}
     names = {id(layer): name for name, layer in layers.items()}
 
@@ -236,9 +274,91 @@ def _input_shapes(model: nn.Module, inputs: Tuple[Tensor, ...],
             if args[0].shape not in seen:
                 seen.append(args[0].shape)
 
-    with hooked_eval(model, [layer.register_forward_pre_hook(hook) for layer in layers.values()]):
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers.values()]
+    with hooked_eval(model, handles), _OutsideReads(layers) as reads:
         model(*inputs)
-    return shapes
+    return shapes, reads.found
+
+
+class _OutsideReads:
+    """Notes reads of a layer's ``weight``, ``bias`` and of every attribute its sparse module would
+    lack (``weight_mask``, a conv's ``groups``, one set on the layer by hand) made by code other
+    than the layer's own call (its forward and its hooks): a parent's forward, a hook elsewhere.
+
+    While active, each layer's class is swapped for a recording subclass (one per class) whose
+    ``__getattribute__`` notes such reads; on exit every class is put back, even after an error,
+    and the layers hold nothing they did not hold before (the state lives here).
+    """
+
+    def __init__(self, layers: Dict[str, nn.Module]) -> None:
+        self.layers = layers
+        self.found: Dict[str, Tuple[List[str], str]] = {}  # name -> (attributes, reader)
+        self._names = {id(layer): name for name, layer in layers.items()}
+        sparse_names = {base: set(dir(make())) for base, make in _SPARSE_TEMPLATE.items()}
+        self._watched = {id(layer): _lacking(layer, sparse_names[base_type(layer)]) for layer in layers.values()}
+        self._depth = {id(layer): 0 for layer in layers.values()}  # > 0: inside the layer's own call
+        self._recording: Dict[type, type] = {}
+        self._swapped: List[Tuple[nn.Module, type]] = []
+
+    def __enter__(self) -> "_OutsideReads":
+        try:
+            for layer in self.layers.values():
+                cls = type(layer)
+                if cls not in self._recording:
+                    self._recording[cls] = self._recording_class(cls)
+                layer.__class__ = self._recording[cls]
+                self._swapped.append((layer, cls))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer, cls in reversed(self._swapped):
+            layer.__class__ = cls
+        self._swapped.clear()
+
+    def _note(self, key: int, attribute: str, frame: Any) -> None:
+        attributes, _ = self.found.setdefault(self._names[key], ([], _where(frame)))  # the first reader
+        if attribute not in attributes:
+            attributes.append(attribute)
+
+    def _recording_class(self, base: type) -> type:
+        watched, depth, note = self._watched, self._depth, self._note
+
+        def __getattribute__(layer: nn.Module, attribute: str) -> Any:
+            key = id(layer)
+            if not depth[key] and attribute in watched[key]:
+                note(key, attribute, sys._getframe(1))
+            return base.__getattribute__(layer, attribute)
+
+        def __call__(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            depth[id(layer)] += 1
+            try:
+                return base.__call__(layer, *args, **kwargs)
+            finally:
+                depth[id(layer)] -= 1
+
+        return type(base.__name__, (base,), {"__getattribute__": __getattribute__, "__call__": __call__,
+                                             "__module__": base.__module__, "__qualname__": base.__qualname__})
+
+
+def _lacking(layer: nn.Module, sparse_names: set) -> frozenset:
+    """``weight``, ``bias`` and the attributes of ``layer`` that its sparse module does not have
+    (``sparse_names``: ``dir()`` of one); dunder names are left to Python."""
+    lacking = {name for name in set(dir(layer)) - sparse_names if not name.startswith("__")}
+    return frozenset(lacking | {"weight", "bias"})
+
+
+# A small sparse module for each layer type, to learn which attributes the sparse modules have.
+_SPARSE_TEMPLATE = {nn.Linear: lambda: SparseLinear(1, 1, dtype=torch.float32),
+                    nn.Conv2d: lambda: SparseConv2d(1, 1, 1, dtype=torch.float32)}
+
+
+def _where(frame: Any) -> str:
+    """The function a frame runs, by qualified name (``T5DenseActDense.forward``)."""
+    code = frame.f_code
+    return getattr(code, "co_qualname", code.co_name)
 
 
 # Timing budget per layer: enough calls for a stable median, at most ~0.2 s for slow layers.
