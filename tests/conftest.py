@@ -37,6 +37,21 @@ class TinyGPT(nn.Module):
         return self.lm_head(torch.relu(self.mlp(self.wte(ids))))
 
 
+class ViewNet(nn.Module):
+    """conv2's output is flattened with a hard-coded size: removing its channels would break it
+    (the group of conv2's outputs and fc's inputs stays whole whatever is excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.view(-1, 16 * 4 * 4))
+
+
 def make_mlp(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))

@@ -13,7 +13,7 @@ from torch import nn
 import torchprune as tp
 from torchprune import selection
 
-from conftest import assert_unchanged, make_mlp, snapshot
+from conftest import ViewNet, assert_unchanged, make_mlp, snapshot
 from error_bounds import assert_layer_close
 
 # --------------------------------------------------------------------------- NaN / Inf
@@ -444,20 +444,6 @@ def test_load_into_a_model_of_another_shape_names_the_layer_and_changes_nothing(
 
 
 # --------------------------------------------------------------------------- hard-coded views
-
-
-class ViewNet(nn.Module):
-    """conv2's output is flattened with a hard-coded size: removing its channels would break it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.fc(x.view(-1, 16 * 4 * 4))
 
 
 def test_hard_coded_view_is_reported_by_layer_and_left_alone():

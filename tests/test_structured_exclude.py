@@ -21,7 +21,7 @@ from torchprune.structured.heads import attention_modules
 from torchprune.structured.plan import zero_channels
 
 import zoo
-from conftest import assert_unchanged, snapshot
+from conftest import ViewNet, assert_unchanged, snapshot
 from error_bounds import assert_same_function
 
 
@@ -217,21 +217,6 @@ def test_a_block_holding_a_frozen_module_is_not_removed():
     model, x = zoo.build("resnet_basic")
     tp.prune(model, sparsity=0.99, granularity="layer", example_inputs=x, exclude=["layers.1"])
     assert sorted(model._torchprune_structure[-1]["replaced"]) == ["layers.0", "layers.3"]
-
-
-class ViewNet(nn.Module):
-    """conv2's output is flattened with a hard-coded size: the group of conv2's outputs (and fc's
-    inputs) stays whole whatever is excluded."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.fc(x.view(-1, 16 * 4 * 4))
 
 
 def test_the_warning_names_no_group_that_exclude_or_freeze_keeps():

@@ -9,7 +9,7 @@ front, layers on a device or with a dtype the masked ops cannot run.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ __all__ = [
     "attach_mask",
     "get_mask",
     "remove_mask",
+    "put_back",
     "masks",
     "make_permanent",
     "prunable_layers",
@@ -131,6 +132,20 @@ def remove_mask(module: nn.Module) -> None:
     del module._buffers["weight_mask"]
     module.__class__ = BASE_CLASS[type(module)]
     release_mask(module)
+
+
+def put_back(module: nn.Module, weight: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """Restores a layer saved as (``weight`` clone, ``mask`` clone or None): the weight exactly,
+    the mask and the class (a layer unmasked before is plain again). For callers that prune to try
+    something and must leave the layer as it was (sensitivity, a failed sequential prune)."""
+    with torch.no_grad():
+        module.weight.copy_(weight)
+    if mask is None:
+        remove_mask(module)
+    else:
+        attach_mask(module, mask)
+        with torch.no_grad():
+            module.weight.copy_(weight)  # attach_mask zeroes what the mask prunes: the saved values exactly
 
 
 def masks(model: nn.Module) -> Dict[str, torch.Tensor]:

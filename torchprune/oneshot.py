@@ -26,7 +26,7 @@ from . import selection
 from . import sequential as layer_by_layer
 from .calibration import observe
 from .importance import Importance, Magnitude, resolve
-from .masking import attach_mask, check_supported, get_mask, remove_mask
+from .masking import attach_mask, check_supported, get_mask, put_back
 from .owl import owl_sparsities
 from .structured import prune_structural
 from .targets import (
@@ -289,13 +289,7 @@ class _Run:
 
     def _restore(self, saved) -> None:
         for name, (weight, mask) in saved.items():
-            layer = self.layers[name]
-            with torch.no_grad():
-                layer.weight.copy_(weight)
-            if mask is None:
-                remove_mask(layer)
-            else:
-                attach_mask(layer, mask)
+            put_back(self.layers[name], weight, mask)
 
 
 def _powers_finite(weight: torch.Tensor, p: float, dtype: torch.dtype) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..importance import Importance, resolve
-from ..masking import attach_mask, get_mask, remove_mask
+from ..masking import get_mask, put_back
 from ..oneshot import prune
 from ..owl import check_owl_arguments, owl_sparsities
 from ..targets import leave_out_tied, target_layers, weight_owners
@@ -125,14 +125,7 @@ def sensitivity(
                 prune(model, scope={name: level}, importance=importance, data=data, loss_fn=loss_fn)
                 curves[name][level] = _metric(evaluate, model)
             finally:
-                with torch.no_grad():
-                    layer.weight.copy_(saved_weight)
-                if saved_mask is None:
-                    remove_mask(layer)
-                else:
-                    attach_mask(layer, saved_mask)
-                    with torch.no_grad():
-                        layer.weight.copy_(saved_weight)
+                put_back(layer, saved_weight, saved_mask)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
