@@ -515,3 +515,13 @@ def test_tiny_llama_and_qwen2_prune_their_mlp_like_zeroing(family):
     assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (32, 32, 32)
     assert model.model.layers[0].self_attn.q_proj.out_features == 32
     model(other, labels=other).loss.backward()
+
+
+def test_a_decorated_forward_that_fx_cannot_trace_is_named():
+    class SkipsOne(SpareBuffer):
+        def __init__(self):
+            super().__init__()
+            self.spare = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match=r"SkipsOne.forward is wrapped by a decorator.*did not run: \['spare'\]"):
+        DependencyGraph(SkipsOne(), torch.randn(3, 4))
