@@ -2,6 +2,7 @@
 torch.fx cannot trace; the same groups as fx where it can."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -414,3 +415,113 @@ def test_a_full_sum_read_as_a_number_pins_its_channels():
             return self.b(y) * y.sum().item()
 
     assert not group_of(DependencyGraph(Net(), torch.randn(1, 3, 8, 8)), ("a", "weight", 0)).prunable
+
+
+def _passes_through(forward):
+    """A decorator like transformers' (``can_return_tuple``, ``deprecate_kwarg``): ``(*args, **kwargs)``
+    around a forward with more arguments, which torch.fx cannot trace ("co_varnames is too small")."""
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+    return wrapper
+
+
+class Rotary(nn.Module):
+    """LLaMA's rotary embedding in small: ``original_inv_freq`` is a spare copy its forward never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.arange(1.0, 5.0))
+        self.register_buffer("original_inv_freq", torch.arange(1.0, 5.0))
+
+    def forward(self, x):
+        return torch.cos(x * self.inv_freq)
+
+
+class SpareBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rotary = Rotary()
+        self.fc1 = nn.Linear(4, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    @_passes_through
+    def forward(self, x, scale=None, shift=None, **kwargs):
+        return self.fc2(torch.relu(self.fc1(x))) + self.rotary(x)
+
+
+def test_a_buffer_its_module_did_not_read_is_no_unrun_layer():
+    """The root cause of issue 15 (LLaMA, Qwen2): an unread buffer made the run ask torch.fx, which
+    cannot trace a decorated forward; the buffer joins no group, so the run is enough."""
+    model, x = SpareBuffer().eval(), torch.randn(3, 4)
+    with pytest.raises(Exception):
+        fx.symbolic_trace(model)
+    graph = DependencyGraph(model, x)
+    assert graph.tracing == "recorded run" and group_of(graph, ("fc1", "weight", 0)).prunable
+    removed = choose_removal(model, graph, 0.5, resolve("l2"), only_exact=True)
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    zero_channels(masked, removed)
+    apply_plan(pruned, plan_from_removed(pruned, removed))
+    assert pruned.fc1.out_features == 8 and pruned.rotary.original_inv_freq.shape == (4,)
+    with torch.no_grad():
+        assert_same_function(pruned, masked, x)
+    pruned(x).sum().backward()
+
+
+def test_a_parameter_its_module_did_not_read_still_counts():
+    class SkipsOne(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(4, 4), nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return self.used(x)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = SkipsOne()
+
+        def forward(self, x):
+            return self.inner(x) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="did not run"):
+        DependencyGraph(Outer(), torch.ones(2, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["Llama", "Qwen2"])
+def test_tiny_llama_and_qwen2_prune_their_mlp_like_zeroing(family):
+    """Issue 15: the MLP width goes (gate and up rows, down columns, together); attention and the
+    hidden width (RMSNorm's mean over it) stay, with the warning that names why."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model, ids = getattr(transformers, f"{family}ForCausalLM")(config).eval(), torch.randint(0, 64, (1, 8))
+    graph = DependencyGraph(model, (ids,))
+    assert graph.tracing == "recorded run"
+    removed = choose_removal(model, graph, 0.5, resolve("l2"), only_exact=True)
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    zero_channels(masked, removed)
+    apply_plan(pruned, plan_from_removed(pruned, removed))
+    other = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        for x in (ids, other):
+            torch.testing.assert_close(pruned(x).logits, masked(x).logits, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="scaled_dot_product_attention"):
+        tp.prune(model, 0.5, granularity="channel", importance="l2", example_inputs=ids)
+    mlp = model.model.layers[0].mlp
+    assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (32, 32, 32)
+    assert model.model.layers[0].self_attn.q_proj.out_features == 32
+    model(other, labels=other).loss.backward()
+
+
+def test_a_decorated_forward_that_fx_cannot_trace_is_named():
+    class SkipsOne(SpareBuffer):
+        def __init__(self):
+            super().__init__()
+            self.spare = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match=r"SkipsOne.forward is wrapped by a decorator.*did not run: \['spare'\]"):
+        DependencyGraph(SkipsOne(), torch.randn(3, 4))

@@ -9,6 +9,7 @@ model runs in eval mode under no_grad; its train/eval flags are restored afterwa
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Dict
 
 import torch
@@ -168,6 +169,17 @@ def trace(model: torch.nn.Module, example_inputs: tuple) -> LabelRecorder:
         return trace_fx(model, example_inputs, unrun)
 
 
+def _fx_failure(model: torch.nn.Module, error: Exception) -> str:
+    """Why torch.fx failed, in words: a forward behind a decorator (transformers' ``can_return_tuple``,
+    ``deprecate_kwarg``: ``wrapper(*args, **kwargs)``) fails inside fx with an internal error such as
+    "co_varnames is too small", which the message names as what it is."""
+    forward = type(model).forward
+    if inspect.unwrap(forward) is not forward:
+        return (f"{type(model).__name__}.forward is wrapped by a decorator, which torch.fx cannot trace through: "
+                f"{type(error).__name__}: {error}")
+    return f"{type(error).__name__}: {error}"
+
+
 def trace_fx(model: torch.nn.Module, example_inputs: tuple, unrun=None) -> LabelRecorder:
     """Symbolically traces ``model`` and labels it by running the example inputs through its graph;
     submodules fx cannot trace become opaque calls. If fx cannot trace the model's own forward:
@@ -176,7 +188,7 @@ def trace_fx(model: torch.nn.Module, example_inputs: tuple, unrun=None) -> Label
         if unrun is None:
             return record(model, example_inputs, tracer.is_leaf_module)
         raise ValueError(
-            f"`model` could not be traced with torch.fx ({type(error).__name__}: {error}), and in the run on "
+            f"`model` could not be traced with torch.fx ({_fx_failure(model, error)}), and in the run on "
             f"`example_inputs` that replaces the trace, these modules did not run: {unrun.modules}. How their channels "
             "connect to the rest is unknown, so nothing is pruned: pass example inputs on which every module runs, or "
             "remove the unused ones"

@@ -142,6 +142,7 @@ class Recorder(LabelRecorder):
         self.tensors = {id(t): name for name, t in self.named_tensors.items()}
         self.seen = set()  # ids of parameters and buffers used outside torch's layers
         self.ran = set()  # ids of torch's layers that ran
+        self.entered = set()  # ids of the other modules whose forward ran
         self.stack: List[str] = []
         self.mode = None  # the _Mode recording this run, and whether a layer took it off torch's stack
         self.aside = False
@@ -284,6 +285,7 @@ class Recorder(LabelRecorder):
                 self._step_aside()
             self.depth += 1
         else:
+            self.entered.add(id(module))
             self.stack.append(self.names.get(id(module), ""))
 
     def hook(self, module, args, kwargs, out):
@@ -347,7 +349,10 @@ class Recorder(LabelRecorder):
                     self.labels.freeze(ids, reason)
 
     def unrun(self) -> List[str]:
-        """Names of the modules that hold parameters or buffers the run never used."""
+        """Names of the modules that hold parameters or buffers the run never used. A buffer its
+        module's forward did not read on this run is left out: it joins no group, so it is never sliced
+        (a spare copy such as the ``original_inv_freq`` of LLaMA's rotary embedding, read only by
+        dynamic RoPE); a parameter the forward skipped still counts."""
         used = set(self.seen)
         for module in self.modules.values():
             if id(module) in self.ran:
@@ -356,9 +361,15 @@ class Recorder(LabelRecorder):
                 else:
                     used.update(id(t) for t in module._parameters.values() if t is not None)
                     used.update(id(t) for t in module._buffers.values() if t is not None)
-        missing = [qualname for qualname_id, qualname in self.tensors.items() if qualname_id not in used]
+        missing = [qualname for qualname_id, qualname in self.tensors.items() if qualname_id not in used
+                   and not self._unread_buffer(qualname)]
         owners = [q.rpartition(".")[0] or "(the model itself)" for q in missing if self.named_tensors[q].dim() > 0]
         return list(dict.fromkeys(owners))
+
+    def _unread_buffer(self, qualname: str) -> bool:
+        owner, _, name = qualname.rpartition(".")
+        module = self.modules.get(owner)
+        return module is not None and id(module) in self.entered and name in module._buffers
 
 
 def _named_tensors(modules: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
