@@ -223,6 +223,8 @@ class LabelRecorder:
             return rules.reduce(self, kind, lab, x, out, dims, keepdim, where)
         if target in rules.SHAPE_FUNCTIONS or method in rules.SHAPE_METHODS:
             return self._shape_op(target, method, args, kwargs, labs, out, where, klabs)
+        if target in rules.LAYER_FUNCTIONS:
+            return rules.LAYER_FUNCTIONS[target](self, args, kwargs, labs, klabs, out, where)
         self.freeze_all((labs, klabs),
                         f"{getattr(target, '__name__', method or target)} at {where!r} has no pruning rule")
         return self.unowned_like(out)

@@ -254,6 +254,90 @@ def reduce(tracer, kind: str, label, x, out, dims, keepdim: bool, where: str) ->
     return compress(lab)
 
 
+# -- functional forms of layers (a custom module calling F.batch_norm with its own tensors) ------------
+
+
+def per_channel(tracer, ids: torch.Tensor, operands, values, where: str) -> None:
+    """Tensors applied channel by channel (a norm's weight, bias, running statistics): index i of
+    each goes with channel i, so their ids are unified with the channels' (a parameter or buffer of
+    the model then becomes a member, see graph.py). A channel facing a tensor no unit owns (built in
+    forward) cannot be removed, nor an index of a parameter facing a channel no unit owns."""
+    a = ids.numpy()
+    for lab, value in zip(operands, values):
+        if not is_tensor(value) or lab is None:
+            continue
+        b = lab.numpy().reshape(-1)
+        if b.shape[0] != a.shape[0]:
+            b = np.broadcast_to(b, a.shape)
+        tracer.labels.unify_arrays(a, b)
+        mixed = (a >= 0) != (b >= 0)
+        if mixed.any():
+            tracer.labels.freeze(torch.from_numpy(np.concatenate([a[mixed], b[mixed]])),
+                                 f"{where} with an unpruned tensor")
+
+
+def _tensor_operands(args, kwargs, labs, klabs, skip: int):
+    """The labels and values of the tensors among ``args[skip:]`` and ``kwargs``."""
+    operands = [*labs[skip:], *(klabs.get(k) for k in kwargs)]
+    values = [*args[skip:], *kwargs.values()]
+    return [lab for lab, v in zip(operands, values) if is_tensor(v)], [v for v in values if is_tensor(v)]
+
+
+def batch_norm(tracer, args, kwargs, labs, klabs, out, where: str) -> torch.Tensor:
+    """``F.batch_norm`` / ``torch.batch_norm``: like a BatchNorm layer, each channel (dim 1) on its
+    own; the running statistics, weight and bias go with the channels (in either signature's order)."""
+    x, label = args[0], labs[0] if is_tensor(labs[0]) else unowned(args[0])
+    where = f"batch_norm at {where!r}"
+    ids = tracer.labels.reduce_to_dim(label, 1, x.shape, where)
+    per_channel(tracer, ids, *_tensor_operands(args, kwargs, labs, klabs, 1), where)
+    return label
+
+
+def layer_norm(tracer, args, kwargs, labs, klabs, out, where: str) -> torch.Tensor:
+    """``F.layer_norm`` / ``torch.layer_norm``: like an nn.LayerNorm, over the last dim with a weight
+    its channels go (inexact: it normalizes over them) with the weight and bias; over several dims
+    or without a weight its channels stay."""
+    x, label = args[0], labs[0] if is_tensor(labs[0]) else unowned(args[0])
+    shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    weight = args[2] if len(args) > 2 else kwargs.get("weight")
+    operands, values = _tensor_operands(args, kwargs, labs, klabs, 2)
+    labels, where = tracer.labels, f"layer_norm at {where!r}"
+    if len(shape) != 1 or weight is None:
+        reason = f"{where} over several dims or without affine weights"
+        for d in range(1, len(shape) + 1):
+            labels.freeze(labels.reduce_to_dim(label, -d, x.shape, reason), reason)
+        tracer.freeze_all(operands, reason)
+        return label
+    ids = labels.reduce_to_dim(label, -1, x.shape, where)
+    labels.inexact(ids, f"{where} normalizes over these channels")
+    per_channel(tracer, ids, operands, values, where)
+    return label
+
+
+def embedding(tracer, args, kwargs, labs, klabs, out, where: str) -> torch.Tensor:
+    """``F.embedding(indices, weight)`` / ``torch.embedding(weight, indices)``: like an nn.Embedding,
+    the output's last dim has the weight's columns (dim 1); the indices are not channels."""
+    if args and is_tensor(args[0]) and args[0].is_floating_point():  # torch.embedding(weight, indices)
+        weight, label, indices = args[0], labs[0], labs[1:]
+    else:
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        label = labs[1] if len(labs) > 1 else klabs.get("weight")
+        indices = [*labs[:1], klabs.get("input")]
+    where = f"embedding at {where!r}"
+    tracer.freeze_all(indices, f"the indices of {where}")
+    label = label if is_tensor(label) else unowned(weight)
+    ids = tracer.labels.reduce_to_dim(label, 1, weight.shape, where)
+    return layer_types.channel_label(ids, out.dim(), out.dim() - 1)
+
+
+#: The functional forms of layers with a rule: each labels the call like the layer.
+LAYER_FUNCTIONS = {
+    F.batch_norm: batch_norm, torch.batch_norm: batch_norm, F.layer_norm: layer_norm, torch.layer_norm: layer_norm,
+    F.embedding: embedding, torch.embedding: embedding,
+}
+
+
 def substitute(value, env: Callable):
     """``value`` with every tensor replaced by env(tensor) (nested in lists and tuples)."""
     if isinstance(value, (list, tuple)):
