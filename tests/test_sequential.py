@@ -62,8 +62,8 @@ def data(batches=3, seed=1):
 
 
 def stage_names(net):
-    return [["embed"], ["layers.0.up", "layers.0.down"], ["layers.1.up", "layers.1.down"],
-            ["layers.2.up", "layers.2.down"], ["head"]][: len(net.layers) + 2]
+    blocks = [[f"layers.{k}.up", f"layers.{k}.down"] for k in range(len(net.layers))]
+    return [["embed"], *blocks, ["head"]]
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -182,6 +182,17 @@ def test_sequential_differs_from_one_pass_after_the_first_block():
 
 
 # --------------------------------------------------------------------------------- fallbacks, errors
+
+
+def test_a_single_named_block_is_replayed():
+    batches = data()
+    expected = manual_stage_by_stage(make_net(n=1), "wanda", 0.5, batches)
+    net = make_net(n=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one block: nothing to chain, still replayed
+        tp.prune(net, 0.5, importance="wanda", data=batches, sequential=True, blocks=["layers.0"])
+    for name, layer in prunable_layers(net).items():
+        assert torch.equal(layer.weight_mask, expected[name]), name
 
 
 def test_no_blocks_warns_and_calibrates_in_one_pass():

@@ -182,6 +182,12 @@ def _chain_slot(blocks, calls) -> Tuple[Union[int, str, None], Optional[str]]:
     """Where each block receives the previous block's output, or why the chain does not hold."""
     if len(calls) != len(blocks):
         return None, "a block did not run"
+    if len(calls) == 1:  # nothing to chain: the block's first tensor argument is its input
+        args, kwargs, _ = calls[0]
+        found = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
+        if found is None:
+            found = next((key for key, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+        return found, None if found is not None else "the block takes no tensor argument"
     slot = None
     for k in range(1, len(calls)):
         (args, kwargs, _), (_, _, previous) = calls[k], calls[k - 1]
