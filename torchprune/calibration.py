@@ -216,10 +216,7 @@ def observe_activations(model: nn.Module, layers: Dict[str, nn.Module], criterio
     under ``no_grad``; forward hooks hand each layer's inputs and output to
     ``criterion.observe_forward(layer, inputs, output)``. Raises ValueError if a layer never ran."""
 
-    def hook(module, inputs, output):
-        criterion.observe_forward(module, inputs, output)
-
-    forward_passes(model, data, [(layer, hook) for layer in layers.values()])
+    forward_passes(model, data, [(layer, criterion.observe_forward) for layer in layers.values()])
     silent = [name for name, layer in layers.items() if not criterion.observed(layer)]
     if silent:
         raise ValueError(f"layers {silent} were not called by the forward on `data`: exclude them with `exclude`")

@@ -218,7 +218,7 @@ class _Run:
         scores = {name: _scores(self.criterion, name, layer, self.current[name]) for name, layer in self.unique.items()}
         masks = _select(scores, self.current, sparsity, None, "global", None)
         self.criterion.reset()
-        return {name: 1.0 - float(mask.sum()) / mask.numel() if mask.numel() else 0.0 for name, mask in masks.items()}
+        return selection.pruned_shares(masks)
 
     def one_pass(self) -> None:
         """Statistics for every layer at once, then every layer's new mask (and weights), then the

@@ -395,7 +395,7 @@ class WeightStrategy:
             scores = {name: checked_score(criterion, name, layer, current[name])
                       for name, layer in self._unique.items()}
             ranked = self._select(scores, current, targets)
-            targets = {name: 1.0 - float(mask.sum()) / max(mask.numel(), 1) for name, mask in ranked.items()}
+            targets = selection.pruned_shares(ranked)
         for name, layer in self._unique.items():
             if self._n_m is not None:
                 n, m = self._n_m

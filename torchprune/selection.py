@@ -22,11 +22,12 @@ Scores may also be a `RowScores`, made a block of rows at a time, so that no sco
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-__all__ = ["RowScores", "by_ratio", "by_row_ratio", "by_global_ratio", "by_threshold", "n_of_m", "group_input_last"]
+__all__ = ["RowScores", "pruned_shares", "by_ratio", "by_row_ratio", "by_global_ratio", "by_threshold", "n_of_m",
+           "group_input_last"]
 
 #: At most this many candidate scores are ranked with one stable sort; beyond, by radix select.
 _SORT_LIMIT = 1 << 16
@@ -206,6 +207,12 @@ def _best_kept(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[i
             positions = kept.nonzero().flatten()
             best, best_index = top, offset + int(positions[(values == top).nonzero().flatten()[-1]])
     return best_index
+
+
+def pruned_shares(masks: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Each mask's pruned fraction (0 for an empty one): how a global ranking's masks become the
+    per-layer sparsities of a dict scope, for callers that prune layer by layer afterwards."""
+    return {name: 1.0 - float(mask.sum()) / mask.numel() if mask.numel() else 0.0 for name, mask in masks.items()}
 
 
 def by_ratio(scores: torch.Tensor, mask: Optional[torch.Tensor], sparsity: float) -> torch.Tensor:

@@ -246,6 +246,17 @@ class _Captured(Exception):
     """Raised by block 0's pre-hook once its inputs are stored: the rest of the forward is not needed."""
 
 
+def _passes_stopped(model: nn.Module, data: Iterable, handles: List) -> None:
+    """One observation-only forward per batch of ``data`` with the hooks behind ``handles``; a hook
+    may end a pass early by raising `_Captured` (the rest of that forward is not needed)."""
+    with hooked_eval(model, handles):
+        for inputs, _ in batches(data, targets=False, model=model):
+            try:
+                call(model, inputs)
+            except _Captured:
+                pass
+
+
 def _capture(model: nn.Module, block: nn.Module, data: Iterable, offload: bool) -> List[Tuple[tuple, dict]]:
     """Block 0's positional and keyword arguments for every batch of ``data`` (on the CPU if ``offload``)."""
     captured: List[Tuple[tuple, dict]] = []
@@ -255,33 +266,20 @@ def _capture(model: nn.Module, block: nn.Module, data: Iterable, offload: bool) 
         captured.append((_to(tuple(args), cpu), _to(dict(kwargs), cpu)))
         raise _Captured
 
-    with hooked_eval(model, [block.register_forward_pre_hook(stop, with_kwargs=True)]):
-        for inputs, _ in batches(data, targets=False, model=model):
-            try:
-                call(model, inputs)
-            except _Captured:
-                pass
+    _passes_stopped(model, data, [block.register_forward_pre_hook(stop, with_kwargs=True)])
     return captured
 
 
 def _observe_up_to(model: nn.Module, stage: Stage, criterion, data: Iterable, may_stop: bool) -> None:
     """A stage's statistics from forward passes of ``model``, each stopped once the stage's block
     has run (when ``may_stop``; the head and tail take whole passes)."""
-    def observe(module, args, output):
-        criterion.observe_forward(module, args, output)
-
     def stop(module, args, output):
         raise _Captured
 
-    handles = [layer.register_forward_hook(observe) for layer in stage.layers.values()]
+    handles = [layer.register_forward_hook(criterion.observe_forward) for layer in stage.layers.values()]
     if may_stop and stage.block is not None:
         handles.append(stage.block.register_forward_hook(stop))
-    with hooked_eval(model, handles):
-        for inputs, _ in batches(data, targets=False, model=model):
-            try:
-                call(model, inputs)
-            except _Captured:
-                pass
+    _passes_stopped(model, data, handles)
     _check_observed(stage, criterion)
 
 
@@ -343,11 +341,8 @@ def _block_stage(stage: Stage, criterion, inputs: List[Tuple[tuple, dict]], slot
     block = stage.block
     if stage.layers:
         criterion.reset()
-
-        def hook(module, args, output):
-            criterion.observe_forward(module, args, output)
-
-        with hooked_eval(block, [layer.register_forward_hook(hook) for layer in stage.layers.values()]):
+        handles = [layer.register_forward_hook(criterion.observe_forward) for layer in stage.layers.values()]
+        with hooked_eval(block, handles):
             for args, kwargs in inputs:
                 block(*_to(args, device), **_to(kwargs, device))
         _check_observed(stage, criterion)

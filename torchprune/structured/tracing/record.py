@@ -376,22 +376,16 @@ def _named_tensors(modules: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
     """``dict([*model.named_parameters(), *model.named_buffers()])`` from the model's named modules
     (one walk of their dicts, several times cheaper than torch's generators): a tensor shared by
     several modules keeps its first name, as there."""
-    params, buffers, seen = {}, {}, set()
-    for prefix, module in modules.items():
-        dot = prefix + "." if prefix else ""
-        for name, t in module._parameters.items():
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                params[dot + name] = t
-    seen = set()
-    for prefix, module in modules.items():
-        dot = prefix + "." if prefix else ""
-        for name, t in module._buffers.items():
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                buffers[dot + name] = t
-    params.update(buffers)
-    return params
+    tensors: Dict[str, torch.Tensor] = {}
+    for kind in ("_parameters", "_buffers"):  # every parameter first, then every buffer, as torch's order
+        seen = set()
+        for prefix, module in modules.items():
+            dot = prefix + "." if prefix else ""
+            for name, t in getattr(module, kind).items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    tensors.setdefault(dot + name, t)
+    return tensors
 
 
 @contextlib.contextmanager
