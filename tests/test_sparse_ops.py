@@ -351,8 +351,10 @@ def test_sparse_conv2d_errors(device):
         _ops.sparse_conv2d(ones(1, 3, 5, 5), r, c, v, 3, stride=(1, 2, 3))
 
 
-def test_portable_kernels_match_too():
-    """The AVX-512 kernels are chosen at run time; TORCHPRUNE_NO_AVX512=1 forces the portable ones."""
+@pytest.mark.parametrize("switch", ["TORCHPRUNE_NO_AVX512", "TORCHPRUNE_PORTABLE"])
+def test_portable_kernels_match_too(switch):
+    """The AVX-512 and AVX2 kernels are chosen at run time; TORCHPRUNE_NO_AVX512=1 turns off the
+    AVX-512 ones, TORCHPRUNE_PORTABLE=1 every one, leaving the portable loops."""
     import os
     import subprocess
     import sys
@@ -363,7 +365,7 @@ def test_portable_kernels_match_too():
         "from torchprune import ops as _ops\n"
         "from error_bounds import assert_op_close\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "for m, n, k in [(1, 37, 70), (5, 64, 33), (40, 9, 128), (70, 33, 20)]:\n"
+        "for m, n, k in [(1, 37, 70), (5, 64, 33), (40, 9, 128), (70, 33, 20), (20, 17, 600)]:\n"
         "    for dtype in (torch.float32, torch.float64):\n"
         "        w = torch.randn(n, k, generator=g, dtype=dtype)\n"
         "        w[torch.rand(n, k, generator=g) < 0.7] = 0\n"
@@ -380,6 +382,6 @@ def test_portable_kernels_match_too():
         "assert_op_close(y, lambda x_, w_: F.conv2d(x_, w_, padding=1), (x, w))\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, TORCHPRUNE_NO_AVX512="1")
+    env = dict(os.environ, **{switch: "1"})
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

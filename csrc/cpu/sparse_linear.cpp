@@ -12,6 +12,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -19,6 +20,7 @@
 #include "common/op_helpers.h"
 #include "common/sparse_checks.h"
 #include "cpu/spmm.h"
+#include "cpu/spmm_avx2.h"
 
 namespace torchprune {
 namespace {
@@ -30,6 +32,38 @@ constexpr const char* kBackward = "sparse_linear_backward";
 
 bool is_half(const Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// Xᵀ as [tiles, K, tile] panels, the last one zero-padded to the full tile.
+Tensor x_panels(const Tensor& x2, int64_t tile) {
+  const int64_t m = x2.size(0), k = x2.size(1), tiles = (m + tile - 1) / tile;
+  return at::constant_pad_nd(x2, {0, 0, 0, tiles * tile - m})
+      .view({tiles, tile, k})
+      .transpose(1, 2)
+      .contiguous();
+}
+
+// forward for fp32 on AVX2 CPUs and m > 1: work items are (row panel, tile) pairs; row panels
+// hold whole groups of 8 features where they can, so that the kernel's stores stay vectors.
+template <typename I>
+void forward_avx2(const Csr<float, I>& a, const Tensor& x2, const float* bias, Tensor& out,
+                  int64_t threads) {
+  const int64_t m = x2.size(0), n = a.rows, k = a.cols;
+  const int64_t tile = cpu::avx2::tile_for(m), tiles = (m + tile - 1) / tile;
+  const Tensor panels_x = x_panels(x2, tile);
+  const cpu::avx2::KBlocks blocks = cpu::avx2::k_blocks(a, tile);
+  const int64_t parts = std::max<int64_t>(1, (threads * 4 + tiles - 1) / tiles);
+  auto panels = cpu::row_panels(a.row_ptr, n, parts);
+  for (auto& bound : panels) bound = std::min(n, (bound + 4) / 8 * 8);
+  panels.back() = n;
+  const float* b = panels_x.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  cpu::for_items(parts * tiles, threads, [&](int64_t item) {
+    const int64_t p = item / tiles, t = item % tiles, t0 = t * tile;
+    if (panels[p] >= panels[p + 1]) return;
+    cpu::avx2::spmm_panel(a, blocks, b + t * k * tile, tile, std::min(tile, m - t0), bias,
+                          y + t0 * n, n, panels[p], panels[p + 1]);
+  });
 }
 
 // out [M, N] = x2 [M, K] @ W^T (+ bias).
@@ -44,6 +78,9 @@ void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
     cpu::for_items(threads * 4, threads,
               [&](int64_t p) { cpu::spmv(a, x, bias, y, panels[p], panels[p + 1]); });
     return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::avx2::supported()) return forward_avx2(a, x2, bias, out, threads);
   }
   // Xᵀ as [tiles, K, W] panels of W = kPanelWidth batch rows (the last one zero-padded); a batch
   // that fits one panel is just Xᵀ [K, M], with no padding to copy.

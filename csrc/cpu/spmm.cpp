@@ -211,10 +211,12 @@ TP_DEFINE_KERNELS(float, int32_t, f32_i32)
 TP_DEFINE_KERNELS(double, uint16_t, f64_u16)
 TP_DEFINE_KERNELS(double, int32_t, f64_i32)
 
-// TORCHPRUNE_NO_AVX512=1 forces the portable kernels (read once per process), so that the
-// tests cover them on machines that have AVX-512 too.
+// TORCHPRUNE_NO_AVX512=1 (or TORCHPRUNE_PORTABLE=1, which also turns off the AVX2 kernel of
+// sparse_linear) forces the portable kernels (read once per process), so that the tests cover
+// them on machines that have AVX-512 too.
 bool use_avx512() {
-  static const bool use = avx512::supported() && std::getenv("TORCHPRUNE_NO_AVX512") == nullptr;
+  static const bool use = avx512::supported() && std::getenv("TORCHPRUNE_NO_AVX512") == nullptr &&
+                          std::getenv("TORCHPRUNE_PORTABLE") == nullptr;
   return use;
 }
 

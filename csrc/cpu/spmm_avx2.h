@@ -1,0 +1,55 @@
+// The AVX2 kernel of sparse_linear's forward for more than one row of x (fp32): y = x @ Wᵀ + bias
+// computed from Xᵀ panels and written row-major, 8 output features at a time.
+//
+// Why it exists: the portable spmm loop writes each output row with a strided scalar store and
+// reads a panel that outgrows L1 from K = 256 up; on an AVX2 CPU it ran at 5-7 GF/s where dense
+// SGEMM does ~100, so a 90%-sparse layer was slower than the dense one at transformer token
+// counts. Here the tile of 8 output features x `tile` rows of x is transposed in registers and
+// stored as 8-float vectors, and K is cut into blocks whose panel slice stays in L1 (partial sums
+// carried between blocks). Call it only when supported() is true.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/csr.h"
+
+namespace torchprune {
+namespace cpu {
+namespace avx2 {
+
+// True when this CPU has AVX2 and FMA (every AVX-512 CPU too) and TORCHPRUNE_PORTABLE is unset.
+bool supported();
+
+// The panel widths the kernel is compiled for: rows of x per tile.
+constexpr int64_t kNarrowTile = 16;
+constexpr int64_t kWideTile = 32;
+
+// The panel width for a product with m rows of x: the narrow one when m fits it.
+inline int64_t tile_for(int64_t m) { return m <= kNarrowTile ? kNarrowTile : kWideTile; }
+
+// Where each row's entries fall in K-blocks of `block` columns: entries of row n in block j are
+// [ptr[j * rows + n], ptr[(j + 1) * rows + n]), so ptr has (blocks + 1) * rows items. One pass
+// over the nonzeros, shared by every tile and thread of a call.
+struct KBlocks {
+  std::vector<int32_t> ptr;
+  int64_t blocks = 1;
+  int64_t rows = 0;
+};
+
+// The K-block split spmm_panel uses for a K x tile panel: blocks of 256 columns once the panel
+// no longer fits L1 (K > 512), else one block (no partial sums to carry).
+template <typename I>
+KBlocks k_blocks(const Csr<float, I>& a, int64_t tile);
+
+// y[t * ldy + n] = init[n] + sum_j a[n, j] * panel[j * tile + t] for t < width and rows n in
+// [row_begin, row_end). panel is [a.cols, tile], tile in {kNarrowTile, kWideTile}, with columns
+// width.. tile-1 zero (they are computed and dropped). init may be null.
+template <typename I>
+void spmm_panel(const Csr<float, I>& a, const KBlocks& blocks, const float* panel, int64_t tile,
+                int64_t width, const float* init, float* y, int64_t ldy, int64_t row_begin,
+                int64_t row_end);
+
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace torchprune

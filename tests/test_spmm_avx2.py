@@ -1,0 +1,78 @@
+"""The fp32 sparse_linear kernel for more than one row of x (csrc/cpu/spmm_avx2.cpp) on the shapes
+that pick its code paths: the 16- and 32-wide panels and their ragged last tile, groups of 8
+output features and a ragged last group, row panels split over threads, K cut into 256-column
+blocks once K > 512 (partial sums carried between blocks), 16- and 32-bit column indices, bias.
+On a CPU without AVX2 (or with TORCHPRUNE_PORTABLE=1) the same cases run the portable loops,
+which must agree too. Tolerances come from the rounding bound of each dot product
+(tests/error_bounds.py), against float64 references.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torchprune import ops as _ops
+
+from error_bounds import assert_op_close
+
+CASES = [  # (m, n, k, sparsity)
+    (2, 9, 33, 0.5), (15, 8, 300, 0.9), (16, 17, 64, 0.0), (17, 7, 513, 0.7), (31, 40, 700, 0.9),
+    (32, 64, 1100, 0.95), (33, 1, 257, 0.5), (100, 70, 520, 0.8), (65, 24, 2048, 0.99),
+    (48, 16, 900, 1.0), (3, 130, 1500, 0.6),
+]
+
+
+def sparse(n, k, sparsity, g, empty_rows=(0, 5)):
+    w = torch.randn(n, k, generator=g)
+    w[torch.rand(n, k, generator=g) < sparsity] = 0
+    for r in empty_rows:
+        if r < n:
+            w[r] = 0
+    return w
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_dense(case, bias):
+    m, n, k, sparsity = case
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    w, x = sparse(n, k, sparsity, g), torch.randn(m, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    y = _ops.sparse_linear(x, *_ops.pack_csr(w), k, b)
+    assert_op_close(y, F.linear, (x, w, b) if bias else (x, w))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_any_thread_count_gives_the_same_bits(threads):
+    """Threads split output features, never a dot product: the result cannot depend on them."""
+    g = torch.Generator().manual_seed(3)
+    w, x = sparse(203, 777, 0.8, g), torch.randn(70, 777, generator=g)
+    packed = _ops.pack_csr(w)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _ops.sparse_linear(x, *packed, 777)
+        torch.set_num_threads(threads)
+        assert torch.equal(_ops.sparse_linear(x, *packed, 777), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_wide_layer_with_32_bit_columns():
+    g = torch.Generator().manual_seed(4)
+    k = 70000
+    w = torch.zeros(19, k)
+    cols = torch.randint(0, k, (19, 40), generator=g)
+    w.scatter_(1, cols, torch.randn(19, 40, generator=g))
+    w[:, k - 1] = 1.5  # the last column, past every block boundary
+    x = torch.randn(20, k, generator=g)
+    packed = _ops.pack_csr(w)
+    assert packed[1].dtype == torch.int32
+    assert_op_close(_ops.sparse_linear(x, *packed, k), F.linear, (x, w))
+
+
+def test_leading_dims_and_non_contiguous_input():
+    g = torch.Generator().manual_seed(5)
+    w = sparse(40, 600, 0.9, g)
+    x = torch.randn(3, 11, 1200, generator=g)[..., ::2]
+    y = _ops.sparse_linear(x, *_ops.pack_csr(w), 600)
+    assert y.shape == (3, 11, 40)
+    assert_op_close(y, F.linear, (x, w))
