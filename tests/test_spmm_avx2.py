@@ -1,7 +1,9 @@
-"""The fp32 sparse_linear kernel for more than one row of x (csrc/cpu/spmm_avx2.cpp) on the shapes
-that pick its code paths: the 16- and 32-wide panels and their ragged last tile, groups of 8
+"""The fp32 sparse_linear kernels for more than one row of x (csrc/cpu/spmm_avx2.cpp) on the shapes
+that pick their code paths. Forward: the 16- and 32-wide panels and their ragged last tile, groups of 8
 output features and a ragged last group, row panels split over threads, K cut into 256-column
-blocks once K > 512 (partial sums carried between blocks), 16- and 32-bit column indices, bias.
+blocks once K > 512 (partial sums carried between blocks), 16- and 32-bit column indices, bias. Backward: the input gradient
+runs the forward kernel on Wᵀ (so N > 512 cuts its K-blocks), the value gradient the SDDMM with
+8 entries reduced at once and a ragged remainder per row, accumulated over batch tiles.
 On a CPU without AVX2 (or with TORCHPRUNE_PORTABLE=1) the same cases run the portable loops,
 which must agree too. Tolerances come from the rounding bound of each dot product
 (tests/error_bounds.py), against float64 references.
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchprune import ops as _ops
 
-from error_bounds import assert_op_close
+from error_bounds import assert_close, assert_op_close, bilinear_references
 
 CASES = [  # (m, n, k, sparsity)
     (2, 9, 33, 0.5), (15, 8, 300, 0.9), (16, 17, 64, 0.0), (17, 7, 513, 0.7), (31, 40, 700, 0.9),
@@ -76,3 +78,27 @@ def test_leading_dims_and_non_contiguous_input():
     y = _ops.sparse_linear(x, *_ops.pack_csr(w), 600)
     assert y.shape == (3, 11, 40)
     assert_op_close(y, F.linear, (x, w))
+
+
+BACKWARD_CASES = [  # (m, n, k, sparsity)
+    (2, 9, 33, 0.5), (17, 600, 70, 0.8), (40, 1100, 300, 0.9), (33, 13, 40, 0.0), (70, 25, 9, 1.0),
+    (100, 530, 530, 0.95),
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
+def test_gradients_match_dense(case):
+    m, n, k, sparsity = case
+    g = torch.Generator().manual_seed(m + 7 * n + k)
+    w, x = sparse(n, k, sparsity, g), torch.randn(m, k, generator=g)
+    b = torch.randn(n, generator=g)
+    row_ptr, col_idx, values = _ops.pack_csr(w)
+    xs, vs, bs = x.clone().requires_grad_(), values.clone().requires_grad_(), b.clone().requires_grad_()
+    y = _ops.sparse_linear(xs, row_ptr, col_idx, vs, k, bs)
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    (_, grads), (_, mags), (_, terms) = bilinear_references(F.linear, (x, w, b), grad)
+    check, stored = assert_close(torch.float32), w != 0
+    check(xs.grad, grads[0], mags[0], terms[0], "grad_x")
+    check(vs.grad, grads[1][stored], mags[1][stored], terms[1][stored], "grad_values")
+    check(bs.grad, grads[2], mags[2], terms[2], "grad_bias")

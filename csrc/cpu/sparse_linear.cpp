@@ -148,6 +148,70 @@ Tensor input_grad(const Csr<T, I>& a, const Tensor& grad_t, int64_t m) {
   return grad_xt.t();
 }
 
+// Wᵀ in CSR: the columns of W as rows [K, N], entries of each row in ascending n. With it the
+// input gradient grad_x = grad_y @ W is the forward product of Wᵀ, on the forward kernel.
+template <typename J>
+struct TransposedCsr {
+  std::vector<int32_t> row_ptr;
+  std::vector<J> col;
+  std::vector<float> val;
+};
+
+template <typename J, typename I>
+TransposedCsr<J> transpose_csr(const Csr<float, I>& a) {
+  const int64_t nnz = a.row_ptr[a.rows];
+  TransposedCsr<J> t{std::vector<int32_t>(a.cols + 1, 0), std::vector<J>(nnz),
+                     std::vector<float>(nnz)};
+  for (int64_t e = 0; e < nnz; ++e) ++t.row_ptr[static_cast<int64_t>(a.col[e]) + 1];
+  for (int64_t j = 0; j < a.cols; ++j) t.row_ptr[j + 1] += t.row_ptr[j];
+  std::vector<int32_t> next(t.row_ptr.begin(), t.row_ptr.end() - 1);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    for (int64_t e = a.row_ptr[r]; e < a.row_ptr[r + 1]; ++e) {
+      const int32_t slot = next[a.col[e]]++;
+      t.col[slot] = static_cast<J>(r);
+      t.val[slot] = a.val[e];
+    }
+  }
+  return t;
+}
+
+// grad_x [M, K] = grad2 [M, N] @ W for fp32 on AVX2 CPUs: forward_avx2 with Wᵀ.
+template <typename I>
+void input_grad_avx2(const Csr<float, I>& a, const Tensor& grad2, Tensor& grad_x) {
+  const int64_t m = grad2.size(0), n = a.rows, k = a.cols;
+  const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
+  auto run = [&](const auto& t) {
+    using J = std::remove_cv_t<std::remove_reference_t<decltype(t.col[0])>>;
+    const Csr<float, J> at_{t.row_ptr.data(), t.col.data(), t.val.data(), k, n};
+    forward_avx2(at_, grad2, nullptr, grad_x, threads);
+  };
+  if (n < kMaxShortColumns) {
+    run(transpose_csr<uint16_t>(a));
+  } else {
+    run(transpose_csr<int32_t>(a));
+  }
+}
+
+// The value gradient for fp32 on AVX2 CPUs: panels of grad2 and x2, one SDDMM per batch tile,
+// each thread owning a row panel of entries across every tile.
+template <typename I>
+Tensor values_grad_avx2(const Csr<float, I>& a, const Tensor& grad2, const Tensor& x2) {
+  const int64_t m = grad2.size(0), n = a.rows, k = a.cols;
+  Tensor out = at::empty({a.row_ptr[n]}, grad2.options());
+  const int64_t tile = cpu::avx2::tile_for(m), tiles = (m + tile - 1) / tile;
+  const Tensor gp = x_panels(grad2, tile), xp = x_panels(x2, tile);
+  const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
+  const auto panels = cpu::row_panels(a.row_ptr, n, threads);
+  cpu::for_items(threads, threads, [&](int64_t p) {
+    for (int64_t t = 0; t < tiles; ++t) {
+      cpu::avx2::sddmm_panel(a, gp.data_ptr<float>() + t * n * tile,
+                             xp.data_ptr<float>() + t * k * tile, tile, t > 0,
+                             out.data_ptr<float>(), panels[p], panels[p + 1]);
+    }
+  });
+  return out;
+}
+
 // grad of the stored values: for entry (r, c), sum over the batch of grad[:, r] * x[:, c].
 template <typename T, typename I>
 Tensor values_grad(const Csr<T, I>& a, const Tensor& grad_t, const Tensor& xt, int64_t m) {
@@ -189,10 +253,21 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
     grad_bias = grad2.sum(0);
   }
   if (m > 0 && n > 0 && in_features > 0 && (output_mask[0] || output_mask[1])) {
-    // [N, M] and [K, M]: batch-contiguous rows, what the kernels read.
-    const Tensor grad_t = grad2.t().contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackward, [&] {
       with_csr<scalar_t>(row_ptr, col_idx, values, in_features, [&](const auto& a) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (cpu::avx2::supported() && m > 1) {
+            const Tensor g2 = grad2.contiguous(), xc = x2.contiguous();
+            if (output_mask[0]) {
+              Tensor gx = grad_x.view({m, in_features});
+              input_grad_avx2(a, g2, gx);
+            }
+            if (output_mask[1]) grad_values = values_grad_avx2(a, g2, xc);
+            return;
+          }
+        }
+        // [N, M] and [K, M]: batch-contiguous rows, what the portable kernels read.
+        const Tensor grad_t = grad2.t().contiguous();
         if (output_mask[0]) {
           grad_x.view({m, in_features}).copy_(input_grad(a, grad_t, m));
         }

@@ -127,6 +127,48 @@ TP_AVX2 void panel_kernel(const Csr<float, I>& a, const KBlocks& kb, const float
   }
 }
 
+// The 8 horizontal sums of s[0..7] as one vector: lane i is the sum of s[i]'s lanes.
+TP_AVX2_INLINE __m256 sum8(const __m256 s[8]) {
+  const __m256 t0 = _mm256_hadd_ps(s[0], s[1]), t1 = _mm256_hadd_ps(s[2], s[3]);
+  const __m256 t2 = _mm256_hadd_ps(s[4], s[5]), t3 = _mm256_hadd_ps(s[6], s[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+template <int V, typename I>
+TP_AVX2 void sddmm_kernel(const Csr<float, I>& a, const float* g, const float* x,
+                          bool accumulate, float* out, int64_t r0, int64_t r1) {
+  constexpr int64_t W = 8 * V;
+  for (int64_t n = r0; n < r1; ++n) {
+    __m256 gn[V];
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) gn[v] = _mm256_loadu_ps(g + n * W + 8 * v);
+    int64_t e = a.row_ptr[n];
+    const int64_t end = a.row_ptr[n + 1];
+    for (; e + 8 <= end; e += 8) {
+      __m256 s[8];
+      _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) {
+        const float* xr = x + static_cast<int64_t>(a.col[e + i]) * W;
+        s[i] = _mm256_mul_ps(gn[0], _mm256_loadu_ps(xr));
+        _Pragma("GCC unroll 4") for (int v = 1; v < V; ++v)
+          s[i] = _mm256_fmadd_ps(gn[v], _mm256_loadu_ps(xr + 8 * v), s[i]);
+      }
+      __m256 sums = sum8(s);
+      if (accumulate) sums = _mm256_add_ps(sums, _mm256_loadu_ps(out + e));
+      _mm256_storeu_ps(out + e, sums);
+    }
+    for (; e < end; ++e) {
+      const float* xr = x + static_cast<int64_t>(a.col[e]) * W;
+      __m256 s = _mm256_mul_ps(gn[0], _mm256_loadu_ps(xr));
+      _Pragma("GCC unroll 4") for (int v = 1; v < V; ++v)
+        s = _mm256_fmadd_ps(gn[v], _mm256_loadu_ps(xr + 8 * v), s);
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      const float total = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+      out[e] = accumulate ? out[e] + total : total;
+    }
+  }
+}
+
 }  // namespace
 
 bool supported() {
@@ -170,6 +212,20 @@ void spmm_panel(const Csr<float, I>& a, const KBlocks& kb, const float* panel, i
   }
 }
 
+template <typename I>
+void sddmm_panel(const Csr<float, I>& a, const float* g, const float* x, int64_t tile,
+                 bool accumulate, float* out, int64_t r0, int64_t r1) {
+  if (tile == kNarrowTile) {
+    sddmm_kernel<2>(a, g, x, accumulate, out, r0, r1);
+  } else {
+    sddmm_kernel<4>(a, g, x, accumulate, out, r0, r1);
+  }
+}
+
+template void sddmm_panel<uint16_t>(const Csr<float, uint16_t>&, const float*, const float*,
+                                    int64_t, bool, float*, int64_t, int64_t);
+template void sddmm_panel<int32_t>(const Csr<float, int32_t>&, const float*, const float*,
+                                   int64_t, bool, float*, int64_t, int64_t);
 template KBlocks k_blocks<uint16_t>(const Csr<float, uint16_t>&, int64_t);
 template KBlocks k_blocks<int32_t>(const Csr<float, int32_t>&, int64_t);
 template void spmm_panel<uint16_t>(const Csr<float, uint16_t>&, const KBlocks&, const float*,

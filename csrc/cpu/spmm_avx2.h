@@ -50,6 +50,15 @@ void spmm_panel(const Csr<float, I>& a, const KBlocks& blocks, const float* pane
                 int64_t width, const float* init, float* y, int64_t ldy, int64_t row_begin,
                 int64_t row_end);
 
+// out[e] (+)= sum_t g[n * tile + t] * x[col(e) * tile + t] for the entries e of rows
+// [row_begin, row_end): the value gradient (SDDMM) over one tile of batch rows. g is the
+// [a.rows, tile] panel of the output gradient, x the [a.cols, tile] panel of the input, both
+// zero past the batch; `accumulate` adds to out (every tile after the first) instead of storing.
+// Eight entries are reduced at once by a transposed horizontal sum.
+template <typename I>
+void sddmm_panel(const Csr<float, I>& a, const float* g, const float* x, int64_t tile,
+                 bool accumulate, float* out, int64_t row_begin, int64_t row_end);
+
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace torchprune
