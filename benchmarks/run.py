@@ -1,4 +1,4 @@
-"""Runs one benchmark script of this folder: ``python benchmarks/run.py linear|conv|models|oneshot [--quick]``.
+"""Runs one benchmark script of this folder: ``python benchmarks/run.py NAME [--quick]``, NAME one of `BENCHMARKS`.
 
 The benchmarks ship with the source checkout, not with the package; ``python -m torchprune bench
 NAME`` finds this file there and runs it. Each script runs in a fresh interpreter, so that its
@@ -16,7 +16,7 @@ from typing import List, Optional
 
 #: ``python benchmarks/run.py NAME`` runs ``benchmarks/bench_NAME.py``.
 BENCHMARKS = {"linear": "bench_linear.py", "conv": "bench_conv.py", "models": "bench_models.py",
-              "oneshot": "bench_oneshot.py"}
+              "oneshot": "bench_oneshot.py", "transformer": "bench_transformer.py"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
