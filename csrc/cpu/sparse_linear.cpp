@@ -34,13 +34,17 @@ bool is_half(const Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
-// Xᵀ as [tiles, K, tile] panels, the last one zero-padded to the full tile.
+// Xᵀ of a contiguous fp32 x2 [M, K] as [tiles, K, tile] panels, the last one zero-padded to the
+// full tile (AVX2 packing, tiles on threads).
 Tensor x_panels(const Tensor& x2, int64_t tile) {
   const int64_t m = x2.size(0), k = x2.size(1), tiles = (m + tile - 1) / tile;
-  return at::constant_pad_nd(x2, {0, 0, 0, tiles * tile - m})
-      .view({tiles, tile, k})
-      .transpose(1, 2)
-      .contiguous();
+  Tensor panels = at::empty({tiles, k, tile}, x2.options());
+  const float* x = x2.data_ptr<float>();
+  float* out = panels.data_ptr<float>();
+  cpu::for_items(tiles, cpu::useful_threads(m * k / 8), [&](int64_t t) {
+    cpu::avx2::pack_panel(x, k, m, k, tile, t, out + t * k * tile);
+  });
+  return panels;
 }
 
 // forward for fp32 on AVX2 CPUs and m > 1: work items are (row panel, tile) pairs; row panels

@@ -180,6 +180,34 @@ bool supported() {
   return use;
 }
 
+TP_AVX2 void pack_panel(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t tile,
+                        int64_t t, float* panel) {
+  const int64_t t0 = t * tile;
+  const int64_t k8 = k / 8 * 8;
+  for (int64_t i0 = 0; i0 < tile; i0 += 8) {
+    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(8, m - t0 - i0));
+    if (rows == 8) {
+      const float* src = x + (t0 + i0) * ldx;
+      for (int64_t j = 0; j < k8; j += 8) {
+        __m256 r[8];
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ldx + j);
+        transpose8(r);
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i)
+          _mm256_storeu_ps(panel + (j + i) * tile + i0, r[i]);
+      }
+      for (int64_t j = k8; j < k; ++j) {
+        for (int64_t i = 0; i < 8; ++i) panel[j * tile + i0 + i] = src[i * ldx + j];
+      }
+    } else {
+      for (int64_t j = 0; j < k; ++j) {
+        for (int64_t i = 0; i < 8; ++i) {
+          panel[j * tile + i0 + i] = i < rows ? x[(t0 + i0 + i) * ldx + j] : 0.f;
+        }
+      }
+    }
+  }
+}
+
 template <typename I>
 KBlocks k_blocks(const Csr<float, I>& a, int64_t tile) {
   (void)tile;  // the split depends on K only: the narrow panel is half as big, same L1 rule
@@ -192,9 +220,11 @@ KBlocks k_blocks(const Csr<float, I>& a, int64_t tile) {
     const int64_t end = a.row_ptr[n + 1];
     for (int64_t j = 0; j < kb.blocks; ++j) {
       kb.ptr[j * a.rows + n] = static_cast<int32_t>(e);
-      const int64_t limit = (j + 1) * kBlockCols;
-      if (kb.blocks > 1) {
-        while (e < end && static_cast<int64_t>(a.col[e]) < limit) ++e;
+      if (kb.blocks > 1) {  // columns ascend within a row: the block's end by bisection
+        const int64_t limit = (j + 1) * kBlockCols;
+        e = std::lower_bound(a.col + e, a.col + end, limit,
+                             [](I c, int64_t v) { return static_cast<int64_t>(c) < v; }) -
+            a.col;
       }
     }
     kb.ptr[kb.blocks * a.rows + n] = static_cast<int32_t>(end);

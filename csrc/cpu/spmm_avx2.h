@@ -50,6 +50,12 @@ void spmm_panel(const Csr<float, I>& a, const KBlocks& blocks, const float* pane
                 int64_t width, const float* init, float* y, int64_t ldy, int64_t row_begin,
                 int64_t row_end);
 
+// Packs rows [t * tile, t * tile + tile) of x [m, k] (row stride ldx) as the panel [k, tile]
+// at `panel`: panel[j * tile + i] = x[t * tile + i, j], zero for rows past m. 8x8 register
+// transposes; the caller runs tiles on threads.
+void pack_panel(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t tile, int64_t t,
+                float* panel);
+
 // out[e] (+)= sum_t g[n * tile + t] * x[col(e) * tile + t] for the entries e of rows
 // [row_begin, row_end): the value gradient (SDDMM) over one tile of batch rows. g is the
 // [a.rows, tile] panel of the output gradient, x the [a.cols, tile] panel of the input, both
