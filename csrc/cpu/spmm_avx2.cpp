@@ -4,7 +4,7 @@
 // in independent chains (4 nonzeros x 2 registers for a 16-wide tile, 2 x 4 for 32) so the FMA
 // latency is hidden. Eight consecutive output features form a group: their tile x 8 results are
 // transposed in registers (8x8 blocks) and stored as rows of y, one 8-float store per row,
-// instead of tile strided scalar stores per feature. K is split into blocks of 256 columns when
+// instead of tile strided scalar stores per feature. K is split into blocks of 384 columns when
 // the K x tile panel would not fit L1; each row then carries a partial sum between blocks.
 // Measured on an AMD EPYC Zen 3 (AVX2), one thread, 90% random sparsity, 512 rows of x: 15-20
 // GF/s per core where the portable loop did 3 (K = 384 to 3072); see benchmarks/README.md.
@@ -26,7 +26,7 @@ namespace {
 #define TP_AVX2_INLINE TP_AVX2 inline __attribute__((always_inline))
 
 constexpr int64_t kGroup = 8;        // output features per transposed store
-constexpr int64_t kBlockCols = 256;  // K-block width once the panel outgrows L1
+constexpr int64_t kBlockCols = 384;  // K-block width once the panel outgrows L1 (measured best of 192-512)
 constexpr int64_t kL1Cols = 512;     // up to this K, one block (a 32-wide panel is 64 KiB)
 
 // Transposes the 8x8 block held in r[0..7] (row i becomes column i).

@@ -37,7 +37,7 @@ struct KBlocks {
   int64_t rows = 0;
 };
 
-// The K-block split spmm_panel uses for a K x tile panel: blocks of 256 columns once the panel
+// The K-block split spmm_panel uses for a K x tile panel: blocks of 384 columns once the panel
 // no longer fits L1 (K > 512), else one block (no partial sums to carry).
 template <typename I>
 KBlocks k_blocks(const Csr<float, I>& a, int64_t tile);
