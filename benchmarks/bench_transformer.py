@@ -38,6 +38,13 @@ one-row product, negligible) and which a mean-pooled sentence embedding never us
   exactly 1/(1-s) times faster), and the Linear-only speedup the sparse model measured
   (dense Linear time / sparse Linear time, kept-dense layers included).
 
+Sparse fine-tuning (``--train-sparsities``, default 0.9; ``--train-batch``, default 8): one training
+step (train mode, forward, loss = mean square of ``last_hidden_state``, backward, AdamW step) of
+the dense model, of the masked model (masked layers, the weights stay dense) and of
+``tp.sparsify(masked, min_sparsity=0.0)`` (every pruned Linear swapped: the stored values are the
+trained parameters and the backward runs the sparse kernels), interleaved, medians; each runner
+owns its copy of the model and its optimizer, so the steps really train.
+
 Prints the machine, then a table per model; writes bench_transformer[_quick].json and .png
 (speedup against sparsity, a panel per model, a colour per batch, the Amdahl ceiling dashed).
 
@@ -82,6 +89,8 @@ SEED = 0
 QUICK = {"models": ("minilm",), "sparsities": (0.9,), "batches": (1,)}
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
 HOOKED_PASSES = 3
+TRAIN_SPARSITIES = (0.9,)
+TRAIN_BATCH = 8
 
 
 class Model(NamedTuple):
@@ -202,6 +211,55 @@ def measure(dense: nn.Module, masked: nn.Module, names: List[str], sparsity: flo
             "sparsified": swapped, "pruned layers": len(names), "max abs diff": max_diff, "agree": agree}
 
 
+def train_step(model: nn.Module, inputs: tuple) -> Callable[[], None]:
+    """One AdamW step of a train-mode copy of ``model`` on ``inputs`` (loss: mean square of the
+    hidden states), as a closure."""
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(*inputs).last_hidden_state.square().mean().backward()
+        optimizer.step()
+
+    return step
+
+
+def measure_training(dense: nn.Module, masked: nn.Module, names: List[str], sparsity: float,
+                     inputs: tuple, repeats: int) -> dict:
+    """Times a training step of dense / masked / fully sparsified models, interleaved; a JSON row."""
+    sparse = tp.sparsify(masked, min_sparsity=0.0)
+    modules = dict(sparse.named_modules())
+    swapped = sum(isinstance(modules[name], tp.nn.SparseLinear) for name in names)
+    runners = {"dense": train_step(dense, inputs), "masked": train_step(masked, inputs),
+               "sparse": train_step(sparse, inputs)}
+    med = time_interleaved(runners, repeats)
+    return {"batch": inputs[0].shape[0], "tokens": inputs[0].shape[1], "sparsity": sparsity,
+            **{f"train {k} ms": v * 1e3 for k, v in med.items()},
+            "train speedup sparse": med["dense"] / med["sparse"],
+            "train speedup masked": med["dense"] / med["masked"], "sparsified": swapped,
+            "pruned layers": len(names)}
+
+
+def run_training(key: str, dense: nn.Module, args: argparse.Namespace) -> List[dict]:
+    """The fine-tuning rows of one model, printed as they finish."""
+    names = encoder_linears(dense)
+    exclude = [name for name, m in dense.named_modules() if isinstance(m, nn.Linear) and name not in names]
+    inputs = token_inputs(dense, args.train_batch, args.tokens)
+    print(f"\n{MODELS[key].label}: one training step at batch {args.train_batch} x {args.tokens} tokens")
+    print(f"{'sparsity':>8} {'dense ms':>9} {'masked ms':>10} {'sparse ms':>10} {'sparse':>7} {'masked':>7} "
+          f"{'sparsified':>10}")
+    rows = []
+    for sparsity in args.train_sparsities:
+        masked = tp.prune(copy.deepcopy(dense), sparsity=sparsity, exclude=exclude)
+        row = {"model": key, **measure_training(dense, masked, names, sparsity, inputs, args.repeats)}
+        rows.append(row)
+        print(f"{sparsity:>8.2f} {row['train dense ms']:>9.1f} {row['train masked ms']:>10.1f} "
+              f"{row['train sparse ms']:>10.1f} {row['train speedup sparse']:>6.2f}x "
+              f"{row['train speedup masked']:>6.2f}x {row['sparsified']:>5}/{row['pruned layers']:<4}", flush=True)
+    return rows
+
+
 def run_model(key: str, dense: nn.Module, args: argparse.Namespace) -> List[dict]:
     """Every sparsity x batch cell of one model, printed as it finishes; the rows."""
     names = encoder_linears(dense)
@@ -252,14 +310,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"default: {' '.join(map(str, SPARSITIES))}")
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 8")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens per sequence (default 128)")
+    parser.add_argument("--train-sparsities", nargs="*", type=float, default=None,
+                        help="sparsities of the fine-tuning step (default 0.9; none with --quick or an "
+                             "empty list)")
+    parser.add_argument("--train-batch", type=int, default=TRAIN_BATCH, help="batch of the fine-tuning step")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"models": tuple(MODELS), "sparsities": SPARSITIES, "batches": BATCHES}
     for field in ("models", "sparsities", "batches"):
         setattr(args, field, list(getattr(args, field) or defaults[field]))
-    if args.repeats < 1 or args.threads < 1 or args.tokens < 1 or min(args.batches) < 1:
-        parser.error("--repeats, --threads, --tokens and --batches must be >= 1")
-    if not all(0 < s < 1 for s in args.sparsities):
-        parser.error(f"--sparsities must be in (0, 1), got {args.sparsities}")
+    if args.train_sparsities is None:
+        args.train_sparsities = [] if args.quick else list(TRAIN_SPARSITIES)
+    if args.repeats < 1 or args.threads < 1 or args.tokens < 1 or min(args.batches) < 1 or args.train_batch < 1:
+        parser.error("--repeats, --threads, --tokens, --batches and --train-batch must be >= 1")
+    for option in ("sparsities", "train_sparsities"):
+        if not all(0 < s < 1 for s in getattr(args, option)):
+            parser.error(f"--{option.replace('_', '-')} must be in (0, 1), got {getattr(args, option)}")
     if args.quick:
         args.repeats = min(args.repeats, 3)
     return args
@@ -276,7 +341,7 @@ def main(argv=None) -> int:
           "Amdahl = ceiling if the pruned Linears ran 1/(1-s) faster; Linears = dense / sparse time inside "
           "them; outside = share of dense time outside them (hooked passes); sparsified = Linears swapped "
           "by tp.sparsify; max diff = |sparse - masked| of last_hidden_state")
-    results, skipped = [], {}
+    results, training, skipped = [], [], {}
     for key in args.models:
         dense, why = MODELS[key].build()
         if dense is None:
@@ -284,12 +349,14 @@ def main(argv=None) -> int:
             skipped[key] = why
             continue
         results += run_model(key, dense, args)
+        training += run_training(key, dense, args) if args.train_sparsities else []
     if not results:
         return 0
     stem = "bench_transformer_quick" if args.quick else "bench_transformer"
     write_json(os.path.join(args.out, stem + ".json"),
                {"machine": info, "dtype": "float32", "tokens": args.tokens, "repeats": args.repeats,
-                "hooked_passes": HOOKED_PASSES, "tolerance": TOLERANCE, "skipped": skipped, "results": results})
+                "hooked_passes": HOOKED_PASSES, "tolerance": TOLERANCE, "skipped": skipped, "results": results,
+                "training": training})
     plot(results, os.path.join(args.out, stem + ".png"), info)
     print(f"\nwrote {args.out}/{stem}.json and {stem}.png")
     return 0

@@ -1,16 +1,17 @@
 """The fp32 sparse_linear kernels for more than one row of x (csrc/cpu/spmm_avx2.cpp) on the shapes
-that pick their code paths. Forward: the 16- and 32-wide panels and their ragged last tile, groups of 8
-output features and a ragged last group, row panels split over threads, K cut into 256-column
-blocks once K > 512 (partial sums carried between blocks), 16- and 32-bit column indices, bias. Backward: the input gradient
-runs the forward kernel on Wᵀ (so N > 512 cuts its K-blocks), the value gradient the SDDMM with
-8 entries reduced at once and a ragged remainder per row, accumulated over batch tiles.
-On a CPU without AVX2 (or with TORCHPRUNE_PORTABLE=1) the same cases run the portable loops,
-which must agree too. Tolerances come from the rounding bound of each dot product
+that pick their code paths. Forward: the 16- and 32-wide panels and their ragged last tile, groups
+of 8 output features and a ragged last group, row panels split over threads, K cut into 384-column
+blocks once K > 512 (partial sums carried between blocks), 16- and 32-bit column indices, bias.
+Backward: the input gradient runs the forward kernel on Wᵀ (so N > 512 cuts its K-blocks), the
+value gradient the SDDMM with 8 entries reduced at once and a ragged remainder per row, accumulated
+over batch tiles. On a CPU without AVX2 (or with TORCHPRUNE_PORTABLE=1) the same cases run the
+portable loops, which must agree too. Tolerances come from the rounding bound of each dot product
 (tests/error_bounds.py), against float64 references.
 """
 import pytest
 import torch
 import torch.nn.functional as F
+
 from torchprune import ops as _ops
 
 from error_bounds import assert_close, assert_op_close, bilinear_references
