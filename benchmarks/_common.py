@@ -9,13 +9,13 @@ import json
 import os
 import platform
 import subprocess
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 
 # The one timing helper (warm-up, round-robin, medians), shared with tp.sparsify and the report;
 # the scripts import it from here.
-from torchprune.timing import medians, time_interleaved, warm_up  # noqa: F401  (time_interleaved)
+from torchprune.timing import medians, sample_interleaved, time_interleaved, warm_up  # noqa: F401
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -81,6 +81,63 @@ def time_cuda(runners: Dict[str, Callable[[], object]], repeats: int, warmup: in
             end.synchronize()
             times[name].append(start.elapsed_time(end) / 1e3)
     return medians(times)
+
+
+def first_calls(runners: Dict[str, Callable[[], object]]) -> Dict[str, float]:
+    """One timed call of each runner, in turn: its warm-up, and the measure a time budget is cut by."""
+    return {name: warm_up({name: run}) for name, run in runners.items()}
+
+
+def plan_repeats(first: Dict[str, float], case_seconds: float, slow_seconds: float,
+                 most: int) -> Tuple[int, Set[str]]:
+    """How many interleaved repeats fit a case into about ``case_seconds``, and which runners are slow.
+
+    A runner whose first call took over ``slow_seconds`` is slow: it gets ``min(3, most)`` repeats.
+    The others share the rest of the budget: ``(case_seconds - 3 * slow time) / fast time`` repeats,
+    at least ``min(3, most)`` and at most ``most``.
+    """
+    few = min(3, most)
+    slow = {name for name, seconds in first.items() if seconds > slow_seconds}
+    fast_time = sum(seconds for name, seconds in first.items() if name not in slow)
+    left = case_seconds - few * sum(first[name] for name in slow)
+    repeats = int(left / fast_time) if fast_time > 0 else most
+    return max(few, min(most, repeats)), slow
+
+
+def sample_within(runners: Dict[str, Callable[[], object]], repeats: int, slow: Set[str],
+                  few: int) -> Dict[str, list]:
+    """sample_interleaved where the slow runners take part in the first ``few`` rounds only: every
+    runner stays interleaved with the others while it runs; a slow one gets ``few`` samples."""
+    samples = sample_interleaved(runners, min(few, repeats))
+    fast = {name: run for name, run in runners.items() if name not in slow}
+    if fast and repeats > few:
+        for name, values in sample_interleaved(fast, repeats - few).items():
+            samples[name] += values
+    return samples
+
+
+def stream_read(sizes, seconds: float = 0.2) -> list:
+    """Read bandwidth of this machine per buffer size: GB/s of ``buffer.sum()`` over a float32 tensor
+    of each size in bytes, medians of repeats that take about ``seconds``. Each size is timed on its
+    own, so that a buffer that fits a cache level stays there between calls, as a packed weight does
+    in repeated inference. A torch call, like the kernels it is compared with: its per-call overhead
+    is in the time (it matters for the smallest buffers only)."""
+    out = []
+    for nbytes in sizes:
+        buffer = torch.rand(nbytes // 4)
+        first = warm_up({"sum": buffer.sum}, 2) / 2
+        repeats = int(min(500, max(10, seconds / max(first, 1e-6))))
+        median = time_interleaved({"sum": buffer.sum}, repeats, warmup=1)["sum"]
+        out.append({"bytes": nbytes, "GB/s": nbytes / median / 1e9})
+    return out
+
+
+def size_label(nbytes: int) -> str:
+    """256 KiB, 4 MiB, ... (binary units)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g} {unit}"
+    return f"{nbytes} B"
 
 
 def gpu_info() -> dict:
@@ -183,16 +240,20 @@ def pyplot():
     return plt
 
 
-def parse_args(description: str, quick_help: str, argv=None, default_repeats: int = 10):
+def parse_args(description: str, quick_help: str, argv=None, default_repeats: int = 10,
+               add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None):
     """The options every sparse benchmark takes (--quick, --repeats, --threads, --out, --device),
     checked; the threads are pinned and ``args.repeats`` is capped at 3 under --quick. --device
-    cuda stops with a clear message where no GPU (or no CUDA build of torchprune) is there."""
+    cuda stops with a clear message where no GPU (or no CUDA build of torchprune) is there.
+    ``add_arguments(parser)``, where given, adds a script's own options (checked by their ``type``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--repeats", type=int, default=default_repeats)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=RESULTS)
     add_device_argument(parser)
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1")

@@ -1,24 +1,70 @@
 """Is a pruned linear layer faster on the sparse kernel? torchprune vs dense vs torch CSR.
 
-One question: for real layer shapes, sparsities and batch sizes, how does ``y = x @ W.T`` with a
-sparse ``W`` compare, fp32 on the CPU, when run by
+One question: at the layer shapes and token counts of real transformers, how does ``y = x @ W.T``
+with a sparse ``W`` compare, fp32 on the CPU, when run by
 
 * F.linear:    torch's dense product (MKL SGEMM);
-* numpy:       numpy's dense product (OpenBLAS: GEMV ``W @ x`` at batch 1, GEMM ``x @ W.T`` above).
+* numpy:       numpy's dense product (OpenBLAS: GEMV ``W @ x`` at M = 1, GEMM ``x @ W.T`` above).
                On AMD CPUs MKL's small-batch path is weak (ours: 13-19 GB/s at batch 1 where OpenBLAS
                streams 80 GB/s), so a speedup over F.linear alone would flatter the sparse kernel;
 * torch CSR:   ``torch.addmm(bias, W_csr, x.T)`` (MKL sparse BLAS), the bar to clear;
 * torchprune:  ``torch.ops.torchprune.sparse_linear`` on ``pack_csr(W)``.
 
-The torch candidates of a case run in one interleaved loop (round-robin, so drift hits all alike);
-numpy runs in its own loop just before (its thread pool and torch's fight over the cores when
-interleaved call by call); medians of ``--repeats`` calls. Weights are random with exactly
-``round(s * N * K)`` zeros at random positions. Weights stay in cache between calls when they fit
-(the small shapes), as in repeated inference; 4096x4096 fp32 (64 MiB dense) does not fit, its
-sparse form at 90% (9.6 MiB) does.
-Prints the machine and a table, writes JSON and a PNG (speedup over the best dense product
-against sparsity, one panel per batch, with the ideal 1/(1-s) line and, at batch 1, the memory
-bound 4/(6(1-s)) of CSR with int16 column indices).
+The grid. Weights (out_features x in_features) of MiniLM (384x384 attention, 1536x384 and 384x1536
+MLP), BERT-base (768x768, 3072x768, 768x3072) and Llama-7B (4096x4096, 11008x4096, 4096x11008);
+M = 1, 128, 512, 2048 rows of x (batch x tokens: one decoding step, a sentence, a long prompt, a
+batch of prompts); sparsities 0.5, 0.7, 0.8, 0.9, 0.95. ``--shapes``, ``--batches`` and
+``--sparsities`` each replace one axis (of the --quick grid under --quick) to run a sub-grid; its
+files end in ``_subgrid`` so that they do not overwrite a full run's. ``--quick``: 384x384, M = 1
+and 128, 90%. Weights are random with exactly ``round(s * N * K)`` zeros at random positions.
+
+Timing. Per case, one timed call of each candidate is its warm-up and sizes the case: the repeats
+are as many as fit about ``--case-seconds`` (default 10) after it, at least 3 and at most
+``--repeats``. A candidate whose first call took over ``--slow-seconds`` (default 3; torch CSR at
+low sparsity and M >= 512 on the Llama shapes, even torchprune at 50% and M = 2048 there) is timed
+with 3 repeats only, and the row names it under "slow"; "repeats" records the count per candidate.
+The torch candidates of a case run in one interleaved loop (round-robin, so drift hits all alike;
+a slow one takes part in the first 3 rounds); numpy runs in its own loop just before (its thread
+pool and torch's fight over the cores when interleaved call by call); medians. numpy runs at every
+M, not only at M = 1 where OpenBLAS GEMV is the honest dense bar on AMD: above it OpenBLAS GEMM has
+beaten MKL at some shapes (768x768 at 64 and 256 rows in earlier runs), so "best dense" without it
+would flatter the sparse kernel, and it costs one dense product's share of each case's budget.
+Every candidate is checked against a float64 F.linear on the first 64 rows of x (a float64 product
+of all 2048 rows of a Llama weight would take longer than timing it).
+
+Printed per case: times, speedups, the achieved GFLOP/s of torchprune (useful flops,
+2*M*nnz = 2*M*K*N*(1-s)) and of F.linear (2*M*K*N), and at M = 1 the bandwidth torchprune streams,
+(packed bytes + 4K + 4N) / time, where packed bytes = 4(N+1) (row_ptr, int32) + 2 or 4 bytes per
+nonzero (col_idx, int16 while K < 32768) + 4 bytes per nonzero (values). Once per run, at the start,
+a stream-read bandwidth is measured per buffer size (_common.stream_read: ``.sum()`` of a float32
+tensor of 256 KiB, 1 MiB, 4 MiB, 16 MiB, 64 MiB, each on its own; here 512 KiB of L2 per core and a
+32 MiB L3, so L2, L2/L3, L3, L3, DRAM; a torch call like the kernels, so its per-call overhead of a
+few microseconds holds the smallest sizes under the cache's own bandwidth, as it does the kernels
+on the small shapes); an M = 1 row gives torchprune's bandwidth as a fraction of
+that of the smallest buffer at least as large as its packed weight (the largest buffer where none
+is: DRAM either way). Weights stay in cache between calls when they fit, as in repeated inference,
+but F.linear's dense weight passes through the caches between two torchprune calls, so the fraction
+is against the level the packed weight would live in, a bound it may not reach.
+
+Writes bench_linear[_quick|_subgrid].json and two PNGs:
+
+* .png: one panel per M, speedup over the best dense product (F.linear or numpy) against sparsity,
+  torchprune solid and torch CSR dotted, one color per shape, the ideal 1/(1-s) and, at M = 1, the
+  memory bound 4/(6(1-s)) of CSR with int16 column indices (dense reads 4 bytes per weight, the
+  packed weight 6 per nonzero);
+* _roofline.png: achieved GFLOP/s against arithmetic intensity, log-log, one color per M, with
+  intensity = useful flops / bytes that must move at least once per call:
+      torchprune: 2*M*nnz   / (packed bytes + 4*M*K + 4*M*N)
+      F.linear:   2*M*K*N   / (4*N*K        + 4*M*K + 4*M*N)
+  and a sloped line GFLOP/s = bandwidth x intensity per measured stream bandwidth (a point near the
+  line of the level its data live in is bandwidth bound there); the dotted level line is the
+  fastest F.linear measured (an empirical compute roof, not the chip's peak).
+
+The full grid is 180 cases and takes roughly 40 minutes on 2 cores (estimated from cases timed on
+a shared machine), over half of it in the M = 2048 Llama cases: a dense 11008x4096 product at
+M = 2048 is 185 GFLOP, over a second; torch CSR at 50% took 30-45 s a call there. The stream read
+and the batch-1 rows only mean something on an otherwise idle machine: with 2 threads on 2 cores,
+another process holding a core stalls each parallel torch call for a scheduler tick (8 ms here).
 
 With ``--device cuda`` the same grid runs on the GPU, fp32 (TF32 off) and fp16, comparing
 
@@ -29,18 +75,22 @@ With ``--device cuda`` the same grid runs on the GPU, fp32 (TF32 off) and fp16, 
                (a different, 50%-sparse weight: its speedup is over the dense layer of that shape;
                fp16 only, 'n/a' where this torch or GPU lacks it).
 
-timed with CUDA events after a synchronize, interleaved, medians (see _common.time_cuda); output
-in bench_linear_cuda[_quick].json / .png. The 4096x4096 fp32 weight (64 MiB) does not fit an H100's
-50 MiB L2; everything else does and stays there between calls, as in repeated inference.
+timed with CUDA events after a synchronize, interleaved, medians of ``--repeats`` (see
+_common.time_cuda; --case-seconds and --slow-seconds are for the CPU); output in
+bench_linear_cuda[_quick|_subgrid].json / .png. The fp32 Llama weights (64 MiB and more) do not fit
+an H100's 50 MiB L2; the others do and stay there between calls, as in repeated inference.
 
     python benchmarks/bench_linear.py [--quick] [--repeats 15] [--threads 2] [--out benchmarks/results]
-                                      [--device cpu|cuda]
+        [--shapes 384x384,3072x768] [--batches 1,128] [--sparsities 0.7,0.9]
+        [--case-seconds 10] [--slow-seconds 3] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -54,30 +104,109 @@ from _common import (  # noqa: E402
     break_even,
     describe,
     describe_gpu,
+    first_calls,
     fmt_ms,
     gpu_info,
     machine_info,
+    medians,
     parse_args,
+    plan_repeats,
     pyplot,
     random_mask,
     ratio,
+    sample_within,
     save_figure,
     semi_structured,
+    size_label,
     speedup_axis,
+    stream_read,
     time_cuda,
-    time_interleaved,
     write_json,
 )
 
-SHAPES = [(768, 768), (3072, 768), (768, 3072), (4096, 4096)]  # (out_features, in_features)
-BATCHES = [1, 8, 64, 256]
-SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
-QUICK = dict(shapes=[(768, 768)], batches=[1, 64], sparsities=[0.9])
+SHAPES = [(384, 384), (1536, 384), (384, 1536), (768, 768), (3072, 768), (768, 3072),
+          (4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features)
+BATCHES = [1, 128, 512, 2048]  # M, the rows of x: batch x tokens
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
+QUICK = dict(shapes=[(384, 384)], batches=[1, 128], sparsities=[0.9])
+GRID = dict(shapes=SHAPES, batches=BATCHES, sparsities=SPARSITIES)
 CANDIDATES = ("F.linear", "numpy", "torch CSR", "torchprune")
+CHECK_ROWS = 64  # the rows of x each candidate is checked on against float64
+STREAM_BYTES = (2**18, 2**20, 2**22, 2**24, 2**26)  # 256 KiB .. 64 MiB
+
+
+def comma_list(text: str, item, form: str) -> list:
+    """``text`` split at commas, each part read by ``item`` (None or an error: not of ``form``);
+    duplicates dropped, order kept. An argparse type: its error names the option."""
+    try:
+        values = [item(part.strip()) for part in text.split(",")]
+    except ValueError:
+        values = [None]
+    if None in values:
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def shape_list(text: str) -> list:
+    def shape(part):
+        out_features, in_features = (int(v) for v in part.lower().split("x"))  # ValueError unless two
+        return (out_features, in_features) if min(out_features, in_features) >= 1 else None
+
+    return comma_list(text, shape, "OUTxIN[,OUTxIN...] with positive integers (out_features x in_features), "
+                                   "e.g. 384x384,3072x768")
+
+
+def batch_list(text: str) -> list:
+    return comma_list(text, lambda part: int(part) if int(part) >= 1 else None,
+                      "M[,M...] with positive integers (rows of x: batch x tokens), e.g. 1,128")
+
+
+def sparsity_list(text: str) -> list:
+    return comma_list(text, lambda part: float(part) if 0 <= float(part) < 1 else None,
+                      "S[,S...] with each S in [0, 1), e.g. 0.7,0.9")
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """bench_linear's own options: a sub-grid, and the per-case time budget (CPU)."""
+    parser.add_argument("--shapes", type=shape_list, help="weights to run, OUTxIN comma-separated "
+                        "(e.g. 384x384,3072x768); default: the grid's 9 transformer shapes")
+    parser.add_argument("--batches", type=batch_list, help="rows M of x, comma-separated (e.g. 1,128); "
+                        "default 1,128,512,2048")
+    parser.add_argument("--sparsities", type=sparsity_list, help="comma-separated, each in [0, 1) "
+                        "(e.g. 0.7,0.9); default 0.5,0.7,0.8,0.9,0.95")
+    parser.add_argument("--case-seconds", type=positive_seconds, default=10.0,
+                        help="about how long the repeats of one case may take (CPU; default 10)")
+    parser.add_argument("--slow-seconds", type=positive_seconds, default=3.0,
+                        help="a candidate whose first call takes longer gets 3 repeats (CPU; default 3)")
+
+
+def grid_of(args) -> dict:
+    """The grid to run: the full (or --quick) one with each axis given on the command line replaced."""
+    base = QUICK if args.quick else GRID
+    return {axis: getattr(args, axis) or base[axis] for axis in ("shapes", "batches", "sparsities")}
+
+
+def result_name(args, device: str = "") -> str:
+    """bench_linear[_cuda][_quick][_subgrid]: a sub-grid never overwrites a full run's files."""
+    subgrid = any(getattr(args, axis, None) for axis in ("shapes", "batches", "sparsities"))
+    return "bench_linear" + (f"_{device}" if device else "") + ("_quick" if args.quick else "") + (
+        "_subgrid" if subgrid else "")
 
 
 def make_runners(shape, batch, sparsity, seed=0):
-    """The four ways of computing the same product, each a no-argument closure, and a checker."""
+    """The four ways of computing the same product, each a no-argument closure; a checker (every
+    candidate on the first CHECK_ROWS rows of x against float64); and the packed weight's bytes
+    and nonzeros."""
     generator = torch.Generator().manual_seed(seed)
     out_features, in_features = shape
     weight = torch.randn(shape, generator=generator)
@@ -87,96 +216,223 @@ def make_runners(shape, batch, sparsity, seed=0):
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore")
         weight_csr = weight.to_sparse_csr()
-    row_ptr, col_idx, values = _ops.pack_csr(weight)
-    weight_np, x_np = weight.numpy(), x.numpy()
-    x_vector = np.ascontiguousarray(x_np[0])
-    runners = {
-        "F.linear": lambda: F.linear(x, weight),
-        "numpy": (lambda: weight_np @ x_vector) if batch == 1 else (lambda: x_np @ weight_np.T),
-        "torch CSR": lambda: torch.addmm(bias_column, weight_csr, x.t()).t(),
-        "torchprune": lambda: _ops.sparse_linear(x, row_ptr, col_idx, values, in_features),
-    }
+    row_ptr, col_idx, values = packed = _ops.pack_csr(weight)
+    weight_np = weight.numpy()
+
+    def candidates(rows):
+        rows_np = rows.numpy()
+        vector = np.ascontiguousarray(rows_np[0])
+        return {
+            "F.linear": lambda: F.linear(rows, weight),
+            "numpy": (lambda: weight_np @ vector) if len(rows) == 1 else (lambda: rows_np @ weight_np.T),
+            "torch CSR": lambda: torch.addmm(bias_column, weight_csr, rows.t()).t(),
+            "torchprune": lambda: _ops.sparse_linear(rows, row_ptr, col_idx, values, in_features),
+        }
 
     def check():
-        reference = F.linear(x.double(), weight.double()).float()
-        for name, run in runners.items():
-            y = torch.as_tensor(run()).reshape(batch, out_features)
+        rows = x[:CHECK_ROWS]
+        reference = F.linear(rows.double(), weight.double()).float()
+        for name, run in candidates(rows).items():
+            y = torch.as_tensor(run()).reshape(len(rows), out_features)
             torch.testing.assert_close(y, reference, rtol=1e-4, atol=1e-3, msg=f"{name} disagrees")
 
-    return runners, check
+    packed_bytes = sum(t.numel() * t.element_size() for t in packed)
+    return candidates(x), check, packed_bytes, values.numel()
+
+
+def time_case(runners, args):
+    """Medians (seconds), repeats per candidate, the slow ones and the first calls (seconds) of a case:
+    a timed first call of each, then numpy alone and the torch candidates interleaved, within budget."""
+    first = first_calls(runners)
+    repeats, slow = plan_repeats(first, args.case_seconds, args.slow_seconds, args.repeats)
+    few = min(3, args.repeats)
+    # numpy in its own loop: interleaved call by call, OpenBLAS's spinning workers and torch's take
+    # turns holding the 2 cores for whole scheduler ticks (768x768 at batch 1 measured numpy 3.4 ms
+    # and torch CSR 4.1 ms per call, against 0.02 and 0.05 ms apart). The torch candidates stay
+    # interleaved with each other.
+    samples = sample_within({"numpy": runners["numpy"]}, repeats, slow, few)
+    samples.update(sample_within({k: v for k, v in runners.items() if k != "numpy"}, repeats, slow, few))
+    return medians(samples), {k: len(v) for k, v in samples.items()}, slow, first
+
+
+def stream_level(nbytes: int, stream: list) -> dict:
+    """The measured buffer just at or above ``nbytes`` (the largest where none is)."""
+    return next((level for level in stream if level["bytes"] >= nbytes), stream[-1])
+
+
+def case_row(shape, batch, sparsity, med, timing, packed_bytes, nonzeros, stream) -> dict:
+    """A result row: times (ms), speedups, achieved GFLOP/s, arithmetic intensities, how it was timed
+    and, at M = 1, the bandwidth torchprune streams and its fraction of the measured stream bandwidth."""
+    out_features, in_features = shape
+    counts, slow, first = timing
+    row = {"out_features": out_features, "in_features": in_features, "batch": batch, "sparsity": sparsity,
+           **{f"{k} ms": med[k] * 1e3 for k in CANDIDATES}}
+    tp, best_dense = med["torchprune"], min(med["F.linear"], med["numpy"])
+    row["speedup vs F.linear"] = med["F.linear"] / tp
+    row["speedup vs numpy"] = med["numpy"] / tp
+    row["speedup vs best dense"] = best_dense / tp
+    row["speedup vs torch CSR"] = med["torch CSR"] / tp
+    row["torch CSR vs best dense"] = best_dense / med["torch CSR"]
+    useful, dense = 2 * batch * nonzeros, 2 * batch * out_features * in_features
+    activations = 4 * batch * (in_features + out_features)  # x read, y written
+    row["torchprune GFLOP/s"] = useful / tp / 1e9
+    row["F.linear GFLOP/s"] = dense / med["F.linear"] / 1e9
+    row["torchprune flop/byte"] = useful / (packed_bytes + activations)
+    row["F.linear flop/byte"] = dense / (4 * out_features * in_features + activations)
+    row["nonzeros"], row["packed bytes"] = nonzeros, packed_bytes
+    row["repeats"], row["slow"] = counts, sorted(slow)
+    row["first call ms"] = {k: v * 1e3 for k, v in first.items()}
+    if batch == 1:
+        level = stream_level(packed_bytes, stream)
+        row["torchprune GB/s"] = (packed_bytes + activations) / tp / 1e9
+        row["stream buffer bytes"] = level["bytes"]
+        row["fraction of stream bandwidth"] = row["torchprune GB/s"] / level["GB/s"]
+    return row
+
+
+HEADER = (f"{'shape':>11} {'M':>5} {'sparsity':>8} {'F.linear ms':>11} {'numpy ms':>9} {'CSR ms':>9} "
+          f"{'tp ms':>9} {'vs F.linear':>11} {'vs numpy':>9} {'vs CSR':>7} {'tp GF/s':>8} {'F.lin GF/s':>10} "
+          f"{'reps':>4} {'tp GB/s':>8} {'of stream':>15}  slow (3 repeats)")
+
+
+def print_row(row: dict) -> None:
+    text = (f"{row['out_features']:>5}x{row['in_features']:<5} {row['batch']:>5} {row['sparsity']:>8.2f} "
+            f"{row['F.linear ms']:>11.3f} {row['numpy ms']:>9.3f} {row['torch CSR ms']:>9.3f} "
+            f"{row['torchprune ms']:>9.3f} {row['speedup vs F.linear']:>10.2f}x {row['speedup vs numpy']:>8.2f}x "
+            f"{row['speedup vs torch CSR']:>6.2f}x {row['torchprune GFLOP/s']:>8.2f} {row['F.linear GFLOP/s']:>10.2f} "
+            f"{row['repeats']['torchprune']:>4}")
+    if row["batch"] == 1:
+        share = f"{row['fraction of stream bandwidth']:.2f} of {size_label(row['stream buffer bytes'])}"
+        text += f" {row['torchprune GB/s']:>8.1f} {share:>15}"
+    else:
+        text += f" {'':>8} {'':>15}"
+    print(text + ("  " + ", ".join(row["slow"]) if row["slow"] else ""))
 
 
 def main(argv=None) -> None:
-    args = parse_args(__doc__.split("\n")[0], "one shape, batches 1 and 64, 90%% only", argv, default_repeats=15)
-    grid = QUICK if args.quick else dict(shapes=SHAPES, batches=BATCHES, sparsities=SPARSITIES)
+    args = parse_args(__doc__.split("\n")[0], "one shape (384x384), M = 1 and 128, 90%% only", argv,
+                      default_repeats=15, add_arguments=add_grid_arguments)
+    grid = grid_of(args)
     if args.device == "cuda":
         return main_cuda(args, grid)
     info = machine_info()
     print(f"machine: {describe(info)}; fp32")
-    print(f"medians of {args.repeats} interleaved repeats; speedup = other time / torchprune time\n")
-    header = (f"{'shape':>10} {'batch':>5} {'sparsity':>8} {'F.linear ms':>11} {'numpy ms':>9} "
-              f"{'CSR ms':>9} {'tp ms':>9} {'vs F.linear':>11} {'vs numpy':>9} {'vs CSR':>7}")
-    print(header)
-    print("-" * len(header))
-    results = []
+    stream = stream_read(STREAM_BYTES)
+    print("stream read (torch .sum() of fp32, medians): "
+          + ", ".join(f"{size_label(s['bytes'])} {s['GB/s']:.1f} GB/s" for s in stream))
+    print(f"medians of up to {args.repeats} interleaved repeats, about {args.case_seconds:g} s a case (at least 3; "
+          f"3 for a candidate whose first call takes over {args.slow_seconds:g} s); speedup = other time / "
+          "torchprune time\nGF/s: torchprune useful (2*M*nnz) and F.linear (2*M*K*N) GFLOP/s; M = 1: the bandwidth "
+          "torchprune streams and its share of the stream bandwidth of the buffer size above its packed weight\n")
+    print(HEADER)
+    print("-" * len(HEADER))
+    start, results = time.perf_counter(), []
     for shape in grid["shapes"]:
         for batch in grid["batches"]:
             for sparsity in grid["sparsities"]:
-                runners, check = make_runners(shape, batch, sparsity)
+                case_start = time.perf_counter()
+                runners, check, packed_bytes, nonzeros = make_runners(shape, batch, sparsity)
                 check()
-                # numpy in its own loop: interleaved call by call, OpenBLAS's spinning workers and
-                # torch's take turns holding the 2 cores for whole scheduler ticks (768x768 at
-                # batch 1 measured numpy 3.4 ms and torch CSR 4.1 ms per call, against 0.02 and
-                # 0.05 ms apart). The torch candidates stay interleaved with each other.
-                med = time_interleaved({"numpy": runners.pop("numpy")}, args.repeats)
-                med.update(time_interleaved(runners, args.repeats))
-                row = {"out_features": shape[0], "in_features": shape[1], "batch": batch,
-                       "sparsity": sparsity, **{f"{k} ms": v * 1e3 for k, v in med.items()}}
-                tp = med["torchprune"]
-                row["speedup vs F.linear"] = med["F.linear"] / tp
-                row["speedup vs numpy"] = med["numpy"] / tp
-                row["speedup vs best dense"] = min(med["F.linear"], med["numpy"]) / tp
-                row["speedup vs torch CSR"] = med["torch CSR"] / tp
-                row["torch CSR vs best dense"] = min(med["F.linear"], med["numpy"]) / med["torch CSR"]
+                med, *timing = time_case(runners, args)
+                row = case_row(shape, batch, sparsity, med, timing, packed_bytes, nonzeros, stream)
+                row["case seconds"] = time.perf_counter() - case_start
                 results.append(row)
-                print(f"{shape[0]:>4}x{shape[1]:<5} {batch:>5} {sparsity:>8.2f} {row['F.linear ms']:>11.3f} "
-                      f"{row['numpy ms']:>9.3f} {row['torch CSR ms']:>9.3f} {row['torchprune ms']:>9.3f} "
-                      f"{row['speedup vs F.linear']:>10.2f}x {row['speedup vs numpy']:>8.2f}x "
-                      f"{row['speedup vs torch CSR']:>6.2f}x")
+                print_row(row)
+    print(f"\n{len(results)} cases in {time.perf_counter() - start:.0f} s")
+    if any(r.get("fraction of stream bandwidth", 0) > 1.5 for r in results):
+        print("note: an M = 1 row streams well above the stream read of its buffer size: the stream read "
+              "was probably slowed (another process on the cores?); its fractions mean little")
+    finish(args, info, stream, results)
+
+
+def finish(args, info, stream, results) -> None:
+    """The break-even printout, the JSON and the two figures."""
     even = {f"vs {dense}": break_even(results, "batch", f"speedup vs {dense}") for dense in ("F.linear", "best dense")}
     for which, by_batch in even.items():
         print(f"break-even sparsity {which} (faster in every shape from there up): "
-              + ", ".join(f"batch {b}: {s if s is not None else 'never'}" for b, s in by_batch.items()))
-    name = "bench_linear_quick" if args.quick else "bench_linear"
+              + ", ".join(f"M = {b}: {s if s is not None else 'never'}" for b, s in by_batch.items()))
+    name = result_name(args)
     write_json(os.path.join(args.out, name + ".json"),
-               {"machine": info, "dtype": "float32", "repeats": args.repeats, "results": results, "break_even": even})
+               {"machine": info, "dtype": "float32", "repeats": args.repeats, "case_seconds": args.case_seconds,
+                "slow_seconds": args.slow_seconds, "stream_read": stream, "results": results, "break_even": even})
     plot(results, os.path.join(args.out, name + ".png"), info)
-    print(f"\nwrote {args.out}/{name}.json and {name}.png")
+    plot_roofline(results, stream, os.path.join(args.out, name + "_roofline.png"), info)
+    print(f"\nwrote {args.out}/{name}.json, {name}.png and {name}_roofline.png")
+
+
+def shape_colors(plt, shapes) -> dict:
+    """One clearly different color per shape: tab10 up to 10 shapes, viridis beyond."""
+    cmap = plt.get_cmap("tab10") if len(shapes) <= 10 else plt.get_cmap("viridis", len(shapes))
+    return {shape: cmap(i) for i, shape in enumerate(shapes)}
 
 
 def plot(results, path, info) -> None:
+    """One panel per M: speedup over the best dense against sparsity, torchprune solid and torch CSR
+    dotted, one color per shape (legend right of the last panel), the ideal and memory-bound lines."""
     plt = pyplot()
     if plt is None:
         return
+    from matplotlib.lines import Line2D
+
     batches = sorted({r["batch"] for r in results})
-    shapes = sorted({(r["out_features"], r["in_features"]) for r in results})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False)
+    shapes = list(dict.fromkeys((r["out_features"], r["in_features"]) for r in results))  # in grid order
+    colors = shape_colors(plt, shapes)
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches) + 1.5, 4.5), squeeze=False)
     sparsities = np.linspace(min(r["sparsity"] for r in results), max(r["sparsity"] for r in results), 50)
     for ax, batch in zip(axes[0], batches):
-        for i, shape in enumerate(shapes):
+        for shape in shapes:
             rows = sorted((r for r in results if r["batch"] == batch
                            and (r["out_features"], r["in_features"]) == shape), key=lambda r: r["sparsity"])
             xs = [r["sparsity"] for r in rows]
-            color = f"C{i}"
-            ax.plot(xs, [r["speedup vs best dense"] for r in rows], "o-", color=color,
-                    label=f"torchprune {shape[0]}x{shape[1]}")
-            ax.plot(xs, [r["torch CSR vs best dense"] for r in rows], "x:", color=color,
-                    label=f"torch CSR {shape[0]}x{shape[1]}")
+            ax.plot(xs, [r["speedup vs best dense"] for r in rows], "o-", color=colors[shape], markersize=3)
+            ax.plot(xs, [r["torch CSR vs best dense"] for r in rows], ":", color=colors[shape], linewidth=1)
         if batch == 1:
             ax.plot(sparsities, 4 / (6 * (1 - sparsities)), "k--", linewidth=1,
                     label="memory bound, CSR int16: 4/(6(1-s))")
         speedup_axis(ax, sparsities, batch, "speedup over the best dense (F.linear or numpy)")
+        ax.set_title(f"M = {batch} (batch x tokens)")
+    handles = [Line2D([], [], color=colors[s], marker="o", markersize=3, label=f"{s[0]}x{s[1]}") for s in shapes]
+    handles += [Line2D([], [], color="gray", marker="o", markersize=3, label="torchprune"),
+                Line2D([], [], color="gray", linestyle=":", label="torch CSR")]
+    last = axes[0][-1]  # its own legend (ideal, bounds) kept as an artist; the shapes' legend right of it
+    last.add_artist(last.get_legend())  # (the axes' legend is the one tight_layout makes room for)
+    last.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), title="out x in",
+                title_fontsize=7)
     save_figure(plt, fig, f"Sparse linear, fp32 - {describe(info)}", path)
+
+
+def plot_roofline(results, stream, path, info) -> None:
+    """Achieved GFLOP/s against arithmetic intensity (log-log; formulas in the module docstring):
+    torchprune filled, F.linear hollow, one color per M; a sloped line per measured stream bandwidth
+    and a dotted level at the fastest F.linear measured."""
+    plt = pyplot()
+    if plt is None:
+        return
+    batches = sorted({r["batch"] for r in results})
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, batch in enumerate(batches):
+        rows = [r for r in results if r["batch"] == batch]
+        ax.scatter([r["torchprune flop/byte"] for r in rows], [r["torchprune GFLOP/s"] for r in rows],
+                   s=16, color=f"C{i}", label=f"torchprune, M = {batch}")
+        ax.scatter([r["F.linear flop/byte"] for r in rows], [r["F.linear GFLOP/s"] for r in rows], s=22,
+                   marker="s", facecolors="none", edgecolors=f"C{i}", label=f"F.linear, M = {batch}")
+    intensities = [r[k] for r in results for k in ("torchprune flop/byte", "F.linear flop/byte")]
+    rates = [r[k] for r in results for k in ("torchprune GFLOP/s", "F.linear GFLOP/s")]
+    xs = np.geomspace(min(intensities) / 2, max(intensities) * 2, 50)
+    for j, level in enumerate(stream):
+        gray = str(0.15 + 0.6 * j / max(1, len(stream) - 1))
+        ax.plot(xs, level["GB/s"] * xs, "-", color=gray, linewidth=0.8,
+                label=f"stream {size_label(level['bytes'])}: {level['GB/s']:.0f} GB/s")
+    fastest = max(r["F.linear GFLOP/s"] for r in results)
+    ax.axhline(fastest, color="k", linestyle=":", linewidth=1, label=f"fastest F.linear: {fastest:.0f} GFLOP/s")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(xs[0], xs[-1])
+    ax.set_ylim(min(rates) / 2, max(rates) * 2)
+    ax.set_xlabel("arithmetic intensity: useful flops / bytes of (packed) weight, x and y")
+    ax.set_ylabel("achieved GFLOP/s (useful flops)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    save_figure(plt, fig, f"Sparse linear roofline, fp32 - {describe(info)}", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +529,7 @@ def main_cuda(args, grid) -> None:
         even[dtype] = break_even(rows, "batch", "speedup vs dense") if rows else {}
         print(f"break-even sparsity vs dense, {dtype} (faster in every shape from there up): "
               + ", ".join(f"batch {b}: {s if s is not None else 'never'}" for b, s in even[dtype].items()))
-    name = "bench_linear_cuda_quick" if args.quick else "bench_linear_cuda"
+    name = result_name(args, "cuda")
     write_json(os.path.join(args.out, name + ".json"),
                {"machine": info, "dtypes": [str(d)[6:] for d in CUDA_DTYPES], "repeats": args.repeats,
                 "results": results, "break_even": even, "n/a": notes})

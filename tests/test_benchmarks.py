@@ -1,5 +1,6 @@
 """Each benchmark script runs end to end in --quick mode and writes its JSON (and PNG)."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -35,16 +36,119 @@ def load(out, name):
 @pytest.mark.slow
 def test_bench_linear_quick(tmp_path):
     stdout = run_script("linear", tmp_path)
-    assert "machine:" in stdout and "vs numpy" in stdout
+    assert "machine:" in stdout and "vs numpy" in stdout and "stream read" in stdout
     data = load(tmp_path, "linear")
     assert data["machine"]["threads"] == 2 and "numpy" in data["machine"]
-    assert {(r["out_features"], r["batch"]) for r in data["results"]} == {(768, 1), (768, 64)}
+    assert [s["bytes"] for s in data["stream_read"]] == [2**18, 2**20, 2**22, 2**24, 2**26]
+    assert all(s["GB/s"] > 0 for s in data["stream_read"])
+    assert {(r["out_features"], r["batch"]) for r in data["results"]} == {(384, 1), (384, 128)}
     for row in data["results"]:
         for key in ("F.linear ms", "numpy ms", "torch CSR ms", "torchprune ms"):
             assert row[key] > 0
         assert row["speedup vs best dense"] == pytest.approx(
             min(row["F.linear ms"], row["numpy ms"]) / row["torchprune ms"])
-    assert (tmp_path / "bench_linear_quick.png").stat().st_size > 0
+        assert row["repeats"] == {"numpy": 3, "F.linear": 3, "torch CSR": 3, "torchprune": 3} and row["slow"] == []
+        assert row["torchprune GFLOP/s"] > 0 and row["F.linear GFLOP/s"] > 0
+        assert ("fraction of stream bandwidth" in row) == (row["batch"] == 1)
+    assert data["break_even"]["vs best dense"].keys() == {"1", "128"}
+    for stem in ("bench_linear_quick.png", "bench_linear_quick_roofline.png"):
+        assert (tmp_path / stem).stat().st_size > 0
+
+
+def linear_module(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    return __import__("bench_linear")
+
+
+def linear_options(module, argv):
+    """bench_linear's own options on a bare parser (parse_args would pin this process's threads)."""
+    parser = argparse.ArgumentParser()
+    module.add_grid_arguments(parser)
+    parser.add_argument("--quick", action="store_true")
+    return parser.parse_args(argv)
+
+
+def test_bench_linear_sub_grid(monkeypatch):
+    module = linear_module(monkeypatch)
+    args = linear_options(module, ["--shapes", "384x384, 11008X4096,384x384", "--batches", "1,2048",
+                                   "--sparsities", "0.7,0.95", "--case-seconds", "2.5"])
+    assert module.grid_of(args) == {"shapes": [(384, 384), (11008, 4096)], "batches": [1, 2048],
+                                    "sparsities": [0.7, 0.95]}
+    assert args.case_seconds == 2.5 and args.slow_seconds == 3.0
+    assert module.result_name(args) == "bench_linear_subgrid"
+    assert module.result_name(args, "cuda") == "bench_linear_cuda_subgrid"
+    args = linear_options(module, ["--quick", "--sparsities", "0.5"])  # one axis of the quick grid replaced
+    assert module.grid_of(args) == {"shapes": [(384, 384)], "batches": [1, 128], "sparsities": [0.5]}
+    assert module.result_name(args) == "bench_linear_quick_subgrid"
+    args = linear_options(module, [])
+    assert module.grid_of(args) == {"shapes": module.SHAPES, "batches": module.BATCHES,
+                                    "sparsities": module.SPARSITIES}
+    assert len(module.SHAPES) == 9 and module.result_name(args) == "bench_linear"
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--shapes", "384"], "argument --shapes: expected OUTxIN[,OUTxIN...]"),
+    (["--shapes", "384x0"], "argument --shapes: expected OUTxIN"),
+    (["--shapes", "384x384,"], "argument --shapes: expected OUTxIN"),
+    (["--batches", "0"], "argument --batches: expected M[,M...] with positive integers"),
+    (["--batches", "1.5"], "argument --batches: expected M"),
+    (["--sparsities", "0.9,1"], "argument --sparsities: expected S[,S...] with each S in [0, 1)"),
+    (["--sparsities", "half"], "argument --sparsities: expected S"),
+    (["--case-seconds", "0"], "argument --case-seconds: expected a number of seconds > 0"),
+    (["--slow-seconds", "nan"], "argument --slow-seconds: expected a number of seconds > 0"),
+])
+def test_bench_linear_refuses_bad_options(monkeypatch, capsys, argv, says):
+    module = linear_module(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_bench_linear_runners_agree_and_count_bytes(monkeypatch):
+    """Every candidate passes the float64 check on a small case; the packed bytes are row_ptr (int32)
+    + col_idx (int16 here) + values."""
+    module = linear_module(monkeypatch)
+    runners, check, packed_bytes, nonzeros = module.make_runners((48, 40), 70, 0.75)
+    check()
+    assert set(runners) == set(module.CANDIDATES) and nonzeros == 48 * 40 // 4
+    assert packed_bytes == 4 * 49 + (2 + 4) * nonzeros
+
+
+def test_bench_linear_row_arithmetic(monkeypatch):
+    module = linear_module(monkeypatch)
+    med = {"F.linear": 2e-3, "numpy": 1e-3, "torch CSR": 4e-3, "torchprune": 0.5e-3}
+    stream = [{"bytes": 1000, "GB/s": 50.0}, {"bytes": 10**6, "GB/s": 20.0}]
+    timing = ({"numpy": 9, "F.linear": 9, "torch CSR": 3, "torchprune": 9}, {"torch CSR"}, dict.fromkeys(med, 1.0))
+    row = module.case_row((100, 50), 1, 0.9, med, timing, 4 * 101 + 6 * 500, 500, stream)
+    assert row["speedup vs best dense"] == pytest.approx(2.0) and row["torch CSR vs best dense"] == 0.25
+    assert row["torchprune GFLOP/s"] == pytest.approx(2 * 500 / 0.5e-3 / 1e9)
+    assert row["F.linear GFLOP/s"] == pytest.approx(2 * 100 * 50 / 2e-3 / 1e9)
+    moved = 4 * 101 + 6 * 500 + 4 * 150  # packed weight, x and y
+    assert row["torchprune flop/byte"] == pytest.approx(1000 / moved)
+    assert row["F.linear flop/byte"] == pytest.approx(10000 / (4 * 5000 + 4 * 150))
+    assert row["torchprune GB/s"] == pytest.approx(moved / 0.5e-3 / 1e9)
+    assert row["stream buffer bytes"] == 10**6  # the buffer just above 3404 bytes
+    assert row["fraction of stream bandwidth"] == pytest.approx(row["torchprune GB/s"] / 20.0)
+    assert row["slow"] == ["torch CSR"] and row["repeats"]["torch CSR"] == 3
+    assert module.stream_level(10**7, stream)["bytes"] == 10**6  # none large enough: the largest
+    assert "torchprune GB/s" not in module.case_row((100, 50), 8, 0.9, med, timing, 3404, 500, stream)
+
+
+def test_time_budget(monkeypatch):
+    """plan_repeats fits the repeats into the budget (3 at least, --repeats at most) and marks the
+    slow runners; sample_within keeps them in the first 3 interleaved rounds only."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    common = __import__("_common")
+    assert common.plan_repeats({"a": 0.1, "b": 0.4}, 10, 3, 15) == (15, set())
+    assert common.plan_repeats({"a": 1.0, "b": 1.0}, 10, 3, 15) == (5, set())
+    assert common.plan_repeats({"a": 1.0, "b": 4.0}, 10, 3, 15) == (3, {"b"})  # 3 x 4 s is over budget
+    assert common.plan_repeats({"a": 0.5, "b": 3.5}, 15, 3, 15) == (9, {"b"})  # (15 - 3 x 3.5) / 0.5
+    assert common.plan_repeats({"a": 9.0}, 10, 3, 2) == (2, {"a"})  # never over --repeats
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = common.sample_within(runners, 5, {"b"}, 3)
+    assert {name: len(values) for name, values in samples.items()} == {"a": 5, "b": 3, "c": 5}
+    assert "".join(calls) == "abc" * 3 + "ac" * 2
 
 
 @pytest.mark.slow
