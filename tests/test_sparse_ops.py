@@ -351,10 +351,10 @@ def test_sparse_conv2d_errors(device):
         _ops.sparse_conv2d(ones(1, 3, 5, 5), r, c, v, 3, stride=(1, 2, 3))
 
 
-@pytest.mark.parametrize("switch", ["TORCHPRUNE_NO_AVX512", "TORCHPRUNE_PORTABLE"])
+@pytest.mark.parametrize("switch", ["TORCHPRUNE_NO_AVX512", "TORCHPRUNE_NO_AVX2", "TORCHPRUNE_PORTABLE"])
 def test_portable_kernels_match_too(switch):
     """The AVX-512 and AVX2 kernels are chosen at run time; TORCHPRUNE_NO_AVX512=1 turns off the
-    AVX-512 ones, TORCHPRUNE_PORTABLE=1 every one, leaving the portable loops."""
+    AVX-512 ones, TORCHPRUNE_NO_AVX2=1 the AVX2 one, TORCHPRUNE_PORTABLE=1 every one."""
     import os
     import subprocess
     import sys

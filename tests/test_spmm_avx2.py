@@ -1,12 +1,12 @@
 """The fp32 sparse_linear kernels for more than one row of x (csrc/cpu/spmm_avx2.cpp) on the shapes
 that pick their code paths. Forward: the 16- and 32-wide panels and their ragged last tile, groups
 of 8 output features and a ragged last group, row panels split over threads, K cut into 384-column
-blocks once K > 512 (partial sums carried between blocks), 16- and 32-bit column indices, bias.
-Backward: the input gradient runs the forward kernel on Wᵀ (so N > 512 cuts its K-blocks), the
-value gradient the SDDMM with 8 entries reduced at once and a ragged remainder per row, accumulated
-over batch tiles. On a CPU without AVX2 (or with TORCHPRUNE_PORTABLE=1) the same cases run the
-portable loops, which must agree too. Tolerances come from the rounding bound of each dot product
-(tests/error_bounds.py), against float64 references.
+blocks once K > 512 (partial sums carried between blocks, rows taken 512 at a time), 16- and 32-bit
+column indices, bias. Backward: the input gradient runs the forward kernel on Wᵀ (so N > 512 cuts
+its K-blocks), the value gradient the SDDMM with 8 entries reduced at once and a ragged remainder
+per row, accumulated over batch tiles. On a CPU without AVX2 (or with TORCHPRUNE_PORTABLE=1) the
+same cases run the portable loops, which must agree too. Tolerances come from the rounding bound
+of each dot product (tests/error_bounds.py), against float64 references.
 """
 import pytest
 import torch
@@ -19,7 +19,7 @@ from error_bounds import assert_close, assert_op_close, bilinear_references
 CASES = [  # (m, n, k, sparsity)
     (2, 9, 33, 0.5), (15, 8, 300, 0.9), (16, 17, 64, 0.0), (17, 7, 513, 0.7), (31, 40, 700, 0.9),
     (32, 64, 1100, 0.95), (33, 1, 257, 0.5), (100, 70, 520, 0.8), (65, 24, 2048, 0.99),
-    (48, 16, 900, 1.0), (3, 130, 1500, 0.6),
+    (48, 16, 900, 1.0), (3, 130, 1500, 0.6), (40, 1100, 1100, 0.8),
 ]
 
 

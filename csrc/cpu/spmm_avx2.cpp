@@ -27,6 +27,7 @@ namespace {
 
 constexpr int64_t kGroup = 8;        // output features per transposed store
 constexpr int64_t kBlockCols = 384;  // K-block width once the panel outgrows L1 (measured best of 192-512)
+constexpr int64_t kChunkRows = 512;  // rows through all K-blocks at a time (a multiple of kGroup; 256-1024 measured)
 constexpr int64_t kL1Cols = 512;     // up to this K, one block (a 32-wide panel is 64 KiB)
 
 // Transposes the 8x8 block held in r[0..7] (row i becomes column i).
@@ -102,27 +103,33 @@ TP_AVX2_INLINE void store_group(const float (*buf)[8 * V], int64_t rows, int64_t
   }
 }
 
+// Rows [r0, r1) in chunks of kChunkRows, each chunk through every K-block, so that the partial
+// sums carried between blocks (kChunkRows x W floats, 64 KiB) stay in L2 however many rows
+// the layer has (a whole 4096-row layer would carry 512 KiB, more than L2).
 template <int V, int U, typename I>
 TP_AVX2 void panel_kernel(const Csr<float, I>& a, const KBlocks& kb, const float* panel,
                           int64_t width, const float* init, float* y, int64_t ldy, int64_t r0,
                           int64_t r1) {
   constexpr int64_t W = 8 * V;
   float buf[kGroup][W];
-  // Partial sums of the rows of this call between K-blocks (none with a single block).
-  std::vector<float> carry(kb.blocks > 1 ? (r1 - r0) * W : 0);
+  std::vector<float> carry(kb.blocks > 1 ? std::min(kChunkRows, r1 - r0) * W : 0);  // none for 1 block
   const int32_t* ptr = kb.ptr.data();
   const int64_t rows_total = kb.rows;
-  for (int64_t j = 0; j < kb.blocks; ++j) {
-    const bool first = j == 0, last = j + 1 == kb.blocks;
-    for (int64_t n0 = r0; n0 < r1; n0 += kGroup) {
-      const int64_t rows = std::min(kGroup, r1 - n0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t n = n0 + r;
-        float* partial = carry.data() + (n - r0) * W;
-        row_segment<V, U>(a.col, a.val, ptr[j * rows_total + n], ptr[(j + 1) * rows_total + n],
-                          panel, first ? nullptr : partial, last ? buf[r] : partial);
+  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
+    const int64_t c1 = std::min(r1, c0 + kChunkRows);
+    for (int64_t j = 0; j < kb.blocks; ++j) {
+      const bool first = j == 0, last = j + 1 == kb.blocks;
+      for (int64_t n0 = c0; n0 < c1; n0 += kGroup) {
+        const int64_t rows = std::min(kGroup, c1 - n0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = n0 + r;
+          float* partial = carry.data() + (n - c0) * W;
+          row_segment<V, U>(a.col, a.val, ptr[j * rows_total + n],
+                            ptr[(j + 1) * rows_total + n], panel, first ? nullptr : partial,
+                            last ? buf[r] : partial);
+        }
+        if (last) store_group<V>(buf, rows, width, init, y, ldy, n0);
       }
-      if (last) store_group<V>(buf, rows, width, init, y, ldy, n0);
     }
   }
 }
@@ -175,7 +182,8 @@ bool supported() {
   static const bool use = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           std::getenv("TORCHPRUNE_PORTABLE") == nullptr;
+           std::getenv("TORCHPRUNE_PORTABLE") == nullptr &&
+           std::getenv("TORCHPRUNE_NO_AVX2") == nullptr;
   }();
   return use;
 }

@@ -18,7 +18,8 @@ namespace torchprune {
 namespace cpu {
 namespace avx2 {
 
-// True when this CPU has AVX2 and FMA (every AVX-512 CPU too) and TORCHPRUNE_PORTABLE is unset.
+// True when this CPU has AVX2 and FMA (every AVX-512 CPU too) and neither TORCHPRUNE_PORTABLE nor
+// TORCHPRUNE_NO_AVX2 is set (the latter gives AVX-512 CPUs their AVX-512 kernel back, to compare).
 bool supported();
 
 // The panel widths the kernel is compiled for: rows of x per tile.
