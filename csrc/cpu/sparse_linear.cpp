@@ -2,8 +2,11 @@
 //
 // Batch 1 is a gather-dot per weight row (spmv): every stored value and index is read once,
 // which is all that matters when the product is memory bound. Larger batches transpose x once
-// to Xᵀ in [K, 32]-wide panels so that each stored value scales a contiguous row of a panel held
-// in registers, and write y straight from the register tile (spmm). Rows are split across threads by stored
+// to Xᵀ panels so that each stored value scales a contiguous row of a panel held in registers:
+// fp32 on AVX2 CPUs through cpu/spmm_avx2 (16/32-wide panels packed by register transposes,
+// K-blocks, y written row-major 8 features at a time; its backward runs the same kernel on Wᵀ
+// and an SDDMM over the same panels), everything else through cpu/spmm (32-wide panels, y
+// written from the register tile with strided stores). Rows are split across threads by stored
 // entries, not by rows. Half precision computes in float32 and rounds once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

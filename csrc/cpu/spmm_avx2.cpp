@@ -1,13 +1,15 @@
-// AVX2 forward kernel of sparse_linear for batches > 1 (contract in spmm_avx2.h).
+// AVX2 kernels of sparse_linear for batches > 1, fp32 (contracts in spmm_avx2.h): the panel
+// packing, the forward product and the value-gradient SDDMM.
 //
-// Per stored value w = a[n, j] the kernel does one broadcast and tile/8 FMAs with panel row j,
+// Per stored value w = a[n, j] the forward does one broadcast and tile/8 FMAs with panel row j,
 // in independent chains (4 nonzeros x 2 registers for a 16-wide tile, 2 x 4 for 32) so the FMA
 // latency is hidden. Eight consecutive output features form a group: their tile x 8 results are
 // transposed in registers (8x8 blocks) and stored as rows of y, one 8-float store per row,
 // instead of tile strided scalar stores per feature. K is split into blocks of 384 columns when
-// the K x tile panel would not fit L1; each row then carries a partial sum between blocks.
-// Measured on an AMD EPYC Zen 3 (AVX2), one thread, 90% random sparsity, 512 rows of x: 15-20
-// GF/s per core where the portable loop did 3 (K = 384 to 3072); see benchmarks/README.md.
+// the K x tile panel would not fit L1; each row then carries a partial sum between blocks, and
+// rows go through the blocks 512 at a time so those sums stay in L2. Measured on an AMD EPYC
+// Zen 3 (AVX2), one thread, 90% random sparsity: 15-35 GF/s per core where the portable loop did
+// about 3 (K = 384 to 3072); see benchmarks/README.md and docs/kernels.md for what limits it.
 #include "cpu/spmm_avx2.h"
 
 #include <immintrin.h>
@@ -26,8 +28,8 @@ namespace {
 #define TP_AVX2_INLINE TP_AVX2 inline __attribute__((always_inline))
 
 constexpr int64_t kGroup = 8;        // output features per transposed store
-constexpr int64_t kBlockCols = 384;  // K-block width once the panel outgrows L1 (measured best of 192-512)
-constexpr int64_t kChunkRows = 512;  // rows through all K-blocks at a time (a multiple of kGroup; 256-1024 measured)
+constexpr int64_t kBlockCols = 384;  // K-block width once the panel outgrows L1 (best of 128-512)
+constexpr int64_t kChunkRows = 512;  // rows per pass through the K-blocks (multiple of kGroup)
 constexpr int64_t kL1Cols = 512;     // up to this K, one block (a 32-wide panel is 64 KiB)
 
 // Transposes the 8x8 block held in r[0..7] (row i becomes column i).
@@ -112,7 +114,8 @@ TP_AVX2 void panel_kernel(const Csr<float, I>& a, const KBlocks& kb, const float
                           int64_t r1) {
   constexpr int64_t W = 8 * V;
   float buf[kGroup][W];
-  std::vector<float> carry(kb.blocks > 1 ? std::min(kChunkRows, r1 - r0) * W : 0);  // none for 1 block
+  // The partial sums of one chunk between K-blocks (none with a single block).
+  std::vector<float> carry(kb.blocks > 1 ? std::min(kChunkRows, r1 - r0) * W : 0);
   const int32_t* ptr = kb.ptr.data();
   const int64_t rows_total = kb.rows;
   for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
