@@ -176,6 +176,17 @@ def encoder_linears(model: nn.Module) -> List[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("encoder.")]
 
 
+def other_linears(model: nn.Module) -> List[str]:
+    """Names of the nn.Linear layers outside ``model.encoder`` (the pooler): left unpruned."""
+    pruned = set(encoder_linears(model))
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in pruned]
+
+
+def pruned_copy(dense: nn.Module, sparsity: float) -> nn.Module:
+    """A copy of ``dense`` with its encoder Linears pruned to ``sparsity`` by magnitude (masked)."""
+    return tp.prune(copy.deepcopy(dense), sparsity=sparsity, exclude=other_linears(dense))
+
+
 def token_inputs(model: nn.Module, batch: int, tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask): random ids over the vocabulary from a fixed generator, all-ones mask."""
     generator = torch.Generator().manual_seed(SEED + batch)
@@ -244,14 +255,13 @@ def measure_training(dense: nn.Module, masked: nn.Module, names: List[str], spar
 def run_training(key: str, dense: nn.Module, args: argparse.Namespace) -> List[dict]:
     """The fine-tuning rows of one model, printed as they finish."""
     names = encoder_linears(dense)
-    exclude = [name for name, m in dense.named_modules() if isinstance(m, nn.Linear) and name not in names]
     inputs = token_inputs(dense, args.train_batch, args.tokens)
     print(f"\n{MODELS[key].label}: one training step at batch {args.train_batch} x {args.tokens} tokens")
     print(f"{'sparsity':>8} {'dense ms':>9} {'masked ms':>10} {'sparse ms':>10} {'sparse':>7} {'masked':>7} "
           f"{'sparsified':>10}")
     rows = []
     for sparsity in args.train_sparsities:
-        masked = tp.prune(copy.deepcopy(dense), sparsity=sparsity, exclude=exclude)
+        masked = pruned_copy(dense, sparsity)
         row = {"model": key, **measure_training(dense, masked, names, sparsity, inputs, args.repeats)}
         rows.append(row)
         print(f"{sparsity:>8.2f} {row['train dense ms']:>9.1f} {row['train masked ms']:>10.1f} "
@@ -263,7 +273,7 @@ def run_training(key: str, dense: nn.Module, args: argparse.Namespace) -> List[d
 def run_model(key: str, dense: nn.Module, args: argparse.Namespace) -> List[dict]:
     """Every sparsity x batch cell of one model, printed as it finishes; the rows."""
     names = encoder_linears(dense)
-    exclude = [name for name, m in dense.named_modules() if isinstance(m, nn.Linear) and name not in names]
+    exclude = other_linears(dense)
     parameters_mb = sum(p.numel() * p.element_size() for p in dense.parameters()) / 1e6
     print(f"\n{MODELS[key].label}: {parameters_mb:.1f} MB of parameters; pruned: its {len(names)} encoder "
           f"Linear layers; not pruned: {', '.join(exclude) or 'none'}")
@@ -272,7 +282,7 @@ def run_model(key: str, dense: nn.Module, args: argparse.Namespace) -> List[dict
     inputs = {batch: token_inputs(dense, batch, args.tokens) for batch in args.batches}
     rows = []
     for sparsity in args.sparsities:
-        masked = tp.prune(copy.deepcopy(dense), sparsity=sparsity, exclude=exclude)
+        masked = pruned_copy(dense, sparsity)
         masks = tp.masks(masked).values()
         achieved = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
         for batch in args.batches:

@@ -37,6 +37,13 @@ bool is_half(const Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
+// Threads worth using for a product of W with m rows: one multiply-add per stored entry and row,
+// plus one per output.
+template <typename T, typename I>
+int64_t product_threads(const Csr<T, I>& a, int64_t m) {
+  return cpu::useful_threads((a.row_ptr[a.rows] + a.rows) * m);
+}
+
 // Xᵀ of a contiguous fp32 x2 [M, K] as [tiles, K, tile] panels, the last one zero-padded to the
 // full tile (AVX2 packing, tiles on threads).
 Tensor x_panels(const Tensor& x2, int64_t tile) {
@@ -50,15 +57,15 @@ Tensor x_panels(const Tensor& x2, int64_t tile) {
   return panels;
 }
 
-// forward for fp32 on AVX2 CPUs and m > 1: work items are (row panel, tile) pairs; row panels
-// hold whole groups of 8 features where they can, so that the kernel's stores stay vectors.
+// out [m, N] = x @ Wᵀ (+ bias) for fp32 on AVX2 CPUs and m > 1, x given as its panels
+// (x_panels, tile = tile_for(m)): work items are (row panel, tile) pairs; row panels hold whole
+// groups of 8 features where they can, so that the kernel's stores stay vectors.
 template <typename I>
-void forward_avx2(const Csr<float, I>& a, const Tensor& x2, const float* bias, Tensor& out,
-                  int64_t threads) {
-  const int64_t m = x2.size(0), n = a.rows, k = a.cols;
-  const int64_t tile = cpu::avx2::tile_for(m), tiles = (m + tile - 1) / tile;
-  const Tensor panels_x = x_panels(x2, tile);
-  const cpu::avx2::KBlocks blocks = cpu::avx2::k_blocks(a, tile);
+void forward_avx2(const Csr<float, I>& a, const Tensor& panels_x, int64_t m, const float* bias,
+                  Tensor& out) {
+  const int64_t n = a.rows, k = a.cols, threads = product_threads(a, m);
+  const int64_t tiles = panels_x.size(0), tile = panels_x.size(2);
+  const cpu::avx2::KBlocks blocks = cpu::avx2::k_blocks(a);
   const int64_t parts = std::max<int64_t>(1, (threads * 4 + tiles - 1) / tiles);
   auto panels = cpu::row_panels(a.row_ptr, n, parts);
   for (auto& bound : panels) bound = std::min(n, (bound + 4) / 8 * 8);
@@ -77,7 +84,7 @@ void forward_avx2(const Csr<float, I>& a, const Tensor& x2, const float* bias, T
 template <typename T, typename I>
 void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
   const int64_t m = x2.size(0), n = a.rows;
-  const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
+  const int64_t threads = product_threads(a, m);
   if (m == 1) {
     const auto panels = cpu::row_panels(a.row_ptr, n, threads * 4);
     const T* x = x2.data_ptr<T>();
@@ -87,7 +94,9 @@ void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu::avx2::supported()) return forward_avx2(a, x2, bias, out, threads);
+    if (cpu::avx2::supported()) {
+      return forward_avx2(a, x_panels(x2, cpu::avx2::tile_for(m)), m, bias, out);
+    }
   }
   // Xᵀ as [tiles, K, W] panels of W = kPanelWidth batch rows (the last one zero-padded); a batch
   // that fits one panel is just Xᵀ [K, M], with no padding to copy.
@@ -142,8 +151,7 @@ Tensor sparse_linear_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& c
 // their private [K, M] partials at the end (for one thread, there is one partial and no sum).
 template <typename T, typename I>
 Tensor input_grad(const Csr<T, I>& a, const Tensor& grad_t, int64_t m) {
-  const int64_t n = a.rows, k = a.cols;
-  const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
+  const int64_t n = a.rows, k = a.cols, threads = product_threads(a, m);
   const auto panels = cpu::row_panels(a.row_ptr, n, threads);
   Tensor partial = at::zeros({threads, k, m}, grad_t.options());
   const T* b = grad_t.data_ptr<T>();
@@ -182,15 +190,16 @@ TransposedCsr<J> transpose_csr(const Csr<float, I>& a) {
   return t;
 }
 
-// grad_x [M, K] = grad2 [M, N] @ W for fp32 on AVX2 CPUs: forward_avx2 with Wᵀ.
+// grad_x [m, K] = grad_y [m, N] @ W for fp32 on AVX2 CPUs, grad_y given as its panels:
+// forward_avx2 with Wᵀ.
 template <typename I>
-void input_grad_avx2(const Csr<float, I>& a, const Tensor& grad2, Tensor& grad_x) {
-  const int64_t m = grad2.size(0), n = a.rows, k = a.cols;
-  const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
+void input_grad_avx2(const Csr<float, I>& a, const Tensor& grad_panels, int64_t m,
+                     Tensor& grad_x) {
+  const int64_t n = a.rows, k = a.cols;
   auto run = [&](const auto& t) {
     using J = std::remove_cv_t<std::remove_reference_t<decltype(t.col[0])>>;
     const Csr<float, J> at_{t.row_ptr.data(), t.col.data(), t.val.data(), k, n};
-    forward_avx2(at_, grad2, nullptr, grad_x, threads);
+    forward_avx2(at_, grad_panels, m, nullptr, grad_x);
   };
   if (n < kMaxShortColumns) {
     run(transpose_csr<uint16_t>(a));
@@ -199,15 +208,13 @@ void input_grad_avx2(const Csr<float, I>& a, const Tensor& grad2, Tensor& grad_x
   }
 }
 
-// The value gradient for fp32 on AVX2 CPUs: panels of grad2 and x2, one SDDMM per batch tile,
-// each thread owning a row panel of entries across every tile.
+// The value gradient for fp32 on AVX2 CPUs from the panels of grad_y and x (same tile): one
+// SDDMM per batch tile, each thread owning a row panel of entries across every tile.
 template <typename I>
-Tensor values_grad_avx2(const Csr<float, I>& a, const Tensor& grad2, const Tensor& x2) {
-  const int64_t m = grad2.size(0), n = a.rows, k = a.cols;
-  Tensor out = at::empty({a.row_ptr[n]}, grad2.options());
-  const int64_t tile = cpu::avx2::tile_for(m), tiles = (m + tile - 1) / tile;
-  const Tensor gp = x_panels(grad2, tile), xp = x_panels(x2, tile);
-  const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
+Tensor values_grad_avx2(const Csr<float, I>& a, const Tensor& gp, const Tensor& xp, int64_t m) {
+  const int64_t n = a.rows, k = a.cols, threads = product_threads(a, m);
+  const int64_t tiles = gp.size(0), tile = gp.size(2);
+  Tensor out = at::empty({a.row_ptr[n]}, gp.options());
   const auto panels = cpu::row_panels(a.row_ptr, n, threads);
   cpu::for_items(threads, threads, [&](int64_t p) {
     for (int64_t t = 0; t < tiles; ++t) {
@@ -224,7 +231,7 @@ template <typename T, typename I>
 Tensor values_grad(const Csr<T, I>& a, const Tensor& grad_t, const Tensor& xt, int64_t m) {
   const int64_t n = a.rows;
   Tensor out = at::empty({a.row_ptr[n]}, grad_t.options());
-  const int64_t threads = cpu::useful_threads((a.row_ptr[n] + n) * m);
+  const int64_t threads = product_threads(a, m);
   const auto panels = cpu::row_panels(a.row_ptr, n, threads * 4);
   cpu::for_items(threads * 4, threads, [&](int64_t p) {
     cpu::sddmm(a, grad_t.data_ptr<T>(), m, xt.data_ptr<T>(), m, m, out.data_ptr<T>(), panels[p],
@@ -264,12 +271,16 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
       with_csr<scalar_t>(row_ptr, col_idx, values, in_features, [&](const auto& a) {
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (cpu::avx2::supported() && m > 1) {
-            const Tensor g2 = grad2.contiguous(), xc = x2.contiguous();
+            // grad_y is packed once, for both gradients.
+            const int64_t tile = cpu::avx2::tile_for(m);
+            const Tensor gp = x_panels(grad2.contiguous(), tile);
             if (output_mask[0]) {
               Tensor gx = grad_x.view({m, in_features});
-              input_grad_avx2(a, g2, gx);
+              input_grad_avx2(a, gp, m, gx);
             }
-            if (output_mask[1]) grad_values = values_grad_avx2(a, g2, xc);
+            if (output_mask[1]) {
+              grad_values = values_grad_avx2(a, gp, x_panels(x2.contiguous(), tile), m);
+            }
             return;
           }
         }

@@ -220,8 +220,7 @@ TP_AVX2 void pack_panel(const float* x, int64_t ldx, int64_t m, int64_t k, int64
 }
 
 template <typename I>
-KBlocks k_blocks(const Csr<float, I>& a, int64_t tile) {
-  (void)tile;  // the split depends on K only: the narrow panel is half as big, same L1 rule
+KBlocks k_blocks(const Csr<float, I>& a) {
   KBlocks kb;
   kb.rows = a.rows;
   kb.blocks = a.cols > kL1Cols ? (a.cols + kBlockCols - 1) / kBlockCols : 1;
@@ -267,8 +266,8 @@ template void sddmm_panel<uint16_t>(const Csr<float, uint16_t>&, const float*, c
                                     int64_t, bool, float*, int64_t, int64_t);
 template void sddmm_panel<int32_t>(const Csr<float, int32_t>&, const float*, const float*,
                                    int64_t, bool, float*, int64_t, int64_t);
-template KBlocks k_blocks<uint16_t>(const Csr<float, uint16_t>&, int64_t);
-template KBlocks k_blocks<int32_t>(const Csr<float, int32_t>&, int64_t);
+template KBlocks k_blocks<uint16_t>(const Csr<float, uint16_t>&);
+template KBlocks k_blocks<int32_t>(const Csr<float, int32_t>&);
 template void spmm_panel<uint16_t>(const Csr<float, uint16_t>&, const KBlocks&, const float*,
                                    int64_t, int64_t, const float*, float*, int64_t, int64_t,
                                    int64_t);

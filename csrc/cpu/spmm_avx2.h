@@ -38,10 +38,10 @@ struct KBlocks {
   int64_t rows = 0;
 };
 
-// The K-block split spmm_panel uses for a K x tile panel: blocks of 384 columns once the panel
-// no longer fits L1 (K > 512), else one block (no partial sums to carry).
+// The K-block split spmm_panel uses: blocks of 384 columns once a K x 32 panel no longer fits L1
+// (K > 512), else one block (no partial sums to carry). The same for either tile width.
 template <typename I>
-KBlocks k_blocks(const Csr<float, I>& a, int64_t tile);
+KBlocks k_blocks(const Csr<float, I>& a);
 
 // y[t * ldy + n] = init[n] + sum_j a[n, j] * panel[j * tile + t] for t < width and rows n in
 // [row_begin, row_end). panel is [a.cols, tile], tile in {kNarrowTile, kWideTile}, with columns
