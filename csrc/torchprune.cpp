@@ -90,6 +90,17 @@ TORCH_LIBRARY_FRAGMENT(torchprune, m) {
       {at::Tag::pt2_compliant_tag});
 }
 
+// The block-sparse (BSR, R x 1 blocks) op; the format is described in csrc/common/bsr.h.
+TORCH_LIBRARY_FRAGMENT(torchprune, m) {
+  m.set_python_module("torchprune.ops.bsr");
+  // y = x @ W^T + bias with W [out_features, in_features] packed in R x 1 blocks (values is
+  // [blocks, R]), over any leading dims of x. Differentiable w.r.t. x, values and bias.
+  m.def(
+      "block_sparse_linear(Tensor x, Tensor block_ptr, Tensor col_idx, Tensor values, "
+      "int in_features, Tensor? bias) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+}
+
 // Structured pruning's slicing op.
 TORCH_LIBRARY_FRAGMENT(torchprune, m) {
   m.set_python_module("torchprune.ops.compact");

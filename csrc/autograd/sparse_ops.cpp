@@ -1,4 +1,5 @@
-// Autograd of the sparse ops (sparse_linear, sparse_conv2d), in C++ like the masked ops.
+// Autograd of the sparse ops (sparse_linear, sparse_conv2d, block_sparse_linear), in C++ like
+// the masked ops.
 //
 // The differentiable inputs are x, values (the stored entries: a packed model fine-tunes only
 // the weights it kept) and bias; row_ptr and col_idx are structure and get no gradient. Each
@@ -11,6 +12,7 @@
 
 #include <array>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "autograd/helpers.h"
@@ -140,11 +142,88 @@ class SparseConv2d : public torch::autograd::Function<SparseConv2d> {
   }
 };
 
+// The CSR form of an R x 1 block-sparse weight (common/bsr.h): its row_ptr and col_idx, and
+// `position`, the place in the CSR's values of each entry of values.view(-1) (entry i of block e
+// in block row b goes to output row b*R + i, whose entries start at block_ptr[b]*R + i*count(b)).
+// Every size follows from the shapes alone (no data-dependent sizes), so the backward traces
+// under fake tensors (torch.compile, opcheck). O(blocks * R), once per backward.
+std::tuple<Tensor, Tensor, Tensor> csr_of_bsr(const Tensor& block_ptr, const Tensor& col_idx,
+                                              const Tensor& values) {
+  const c10::SymInt block_rows = block_ptr.sym_numel() - 1, r = values.sym_size(1);
+  const Tensor ptr = block_ptr.to(at::kLong);
+  const Tensor counts = ptr.narrow_symint(0, 1, block_rows) - ptr.narrow_symint(0, 0, block_rows);
+  const Tensor row_ptr = at::cat(
+      {at::zeros({1}, ptr.options()), at::repeat_interleave_symint(counts, r).cumsum(0)});
+  const Tensor block = at::arange(values.sym_size(0), ptr.options());  // [blocks]
+  const Tensor row_of_block =
+      at::searchsorted(ptr.narrow_symint(0, 1, block_rows), block, false, /*right=*/true);
+  const Tensor start = ptr.index_select(0, row_of_block);
+  const Tensor count = counts.index_select(0, row_of_block);
+  const Tensor lane = at::arange(r, ptr.options());  // i
+  const Tensor position = (start * r + (block - start)).unsqueeze(1) + lane * count.unsqueeze(1);
+  const Tensor block_cols = col_idx.unsqueeze(1).expand_as(position).reshape(-1);
+  const Tensor cols = at::zeros_like(block_cols).index_put({position.reshape(-1)}, block_cols);
+  return {row_ptr.to(at::kInt), cols, position.reshape(-1)};
+}
+
+class BlockSparseLinear : public torch::autograd::Function<BlockSparseLinear> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& block_ptr,
+                        const Tensor& col_idx, const Tensor& values, int64_t in_features,
+                        const Tensor& bias, bool has_bias) {
+    ctx->save_for_backward({x, block_ptr, col_idx, values});
+    ctx->saved_data["in_features"] = in_features;
+    ctx->saved_data["has_bias"] = has_bias;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return block_sparse_linear_op().call(x, block_ptr, col_idx, values, in_features,
+                                         as_optional(bias, has_bias));
+  }
+
+  // The gradients of the equivalent CSR weight, with the value gradient put back in block order.
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &block_ptr = saved[1], &col_idx = saved[2], &values = saved[3];
+    const Tensor& grad = grad_outputs[0];
+    const int64_t k = ctx->saved_data["in_features"].toInt();
+    const bool need_x = ctx->needs_input_grad(0), need_values = ctx->needs_input_grad(3);
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4);
+    const auto [row_ptr, cols, position] = csr_of_bsr(block_ptr, col_idx, values);
+    const Tensor csr_values =  // differentiable: index_put's derivative gathers back
+        at::zeros_symint({values.sym_numel()}, values.options())
+            .index_put({position}, values.reshape(-1));
+    Tensor grad_x, grad_csr, grad_bias;
+    if (building_graph()) {
+      const Tensor flat = flat_positions(row_ptr, cols, k);
+      const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+      const Tensor grad2 = grad.reshape({m, row_ptr.numel() - 1});
+      if (need_x) grad_x = at::matmul(grad, dense_weight(row_ptr, flat, csr_values, k));
+      if (need_values) grad_csr = at::mm(grad2.t(), x.reshape({m, k})).view(-1).index({flat});
+      if (need_bias) grad_bias = grad2.sum(0);
+    } else {
+      std::tie(grad_x, grad_csr, grad_bias) = sparse_linear_backward_op().call(
+          grad, x, row_ptr, cols, csr_values, k, {need_x, need_values, need_bias});
+    }
+    Tensor grad_values;
+    if (need_values) {  // back to block order: each entry's gradient from its CSR position
+      grad_values = grad_csr.index_select(0, position).view(values.sizes());
+    }
+    return {if_needed(need_x, grad_x), Tensor(), Tensor(), if_needed(need_values, grad_values),
+            Tensor(), if_needed(need_bias, grad_bias), Tensor()};
+  }
+};
+
 Tensor sparse_linear_autograd(const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
                               const Tensor& values, int64_t in_features,
                               const std::optional<Tensor>& bias) {
   return SparseLinear::apply(x, row_ptr, col_idx, values, in_features,
                              bias_or_placeholder(bias, values), bias.has_value());
+}
+
+Tensor block_sparse_linear_autograd(const Tensor& x, const Tensor& block_ptr,
+                                    const Tensor& col_idx, const Tensor& values,
+                                    int64_t in_features, const std::optional<Tensor>& bias) {
+  return BlockSparseLinear::apply(x, block_ptr, col_idx, values, in_features,
+                                  bias_or_placeholder(bias, values), bias.has_value());
 }
 
 Tensor sparse_conv2d_autograd(const Tensor& x, const Tensor& row_ptr, const Tensor& col_idx,
@@ -162,4 +241,5 @@ Tensor sparse_conv2d_autograd(const Tensor& x, const Tensor& row_ptr, const Tens
 TORCH_LIBRARY_IMPL(torchprune, Autograd, m) {
   m.impl("sparse_linear", &torchprune::sparse_linear_autograd);
   m.impl("sparse_conv2d", &torchprune::sparse_conv2d_autograd);
+  m.impl("block_sparse_linear", &torchprune::block_sparse_linear_autograd);
 }

@@ -66,6 +66,12 @@ inline const c10::TypedOperatorHandle<SparseLinearSig>& sparse_linear_op() {
   return op;
 }
 
+// block_sparse_linear has sparse_linear's signature (values is [blocks, R] instead of [nnz]).
+inline const c10::TypedOperatorHandle<SparseLinearSig>& block_sparse_linear_op() {
+  static const auto op = find_op<SparseLinearSig>("torchprune::block_sparse_linear");
+  return op;
+}
+
 inline const c10::TypedOperatorHandle<SparseLinearBackwardSig>& sparse_linear_backward_op() {
   static const auto op = find_op<SparseLinearBackwardSig>("torchprune::sparse_linear_backward");
   return op;

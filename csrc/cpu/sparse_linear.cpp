@@ -23,6 +23,7 @@
 #include "common/op_helpers.h"
 #include "common/sparse_checks.h"
 #include "cpu/spmm.h"
+#include "cpu/panels.h"
 #include "cpu/spmm_avx2.h"
 
 namespace torchprune {
@@ -44,21 +45,8 @@ int64_t product_threads(const Csr<T, I>& a, int64_t m) {
   return cpu::useful_threads((a.row_ptr[a.rows] + a.rows) * m);
 }
 
-// Xᵀ of a contiguous fp32 x2 [M, K] as [tiles, K, tile] panels, the last one zero-padded to the
-// full tile (AVX2 packing, tiles on threads).
-Tensor x_panels(const Tensor& x2, int64_t tile) {
-  const int64_t m = x2.size(0), k = x2.size(1), tiles = (m + tile - 1) / tile;
-  Tensor panels = at::empty({tiles, k, tile}, x2.options());
-  const float* x = x2.data_ptr<float>();
-  float* out = panels.data_ptr<float>();
-  cpu::for_items(tiles, cpu::useful_threads(m * k / 8), [&](int64_t t) {
-    cpu::avx2::pack_panel(x, k, m, k, tile, t, out + t * k * tile);
-  });
-  return panels;
-}
-
 // out [m, N] = x @ Wᵀ (+ bias) for fp32 on AVX2 CPUs and m > 1, x given as its panels
-// (x_panels, tile = tile_for(m)): work items are (row panel, tile) pairs; row panels hold whole
+// (cpu::x_panels, tile = tile_for(m)): work items are (row panel, tile) pairs; row panels hold whole
 // groups of 8 features where they can, so that the kernel's stores stay vectors.
 template <typename I>
 void forward_avx2(const Csr<float, I>& a, const Tensor& panels_x, int64_t m, const float* bias,
@@ -95,7 +83,7 @@ void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
   }
   if constexpr (std::is_same_v<T, float>) {
     if (cpu::avx2::supported()) {
-      return forward_avx2(a, x_panels(x2, cpu::avx2::tile_for(m)), m, bias, out);
+      return forward_avx2(a, cpu::x_panels(x2, cpu::avx2::tile_for(m)), m, bias, out);
     }
   }
   // Xᵀ as [tiles, K, W] panels of W = kPanelWidth batch rows (the last one zero-padded); a batch
@@ -273,13 +261,13 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
           if (cpu::avx2::supported() && m > 1) {
             // grad_y is packed once, for both gradients.
             const int64_t tile = cpu::avx2::tile_for(m);
-            const Tensor gp = x_panels(grad2.contiguous(), tile);
+            const Tensor gp = cpu::x_panels(grad2.contiguous(), tile);
             if (output_mask[0]) {
               Tensor gx = grad_x.view({m, in_features});
               input_grad_avx2(a, gp, m, gx);
             }
             if (output_mask[1]) {
-              grad_values = values_grad_avx2(a, gp, x_panels(x2.contiguous(), tile), m);
+              grad_values = values_grad_avx2(a, gp, cpu::x_panels(x2.contiguous(), tile), m);
             }
             return;
           }
@@ -301,6 +289,21 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
 }
 
 }  // namespace
+
+namespace cpu {
+
+Tensor x_panels(const Tensor& x2, int64_t tile) {
+  const int64_t m = x2.size(0), k = x2.size(1), tiles = (m + tile - 1) / tile;
+  Tensor panels = at::empty({tiles, k, tile}, x2.options());
+  const float* x = x2.data_ptr<float>();
+  float* out = panels.data_ptr<float>();
+  for_items(tiles, useful_threads(m * k / 8), [&](int64_t t) {
+    avx2::pack_panel(x, k, m, k, tile, t, out + t * k * tile);
+  });
+  return panels;
+}
+
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(torchprune, CPU, m) {
   m.impl("sparse_linear", &sparse_linear_cpu);

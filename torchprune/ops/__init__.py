@@ -10,6 +10,8 @@ above its fake kernel:
 * masked.py: :func:`masked_linear`, :func:`masked_conv2d` (a weight times its bool mask);
 * csr.py: :func:`pack_csr`, :func:`unpack_csr`, :func:`check_csr`, :func:`sparse_linear`,
   :func:`sparse_conv2d` (weights packed as CSR);
+* bsr.py: :func:`pack_bsr`, :func:`unpack_bsr`, :func:`check_bsr`, :func:`block_sparse_linear`
+  (weights packed in R x 1 blocks);
 * compact.py: :func:`compact` (the index_select behind structured pruning);
 * devices.py: which devices this build has kernels for.
 
@@ -35,6 +37,7 @@ except ImportError as error:  # pragma: no cover - depends on how the package wa
     ) from error
 
 from . import devices
+from .bsr import block_pattern_rows, block_sparse_linear, check_bsr, pack_bsr, unpack_bsr
 from .compact import compact
 from .csr import check_csr, pack_csr, sparse_conv2d, sparse_linear, unpack_csr
 from .masked import masked_conv2d, masked_linear
@@ -47,6 +50,11 @@ __all__ = [
     "check_csr",
     "sparse_linear",
     "sparse_conv2d",
+    "pack_bsr",
+    "unpack_bsr",
+    "check_bsr",
+    "block_sparse_linear",
+    "block_pattern_rows",
     "compact",
     "devices",
 ]

@@ -1,0 +1,152 @@
+// AVX2 fp32 kernels of block_sparse_linear (contracts in bsr_avx2.h).
+//
+// Per stored block (R values of one input column c) the panel kernel loads panel row c once
+// (tile/8 vectors) and does R x tile/8 FMAs into R x tile/8 accumulators: 8 independent chains
+// for both R = 4 (tile 16) and R = 8 (tile 8), enough to hide the FMA latency. Eight output
+// features (8/R block rows) are finished into a buffer and stored row-major by the 8x8 register
+// transposes of avx2_tiles.h; K-blocks and row chunks are the CSR kernel's (spmm_avx2.cpp).
+#include "cpu/bsr_avx2.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/avx2_tiles.h"
+
+namespace torchprune {
+namespace cpu {
+namespace avx2 {
+namespace {
+
+// out[i * W .. i * W + W) (i < R) = carry + sum over blocks e in [e, end) of val[e * R + i] *
+// panel row col[e]. carry (same layout) is null for the first K-block.
+template <int R, int V, typename I>
+TP_AVX2_INLINE void block_segment(const I* col, const float* val, int64_t e, int64_t end,
+                                  const float* panel, const float* carry, float* out) {
+  constexpr int64_t W = 8 * V;
+  __m256 acc[R][V];
+  _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i)
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)
+      acc[i][v] = carry ? _mm256_loadu_ps(carry + i * W + 8 * v) : _mm256_setzero_ps();
+  for (; e < end; ++e) {
+    const float* p = panel + static_cast<int64_t>(col[e]) * W;
+    __m256 x[V];
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) x[v] = _mm256_loadu_ps(p + 8 * v);
+    const float* w = val + e * R;
+    _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) {
+      const __m256 b = _mm256_broadcast_ss(w + i);
+      _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)
+        acc[i][v] = _mm256_fmadd_ps(b, x[v], acc[i][v]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i)
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)
+      _mm256_storeu_ps(out + i * W + 8 * v, acc[i][v]);
+}
+
+// Block rows [b0, b1) in chunks of kChunkRows output rows, each chunk through every K-block.
+template <int R, int V, typename I>
+TP_AVX2 void bsr_kernel(const Csr<float, I>& a, const KBlocks& kb, const float* panel,
+                        int64_t width, const float* init, float* y, int64_t ldy, int64_t b0,
+                        int64_t b1) {
+  constexpr int64_t W = 8 * V, G = kGroup / R, chunk = kChunkRows / R;
+  float buf[kGroup][W];
+  std::vector<float> carry(kb.blocks > 1 ? std::min(chunk, b1 - b0) * R * W : 0);
+  const int32_t* ptr = kb.ptr.data();
+  for (int64_t c0 = b0; c0 < b1; c0 += chunk) {
+    const int64_t c1 = std::min(b1, c0 + chunk);
+    for (int64_t j = 0; j < kb.blocks; ++j) {
+      const bool first = j == 0, last = j + 1 == kb.blocks;
+      for (int64_t g0 = c0; g0 < c1; g0 += G) {
+        const int64_t count = std::min(G, c1 - g0);
+        for (int64_t g = 0; g < count; ++g) {
+          const int64_t b = g0 + g;
+          float* partial = carry.data() + (b - c0) * R * W;
+          block_segment<R, V>(a.col, a.val, ptr[j * kb.rows + b], ptr[(j + 1) * kb.rows + b],
+                              panel, first ? nullptr : partial, last ? buf[g * R] : partial);
+        }
+        if (last) store_group<V>(buf, count * R, width, init, y, ldy, g0 * R);
+      }
+    }
+  }
+}
+
+// Sum of the four accumulators and init, stored to the R outputs of one block row.
+template <int R>
+TP_AVX2_INLINE void finish_spmv(const __m256 acc[4], const float* init, float* y) {
+  if constexpr (R == 8) {
+    __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    if (init) s = _mm256_add_ps(s, _mm256_loadu_ps(init));
+    _mm256_storeu_ps(y, s);
+  } else {  // R == 4: the low halves hold the sums
+    __m128 s = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc[0]), _mm256_castps256_ps128(acc[1])),
+                          _mm_add_ps(_mm256_castps256_ps128(acc[2]), _mm256_castps256_ps128(acc[3])));
+    if (init) s = _mm_add_ps(s, _mm_loadu_ps(init));
+    _mm_storeu_ps(y, s);
+  }
+}
+
+// One block's product into an accumulator: R values times the broadcast x[col].
+template <int R>
+TP_AVX2_INLINE __m256 block_fma(const float* w, const float* xc, __m256 acc) {
+  if constexpr (R == 8) {
+    return _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_broadcast_ss(xc), acc);
+  } else {
+    return _mm256_castps128_ps256(_mm_fmadd_ps(_mm_loadu_ps(w), _mm_broadcast_ss(xc),
+                                               _mm256_castps256_ps128(acc)));
+  }
+}
+
+template <int R, typename I>
+TP_AVX2 void bsr_spmv_kernel(const Csr<float, I>& a, const float* x, const float* init,
+                             float* y, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    int64_t e = a.row_ptr[b];
+    const int64_t end = a.row_ptr[b + 1];
+    for (; e + 4 <= end; e += 4) {  // four blocks in flight: independent gathers and FMAs
+      _Pragma("GCC unroll 4") for (int u = 0; u < 4; ++u)
+        acc[u] = block_fma<R>(a.val + (e + u) * R, x + a.col[e + u], acc[u]);
+    }
+    for (; e < end; ++e) acc[0] = block_fma<R>(a.val + e * R, x + a.col[e], acc[0]);
+    finish_spmv<R>(acc, init ? init + b * R : nullptr, y + b * R);
+  }
+}
+
+}  // namespace
+
+template <typename I>
+void bsr_panel(const Csr<float, I>& a, int64_t r, const KBlocks& kb, const float* panel,
+               int64_t width, const float* init, float* y, int64_t ldy, int64_t b0, int64_t b1) {
+  if (r == 8) {
+    bsr_kernel<8, 1>(a, kb, panel, width, init, y, ldy, b0, b1);
+  } else {
+    bsr_kernel<4, 2>(a, kb, panel, width, init, y, ldy, b0, b1);
+  }
+}
+
+template <typename I>
+void bsr_spmv(const Csr<float, I>& a, int64_t r, const float* x, const float* init, float* y,
+              int64_t b0, int64_t b1) {
+  if (r == 8) {
+    bsr_spmv_kernel<8>(a, x, init, y, b0, b1);
+  } else {
+    bsr_spmv_kernel<4>(a, x, init, y, b0, b1);
+  }
+}
+
+template void bsr_panel<uint16_t>(const Csr<float, uint16_t>&, int64_t, const KBlocks&,
+                                  const float*, int64_t, const float*, float*, int64_t, int64_t,
+                                  int64_t);
+template void bsr_panel<int32_t>(const Csr<float, int32_t>&, int64_t, const KBlocks&,
+                                 const float*, int64_t, const float*, float*, int64_t, int64_t,
+                                 int64_t);
+template void bsr_spmv<uint16_t>(const Csr<float, uint16_t>&, int64_t, const float*,
+                                 const float*, float*, int64_t, int64_t);
+template void bsr_spmv<int32_t>(const Csr<float, int32_t>&, int64_t, const float*, const float*,
+                                float*, int64_t, int64_t);
+
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace torchprune
