@@ -144,7 +144,7 @@ BAD_CALLS = [
     (dict(), ValueError, r"exactly one of `sparsity`.*or `threshold`"),
     (dict(sparsity=0.5, threshold=0.1), ValueError, r"exactly one of `sparsity`"),
     (dict(sparsity=0.5, importance="nope"), ValueError, r"`importance` must be one of"),
-    (dict(sparsity=0.5, granularity="block"), ValueError, r"`granularity` must be 'weight' or 'N:M'"),
+    (dict(sparsity=0.5, granularity="blocks"), ValueError, r"`granularity` must be 'weight', 'N:M'"),
     (dict(sparsity=0.5, granularity="channel"), ValueError, r"structural pruning"),
     (dict(granularity="4:4"), ValueError, r"0 < N < M"),
     (dict(granularity="5:4"), ValueError, r"0 < N < M"),

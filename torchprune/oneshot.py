@@ -32,11 +32,13 @@ from .structured import prune_structural
 from .targets import (
     STRUCTURAL,
     check_amount,
+    check_blocks_divide,
     check_data_args,
     check_finite_weights,
     check_n_m_divides,
     checked_score,
     leave_out_tied,
+    parse_block,
     parse_granularity,
     refuse_freeze,
     target_layers,
@@ -126,11 +128,13 @@ def _prune_weights(model, sparsity, threshold, importance, granularity, scope, e
                    blocks) -> nn.Module:
     """`prune` with masks: every argument checked, then one pass or stage by stage."""
     criterion = resolve(importance)
-    n_m = parse_granularity(granularity)
+    n_m, block = parse_granularity(granularity), parse_block(granularity)
     owl = isinstance(scope, str) and scope == "owl"
     _check_calibration_args(criterion, sequential, blocks, owl, sparsity, threshold, n_m, data)
     layers, owners, scope = _checked_layers(model, criterion, importance, n_m, sparsity, threshold,
                                             "layer" if owl else scope, exclude, data, loss_fn)
+    if block is not None:
+        check_blocks_divide(layers, block, criterion)
     # Layers that share one weight tensor are ranked once, through the first of them, and all get
     # the same mask object (what any of them pruned before stays pruned).
     unique = {name: layer for name, layer in layers.items() if owners[name] == name}
@@ -141,7 +145,7 @@ def _prune_weights(model, sparsity, threshold, importance, granularity, scope, e
         data = list(data)
     if owl:
         scope, sparsity = owl_sparsities(model, unique, float(sparsity), data, blocks=blocks), None
-    run = _Run(model, layers, owners, criterion, (sparsity, threshold, scope, n_m), data, loss_fn)
+    run = _Run(model, layers, owners, criterion, (sparsity, threshold, scope, n_m), data, loss_fn, block)
     the_plan = _sequential_plan(model, unique, criterion, wanted, blocks, data)
     if scope == "global" and threshold is None and n_m is None and (the_plan or run.reconstructs):
         run.amount = (None, None, run.global_shares(), None)
@@ -201,12 +205,13 @@ def _checked_layers(model: nn.Module, criterion: Importance, importance, n_m, sp
 
 class _Run:
     """One `prune` call once every argument is checked: the layers, the criterion, the amount
-    (sparsity, threshold, scope, N:M) and the data, and the three ways to apply them."""
+    (sparsity, threshold, scope, N:M) and the data, and the three ways to apply them. ``block`` is R for
+    block:Rx1 granularity (selection on R x 1 blocks), else None."""
 
-    def __init__(self, model, layers, owners, criterion, amount, data, loss_fn):
+    def __init__(self, model, layers, owners, criterion, amount, data, loss_fn, block=None):
         self.model, self.layers, self.owners, self.criterion = model, layers, owners, criterion
         self.unique = {name: layer for name, layer in layers.items() if owners[name] == name}
-        self.amount, self.data, self.loss_fn = amount, data, loss_fn
+        self.amount, self.data, self.loss_fn, self.block = amount, data, loss_fn, block
         self.reconstructs = bool(getattr(criterion, "reconstructs", False))
         self.current = _current_masks(layers, owners)
 
@@ -216,7 +221,7 @@ class _Run:
         self._observe(self.unique)
         sparsity = self.amount[0]
         scores = {name: _scores(self.criterion, name, layer, self.current[name]) for name, layer in self.unique.items()}
-        masks = _select(scores, self.current, sparsity, None, "global", None)
+        masks = _select(scores, self.current, sparsity, None, "global", None, block=self.block)
         self.criterion.reset()
         return selection.pruned_shares(masks)
 
@@ -228,7 +233,7 @@ class _Run:
         if not self.reconstructs and scope == "global" and threshold is None and n_m is None:
             scores = {n: _scores(self.criterion, n, layer, self.current[n]) for n, layer in self.unique.items()}
             results = {n: (mask, None) for n, mask in _select(scores, self.current, sparsity, None, scope, None,
-                                                              self._row_wise()).items()}
+                                                              self._row_wise(), self.block).items()}
         else:
             results = {name: self._layer_result(name, layer) for name, layer in self.unique.items()}
         for name, (mask, weight) in results.items():
@@ -273,7 +278,7 @@ class _Run:
             return self.criterion.reconstruct(layer, name, sparsity=float(sparsity), kept=self.current[name])
         score = _scores(self.criterion, name, layer, self.current[name])
         mask = _select({name: score}, {name: self.current[name]}, sparsity, threshold, "layer", n_m,
-                       self._row_wise())[name]
+                       self._row_wise(), self.block)[name]
         return mask, None
 
     def _commit(self, name: str, mask: torch.Tensor, weight: Optional[torch.Tensor]) -> None:
@@ -330,8 +335,14 @@ def _current_masks(layers: Dict[str, nn.Module], owners: Dict[str, str]) -> Dict
     return current
 
 
-def _select(scores, current, sparsity, threshold, scope, n_m, row_wise=False) -> Dict[str, torch.Tensor]:
-    """New masks; ``row_wise`` (criteria such as Wanda) takes per-layer amounts from each output row."""
+def _select(scores, current, sparsity, threshold, scope, n_m, row_wise=False, block=None) -> Dict[str, torch.Tensor]:
+    """New masks; ``row_wise`` (criteria such as Wanda) takes per-layer amounts from each output row
+    (of blocks, with ``block``); ``block`` = R selects whole R x 1 blocks (selection.py)."""
+    if block is not None:
+        pooled = {k: selection.block_scores(v, block) for k, v in scores.items()}
+        kept = {k: selection.block_kept(current[k], block) for k in scores}
+        masks = _select(pooled, kept, sparsity, threshold, scope, n_m, row_wise)
+        return {k: selection.expand_blocks(mask, block) for k, mask in masks.items()}
     names = list(scores)
     by_ratio = selection.by_row_ratio if row_wise else selection.by_ratio
     if n_m is not None:

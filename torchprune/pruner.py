@@ -57,6 +57,7 @@ from .schedules import Schedule
 from .targets import (
     GRANULARITY_HELP,
     STRUCTURAL,
+    check_blocks_divide,
     check_data_args,
     check_dict_scope,
     check_finite_weights,
@@ -66,6 +67,7 @@ from .targets import (
     checked_score,
     current_mask,
     leave_out_tied,
+    parse_block,
     parse_granularity,
     refuse_freeze,
     refuse_unused_data,
@@ -298,7 +300,7 @@ class WeightStrategy:
                 f"`granularity` must be {GRANULARITY_HELP} or 'channel', got {granularity!r}: the Pruner does "
                 "not prune attention heads or layers progressively (use tp.prune for those)"
             )
-        n_m = parse_granularity(granularity)
+        n_m, block = parse_granularity(granularity), parse_block(granularity)
         target_sparsity = _checked_amount(target_sparsity, schedule, scope, n_m)
         layers, scope = target_layers(model, exclude, scope)
         layers = leave_out_tied(model, layers, scope, stacklevel=3)  # here, Pruner.__init__, the caller
@@ -306,6 +308,8 @@ class WeightStrategy:
         check_supported(layers)
         if n_m is not None:
             check_n_m_divides(layers, n_m)
+        if block is not None:
+            check_blocks_divide(layers, block, criterion)
         if data is not None and criterion.requires_data:
             check_data_args(data, loss_fn, importance, criterion.requires_loss)
         else:
@@ -323,6 +327,7 @@ class WeightStrategy:
         self.scope = scope
         self.layers = layers
         self._n_m = n_m
+        self._block = block
         self._owners = owners
         self._unique = unique
         self._data = data
@@ -417,6 +422,15 @@ class WeightStrategy:
         """Nothing: masks keep pruned weights out of every forward pass by themselves."""
 
     def _select(self, scores, current, targets) -> Dict[str, torch.Tensor]:
+        r = self._block
+        if r is None:
+            return self._select_weights(scores, current, targets)
+        # whole R x 1 blocks: select on pooled scores, expand back (selection.py)
+        masks = self._select_weights({k: selection.block_scores(v, r) for k, v in scores.items()},
+                                     {k: selection.block_kept(current[k], r) for k in scores}, targets)
+        return {k: selection.expand_blocks(mask, r) for k, mask in masks.items()}
+
+    def _select_weights(self, scores, current, targets) -> Dict[str, torch.Tensor]:
         names = list(scores)
         if self._n_m is not None:
             m = self._n_m[1]

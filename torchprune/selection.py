@@ -302,3 +302,38 @@ def n_of_m(scores: torch.Tensor, mask: Optional[torch.Tensor], n: int, m: int) -
         block.scatter_(1, order[:, : m - n], False)
         keep[r0:r1] = _restore_input_dim(block.view(shape), dims) & kept
     return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Block granularity: R x 1 blocks (R consecutive output rows, one input position) kept or pruned
+# whole. The selection routines above run unchanged on the block level: scores pooled per block
+# (mean, so that a threshold stays in units of one weight's score), masks pooled (a block counts as
+# kept only when all of it is), and the chosen block mask expanded back to the weight's shape.
+
+
+def _pool(tensor: torch.Tensor, rows: int, reduce) -> torch.Tensor:
+    """``[N, ...]`` as ``[N // rows, ...]``, reduced over each block's rows."""
+    shape = tensor.shape
+    return reduce(tensor.reshape(shape[0] // rows, rows, shape[1:].numel()), 1).reshape(shape[0] // rows, *shape[1:])
+
+
+def block_scores(scores, rows: int):
+    """``[N, ...]`` scores as ``[N // rows, ...]`` block means; `RowScores` stay lazy (block rows
+    made from their weight rows when asked), so a block ranking still never holds a layer-sized
+    score tensor."""
+    if isinstance(scores, RowScores):
+        shape = torch.Size((scores.shape[0] // rows, *scores.shape[1:]))
+        return RowScores(shape, scores.dtype,
+                         lambda start, stop: _pool(scores[start * rows:stop * rows], rows, torch.mean))
+    return _pool(scores.detach(), rows, torch.mean)
+
+
+def block_kept(mask: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
+    """A weight mask pooled to blocks: kept only where every entry of the block is kept."""
+    return None if mask is None else _pool(mask, rows, torch.all)
+
+
+def expand_blocks(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """A block mask ``[N // rows, ...]`` as the weight mask ``[N, ...]``."""
+    return mask.repeat_interleave(rows, dim=0)
+

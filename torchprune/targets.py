@@ -38,23 +38,50 @@ __all__ = [
     "SCOPES", "STRUCTURAL", "GRANULARITY_HELP", "parse_granularity", "check_sparsity_value", "check_scope",
     "check_dict_scope", "check_amount", "check_target", "excluded_ids", "target_layers", "leave_out_tied",
     "weight_owners",
-    "check_n_m_divides", "check_data_args", "refuse_unused_data", "nonfinite", "check_finite_weights", "checked_score",
+    "check_n_m_divides", "parse_block", "check_blocks_divide", "DEFAULT_BLOCK_ROWS",
+    "check_data_args", "refuse_unused_data", "nonfinite", "check_finite_weights", "checked_score",
     "current_mask", "refuse_freeze",
 ]
 
 SCOPES = ("layer", "global")
 #: Granularities that remove parts of the model physically (structured/), not by masks.
 STRUCTURAL = ("channel", "head", "layer")
-GRANULARITY_HELP = "'weight' or 'N:M' with 0 < N < M (e.g. '2:4')"
+GRANULARITY_HELP = "'weight', 'N:M' with 0 < N < M (e.g. '2:4'), or 'block:Rx1' (e.g. 'block:8x1'; 'block' is 4x1)"
+#: Output rows per block of granularity="block": 4x1 ran faster than 8x1 at 128-512 token rows on most
+#: transformer layer shapes (bench_linear, docs/kernels.md), and costs less accuracy.
+DEFAULT_BLOCK_ROWS = 4
+_BLOCK = re.compile(r"\s*block\s*(?::\s*(\d+)\s*x\s*(\d+)\s*)?")
 
 NM = Tuple[int, int]
 
 
+def parse_block(granularity) -> Optional[int]:
+    """R for "block:Rx1" ("block": :data:`DEFAULT_BLOCK_ROWS`), None for any other granularity.
+
+    A block is R consecutive output rows (channels) by one input column: it is kept or pruned whole,
+    which is what the block-sparse kernel (``tp.nn.SparseLinear`` in "bsr" format) needs."""
+    if not isinstance(granularity, str):
+        return None
+    match = _BLOCK.fullmatch(granularity)
+    if match is None:
+        if granularity.strip().startswith("block"):
+            raise ValueError(f"`granularity` must be {GRANULARITY_HELP}, got {granularity!r}")
+        return None
+    if match.group(1) is None:
+        return DEFAULT_BLOCK_ROWS
+    rows, cols = int(match.group(1)), int(match.group(2))
+    if cols != 1 or rows < 1:
+        raise ValueError(f"`granularity` blocks must be Rx1 with R >= 1 (R output rows by one input column, "
+                         f"the shape the block-sparse kernel multiplies), got {granularity!r}")
+    return rows
+
+
 def parse_granularity(granularity) -> Optional[NM]:
-    """None for "weight", (N, M) for "N:M" (callers send `STRUCTURAL` granularities elsewhere first)."""
+    """None for "weight" and "block:Rx1" (see `parse_block`), (N, M) for "N:M" (callers send
+    `STRUCTURAL` granularities elsewhere first)."""
     if not isinstance(granularity, str):
         raise TypeError(f"`granularity` must be a string, {GRANULARITY_HELP}, got {type(granularity).__name__}")
-    if granularity == "weight":
+    if granularity == "weight" or parse_block(granularity) is not None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", granularity)
     if match is None:
@@ -309,6 +336,21 @@ def check_n_m_divides(layers: Dict[str, nn.Module], n_m: NM) -> None:
             raise ValueError(
                 f"`granularity` {n}:{m} needs M={m} to divide the input size of every layer; layer {name!r} "
                 f"({base_type(layer).__name__}) has input size {size}; exclude it or choose another M"
+            )
+
+
+def check_blocks_divide(layers: Dict[str, nn.Module], rows: int, criterion: Importance) -> None:
+    """Block granularity: R divides the output size of every layer, and the criterion scores weights
+    (a reconstructing one, SparseGPT, decides and updates weight by weight)."""
+    if getattr(criterion, "reconstructs", False):
+        raise ValueError(f"`granularity` block:{rows}x1 needs a scoring importance (magnitude, wanda, taylor, ...): "
+                         f"{criterion!r} reconstructs weight by weight and cannot keep whole blocks")
+    for name, layer in layers.items():
+        size = layer.weight.shape[0]
+        if size % rows:
+            raise ValueError(
+                f"`granularity` block:{rows}x1 needs R={rows} to divide the output size of every layer; layer "
+                f"{name!r} ({base_type(layer).__name__}) has {size} outputs; exclude it or choose another R"
             )
 
 

@@ -252,7 +252,7 @@ def _trace_positions(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Dict[int, 
 def _note(module: nn.Module, zeros: int) -> str:
     """Which kernel a pruned layer runs on, where that is not the obvious one."""
     if isinstance(module, SparseLayer):
-        return "sparse kernel (CSR)"
+        return "sparse kernel (CSR)" if module.block_rows == 1 else f"block-sparse kernel ({module.block_rows}x1)"
     if isinstance(module, nn.Conv2d) and module.groups > 1 and zeros:
         return "groups > 1: no sparse kernel, runs dense"
     return ""
