@@ -136,6 +136,7 @@ BATCHES = [1, 128, 512, 2048]  # M, the rows of x: batch x tokens
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
 QUICK = dict(shapes=[(384, 384)], batches=[1, 128], sparsities=[0.9])
 GRID = dict(shapes=SHAPES, batches=BATCHES, sparsities=SPARSITIES)
+CANDIDATES = ("F.linear", "numpy", "torch CSR", "torchprune")  # plus "tp CSR" with --block
 CHECK_ROWS = 64  # the rows of x each candidate is checked on against float64
 STREAM_BYTES = (2**18, 2**20, 2**22, 2**24, 2**26)  # 256 KiB .. 64 MiB
 

@@ -108,7 +108,9 @@ def prune_arguments(method: Method, level: Level, calibration: List[dict],
             return None
         arguments = {"granularity": "2:4"}
     else:
-        arguments = {"sparsity": level, "scope": method.scope, "granularity": granularity}
+        arguments = {"sparsity": level, "scope": method.scope}
+        if granularity != "weight":
+            arguments["granularity"] = granularity
     arguments["importance"] = method.importance
     if method.data:
         arguments["data"] = calibration
