@@ -339,10 +339,8 @@ def _select(scores, current, sparsity, threshold, scope, n_m, row_wise=False, bl
     """New masks; ``row_wise`` (criteria such as Wanda) takes per-layer amounts from each output row
     (of blocks, with ``block``); ``block`` = R selects whole R x 1 blocks (selection.py)."""
     if block is not None:
-        pooled = {k: selection.block_scores(v, block) for k, v in scores.items()}
-        kept = {k: selection.block_kept(current[k], block) for k in scores}
-        masks = _select(pooled, kept, sparsity, threshold, scope, n_m, row_wise)
-        return {k: selection.expand_blocks(mask, block) for k, mask in masks.items()}
+        return selection.by_blocks(lambda s, c: _select(s, c, sparsity, threshold, scope, n_m, row_wise),
+                                   scores, current, block)
     names = list(scores)
     by_ratio = selection.by_row_ratio if row_wise else selection.by_ratio
     if n_m is not None:

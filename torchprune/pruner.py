@@ -422,13 +422,9 @@ class WeightStrategy:
         """Nothing: masks keep pruned weights out of every forward pass by themselves."""
 
     def _select(self, scores, current, targets) -> Dict[str, torch.Tensor]:
-        r = self._block
-        if r is None:
+        if self._block is None:
             return self._select_weights(scores, current, targets)
-        # whole R x 1 blocks: select on pooled scores, expand back (selection.py)
-        masks = self._select_weights({k: selection.block_scores(v, r) for k, v in scores.items()},
-                                     {k: selection.block_kept(current[k], r) for k in scores}, targets)
-        return {k: selection.expand_blocks(mask, r) for k, mask in masks.items()}
+        return selection.by_blocks(lambda s, c: self._select_weights(s, c, targets), scores, current, self._block)
 
     def _select_weights(self, scores, current, targets) -> Dict[str, torch.Tensor]:
         names = list(scores)

@@ -337,3 +337,11 @@ def expand_blocks(mask: torch.Tensor, rows: int) -> torch.Tensor:
     """A block mask ``[N // rows, ...]`` as the weight mask ``[N, ...]``."""
     return mask.repeat_interleave(rows, dim=0)
 
+
+def by_blocks(select: Callable, scores: Dict, current: Dict, rows: int) -> Dict[str, torch.Tensor]:
+    """``select(scores, current)`` (dicts by layer name, returning masks by name) run on R x 1
+    blocks: scores and current masks pooled, the chosen block masks expanded back."""
+    masks = select({k: block_scores(v, rows) for k, v in scores.items()},
+                   {k: block_kept(current[k], rows) for k in scores})
+    return {k: expand_blocks(mask, rows) for k, mask in masks.items()}
+

@@ -58,8 +58,7 @@ from torch import Tensor, nn
 
 from .calibration import as_inputs
 from .masking import base_type, get_mask, is_prunable
-from .nn.sparse import SPARSE_DTYPES, SparseConv2d, SparseLinear
-from .ops.bsr import block_pattern_rows
+from .nn.sparse import SPARSE_DTYPES, SparseConv2d, SparseLinear, block_pattern
 from .ops.devices import kernel_devices
 from .state import hooked_eval
 from .timing import medians, sample_interleaved, warm_up
@@ -251,9 +250,7 @@ def _eligibility(layer: nn.Module, users: Dict[int, int]) -> Tuple[float, Option
 
 def _kind(layer: nn.Module) -> str:
     if isinstance(layer, nn.Linear):
-        mask = get_mask(layer)
-        keep = mask if mask is not None else layer.weight.detach() != 0
-        return "linear_block" if block_pattern_rows(keep) else "linear"
+        return "linear_block" if block_pattern(layer) else "linear"
     return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
 
 

@@ -141,12 +141,11 @@ Tensor block_sparse_linear_cpu(const Tensor& x, const Tensor& block_ptr, const T
   if (bias.has_value()) {
     check_sparse_bias(kOp, *bias, n, "out_features", x);
   }
-  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
-    const auto bias32 = bias.has_value() ? std::optional<Tensor>(bias->to(at::kFloat))
-                                         : std::nullopt;
-    return block_sparse_linear_cpu(x.to(at::kFloat), block_ptr, col_idx, values.to(at::kFloat),
-                                   in_features, bias32)
-        .to(x.scalar_type());
+  if (is_half(x)) {
+    return forward_in_float32(x, values, bias, [&](const Tensor& x32, const Tensor& v32,
+                                                   const std::optional<Tensor>& b32) {
+      return block_sparse_linear_cpu(x32, block_ptr, col_idx, v32, in_features, b32);
+    });
   }
   const Tensor x2 = x.reshape({batch_rows(x), in_features}).contiguous();
   Tensor out = at::empty({x2.size(0), n}, x.options());

@@ -21,6 +21,7 @@
 
 #include "common/checks.h"
 #include "common/csr.h"
+#include "common/op_helpers.h"
 #include "common/sparse_checks.h"
 #include "cpu/spmm.h"
 
@@ -181,12 +182,12 @@ Tensor sparse_conv2d_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& c
   if (bias.has_value()) {
     check_sparse_bias(kForward, *bias, o, "out_channels", x);
   }
-  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
-    const auto bias32 = bias.has_value() ? std::optional<Tensor>(bias->to(at::kFloat))
-                                         : std::nullopt;
-    return sparse_conv2d_cpu(x.to(at::kFloat), row_ptr, col_idx, values.to(at::kFloat),
-                             kernel_size, bias32, stride, padding, dilation)
-        .to(x.scalar_type());
+  if (is_half(x)) {
+    return forward_in_float32(x, values, bias, [&](const Tensor& x32, const Tensor& v32,
+                                                   const std::optional<Tensor>& b32) {
+      return sparse_conv2d_cpu(x32, row_ptr, col_idx, v32, kernel_size, b32, stride, padding,
+                               dilation);
+    });
   }
   Tensor out = at::empty({g.batch, o, g.out_h, g.out_w}, x.options());
   if (out.numel() == 0) {
@@ -211,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_conv2d_backward_cpu(
                                   padding, dilation);
   const int64_t o = row_ptr.numel() - 1;
   check_sparse_grad_out(kBackward, grad_out, {g.batch, o, g.out_h, g.out_w}, x);
-  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
+  if (is_half(x)) {
     auto [gx, gv, gb] = sparse_conv2d_backward_cpu(
         grad_out.to(at::kFloat), x.to(at::kFloat), row_ptr, col_idx, values.to(at::kFloat),
         kernel_size, stride, padding, dilation, output_mask);

@@ -34,10 +34,6 @@ using at::Tensor;
 constexpr const char* kForward = "sparse_linear";
 constexpr const char* kBackward = "sparse_linear_backward";
 
-bool is_half(const Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-
 // Threads worth using for a product of W with m rows: one multiply-add per stored entry and row,
 // plus one per output.
 template <typename T, typename I>
@@ -116,11 +112,10 @@ Tensor sparse_linear_cpu(const Tensor& x, const Tensor& row_ptr, const Tensor& c
     check_sparse_bias(kForward, *bias, n, "out_features", x);
   }
   if (is_half(x)) {
-    const auto bias32 = bias.has_value() ? std::optional<Tensor>(bias->to(at::kFloat))
-                                         : std::nullopt;
-    return sparse_linear_cpu(x.to(at::kFloat), row_ptr, col_idx, values.to(at::kFloat),
-                             in_features, bias32)
-        .to(x.scalar_type());
+    return forward_in_float32(x, values, bias, [&](const Tensor& x32, const Tensor& v32,
+                                                   const std::optional<Tensor>& b32) {
+      return sparse_linear_cpu(x32, row_ptr, col_idx, v32, in_features, b32);
+    });
   }
   const Tensor x2 = x.reshape({batch_rows(x), in_features}).contiguous();
   Tensor out = at::empty({x2.size(0), n}, x.options());

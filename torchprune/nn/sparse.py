@@ -37,7 +37,7 @@ from ..ops.devices import kernel_devices
 from .conv import conv_input_and_padding
 from .masked import get_mask
 
-__all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "SPARSE_DTYPES"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "SPARSE_DTYPES", "block_pattern"]
 
 _FORMATS = ("csr", "bsr")
 #: Weight dtypes the sparse kernels compute in.
@@ -351,11 +351,9 @@ class SparseLinear(SparseLayer):
         cls._check_source(linear, "linear")
         block_devices = kernel_devices("block_sparse_linear")
         if block_rows is None:
-            mask = get_mask(linear)
-            keep = mask if mask is not None else linear.weight.detach() != 0
             block_rows = 1
             if linear.weight.device.type in block_devices:
-                block_rows = ops.block_pattern_rows(keep) or 1
+                block_rows = block_pattern(linear) or 1
         elif block_rows != 1 and linear.weight.device.type not in block_devices:
             raise ValueError(f"`block_rows` = {block_rows}: this build's block-sparse kernel runs on "
                              f"{', '.join(block_devices)} only; `linear` is on {linear.weight.device} (use "
@@ -379,6 +377,13 @@ class SparseLinear(SparseLayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {self._stats_repr()}")
+
+
+def block_pattern(linear: nn.Linear) -> Optional[int]:
+    """R when ``linear``'s mask (unmasked: its nonzeros) is made of whole R x 1 blocks, R = 8 tried
+    before 4; else None. What ``SparseLinear.from_dense`` and ``tp.sparsify``'s cost model go by."""
+    mask = get_mask(linear)
+    return ops.block_pattern_rows(mask if mask is not None else linear.weight.detach() != 0)
 
 
 def _check_block_rows(block_rows, out_features: int) -> None:

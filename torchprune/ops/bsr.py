@@ -33,6 +33,11 @@ def _blocked(tensor: Tensor, block_rows: int) -> Tensor:
     return tensor.reshape(tensor.shape[0] // block_rows, block_rows, tensor.shape[1])
 
 
+def _whole_blocks(blocks: Tensor) -> bool:
+    """Whether every block of ``[N // R, R, K]`` bools is all true or all false."""
+    return bool((blocks.all(1) == blocks.any(1)).all())
+
+
 def block_pattern_rows(keep: Tensor, candidates=(8, 4)) -> Optional[int]:
     """The largest R in ``candidates`` for which the bool pattern ``keep [N, K]`` is made of whole
     R x 1 blocks (all kept or all pruned, R dividing N), or None. A pattern with nothing pruned
@@ -40,10 +45,8 @@ def block_pattern_rows(keep: Tensor, candidates=(8, 4)) -> Optional[int]:
     if keep.dim() != 2 or bool(keep.all()):
         return None
     for r in candidates:
-        if keep.shape[0] % r == 0:
-            blocks = _blocked(keep, r)
-            if bool((blocks.all(1) == blocks.any(1)).all()):
-                return r
+        if keep.shape[0] % r == 0 and _whole_blocks(_blocked(keep, r)):
+            return r
     return None
 
 
@@ -72,7 +75,7 @@ def pack_bsr(weight: Tensor, block_rows: int, mask: Optional[Tensor] = None) -> 
                              f"got {mask.dtype} {list(mask.shape)}")
         blocks = _blocked(mask, block_rows)
         kept = blocks.any(1)
-        if not bool((blocks.all(1) == kept).all()):
+        if not _whole_blocks(blocks):
             raise ValueError(
                 f"pack_bsr: `mask` is not made of whole {block_rows}x1 blocks (some block is part kept, part "
                 f"pruned): prune with granularity='block:{block_rows}x1', or pack it as CSR (pack_csr)"
@@ -82,11 +85,10 @@ def pack_bsr(weight: Tensor, block_rows: int, mask: Optional[Tensor] = None) -> 
     block_row, column = kept.nonzero(as_tuple=True)  # row-major: block rows in order, columns ascending
     counts = torch.bincount(block_row, minlength=kept.shape[0])
     block_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    values = _blocked(weight, block_rows).transpose(1, 2)[block_row, column]
     dtype = index_dtype(cols)
     if dtype == torch.int16:  # the int16 holds an unsigned 16-bit column (csrc/common/csr.h)
         column = torch.where(column >= 32768, column - 65536, column)
-    values = _blocked(weight, block_rows).transpose(1, 2)[block_row, column.long() & 0xFFFF if dtype == torch.int16
-                                                           else column]
     return block_ptr, column.to(dtype).contiguous(), values.contiguous()
 
 
