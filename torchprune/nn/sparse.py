@@ -15,7 +15,8 @@ and, where the kernel beats the dense product for the shape and batch (see ``tp.
 * A Linear whose mask is made of whole R x 1 blocks (``granularity="block:4x1"`` or ``"block:8x1"``)
   is stored in blocks instead (``format`` says "bsr 4x1"): ``values`` is ``[blocks, R]``,
   ``row_ptr`` points at block rows, and ``torch.ops.torchprune.block_sparse_linear`` computes it
-  (``torchprune/ops/bsr.py``; 1.2-3x faster than CSR at 128-512 token rows on transformer shapes).
+  (``torchprune/ops/bsr.py``; at 128-512 token rows on transformer shapes 0.9-2.0x CSR on the same
+  weight, and faster than dense from 50% sparsity where CSR needs about 70%).
 * Conv weights ``[out, in, kh, kw]`` are packed as ``[out, in * kh * kw]``; grouped and depthwise
   convolutions are not supported (``tp.sparsify`` leaves them dense).
 * There is no ``weight`` attribute (``dense_weight()`` gives the dense weight): reading it raises an
