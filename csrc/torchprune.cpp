@@ -101,6 +101,17 @@ TORCH_LIBRARY_FRAGMENT(torchprune, m) {
       {at::Tag::pt2_compliant_tag});
 }
 
+// The N:8 op; the format is described in csrc/common/nm.h.
+TORCH_LIBRARY_FRAGMENT(torchprune, m) {
+  m.set_python_module("torchprune.ops.nm");
+  // y = x @ W^T + bias with W [out_features, in_features] in the N:8 format (codes [out_features,
+  // ceil(slots / 8)], values [out_features, slots]), over any leading dims of x. Differentiable
+  // w.r.t. x, values and bias.
+  m.def("nm_sparse_linear(Tensor x, Tensor codes, Tensor values, int in_features, Tensor? bias) "
+        "-> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}
+
 // Structured pruning's slicing op.
 TORCH_LIBRARY_FRAGMENT(torchprune, m) {
   m.set_python_module("torchprune.ops.compact");

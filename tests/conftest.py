@@ -1,5 +1,8 @@
 """Shared small models for the tests."""
 
+import io
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +118,40 @@ def by_fx(model, x):
         return DependencyGraph(model, x)
     finally:
         graph_module.trace = original
+
+
+def avx2_kernels_on():
+    """Whether this process runs the AVX2 kernels (an AVX2 + FMA CPU, neither switch set); False
+    where that cannot be told."""
+    if "TORCHPRUNE_PORTABLE" in os.environ or "TORCHPRUNE_NO_AVX2" in os.environ:
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def through_bytes(obj, weights_only=True):
+    """``obj`` after a torch.save / torch.load round trip through memory."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=weights_only)
+
+
+def sparse_state(layer):
+    """Everything a load could change in a SparseLayer: its tensors (cloned) and its format."""
+    tensors = {k: v.detach().clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+    return tensors, layer.block_rows, layer.nm, layer.format, layer.get_extra_state()
+
+
+def assert_sparse_unchanged(layer, before):
+    """``layer`` is as ``sparse_state`` saw it: same tensors, dtypes, shapes and format."""
+    tensors, block_rows, nm, fmt, extra = before
+    now = layer.state_dict()
+    assert set(k for k, v in now.items() if isinstance(v, torch.Tensor)) == set(tensors)
+    for key, value in tensors.items():
+        assert now[key].dtype == value.dtype and now[key].shape == value.shape and torch.equal(now[key], value), key
+    assert (layer.block_rows, layer.nm, layer.format, layer.get_extra_state()) == (block_rows, nm, fmt, extra)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torchprune import ops as _ops
 from torchprune.ops.bsr import block_pattern_rows, check_bsr, pack_bsr, unpack_bsr
 
+from conftest import avx2_kernels_on
 from error_bounds import assert_close, assert_close_bounded, bilinear_references
 
 OPS = torch.ops.torchprune
@@ -290,19 +291,6 @@ PORTABLE_CASES = [  # (r, m, n, k, sparsity)
     (4, 1, 64, 700, 0.5), (8, 1, 64, 700, 0.5), (4, 17, 44, 300, 0.7), (8, 9, 40, 1100, 0.9),
     (4, 33, 600, 900, 0.8), (8, 2, 24, 40000, 0.999), (4, 3, 8, 70000, 0.999), (3, 5, 12, 50, 0.5),
 ]
-
-
-def avx2_kernels_on():
-    """Whether this process runs the AVX2 kernels (an AVX2 + FMA CPU, neither switch set); False
-    where that cannot be told."""
-    if "TORCHPRUNE_PORTABLE" in os.environ or "TORCHPRUNE_NO_AVX2" in os.environ:
-        return False
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line.split() for line in info if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
 
 
 PORTABLE_SCRIPT = """

@@ -72,6 +72,14 @@ inline const c10::TypedOperatorHandle<SparseLinearSig>& block_sparse_linear_op()
   return op;
 }
 
+using NmSparseLinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     int64_t, const std::optional<at::Tensor>&);
+
+inline const c10::TypedOperatorHandle<NmSparseLinearSig>& nm_sparse_linear_op() {
+  static const auto op = find_op<NmSparseLinearSig>("torchprune::nm_sparse_linear");
+  return op;
+}
+
 inline const c10::TypedOperatorHandle<SparseLinearBackwardSig>& sparse_linear_backward_op() {
   static const auto op = find_op<SparseLinearBackwardSig>("torchprune::sparse_linear_backward");
   return op;

@@ -12,6 +12,8 @@ above its fake kernel:
   :func:`sparse_conv2d` (weights packed as CSR);
 * bsr.py: :func:`pack_bsr`, :func:`unpack_bsr`, :func:`check_bsr`, :func:`block_sparse_linear`
   (weights packed in R x 1 blocks);
+* nm.py: :func:`pack_nm`, :func:`unpack_nm`, :func:`check_nm`, :func:`nm_sparse_linear` (weights
+  with n entries in every group of 8 input columns: 2:4 and other N:M);
 * compact.py: :func:`compact` (the index_select behind structured pruning);
 * devices.py: which devices this build has kernels for.
 
@@ -41,6 +43,7 @@ from .bsr import block_pattern_rows, block_sparse_linear, check_bsr, pack_bsr, u
 from .compact import compact
 from .csr import check_csr, pack_csr, sparse_conv2d, sparse_linear, unpack_csr
 from .masked import masked_conv2d, masked_linear
+from .nm import check_nm, nm_slots, nm_sparse_linear, pack_nm, unpack_nm
 
 __all__ = [
     "masked_linear",
@@ -55,6 +58,11 @@ __all__ = [
     "check_bsr",
     "block_sparse_linear",
     "block_pattern_rows",
+    "pack_nm",
+    "unpack_nm",
+    "check_nm",
+    "nm_sparse_linear",
+    "nm_slots",
     "compact",
     "devices",
 ]
