@@ -28,7 +28,7 @@ from torchprune.ops import block_pattern_rows, unpack_bsr
 from torchprune.schedules import Cubic
 from torchprune.sparsify import plan
 
-from conftest import assert_unchanged, make_mlp, snapshot
+from conftest import assert_sparse_unchanged, assert_unchanged, make_mlp, snapshot, sparse_state, through_bytes
 from error_bounds import assert_close_bounded, assert_layer_close, assert_same_function, layer_grad_references
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,27 +80,6 @@ def four_not_eight(out_features=16, in_features=24, sparsity=0.5, seed=0):
     mask = block_mask(out_features, in_features, 4, sparsity, seed)
     assert block_pattern_rows(mask, (8,)) is None and block_pattern_rows(mask, (4,)) == 4
     return mask
-
-
-def through_bytes(obj, weights_only=True):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=weights_only)
-
-
-def sparse_state(layer):
-    """Everything a load could change in a SparseLayer: its tensors (cloned) and its format."""
-    tensors = {k: v.detach().clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
-    return tensors, layer.block_rows, layer.format, layer.get_extra_state()
-
-
-def assert_sparse_unchanged(layer, before):
-    tensors, block_rows, fmt, extra = before
-    now = layer.state_dict()
-    for key, value in tensors.items():
-        assert now[key].shape == value.shape and torch.equal(now[key], value), key
-    assert (layer.block_rows, layer.format, layer.get_extra_state()) == (block_rows, fmt, extra)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_cost_model_uses_the_largest_break_even(monkeypatch):
 
 
 def test_cost_model_table_is_well_formed():
-    assert set(BREAK_EVEN) == {"linear", "linear_block", "conv1x1", "conv"}
+    assert set(BREAK_EVEN) == {"linear", "linear_block", "linear_nm", "conv1x1", "conv"}
     for levels in BREAK_EVEN.values():
         assert levels and all(v is None or 0 < v < 1 for v in levels.values())
 

@@ -10,8 +10,8 @@ layer) the dense layer wins. sparsify() therefore decides per layer, in this ord
    sparse module are timed on those shapes, interleaved, medians of several calls
    (``torchprune.timing``); the faster one is kept. Timing uses the current
    ``torch.get_num_threads()``; a layer called with several shapes sums its calls.
-3. Neither: the cost model :data:`BREAK_EVEN`: per layer kind (linear, block-sparse linear, 1x1
-   conv, other conv) and
+3. Neither: the cost model :data:`BREAK_EVEN`: per layer kind (linear, block-sparse linear, N:8
+   linear, 1x1 conv, other conv) and
    batch, the lowest sparsity from which the sparse kernel beat the dense one in every measured
    shape (the ``break_even`` entry that ``benchmarks/bench_linear.py`` and ``bench_conv.py``
    print and save). The batch is not known without inputs, so the largest break-even over the
@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from .calibration import as_inputs
 from .masking import base_type, get_mask, is_prunable
-from .nn.sparse import SPARSE_DTYPES, SparseConv2d, SparseLinear, block_pattern
+from .nn.sparse import SPARSE_DTYPES, SparseConv2d, SparseLinear, block_pattern, nm_pattern
 from .ops.devices import kernel_devices
 from .state import hooked_eval
 from .timing import medians, sample_interleaved, warm_up
@@ -75,9 +75,14 @@ __all__ = ["sparsify", "plan", "Decision", "BREAK_EVEN"]
 #: "linear_block": Linears whose mask is whole R x 1 blocks (stored "bsr"), from
 #: ``bench_linear.py --block 4`` (7 transformer shapes 384x384..4096x4096, M = 1/128/512, sparsity
 #: 0.5-0.9, 3 s a case) run 2026-12-02 on the 2-core AMD EPYC family 25 model 1 (Zen 3), quiet.
+#: "linear_nm": Linears whose mask is 2:4 or 4:8 (stored "nm 4:8"), from ``bench_linear.py --nm 2:4``
+#: (the "linear" row's four shapes 768x768, 3072x768, 768x3072, 4096x4096; 2 s a case) run
+#: 2026-12-03 on the same machine, quiet: faster than F.linear on all four at 1-8 rows, slower on
+#: all at 128, so without example_inputs (batch unknown) the cost model keeps them dense.
 BREAK_EVEN: Dict[str, Dict[int, Optional[float]]] = {
     "linear": {1: 0.7, 8: 0.5, 64: 0.7, 256: 0.7},
     "linear_block": {1: 0.7, 128: 0.5, 512: 0.5},
+    "linear_nm": {1: 0.5, 4: 0.5, 8: 0.5, 128: None},
     "conv1x1": {1: 0.8, 8: 0.7},
     "conv": {1: 0.95, 8: 0.9},
 }
@@ -250,7 +255,7 @@ def _eligibility(layer: nn.Module, users: Dict[int, int]) -> Tuple[float, Option
 
 def _kind(layer: nn.Module) -> str:
     if isinstance(layer, nn.Linear):
-        return "linear_block" if block_pattern(layer) else "linear"
+        return "linear_nm" if nm_pattern(layer) else "linear_block" if block_pattern(layer) else "linear"
     return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
 
 

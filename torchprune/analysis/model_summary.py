@@ -252,6 +252,8 @@ def _trace_positions(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Dict[int, 
 def _note(module: nn.Module, zeros: int) -> str:
     """Which kernel a pruned layer runs on, where that is not the obvious one."""
     if isinstance(module, SparseLayer):
+        if module.nm:
+            return f"N:8 sparse kernel ({module.nm}:8)"
         return "sparse kernel (CSR)" if module.block_rows == 1 else f"block-sparse kernel ({module.block_rows}x1)"
     if isinstance(module, nn.Conv2d) and module.groups > 1 and zeros:
         return "groups > 1: no sparse kernel, runs dense"

@@ -17,6 +17,12 @@ and, where the kernel beats the dense product for the shape and batch (see ``tp.
   ``row_ptr`` points at block rows, and ``torch.ops.torchprune.block_sparse_linear`` computes it
   (``torchprune/ops/bsr.py``; at 128-512 token rows on transformer shapes 0.9-2.0x CSR on the same
   weight, and faster than dense from 50% sparsity where CSR needs about 70%).
+* A Linear pruned 2:4 or 4:8 (``granularity="2:4"``: at most 4 of every 8 consecutive input weights)
+  is stored in the N:8 format instead (``format`` says "nm 4:8"; ``from_dense(nm=n)`` stores any
+  mask with at most n of 8, e.g. 1:4 as n = 2):
+  ``values`` holds n slots per window of 8 columns, ``col_idx`` the slots' 3-bit positions packed 8
+  to an int32, ``row_ptr`` is regular, and ``torch.ops.torchprune.nm_sparse_linear`` computes it
+  (``torchprune/ops/nm.py``; 4.5 bytes per stored fp32 weight, about 2x dense at batch 1 for 2:4).
 * Conv weights ``[out, in, kh, kw]`` are packed as ``[out, in * kh * kw]``; grouped and depthwise
   convolutions are not supported (``tp.sparsify`` leaves them dense).
 * There is no ``weight`` attribute (``dense_weight()`` gives the dense weight): reading it raises an
@@ -38,9 +44,16 @@ from ..ops.devices import kernel_devices
 from .conv import conv_input_and_padding
 from .masked import get_mask
 
-__all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "SPARSE_DTYPES", "block_pattern"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "SPARSE_DTYPES", "block_pattern", "nm_pattern"]
 
-_FORMATS = ("csr", "bsr")
+_FORMATS = ("csr", "bsr", "nm")
+#: The slots per window of 8 input columns that from_dense stores as N:8 by itself: 4 (2:4, 4:8).
+#: Sparser N:M masks (1:4, 2:8, 1:8) stay CSR unless asked for: their N:8 kernels measured no faster
+#: than CSR on the same weight at batch 1 (0.89-1.08x, 1:4) and slower at 4-8 rows; the portable
+#: loop serves n outside {1, 2, 4}.
+NM_AUTO_SLOTS = 4
+#: The least fraction of the N:8 slots that must hold kept weights for from_dense to choose the format.
+NM_MIN_FILL = 0.95
 #: Weight dtypes the sparse kernels compute in.
 SPARSE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -51,10 +64,13 @@ class SparseLayer(nn.Module):
 
     Subclasses set ``_dense_shape`` (the weight's dense shape) before calling ``_init_packed``.
     ``block_rows`` is 1 for CSR, R for R x 1 blocks (``values`` is then ``[blocks, R]`` and
-    ``row_ptr`` has one entry per block row, plus one).
+    ``row_ptr`` has one entry per block row, plus one). ``nm`` is 0, or n for the N:8 format
+    (``ops.pack_nm``): ``values`` is the flat ``[out, in / 8 * n]`` slots, ``col_idx`` the flat int32
+    codes, ``row_ptr`` regular (row r starts at r * in / 8 * n).
     """
 
     block_rows: int = 1
+    nm: int = 0
 
     _dense_shape: Tuple[int, ...]
     values: nn.Parameter
@@ -68,9 +84,15 @@ class SparseLayer(nn.Module):
             raise TypeError(f"`dtype` must be one of {[str(d) for d in SPARSE_DTYPES]}, got {dtype}")
         rows = self._dense_shape[0] // self.block_rows
         # A fresh module holds no weights (nnz = 0): fill it with from_dense() or load_state_dict().
+        # The N:8 format has a fixed number of slots, so a fresh N:8 module stores zeros in all of them.
         self.values = nn.Parameter(torch.empty(self._values_shape(0), dtype=dtype, device=device))
         self.register_buffer("row_ptr", torch.zeros(rows + 1, dtype=torch.int32, device=device))
-        self.register_buffer("col_idx", torch.empty(0, dtype=index_dtype(self._columns), device=device))
+        self.register_buffer("col_idx", torch.empty(0, dtype=self._index_dtype(self.nm), device=device))
+        if self.nm:
+            codes, values = ops.pack_nm(torch.zeros(self._dense_shape[0], self._columns, dtype=dtype), self.nm)
+            self.values.data = values.reshape(-1).to(device)
+            self.row_ptr = torch.arange(rows + 1, dtype=torch.int32, device=device) * values.shape[1]
+            self.col_idx = codes.reshape(-1).to(device)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self._dense_shape[0], dtype=dtype, device=device))
         else:
@@ -89,6 +111,21 @@ class SparseLayer(nn.Module):
             )
         return super().__getattr__(name)
 
+    def _index_dtype(self, nm: int) -> torch.dtype:
+        """col_idx's dtype: int32 codes in the N:8 format, else the column index dtype."""
+        return torch.int32 if nm else index_dtype(self._columns)
+
+    def _nm_shapes(self, nm: int) -> Tuple[int, int]:
+        """(slots, codes) per row of the N:8 format with ``nm`` slots per window."""
+        slots = self._columns // ops.nm.WINDOW * nm
+        return slots, -(-slots // ops.nm.WINDOW)
+
+    def _nm_tensors(self) -> Tuple[Tensor, Tensor]:
+        """(codes, values) as the 2-D tensors nm_sparse_linear takes (views: values stays a leaf's view)."""
+        rows = self._dense_shape[0]
+        slots, chunks = self._nm_shapes(self.nm)
+        return self.col_idx.view(rows, chunks), self.values.view(rows, slots)
+
     def _values_shape(self, entries: int) -> Tuple[int, ...]:
         return (entries,) if self.block_rows == 1 else (entries, self.block_rows)
 
@@ -105,7 +142,11 @@ class SparseLayer(nn.Module):
         mask = get_mask(layer)
         rows = weight.shape[0]
         weight, mask = weight.reshape(rows, self._columns), None if mask is None else mask.reshape(rows, self._columns)
-        if self.block_rows == 1:
+        if self.nm:
+            codes, values = ops.pack_nm(weight, self.nm, mask)
+            row_ptr = torch.arange(rows + 1, dtype=torch.int32, device=weight.device) * values.shape[1]
+            col_idx, values = codes.reshape(-1), values.reshape(-1)
+        elif self.block_rows == 1:
             row_ptr, col_idx, values = ops.pack_csr(weight, mask)
         else:
             row_ptr, col_idx, values = ops.pack_bsr(weight, self.block_rows, mask)
@@ -149,12 +190,14 @@ class SparseLayer(nn.Module):
 
     @property
     def _format_name(self) -> str:
-        return "csr" if self.block_rows == 1 else "bsr"
+        return "nm" if self.nm else "csr" if self.block_rows == 1 else "bsr"
 
     @property
     def format(self) -> str:
-        """The storage with the index width, e.g. ``"csr (int16 col_idx)"`` or
-        ``"bsr 4x1 (int16 col_idx)"``."""
+        """The storage with the index width, e.g. ``"csr (int16 col_idx)"``,
+        ``"bsr 4x1 (int16 col_idx)"`` or ``"nm 4:8 (int32 codes)"``."""
+        if self.nm:
+            return f"nm {self.nm}:8 (int32 codes)"
         blocks = "" if self.block_rows == 1 else f" {self.block_rows}x1"
         return f"{self._format_name}{blocks} ({str(self.col_idx.dtype).replace('torch.', '')} col_idx)"
 
@@ -168,7 +211,10 @@ class SparseLayer(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The dense weight (zeros where nothing is stored), detached, in ``_dense_shape``."""
-        if self.block_rows == 1:
+        if self.nm:
+            codes, values = self._nm_tensors()
+            dense = ops.unpack_nm(codes, values.detach(), self._columns)
+        elif self.block_rows == 1:
             dense = ops.unpack_csr(self.row_ptr, self.col_idx, self.values.detach(), self._columns)
         else:
             dense = ops.unpack_bsr(self.row_ptr, self.col_idx, self.values.detach(), self._columns)
@@ -183,6 +229,8 @@ class SparseLayer(nn.Module):
         state = {"format": self._format_name, "shape": list(self._dense_shape)}
         if self.block_rows > 1:
             state["block"] = [self.block_rows, 1]
+        if self.nm:
+            state["n"] = self.nm
         return state
 
     def set_extra_state(self, state: Any) -> None:
@@ -190,29 +238,38 @@ class SparseLayer(nn.Module):
         if error:
             raise ValueError(error)
 
-    #: Whether this layer type can hold R x 1 blocks (only the Linear has the block kernel).
+    #: Whether this layer type can hold R x 1 blocks and the N:8 format (only the Linear has those kernels).
     _blocks_allowed = False
 
-    def _state_block_rows(self, state: Any) -> Optional[int]:
-        """The block height a valid extra state describes (1 for CSR), None when it is not valid."""
+    def _state_layout(self, state: Any) -> Optional[Tuple[int, int]]:
+        """The (block height, N:8 slots) a valid extra state describes ((1, 0) for CSR), None when
+        it is not valid."""
         if not isinstance(state, dict) or state.get("format") not in _FORMATS:
             return None
         if state["format"] == "csr":
-            return 1 if "block" not in state else None
+            return (1, 0) if "block" not in state and "n" not in state else None
+        if state["format"] == "nm":
+            n = state.get("n")
+            if (not self._blocks_allowed or "block" in state or isinstance(n, bool) or not isinstance(n, int)
+                    or not 1 <= n <= ops.nm.WINDOW or self._columns % ops.nm.WINDOW):
+                return None
+            return 1, n
         block = state.get("block")
-        if not self._blocks_allowed or not isinstance(block, (list, tuple)) or len(block) != 2 or block[1] != 1:
+        if (not self._blocks_allowed or "n" in state or not isinstance(block, (list, tuple)) or len(block) != 2
+                or block[1] != 1):
             return None
         r = block[0]
         if isinstance(r, bool) or not isinstance(r, int) or r < 1 or self._dense_shape[0] % r:
             return None
-        return r
+        return r, 0
 
     def _extra_state_error(self, state: Any, key: str = "_extra_state") -> Optional[str]:
-        if self._state_block_rows(state) is None:
+        if self._state_layout(state) is None:
             allowed = "{'format': 'csr', 'shape': [...]}"
             if self._blocks_allowed:
-                allowed += (" or {'format': 'bsr', 'shape': [...], 'block': [R, 1]} with R dividing "
-                            f"out_features = {self._dense_shape[0]}")
+                allowed += (", {'format': 'bsr', 'shape': [...], 'block': [R, 1]} with R dividing "
+                            f"out_features = {self._dense_shape[0]}, or {{'format': 'nm', 'shape': [...], "
+                            "'n': n}} with 1 <= n <= 8 and in_features a multiple of 8")
             return f"{key!r} must be a {allowed} dict, got {state!r}"
         if list(state.get("shape", ())) != list(self._dense_shape):
             return (
@@ -221,20 +278,21 @@ class SparseLayer(nn.Module):
             )
         return None
 
-    def _checkpoint_block_rows(self, state_dict: Dict[str, Any], prefix: str) -> int:
-        """The block height of the checkpoint under ``prefix``: its extra state's, else from the
-        values' shape (2-D values are blocks), else this layer's."""
+    def _checkpoint_layout(self, state_dict: Dict[str, Any], prefix: str) -> Tuple[int, int]:
+        """The (block height, N:8 slots) of the checkpoint under ``prefix``: its extra state's, else
+        from the values' shape (2-D values are blocks), else this layer's."""
         state = state_dict.get(prefix + "_extra_state")
         if state is not None:
-            return self._state_block_rows(state) or self.block_rows
+            return self._state_layout(state) or (self.block_rows, self.nm)
         values = state_dict.get(prefix + "values")
         if isinstance(values, Tensor) and values.dim() == 2:
-            return values.shape[1]
-        return self.block_rows
+            return values.shape[1], 0
+        return self.block_rows, self.nm
 
-    def _packed_errors(self, state_dict: Dict[str, Any], prefix: str, r: int) -> List[str]:
-        """Everything wrong with the packed tensors under ``prefix`` for block height ``r`` (1:
-        CSR; empty list: loadable)."""
+    def _packed_errors(self, state_dict: Dict[str, Any], prefix: str, layout: Tuple[int, int]) -> List[str]:
+        """Everything wrong with the packed tensors under ``prefix`` for ``layout`` (block height,
+        N:8 slots; (1, 0): CSR; empty list: loadable)."""
+        r, nm = layout
         keys = {name: prefix + name for name in ("values", "row_ptr", "col_idx", "_extra_state")}
         if keys["_extra_state"] in state_dict:
             error = self._extra_state_error(state_dict[keys["_extra_state"]], keys["_extra_state"])
@@ -246,6 +304,8 @@ class SparseLayer(nn.Module):
             if not isinstance(tensor, Tensor) or tensor.dim() != dims:
                 return [f"{keys[name]!r} must be a {dims}-D tensor, got {describe(tensor)}"]
         row_ptr, col_idx, values = tensors["row_ptr"], tensors["col_idx"], tensors["values"]
+        if nm:
+            return self._nm_errors(keys, row_ptr, col_idx, values, nm)
         if r > 1 and (not self._blocks_allowed or values.shape[1] != r or self._dense_shape[0] % r):
             return [f"{keys['values']!r} must be [blocks, {r}] for {r}x1 blocks dividing out_features = "
                     f"{self._dense_shape[0]} (a {type(self).__name__} "
@@ -276,6 +336,26 @@ class SparseLayer(nn.Module):
             return [f"{keys['col_idx']!r} / {keys['row_ptr']!r}: {error}"]
         return []
 
+    def _nm_errors(self, keys: Dict[str, str], row_ptr: Tensor, col_idx: Tensor, values: Tensor,
+                   nm: int) -> List[str]:
+        """What is wrong with an N:8 pack with ``nm`` slots per window (empty list: loadable)."""
+        rows = self._dense_shape[0]
+        slots, chunks = self._nm_shapes(nm)
+        if not values.is_floating_point() or values.numel() != rows * slots:
+            return [f"{keys['values']!r} must be floating point with {rows * slots} entries (out_features x "
+                    f"in_features / 8 x {nm}), got {values.dtype} with {values.numel()}"]
+        if col_idx.dtype != torch.int32 or col_idx.numel() != rows * chunks:
+            return [f"{keys['col_idx']!r} must be int32 codes with {rows * chunks} entries for {nm}:8, got "
+                    f"{col_idx.dtype} with {col_idx.numel()}"]
+        regular = torch.arange(rows + 1, dtype=torch.int32, device=row_ptr.device) * slots
+        if row_ptr.dtype != torch.int32 or not torch.equal(row_ptr, regular):
+            return [f"{keys['row_ptr']!r} must be int32 [0, {slots}, {2 * slots}, ...] ({slots} slots a row)"]
+        try:
+            ops.check_nm(col_idx.reshape(rows, chunks), values.reshape(rows, slots), self._columns)
+        except ValueError as error:
+            return [f"{keys['col_idx']!r}: {error}"]
+        return []
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         if prefix + "values" not in state_dict and prefix + "weight" in state_dict:
@@ -293,27 +373,29 @@ class SparseLayer(nn.Module):
                               f"is checked as a whole before anything is copied); missing {missing}")
             return
         if all(present):
-            r = self._checkpoint_block_rows(state_dict, prefix)
-            errors = self._packed_errors(state_dict, prefix, r)
+            layout = self._checkpoint_layout(state_dict, prefix)
+            errors = self._packed_errors(state_dict, prefix, layout)
             if errors:
                 error_msgs.extend(errors)
                 return
             shape = tuple(state_dict[prefix + "values"].shape)
             with torch.no_grad():  # adopt the checkpoint's format and nnz; the base class copies into them
-                if r != self.block_rows:
-                    self.block_rows = r
-                    self.row_ptr = self.row_ptr.new_zeros(self._dense_shape[0] // r + 1)
+                if layout != (self.block_rows, self.nm):
+                    self.block_rows, self.nm = layout
+                    self.row_ptr = self.row_ptr.new_zeros(self._dense_shape[0] // self.block_rows + 1)
+                    self.col_idx = self.col_idx.new_empty(0, dtype=self._index_dtype(self.nm))
                 if tuple(self.values.shape) != shape:
                     self.values.data = self.values.new_empty(shape)
-                if self.col_idx.numel() != shape[0]:
-                    self.col_idx = self.col_idx.new_empty(shape[0])
+                entries = state_dict[prefix + "col_idx"].numel()
+                if self.col_idx.numel() != entries:
+                    self.col_idx = self.col_idx.new_empty(entries)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
 
 class SparseLinear(SparseLayer):
-    """``y = x @ W.T + bias`` with ``W`` stored in CSR form, or in R x 1 blocks (``block_rows`` = R),
-    and multiplied by the C++ kernel.
+    """``y = x @ W.T + bias`` with ``W`` stored in CSR form, in R x 1 blocks (``block_rows`` = R), or
+    with n slots in every 8 input columns (``nm`` = n, the N:8 format), and multiplied by the C++ kernel.
 
     >>> tp.prune(model, sparsity=0.9)
     >>> layer = tp.nn.SparseLinear.from_dense(model.fc)   # reads the mask (or the zeros)
@@ -321,50 +403,66 @@ class SparseLinear(SparseLayer):
     >>> tp.prune(model, sparsity=0.9, granularity="block:4x1")
     >>> tp.nn.SparseLinear.from_dense(model.fc).format    # whole 4x1 blocks: stored as blocks
     'bsr 4x1 (int16 col_idx)'
+    >>> tp.prune(model, granularity="2:4")
+    >>> tp.nn.SparseLinear.from_dense(model.fc).format    # 2 of every 4: 4 slots per 8 columns
+    'nm 4:8 (int32 codes)'
     """
 
     _blocks_allowed = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 dtype: Optional[torch.dtype] = None, device=None, block_rows: int = 1) -> None:
+                 dtype: Optional[torch.dtype] = None, device=None, block_rows: int = 1, nm: int = 0) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise TypeError(f"`{name}` must be an int >= 0, got {value!r}")
         _check_block_rows(block_rows, out_features)
+        _check_nm(nm, block_rows, in_features)
         self.in_features, self.out_features = in_features, out_features
-        self.block_rows = block_rows
+        self.block_rows, self.nm = block_rows, nm
         self._dense_shape = (out_features, in_features)
         self._init_packed(bias, dtype, device)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, block_rows: Optional[int] = None) -> "SparseLinear":
+    def from_dense(cls, linear: nn.Linear, block_rows: Optional[int] = None,
+                   nm: Optional[int] = None) -> "SparseLinear":
         """A SparseLinear that computes what ``linear`` computes (masked or with zeros).
 
-        ``block_rows``: None picks the format from the layer: R x 1 blocks (R = 8, else 4) when its
-        mask (or, unmasked, its nonzeros) is made of whole blocks and the block kernel runs on its
-        device (the CPU), else CSR. 1 forces CSR; R > 1
-        forces R x 1 blocks (a mask must then be made of whole blocks; without a mask, every
-        block holding a nonzero is stored).
+        The format, when neither ``block_rows`` nor ``nm`` is given, follows the layer's mask (or,
+        unmasked, its nonzeros) on the CPU, where those kernels run: N:8 with 4 slots when every
+        window of 8 input columns keeps at most 4 weights and nearly all keep 4 (a 2:4 or 4:8 mask;
+        see :func:`nm_pattern`), else R x 1 blocks (R = 8, else 4) when it is made of whole blocks, else CSR.
+        ``block_rows`` = 1 forces CSR and R > 1 forces R x 1 blocks (a mask must then be made of
+        whole blocks; without a mask, every block holding a nonzero is stored). ``nm`` = n forces
+        the N:8 format with n slots a window (a window must keep at most n), ``nm`` = 0 forbids it.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"`linear` must be an nn.Linear, got {type(linear).__name__}")
         cls._check_source(linear, "linear")
-        block_devices = kernel_devices("block_sparse_linear")
+        device = linear.weight.device.type
+        for name, value, op, fallback in (("block_rows", block_rows, "block_sparse_linear", "block_rows=1, CSR"),
+                                          ("nm", nm, "nm_sparse_linear", "nm=0")):
+            if value not in (None, 0, 1) and device not in kernel_devices(op):
+                raise ValueError(f"`{name}` = {value}: this build's {op} kernel runs on "
+                                 f"{', '.join(kernel_devices(op))} only; `linear` is on {linear.weight.device} "
+                                 f"(use {fallback})")
+        if nm is None:
+            nm = 0
+            if block_rows is None and device in kernel_devices("nm_sparse_linear"):
+                nm = nm_pattern(linear) or 0
         if block_rows is None:
             block_rows = 1
-            if linear.weight.device.type in block_devices:
+            if not nm and device in kernel_devices("block_sparse_linear"):
                 block_rows = block_pattern(linear) or 1
-        elif block_rows != 1 and linear.weight.device.type not in block_devices:
-            raise ValueError(f"`block_rows` = {block_rows}: this build's block-sparse kernel runs on "
-                             f"{', '.join(block_devices)} only; `linear` is on {linear.weight.device} (use "
-                             "block_rows=1, CSR)")
         sparse = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     dtype=linear.weight.dtype, device=linear.weight.device, block_rows=block_rows)
+                     dtype=linear.weight.dtype, device=linear.weight.device, block_rows=block_rows, nm=nm)
         sparse._pack(linear)
         return sparse
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.nm:
+            codes, values = self._nm_tensors()
+            return ops.nm_sparse_linear(x, codes, values, self.in_features, self.bias)
         if self.block_rows > 1:
             return ops.block_sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.in_features,
                                            self.bias)
@@ -385,6 +483,32 @@ def block_pattern(linear: nn.Linear) -> Optional[int]:
     before 4; else None. What ``SparseLinear.from_dense`` and ``tp.sparsify``'s cost model go by."""
     mask = get_mask(linear)
     return ops.block_pattern_rows(mask if mask is not None else linear.weight.detach() != 0)
+
+
+def nm_pattern(linear: nn.Linear) -> Optional[int]:
+    """4 (``NM_AUTO_SLOTS``) when ``linear``'s mask (unmasked: its nonzeros) keeps at most 4 of every
+    8 consecutive input weights (a 2:4 or 4:8 mask) with the windows nearly full (kept >=
+    ``NM_MIN_FILL`` of the slots, as an N:M mask is: a mask that happens to keep at most 4 of 8 but
+    far fewer on average would store mostly padding); else None. What ``SparseLinear.from_dense``
+    and ``tp.sparsify``'s cost model go by."""
+    mask = get_mask(linear)
+    keep = mask if mask is not None else linear.weight.detach() != 0
+    n = ops.nm_slots(keep)
+    if n is None or n > NM_AUTO_SLOTS:
+        return None
+    n = NM_AUTO_SLOTS  # a window keeping fewer than 4 pads, within the fill rule below
+    if int(keep.sum()) < NM_MIN_FILL * keep.numel() * n / ops.nm.WINDOW:
+        return None
+    return n
+
+
+def _check_nm(nm, block_rows: int, in_features: int) -> None:
+    if isinstance(nm, bool) or not isinstance(nm, int) or not 0 <= nm <= ops.nm.WINDOW:
+        raise ValueError(f"`nm` must be an int in 0..8 (0: not N:8; n: n slots in every 8 input columns), got {nm!r}")
+    if nm and block_rows != 1:
+        raise ValueError(f"`nm` = {nm} and `block_rows` = {block_rows}: a layer is stored in one format, choose one")
+    if nm and in_features % ops.nm.WINDOW:
+        raise ValueError(f"`nm` = {nm} needs in_features to be a multiple of 8, got {in_features}")
 
 
 def _check_block_rows(block_rows, out_features: int) -> None:
