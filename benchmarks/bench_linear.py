@@ -52,7 +52,12 @@ is against the level the packed weight would live in, a bound it may not reach.
 row says what the block format gains over CSR at the same pattern. Packed bytes are then
 4(N/R+1) + 2 or 4 per block + 4R per block. Files get ``_block{R}`` in their name.
 
-Writes bench_linear[_block{R}][_quick|_subgrid].json and two PNGs:
+``--nm N:M`` (M in 2, 4, 8): the weight keeps N random weights of every M consecutive inputs (the
+sparsity axis becomes 1 - N/M) and "torchprune" is ``nm_sparse_linear`` on ``pack_nm(W, 8N/M)``
+(the N:8 format: 4 bytes per value plus 4 bytes of codes per 8 values); "tp CSR" again runs the
+same weight through ``sparse_linear``. Files get ``_nm{N}of{M}`` in their name.
+
+Writes bench_linear[_block{R}|_nm{N}of{M}][_quick|_subgrid].json and two PNGs:
 
 * .png: one panel per M, speedup over the best dense product (F.linear or numpy) against sparsity,
   torchprune solid and torch CSR dotted, one color per shape, the ideal 1/(1-s) and, at M = 1, the
@@ -182,6 +187,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def nm_ratio(text: str) -> tuple:
+    """"N:M" with M in 2, 4, 8 and 0 < N < M, as (N, M). An argparse type."""
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+        n = m = 0
+    if m not in (2, 4, 8) or not 0 < n < m:
+        raise argparse.ArgumentTypeError(f"expected N:M with M in 2, 4, 8 and 0 < N < M, got {text!r}")
+    return n, m
+
+
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     """bench_linear's own options: a sub-grid, and the per-case time budget (CPU)."""
     parser.add_argument("--shapes", type=shape_list, help="weights to run, OUTxIN comma-separated "
@@ -192,6 +208,8 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
                         "(e.g. 0.7,0.9); default 0.5,0.7,0.8,0.9,0.95")
     parser.add_argument("--block", type=int, choices=(2, 4, 8), help="prune in whole Rx1 blocks and time the "
                         "block-sparse kernel (also against torchprune CSR on the same weight)")
+    parser.add_argument("--nm", type=nm_ratio, help="N:M (M in 2, 4, 8): keep N of every M inputs and time the "
+                        "N:8 kernel (also against torchprune CSR on the same weight); replaces --sparsities")
     parser.add_argument("--case-seconds", type=positive_seconds, default=10.0,
                         help="about how long the repeats of one case may take (CPU; default 10)")
     parser.add_argument("--slow-seconds", type=positive_seconds, default=3.0,
@@ -201,19 +219,24 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
 def grid_of(args) -> dict:
     """The grid to run: the full (or --quick) one with each axis given on the command line replaced."""
     base = QUICK if args.quick else GRID
-    return {axis: getattr(args, axis) or base[axis] for axis in ("shapes", "batches", "sparsities")}
+    grid = {axis: getattr(args, axis) or base[axis] for axis in ("shapes", "batches", "sparsities")}
+    if getattr(args, "nm", None):
+        grid["sparsities"] = [1 - args.nm[0] / args.nm[1]]
+    return grid
 
 
 def result_name(args, device: str = "") -> str:
     """bench_linear[_cuda][_quick][_subgrid]: a sub-grid never overwrites a full run's files."""
     subgrid = any(getattr(args, axis, None) for axis in ("shapes", "batches", "sparsities"))
     block = f"_block{args.block}" if getattr(args, "block", None) else ""
+    if getattr(args, "nm", None):
+        block = f"_nm{args.nm[0]}of{args.nm[1]}"
     return "bench_linear" + (f"_{device}" if device else "") + block + ("_quick" if args.quick else "") + (
         "_subgrid" if subgrid else "")
 
 
-def make_runners(shape, batch, sparsity, seed=0, block=None):
-    """The four ways of computing the same product (five with ``block``), each a no-argument closure;
+def make_runners(shape, batch, sparsity, seed=0, block=None, nm=None):
+    """The four ways of computing the same product (five with ``block`` or ``nm``), each a no-argument closure;
     a checker (every candidate on the first CHECK_ROWS rows of x against float64); and the packed
     weight's bytes and nonzeros."""
     generator = torch.Generator().manual_seed(seed)
@@ -221,6 +244,11 @@ def make_runners(shape, batch, sparsity, seed=0, block=None):
     weight = torch.randn(shape, generator=generator)
     if block:
         kept = random_mask((out_features // block, in_features), sparsity, generator).repeat_interleave(block, 0)
+    elif nm:
+        n, m = nm
+        scores = torch.rand(out_features, in_features // m, m, generator=generator)
+        chosen = scores.topk(n, dim=-1).indices
+        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True).reshape(shape)
     else:
         kept = random_mask(shape, sparsity, generator)
     weight[~kept] = 0.0
@@ -232,6 +260,8 @@ def make_runners(shape, batch, sparsity, seed=0, block=None):
     row_ptr, col_idx, values = packed = _ops.pack_csr(weight)
     if block:
         block_ptr, block_col, block_values = packed = _ops.pack_bsr(weight, block)
+    if nm:
+        nm_codes, nm_values = packed = _ops.pack_nm(weight, 8 * nm[0] // nm[1], kept)
     weight_np = weight.numpy()
 
     def candidates(rows):
@@ -247,6 +277,9 @@ def make_runners(shape, batch, sparsity, seed=0, block=None):
             run["tp CSR"] = run["torchprune"]
             run["torchprune"] = lambda: _ops.block_sparse_linear(rows, block_ptr, block_col, block_values,
                                                                  in_features)
+        if nm:
+            run["tp CSR"] = run["torchprune"]
+            run["torchprune"] = lambda: _ops.nm_sparse_linear(rows, nm_codes, nm_values, in_features)
         return run
 
     def check():
@@ -293,7 +326,7 @@ def case_row(shape, batch, sparsity, med, timing, packed_bytes, nonzeros, stream
     row["speedup vs best dense"] = best_dense / tp
     row["speedup vs torch CSR"] = med["torch CSR"] / tp
     row["torch CSR vs best dense"] = best_dense / med["torch CSR"]
-    if "tp CSR" in med:  # --block: the block format against torchprune's CSR on the same weight
+    if "tp CSR" in med:  # --block / --nm: the format against torchprune's CSR on the same weight
         row["speedup vs tp CSR"] = med["tp CSR"] / tp
     useful, dense = 2 * batch * nonzeros, 2 * batch * out_features * in_features
     activations = 4 * batch * (in_features + out_features)  # x read, y written
@@ -338,8 +371,8 @@ def main(argv=None) -> None:
                       default_repeats=15, add_arguments=add_grid_arguments)
     grid = grid_of(args)
     if args.device == "cuda":
-        if args.block:
-            raise SystemExit("--block: the block-sparse kernel runs on the CPU only")
+        if args.block or args.nm:
+            raise SystemExit("--block / --nm: the block-sparse and N:8 kernels run on the CPU only")
         return main_cuda(args, grid)
     info = machine_info()
     print(f"machine: {describe(info)}; fp32")
@@ -357,7 +390,8 @@ def main(argv=None) -> None:
         for batch in grid["batches"]:
             for sparsity in grid["sparsities"]:
                 case_start = time.perf_counter()
-                runners, check, packed_bytes, nonzeros = make_runners(shape, batch, sparsity, block=args.block)
+                runners, check, packed_bytes, nonzeros = make_runners(shape, batch, sparsity, block=args.block,
+                                                                      nm=args.nm)
                 check()
                 med, *timing = time_case(runners, args)
                 row = case_row(shape, batch, sparsity, med, timing, packed_bytes, nonzeros, stream)

@@ -48,6 +48,9 @@ owns its copy of the model and its optimizer, so the steps really train.
 ``--granularity block:4x1`` (or block:8x1) prunes whole R x 1 blocks instead of single weights, so
 that sparsify stores them in the block format (``tp.nn.SparseLinear`` "bsr"); files get
 ``_block4x1`` in their name. Its accuracy cost: bench_oneshot.py with the same option.
+``--granularity 2:4`` (or 1:4, 4:8, 2:8, 1:8) keeps N of every M inputs, so that sparsify stores the
+layers in the N:8 format ("nm"); the sparsity is then 1 - N/M (``--sparsities`` is ignored) and files
+get ``_24`` in their name.
 
 Prints the machine, then a table per model; writes bench_transformer[_block4x1][_quick].json and .png
 (speedup against sparsity, a panel per model, a colour per batch, the Amdahl ceiling dashed).
@@ -89,6 +92,7 @@ from _encoder import load_encoder, missing_packages, skip_message  # noqa: E402
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 BATCHES = (1, 8)
 TOKENS = 128
+GRANULARITIES = ("weight", "block:4x1", "block:8x1", "2:4", "1:4", "4:8", "2:8", "1:8")
 SEED = 0
 QUICK = {"models": ("minilm",), "sparsities": (0.9,), "batches": (1,)}
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
@@ -186,9 +190,18 @@ def other_linears(model: nn.Module) -> List[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in pruned]
 
 
+def nm_ratio(granularity: str) -> Optional[float]:
+    """The sparsity an N:M granularity fixes (1 - N/M), None for the others."""
+    if ":" not in granularity or granularity.startswith("block"):
+        return None
+    n, m = (int(part) for part in granularity.split(":"))
+    return 1 - n / m
+
+
 def pruned_copy(dense: nn.Module, sparsity: float, granularity: str = "weight") -> nn.Module:
     """A copy of ``dense`` with its encoder Linears pruned to ``sparsity`` by magnitude (masked)."""
-    return tp.prune(copy.deepcopy(dense), sparsity=sparsity, exclude=other_linears(dense), granularity=granularity)
+    amount = {} if nm_ratio(granularity) is not None else {"sparsity": sparsity}  # N:M fixes the sparsity
+    return tp.prune(copy.deepcopy(dense), **amount, exclude=other_linears(dense), granularity=granularity)
 
 
 def token_inputs(model: nn.Module, batch: int, tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -329,8 +342,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="sparsities of the fine-tuning step (default 0.9; none with --quick or an "
                              "empty list)")
     parser.add_argument("--train-batch", type=int, default=TRAIN_BATCH, help="batch of the fine-tuning step")
-    parser.add_argument("--granularity", default="weight", choices=("weight", "block:4x1", "block:8x1"),
-                        help="prune single weights (default) or whole Rx1 blocks (the block-sparse format)")
+    parser.add_argument("--granularity", default="weight", choices=GRANULARITIES,
+                        help="prune single weights (default), whole Rx1 blocks (the block-sparse format) or N "
+                             "of every M inputs (the N:8 format; the sparsities become 1 - N/M)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"models": tuple(MODELS), "sparsities": SPARSITIES, "batches": BATCHES}
     for field in ("models", "sparsities", "batches"):
@@ -344,6 +358,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{option.replace('_', '-')} must be in (0, 1), got {getattr(args, option)}")
     if args.quick:
         args.repeats = min(args.repeats, 3)
+    if nm_ratio(args.granularity) is not None:
+        args.sparsities = [nm_ratio(args.granularity)]
+        args.train_sparsities = args.train_sparsities and [nm_ratio(args.granularity)]
     return args
 
 
