@@ -126,11 +126,14 @@ def test_fixed_sizes_are_detected():
     assert not group_of(graph, ("conv", "weight", 0)).prunable
 
 
-def test_grouped_conv_is_fixed():
+def test_grouped_conv_output_channel_j_of_every_group_is_one_unit():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 2, 1))
     graph = DependencyGraph(model, torch.randn(1, 4, 6, 6))
     g = group_of(graph, ("0", "weight", 0))
-    assert not g.prunable and any("grouped" in r for r in g.reasons)
+    assert g.prunable and g.exact and len(g) == 4  # 8 output channels in 2 groups: 4 units of 2
+    rows = g.indices[("0", "weight", 0)]  # (units, k): unit j holds row j of each group
+    assert rows.shape == (4, 2) and torch.equal(rows[:, 1] - rows[:, 0], torch.full((4,), 4))
+    assert torch.equal(rows, g.indices[("2", "weight", 1)])
 
 
 def test_untraceable_model_is_recorded_or_a_clear_error():

@@ -143,7 +143,8 @@ def register_layer_type(cls: type, *, couple: Union[str, Couple] = "transform", 
 
     * ``"transform"`` (a Linear-like layer): its input channels along ``channel_dim`` index the
       ``inputs`` members, and it makes new output channels that index the ``outputs`` members
-      (a grouped layer, attribute ``groups`` > 1, keeps its channels);
+      (a grouped layer, attribute ``groups`` > 1, keeps its channels; torch's grouped convs lose
+      the same channels in every group);
     * ``"per_channel"`` (a norm-like layer): its output has its input's channels, which index the
       ``outputs`` members;
     * or a function ``couple(tracer, entry, name, module, args, values, out) -> label`` (see the
@@ -205,8 +206,9 @@ def _record(tracer, name: str, module: nn.Module, members: Sequence[Member], ids
 
 
 def couple_transform(tracer, entry: LayerType, name: str, module: nn.Module, args, values, out) -> Any:
-    """A layer that reads its input's channels and makes new ones (Linear, conv, conv-transpose).
-    A grouped layer keeps its channels, but a depthwise one passes channel c in to channel c out."""
+    """A layer that reads its input's channels and makes new ones (Linear, conv). A depthwise conv
+    passes channel c in to channel c out; a grouped conv loses the same channels in every group
+    (`same_in_every_group`); a grouped layer of another kind keeps its channels."""
     labels, kind = tracer.labels, type(module).__name__
     dim = entry.channel_dim
     ids = labels.reduce_to_dim(args[0], dim, values[0].shape, f"{kind} {name!r} input")
@@ -216,6 +218,11 @@ def couple_transform(tracer, entry: LayerType, name: str, module: nn.Module, arg
         fresh = labels.fresh([out.shape[dim]])
     elif entry.depthwise and groups == module.in_channels == module.out_channels:
         fresh = ids
+    elif entry.depthwise and ids.numel() % groups == 0 and out.shape[dim] % groups == 0:
+        # grouped (ResNeXt, RegNet): input channel j of every group is one unit, and so is output
+        # channel j of every group, so every group loses the same channels and `groups` stays valid
+        _record(tracer, name, module, entry.inputs, same_in_every_group(labels, ids, groups, f"{kind} {name!r}"))
+        fresh = labels.fresh([out.shape[dim] // groups]).repeat(groups)
     else:
         reason = f"grouped {kind} {name!r} (groups={groups}) keeps its channels"
         labels.freeze(ids, reason)
@@ -223,6 +230,29 @@ def couple_transform(tracer, entry: LayerType, name: str, module: nn.Module, arg
         labels.freeze(fresh, reason)
     _record(tracer, name, module, entry.outputs, fresh)
     return channel_label(fresh, out.dim(), dim % out.dim())
+
+
+def same_in_every_group(labels, ids: torch.Tensor, groups: int, what: str) -> torch.Tensor:
+    """Unifies position j of each of ``groups`` equal groups of ``ids`` (channel j of every group is
+    removed with the others or not at all); returns one id per position in a group. A position that
+    is fixed in some group and not in another is frozen in all."""
+    grid = ids.view(groups, -1)
+    labels.unify(grid, grid[:1].expand_as(grid))
+    mixed = (grid < 0).any(0) & (grid >= 0).any(0)
+    if mixed.any():
+        labels.freeze(grid[:, mixed].reshape(-1), f"{what}: a channel is fixed in some of its groups")
+    return grid.max(0).values
+
+
+def couple_group_norm(tracer, entry: LayerType, name: str, module: nn.Module, args, values, out) -> Any:
+    """GroupNorm: channel j of every group is one unit (the groups stay equal, `num_groups` valid);
+    it normalizes over its group's channels, so removal is not the same as zeroing (inexact)."""
+    labels, what = tracer.labels, f"GroupNorm {name!r}"
+    ids = labels.reduce_to_dim(args[0], 1, values[0].shape, what)
+    same_in_every_group(labels, ids, module.num_groups, what)
+    labels.inexact(ids, f"{what} normalizes over these channels")
+    _record(tracer, name, module, entry.outputs, ids)
+    return args[0]
 
 
 def couple_transposed(tracer, entry: LayerType, name: str, module: nn.Module, args, values, out) -> Any:
@@ -364,6 +394,11 @@ def _resize_channel_norm(module: nn.Module) -> None:
         module.num_features = source.shape[0]
 
 
+def _resize_group_norm(module: nn.GroupNorm) -> None:
+    if module.weight is not None:
+        module.num_channels = module.weight.shape[0]
+
+
 def _resize_layer_norm(module: nn.LayerNorm) -> None:
     module.normalized_shape = (module.weight.shape[0],)
 
@@ -405,3 +440,5 @@ _TABLE.update({cls: LayerType(couple_recurrent, -1, (("weight_ih_l0", 1), ("weig
                for cls in (nn.LSTM, nn.GRU, nn.RNN)})
 _TABLE[nn.MultiheadAttention] = _ATTENTION
 _TABLE[PrunedMultiheadAttention] = replace(_ATTENTION, resize=_resize_attention)
+_TABLE[nn.GroupNorm] = LayerType(couple_group_norm, 1, (), (("weight", 0), ("bias", 0)), _resize_group_norm,
+                                 scale="weight", output_member=("weight", 0))

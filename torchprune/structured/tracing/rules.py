@@ -315,6 +315,19 @@ def layer_norm(tracer, args, kwargs, labs, klabs, out, where: str) -> torch.Tens
     return label
 
 
+def group_norm(tracer, args, kwargs, labs, klabs, out, where: str) -> torch.Tensor:
+    """``F.group_norm`` / ``torch.group_norm``: like an nn.GroupNorm, channel j of every group is one
+    unit (inexact: it normalizes over its group), the weight and bias go with the channels."""
+    x, label = args[0], labs[0] if is_tensor(labs[0]) else unowned(args[0])
+    groups = args[1] if len(args) > 1 else kwargs["num_groups"]
+    labels, where = tracer.labels, f"group_norm at {where!r}"
+    ids = labels.reduce_to_dim(label, 1, x.shape, where)
+    layer_types.same_in_every_group(labels, ids, groups, where)
+    labels.inexact(ids, f"{where} normalizes over these channels")
+    per_channel(tracer, ids, *_tensor_operands(args, kwargs, labs, klabs, 2), where)
+    return label
+
+
 def embedding(tracer, args, kwargs, labs, klabs, out, where: str) -> torch.Tensor:
     """``F.embedding(indices, weight)`` / ``torch.embedding(weight, indices)``: like an nn.Embedding,
     the output's last dim has the weight's columns (dim 1); the indices are not channels."""
@@ -334,7 +347,7 @@ def embedding(tracer, args, kwargs, labs, klabs, out, where: str) -> torch.Tenso
 #: The functional forms of layers with a rule: each labels the call like the layer.
 LAYER_FUNCTIONS = {
     F.batch_norm: batch_norm, torch.batch_norm: batch_norm, F.layer_norm: layer_norm, torch.layer_norm: layer_norm,
-    F.embedding: embedding, torch.embedding: embedding,
+    F.embedding: embedding, torch.embedding: embedding, F.group_norm: group_norm, torch.group_norm: group_norm,
 }
 
 
