@@ -215,3 +215,43 @@ def test_functional_group_norm_in_a_custom_module(tracing):
     assert model.norm.weight.shape == (6,) and model.conv.out_channels == 6
     assert model.norm.num_channels == 6  # resized as an nn.GroupNorm (the table's lookup follows the MRO)
     assert model(x).shape == (2, 4)
+
+
+class AuxHead(nn.Module):
+    """GoogLeNet's and Inception's pattern: an auxiliary classifier that runs only in training."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.body = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.aux = nn.Conv2d(8, 2, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        aux = self.aux(x).mean((2, 3)) if self.training else None
+        y = self.head(torch.relu(self.body(x)).mean((2, 3)))
+        return (y, aux) if self.training else y
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_training_only_branch_is_pruned_with_the_rest(mode):
+    """Pruned in eval mode, the run does not reach the auxiliary head; the symbolic trace in train
+    mode does, so its conv loses the stem's channels too (it used to keep them, and the pruned model
+    failed in training)."""
+    model, x = AuxHead().train(mode == "train"), image()
+    tp.prune(model, 0.5, granularity="channel", example_inputs=x)
+    assert model.stem.out_channels == model.aux.in_channels == model.body.in_channels == 4
+    model.train()
+    y, aux = model(x)
+    (y.sum() + aux.sum()).backward()
+    assert model.eval()(x).shape == (2, 2)
+
+
+def test_a_module_that_never_runs_is_named_in_a_warning():
+    class Unused(AuxHead):
+        def forward(self, x):
+            return self.head(torch.relu(self.body(torch.relu(self.stem(x)))).mean((2, 3)))
+
+    with pytest.warns(UserWarning, match=r"neither ran on `example_inputs` nor appear in torch.fx's trace: \['aux'\]"):
+        tp.prune(Unused().eval(), 0.5, granularity="channel", example_inputs=image())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any, Dict
 
 import torch
@@ -169,6 +170,43 @@ def trace(model: torch.nn.Module, example_inputs: tuple) -> LabelRecorder:
         return trace_fx(model, example_inputs, unrun)
 
 
+def _untouched(graph: fx.Graph, names) -> list:
+    """The module names among ``names`` that no node of ``graph`` calls or reads a tensor of."""
+    targets = [n.target for n in graph.nodes if n.op in ("call_module", "get_attr")]
+    return [name for name in names
+            if not any(t == name or t.startswith(name + ".") for t in targets) and not name.startswith("(")]
+
+
+def _with_training_paths(model: torch.nn.Module, graph: fx.Graph, opaque, unrun) -> fx.Graph:
+    """The graph that covers the modules that did not run: a model traced in eval mode leaves out
+    the paths it takes only in training (GoogLeNet's and Inception's auxiliary classifiers), whose
+    layers read channels that pruning removes; traced in train mode, those paths are in the graph and
+    their layers are labelled (the labelled run still runs in eval mode). Modules that neither graph
+    reaches are named in a warning: how they connect is unknown."""
+    missing = _untouched(graph, unrun)
+    if missing and not model.training:
+        before = set(vars(model))
+        with preserved_state(model):
+            model.train()
+            try:
+                training_graph = _LeafTracer(opaque).trace(model)
+            except Exception:
+                training_graph = None
+        if training_graph is not None and len(_untouched(training_graph, unrun)) < len(missing):
+            dropped, graph, missing = graph, training_graph, _untouched(training_graph, unrun)
+            added = {n.target for n in dropped.nodes if n.op == "get_attr"}  # the first trace's constants
+        else:
+            added = set(vars(model)) - before
+        for key in added:
+            if isinstance(key, str) and key.startswith("_tensor_constant") and key in vars(model):
+                delattr(model, key)
+    if missing:
+        warnings.warn(f"these modules neither ran on `example_inputs` nor appear in torch.fx's trace: {missing}; "
+                      "they are not pruned, and if they read channels that are, they will fail: pass inputs on "
+                      "which they run", stacklevel=2)
+    return graph
+
+
 def _fx_failure(model: torch.nn.Module, error: Exception) -> str:
     """Why torch.fx failed, in words: a forward behind a decorator (transformers' ``can_return_tuple``,
     ``deprecate_kwarg``: ``wrapper(*args, **kwargs)``) fails inside fx with an internal error such as
@@ -194,16 +232,19 @@ def trace_fx(model: torch.nn.Module, example_inputs: tuple, unrun=None) -> Label
             "remove the unused ones"
         ) from None
 
-    tracer = _LeafTracer()
+    tracer, opaque = _LeafTracer(), frozenset()
     try:
         graph = tracer.trace(model)
     except Exception as error:
         if tracer.failed_in is None:  # the model's own forward, not a submodule, stopped fx
             return fallback(error)
+        opaque = frozenset(_untraceable(model))
         try:
-            graph = _LeafTracer(frozenset(_untraceable(model))).trace(model)
+            graph = _LeafTracer(opaque).trace(model)
         except Exception as error:
             return fallback(error)
+    if unrun is not None:
+        graph = _with_training_paths(model, graph, opaque, unrun.modules)
     tracer = Tracer(model, graph)  # the interpreter runs the graph against the model itself
     try:
         with preserved_state(model), torch.no_grad():
