@@ -75,22 +75,31 @@ class LayerType:
 
 
 _TABLE: Dict[type, LayerType] = {}
+#: Entries of third-party layer types by "module.QualName", so that their library need not be imported.
+_BY_NAME: Dict[str, LayerType] = {}
+
+
+def _own_entry(cls: type) -> Optional[LayerType]:
+    """``cls``'s entry: registered with its class, or by its qualified name (third-party layers
+    known without importing their library, `_BY_NAME`)."""
+    entry = _TABLE.get(cls)
+    if entry is None and _BY_NAME:
+        entry = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    return entry
 
 
 def lookup(cls: type) -> Optional[LayerType]:
     """The entry of layer type ``cls``: its own, else that of the nearest registered base class."""
-    entry = _TABLE.get(cls)
-    if entry is None:
-        for base in cls.__mro__[1:]:
-            entry = _TABLE.get(base)
-            if entry is not None:
-                break
-    return entry
+    for base in cls.__mro__:
+        entry = _own_entry(base)
+        if entry is not None:
+            return entry
+    return None
 
 
 def is_registered(cls: type) -> bool:
     """True if ``cls`` itself (not a base) has an entry: the tracer keeps such a layer whole."""
-    return cls in _TABLE
+    return _own_entry(cls) is not None
 
 
 def output_channel_dim(module: nn.Module, tensor: str, dim: int) -> Optional[int]:
@@ -403,6 +412,10 @@ def _resize_layer_norm(module: nn.LayerNorm) -> None:
     module.normalized_shape = (module.weight.shape[0],)
 
 
+def _resize_transposed_linear(module: nn.Module) -> None:
+    module.nx, module.nf = module.weight.shape
+
+
 def _resize_embedding(module: nn.Embedding) -> None:
     module.embedding_dim = module.weight.shape[1]
 
@@ -442,3 +455,7 @@ _TABLE[nn.MultiheadAttention] = _ATTENTION
 _TABLE[PrunedMultiheadAttention] = replace(_ATTENTION, resize=_resize_attention)
 _TABLE[nn.GroupNorm] = LayerType(couple_group_norm, 1, (), (("weight", 0), ("bias", 0)), _resize_group_norm,
                                  scale="weight", output_member=("weight", 0))
+# transformers' Conv1D (GPT-2, GPT, ...): a Linear whose weight is stored (in, out), run as addmm
+_BY_NAME["transformers.pytorch_utils.Conv1D"] = LayerType(
+    couple_transform, -1, (("weight", 0),), (("weight", 1), ("bias", 0)), _resize_transposed_linear, ("weight",),
+    output_member=("weight", 1))

@@ -46,7 +46,10 @@ _OPERATORS = {
     "__itruediv__": (operator.itruediv, False), "__div__": (operator.truediv, False),
     "__matmul__": (operator.matmul, False), "__rmatmul__": (operator.matmul, True),
     "__getitem__": (operator.getitem, False), "__neg__": (operator.neg, False), "__len__": (builtins.len, False),
+    "__pow__": (operator.pow, False), "__rpow__": (operator.pow, True), "__ipow__": (operator.ipow, False),
 }
+# Tensor operators that torch wraps in a Python function under another name.
+_WRAPPED_OPERATORS = {torch.Tensor.__pow__: operator.pow}
 # Comparisons: a deferred check (see `Recorder.defer_checks`) goes on to their result.
 _COMPARE = {"__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__", "gt", "lt", "ge", "le", "eq", "ne",
             "__and__", "__or__", "__invert__", "logical_and", "logical_or", "logical_not", "isnan", "isfinite",
@@ -251,7 +254,9 @@ class Recorder(LabelRecorder):
                 self.branching.add(self.stack[-1])  # a submodule reads a tensor's value into Python
             return out
         method = None
-        if getattr(torch.Tensor, name, None) is func:
+        if func in _WRAPPED_OPERATORS:  # ``x ** 2``: Tensor.__pow__ is a wrapper named "pow"
+            func = _WRAPPED_OPERATORS[func]
+        elif getattr(torch.Tensor, name, None) is func:
             if name in _OPERATORS:
                 func, swapped = _OPERATORS[name]
                 if swapped:
