@@ -245,8 +245,18 @@ class LabelRecorder:
                 if isinstance(v, torch.Tensor) and values.get(id(v)) is None:
                     values[id(v)] = rules.unowned(v)
 
+            # x[index] with an integer or bool tensor index (a relative-position table read through
+            # an index buffer: BEiT, Swin, LeViT): the index stays as it is, a position to gather,
+            # not channels; its own positions cannot be removed
+            indices = set()
+            if target is operator.getitem:
+                for v, lab in zip(_flat(args[1:]), _flat(labs[1:])):
+                    if isinstance(v, torch.Tensor) and not v.is_floating_point():
+                        indices.add(id(v))
+                        self.freeze_all([lab], f"the index of x[index] at {where!r}")
+
             def env(t):
-                return values[id(t)].expand(t.shape).contiguous()
+                return t if id(t) in indices else values[id(t)].expand(t.shape).contiguous()
 
             new_args = rules.substitute(args, env)
             new_kwargs = {k: rules.substitute(v, env) for k, v in kwargs.items()}
