@@ -203,6 +203,9 @@ class LabelRecorder:
                                      [args[0], args[1] if len(args) > 1 else kwargs.get("other")], out, where)
         if target is torch.where and len(args) == 3:
             return rules.elementwise(self, list(labs), list(args), out, where)
+        if target in rules.ELEMENTWISE3 or method in rules.ELEMENTWISE3_METHODS:
+            return rules.elementwise(self, [*labs[:3], klabs.get("tensor1"), klabs.get("tensor2")],
+                                     [*args[:3], kwargs.get("tensor1"), kwargs.get("tensor2")], out, where)
         if target is F.glu:  # a * sigmoid(b) of the two halves a, b = x.chunk(2, dim)
             dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
             halves = x.chunk(2, dim)

@@ -33,6 +33,9 @@ _UNARY = {
     torch.relu, torch.relu_, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
     F.mish, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, torch.neg, operator.neg,
     torch.abs, torch.exp, torch.clamp, torch.square, torch.sqrt,
+    # F.normalize divides by the norm along a dim: a zeroed channel adds nothing to the norm, so
+    # removing it equals zeroing it whichever dim it runs along
+    F.normalize,
 }
 _UNARY_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "neg", "abs", "exp", "clamp", "clamp_", "clamp_min",
@@ -345,10 +348,39 @@ def embedding(tracer, args, kwargs, labs, klabs, out, where: str) -> torch.Tenso
     return layer_types.channel_label(ids, out.dim(), out.dim() - 1)
 
 
+#: ``input + value * t1 * t2`` (or ``/ t2``): elementwise over three operands.
+ELEMENTWISE3 = {torch.addcmul, torch.addcdiv}
+ELEMENTWISE3_METHODS = {"addcmul", "addcmul_", "addcdiv", "addcdiv_"}
+
+
+def spatial(tracer, lab: torch.Tensor, x: torch.Tensor, dims, out, what: str, where: str) -> torch.Tensor:
+    """An op that resizes only ``dims`` of ``x`` (F.pad's last dims, F.interpolate's spatial ones)
+    and leaves every other dim as it is: the label passes unchanged when no unit varies along
+    ``dims`` (the channels lie elsewhere); otherwise the positions move and the ids stay."""
+    if lab.dim() != x.dim() or any(lab.shape[d] > 1 for d in dims):
+        tracer.freeze_all([lab], f"{what} of a pruned dim at {where!r}")
+        return unowned(out)
+    return lab
+
+
+def pad(tracer, args, kwargs, labs, klabs, out, where: str) -> torch.Tensor:
+    """``F.pad(x, pad)``: pads the last len(pad) / 2 dims."""
+    x, lab = args[0], labs[0] if is_tensor(labs[0]) else unowned(args[0])
+    widths = args[1] if len(args) > 1 else kwargs["pad"]
+    return spatial(tracer, lab, x, range(x.dim() - len(widths) // 2, x.dim()), out, "pad", where)
+
+
+def interpolate(tracer, args, kwargs, labs, klabs, out, where: str) -> torch.Tensor:
+    """``F.interpolate(x, ...)``: resamples the dims after the batch and channel dims."""
+    x, lab = args[0], labs[0] if is_tensor(labs[0]) else unowned(args[0])
+    return spatial(tracer, lab, x, range(2, x.dim()), out, "interpolate", where)
+
+
 #: The functional forms of layers with a rule: each labels the call like the layer.
 LAYER_FUNCTIONS = {
     F.batch_norm: batch_norm, torch.batch_norm: batch_norm, F.layer_norm: layer_norm, torch.layer_norm: layer_norm,
     F.embedding: embedding, torch.embedding: embedding, F.group_norm: group_norm, torch.group_norm: group_norm,
+    F.pad: pad, F.interpolate: interpolate,
 }
 
 
