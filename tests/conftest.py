@@ -2,6 +2,8 @@
 
 import io
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -155,3 +157,25 @@ def assert_sparse_unchanged(layer, before):
     for key, value in tensors.items():
         assert now[key].dtype == value.dtype and now[key].shape == value.shape and torch.equal(now[key], value), key
     assert (layer.block_rows, layer.nm, layer.format, layer.get_extra_state()) == (block_rows, nm, fmt, extra)
+
+
+_SWITCHED_SCRIPT = """
+import sys
+import torch
+from torchprune import ops
+cases = torch.load(sys.argv[1])
+torch.save([getattr(ops, {op!r})(*args) for args in cases], sys.argv[2])
+print("ok")
+"""
+
+
+def run_op_switched(op, cases, switch, tmp_path):
+    """``torchprune.ops.<op>(*args)`` for every tuple of ``cases``, run in a fresh interpreter with
+    the environment variable ``switch`` set to 1 (TORCHPRUNE_PORTABLE, TORCHPRUNE_NO_AVX2: the kernels
+    are chosen once per process). Returns the outputs."""
+    torch.save(cases, tmp_path / "cases.pt")
+    done = subprocess.run([sys.executable, "-c", _SWITCHED_SCRIPT.format(op=op), str(tmp_path / "cases.pt"),
+                           str(tmp_path / "out.pt")], env=dict(os.environ, **{switch: "1"}), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    return torch.load(tmp_path / "out.pt")

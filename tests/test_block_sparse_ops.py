@@ -12,9 +12,6 @@ references, with the number of stored terms of each output as the dot length. Ba
 and gradgradcheck in float64, and the float32 gradients against those of the dense F.linear.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,11 +20,10 @@ import torch.nn.functional as F
 from torchprune import ops as _ops
 from torchprune.ops.bsr import block_pattern_rows, check_bsr, pack_bsr, unpack_bsr
 
-from conftest import avx2_kernels_on
+from conftest import avx2_kernels_on, run_op_switched
 from error_bounds import assert_close, assert_close_bounded, bilinear_references
 
 OPS = torch.ops.torchprune
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def block_weight(n, k, r, sparsity, g, dtype=torch.float32, empty_block_rows=()):
@@ -293,18 +289,6 @@ PORTABLE_CASES = [  # (r, m, n, k, sparsity)
 ]
 
 
-PORTABLE_SCRIPT = """
-import sys
-sys.path.insert(0, {here!r})
-import torch
-from torchprune import ops as _ops
-cases = torch.load(sys.argv[1])
-out = [_ops.block_sparse_linear(x, *packed, k, b) for x, packed, k, b in cases]
-torch.save(out, sys.argv[2])
-print("ok")
-"""
-
-
 @pytest.mark.parametrize("switch", ["TORCHPRUNE_PORTABLE", "TORCHPRUNE_NO_AVX2"])
 def test_portable_loop_matches_avx2(switch, tmp_path):
     g = torch.Generator().manual_seed(6)
@@ -312,16 +296,11 @@ def test_portable_loop_matches_avx2(switch, tmp_path):
     for r, m, n, k, sparsity in PORTABLE_CASES:
         w, keep = block_weight(n, k, r, sparsity, g, empty_block_rows=(1,))
         x, b = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
-        cases.append((x, pack_bsr(w, r, keep), k, b))
+        cases.append((x, *pack_bsr(w, r, keep), k, b))
         dense.append((w, keep))
-    torch.save(cases, tmp_path / "cases.pt")
-    env = dict(os.environ, **{switch: "1"})
-    done = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT.format(here=HERE), str(tmp_path / "cases.pt"),
-                           str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
-    portable = torch.load(tmp_path / "out.pt")
+    portable = run_op_switched("block_sparse_linear", cases, switch, tmp_path)
     differs = False
-    for (x, packed, k, b), (w, keep), y_portable, case in zip(cases, dense, portable, PORTABLE_CASES):
+    for (x, *packed, k, b), (w, keep), y_portable, case in zip(cases, dense, portable, PORTABLE_CASES):
         y = _ops.block_sparse_linear(x, *packed, k, b)
         assert_bounded(y, x, w, keep, b, f"AVX2 {case}")
         assert_bounded(y_portable, x, w, keep, b, f"{switch}=1 {case}")

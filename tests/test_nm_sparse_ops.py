@@ -13,9 +13,6 @@ F.linear, the value gradient gathered at the slots' columns.
 """
 
 import doctest
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,11 +21,10 @@ import torch.nn.functional as F
 from torchprune import ops as _ops
 from torchprune.ops.nm import check_nm, nm_slots, pack_nm, unpack_nm
 
-from conftest import avx2_kernels_on
+from conftest import avx2_kernels_on, run_op_switched
 from error_bounds import assert_close, assert_close_bounded, bilinear_references
 
 OPS = torch.ops.torchprune
-HERE = os.path.dirname(os.path.abspath(__file__))
 # the start of the shape errors (check_nm and the op say the same of `values`)
 CODES_SHAPE = "`codes` must be \\[out_features, ceil\\(slots / 8\\)\\]"
 VALUES_SHAPE = "`values` must be \\[out_features, in_features / 8 \\* n\\]"
@@ -222,18 +218,6 @@ PORTABLE_CASES = [  # (n, m, out, in, dtype)
 ]
 
 
-PORTABLE_SCRIPT = """
-import sys
-sys.path.insert(0, {here!r})
-import torch
-from torchprune import ops as _ops
-cases = torch.load(sys.argv[1])
-out = [_ops.nm_sparse_linear(x, codes, values, k, b) for x, codes, values, k, b in cases]
-torch.save(out, sys.argv[2])
-print("ok")
-"""
-
-
 @pytest.mark.parametrize("switch", ["TORCHPRUNE_PORTABLE", "TORCHPRUNE_NO_AVX2"])
 def test_portable_loop_matches_avx2(switch, tmp_path):
     g = torch.Generator().manual_seed(6)
@@ -243,12 +227,7 @@ def test_portable_loop_matches_avx2(switch, tmp_path):
         x, b = torch.randn(m, k, generator=g, dtype=dtype), torch.randn(out, generator=g, dtype=dtype)
         cases.append((x, *pack_nm(w, n, keep), k, b))
         dense.append((w, keep))
-    torch.save(cases, tmp_path / "cases.pt")
-    env = dict(os.environ, **{switch: "1"})
-    done = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT.format(here=HERE), str(tmp_path / "cases.pt"),
-                           str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
-    portable = torch.load(tmp_path / "out.pt")
+    portable = run_op_switched("nm_sparse_linear", cases, switch, tmp_path)
     differs = False
     for (x, codes, values, k, b), (w, keep), y_portable, case in zip(cases, dense, portable, PORTABLE_CASES):
         n, m, _, _, dtype = case

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .csr import index_dtype
+from .csr import index_dtype, weight_and_mask
 
 __all__ = ["pack_bsr", "unpack_bsr", "check_bsr", "block_sparse_linear", "block_pattern_rows"]
 
@@ -63,16 +63,11 @@ def pack_bsr(weight: Tensor, block_rows: int, mask: Optional[Tensor] = None) -> 
     """
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise ValueError(f"pack_bsr: `block_rows` must be an int >= 1, got {block_rows!r}")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"pack_bsr: `weight` must be a 2-D tensor, got {getattr(weight, 'shape', weight)!r}")
+    weight = weight_and_mask("pack_bsr", weight, mask)
     rows, cols = weight.shape
     if rows % block_rows:
         raise ValueError(f"pack_bsr: `block_rows` = {block_rows} must divide out_features = {rows}")
-    weight = weight.detach()
     if mask is not None:
-        if mask.shape != weight.shape or mask.dtype != torch.bool:
-            raise ValueError(f"pack_bsr: `mask` must be a bool tensor of the weight's shape {list(weight.shape)}, "
-                             f"got {mask.dtype} {list(mask.shape)}")
         blocks = _blocked(mask, block_rows)
         kept = blocks.any(1)
         if not _whole_blocks(blocks):

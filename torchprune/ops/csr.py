@@ -66,6 +66,17 @@ def index_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features < _MAX_SHORT_COLUMNS else torch.int32
 
 
+def weight_and_mask(op: str, weight: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """The checks every Python packer makes: ``weight`` 2-D, ``mask`` (if given) bool of its shape;
+    returns the weight detached. The errors name ``op``."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"{op}: `weight` must be a 2-D tensor, got {getattr(weight, 'shape', weight)!r}")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.shape != weight.shape or mask.dtype != torch.bool):
+        raise ValueError(f"{op}: `mask` must be a bool tensor of the weight's shape {list(weight.shape)}, "
+                         f"got {getattr(mask, 'dtype', type(mask).__name__)} {list(getattr(mask, 'shape', []))}")
+    return weight.detach()
+
+
 def _check_packed(op: str, row_ptr: Tensor, col_idx: Tensor, values: Tensor, k: int) -> None:
     torch._check(row_ptr.dim() == 1 and row_ptr.dtype == torch.int32,
                  lambda: f"{op}: `row_ptr` must be a 1-D torch.int32 tensor")

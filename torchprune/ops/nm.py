@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .csr import weight_and_mask
+
 __all__ = ["pack_nm", "unpack_nm", "check_nm", "nm_sparse_linear", "nm_slots", "WINDOW"]
 
 #: Input columns per window: one AVX2 register of fp32 x.
@@ -61,19 +63,11 @@ def pack_nm(weight: Tensor, n: Optional[int] = None, mask: Optional[Tensor] = No
     >>> values.tolist(), [(int(codes[0, 0]) >> (3 * i)) & 7 for i in range(4)]
     ([[0.0, 1.0, 2.0, 3.0]], [0, 1, 3, 4])
     """
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"pack_nm: `weight` must be a 2-D tensor, got {getattr(weight, 'shape', weight)!r}")
+    weight = weight_and_mask("pack_nm", weight, mask)
     rows, cols = weight.shape
     if cols % WINDOW:
         raise ValueError(f"pack_nm: in_features = {cols} must be a multiple of {WINDOW} (the format's windows)")
-    weight = weight.detach()
-    if mask is not None:
-        if mask.shape != weight.shape or mask.dtype != torch.bool:
-            raise ValueError(f"pack_nm: `mask` must be a bool tensor of the weight's shape {list(weight.shape)}, "
-                             f"got {mask.dtype} {list(mask.shape)}")
-        keep = mask
-    else:
-        keep = weight != 0
+    keep = mask if mask is not None else weight != 0
     most = int(_windows(keep).sum(-1).max()) if keep.numel() else 0
     if n is None:
         n = max(1, most)
