@@ -30,6 +30,7 @@ from torch import nn
 from .. import layer_types
 from ..nn.attention import PrunedMultiheadAttention
 from ..ops import compact
+from .hf_config import sync_config
 from .tracing.recorder import Member
 
 __all__ = ["PLAN_ATTRIBUTE", "record_step", "steps_of", "apply_plan", "zero_channels", "plan_from_removed",
@@ -127,6 +128,7 @@ def apply_plan(model: nn.Module, plan: Plan, modules=None) -> None:
             touched.add(module)
     for module in touched:
         layer_types.resize(modules[module])  # in_features, out_channels, num_features, ...
+    sync_config(model)  # a Hugging Face model's config follows its layers' widths
 
 
 def _widen_attention(model: nn.Module, plan: Plan) -> bool:
