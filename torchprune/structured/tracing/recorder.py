@@ -240,31 +240,7 @@ class LabelRecorder:
             first = labs[0] if isinstance(labs[0], torch.Tensor) else rules.unowned(args[0])
             new_args, new_kwargs = (first.expand(args[0].shape).contiguous(), *args[1:]), kwargs
         else:
-            values = {id(v): lab for v, lab in zip(_flat(args), _flat(labs)) if isinstance(v, torch.Tensor)}
-            for k, v in kwargs.items():  # torch.cat(tensors=..., dim=1)
-                values.update((id(t), lab) for t, lab in zip(_flat(v), _flat((klabs or {}).get(k)))
-                              if isinstance(t, torch.Tensor) and values.get(id(t)) is None)
-            for v in [*_flat(args), *_flat(kwargs)]:
-                if isinstance(v, torch.Tensor) and values.get(id(v)) is None:
-                    values[id(v)] = rules.unowned(v)
-
-            # x[index] with an integer or bool tensor index (a relative-position table read through
-            # an index buffer: BEiT, Swin, LeViT): the index stays as it is, a position to gather,
-            # not channels; its own positions cannot be removed
-            indices = set()
-            if target is operator.getitem:
-                for v, lab in zip(_flat(args[1:]), _flat(labs[1:])):
-                    if isinstance(v, torch.Tensor) and not v.is_floating_point():
-                        indices.add(id(v))
-                        self.freeze_all([lab], f"the index of x[index] at {where!r}")
-
-            def env(t):
-                return t if id(t) in indices else values[id(t)].expand(t.shape).contiguous()
-
-            new_args = rules.substitute(args, env)
-            new_kwargs = {k: rules.substitute(v, env) for k, v in kwargs.items()}
-            if target in (torch.cat, torch.concat, torch.stack):
-                self._join(target, args, kwargs, values, where)
+            new_args, new_kwargs = self._label_arguments(target, args, kwargs, labs, klabs, where)
         result = (getattr(new_args[0], method)(*new_args[1:], **new_kwargs) if method
                   else target(*new_args, **new_kwargs))
         x, lab = (args[0], labs[0]) if args else (None, None)
@@ -302,6 +278,34 @@ class LabelRecorder:
                    else name)
             labels.check(lab, dim, f"{why} along a pruned dim at {where!r}")
         return _compress_all(result)
+
+    def _label_arguments(self, target, args, kwargs, labs, klabs, where):
+        """``args`` and ``kwargs`` of a shape op on several tensors with each tensor replaced by its
+        label (an unowned one where it has none), for running the op on the labels."""
+        values = {id(v): lab for v, lab in zip(_flat(args), _flat(labs)) if isinstance(v, torch.Tensor)}
+        for k, v in kwargs.items():  # torch.cat(tensors=..., dim=1)
+            values.update((id(t), lab) for t, lab in zip(_flat(v), _flat((klabs or {}).get(k)))
+                          if isinstance(t, torch.Tensor) and values.get(id(t)) is None)
+        for v in [*_flat(args), *_flat(kwargs)]:
+            if isinstance(v, torch.Tensor) and values.get(id(v)) is None:
+                values[id(v)] = rules.unowned(v)
+
+        # x[index] with an integer or bool tensor index (a relative-position table read through an
+        # index buffer: BEiT, Swin, LeViT): the index stays as it is, a position to gather, not
+        # channels; its own positions cannot be removed
+        indices = set()
+        if target is operator.getitem:
+            for v, lab in zip(_flat(args[1:]), _flat(labs[1:])):
+                if isinstance(v, torch.Tensor) and not v.is_floating_point():
+                    indices.add(id(v))
+                    self.freeze_all([lab], f"the index of x[index] at {where!r}")
+
+        def env(t):
+            return t if id(t) in indices else values[id(t)].expand(t.shape).contiguous()
+
+        if target in (torch.cat, torch.concat, torch.stack):
+            self._join(target, args, kwargs, values, where)
+        return rules.substitute(args, env), {k: rules.substitute(v, env) for k, v in kwargs.items()}
 
     def _join(self, target, args, kwargs, values, where):
         """``torch.cat`` / ``torch.stack``: every input keeps the others' sizes along each dim but
