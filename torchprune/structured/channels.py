@@ -30,6 +30,7 @@ from ..importance.base import Requires, check_channel_form
 from ..targets import check_data_args, check_scope
 from .exclusion import Exclusion
 from .graph import DependencyGraph
+from .hf_config import sync_config
 from .plan import apply_plan, channel_step, plan_from_removed, record_step
 from .scoring import group_scores
 from .select import select
@@ -75,6 +76,7 @@ def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance
     plan = plan_from_removed(model, removed, modules, arrays=True)
     apply_plan(model, plan, modules)
     record_step(model, channel_step(plan))
+    sync_config(model, warn=True)  # apply_plan rewrote a Hugging Face config; say what it cannot hold
     return model
 
 

@@ -1,7 +1,8 @@
 """Hugging Face configs after structural pruning: the width fields a transformers config holds
-(``intermediate_size``, GPT-2's ``n_inner``, T5's ``d_ff``, BART's ``encoder_ffn_dim``, ...) are
-rewritten from the pruned layers, so that ``save_pretrained`` + ``from_pretrained`` build the pruned
-shapes and load the pruned weights.
+(``intermediate_size``, GPT-2's ``n_inner``, T5's ``d_ff``, BART's ``encoder_ffn_dim``, ...) and,
+for LLaMA-style models, the head counts (``num_attention_heads``, ``num_key_value_heads``, with
+``head_dim``) are rewritten from the pruned layers, so that ``save_pretrained`` + ``from_pretrained``
+build the pruned shapes and load the pruned weights.
 
 A config holds one width for every layer. When the pruned layers' widths differ (``scope="global"``)
 the field cannot say so: it is left as it is and a warning says to save with ``tp.save`` /
@@ -42,10 +43,46 @@ def _width(module: nn.Module):
     return None
 
 
-def sync_config(model: nn.Module) -> None:
-    """Rewrites ``model.config``'s width fields from its layers (see the module docstring); nothing
-    for a model without a known ``config.model_type``."""
+#: model_types whose attention is LLaMA's (q/k/v/o_proj, head_dim, grouped-query) and whose config
+#: says head_dim, num_attention_heads and num_key_value_heads.
+GROUPED_QUERY_TYPES = ("llama", "mistral", "qwen2")
+#: model_types whose config cannot hold fewer heads: their head size is hidden_size / heads.
+HEAD_SIZE_FROM_HIDDEN = ("bert", "roberta")
+
+
+def _sync_heads(model: nn.Module, config, problems: List[str]) -> None:
+    """Head counts after head pruning: LLaMA-style configs take them (with head_dim written out, as
+    it no longer follows from hidden_size / heads); BERT-style ones cannot, and a warning says so."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in GROUPED_QUERY_TYPES:
+        found = [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "q_proj")]
+        heads = {(m.q_proj.out_features // m.head_dim, m.k_proj.out_features // m.head_dim, m.head_dim) for m in found}
+        if len(heads) == 1:
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads.pop()
+        elif heads:
+            problems.append(_per_layer(sorted(h for h, _, _ in heads), "num_attention_heads"))
+    elif model_type in HEAD_SIZE_FROM_HIDDEN:
+        counts = {m.num_attention_heads for m in model.modules() if hasattr(m, "attention_head_size")}
+        if counts and counts != {config.num_attention_heads}:
+            problems.append(f"heads were pruned ({sorted(counts)} per layer, config: {config.num_attention_heads}); "
+                            f"a {model_type} config derives the head size from hidden_size / num_attention_heads, so "
+                            "it cannot describe them: save with tp.save and load with tp.load")
+
+
+def _per_layer(widths, field: str) -> str:
+    return (f"the pruned layers have different widths {widths}, which config.{field} cannot hold: "
+            "save_pretrained / from_pretrained would not rebuild this model; save it with tp.save and load "
+            "it with tp.load (or prune with scope='layer' for one width)")
+
+
+def sync_config(model: nn.Module, warn: bool = False) -> None:
+    """Rewrites ``model.config``'s width and head fields from its layers (see the module
+    docstring); nothing for a model without a known ``config.model_type``. ``warn``: say what the
+    config cannot hold (tp.prune does, at its end; slicing and tp.load's replay, whose steps pass
+    through mixed states, do not)."""
     config = getattr(model, "config", None)
+    problems: List[str] = []
+    _sync_heads(model, config, problems)
     fields = FFN_FIELDS.get(getattr(config, "model_type", None), ())
     for field, pattern in fields:
         widths = {_width(m) for name, m in model.named_modules() if re.search(pattern, name)}
@@ -55,6 +92,6 @@ def sync_config(model: nn.Module) -> None:
         if len(widths) == 1:
             setattr(config, field, widths.pop())
         else:
-            warnings.warn(f"the pruned layers have different widths {sorted(widths)}, which config.{field} cannot "
-                          "hold: save_pretrained / from_pretrained would not rebuild this model; save it with "
-                          "tp.save and load it with tp.load (or prune with scope='layer' for one width)", stacklevel=3)
+            problems.append(_per_layer(sorted(widths), field))
+    for problem in problems if warn else ():
+        warnings.warn(problem, stacklevel=3)

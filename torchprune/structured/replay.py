@@ -12,7 +12,8 @@ from typing import List
 from torch import nn
 
 from .blocks import replace_by_identity
-from .heads import attention_modules, remove_heads
+from .heads import attention_modules, remove_heads, units
+from .hf_config import sync_config
 from .plan import apply_plan, record_step, steps_of
 
 __all__ = ["structure_of", "replay"]
@@ -29,11 +30,12 @@ def _replay_other(model: nn.Module, step: dict, number: int) -> bool:
     if step.get("kind") == "heads":
         name, keep = step.get("module"), step.get("keep")
         module = attention_modules(model).get(name)
-        if module is None or not isinstance(keep, list) or any(not isinstance(h, int) or not 0 <= h < module.num_heads
+        if module is None or not isinstance(keep, list) or any(not isinstance(h, int) or not 0 <= h < units(module)
                                                                for h in keep):
             raise ValueError(f"`model` does not match the file: {where} keeps heads {keep} "
                              f"of attention module {name!r}")
         remove_heads(model, name, keep)
+        sync_config(model)
         return True
     if step.get("kind") == "layers":
         names = step.get("replaced")
