@@ -11,16 +11,23 @@
 
 namespace torchprune {
 
-// sparse_linear's x and packed weight (O(1): the structure walk is check_csr's, see csr.h).
-inline void check_sparse_linear(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
-                                const at::Tensor& col_idx, const at::Tensor& values,
-                                int64_t in_features) {
-  check_csr(op, row_ptr, col_idx, values, in_features, /*structure=*/false);
+// The x of a sparse Linear op (sparse_linear, block_sparse_linear, nm_sparse_linear): floating,
+// of the packed values' dtype and device, with in_features entries in its last dimension.
+inline void check_linear_input(const char* op, const at::Tensor& x, const at::Tensor& values,
+                               int64_t in_features) {
   check_floating(op, "x", x);
   check_like(op, "values", values, "x", x);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, op,
               ": `x` must have in_features = ", in_features, " entries in its last dimension, got ",
               "shape ", shape_str(x.sizes()));
+}
+
+// sparse_linear's x and packed weight (O(1): the structure walk is check_csr's, see csr.h).
+inline void check_sparse_linear(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
+                                const at::Tensor& col_idx, const at::Tensor& values,
+                                int64_t in_features) {
+  check_csr(op, row_ptr, col_idx, values, in_features, /*structure=*/false);
+  check_linear_input(op, x, values, in_features);
 }
 
 // The output shape of sparse_linear: x's shape with the last dim replaced by out_features.

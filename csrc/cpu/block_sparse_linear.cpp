@@ -133,10 +133,7 @@ Tensor block_sparse_linear_cpu(const Tensor& x, const Tensor& block_ptr, const T
                                const Tensor& values, int64_t in_features,
                                const std::optional<Tensor>& bias) {
   const int64_t r = check_bsr(kOp, block_ptr, col_idx, values, in_features);
-  check_floating(kOp, "x", x);
-  check_like(kOp, "values", values, "x", x);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": `x` must have in_features = ",
-              in_features, " entries in its last dimension, got shape ", shape_str(x.sizes()));
+  check_linear_input(kOp, x, values, in_features);
   const int64_t n = (block_ptr.numel() - 1) * r;
   if (bias.has_value()) {
     check_sparse_bias(kOp, *bias, n, "out_features", x);

@@ -38,11 +38,24 @@ TP_AVX2_INLINE float sum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// acc[t] += the 8 values of chunk c times the x values they multiply, for the T rows of x.
+template <int N, int T>
+TP_AVX2_INLINE void chunk_step(const int32_t* code, const float* v, const float* x, int64_t ldx,
+                               int64_t c, __m256 acc[T]) {
+  constexpr int64_t cols_per_chunk = 64 / N;  // 8 slots = 8 / N windows of 8 columns
+  const __m256i positions = chunk_positions(code[c]);
+  const __m256 w = _mm256_loadu_ps(v + 8 * c);
+  _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) {
+    const float* xc = x + t * ldx + c * cols_per_chunk;
+    const __m256 first = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), positions);
+    acc[t] = _mm256_fmadd_ps(w, chunk_x<N, 1>(xc, positions, first), acc[t]);
+  }
+}
+
 // N slots per window, T rows of x, U chunks unrolled.
 template <int N, int T, int U>
 TP_AVX2 void nm_kernel(const Nm<float>& a, const float* x, int64_t ldx, const float* init,
                        float* y, int64_t ldy, int64_t r0, int64_t r1) {
-  constexpr int64_t cols_per_chunk = 64 / N;  // 8 slots = 8 / N windows of 8 columns
   const int64_t full = a.slots / 8;
   for (int64_t r = r0; r < r1; ++r) {
     const int32_t* code = a.codes + r * a.chunks;
@@ -53,25 +66,10 @@ TP_AVX2 void nm_kernel(const Nm<float>& a, const float* x, int64_t ldx, const fl
     int64_t c = 0;
     for (; c + U <= full; c += U) {
       _Pragma("GCC unroll 4") for (int u = 0; u < U; ++u) {
-        const __m256i positions = chunk_positions(code[c + u]);
-        const __m256 w = _mm256_loadu_ps(v + 8 * (c + u));
-        const int64_t col = (c + u) * cols_per_chunk;
-        _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) {
-          const float* xc = x + t * ldx + col;
-          const __m256 first = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), positions);
-          acc[u][t] = _mm256_fmadd_ps(w, chunk_x<N, 1>(xc, positions, first), acc[u][t]);
-        }
+        chunk_step<N, T>(code, v, x, ldx, c + u, acc[u]);
       }
     }
-    for (; c < full; ++c) {
-      const __m256i positions = chunk_positions(code[c]);
-      const __m256 w = _mm256_loadu_ps(v + 8 * c);
-      _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) {
-        const float* xc = x + t * ldx + c * cols_per_chunk;
-        const __m256 first = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), positions);
-        acc[0][t] = _mm256_fmadd_ps(w, chunk_x<N, 1>(xc, positions, first), acc[0][t]);
-      }
-    }
+    for (; c < full; ++c) chunk_step<N, T>(code, v, x, ldx, c, acc[0]);
     _Pragma("GCC unroll 4") for (int t = 0; t < T; ++t) {
       __m256 total = acc[0][t];
       _Pragma("GCC unroll 4") for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[u][t]);

@@ -131,10 +131,7 @@ void forward(const Nm<T>& a, const Tensor& x2, const T* bias, Tensor& out) {
 Tensor nm_sparse_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& values,
                             int64_t in_features, const std::optional<Tensor>& bias) {
   const int64_t n = check_nm(kOp, codes, values, in_features);
-  check_floating(kOp, "x", x);
-  check_like(kOp, "values", values, "x", x);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": `x` must have in_features = ",
-              in_features, " entries in its last dimension, got shape ", shape_str(x.sizes()));
+  check_linear_input(kOp, x, values, in_features);
   const int64_t rows = values.size(0);
   if (bias.has_value()) {
     check_sparse_bias(kOp, *bias, rows, "out_features", x);

@@ -90,10 +90,9 @@ class SparseLayer(nn.Module):
         self.register_buffer("row_ptr", torch.zeros(rows + 1, dtype=torch.int32, device=device))
         self.register_buffer("col_idx", torch.empty(0, dtype=self._index_dtype(self.nm), device=device))
         if self.nm:
-            codes, values = ops.pack_nm(torch.zeros(self._dense_shape[0], self._columns, dtype=dtype), self.nm)
-            self.values.data = values.reshape(-1).to(device)
-            self.row_ptr = torch.arange(rows + 1, dtype=torch.int32, device=device) * values.shape[1]
-            self.col_idx = codes.reshape(-1).to(device)
+            codes, values = ops.pack_nm(torch.zeros(self._dense_shape[0], self._columns, dtype=dtype, device=device),
+                                        self.nm)
+            self.row_ptr, self.col_idx, self.values.data = self._nm_packed(codes, values)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self._dense_shape[0], dtype=dtype, device=device))
         else:
@@ -121,6 +120,14 @@ class SparseLayer(nn.Module):
         slots = self._columns // ops.nm.WINDOW * nm
         return slots, -(-slots // ops.nm.WINDOW)
 
+    def _nm_row_ptr(self, slots: int, device) -> Tensor:
+        """The N:8 format's regular row pointers: row r starts at r * slots."""
+        return torch.arange(self._dense_shape[0] + 1, dtype=torch.int32, device=device) * slots
+
+    def _nm_packed(self, codes: Tensor, values: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(row_ptr, col_idx, values) as this module stores a ``pack_nm`` result: flat codes and values."""
+        return self._nm_row_ptr(values.shape[1], values.device), codes.reshape(-1), values.reshape(-1)
+
     def _nm_tensors(self) -> Tuple[Tensor, Tensor]:
         """(codes, values) as the 2-D tensors nm_sparse_linear takes (views: values stays a leaf's view)."""
         rows = self._dense_shape[0]
@@ -144,9 +151,7 @@ class SparseLayer(nn.Module):
         rows = weight.shape[0]
         weight, mask = weight.reshape(rows, self._columns), None if mask is None else mask.reshape(rows, self._columns)
         if self.nm:
-            codes, values = ops.pack_nm(weight, self.nm, mask)
-            row_ptr = torch.arange(rows + 1, dtype=torch.int32, device=weight.device) * values.shape[1]
-            col_idx, values = codes.reshape(-1), values.reshape(-1)
+            row_ptr, col_idx, values = self._nm_packed(*ops.pack_nm(weight, self.nm, mask))
         elif self.block_rows == 1:
             row_ptr, col_idx, values = ops.pack_csr(weight, mask)
         else:
@@ -348,8 +353,7 @@ class SparseLayer(nn.Module):
         if col_idx.dtype != torch.int32 or col_idx.numel() != rows * chunks:
             return [f"{keys['col_idx']!r} must be int32 codes with {rows * chunks} entries for {nm}:8, got "
                     f"{col_idx.dtype} with {col_idx.numel()}"]
-        regular = torch.arange(rows + 1, dtype=torch.int32, device=row_ptr.device) * slots
-        if row_ptr.dtype != torch.int32 or not torch.equal(row_ptr, regular):
+        if row_ptr.dtype != torch.int32 or not torch.equal(row_ptr, self._nm_row_ptr(slots, row_ptr.device)):
             return [f"{keys['row_ptr']!r} must be int32 [0, {slots}, {2 * slots}, ...] ({slots} slots a row)"]
         try:
             ops.check_nm(col_idx.reshape(rows, chunks), values.reshape(rows, slots), self._columns)
