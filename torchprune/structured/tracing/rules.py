@@ -356,7 +356,8 @@ ELEMENTWISE3_METHODS = {"addcmul", "addcmul_", "addcdiv", "addcdiv_"}
 def spatial(tracer, lab: torch.Tensor, x: torch.Tensor, dims, out, what: str, where: str) -> torch.Tensor:
     """An op that resizes only ``dims`` of ``x`` (F.pad's last dims, F.interpolate's spatial ones)
     and leaves every other dim as it is: the label passes unchanged when no unit varies along
-    ``dims`` (the channels lie elsewhere); otherwise the positions move and the ids stay."""
+    ``dims`` (the channels lie elsewhere); otherwise the op moves pruned positions, so they are
+    frozen and the output is unowned."""
     if lab.dim() != x.dim() or any(lab.shape[d] > 1 for d in dims):
         tracer.freeze_all([lab], f"{what} of a pruned dim at {where!r}")
         return unowned(out)
