@@ -13,64 +13,14 @@ from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 
+# Machine description: one copy, in the package (the compress command prints it too).
+from torchprune.analysis.machine import cpu_fields, describe, machine_info, vector_isa  # noqa: F401
+
 # The one timing helper (warm-up, round-robin, medians), shared with tp.sparsify and the report;
 # the scripts import it from here.
 from torchprune.timing import medians, sample_interleaved, time_interleaved, warm_up  # noqa: F401
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def cpu_fields() -> Dict[str, str]:
-    """The first CPU's /proc/cpuinfo fields (empty off Linux)."""
-    fields: Dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return fields
-
-
-def vector_isa(flags: str) -> str:
-    """The widest vector units the kernels can use, from the cpuinfo flags: the same model name
-    ("AMD EPYC") covers a Zen 3 with AVX2 only and a Zen 4 with AVX-512, and the kernels differ."""
-    have = set(flags.split())
-    if "avx512f" in have:
-        return "AVX-512" + (" + AMX" if "amx_tile" in have else "")
-    return "AVX2" if "avx2" in have else "no AVX2"
-
-
-def machine_info() -> dict:
-    """CPU model (name, family/model, vector ISA), torch threads and library versions: what a
-    reader needs to compare a table."""
-    fields = cpu_fields()
-    cpu = fields.get("model name") or platform.processor() or platform.machine()
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-    if "cpu family" in fields:
-        info["cpu_id"] = f"family {fields['cpu family']} model {fields.get('model', '?')}"
-        info["isa"] = vector_isa(fields.get("flags", ""))
-    try:
-        import numpy
-
-        info["numpy"] = numpy.__version__
-        blas = numpy.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
-        info["numpy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:  # numpy missing, or an old numpy without mode="dicts"
-        pass
-    return info
-
-
-def describe(info: dict) -> str:
-    cpu = info["cpu"] + (f" ({info['cpu_id']}, {info['isa']})" if "cpu_id" in info else "")
-    text = f"{cpu}, {info['threads']} threads, torch {info['torch']}"
-    if "numpy" in info:
-        text += f", numpy {info['numpy']} ({info.get('numpy_blas', '?')})"
-    return text
 
 
 def set_threads(threads: int) -> Optional[object]:
