@@ -13,6 +13,7 @@ from .io import load, save
 from .masking import make_permanent, masks
 from .oneshot import prune
 from .pruner import Pruner
+from .recovery import recalibrate_bn, recover
 
 # importing from the module torchprune.sensitivity loads it now, so that the function bound here hides
 # it for good (a later `import torchprune.sensitivity` would otherwise rebind tp.sensitivity)
@@ -39,4 +40,6 @@ __all__ = [
     "sensitivity",
     "allocate",
     "Inputs",
+    "recover",
+    "recalibrate_bn",
 ]

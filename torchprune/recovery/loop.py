@@ -1,0 +1,371 @@
+"""tp.recover(): win back what pruning cost by distilling the dense model into the pruned one.
+
+The usual recipe for a pretrained model without labels (Sanh et al. 2020, Kurtic et al. 2022):
+the dense model is the teacher, the pruned model the student, and the student learns to give the
+teacher's outputs back on unlabeled inputs. With a `tp.Pruner` on the student the sparsity rises
+along its schedule during the same loop (gradual pruning, optionally after a one-shot start such as
+SparseGPT's); without one the masks stay as they are and only the surviving weights move. A
+sparsified student (``tp.sparsify``) trains through the sparse kernels' backward in the same way.
+
+    student = copy.deepcopy(teacher)
+    tp.prune(student, 0.5, importance="sparsegpt", data=calibration)           # optional start
+    pruner = tp.Pruner(student, 0.8, tp.schedules.Cubic(end=600, every=30, initial=0.5))
+    tp.recover(student, teacher, batches, steps=1000, pruner=pruner, loss="embedding",
+               checkpoint="recover.pt")
+
+What one step does: the teacher's output under ``no_grad``, the student's, the loss (a kind of
+`distillation_loss`, or your callable), ``backward``, the optimizer's step, the learning rate's
+step, then ``pruner.step()``. The default optimizer is AdamW (no weight decay: it would shrink the
+surviving weights towards the pruned ones) with a linear warm-up over the first 5% of the steps and
+a cosine decay to a tenth of ``lr``.
+
+A checkpoint (written every ``checkpoint_every`` steps and at the end, atomically) holds the
+student's and the optimizer's state, the learning rate's, the Pruner's, the random states and the
+position in ``data``; a later call with the same arguments and the same checkpoint path resumes from
+it and ends where an uninterrupted run would have ended, bit for bit on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..calibration import batches as split_batches
+from ..calibration import call
+from ..pruner import Pruner
+from ..state import preserved_state
+from .losses import KINDS, distillation_loss, output_tensor, token_mask
+
+__all__ = ["recover", "Recovery"]
+
+_CHECKPOINT_VERSION = 1
+WARMUP = 0.05  # of the steps, for the default optimizer's learning rate
+FLOOR = 0.1  # the cosine decay ends at FLOOR * lr
+
+LossFn = Callable[[Any, Any, Any], torch.Tensor]
+
+
+@dataclass
+class Recovery:
+    """What `recover` did: ``history`` has one row per logged step (``step``, ``loss``, ``lr``,
+    ``sparsity`` when a Pruner drives it, ``seconds`` since the call began); ``resumed_from`` is the
+    step the checkpoint held (None: started afresh)."""
+
+    steps: int
+    history: List[Dict[str, float]] = field(default_factory=list)
+    resumed_from: Optional[int] = None
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> Optional[float]:
+        return self.history[-1]["loss"] if self.history else None
+
+
+def _check_arguments(student, teacher, data, steps, pruner, loss, lr, checkpoint_every, log_every) -> None:
+    for value, what in ((student, "student"), (teacher, "teacher")):
+        if not isinstance(value, nn.Module):
+            raise TypeError(f"`{what}` must be a torch.nn.Module, got {type(value).__name__}")
+    if student is teacher:
+        raise ValueError("`teacher` must be a separate model from `student` (keep a dense copy: "
+                         "copy.deepcopy(model) before pruning)")
+    if iter(data) is data:
+        raise TypeError("`data` must be re-iterable (a list of batches or a DataLoader), got a one-pass "
+                        f"iterator ({type(data).__name__}): recovery goes over it as many times as the steps need")
+    for value, what in ((steps, "steps"), (checkpoint_every, "checkpoint_every"), (log_every, "log_every")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"`{what}` must be a positive int, got {value!r}")
+    if pruner is not None:
+        if not isinstance(pruner, Pruner):
+            raise TypeError(f"`pruner` must be a tp.Pruner or None, got {type(pruner).__name__}")
+        if pruner.model is not student and getattr(student, "module", None) is not pruner.model:
+            raise ValueError("`pruner` must prune `student` (it was built on another model)")
+    if not callable(loss) and loss not in KINDS:
+        raise ValueError(f"`loss` must be one of {', '.join(map(repr, KINDS))} or a callable "
+                         f"(student_output, teacher_output, inputs) -> scalar, got {loss!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+        raise ValueError(f"`lr` must be a positive number, got {lr!r}")
+
+
+def _warmup_cosine(steps: int) -> Callable[[int], float]:
+    """The default learning-rate factor: linear warm-up over `WARMUP` of the steps, then a cosine
+    decay from 1 to `FLOOR` at the last step."""
+    warmup = max(1, round(WARMUP * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _Cycle:
+    """The inputs of ``data``'s batches, round after round, with a position that a checkpoint can
+    restore: the round, the batches taken in it, and torch's random state when the round began
+    (a shuffling DataLoader draws its order from it, so the round is drawn again the same)."""
+
+    def __init__(self, data: Iterable, model: nn.Module):
+        self.data, self.model = data, model
+        self.round, self.taken = 0, 0
+        self.round_rng = torch.get_rng_state()
+        self._iterator: Optional[Iterator] = None
+
+    def _start(self, skip: int) -> None:
+        current = torch.get_rng_state()
+        torch.set_rng_state(self.round_rng)
+        self._iterator = split_batches(self.data, targets=False, model=self.model)
+        for _ in range(skip):
+            next(self._iterator)
+        if skip:
+            torch.set_rng_state(current)
+
+    def __next__(self):
+        if self._iterator is None:
+            self._start(self.taken)
+        try:
+            inputs, _ = next(self._iterator)
+        except StopIteration:
+            if self.taken == 0:
+                raise ValueError("`data` yielded no batch") from None
+            self.round, self.taken = self.round + 1, 0
+            self.round_rng = torch.get_rng_state()
+            self._start(0)
+            inputs, _ = next(self._iterator)
+        self.taken += 1
+        return inputs
+
+    def state(self) -> dict:
+        return {"round": self.round, "taken": self.taken, "round_rng": self.round_rng}
+
+    def load(self, state: dict) -> None:
+        self.round, self.taken, self.round_rng = state["round"], state["taken"], state["round_rng"]
+        self._iterator = None
+
+
+def _check_layer_names(model: nn.Module, names: Sequence[str], argument: str) -> None:
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise ValueError(f"`layers` names modules that `{argument}` does not have: {missing}")
+
+
+class _LayerOutputs:
+    """Forward hooks that keep the output tensor of each named module of a model (names checked
+    by `_check_layer_names`), for the intermediate-layer terms of the loss."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        modules = dict(model.named_modules())
+        self.outputs: Dict[str, torch.Tensor] = {}
+        self.handles = [modules[name].register_forward_hook(self._keeper(name)) for name in names]
+
+    def _keeper(self, name: str):
+        def keep(module, inputs, output):
+            self.outputs[name] = output_tensor(output)
+        return keep
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _step_loss(loss, student_out, teacher_out, inputs, output, temperature, layers, student_layers,
+               teacher_layers) -> torch.Tensor:
+    if callable(loss):
+        value = loss(student_out, teacher_out, inputs)
+    else:
+        value = distillation_loss(output_tensor(student_out, output), output_tensor(teacher_out, output), loss,
+                                  token_mask(inputs), temperature)
+    mask = token_mask(inputs)
+    for name in layers:  # normalized MSE of each intermediate output, over the kept tokens
+        value = value + distillation_loss(student_layers.outputs[name], teacher_layers.outputs[name], "mse",
+                                          mask if _positions_match(mask, student_layers.outputs[name]) else None)
+    return value
+
+
+def _positions_match(mask: Optional[torch.Tensor], tensor: torch.Tensor) -> bool:
+    return mask is not None and tensor.dim() == mask.dim() + 1 and tuple(tensor.shape[:-1]) == tuple(mask.shape)
+
+
+def _random_states() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_random_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+
+
+def _save(path: str, state: dict) -> None:
+    """Writes ``state`` to ``path`` through a temporary file, so an interrupted write never leaves a
+    broken checkpoint in its place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = path + ".partial"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Iterable,
+    steps: int,
+    pruner: Optional[Pruner] = None,
+    loss: Union[str, LossFn] = "cosine",
+    output: Optional[str] = None,
+    layers: Sequence[str] = (),
+    temperature: float = 2.0,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    lr: float = 1e-4,
+    train_mode: bool = True,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+    log_every: int = 10,
+) -> Recovery:
+    """Trains ``student`` for ``steps`` steps to give ``teacher``'s outputs on ``data``; returns a `Recovery`.
+
+    ``data``: a re-iterable of input batches (tensors, tuples, dicts called as ``model(**batch)``,
+    `tp.Inputs`, or (inputs, targets) pairs whose targets are ignored), gone over as often as the
+    steps need. ``pruner``: a `tp.Pruner` on ``student``, stepped after each optimizer step.
+    ``loss``: a kind of `tp.recovery.distillation_loss` ("cosine", "mse", "kl" at ``temperature``,
+    "embedding") on the tensor ``output`` names (default: ``last_hidden_state``, else ``logits``, else
+    the output), over the tokens of the batch's ``attention_mask``; or a callable
+    ``loss(student_output, teacher_output, inputs)``. ``layers``: names of modules (the same in
+    both models) whose outputs add a normalized-MSE term each, e.g. every encoder block.
+
+    ``optimizer`` (built on ``student``'s parameters) replaces the default AdamW at ``lr`` with its
+    warm-up and cosine decay; it then keeps its own learning rate. ``train_mode=False`` runs the
+    student in eval mode (no dropout, BatchNorm statistics frozen). Both models get their train/eval
+    flags back at the end; the teacher is never changed.
+
+    ``checkpoint``: a file path; it is written every ``checkpoint_every`` steps and at the end, and
+    when it exists at the call the run resumes from it (ValueError if it was written for another
+    number of steps). ``progress`` shows a tqdm bar when tqdm is installed.
+    """
+    _check_arguments(student, teacher, data, steps, pruner, loss, lr, checkpoint_every, log_every)
+    layers = list(layers)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    if optimizer is None:
+        if not parameters:
+            raise ValueError("`student` has no parameter that requires grad: nothing to recover")
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
+    else:
+        scheduler = None
+    for model, argument in ((student, "student"), (teacher, "teacher")):
+        _check_layer_names(model, layers, argument)
+    cycle = _Cycle(data, student)
+    result = Recovery(steps=steps)
+    start = 0
+    path = None if checkpoint is None else os.fspath(checkpoint)
+    if path is not None and os.path.exists(path):
+        start = _resume(path, steps, student, optimizer, scheduler, pruner, cycle)
+        result.resumed_from = start
+    student_layers = _LayerOutputs(student, layers)
+    teacher_layers = _LayerOutputs(teacher, layers)
+    began = time.perf_counter()
+    bar = _bar(progress, steps, start)
+    try:
+        with preserved_state(teacher), preserved_state(student):
+            teacher.eval()
+            student.train(train_mode)
+            for step in range(start, steps):
+                inputs = next(cycle)
+                with torch.no_grad():
+                    teacher_out = call(teacher, inputs)
+                value = _step_loss(loss, call(student, inputs), teacher_out, inputs, output, temperature, layers,
+                                   student_layers, teacher_layers)
+                if not torch.isfinite(value):
+                    raise FloatingPointError(f"the distillation loss is {float(value.detach())} at step {step}: "
+                                             "lower `lr`")
+                value.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
+                if pruner is not None:
+                    pruner.step()
+                done = step + 1
+                if done % log_every == 0 or done == steps:
+                    row = {"step": done, "loss": float(value.detach()), "lr": optimizer.param_groups[0]["lr"],
+                           "seconds": time.perf_counter() - began}
+                    if pruner is not None:
+                        row["sparsity"] = pruner.sparsity
+                    result.history.append(row)
+                    _show(bar, row)
+                if bar is not None:
+                    bar.update(1)
+                if path is not None and (done % checkpoint_every == 0 or done == steps):
+                    _save(path, _checkpoint_state(steps, done, student, optimizer, scheduler, pruner, cycle))
+    finally:
+        student_layers.remove()
+        teacher_layers.remove()
+        if bar is not None:
+            bar.close()
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+def _checkpoint_state(steps, done, student, optimizer, scheduler, pruner, cycle) -> dict:
+    return {"format": "torchprune.recover", "version": _CHECKPOINT_VERSION, "steps": steps, "done": done,
+            "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "pruner": None if pruner is None else pruner.state_dict(),
+            "data": cycle.state(), "random": _random_states()}
+
+
+def _resume(path, steps, student, optimizer, scheduler, pruner, cycle) -> int:
+    """Loads the checkpoint at ``path`` into the run's objects; the number of steps it had done.
+    Everything is checked before anything is loaded."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # not a torch file at all: the same answer as a torch file of another kind
+        raise ValueError(f"`checkpoint` {path!r} is not a tp.recover checkpoint ({type(error).__name__})") from error
+    if not isinstance(state, dict) or state.get("format") != "torchprune.recover":
+        raise ValueError(f"`checkpoint` {path!r} is not a tp.recover checkpoint")
+    if state["steps"] != steps:
+        raise ValueError(f"`checkpoint` {path!r} belongs to a run of {state['steps']} steps, this call asks for "
+                         f"{steps}: the learning-rate schedule depends on it (pass the same steps, or another path)")
+    if (state["pruner"] is None) != (pruner is None):
+        raise ValueError(f"`checkpoint` {path!r} was written {'with' if pruner is None else 'without'} a `pruner`; "
+                         "pass the same arguments as the run that wrote it")
+    if (state["scheduler"] is None) != (scheduler is None):
+        raise ValueError(f"`checkpoint` {path!r} was written with {'the default' if scheduler is None else 'your'} "
+                         "optimizer; pass the same arguments as the run that wrote it")
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if pruner is not None:
+        pruner.load_state_dict(state["pruner"])
+    cycle.load(state["data"])
+    _set_random_states(state["random"])
+    return int(state["done"])
+
+
+def _bar(progress: bool, steps: int, start: int):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm  # optional: the bar shows only when tqdm is installed
+    except ImportError:
+        return None
+    return tqdm(total=steps, initial=start, desc="recover", leave=False)
+
+
+def _show(bar, row: dict) -> None:
+    if bar is not None:
+        shown = {"loss": f"{row['loss']:.4f}"}
+        if "sparsity" in row:
+            shown["sparsity"] = f"{row['sparsity']:.3f}"
+        bar.set_postfix(shown)
