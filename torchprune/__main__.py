@@ -1,6 +1,9 @@
-"""Command line: ``python -m torchprune demo|bench ...``.
+"""Command line: ``python -m torchprune demo|compress|bench ...``.
 
 * ``demo [--out DIR] [--quick] [--seed N] [--threads N]``: ships in the package.
+* ``compress MODEL [--sparsity S ...] [--method M] [--recover-steps N] [--text FILE] [--out DIR] ...``:
+  prune a pretrained model, recover it by distillation, sparsify it and measure it
+  (`torchprune.compress.command`); ships in the package.
 * ``bench NAME [args...]``: the benchmarks live in the source checkout, not in the package; this
   runs ``benchmarks/run.py NAME [args...]`` from the checkout this package was imported from, with
   the same interpreter, and refuses (exit status 1) where there is none (an installed wheel).
@@ -15,6 +18,7 @@ import sys
 from typing import List, Optional
 
 from . import demo
+from .compress import command as compress
 
 #: The source checkout this package was imported from (if it is one), and its benchmark launcher.
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +43,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo_parser = commands.add_parser("demo",
                                       help="prune an MLP and a CNN trained on handwritten digits; writes a report")
     demo.add_arguments(demo_parser)
+    compress_parser = commands.add_parser(
+        "compress", help="prune a pretrained model, recover it by distillation, sparsify and measure it",
+        description=compress.__doc__.split("\n\n")[0].replace("``", ""))
+    compress.add_arguments(compress_parser)
     bench_parser = commands.add_parser(
         "bench", help="run a benchmark of the source checkout: bench NAME [args...]",
         description="Runs benchmarks/run.py NAME [args...] of the source checkout with this interpreter, "
@@ -51,6 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.launcher_args:
             bench_parser.error("NAME is missing, e.g. python -m torchprune bench oneshot --quick")
         return bench(args.launcher_args)
+    if args.command == "compress":
+        return compress.run(args)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

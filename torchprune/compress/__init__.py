@@ -1,0 +1,6 @@
+"""``python -m torchprune compress``: prune, recover by distillation, sparsify and measure a
+pretrained model in one command (command.py), on text that ships with Python or the user's own.
+
+models.py loads and saves the model, workload.py builds the batches and measures quality,
+report.py writes report.md and its plot.
+"""

@@ -1,0 +1,314 @@
+"""``python -m torchprune compress MODEL``: from a pretrained model to a measured, faster, pruned one.
+
+For each sparsity asked for, starting each time from the dense model:
+
+1. prune one-shot (``--method``: magnitude, wanda or sparsegpt, the last two calibrated on
+   ``--calibration`` training texts);
+2. recover for ``--recover-steps`` steps by distillation from the dense model (`tp.recover`): the
+   loss is the sentence-embedding loss plus every transformer block's output (``--layers``, found
+   by name), on the training texts;
+3. measure quality against the dense model on held-out texts, one-shot and recovered;
+4. save (``model.pt`` for `tp.load`, and a ``save_pretrained`` folder for Hugging Face) and check
+   that the file loads back to the same outputs;
+5. sparsify (`tp.sparsify`, timed per layer at each latency shape) and time dense against sparse,
+   interleaved, at each ``--latency`` shape (batch x tokens).
+
+It writes results.json, report.md and report.png to ``--out``, one folder per sparsity.
+
+Text (Hugging Face models): ``--text FILE`` (one text per line; the first ``--heldout`` lines are
+held out), or by default the prose that ships with Python: sentences of the language reference
+(the first ``--heldout`` held out) and of the standard library's docstrings (`recovery.text`).
+A torch model (a file that torch.load gives an nn.Module) runs instead on ``--data``: a torch.load
+file with a list of input batches, the last ``--heldout`` of them held out; its latency is timed
+on the first held-out batch and on that batch's first sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import time
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from ..analysis.machine import describe, machine_info
+from ..calibration import call
+from ..masking import masks
+from ..oneshot import prune
+from ..recovery import recover
+from ..recovery import text as corpus
+from ..recovery.losses import output_tensor
+from ..sparsify import sparsify
+from ..timing import time_interleaved
+from . import report
+from .models import Loaded, fresh_dense, load_model, reload_model, save_model
+from .workload import outputs_of, quality, text_batches, token_inputs
+
+__all__ = ["add_arguments", "run"]
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+_SHAPE = re.compile(r"(\d+)x(\d+)")
+_BLOCK_NAME = re.compile(r"(^|\.)(layer|layers|h|blocks|block)\.\d+$")  # transformer blocks in a ModuleList
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a sparsity in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a sparsity must be in (0, 1), got {value}")
+    return value
+
+
+def _shape(text: str) -> str:
+    if not _SHAPE.fullmatch(text) or min(map(int, _SHAPE.fullmatch(text).groups())) < 1:
+        raise argparse.ArgumentTypeError(f"a latency shape is BATCHxTOKENS such as 1x128, got {text!r}")
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a non-negative int, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the ``compress`` command."""
+    parser.add_argument("model", metavar="MODEL",
+                        help="a Hugging Face model folder, or a torch.load-able nn.Module file")
+    parser.add_argument("--sparsity", type=_sparsity, nargs="+", default=[0.9], metavar="S",
+                        help="one or more sparsities of the pruned Linear layers (default 0.9)")
+    parser.add_argument("--method", choices=METHODS, default="sparsegpt", help="one-shot criterion (default sparsegpt)")
+    parser.add_argument("--granularity", default="weight", choices=("weight", "block:4x1", "block:8x1"),
+                        help="single weights (default) or R x 1 blocks (the block-sparse kernel's format)")
+    parser.add_argument("--recover-steps", type=_non_negative, default=1000, metavar="N",
+                        help="distillation steps after pruning, 0 for none (default 1000)")
+    parser.add_argument("--batch-size", type=_positive, default=32, help="texts per recovery step (default 32)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate of recovery (default 3e-4)")
+    parser.add_argument("--layers", choices=("auto", "none"), default="auto",
+                        help="auto: add each transformer block's output to the loss (default); none: final output only")
+    parser.add_argument("--text", metavar="FILE", help="training and held-out text, one per line "
+                                                          "(default: prose that ships with Python)")
+    parser.add_argument("--data", metavar="FILE", help="for a torch model: torch.load-able list of input batches")
+    parser.add_argument("--calibration", type=_positive, default=512,
+                        help="training texts (or batches) that calibrate wanda/sparsegpt (default 512)")
+    parser.add_argument("--heldout", type=_positive, default=256,
+                        help="held-out texts (or batches of --data) for quality (default 256)")
+    parser.add_argument("--max-tokens", type=_positive, default=128, help="tokens per text at most (default 128)")
+    parser.add_argument("--latency", type=_shape, nargs="*", default=["1x128", "8x128"], metavar="BxT",
+                        help="shapes to time dense against sparse (default 1x128 8x128; none: skip)")
+    parser.add_argument("--repeats", type=_positive, default=20, help="timed calls per model and shape (default 20)")
+    parser.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of recovery (default 0)")
+    parser.add_argument("--out", default="compressed", help="output folder (default ./compressed)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+class Workload:
+    """The batches one run needs: calibration, recovery, held-out, and the latency inputs by shape."""
+
+    def __init__(self, calibration: List[Any], training: List[Any], heldout: List[Any],
+                 latency: Dict[str, Any], description: str):
+        self.calibration, self.training, self.heldout = calibration, training, heldout
+        self.latency, self.description = latency, description
+
+
+def text_workload(loaded: Loaded, args: argparse.Namespace) -> Workload:
+    """Tokenized batches from ``--text`` or from the prose that ships with Python."""
+    if args.text:
+        training, heldout = corpus.split(corpus.text_file_sentences(args.text), args.heldout)
+        source = f"{args.text}: {len(training)} training texts, the first {len(heldout)} lines held out"
+    else:
+        reference = corpus.reference_sentences()
+        rest, heldout = corpus.split(reference, args.heldout)
+        held = set(heldout)
+        training = [s for s in corpus.docstring_sentences() if s not in held] + rest
+        source = (f"prose that ships with Python {platform.python_version()}: "
+                  f"{len(heldout)} held-out sentences of the language reference (digest {corpus.digest(heldout)}), "
+                  f"{len(training)} training sentences (standard-library docstrings and the rest of the reference)")
+    tokenizer = loaded.tokenizer
+    latency = {}
+    for shape in args.latency:
+        batch, tokens = map(int, shape.split("x"))
+        latency[shape] = token_inputs(tokenizer, heldout, batch, tokens)
+    return Workload(text_batches(tokenizer, training[:args.calibration], 16, args.max_tokens),
+                    text_batches(tokenizer, training, args.batch_size, args.max_tokens, by_length=True),
+                    text_batches(tokenizer, heldout, 32, args.max_tokens), latency, source)
+
+
+def _first_sample(value):
+    if isinstance(value, torch.Tensor):
+        return value[:1]
+    if isinstance(value, dict):
+        return {k: _first_sample(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_first_sample(v) for v in value)
+    return value
+
+
+def data_workload(args: argparse.Namespace) -> Workload:
+    """The batches of ``--data`` for a torch model: the last ``--heldout`` held out."""
+    if not args.data:
+        raise SystemExit("a torch model needs --data FILE: a torch.load-able list of input batches")
+    batches = torch.load(args.data, map_location="cpu", weights_only=False)
+    if not isinstance(batches, (list, tuple)) or len(batches) <= args.heldout:
+        raise SystemExit(f"--data must hold a list of more than --heldout {args.heldout} batches, got "
+                         f"{len(batches) if isinstance(batches, (list, tuple)) else type(batches).__name__}")
+    batches = list(batches)
+    training, heldout = batches[:-args.heldout], batches[-args.heldout:]
+    latency = {"batch 1": _first_sample(heldout[0]), "first held-out batch": heldout[0]} if args.latency else {}
+    return Workload(training[:args.calibration], training, heldout, latency,
+                    f"{args.data}: {len(training)} training batches, {len(heldout)} held out")
+
+
+def block_names(model: nn.Module) -> List[str]:
+    """The transformer blocks of ``model``: modules named ``...layer.N`` / ``layers.N`` / ``h.N`` /
+    ``blocks.N``, the repeated blocks of BERT, LLaMA, GPT-2 and ViT-style models."""
+    return [name for name, _ in model.named_modules() if _BLOCK_NAME.search(name)]
+
+
+def default_exclude(model: nn.Module) -> List[str]:
+    """Layers left dense: a BERT-style pooler, which mean pooling never reads."""
+    return ["pooler"] if isinstance(getattr(model, "pooler", None), nn.Module) else []
+
+
+def _max_diff(a: nn.Module, b: nn.Module, inputs) -> float:
+    with torch.inference_mode():
+        return float((output_tensor(call(a, inputs)) - output_tensor(call(b, inputs))).abs().max())
+
+
+def _positional(inputs) -> tuple:
+    """Example inputs for tp.sparsify's trace: a dict of token inputs as (input_ids, attention_mask)."""
+    if isinstance(inputs, dict):
+        return tuple(inputs[k] for k in ("input_ids", "attention_mask") if k in inputs)
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def measure_latency(dense: nn.Module, pruned: nn.Module, inputs, repeats: int) -> Dict[str, float]:
+    """Dense against ``tp.sparsify(pruned)`` timed at ``inputs`` (interleaved medians, inference mode)."""
+    sparse = sparsify(pruned, example_inputs=_positional(inputs))
+    layers = len(masks(pruned))
+    swapped = sum(1 for m in sparse.modules() if type(m).__name__.startswith("Sparse"))
+    with torch.inference_mode():
+        seconds = time_interleaved({"dense": lambda: call(dense, inputs), "sparse": lambda: call(sparse, inputs)},
+                                   repeats)
+    return {"dense_ms": 1e3 * seconds["dense"], "sparse_ms": 1e3 * seconds["sparse"],
+            "speedup": seconds["dense"] / seconds["sparse"], "layers": layers, "swapped": swapped,
+            "max_abs_diff": _max_diff(pruned, sparse, inputs)}
+
+
+def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
+                 args: argparse.Namespace, folder: str) -> dict:
+    """Prune, recover, measure, save and time one sparsity; the row of results.json."""
+    student = fresh_dense(loaded)
+    exclude = default_exclude(student)
+    arguments = {"importance": args.method, "exclude": exclude}
+    if args.granularity != "weight":
+        arguments["granularity"] = args.granularity
+    if args.method != "magnitude":
+        arguments["data"] = work.calibration
+    started = time.perf_counter()
+    prune(student, sparsity, **arguments)
+    row = {"sparsity": sparsity, "prune_s": time.perf_counter() - started, "recover_s": None, "recovered": None}
+    kept = [m for m in masks(student).values()]
+    row["achieved_sparsity"] = sum(int((~m).sum()) for m in kept) / max(1, sum(m.numel() for m in kept))
+    row["oneshot"] = quality(dense_outputs, outputs_of(student, work.heldout))
+    print(f"  {sparsity:.0%} one-shot {args.method}: cosine {row['oneshot']['cosine']:.4f} "
+          f"({row['prune_s']:.1f} s)", flush=True)
+    if args.recover_steps:
+        torch.manual_seed(args.seed)
+        layers = block_names(student) if args.layers == "auto" else []
+        recovery = recover(student, loaded.model, work.training, args.recover_steps, loss="embedding"
+                           if loaded.kind == "huggingface" else "cosine", layers=layers, lr=args.lr,
+                           train_mode=False, checkpoint=os.path.join(folder, "recover.pt"),
+                           progress=not args.no_progress, log_every=max(1, args.recover_steps // 50))
+        row["recover_s"], row["recover_history"] = recovery.seconds, recovery.history
+        os.remove(os.path.join(folder, "recover.pt"))  # kept only to resume an interrupted run
+        row["recovered"] = quality(dense_outputs, outputs_of(student, work.heldout))
+        print(f"  {sparsity:.0%} recovered ({args.recover_steps} steps, {recovery.seconds / 60:.1f} min): cosine "
+              f"{row['recovered']['cosine']:.4f}", flush=True)
+    row["saved"] = save_model(student, loaded, folder)
+    reloaded = reload_model(loaded, row["saved"]["tp"])
+    row["reload_max_diff"] = _max_diff(student, reloaded, work.heldout[0])
+    row["latency"] = {}
+    for shape, inputs in work.latency.items():
+        row["latency"][shape] = measure_latency(loaded.model, student, inputs, args.repeats)
+        timing = row["latency"][shape]
+        print(f"  {sparsity:.0%} {shape}: dense {timing['dense_ms']:.2f} ms, sparse {timing['sparse_ms']:.2f} ms, "
+              f"{timing['speedup']:.2f}x ({timing['swapped']}/{timing['layers']} layers sparse)", flush=True)
+    return row
+
+
+def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[str, object]:
+    layers = block_names(loaded.model) if args.layers == "auto" else []
+    return {"model": f"{loaded.name} ({type(loaded.model).__name__}, {loaded.kind})",
+            "method": f"{args.method}, granularity {args.granularity}, the same sparsity in every Linear layer"
+                      + (f" but {', '.join(default_exclude(loaded.model))}" if default_exclude(loaded.model) else ""),
+            "recovery": (f"{args.recover_steps} steps of "
+                         f"{f'{args.batch_size} texts' if loaded.kind == 'huggingface' else 'one --data batch'}, AdamW lr {args.lr} (warm-up, cosine "
+                         f"decay), loss: {'embedding' if loaded.kind == 'huggingface' else 'cosine'} + "
+                         f"{len(layers)} block outputs (normalized MSE), dropout off"
+                         if args.recover_steps else "none"),
+            "data": work.description,
+            "latency": f"{args.repeats} interleaved calls per model and shape, medians; tp.sparsify timed per layer "
+                       "at each shape"}
+
+
+def folder_name(sparsity: float) -> str:
+    """The output folder of one sparsity: s90 for 0.9, s87.5 for 0.875."""
+    return f"s{100 * sparsity:.4g}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the command with parsed ``args``; writes results.json, report.md and report.png."""
+    args.sparsity = sorted(set(args.sparsity))
+    names = [folder_name(s) for s in args.sparsity]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--sparsity values too close to tell apart in folder names: {args.sparsity}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.text and args.data:
+        raise SystemExit("give --text (a Hugging Face model) or --data (a torch model), not both")
+    info = machine_info()
+    loaded = load_model(args.model)
+    if loaded.kind == "torch" and args.text:
+        raise SystemExit("--text is for Hugging Face model folders; a torch model needs --data")
+    work = text_workload(loaded, args) if loaded.kind == "huggingface" else data_workload(args)
+    os.makedirs(args.out, exist_ok=True)
+    print(f"machine: {describe(info)}; fp32\nmodel: {loaded.source} ({type(loaded.model).__name__})\n"
+          f"data: {work.description}", flush=True)
+    dense_outputs = outputs_of(loaded.model, work.heldout)
+    rows = []
+    for sparsity in args.sparsity:
+        folder = os.path.join(args.out, folder_name(sparsity))
+        rows.append(compress_one(sparsity, loaded, work, dense_outputs, args, folder))
+    shapes = list(work.latency)
+    settings = _settings(loaded, work, args)
+    with open(os.path.join(args.out, "results.json"), "w") as handle:
+        json.dump({"machine": info, "settings": settings, "arguments": vars(args), "results": rows}, handle,
+                  indent=1, default=str)
+    picture = report.plot(os.path.join(args.out, "report.png"), rows, shapes,
+                          f"{loaded.name}: {args.method}, {describe(info)}")
+    path = report.write_report(os.path.join(args.out, "report.md"), info, settings, rows, shapes, picture)
+    print(f"wrote {path}")
+    return 0
