@@ -34,7 +34,9 @@ __all__ = [
 ]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display needed), imported on first use:
+    matplotlib is an optional dependency."""
     import matplotlib
 
     if matplotlib.get_backend().lower() != "agg":
@@ -44,10 +46,11 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path) -> str:
+def save_figure(figure, path) -> str:
+    """Writes ``figure`` to ``path`` as a PNG, closes it (pyplot keeps every open figure) and returns the path."""
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return str(path)
 
 
@@ -75,16 +78,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: Opti
 
 def plot_schedule(schedules, steps: int, path, title: str = "Sparsity schedule") -> str:
     """The sparsity targets of one schedule or a ``{label: schedule}`` dict over ``steps``."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, ax = plt.subplots(figsize=(6, 3.5))
     plot_schedules(schedules, steps=steps, ax=ax, title=title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_accuracy_vs_sparsity(curves: Mapping[str, Mapping[float, float]], path, dense: Optional[float] = None,
                               title: str = "Accuracy vs sparsity", ylabel: str = "test accuracy (%)") -> str:
     """One line per method ({label: {sparsity: accuracy}}), the dense model as a dashed line."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, ax = plt.subplots(figsize=(6, 4))
     for label, curve in curves.items():
         xs = sorted(curve)
@@ -96,7 +99,7 @@ def plot_accuracy_vs_sparsity(curves: Mapping[str, Mapping[float, float]], path,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _layer_sparsities(model: nn.Module) -> Dict[str, float]:
@@ -112,7 +115,7 @@ def plot_layer_sparsity(models: Union[nn.Module, Mapping[str, nn.Module]], path,
     """Grouped bars: the sparsity of each prunable layer, for one model or ``{label: model}``."""
     if isinstance(models, nn.Module):
         models = {"model": models}
-    plt = _pyplot()
+    plt = pyplot()
     per_model = {label: _layer_sparsities(m) for label, m in models.items()}
     names = list(next(iter(per_model.values())))
     figure, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 3.8))
@@ -132,7 +135,7 @@ def plot_layer_sparsity(models: Union[nn.Module, Mapping[str, nn.Module]], path,
     ax.set_title(title)
     if len(per_model) > 1:
         ax.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_importance_histograms(model: nn.Module, path, importance: Union[str, Importance] = "magnitude",
@@ -150,7 +153,7 @@ def plot_importance_histograms(model: nn.Module, path, importance: Union[str, Im
         joined = torch.sort(torch.cat(list(scores.values()))).values
         count = int(round(sparsity * joined.numel()))
         threshold = float(joined[count]) if count < joined.numel() else None
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(3, len(scores))
     rows = math.ceil(len(scores) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False)
@@ -168,7 +171,7 @@ def plot_importance_histograms(model: nn.Module, path, importance: Union[str, Im
         ax.axis("off")
     suffix = f" (global threshold for {100 * sparsity:g}%)" if sparsity is not None else ""
     figure.suptitle(title + suffix, fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_input_pixels(layers: Union[nn.Linear, Mapping[str, nn.Linear]], path, image_shape=(8, 8),
@@ -187,7 +190,7 @@ def plot_input_pixels(layers: Union[nn.Linear, Mapping[str, nn.Linear]], path, i
             raise TypeError(f"`layers` must be the models' first nn.Linear, got {type(layer).__name__}")
         if layer.in_features != height * width:
             raise ValueError(f"`image_shape` {tuple(image_shape)} does not match in_features={layer.in_features}")
-    plt = _pyplot()
+    plt = pyplot()
     panels = len(layers) + (mean_image is not None)
     figure, axes = plt.subplots(1, panels, figsize=(3.6 * panels + 0.6, 3.6), squeeze=False)
     if mean_image is not None:
@@ -205,7 +208,7 @@ def plot_input_pixels(layers: Union[nn.Linear, Mapping[str, nn.Linear]], path, i
         ax.set_xticks([])
         ax.set_yticks([])
     figure.suptitle(title, fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def measure_latency(model: nn.Module, example_input: torch.Tensor, repeats: int = 50,

@@ -260,13 +260,14 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
 
 
 def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[str, object]:
+    """The settings listed at the top of report.md."""
     layers = block_names(loaded.model) if args.layers == "auto" else []
+    batch = f"{args.batch_size} texts" if loaded.kind == "huggingface" else "one --data batch"
+    loss = "embedding" if loaded.kind == "huggingface" else "cosine"
     return {"model": f"{loaded.name} ({type(loaded.model).__name__}, {loaded.kind})",
             "method": f"{args.method}, granularity {args.granularity}, the same sparsity in every Linear layer"
-                      + (f" but {', '.join(default_exclude(loaded.model))}" if default_exclude(loaded.model) else ""),
-            "recovery": (f"{args.recover_steps} steps of "
-                         f"{f'{args.batch_size} texts' if loaded.kind == 'huggingface' else 'one --data batch'}, AdamW lr {args.lr} (warm-up, cosine "
-                         f"decay), loss: {'embedding' if loaded.kind == 'huggingface' else 'cosine'} + "
+                      + "".join(f" but {name}" for name in default_exclude(loaded.model)),
+            "recovery": (f"{args.recover_steps} steps of {batch}, AdamW lr {args.lr} (warm-up, cosine decay), loss: {loss} + "
                          f"{len(layers)} block outputs (normalized MSE), dropout off"
                          if args.recover_steps else "none"),
             "data": work.description,

@@ -11,7 +11,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from ..analysis.machine import describe
-from ..analysis.report import _pyplot, _save, markdown_table
+from ..analysis.report import markdown_table, pyplot, save_figure
 
 __all__ = ["write_report", "plot"]
 
@@ -82,7 +82,7 @@ def write_report(path: str, info: dict, settings: Dict[str, object], rows: Seque
 def plot(path: str, rows: Sequence[dict], shapes: Sequence[str], title: str) -> Optional[str]:
     """Quality (one-shot and recovered cosine) and speedup against sparsity; None without matplotlib."""
     try:
-        plt = _pyplot()
+        plt = pyplot()
     except ImportError:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -104,4 +104,4 @@ def plot(path: str, rows: Sequence[dict], shapes: Sequence[str], title: str) -> 
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     figure.suptitle(title, fontsize=9)
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -27,6 +27,7 @@ it and ends where an uninterrupted run would have ended, bit for bit on the same
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -177,20 +178,6 @@ class _LayerOutputs:
             handle.remove()
 
 
-def _step_loss(loss, student_out, teacher_out, inputs, output, temperature, layers, student_layers,
-               teacher_layers) -> torch.Tensor:
-    if callable(loss):
-        value = loss(student_out, teacher_out, inputs)
-    else:
-        value = distillation_loss(output_tensor(student_out, output), output_tensor(teacher_out, output), loss,
-                                  token_mask(inputs), temperature)
-    mask = token_mask(inputs)
-    for name in layers:  # normalized MSE of each intermediate output, over the kept tokens
-        value = value + distillation_loss(student_layers.outputs[name], teacher_layers.outputs[name], "mse",
-                                          mask if _positions_match(mask, student_layers.outputs[name]) else None)
-    return value
-
-
 def _positions_match(mask: Optional[torch.Tensor], tensor: torch.Tensor) -> bool:
     return mask is not None and tensor.dim() == mask.dim() + 1 and tuple(tensor.shape[:-1]) == tuple(mask.shape)
 
@@ -251,80 +238,123 @@ def recover(
     ``checkpoint``: a file path; it is written every ``checkpoint_every`` steps and at the end, and
     when it exists at the call the run resumes from it (ValueError if it was written for another
     number of steps). ``progress`` shows a tqdm bar when tqdm is installed.
+
+    Long because the signature and this docstring cover fifteen arguments; the body is the loop.
     """
     _check_arguments(student, teacher, data, steps, pruner, loss, lr, checkpoint_every, log_every)
     layers = list(layers)
-    parameters = [p for p in student.parameters() if p.requires_grad]
-    if optimizer is None:
-        if not parameters:
-            raise ValueError("`student` has no parameter that requires grad: nothing to recover")
-        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
-    else:
-        scheduler = None
     for model, argument in ((student, "student"), (teacher, "teacher")):
         _check_layer_names(model, layers, argument)
+    run = _Run(student, teacher, pruner, optimizer, lr, steps, _Loss(loss, output, temperature, layers))
     cycle = _Cycle(data, student)
     result = Recovery(steps=steps)
-    start = 0
     path = None if checkpoint is None else os.fspath(checkpoint)
+    start = 0
     if path is not None and os.path.exists(path):
-        start = _resume(path, steps, student, optimizer, scheduler, pruner, cycle)
-        result.resumed_from = start
-    student_layers = _LayerOutputs(student, layers)
-    teacher_layers = _LayerOutputs(teacher, layers)
+        start = result.resumed_from = _resume(path, steps, run, cycle)
     began = time.perf_counter()
     bar = _bar(progress, steps, start)
     try:
-        with preserved_state(teacher), preserved_state(student):
+        with preserved_state(teacher), preserved_state(student), run.hooked():
             teacher.eval()
             student.train(train_mode)
             for step in range(start, steps):
-                inputs = next(cycle)
-                with torch.no_grad():
-                    teacher_out = call(teacher, inputs)
-                value = _step_loss(loss, call(student, inputs), teacher_out, inputs, output, temperature, layers,
-                                   student_layers, teacher_layers)
-                if not torch.isfinite(value):
-                    raise FloatingPointError(f"the distillation loss is {float(value.detach())} at step {step}: "
-                                             "lower `lr`")
-                value.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if scheduler is not None:
-                    scheduler.step()
-                if pruner is not None:
-                    pruner.step()
+                value = run.step(next(cycle), step)
                 done = step + 1
                 if done % log_every == 0 or done == steps:
-                    row = {"step": done, "loss": float(value.detach()), "lr": optimizer.param_groups[0]["lr"],
-                           "seconds": time.perf_counter() - began}
-                    if pruner is not None:
-                        row["sparsity"] = pruner.sparsity
-                    result.history.append(row)
-                    _show(bar, row)
+                    result.history.append(run.row(done, value, time.perf_counter() - began))
+                    _show(bar, result.history[-1])
                 if bar is not None:
                     bar.update(1)
                 if path is not None and (done % checkpoint_every == 0 or done == steps):
-                    _save(path, _checkpoint_state(steps, done, student, optimizer, scheduler, pruner, cycle))
+                    _save(path, _checkpoint_state(steps, done, run, cycle))
     finally:
-        student_layers.remove()
-        teacher_layers.remove()
         if bar is not None:
             bar.close()
     result.seconds = time.perf_counter() - began
     return result
 
 
-def _checkpoint_state(steps, done, student, optimizer, scheduler, pruner, cycle) -> dict:
+class _Loss:
+    """The loss of one step: the chosen kind (or callable) on the outputs, plus one normalized MSE
+    per intermediate layer, read by forward hooks (`hooked`) on both models."""
+
+    def __init__(self, loss, output, temperature, layers):
+        self.loss, self.output, self.temperature, self.layers = loss, output, temperature, layers
+        self.student_layers: Optional[_LayerOutputs] = None
+        self.teacher_layers: Optional[_LayerOutputs] = None
+
+    def __call__(self, student_out, teacher_out, inputs) -> torch.Tensor:
+        mask = token_mask(inputs)
+        if callable(self.loss):
+            value = self.loss(student_out, teacher_out, inputs)
+        else:
+            value = distillation_loss(output_tensor(student_out, self.output), output_tensor(teacher_out, self.output),
+                                      self.loss, mask, self.temperature)
+        for name in self.layers:  # normalized MSE of each intermediate output, over the kept tokens
+            ours, theirs = self.student_layers.outputs[name], self.teacher_layers.outputs[name]
+            value = value + distillation_loss(ours, theirs, "mse", mask if _positions_match(mask, ours) else None)
+        return value
+
+
+class _Run:
+    """The objects one recovery updates (student, optimizer, learning-rate schedule, Pruner) and one
+    training step on them."""
+
+    def __init__(self, student, teacher, pruner, optimizer, lr, steps, loss: _Loss):
+        self.student, self.teacher, self.pruner, self.loss = student, teacher, pruner, loss
+        self.scheduler = None
+        if optimizer is None:
+            parameters = [p for p in student.parameters() if p.requires_grad]
+            if not parameters:
+                raise ValueError("`student` has no parameter that requires grad: nothing to recover")
+            optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
+        self.optimizer = optimizer
+
+    @contextlib.contextmanager
+    def hooked(self):
+        """The intermediate layers' hooks on both models while the loop runs."""
+        self.loss.student_layers = _LayerOutputs(self.student, self.loss.layers)
+        self.loss.teacher_layers = _LayerOutputs(self.teacher, self.loss.layers)
+        try:
+            yield
+        finally:
+            self.loss.student_layers.remove()
+            self.loss.teacher_layers.remove()
+
+    def step(self, inputs, step: int) -> torch.Tensor:
+        """One step on ``inputs``: the loss, backward, the optimizer's and the schedules' steps."""
+        with torch.no_grad():
+            teacher_out = call(self.teacher, inputs)
+        value = self.loss(call(self.student, inputs), teacher_out, inputs)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"the distillation loss is {float(value.detach())} at step {step}: lower `lr`")
+        value.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.pruner is not None:
+            self.pruner.step()
+        return value.detach()
+
+    def row(self, done: int, value: torch.Tensor, seconds: float) -> Dict[str, float]:
+        row = {"step": done, "loss": float(value), "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
+        if self.pruner is not None:
+            row["sparsity"] = self.pruner.sparsity
+        return row
+
+
+def _checkpoint_state(steps: int, done: int, run: _Run, cycle: _Cycle) -> dict:
     return {"format": "torchprune.recover", "version": _CHECKPOINT_VERSION, "steps": steps, "done": done,
-            "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "pruner": None if pruner is None else pruner.state_dict(),
+            "student": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": None if run.scheduler is None else run.scheduler.state_dict(),
+            "pruner": None if run.pruner is None else run.pruner.state_dict(),
             "data": cycle.state(), "random": _random_states()}
 
 
-def _resume(path, steps, student, optimizer, scheduler, pruner, cycle) -> int:
+def _resume(path: str, steps: int, run: _Run, cycle: _Cycle) -> int:
     """Loads the checkpoint at ``path`` into the run's objects; the number of steps it had done.
     Everything is checked before anything is loaded."""
     try:
@@ -336,18 +366,18 @@ def _resume(path, steps, student, optimizer, scheduler, pruner, cycle) -> int:
     if state["steps"] != steps:
         raise ValueError(f"`checkpoint` {path!r} belongs to a run of {state['steps']} steps, this call asks for "
                          f"{steps}: the learning-rate schedule depends on it (pass the same steps, or another path)")
-    if (state["pruner"] is None) != (pruner is None):
-        raise ValueError(f"`checkpoint` {path!r} was written {'with' if pruner is None else 'without'} a `pruner`; "
+    if (state["pruner"] is None) != (run.pruner is None):
+        raise ValueError(f"`checkpoint` {path!r} was written {'with' if run.pruner is None else 'without'} a `pruner`; "
                          "pass the same arguments as the run that wrote it")
-    if (state["scheduler"] is None) != (scheduler is None):
-        raise ValueError(f"`checkpoint` {path!r} was written with {'the default' if scheduler is None else 'your'} "
+    if (state["scheduler"] is None) != (run.scheduler is None):
+        raise ValueError(f"`checkpoint` {path!r} was written with {'the default' if run.scheduler is None else 'your'} "
                          "optimizer; pass the same arguments as the run that wrote it")
-    student.load_state_dict(state["student"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if pruner is not None:
-        pruner.load_state_dict(state["pruner"])
+    run.student.load_state_dict(state["student"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    if run.pruner is not None:
+        run.pruner.load_state_dict(state["pruner"])
     cycle.load(state["data"])
     _set_random_states(state["random"])
     return int(state["done"])
