@@ -267,8 +267,8 @@ def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[
     return {"model": f"{loaded.name} ({type(loaded.model).__name__}, {loaded.kind})",
             "method": f"{args.method}, granularity {args.granularity}, the same sparsity in every Linear layer"
                       + "".join(f" but {name}" for name in default_exclude(loaded.model)),
-            "recovery": (f"{args.recover_steps} steps of {batch}, AdamW lr {args.lr} (warm-up, cosine decay), loss: {loss} + "
-                         f"{len(layers)} block outputs (normalized MSE), dropout off"
+            "recovery": (f"{args.recover_steps} steps of {batch}, AdamW lr {args.lr} (warm-up, cosine decay), "
+                         f"loss: {loss} + {len(layers)} block outputs (normalized MSE), dropout off"
                          if args.recover_steps else "none"),
             "data": work.description,
             "latency": f"{args.repeats} interleaved calls per model and shape, medians; tp.sparsify timed per layer "
