@@ -3,6 +3,7 @@ its argument checks, the text it reads (recovery/text.py) and its workload helpe
 
 The Hugging Face tests skip where transformers is not installed (CI)."""
 
+import argparse
 import contextlib
 import io
 import json
@@ -124,7 +125,7 @@ def test_torch_model_end_to_end_writes_results_and_report(magnitude_run):
             _check_timing(timing, layers=3)
         assert row["saved"] == {"tp": os.path.join(out, f"s{round(100 * row['sparsity'])}", "model.pt")}
         assert os.path.isfile(row["saved"]["tp"])
-        assert not os.path.exists(os.path.join(os.path.dirname(row["saved"]["tp"]), "recover.pt"))
+        assert not [name for name in os.listdir(os.path.dirname(row["saved"]["tp"])) if name.startswith("recover")]
     assert os.path.isfile(os.path.join(out, "report.md"))
     if _has_matplotlib():
         with open(os.path.join(out, "report.png"), "rb") as handle:
@@ -304,6 +305,8 @@ def _option_error(argv, capsys):
     (["--recover-steps", "-1"], "argument --recover-steps: must be >= 0, got -1"),
     (["--recover-steps", "2.5"], "argument --recover-steps: a non-negative int, got '2.5'"),
     (["--heldout", "0"], "argument --heldout: must be >= 1, got 0"),
+    (["--lr", "-1"], "argument --lr: must be a positive number, got -1"),
+    (["--lr", "x"], "argument --lr: a positive number, got 'x'"),
     (["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
     (["--granularity", "2:4"], "argument --granularity: invalid choice: '2:4'"),
 ])
@@ -454,12 +457,14 @@ def test_bert_end_to_end_without_latency(bert_run):
     _check_quality(row["oneshot"], token_cosine=True)
     _check_quality(row["recovered"], token_cosine=True)
     assert row["reload_max_diff"] == 0 and row["latency"] == {}
+    assert 0 <= row["reload_huggingface_max_diff"] < 1e-5  # save_pretrained stores zeros: the same outputs
     assert row["saved"] == {"tp": os.path.join(out, "s50", "model.pt"),
                             "huggingface": os.path.join(out, "s50", "huggingface")}
     assert sorted(os.listdir(os.path.join(out, "s50"))) == ["huggingface", "model.pt"]
     with open(os.path.join(out, "report.md")) as handle:
         text = handle.read()
-    assert "`s50/huggingface` (from_pretrained; pruned weights stored as zeros)" in text
+    assert ("`s50/huggingface` (from_pretrained, pruned weights stored as zeros: max output difference "
+            f"{row['reload_huggingface_max_diff']:.1e})") in text
     assert f"| {row['recovered']['token_cosine']:.4f} |" in text
 
 
@@ -490,14 +495,14 @@ def test_bert_saved_folders_reload_to_the_pruned_model(bert_run, bert):
 
 
 def test_bert_pruned_model_times_against_dense(bert_run, bert):
-    """measure_latency on the reloaded BERT at a 1 x 16 token input (the step the brief's --latency 1x16
+    """time_dense_and_sparse on the reloaded BERT at a 1 x 16 token input (the step the brief's --latency 1x16
     runs): every masked layer counted, the sparse model gives the masked model's outputs."""
     _, _, out = bert_run
     folder, _, transformers = bert
     dense = transformers.BertModel.from_pretrained(folder).eval()
     masked = tp.load(os.path.join(out, "s50", "model.pt"), transformers.BertModel.from_pretrained(folder)).eval()
     ids = torch.tensor([[2] + list(range(10, 24)) + [3]])
-    timing = command.measure_latency(dense, masked, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2)
+    timing = command.time_dense_and_sparse(dense, masked, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2)
     _check_timing(timing, layers=12)
 
 
@@ -637,3 +642,42 @@ def test_digest_identifies_texts_in_order():
     assert corpus.digest(list(texts)) == value
     assert corpus.digest(texts[::-1]) != value
     assert corpus.digest(texts + ["More."]) != value
+
+
+def test_data_batches_with_targets(torch_files, tmp_path):
+    """--data batches given as (inputs, targets) pairs: the targets are dropped everywhere (recovery,
+    quality, the reload check and the latency inputs), so the model is never called with two arguments."""
+    paths, _, _ = torch_files
+    batches = torch.load(paths["data"], weights_only=False)
+    paired = tmp_path / "paired.pt"
+    torch.save([(x, torch.zeros(len(x), dtype=torch.long)) for x in batches], paired)
+    out = tmp_path / "out"
+    code, _ = _run([paths["model"], "--data", paired, "--sparsity", 0.5, "--method", "magnitude",
+                    "--recover-steps", 3, "--heldout", HELDOUT, "--repeats", 2, "--threads", 1, "--no-progress",
+                    "--out", out])
+    assert code == 0
+    (row,) = _results(out)["results"]
+    assert row["reload_max_diff"] == 0 and set(row["latency"]) == TORCH_LATENCY
+
+
+def test_text_with_too_few_lines_for_heldout(torch_files, tmp_path, monkeypatch):
+    """--text with no more lines than --heldout: an exit naming both options, before any model work."""
+    text = tmp_path / "few.txt"
+    text.write_text("One line of text here.\nAnother line of text here.\n")
+    loaded = command.Loaded(_teacher(), object(), "huggingface", "x")
+    args = argparse.Namespace(text=str(text), heldout=5, latency=[], calibration=4, batch_size=2, max_tokens=8)
+    with pytest.raises(SystemExit, match=re.escape(f"--heldout 5 needs more than 5 lines in --text {text}, got 2")):
+        command.text_workload(loaded, args)
+
+
+def test_checkpoint_name_depends_on_the_options(tmp_path):
+    """A rerun with another method, learning rate or sparsity never resumes another run's checkpoint."""
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    base = parser.parse_args(["model"])
+    names = {command.checkpoint_path(str(tmp_path), base, 0.9)}
+    for change in (["--method", "wanda"], ["--lr", "1e-3"], ["--recover-steps", "5"], ["--granularity", "block:4x1"]):
+        names.add(command.checkpoint_path(str(tmp_path), parser.parse_args(["model", *change]), 0.9))
+    names.add(command.checkpoint_path(str(tmp_path), base, 0.8))
+    assert len(names) == 6
+    assert command.checkpoint_path(str(tmp_path), base, 0.9) == command.checkpoint_path(str(tmp_path), base, 0.9)

@@ -644,7 +644,25 @@ BAD_ARGUMENTS = {  # name: (changes to the call (a callable: of the call's keywo
     "log-every-0": (dict(log_every=0), ValueError, "`log_every`"),
     "empty-data": (dict(data=[]), ValueError, "`data` yielded no batch"),
     "kl-temperature-0": (dict(loss="kl", temperature=0.0), ValueError, "`temperature`"),
+    "temperature-negative": (dict(temperature=-1.0), ValueError, "`temperature`"),
+    "shares-parameters": (dict(teacher=lambda kw: nn.Sequential(kw["student"][0])), ValueError, "sharing no parameter"),
+    "layers-a-string": (dict(layers="0"), TypeError, "`layers`"),
+    "optimizer-not-optimizer": (dict(optimizer="adam"), TypeError, "`optimizer`"),
+    "train-mode-not-bool": (dict(train_mode=1), TypeError, "`train_mode`"),
+    "pruner-finalized": (dict(pruner=lambda kw: _finalized_pruner(kw["student"])), ValueError, "finalized"),
+    "eval-mode-starves-wanda": (dict(train_mode=False, pruner=lambda kw: _wanda_pruner(kw["student"])), ValueError,
+                                "`train_mode=False`"),
 }
+
+
+def _finalized_pruner(student):
+    pruner = tp.Pruner(student, 0.8, tp.schedules.Cubic(begin=0, end=4, every=2))
+    pruner.finalize()
+    return pruner
+
+
+def _wanda_pruner(student):
+    return tp.Pruner(student, 0.8, tp.schedules.Cubic(begin=0, end=4, every=2), importance="wanda")
 
 
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
@@ -1009,3 +1027,50 @@ def test_a_failure_midway_leaves_the_statistics_as_before(where):
         tp.recalibrate_bn(model, data)
     assert_unchanged(model, before)
     assert model[2].momentum == 0.1 and model[5].momentum == 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# found in review: gradient criteria, resumed settings, a refused resume
+
+
+def test_a_taylor_pruner_sees_the_gradients_of_each_step():
+    """pruner.step() runs before the gradients are cleared: a Taylor Pruner accumulates them and
+    reaches its target (it raised "no gradient statistics" when zero_grad came first)."""
+    teacher = make_teacher()
+    student = copy.deepcopy(teacher)
+    pruner = tp.Pruner(student, 0.8, tp.schedules.Cubic(begin=2, end=10, every=2), importance="taylor")
+    run(student, teacher, make_inputs(), steps=12, pruner=pruner, lr=1e-3)
+    assert pruner.sparsity == pytest.approx(0.8, abs=0.01)
+
+
+@pytest.mark.parametrize("change", [dict(lr=5e-3), dict(loss="mse"), dict(layers=["0"]), dict(train_mode=False)],
+                         ids=["lr", "loss", "layers", "train_mode"])
+def test_resume_with_other_settings_is_refused_without_change(tmp_path, change):
+    """A checkpoint written with other settings (lr, loss, layers, train_mode) is refused, naming the
+    setting, and the fresh student is left as it was."""
+    teacher = make_teacher()
+    path = tmp_path / "c.pt"
+    run(pruned_copy(teacher), teacher, make_inputs(), steps=6, checkpoint=path, checkpoint_every=3)
+    student = pruned_copy(teacher)
+    before = state(student)
+    arguments = dict(steps=6, checkpoint=path)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=f"written with {next(iter(change))}="):
+        run(student, teacher, make_inputs(), **arguments)
+    assert_same_state(before, state(student))
+
+
+def test_a_checkpoint_the_pruner_refuses_leaves_the_student_as_it_was(tmp_path):
+    """The student's weights load before the Pruner's state; when the Pruner refuses its part (a
+    Pruner over other layers), the student is put back."""
+    teacher = make_teacher()
+    path = tmp_path / "c.pt"
+    first = copy.deepcopy(teacher)
+    run(first, teacher, make_inputs(), steps=4, checkpoint=path, lr=1e-3,
+        pruner=tp.Pruner(first, 0.5, tp.schedules.Cubic(begin=0, end=2, every=1)))
+    student = copy.deepcopy(teacher)
+    pruner = tp.Pruner(student, 0.5, tp.schedules.Cubic(begin=0, end=2, every=1), exclude=["0"])
+    before = state(student)
+    with pytest.raises((ValueError, RuntimeError)):
+        run(student, teacher, make_inputs(), steps=4, checkpoint=path, lr=1e-3, pruner=pruner)
+    assert_same_state(before, state(student))

@@ -26,6 +26,7 @@ on the first held-out batch and on that batch's first sample.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -37,8 +38,10 @@ import torch
 from torch import nn
 
 from ..analysis.machine import describe, machine_info
-from ..calibration import call
+from ..calibration import Inputs, call
+from ..calibration import batches as split_batches
 from ..masking import masks
+from ..nn.sparse import SparseLayer
 from ..oneshot import prune
 from ..recovery import recover
 from ..recovery import text as corpus
@@ -46,7 +49,7 @@ from ..recovery.losses import output_tensor
 from ..sparsify import sparsify
 from ..timing import time_interleaved
 from . import report
-from .models import Loaded, fresh_dense, load_model, reload_model, save_model
+from .models import Loaded, fresh_dense, load_model, reload_huggingface, reload_model, save_model
 from .workload import outputs_of, quality, text_batches, token_inputs
 
 __all__ = ["add_arguments", "run"]
@@ -70,6 +73,16 @@ def _shape(text: str) -> str:
     if not _SHAPE.fullmatch(text) or min(map(int, _SHAPE.fullmatch(text).groups())) < 1:
         raise argparse.ArgumentTypeError(f"a latency shape is BATCHxTOKENS such as 1x128, got {text!r}")
     return text
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -102,9 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--granularity", default="weight", choices=("weight", "block:4x1", "block:8x1"),
                         help="single weights (default) or R x 1 blocks (the block-sparse kernel's format)")
     parser.add_argument("--recover-steps", type=_non_negative, default=1000, metavar="N",
-                        help="distillation steps after pruning, 0 for none (default 1000)")
+                        help="distillation steps after pruning, 0 for none "
+                             "(default 1000: about 10 minutes for MiniLM on 2 cores)")
     parser.add_argument("--batch-size", type=_positive, default=32, help="texts per recovery step (default 32)")
-    parser.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate of recovery (default 3e-4)")
+    parser.add_argument("--lr", type=_positive_float, default=2e-3,
+                        help="peak AdamW learning rate of recovery (default 2e-3, the best of 1e-4 to 2e-3 on MiniLM)")
     parser.add_argument("--layers", choices=("auto", "none"), default="auto",
                         help="auto: add each transformer block's output to the loss (default); none: final output only")
     parser.add_argument("--text", metavar="FILE", help="training and held-out text, one per line "
@@ -136,7 +151,11 @@ class Workload:
 def text_workload(loaded: Loaded, args: argparse.Namespace) -> Workload:
     """Tokenized batches from ``--text`` or from the prose that ships with Python."""
     if args.text:
-        training, heldout = corpus.split(corpus.text_file_sentences(args.text), args.heldout)
+        lines = corpus.text_file_sentences(args.text)
+        if len(lines) <= args.heldout:
+            raise SystemExit(f"--heldout {args.heldout} needs more than {args.heldout} lines in --text {args.text}, "
+                             f"got {len(lines)}")
+        training, heldout = corpus.split(lines, args.heldout)
         source = f"{args.text}: {len(training)} training texts, the first {len(heldout)} lines held out"
     else:
         reference = corpus.reference_sentences()
@@ -166,15 +185,17 @@ def _first_sample(value):
     return value
 
 
-def data_workload(args: argparse.Namespace) -> Workload:
-    """The batches of ``--data`` for a torch model: the last ``--heldout`` held out."""
+def data_workload(model: nn.Module, args: argparse.Namespace) -> Workload:
+    """The input batches of ``--data`` for a torch model (targets dropped): the last ``--heldout``
+    held out; latency on the first held-out batch and on its first sample (``--latency`` shapes
+    are token shapes: with any given, these two are timed)."""
     if not args.data:
         raise SystemExit("a torch model needs --data FILE: a torch.load-able list of input batches")
     batches = torch.load(args.data, map_location="cpu", weights_only=False)
     if not isinstance(batches, (list, tuple)) or len(batches) <= args.heldout:
         raise SystemExit(f"--data must hold a list of more than --heldout {args.heldout} batches, got "
                          f"{len(batches) if isinstance(batches, (list, tuple)) else type(batches).__name__}")
-    batches = list(batches)
+    batches = [inputs for inputs, _ in split_batches(batches, targets=False, model=model)]  # (inputs, targets) pairs
     training, heldout = batches[:-args.heldout], batches[-args.heldout:]
     latency = {"batch 1": _first_sample(heldout[0]), "first held-out batch": heldout[0]} if args.latency else {}
     return Workload(training[:args.calibration], training, heldout, latency,
@@ -198,17 +219,21 @@ def _max_diff(a: nn.Module, b: nn.Module, inputs) -> float:
 
 
 def _positional(inputs) -> tuple:
-    """Example inputs for tp.sparsify's trace: a dict of token inputs as (input_ids, attention_mask)."""
+    """Example inputs for tp.sparsify's trace (positional tensors): token inputs as (input_ids,
+    attention_mask), the order of every Hugging Face encoder's forward; a tuple or `tp.Inputs` by its
+    positional arguments; a tensor as itself."""
     if isinstance(inputs, dict):
         return tuple(inputs[k] for k in ("input_ids", "attention_mask") if k in inputs)
-    return inputs if isinstance(inputs, tuple) else (inputs,)
+    if isinstance(inputs, Inputs):
+        return tuple(inputs.args)
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def measure_latency(dense: nn.Module, pruned: nn.Module, inputs, repeats: int) -> Dict[str, float]:
+def time_dense_and_sparse(dense: nn.Module, pruned: nn.Module, inputs, repeats: int) -> Dict[str, float]:
     """Dense against ``tp.sparsify(pruned)`` timed at ``inputs`` (interleaved medians, inference mode)."""
     sparse = sparsify(pruned, example_inputs=_positional(inputs))
     layers = len(masks(pruned))
-    swapped = sum(1 for m in sparse.modules() if type(m).__name__.startswith("Sparse"))
+    swapped = sum(1 for m in sparse.modules() if isinstance(m, SparseLayer))
     with torch.inference_mode():
         seconds = time_interleaved({"dense": lambda: call(dense, inputs), "sparse": lambda: call(sparse, inputs)},
                                    repeats)
@@ -236,27 +261,48 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
     print(f"  {sparsity:.0%} one-shot {args.method}: cosine {row['oneshot']['cosine']:.4f} "
           f"({row['prune_s']:.1f} s)", flush=True)
     if args.recover_steps:
-        torch.manual_seed(args.seed)
-        layers = block_names(student) if args.layers == "auto" else []
-        recovery = recover(student, loaded.model, work.training, args.recover_steps, loss="embedding"
-                           if loaded.kind == "huggingface" else "cosine", layers=layers, lr=args.lr,
-                           train_mode=False, checkpoint=os.path.join(folder, "recover.pt"),
-                           progress=not args.no_progress, log_every=max(1, args.recover_steps // 50))
-        row["recover_s"], row["recover_history"] = recovery.seconds, recovery.history
-        os.remove(os.path.join(folder, "recover.pt"))  # kept only to resume an interrupted run
-        row["recovered"] = quality(dense_outputs, outputs_of(student, work.heldout))
-        print(f"  {sparsity:.0%} recovered ({args.recover_steps} steps, {recovery.seconds / 60:.1f} min): cosine "
-              f"{row['recovered']['cosine']:.4f}", flush=True)
-    row["saved"] = save_model(student, loaded, folder)
-    reloaded = reload_model(loaded, row["saved"]["tp"])
-    row["reload_max_diff"] = _max_diff(student, reloaded, work.heldout[0])
+        _recover(student, loaded, work, dense_outputs, args, folder, row)
+    _save_and_check(student, loaded, work, folder, row)
     row["latency"] = {}
     for shape, inputs in work.latency.items():
-        row["latency"][shape] = measure_latency(loaded.model, student, inputs, args.repeats)
-        timing = row["latency"][shape]
+        row["latency"][shape] = timing = time_dense_and_sparse(loaded.model, student, inputs, args.repeats)
         print(f"  {sparsity:.0%} {shape}: dense {timing['dense_ms']:.2f} ms, sparse {timing['sparse_ms']:.2f} ms, "
               f"{timing['speedup']:.2f}x ({timing['swapped']}/{timing['layers']} layers sparse)", flush=True)
     return row
+
+
+def checkpoint_path(folder: str, args: argparse.Namespace, sparsity: float) -> str:
+    """The recovery checkpoint of one sparsity, named by a digest of every option that shapes the run,
+    so that a rerun with other options never resumes from it."""
+    options = [args.model, sparsity, args.method, args.granularity, args.recover_steps, args.batch_size, args.lr,
+               args.layers, args.text, args.data, args.calibration, args.heldout, args.max_tokens, args.seed]
+    return os.path.join(folder, f"recover-{hashlib.sha256(repr(options).encode()).hexdigest()[:10]}.pt")
+
+
+def _recover(student: nn.Module, loaded: Loaded, work: Workload, dense_outputs, args: argparse.Namespace,
+             folder: str, row: dict) -> None:
+    """Distils the dense model into ``student`` (resuming an interrupted run of the same options)."""
+    torch.manual_seed(args.seed)
+    layers = block_names(student) if args.layers == "auto" else []
+    path = checkpoint_path(folder, args, row["sparsity"])
+    recovery = recover(student, loaded.model, work.training, args.recover_steps,
+                       loss="embedding" if loaded.kind == "huggingface" else "cosine", layers=layers, lr=args.lr,
+                       train_mode=False, checkpoint=path, progress=not args.no_progress,
+                       log_every=max(1, args.recover_steps // 50))
+    os.remove(path)  # kept only to resume an interrupted run
+    row["recover_s"], row["recover_history"] = recovery.seconds, recovery.history
+    row["recovered"] = quality(dense_outputs, outputs_of(student, work.heldout))
+    print(f"  {row['sparsity']:.0%} recovered ({args.recover_steps} steps, {recovery.seconds / 60:.1f} min): cosine "
+          f"{row['recovered']['cosine']:.4f}", flush=True)
+
+
+def _save_and_check(student: nn.Module, loaded: Loaded, work: Workload, folder: str, row: dict) -> None:
+    """Saves ``student`` and loads every saved form back: the largest output difference of each."""
+    row["saved"] = save_model(student, loaded, folder)
+    row["reload_max_diff"] = _max_diff(student, reload_model(loaded, row["saved"]["tp"]), work.heldout[0])
+    if "huggingface" in row["saved"]:
+        row["reload_huggingface_max_diff"] = _max_diff(student, reload_huggingface(row["saved"]["huggingface"]),
+                                                       work.heldout[0])
 
 
 def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[str, object]:
@@ -265,7 +311,7 @@ def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[
     batch = f"{args.batch_size} texts" if loaded.kind == "huggingface" else "one --data batch"
     loss = "embedding" if loaded.kind == "huggingface" else "cosine"
     return {"model": f"{loaded.name} ({type(loaded.model).__name__}, {loaded.kind})",
-            "method": f"{args.method}, granularity {args.granularity}, the same sparsity in every Linear layer"
+            "method": f"{args.method}, granularity {args.granularity}, the same sparsity in every prunable layer"
                       + "".join(f" but {name}" for name in default_exclude(loaded.model)),
             "recovery": (f"{args.recover_steps} steps of {batch}, AdamW lr {args.lr} (warm-up, cosine decay), "
                          f"loss: {loss} + {len(layers)} block outputs (normalized MSE), dropout off"
@@ -294,20 +340,19 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     if loaded.kind == "torch" and args.text:
         raise SystemExit("--text is for Hugging Face model folders; a torch model needs --data")
-    work = text_workload(loaded, args) if loaded.kind == "huggingface" else data_workload(args)
+    work = text_workload(loaded, args) if loaded.kind == "huggingface" else data_workload(loaded.model, args)
     os.makedirs(args.out, exist_ok=True)
     print(f"machine: {describe(info)}; fp32\nmodel: {loaded.source} ({type(loaded.model).__name__})\n"
           f"data: {work.description}", flush=True)
     dense_outputs = outputs_of(loaded.model, work.heldout)
-    rows = []
+    rows, settings = [], _settings(loaded, work, args)
     for sparsity in args.sparsity:
         folder = os.path.join(args.out, folder_name(sparsity))
         rows.append(compress_one(sparsity, loaded, work, dense_outputs, args, folder))
+        with open(os.path.join(args.out, "results.json"), "w") as handle:  # after each: a crash keeps the done ones
+            json.dump({"machine": info, "settings": settings, "arguments": vars(args), "results": rows}, handle,
+                      indent=1, default=str)
     shapes = list(work.latency)
-    settings = _settings(loaded, work, args)
-    with open(os.path.join(args.out, "results.json"), "w") as handle:
-        json.dump({"machine": info, "settings": settings, "arguments": vars(args), "results": rows}, handle,
-                  indent=1, default=str)
     picture = report.plot(os.path.join(args.out, "report.png"), rows, shapes,
                           f"{loaded.name}: {args.method}, {describe(info)}")
     path = report.write_report(os.path.join(args.out, "report.md"), info, settings, rows, shapes, picture)

@@ -20,13 +20,17 @@ def _fmt(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _sci(value) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
 def _quality_rows(rows: Sequence[dict]) -> List[list]:
     table = []
     for row in rows:
         one, rec = row["oneshot"], row.get("recovered") or {}
         table.append([f"{row['sparsity']:.0%}", f"{row['achieved_sparsity']:.3f}", _fmt(one["cosine"]),
                       _fmt(rec.get("cosine")), _fmt(one.get("nn_agreement"), 3), _fmt(rec.get("nn_agreement"), 3),
-                      _fmt(rec.get("token_cosine") if rec else one.get("token_cosine")),
+                      _fmt(one.get("token_cosine")), _fmt(rec.get("token_cosine")),
                       "-" if row.get("recover_s") is None else f"{row['recover_s'] / 60:.1f}"])
     return table
 
@@ -52,11 +56,10 @@ def write_report(path: str, info: dict, settings: Dict[str, object], rows: Seque
     lines += [f"- {key}: {value}" for key, value in settings.items()]
     lines += ["", "## Quality against the dense model, on held-out inputs", "",
               "cosine: mean cosine of the dense and pruned embeddings (mean-pooled last hidden states for text); "
-              "NN: nearest-neighbour agreement; token cosine: last hidden states, token by token "
-              "(after recovery when there was one).", "",
+              "NN: nearest-neighbour agreement; token cosine: last hidden states, token by token.", "",
               markdown_table(["sparsity", "achieved", "one-shot cosine", "recovered cosine", "one-shot NN",
-                              "recovered NN", "token cosine", "recovery min"], _quality_rows(rows),
-                             align="rrrrrrrr"),
+                              "recovered NN", "one-shot token cosine", "recovered token cosine", "recovery min"],
+                             _quality_rows(rows), align="rrrrrrrrr"),
               "", "## Speed: dense against sparsified, interleaved medians", "",
               "swapped: layers tp.sparsify stored sparse (it keeps a layer dense where its timing says dense is "
               "faster); max diff: largest |sparse - masked| output difference.", "",
@@ -69,8 +72,9 @@ def write_report(path: str, info: dict, settings: Dict[str, object], rows: Seque
         saved = row["saved"]
         lines.append(f"- {row['sparsity']:.0%}: `{os.path.relpath(saved['tp'], os.path.dirname(path))}` "
                      f"(tp.load into a fresh dense copy: max output difference {row['reload_max_diff']:.1e})"
-                     + (f"; `{os.path.relpath(saved['huggingface'], os.path.dirname(path))}` "
-                        "(from_pretrained; pruned weights stored as zeros)" if "huggingface" in saved else ""))
+                     + (f"; `{os.path.relpath(saved['huggingface'], os.path.dirname(path))}` (from_pretrained, "
+                        f"pruned weights stored as zeros: max output difference "
+                        f"{_sci(row.get('reload_huggingface_max_diff'))})" if "huggingface" in saved else ""))
     lines += ["", "```python", "import torchprune as tp",
               'model = tp.load("sXX/model.pt", dense_model)   # into a fresh copy of the dense model',
               "fast = tp.sparsify(model, example_inputs=(input_ids, attention_mask))", "```", ""]

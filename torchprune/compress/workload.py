@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..calibration import batches as split_batches
 from ..calibration import call
-from ..recovery.losses import output_tensor, token_mask
+from ..recovery.losses import mean_pool, output_tensor, token_mask
 
 __all__ = ["text_batches", "token_inputs", "outputs_of", "quality"]
 
@@ -81,13 +81,6 @@ def token_inputs(tokenizer, texts: Sequence[str], batch: int, tokens: int) -> Di
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
-def _pooled(states: Tensor, mask) -> Tensor:
-    if mask is None or states.dim() != 3:
-        return states.reshape(states.shape[0], -1)
-    weights = mask.to(states.dtype).unsqueeze(-1)
-    return (states * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
-
-
 def outputs_of(model: nn.Module, data: Sequence[Any]) -> Tuple[Tensor, List[Tuple[Tensor, Any]]]:
     """The unit embeddings of every held-out input (one row each) and the raw output tensors with
     their token masks, under ``inference_mode``."""
@@ -96,7 +89,9 @@ def outputs_of(model: nn.Module, data: Sequence[Any]) -> Tuple[Tensor, List[Tupl
         for inputs, _ in split_batches(data, targets=False, model=model):
             states = output_tensor(call(model, inputs))
             mask = token_mask(inputs)
-            rows.append(F.normalize(_pooled(states.float(), mask), dim=-1))
+            pooled = mean_pool(states.float(), mask) if mask is not None and states.dim() == 3 else \
+                states.float().reshape(states.shape[0], -1)
+            rows.append(F.normalize(pooled, dim=-1))
             raw.append((states.float(), mask))
     return torch.cat(rows), raw
 

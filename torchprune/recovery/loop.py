@@ -22,7 +22,8 @@ a cosine decay to a tenth of ``lr``.
 A checkpoint (written every ``checkpoint_every`` steps and at the end, atomically) holds the
 student's and the optimizer's state, the learning rate's, the Pruner's, the random states and the
 position in ``data``; a later call with the same arguments and the same checkpoint path resumes from
-it and ends where an uninterrupted run would have ended, bit for bit on the same machine.
+it and ends where an uninterrupted run would have ended, bit for bit on the same CPU machine (the
+saved random states are torch's CPU generator and Python's ``random``; CUDA generators are not).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import numbers
 import os
 import random
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -74,10 +76,10 @@ def _check_arguments(student, teacher, data, steps, pruner, loss, lr, checkpoint
     for value, what in ((student, "student"), (teacher, "teacher")):
         if not isinstance(value, nn.Module):
             raise TypeError(f"`{what}` must be a torch.nn.Module, got {type(value).__name__}")
-    if student is teacher:
-        raise ValueError("`teacher` must be a separate model from `student` (keep a dense copy: "
-                         "copy.deepcopy(model) before pruning)")
-    if iter(data) is data:
+    if student is teacher or {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}:
+        raise ValueError("`teacher` must be a separate model from `student`, sharing no parameter (keep a dense "
+                         "copy: copy.deepcopy(model) before pruning)")
+    if isinstance(data, Iterator) or not isinstance(data, Iterable):
         raise TypeError("`data` must be re-iterable (a list of batches or a DataLoader), got a one-pass "
                         f"iterator ({type(data).__name__}): recovery goes over it as many times as the steps need")
     for value, what in ((steps, "steps"), (checkpoint_every, "checkpoint_every"), (log_every, "log_every")):
@@ -88,11 +90,30 @@ def _check_arguments(student, teacher, data, steps, pruner, loss, lr, checkpoint
             raise TypeError(f"`pruner` must be a tp.Pruner or None, got {type(pruner).__name__}")
         if pruner.model is not student and getattr(student, "module", None) is not pruner.model:
             raise ValueError("`pruner` must prune `student` (it was built on another model)")
+        if getattr(pruner, "_finalized", False):
+            raise ValueError("`pruner` was finalized and cannot step any more: build a new one")
     if not callable(loss) and loss not in KINDS:
         raise ValueError(f"`loss` must be one of {', '.join(map(repr, KINDS))} or a callable "
                          f"(student_output, teacher_output, inputs) -> scalar, got {loss!r}")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
         raise ValueError(f"`lr` must be a positive number, got {lr!r}")
+
+
+def _check_options(student, pruner, layers, temperature, optimizer, train_mode) -> None:
+    if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):
+        raise TypeError(f"`layers` must be a list of module names, got {layers!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"`temperature` must be a positive number, got {temperature!r}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"`optimizer` must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if not isinstance(train_mode, bool):
+        raise TypeError(f"`train_mode` must be a bool, got {type(train_mode).__name__}")
+    criterion = getattr(pruner, "importance", None)
+    if (not train_mode and getattr(criterion, "requires_data", False) and not getattr(criterion, "requires_loss", True)
+            and getattr(pruner._strategy, "_data", None) is None):
+        raise ValueError(f"`train_mode=False` with a Pruner scoring by {type(criterion).__name__}: it observes "
+                         "forward passes made in train mode only, so it would see none (pass train_mode=True, or "
+                         "give the Pruner `data`)")
 
 
 def _warmup_cosine(steps: int) -> Callable[[int], float]:
@@ -121,13 +142,13 @@ class _Cycle:
         self._iterator: Optional[Iterator] = None
 
     def _start(self, skip: int) -> None:
-        current = torch.get_rng_state()
+        current = _random_states()
         torch.set_rng_state(self.round_rng)
         self._iterator = split_batches(self.data, targets=False, model=self.model)
         for _ in range(skip):
             next(self._iterator)
-        if skip:
-            torch.set_rng_state(current)
+        if skip:  # resumed: the states the checkpoint saved, not those the skipped batches left
+            _set_random_states(current)
 
     def __next__(self):
         if self._iterator is None:
@@ -242,10 +263,14 @@ def recover(
     Long because the signature and this docstring cover fifteen arguments; the body is the loop.
     """
     _check_arguments(student, teacher, data, steps, pruner, loss, lr, checkpoint_every, log_every)
+    _check_options(student, pruner, layers, temperature, optimizer, train_mode)
     layers = list(layers)
     for model, argument in ((student, "student"), (teacher, "teacher")):
         _check_layer_names(model, layers, argument)
-    run = _Run(student, teacher, pruner, optimizer, lr, steps, _Loss(loss, output, temperature, layers))
+    settings = {"loss": loss if isinstance(loss, str) else getattr(loss, "__qualname__", type(loss).__name__),
+                "output": output, "layers": layers, "temperature": float(temperature), "lr": float(lr),
+                "train_mode": train_mode}  # a resumed run must be the same run
+    run = _Run(student, teacher, pruner, optimizer, lr, steps, _Loss(loss, output, temperature, layers), settings)
     cycle = _Cycle(data, student)
     result = Recovery(steps=steps)
     path = None if checkpoint is None else os.fspath(checkpoint)
@@ -301,8 +326,8 @@ class _Run:
     """The objects one recovery updates (student, optimizer, learning-rate schedule, Pruner) and one
     training step on them."""
 
-    def __init__(self, student, teacher, pruner, optimizer, lr, steps, loss: _Loss):
-        self.student, self.teacher, self.pruner, self.loss = student, teacher, pruner, loss
+    def __init__(self, student, teacher, pruner, optimizer, lr, steps, loss: _Loss, settings: dict):
+        self.student, self.teacher, self.pruner, self.loss, self.settings = student, teacher, pruner, loss, settings
         self.scheduler = None
         if optimizer is None:
             parameters = [p for p in student.parameters() if p.requires_grad]
@@ -332,11 +357,11 @@ class _Run:
             raise FloatingPointError(f"the distillation loss is {float(value.detach())} at step {step}: lower `lr`")
         value.backward()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
         if self.pruner is not None:
-            self.pruner.step()
+            self.pruner.step()  # before zero_grad: gradient criteria read this step's .grad
+        self.optimizer.zero_grad(set_to_none=True)
         return value.detach()
 
     def row(self, done: int, value: torch.Tensor, seconds: float) -> Dict[str, float]:
@@ -351,12 +376,13 @@ def _checkpoint_state(steps: int, done: int, run: _Run, cycle: _Cycle) -> dict:
             "student": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": None if run.scheduler is None else run.scheduler.state_dict(),
             "pruner": None if run.pruner is None else run.pruner.state_dict(),
-            "data": cycle.state(), "random": _random_states()}
+            "data": cycle.state(), "random": _random_states(), "settings": run.settings}
 
 
 def _resume(path: str, steps: int, run: _Run, cycle: _Cycle) -> int:
-    """Loads the checkpoint at ``path`` into the run's objects; the number of steps it had done.
-    Everything is checked before anything is loaded."""
+    """Loads the checkpoint at ``path`` into the run's objects; the number of steps it had done. The
+    checkpoint's own fields and settings are checked before anything is loaded; if the student,
+    optimizer or Pruner refuses its part, the student is put back as it was."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # not a torch file at all: the same answer as a torch file of another kind
@@ -372,12 +398,21 @@ def _resume(path: str, steps: int, run: _Run, cycle: _Cycle) -> int:
     if (state["scheduler"] is None) != (run.scheduler is None):
         raise ValueError(f"`checkpoint` {path!r} was written with {'the default' if run.scheduler is None else 'your'} "
                          "optimizer; pass the same arguments as the run that wrote it")
-    run.student.load_state_dict(state["student"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scheduler is not None:
-        run.scheduler.load_state_dict(state["scheduler"])
-    if run.pruner is not None:
-        run.pruner.load_state_dict(state["pruner"])
+    for key, value in run.settings.items():
+        if state["settings"].get(key) != value:
+            raise ValueError(f"`checkpoint` {path!r} was written with {key}={state['settings'].get(key)!r}, this call "
+                             f"has {key}={value!r}: pass the same arguments, or another path to start afresh")
+    before = {k: v.clone() for k, v in run.student.state_dict().items()}
+    try:
+        run.student.load_state_dict(state["student"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.scheduler is not None:
+            run.scheduler.load_state_dict(state["scheduler"])
+        if run.pruner is not None:
+            run.pruner.load_state_dict(state["pruner"])
+    except Exception:  # a checkpoint of another model or Pruner: the student goes back as it was
+        run.student.load_state_dict(before)
+        raise
     cycle.load(state["data"])
     _set_random_states(state["random"])
     return int(state["done"])

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..calibration import Inputs
 
-__all__ = ["KINDS", "distillation_loss", "output_tensor", "token_mask"]
+__all__ = ["KINDS", "distillation_loss", "output_tensor", "token_mask", "mean_pool"]
 
 KINDS = ("cosine", "mse", "kl", "embedding")
 _TINY = 1e-12  # keeps the variance of a constant teacher output from dividing by zero
@@ -79,8 +79,9 @@ def _normalized_mse(student: Tensor, teacher: Tensor) -> Tensor:
     return F.mse_loss(student, teacher) / teacher.detach().var(unbiased=False).clamp_min(_TINY)
 
 
-def _pooled(states: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Mean of ``[batch, tokens, features]`` over each row's kept tokens (all without ``mask``)."""
+def mean_pool(states: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Mean of ``[batch, tokens, features]`` over each row's kept tokens (all without ``mask``): the
+    sentence embedding of sentence-transformers' mean pooling, before normalization."""
     if states.dim() != 3:
         raise ValueError(f"the 'embedding' loss needs [batch, tokens, features] outputs, got {tuple(states.shape)}")
     if mask is None:
@@ -101,7 +102,7 @@ def distillation_loss(student: Tensor, teacher: Tensor, kind: str = "cosine", ma
                          f"{tuple(teacher.shape)}")
     teacher = teacher.detach().to(student.dtype)
     if kind == "embedding":
-        pooled = F.cosine_similarity(_pooled(student, mask), _pooled(teacher, mask), dim=-1)
+        pooled = F.cosine_similarity(mean_pool(student, mask), mean_pool(teacher, mask), dim=-1)
         return (1 - pooled).mean() + _normalized_mse(*_kept(student, teacher, mask))
     s, t = _kept(student, teacher, mask)
     if kind == "cosine":
