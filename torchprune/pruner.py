@@ -34,8 +34,8 @@ hooks; a copy of the Pruner copies its model and carries on with its own statist
 
 >>> pruner = tp.Pruner(model, 0.9, tp.schedules.Cubic(begin=0, end=1000, every=100))
 >>> for inputs, targets in loader:
-...     loss_fn(model(inputs), targets).backward(); optimizer.step(); optimizer.zero_grad()
-...     pruner.step()
+...     optimizer.zero_grad(); loss_fn(model(inputs), targets).backward(); optimizer.step()
+...     pruner.step()          # before the next zero_grad: gradient criteria read .grad
 """
 
 from __future__ import annotations
