@@ -11,7 +11,7 @@ with the mask (``reconstruct()``), and the entry points use that instead of its 
 
 * base.py: the `Importance` contract, `Requires`, `ChannelTensor`, shared helpers;
 * weights.py: `Magnitude`, `FilterNorm`, `Random`; gradients.py: `Gradient`, `Taylor`;
-* activations.py: `Activation` (mean / APoZ), `Wanda`; batchnorm.py: `BNScale`;
+* activations.py: `Activation` (mean / APoZ), `Entropy`, `Wanda`; batchnorm.py: `BNScale`;
 * sparsegpt.py: `SparseGPT` (prunes and reconstructs the kept weights from the layer's inputs).
 
 >>> crit = tp.importance.Taylor()
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Union
 
-from .activations import Activation, Wanda
+from .activations import Activation, Entropy, Wanda
 from .base import Importance
 from .batchnorm import BNScale
 from .gradients import Gradient, Taylor
@@ -38,6 +38,7 @@ __all__ = [
     "Random",
     "Activation",
     "Wanda",
+    "Entropy",
     "BNScale",
     "SparseGPT",
     "NAMES",
@@ -55,6 +56,7 @@ NAMES = {
     "random": lambda: Random(seed=0),
     "activation": lambda: Activation(kind="mean"),
     "apoz": lambda: Activation(kind="apoz"),
+    "entropy": Entropy,
     "wanda": Wanda,
     "bn_scale": BNScale,
     "sparsegpt": SparseGPT,

@@ -2,6 +2,7 @@
 
 * `Activation` ranks a layer's output neurons / filters by how they fire on real data: the mean
   activation or the Average Percentage of Zeros (APoZ, Hu et al. 2016).
+* `Entropy` (Luo & Wu 2017) ranks them by the entropy of their pooled activation.
 * `Wanda` (Sun et al. 2023) weighs each weight by the size of the input feature it multiplies.
 
 Both accumulate statistics in forward hooks through `observe_forward()`: `prune()` runs the
@@ -20,7 +21,7 @@ from ..masking import effective_weight
 from .base import ChannelTensor, Importance, per_output, score_precision
 from .weights import FilterNorm
 
-__all__ = ["Activation", "Wanda"]
+__all__ = ["Activation", "Entropy", "Wanda"]
 
 
 def _channel_dim(module: nn.Module, tensor: torch.Tensor) -> int:
@@ -119,6 +120,71 @@ class Activation(ForwardStatistic):
         if self.kind == "mean":
             return stats["positive"] / stats["count"]
         return 1.0 - stats["zeros"] / stats["count"]
+
+    def observe_forward(self, module: nn.Module, inputs, output) -> None:
+        if not isinstance(output, torch.Tensor):
+            return
+        self._add(module, **self.output_statistics(output, _channel_dim(module, output)))
+
+    def score(self, module: nn.Module) -> torch.Tensor:
+        per_channel = self.per_channel(self._stats_of(module))
+        return per_output(per_channel.to(module.weight.device), module.weight)
+
+    def channel_scores(self, member: ChannelTensor) -> Optional[Dict[int, torch.Tensor]]:
+        if member.gathered is None or 0 not in member.dims:
+            return None
+        return {0: self.per_channel(member.gathered)}
+
+
+class Entropy(ForwardStatistic):
+    """The information a channel carries: the entropy of its pooled activation over the data (Luo &
+    Wu 2017, "An Entropy-based Pruning Method for CNN Compression"). A channel whose output hardly
+    varies from sample to sample (dead, or constant) scores near 0 and goes first.
+
+    Per sample, a channel's value is the mean of max(y, 0) over its spatial positions (a conv's
+    global average pooling; for a Linear each row of the input, e.g. each token, is a sample), the
+    ReLU convention of `Activation`. The values are counted in ``bins`` fixed bins and the score is
+    the entropy -sum p log p (in nats) of the counts.
+
+    **Binning.** Bins are a quarter octave wide on a log2 scale: a value v > 0 falls in bin
+    floor(4 log2 v), clamped to the range 2^-24 .. 2^16 (160 bins), and values below 2^-24 (zeros)
+    share one more bin. The paper bins each channel's values between their own minimum and
+    maximum; fixed edges are chosen here because the counts then add up across batches, across the
+    layers of a channel group and across DDP ranks, so the Pruner can observe training steps one at
+    a time. A side effect: rescaling a channel's output shifts its values across bins but does not
+    change how spread they are, so layers of different scale compare fairly in a global ranking.
+
+    Weight granularity gives each row (neuron or filter) its channel's entropy; channel granularity
+    reads the same counts on every layer of the group that outputs the channel.
+
+    >>> tp.prune(model, 0.3, granularity="channel", importance="entropy", data=batches, example_inputs=x)
+    """
+
+    LOW, HIGH, PER_OCTAVE = -24, 16, 4
+    BINS = (HIGH - LOW) * PER_OCTAVE + 1  # the quarter octaves, and the bin of values below 2^LOW
+    channel_fallback = FilterNorm(p=2)
+
+    @classmethod
+    def output_statistics(cls, output: torch.Tensor, dim: int) -> Dict[str, torch.Tensor]:
+        """``counts`` [channels, BINS]: how many samples' pooled values fell in each bin."""
+        values = output.detach().clamp(min=0).movedim(dim, -1)
+        channels = values.shape[-1]
+        spatial = values.dim() - 1 - dim if dim >= 0 else 0  # the dims after the channel dim
+        if spatial > 0:
+            values = values.flatten(dim, dim + spatial - 1).mean(dim)  # mean over the positions
+        values = values.reshape(-1, channels).double()
+        low = 2.0 ** cls.LOW
+        index = (cls.PER_OCTAVE * torch.log2(values.clamp(min=low))).floor() - cls.PER_OCTAVE * cls.LOW + 1
+        index = torch.where(values < low, torch.zeros_like(index), index.clamp(1, cls.BINS - 1)).long()
+        counts = torch.zeros(channels, cls.BINS, dtype=torch.float64)
+        counts.scatter_add_(1, index.T, torch.ones_like(index.T, dtype=torch.float64))
+        return {"counts": counts}
+
+    @staticmethod
+    def per_channel(stats: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The entropy (nats) of each channel's counts."""
+        counts = stats["counts"]
+        return torch.special.entr(counts / counts.sum(1, keepdim=True).clamp(min=1)).sum(1)  # -p ln p, 0 at p=0
 
     def observe_forward(self, module: nn.Module, inputs, output) -> None:
         if not isinstance(output, torch.Tensor):
