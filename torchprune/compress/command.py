@@ -75,34 +75,23 @@ def _shape(text: str) -> str:
     return text
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def _checked(convert, noun: str, ok, bound: str):
+    """An argparse type: ``convert(text)`` (else "NOUN, got 'text'"), which ``ok`` must accept (else
+    "must be BOUND, got text")."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{noun}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a non-negative int, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive = _checked(int, "a positive int", lambda v: v >= 1, ">= 1")
+_non_negative = _checked(int, "a non-negative int", lambda v: v >= 0, ">= 0")
+_positive_float = _checked(float, "a positive number", lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -82,7 +82,34 @@ class ForwardStatistic(Importance):
         return stats
 
 
-class Activation(ForwardStatistic):
+class ChannelActivation(ForwardStatistic):
+    """A criterion that sums per-channel statistics of a layer's output (``output_statistics``) and
+    turns them into one score per channel (``per_channel``), given to the whole output row at weight
+    level and read on every producer of a channel group at channel level. `Activation` and
+    `Entropy` differ only in those two functions."""
+
+    def output_statistics(self, output: torch.Tensor, dim: int) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def per_channel(self, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def observe_forward(self, module: nn.Module, inputs, output) -> None:
+        if not isinstance(output, torch.Tensor):
+            return
+        self._add(module, **self.output_statistics(output, _channel_dim(module, output)))
+
+    def score(self, module: nn.Module) -> torch.Tensor:
+        per_channel = self.per_channel(self._stats_of(module))
+        return per_output(per_channel.to(module.weight.device), module.weight)
+
+    def channel_scores(self, member: ChannelTensor) -> Optional[Dict[int, torch.Tensor]]:
+        if member.gathered is None or 0 not in member.dims:
+            return None
+        return {0: self.per_channel(member.gathered)}
+
+
+class Activation(ChannelActivation):
     """How each output neuron / filter fires on data, given to all the weights that feed it.
 
     Both kinds read the layer's output ``y`` as a ReLU passes it, max(y, 0): the post-activation
@@ -121,22 +148,9 @@ class Activation(ForwardStatistic):
             return stats["positive"] / stats["count"]
         return 1.0 - stats["zeros"] / stats["count"]
 
-    def observe_forward(self, module: nn.Module, inputs, output) -> None:
-        if not isinstance(output, torch.Tensor):
-            return
-        self._add(module, **self.output_statistics(output, _channel_dim(module, output)))
-
-    def score(self, module: nn.Module) -> torch.Tensor:
-        per_channel = self.per_channel(self._stats_of(module))
-        return per_output(per_channel.to(module.weight.device), module.weight)
-
-    def channel_scores(self, member: ChannelTensor) -> Optional[Dict[int, torch.Tensor]]:
-        if member.gathered is None or 0 not in member.dims:
-            return None
-        return {0: self.per_channel(member.gathered)}
 
 
-class Entropy(ForwardStatistic):
+class Entropy(ChannelActivation):
     """The information a channel carries: the entropy of its pooled activation over the data (Luo &
     Wu 2017, "An Entropy-based Pruning Method for CNN Compression"). A channel whose output hardly
     varies from sample to sample (dead, or constant) scores near 0 and goes first.
@@ -186,19 +200,6 @@ class Entropy(ForwardStatistic):
         counts = stats["counts"]
         return torch.special.entr(counts / counts.sum(1, keepdim=True).clamp(min=1)).sum(1)  # -p ln p, 0 at p=0
 
-    def observe_forward(self, module: nn.Module, inputs, output) -> None:
-        if not isinstance(output, torch.Tensor):
-            return
-        self._add(module, **self.output_statistics(output, _channel_dim(module, output)))
-
-    def score(self, module: nn.Module) -> torch.Tensor:
-        per_channel = self.per_channel(self._stats_of(module))
-        return per_output(per_channel.to(module.weight.device), module.weight)
-
-    def channel_scores(self, member: ChannelTensor) -> Optional[Dict[int, torch.Tensor]]:
-        if member.gathered is None or 0 not in member.dims:
-            return None
-        return {0: self.per_channel(member.gathered)}
 
 
 class Wanda(ForwardStatistic):
