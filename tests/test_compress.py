@@ -681,3 +681,13 @@ def test_checkpoint_name_depends_on_the_options(tmp_path):
     names.add(command.checkpoint_path(str(tmp_path), base, 0.8))
     assert len(names) == 6
     assert command.checkpoint_path(str(tmp_path), base, 0.9) == command.checkpoint_path(str(tmp_path), base, 0.9)
+
+
+def test_first_sample_cuts_every_tensor_to_one_row():
+    """The batch-1 latency input of a --data model: the first row of every tensor, whatever holds it."""
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    for batch, check in ((x, lambda b: b.shape == (1, 3)),
+                         ({"a": x, "n": 7}, lambda b: b["a"].shape == (1, 3) and b["n"] == 7),
+                         ((x, y), lambda b: isinstance(b, tuple) and b[1].shape == (1, 2)),
+                         (tp.Inputs(x, y=y), lambda b: b.args[0].shape == (1, 3) and b.kwargs["y"].shape == (1, 2))):
+        assert check(command._first_sample(batch))

@@ -165,8 +165,12 @@ def text_workload(loaded: Loaded, args: argparse.Namespace) -> Workload:
 
 
 def _first_sample(value):
+    """The first sample of a batch of inputs: every tensor cut to its first row (in dicts, tuples,
+    lists and `tp.Inputs`)."""
     if isinstance(value, torch.Tensor):
         return value[:1]
+    if isinstance(value, Inputs):
+        return Inputs(*_first_sample(list(value.args)), **_first_sample(dict(value.kwargs)))
     if isinstance(value, dict):
         return {k: _first_sample(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
