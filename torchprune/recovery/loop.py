@@ -257,8 +257,9 @@ def recover(
     flags back at the end; the teacher is never changed.
 
     ``checkpoint``: a file path; it is written every ``checkpoint_every`` steps and at the end, and
-    when it exists at the call the run resumes from it (ValueError if it was written for another
-    number of steps). ``progress`` shows a tqdm bar when tqdm is installed.
+    when it exists at the call the run resumes from it (ValueError if it was written with other
+    steps, loss, output, layers, temperature, lr, train_mode or Pruner). ``progress`` shows a tqdm
+    bar when tqdm is installed.
 
     Long because the signature and this docstring cover fifteen arguments; the body is the loop.
     """
