@@ -47,6 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchprune as tp  # noqa: E402
+from torchprune.masking import masked_fraction  # noqa: E402
 
 from _common import (  # noqa: E402
     RESULTS,
@@ -149,7 +150,7 @@ def run_one(method: Method, level: Level, arguments: dict, dense_model, state, e
     masks = tp.masks(model).values()
     row["peak_extra_mb"] = None if memory.extra_bytes is None else memory.extra_bytes / 1e6
     row["pruned_layers"] = len(masks)
-    row["achieved_sparsity"] = sum(int((~m).sum()) for m in masks) / max(1, sum(m.numel() for m in masks))
+    row["achieved_sparsity"] = masked_fraction(model)
     row.update(quality(dense_embeddings, embed(model, heldout_batches)))
     return row
 

@@ -76,6 +76,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchprune as tp  # noqa: E402
+from torchprune.masking import masked_fraction  # noqa: E402
 
 from _common import (  # noqa: E402
     RESULTS,
@@ -300,8 +301,7 @@ def run_model(key: str, dense: nn.Module, args: argparse.Namespace) -> List[dict
     rows = []
     for sparsity in args.sparsities:
         masked = pruned_copy(dense, sparsity, args.granularity)
-        masks = tp.masks(masked).values()
-        achieved = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+        achieved = masked_fraction(masked)
         for batch in args.batches:
             row = {"model": key, "label": MODELS[key].label, "achieved sparsity": achieved,
                    "granularity": args.granularity,

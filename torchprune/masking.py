@@ -157,6 +157,13 @@ def masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {name: m.weight_mask for name, m in model.named_modules() if get_mask(m) is not None}
 
 
+def masked_fraction(model: nn.Module) -> float:
+    """The fraction of the masked layers' weights that their masks prune (0.0 without masks): the
+    sparsity a pruning call achieved on the layers it pruned, layers it left alone not counted."""
+    kept = list(masks(model).values())
+    return sum(int((~m).sum()) for m in kept) / max(1, sum(m.numel() for m in kept))
+
+
 def make_permanent(model: nn.Module) -> nn.Module:
     """Zeroes the pruned weights for good and drops the masks: plain torch layers come back.
 

@@ -32,7 +32,7 @@ import os
 import platform
 import re
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from torch import nn
 from ..analysis.machine import describe, machine_info
 from ..calibration import Inputs, call
 from ..calibration import batches as split_batches
-from ..masking import masks
+from ..masking import masked_fraction, masks
 from ..nn.sparse import SparseLayer
 from ..oneshot import prune
 from ..recovery import recover
@@ -248,8 +248,7 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
     started = time.perf_counter()
     prune(student, sparsity, **arguments)
     row = {"sparsity": sparsity, "prune_s": time.perf_counter() - started, "recover_s": None, "recovered": None}
-    kept = [m for m in masks(student).values()]
-    row["achieved_sparsity"] = sum(int((~m).sum()) for m in kept) / max(1, sum(m.numel() for m in kept))
+    row["achieved_sparsity"] = masked_fraction(student)
     row["oneshot"] = quality(dense_outputs, outputs_of(student, work.heldout))
     print(f"  {sparsity:.0%} one-shot {args.method}: cosine {row['oneshot']['cosine']:.4f} "
           f"({row['prune_s']:.1f} s)", flush=True)
@@ -264,6 +263,13 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
     return row
 
 
+def recovery_loss(loaded: Loaded, args: argparse.Namespace) -> Tuple[str, List[str]]:
+    """The recovery's loss kind and intermediate layers: the sentence-embedding loss for a Hugging
+    Face model (cosine for a torch model's outputs), plus every transformer block with ``--layers auto``."""
+    return ("embedding" if loaded.kind == "huggingface" else "cosine",
+            block_names(loaded.model) if args.layers == "auto" else [])
+
+
 def checkpoint_path(folder: str, args: argparse.Namespace, sparsity: float) -> str:
     """The recovery checkpoint of one sparsity, named by a digest of every option that shapes the run,
     so that a rerun with other options never resumes from it."""
@@ -276,11 +282,10 @@ def _recover(student: nn.Module, loaded: Loaded, work: Workload, dense_outputs, 
              folder: str, row: dict) -> None:
     """Distils the dense model into ``student`` (resuming an interrupted run of the same options)."""
     torch.manual_seed(args.seed)
-    layers = block_names(student) if args.layers == "auto" else []
     path = checkpoint_path(folder, args, row["sparsity"])
-    recovery = recover(student, loaded.model, work.training, args.recover_steps,
-                       loss="embedding" if loaded.kind == "huggingface" else "cosine", layers=layers, lr=args.lr,
-                       train_mode=False, checkpoint=path, progress=not args.no_progress,
+    loss, layers = recovery_loss(loaded, args)
+    recovery = recover(student, loaded.model, work.training, args.recover_steps, loss=loss, layers=layers,
+                       lr=args.lr, train_mode=False, checkpoint=path, progress=not args.no_progress,
                        log_every=max(1, args.recover_steps // 50))
     os.remove(path)  # kept only to resume an interrupted run
     row["recover_s"], row["recover_history"] = recovery.seconds, recovery.history
@@ -300,9 +305,8 @@ def _save_and_check(student: nn.Module, loaded: Loaded, work: Workload, folder: 
 
 def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[str, object]:
     """The settings listed at the top of report.md."""
-    layers = block_names(loaded.model) if args.layers == "auto" else []
+    loss, layers = recovery_loss(loaded, args)
     batch = f"{args.batch_size} texts" if loaded.kind == "huggingface" else "one --data batch"
-    loss = "embedding" if loaded.kind == "huggingface" else "cosine"
     return {"model": f"{loaded.name} ({type(loaded.model).__name__}, {loaded.kind})",
             "method": f"{args.method}, granularity {args.granularity}, the same sparsity in every prunable layer"
                       + "".join(f" but {name}" for name in default_exclude(loaded.model)),
