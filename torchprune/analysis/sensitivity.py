@@ -22,6 +22,7 @@ from ..importance import Importance, resolve
 from ..masking import get_mask, put_back
 from ..oneshot import prune
 from ..owl import check_owl_arguments, owl_sparsities
+from ..progress import progress_bar
 from ..targets import leave_out_tied, target_layers, weight_owners
 
 __all__ = ["Sensitivity", "sensitivity", "allocate"]
@@ -114,7 +115,7 @@ def sensitivity(
     baseline = _metric(evaluate, model)
     curves: Dict[str, Dict[float, float]] = {}
     jobs = [(name, s) for name in layers for s in levels]
-    bar = _progress(len(jobs), "sensitivity") if progress else None
+    bar = progress_bar(len(jobs), "sensitivity") if progress else None
     for name, layer in layers.items():
         curves[name] = {}
         for level in levels:
@@ -132,14 +133,6 @@ def sensitivity(
         bar.close()
     sizes = {name: layer.weight.numel() for name, layer in layers.items()}
     return Sensitivity(baseline, curves, sizes, bool(higher_is_better))
-
-
-def _progress(total: int, label: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=label, leave=False)
 
 
 def allocate(model: nn.Module, target_sparsity: float, sensitivity: Optional[Sensitivity] = None, *,

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..calibration import batches as split_batches
 from ..calibration import call
+from ..progress import progress_bar
 from ..pruner import Pruner
 from ..state import preserved_state
 from .losses import KINDS, distillation_loss, output_tensor, token_mask
@@ -99,7 +100,7 @@ def _check_arguments(student, teacher, data, steps, pruner, loss, lr, checkpoint
         raise ValueError(f"`lr` must be a positive number, got {lr!r}")
 
 
-def _check_options(student, pruner, layers, temperature, optimizer, train_mode) -> None:
+def _check_options(pruner, layers, temperature, optimizer, train_mode) -> None:
     if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):
         raise TypeError(f"`layers` must be a list of module names, got {layers!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
@@ -264,7 +265,7 @@ def recover(
     Long because the signature and this docstring cover fifteen arguments; the body is the loop.
     """
     _check_arguments(student, teacher, data, steps, pruner, loss, lr, checkpoint_every, log_every)
-    _check_options(student, pruner, layers, temperature, optimizer, train_mode)
+    _check_options(pruner, layers, temperature, optimizer, train_mode)
     layers = list(layers)
     for model, argument in ((student, "student"), (teacher, "teacher")):
         _check_layer_names(model, layers, argument)
@@ -279,7 +280,7 @@ def recover(
     if path is not None and os.path.exists(path):
         start = result.resumed_from = _resume(path, steps, run, cycle)
     began = time.perf_counter()
-    bar = _bar(progress, steps, start)
+    bar = progress_bar(steps, "recover", initial=start) if progress else None
     try:
         with preserved_state(teacher), preserved_state(student), run.hooked():
             teacher.eval()
@@ -417,16 +418,6 @@ def _resume(path: str, steps: int, run: _Run, cycle: _Cycle) -> int:
     cycle.load(state["data"])
     _set_random_states(state["random"])
     return int(state["done"])
-
-
-def _bar(progress: bool, steps: int, start: int):
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm  # optional: the bar shows only when tqdm is installed
-    except ImportError:
-        return None
-    return tqdm(total=steps, initial=start, desc="recover", leave=False)
 
 
 def _show(bar, row: dict) -> None:
