@@ -24,6 +24,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from torchprune.compress.workload import text_batches
+from torchprune.recovery.losses import mean_pool
 from torchprune.recovery.text import MAX_WORDS, MIN_WORDS, SEED, digest, reference_sentences  # noqa: F401
 
 #: Python module -> the pip package that provides it; both form the ``bench`` extra of setup.py.
@@ -110,10 +112,8 @@ def batches(tokenizer, texts: List[str], batch_size: int,
             max_length: int = MAX_TOKENS) -> List[Dict[str, torch.Tensor]]:
     """``texts`` tokenized in batches of ``batch_size``, each padded to its longest sentence and cut
     at ``max_length`` tokens: plain dicts of tensors (input_ids, token_type_ids, attention_mask),
-    to be called as ``model(**batch)``."""
-    return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt"))
-            for i in range(0, len(texts), batch_size)]
+    to be called as ``model(**batch)`` (`torchprune.compress.workload.text_batches`)."""
+    return text_batches(tokenizer, texts, batch_size, max_length)
 
 
 def embed(model: nn.Module, tokenized: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -122,8 +122,6 @@ def embed(model: nn.Module, tokenized: List[Dict[str, torch.Tensor]]) -> torch.T
     rows = []
     with torch.inference_mode():
         for batch in tokenized:
-            states = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-            mean = (states * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            mean = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
             rows.append(torch.nn.functional.normalize(mean, dim=-1))
     return torch.cat(rows)

@@ -382,6 +382,18 @@ def encoder_batches(n=3, seed=2):
     return out
 
 
+def encoder_case():
+    """A seeded `Encoder` teacher, its 80%-pruned student, one padded batch, its mask, and both
+    models' outputs on it (no grad)."""
+    torch.manual_seed(0)
+    teacher = Encoder()
+    student = pruned_copy(teacher)
+    batch = encoder_batches(1)[0]
+    with torch.no_grad():
+        s, t = student(**batch), teacher(**batch)
+    return teacher, student, batch, batch["attention_mask"], s, t
+
+
 def first_row_loss(student, teacher, batch, **kwargs):
     """The loss recover logs at its first step (taken before the first update)."""
     result = run(copy.deepcopy(student), teacher, [batch], steps=1, log_every=1, **kwargs)
@@ -430,13 +442,7 @@ def test_embedding_loss_on_dict_batches_uses_the_attention_mask():
 
 def test_output_names_the_tensor_of_a_dict_output():
     """Default: last_hidden_state; ``output="logits"`` distils the logits instead."""
-    torch.manual_seed(0)
-    teacher = Encoder()
-    student = pruned_copy(teacher)
-    batch = encoder_batches(1)[0]
-    mask = batch["attention_mask"]
-    with torch.no_grad():
-        s, t = student(**batch), teacher(**batch)
+    teacher, student, batch, mask, s, t = encoder_case()
     hidden = float(distillation_loss(s["last_hidden_state"], t["last_hidden_state"], "cosine", mask))
     logits = float(distillation_loss(s["logits"], t["logits"], "cosine", mask))
     assert abs(hidden - logits) > 1e-4
@@ -493,13 +499,8 @@ def test_layers_add_a_normalized_mse_term_each():
 
 def test_layers_on_token_outputs_count_only_the_masked_tokens():
     """A layer output [batch, tokens, features] gets the batch's attention_mask as well."""
-    torch.manual_seed(0)
-    teacher = Encoder()
-    student = pruned_copy(teacher)
-    batch = encoder_batches(1)[0]
-    mask = batch["attention_mask"]
+    teacher, student, batch, mask, s, t = encoder_case()
     with torch.no_grad():
-        s, t = student(**batch), teacher(**batch)
         out = float(distillation_loss(s["last_hidden_state"], t["last_hidden_state"], "cosine", mask))
         layer = float(distillation_loss(student.body[0](batch["x"]), teacher.body[0](batch["x"]), "mse", mask))
     assert first_row_loss(student, teacher, batch, layers=["body.0"]) == pytest.approx(out + layer, rel=1e-6)
