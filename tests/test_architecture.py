@@ -46,7 +46,7 @@ FLOORS = {
     "errors.py": 1, "ops/": 1, "selection.py": 1, "state.py": 1, "timing.py": 1, "schedules.py": 1, "distributed.py": 1,
     "progress.py": 1,
     "nn/": 2,
-    "layer_types.py": 3, "masking.py": 3,
+    "layer_types.py": 3, "masking.py": 3, "regrowth.py": 3,
     "calibration.py": 4,
     "importance/": 5,
     "targets.py": 6, "sequential.py": 6,

@@ -14,6 +14,7 @@ from .masking import make_permanent, masks
 from .oneshot import prune
 from .pruner import Pruner
 from .recovery import recalibrate_bn, recover
+from .regrowth import Regrow
 
 # importing from the module torchprune.sensitivity loads it now, so that the function bound here hides
 # it for good (a later `import torchprune.sensitivity` would otherwise rebind tp.sensitivity)
@@ -42,4 +43,5 @@ __all__ = [
     "Inputs",
     "recover",
     "recalibrate_bn",
+    "Regrow",
 ]

@@ -121,6 +121,13 @@ class ChannelStrategy:
     def observe_step(self) -> None:
         """Nothing: channel scores come from the weights or ``data`` at each update."""
 
+    def is_update(self, step: int) -> bool:
+        """Whether ``step`` is one of the schedule's updates."""
+        return self.schedule.is_update(step)
+
+    def prepare(self, step: int) -> None:
+        """Nothing: no channel is recorded during a training step."""
+
     def after_step(self) -> None:
         """Re-zeroes the pruned channels after every optimizer step (stale momentum cannot bring them back)."""
         self._zero()

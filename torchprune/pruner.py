@@ -3,8 +3,10 @@
 The model keeps learning while weights are removed, so it recovers from each small cut instead of
 one large one. `step()` goes right after ``optimizer.step()``; it counts training steps, lets
 data-driven criteria accumulate what the training step saw, and at the schedule's update steps
-ranks the surviving weights and masks more of them. Masks only grow: a pruned weight never comes
-back (there is no regrowth option in this version).
+ranks the surviving weights and masks more of them. Masks only grow by default: a pruned weight
+never comes back. With ``regrow=`` (weights only) the Pruner also swaps weights at its regrowth
+steps, RigL's way: the weakest kept weights go and as many pruned weights with the largest dense
+gradient come back, at zero, so the sparsity stays exactly the schedule's (regrowth.py).
 
 Where scores come from, per criterion:
 
@@ -50,10 +52,11 @@ from torch import nn
 from . import selection
 from .calibration import observe
 from .channel_pruner import ChannelStrategy
-from .distributed import average_importance_state, check_equal_across_ranks, fail_together, unwrap
+from .distributed import average_, average_importance_state, check_equal_across_ranks, fail_together, unwrap
 from .importance import Importance, resolve
 from .masking import attach_mask, check_supported, get_mask, remove_mask
-from .schedules import Schedule
+from .regrowth import DenseGradients, Regrow, checked_regrow
+from .schedules import Adaptive, Schedule
 from .targets import (
     GRANULARITY_HELP,
     STRUCTURAL,
@@ -67,6 +70,7 @@ from .targets import (
     checked_score,
     current_mask,
     leave_out_tied,
+    nonfinite,
     parse_block,
     parse_granularity,
     refuse_freeze,
@@ -96,6 +100,14 @@ class Pruner:
     token embedding's weight) is left unpruned with a warning, unless a dict scope names it (then
     it raises).
 
+    ``regrow`` (None, a fraction, or a `tp.Regrow`; weight granularity, criteria that do not
+    reconstruct): dynamic sparsity, RigL. At each regrowth step (by default the schedule's updates)
+    each layer swaps ``fraction`` (cosine-decayed) of its kept weights: those the criterion scores
+    lowest are pruned, and as many weights pruned before the step, those with the largest gradient
+    of the training step just taken, come back at zero with zero optimizer moments. Call `step()`
+    after a training step's backward (it is, after ``optimizer.step()``): the dense gradients are
+    recorded during the forward and backward of the step before each regrowth step.
+
     All layers get a mask (all true) at construction, so the model's state_dict has the same keys
     from the first step on and a checkpoint loads into a fresh model wrapped by a fresh Pruner.
     ``example_inputs`` and ``freeze`` are only used with ``granularity="channel"``. ``model`` may be a
@@ -121,16 +133,24 @@ class Pruner:
         loss_fn: Optional[Callable] = None,
         example_inputs=None,
         freeze: Iterable = (),
+        regrow: Union[None, float, Regrow] = None,
     ):
         model = _checked_model(model, schedule)
+        schedule = schedule.fresh()  # tp.schedules.Adaptive: this Pruner's own run
         criterion = resolve(importance)
+        regrow = checked_regrow(regrow)
         if isinstance(self, ChannelPruner):
+            if regrow is not None:
+                raise ValueError("`regrow` must be None with granularity='channel': regrowth swaps single weights")
+            if isinstance(schedule, Adaptive):
+                raise ValueError("`schedule` must not be tp.schedules.Adaptive with granularity='channel': "
+                                 "going back to the sparsity that held is built for weight masks")
             strategy = ChannelStrategy(model, criterion, target_sparsity, schedule, importance, granularity, scope,
                                        exclude, data, loss_fn, example_inputs, freeze)
         else:
             refuse_freeze(freeze, granularity)
             strategy = WeightStrategy(model, criterion, target_sparsity, schedule, importance, granularity, scope,
-                                      exclude, data, loss_fn)
+                                      exclude, data, loss_fn, regrow)
         self.model = model
         self.target_sparsity = strategy.target_sparsity
         self.schedule = strategy.schedule
@@ -141,6 +161,7 @@ class Pruner:
         self._step = 0
         self._updates = 0
         self._finalized = False
+        strategy.prepare(0)
 
     @property
     def sparsity(self) -> float:
@@ -166,12 +187,20 @@ class Pruner:
             raise RuntimeError(f"the Pruner was finalized: {strategy.finalized_note} and it cannot step any more")
         strategy.observe_step()
         step = self._step
+        action = self.schedule.advance(step)  # Adaptive: the metric decides this step's sparsity
+        if action == "raise":
+            strategy.remember()  # the sparsity now held: where a later "revert" comes back to
+        elif action in ("revert", "stop"):
+            strategy.revert()
         self._step += 1
-        updated = any(s.is_update(step) for s in strategy.schedules.values()) and strategy.update(step)
-        if updated:
-            self._updates += 1  # counted before the check: the update is applied even when ranks differ
-            strategy.check_across_ranks(step)
-        strategy.after_step()
+        try:
+            updated = strategy.is_update(step) and strategy.update(step)
+            if updated:
+                self._updates += 1  # counted before the check: the update is applied even when ranks differ
+                strategy.check_across_ranks(step)
+            strategy.after_step()
+        finally:  # also after a failed update: the next step records (or not) as it should
+            strategy.prepare(self._step)
         return updated
 
     def state_dict(self) -> dict:
@@ -180,7 +209,8 @@ class Pruner:
         optimizer's state it resumes a run exactly."""
         strategy = self._strategy
         header = {"version": strategy.state_version, "step": self._step, "updates": self._updates}
-        return {**header, **strategy.state_dict()}
+        schedule = self.schedule.state_dict()  # an Adaptive schedule's decisions (fixed curves: none)
+        return {**header, **strategy.state_dict(), **({"schedule": schedule} if schedule else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores `state_dict()` output into a Pruner built with the same arguments; a layer whose
@@ -195,15 +225,26 @@ class Pruner:
                 or state.get("granularity") != strategy.state_granularity):
             raise ValueError(f"`state` must be a dict returned by Pruner.state_dict(){strategy.state_note}")
         strategy.check_state(state)
+        if isinstance(self.schedule, Adaptive) != ("schedule" in state):
+            raise ValueError("`state` was saved by a Pruner with " + ("an" if "schedule" in state else "no")
+                             + " Adaptive schedule, unlike this one")
         if self._finalized:
             raise RuntimeError("the Pruner was finalized; build a new one to resume")
         step, updates = state.get("step"), state.get("updates")
         for value, what in ((step, "step"), (updates, "updates")):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"`state[{what!r}]` must be a non-negative int, got {value!r}")
-        strategy.load_state(state)
+        schedule_before = self.schedule.state_dict()
+        if "schedule" in state:
+            self.schedule.load_state_dict(state["schedule"])
+        try:
+            strategy.load_state(state)
+        except Exception:  # nothing changed: the schedule's decisions go back too
+            self.schedule.load_state_dict(schedule_before)
+            raise
         self._step = int(step)
         self._updates = int(updates)
+        strategy.prepare(self._step)
 
     def __getstate__(self) -> dict:
         """For pickle and deepcopy: what the strategy keys by module identity (the criterion's
@@ -281,8 +322,9 @@ class WeightStrategy:
 
     The strategy's contract with `Pruner` (`ChannelStrategy` keeps the same one): ``target_sparsity``,
     ``schedule``, ``scope`` and ``schedules`` ({name: schedule}) as resolved at construction;
-    ``observe_step()`` / ``update(step) -> bool`` / ``check_across_ranks(step)`` (after an update) /
-    ``after_step()`` around each step; ``sparsity(finalized)``;
+    ``observe_step()`` / ``is_update(step)`` / ``update(step) -> bool`` / ``check_across_ranks(step)``
+    (after an update) / ``after_step()`` around each step, then ``prepare(next_step)`` (also at
+    construction and after a resume); ``sparsity(finalized)``;
     ``state_dict()`` / ``check_state()`` / ``load_state()`` below the header the Pruner writes;
     ``portable_state()`` / ``restore()`` for copies; ``finalize()``.
     """
@@ -294,13 +336,14 @@ class WeightStrategy:
     finalized_note = "its masks are permanent"
 
     def __init__(self, model: nn.Module, criterion: Importance, target_sparsity, schedule: Schedule, importance,
-                 granularity, scope, exclude, data, loss_fn):
+                 granularity, scope, exclude, data, loss_fn, regrow: Optional[Regrow] = None):
         if isinstance(granularity, str) and granularity.strip() in STRUCTURAL:
             raise ValueError(
                 f"`granularity` must be {GRANULARITY_HELP} or 'channel', got {granularity!r}: the Pruner does "
                 "not prune attention heads or layers progressively (use tp.prune for those)"
             )
         n_m, block = parse_granularity(granularity), parse_block(granularity)
+        _check_regrow(regrow, n_m, block, criterion)
         target_sparsity = _checked_amount(target_sparsity, schedule, scope, n_m)
         layers, scope = target_layers(model, exclude, scope)
         layers = leave_out_tied(model, layers, scope, stacklevel=3)  # here, Pruner.__init__, the caller
@@ -333,6 +376,9 @@ class WeightStrategy:
         self._data = data
         self._loss_fn = loss_fn
         self._hooks = []
+        self.regrow = None if regrow is None else regrow.resolved(schedule)
+        self._dense = DenseGradients(layers, owners)
+        self._held: Dict[str, tuple] = {}  # Adaptive: each layer's (mask, weight) at the sparsity that held
         for layer in layers.values():
             attach_mask(layer, current_mask(layer))
         criterion.reset()
@@ -361,7 +407,22 @@ class WeightStrategy:
             for layer in self._unique.values():
                 criterion.observe(layer)
 
+    def is_update(self, step: int) -> bool:
+        """Whether ``step`` is a pruning update of some layer's schedule or a regrowth step."""
+        return (any(s.is_update(step) for s in self.schedules.values())
+                or (self.regrow is not None and self.regrow.is_update(step)))
+
+    def prepare(self, step: int) -> None:
+        """Before training step ``step``: records the dense gradients during it if it is a regrowth step
+        (and drops whatever an earlier step left recorded)."""
+        self._dense.take()
+        if self.regrow is not None and self.regrow.is_update(step):
+            self._dense.arm()
+        else:
+            self._dense.disarm()
+
     def update(self, step: int) -> bool:
+        gradients = self._dense.take()  # recorded during this step's backward, for regrowth
         check_finite_weights(self._unique)  # a diverged run: say which layer, before ranking noise
         criterion = self.importance
         criterion.prepare(self.model, self._unique)
@@ -376,20 +437,46 @@ class WeightStrategy:
             return False
         if criterion.requires_data:  # each rank observed its own batches: rank on their average
             average_importance_state(criterion, self._unique)
-        weights = {}
+        weights, regrown = {}, {}
         if getattr(criterion, "reconstructs", False):  # SparseGPT: new masks and new kept weights
             new, weights = self._reconstructed(current, targets)
         else:
             scores = {name: checked_score(criterion, name, layer, current[name])
                       for name, layer in self._unique.items()}
             new = self._select(scores, current, targets)
+            if self.regrow is not None and self.regrow.is_update(step):
+                new, regrown = self._regrown(scores, gradients, current, new, step)
         with torch.no_grad():  # every result exists: only now does the model change
             for name, weight in weights.items():
                 self._unique[name].weight.copy_(weight)
+            for name, back in regrown.items():  # a weight that comes back starts at zero
+                self._unique[name].weight.masked_fill_(back, 0)
         for name, layer in self.layers.items():
             attach_mask(layer, new[self._owners[name]])
         criterion.reset()  # scores accumulate between updates
         return True
+
+    def _regrown(self, scores, gradients, current, new, step):
+        """RigL's swap in every layer: the masks ``new`` with `Regrow.fraction_at` of each layer's
+        kept weights swapped for weights pruned in ``current`` (by dense gradient magnitude), and
+        each layer's positions that came back."""
+        missing = [name for name in self._unique if name not in gradients]
+        if missing:
+            raise RuntimeError(f"regrowth at step {step} needs the gradient of the training step just taken, and "
+                               f"layer(s) {missing} got none: call pruner.step() after a forward and backward in "
+                               "train mode")
+        for name, gradient in gradients.items():
+            problem = nonfinite(gradient)
+            if problem is not None:
+                raise FloatingPointError(f"regrowth at step {step}: the gradient of layer {name!r} has {problem}")
+        average_(list(gradients.values()))  # under DDP every rank swaps by the same gradients
+        fraction = self.regrow.fraction_at(step)
+        masks, regrown = {}, {}
+        for name in self._unique:
+            count = int(round(fraction * int(new[name].sum())))
+            masks[name], _ = selection.regrown(scores[name], gradients[name].abs(), current[name], new[name], count)
+            regrown[name] = masks[name] & ~current[name]
+        return masks, regrown
 
     def _reconstructed(self, current, targets):
         """New masks and weights from a reconstructing criterion at this update's ``targets``: N:M
@@ -413,6 +500,22 @@ class WeightStrategy:
                 masks[name], weights[name] = criterion.reconstruct(layer, name, sparsity=targets[name],
                                                                    kept=current[name])
         return masks, weights
+
+    def remember(self) -> None:
+        """Keeps every layer's mask and weight: the sparsity that holds (`tp.schedules.Adaptive`)."""
+        self._held = {name: (current_mask(layer).clone(), layer.weight.detach().clone())
+                      for name, layer in self._unique.items()}
+
+    def revert(self) -> None:
+        """Back to the remembered masks: the weights pruned since come back with the values they
+        had then (their optimizer moments are zero: the masked layers' optimizer hook zeroed them)."""
+        with torch.no_grad():
+            for name, layer in self._unique.items():
+                mask, weight = self._held[name]
+                back = mask & ~current_mask(layer)
+                layer.weight[back] = weight[back].to(layer.weight.dtype)
+        for name, layer in self.layers.items():
+            attach_mask(layer, self._held[self._owners[name]][0])
 
     def check_across_ranks(self, step: int) -> None:
         """Under DDP: every rank holds the same masks after the update at ``step`` (else all raise)."""
@@ -445,10 +548,12 @@ class WeightStrategy:
         return {k: by_ratio(scores[k], current[k], targets[k]) for k in names}
 
     def state_dict(self) -> dict:
+        held = {name: {"mask": mask.clone(), "weight": weight.clone()} for name, (mask, weight) in self._held.items()}
         return {
             "layers": list(self._unique),
             "shapes": {name: list(layer.weight.shape) for name, layer in self._unique.items()},
             "importance": self.importance.state_dict(self._unique),
+            **({"held": held} if held else {}),
         }
 
     def check_state(self, state: dict) -> None:
@@ -465,6 +570,11 @@ class WeightStrategy:
     def load_state(self, state: dict) -> None:
         """Loads the criterion's statistics; if they do not load, leaves the criterion as it was."""
         by_name = state["importance"]
+        held = {name: (entry["mask"].clone(), entry["weight"].clone()) for name, entry in state.get("held", {}).items()}
+        for name, (mask, weight) in held.items():
+            layer = self._unique.get(name)
+            if layer is None or mask.shape != layer.weight.shape or weight.shape != layer.weight.shape:
+                raise ValueError(f"`state['held']` has an entry for {name!r} that does not fit this Pruner's layers")
         before = self.importance.state_dict(self._unique)
         try:
             self.importance.reset()
@@ -473,6 +583,7 @@ class WeightStrategy:
             self.importance.reset()
             self.importance.load_state_dict(before, self._unique)
             raise
+        self._held = held
 
     def portable_state(self):
         """The criterion's statistics by layer name (they are keyed by module identity inside)."""
@@ -482,6 +593,9 @@ class WeightStrategy:
         """In a copy: re-keys the statistics to the copied layers and observes through this copy."""
         self.importance.reset()
         self.importance.load_state_dict(by_name, self._unique)
+        if self._dense.armed:  # the copied layers hold inert copies of the gradient hooks: record through this copy
+            self._dense.disarm()
+            self._dense.arm()
         if self._hooks:  # the copied layers hold inert copies of the hooks: observe through this copy
             for handle in self._hooks:
                 handle.remove()
@@ -492,6 +606,7 @@ class WeightStrategy:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._dense.disarm()
         for layer in self.layers.values():
             mask = get_mask(layer)
             if mask is not None:
@@ -499,6 +614,21 @@ class WeightStrategy:
                     layer.weight.masked_fill_(~mask, 0)
                 remove_mask(layer)
         self.importance.reset()
+
+
+def _check_regrow(regrow: Optional[Regrow], n_m, block, criterion: Importance) -> None:
+    """Regrowth swaps single weights ranked by the criterion's scores of the current weights."""
+    if regrow is None:
+        return
+    if n_m is not None or block is not None:
+        raise ValueError("`regrow` must be None with N:M or block granularity: regrowth swaps single weights "
+                         "(granularity='weight')")
+    if getattr(criterion, "reconstructs", False):
+        raise ValueError(f"`regrow` must be None with importance {criterion!r}: it reconstructs the kept weights, "
+                         "which regrowth would undo")
+    if getattr(criterion, "compare_within_rows", False):
+        raise ValueError(f"`regrow` must be None with importance {criterion!r}: it prunes the same share of every "
+                         "row, which swaps across rows would break")
 
 
 def _checked_amount(target_sparsity, schedule: Schedule, scope, n_m) -> Optional[float]:

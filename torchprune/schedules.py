@@ -13,6 +13,9 @@ says at which steps the masks are updated. Every schedule but `OneShot` and `Ite
 ``sparsity_at(step)`` is the sparsity the masks hold after the update at the latest update step
 ``<= step`` (0 before ``begin``, ``final`` from ``end`` on): a staircase, as in training.
 
+`Adaptive` is the one schedule that is not a fixed curve: it raises the sparsity while a metric
+of the model holds, so its steps depend on the run; it keeps what it decided (`state_dict`).
+
 >>> schedule = tp.schedules.Cubic(begin=0, end=1000, every=100, final=0.9)
 >>> [round(schedule.sparsity_at(t), 3) for t in (0, 99, 100, 500, 1000)]
 [0.0, 0.0, 0.244, 0.787, 0.9]
@@ -23,9 +26,9 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
-__all__ = ["Schedule", "OneShot", "Constant", "Linear", "Cubic", "Exponential", "Iterative", "plot"]
+__all__ = ["Schedule", "OneShot", "Constant", "Linear", "Cubic", "Exponential", "Iterative", "Adaptive", "plot"]
 
 
 def _check_step(value, what: str) -> int:
@@ -101,6 +104,21 @@ class Schedule:
 
     def _curve(self, progress: float) -> float:
         raise NotImplementedError
+
+    def fresh(self) -> "Schedule":
+        """The schedule a new Pruner runs: this one (a fixed curve holds no state of a run)."""
+        return self
+
+    def advance(self, step: int) -> Optional[str]:
+        """Called by the Pruner once at every step, before its update: nothing for a fixed curve."""
+        return None
+
+    def state_dict(self) -> dict:
+        """What a run decided (nothing for a fixed curve)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()` output."""
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -201,6 +219,160 @@ class Iterative(Schedule):
             if milestone <= step:
                 value = sparsity
         return value
+
+
+class Adaptive(Schedule):
+    """A performance-driven pruning rate: the sparsity rises while ``metric()`` holds.
+
+    Every ``every`` steps from ``begin`` (a check), the Pruner calls ``metric()`` (a callback that
+    evaluates the model, e.g. validation accuracy; higher is better, or lower with
+    ``mode="min"``) and compares it with the best value seen so far:
+
+    * within ``tolerance`` of the best (``metric >= best - tolerance``): the current sparsity holds;
+      the schedule remembers it and raises the sparsity by ``increment`` (a fraction of the way to
+      ``final``: 0.1 is ten raises from 0 to final). At ``final`` it stops;
+    * worse: it pauses (no raise) while the model trains on, and checks again. After ``patience``
+      checks in a row that fail it goes back to the last sparsity that held (the Pruner restores
+      those masks, with the weights they had then) and halves the increment, so that it next tries
+      a smaller step. When the increment falls below ``min_increment`` (default ``increment / 8``)
+      it stops there instead: the highest sparsity that held. A last check (none comes before
+      ``end``) that fails also goes back, so a run never ends at a sparsity that did not hold.
+
+    After ``end`` no check runs and the sparsity stays. The first check (at ``begin``) measures the
+    unpruned model: that is the first best value, and the first raise.
+
+    Each Pruner runs its own copy (`fresh`): read the decisions from ``pruner.schedule``:
+    ``history`` lists each check's step, metric, level (the fraction of ``final``) and action
+    ("raise", "pause", "revert", "stop": reverted for good, "done": ``final`` reached and held).
+    `state_dict` / `load_state_dict` keep them, and `tp.Pruner.state_dict` includes them, so a
+    resumed run decides as the uninterrupted one would. With a dict scope the levels are fractions
+    of each layer's own final sparsity.
+
+    >>> schedule = tp.schedules.Adaptive(lambda: accuracy(model, val), begin=0, end=3000, every=100,
+    ...                                  final=0.95, increment=0.1, tolerance=0.01)
+    """
+
+    def __init__(self, metric: Callable[[], float], begin: int = 0, end: int = 0, every: int = 1,
+                 final: Optional[float] = None, increment: float = 0.1, tolerance: float = 0.0,
+                 patience: int = 3, min_increment: Optional[float] = None, mode: str = "max"):
+        if not callable(metric):
+            raise TypeError(f"`metric` must be a callable returning a number, got {type(metric).__name__}")
+        super().__init__(begin=begin, end=end, every=every, initial=0.0, final=final)
+        for value, what in ((increment, "increment"), (min_increment, "min_increment")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not 0 < float(value) <= 1):
+                raise ValueError(f"`{what}` must be a number in (0, 1], got {value!r}")
+        if (isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real)
+                or not 0 <= float(tolerance) < math.inf):
+            raise ValueError(f"`tolerance` must be a non-negative number, got {tolerance!r}")
+        if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 1:
+            raise ValueError(f"`patience` must be a positive int, got {patience!r}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}")
+        self.metric = metric
+        self.increment = float(increment)
+        self.tolerance = float(tolerance)
+        self.patience = int(patience)
+        self.min_increment = self.increment / 8 if min_increment is None else float(min_increment)
+        self.mode = mode
+        self._run = _AdaptiveRun(self.increment)
+
+    def fresh(self) -> "Adaptive":
+        """A copy with a run of its own (its per-layer copies, made by `resolved`, share it)."""
+        out = copy.copy(self)
+        out._run = _AdaptiveRun(self.increment)
+        return out
+
+    @property
+    def history(self) -> List[dict]:
+        """Each check so far: step, metric, level (fraction of final), action."""
+        return [dict(row) for row in self._run.history]
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the schedule has stopped raising (final reached, or gone back to what held)."""
+        return self._run.stopped
+
+    def is_update(self, step: int) -> bool:
+        step = _check_step(step, "step")
+        return not self._run.stopped and self.begin <= step <= self.end and (step - self.begin) % self.every == 0
+
+    def update_steps(self) -> List[int]:
+        """The checks still to come, at most (the schedule may stop earlier)."""
+        return [] if self._run.stopped else list(range(self.begin, self.end + 1, self.every))
+
+    def sparsity_at(self, step: int) -> float:
+        """The sparsity decided at the latest check at or before ``step`` (0 before the first)."""
+        step = _check_step(step, "step")
+        if self.final is None:
+            raise ValueError("Adaptive has no `final` sparsity: pass final=..., or use it in a Pruner")
+        level = 0.0
+        for row in self._run.history:
+            if row["step"] <= step:
+                level = row["level"]
+        return self.final * level
+
+    def advance(self, step: int) -> Optional[str]:
+        """At a check: evaluates ``metric()`` and decides (the action); None at other steps."""
+        if not self.is_update(step):
+            return None
+        value = self.metric()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(f"`metric` must return a finite number, got {value!r} at step {step}")
+        return self._run.decide(step, float(value) if self.mode == "max" else -float(value), self)
+
+    def state_dict(self) -> dict:
+        return self._run.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._run.load_state_dict(state)
+
+
+class _AdaptiveRun:
+    """What an `Adaptive` schedule decided so far; shared by its per-layer copies."""
+
+    FIELDS = ("best", "held", "level", "increment", "fails", "stopped")
+
+    def __init__(self, increment: float):
+        self.best: Optional[float] = None  # in "higher is better" units
+        self.held = 0.0  # the last level that held
+        self.level = 0.0
+        self.increment = increment
+        self.fails = 0
+        self.stopped = False
+        self.history: List[dict] = []
+
+    def decide(self, step: int, value: float, schedule: Adaptive) -> str:
+        if self.best is None or value >= self.best - schedule.tolerance:
+            self.best = value if self.best is None else max(self.best, value)
+            self.held, self.fails = self.level, 0
+            if self.level >= 1.0:
+                action, self.stopped = "done", True
+            else:
+                action, self.level = "raise", min(1.0, self.level + self.increment)
+        else:
+            self.fails += 1
+            last = step + schedule.every > schedule.end  # no check to come: end at what held
+            if self.fails < schedule.patience and not last:
+                action = "pause"
+            else:
+                self.level, self.fails, self.increment = self.held, 0, self.increment / 2
+                self.stopped = last or self.increment < schedule.min_increment
+                action = "stop" if self.stopped else "revert"
+        metric = value if schedule.mode == "max" else -value
+        self.history.append({"step": step, "metric": metric, "level": self.level, "action": action})
+        return action
+
+    def state_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in self.FIELDS}, "history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or any(k not in state for k in (*self.FIELDS, "history")):
+            raise ValueError(f"`state` must be a dict returned by Adaptive.state_dict(), with keys {self.FIELDS} "
+                             "and 'history'")
+        for key in self.FIELDS:
+            setattr(self, key, state[key])
+        self.history = [dict(r) for r in state["history"]]
 
 
 def plot(schedules, steps: Optional[int] = None, path=None, ax=None, title: str = "Sparsity schedule"):

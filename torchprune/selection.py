@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 __all__ = ["RowScores", "pruned_shares", "by_ratio", "by_row_ratio", "by_global_ratio", "by_threshold", "n_of_m",
-           "group_input_last"]
+           "group_input_last", "regrown"]
 
 #: At most this many candidate scores are ranked with one stable sort; beyond, by radix select.
 _SORT_LIMIT = 1 << 16
@@ -265,6 +265,31 @@ def by_threshold(scores: torch.Tensor, mask: Optional[torch.Tensor], threshold: 
     for offset, flat, kept, _ in _blocks(scores, mask):
         flat_keep[offset : offset + flat.numel()] = (flat.double() >= threshold) & kept  # threshold not rounded
     return keep
+
+
+def regrown(drop_scores, grow_scores: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+            count: int) -> Tuple[torch.Tensor, int]:
+    """``after`` with ``count`` of its kept weights swapped for weights that were already pruned in
+    ``before`` (RigL's drop and grow): the kept weights with the lowest ``drop_scores`` are pruned,
+    and as many of ``before``'s pruned weights with the highest ``grow_scores`` come back, so the
+    number kept does not change. A weight pruned only in ``after`` (just now) cannot come back.
+
+    ``count`` is capped by the weights there are to drop and to grow (at least one weight stays
+    kept); returns (mask, weights swapped). Among equal scores the lower flat index goes first, in
+    the drop and in the growth (stable sorts)."""
+    kept = after.reshape(-1).to(device="cpu", dtype=torch.bool)
+    candidates = ~before.reshape(-1).to(device="cpu", dtype=torch.bool)
+    count = max(0, min(int(count), int(kept.sum()) - 1, int(candidates.sum())))
+    if count == 0:
+        return after.clone(), 0
+    drop = drop_scores[0:drop_scores.shape[0]].detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+    drop = drop.masked_fill(~kept, float("inf"))
+    grow = grow_scores.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+    grow = grow.masked_fill(~candidates, float("-inf"))
+    out = kept.clone()
+    out[torch.sort(drop, stable=True).indices[:count]] = False
+    out[torch.sort(grow, stable=True, descending=True).indices[:count]] = True
+    return out.view(after.shape).to(after.device), count
 
 
 def group_input_last(weight_like: torch.Tensor) -> torch.Tensor:
