@@ -228,6 +228,13 @@ class Pruner:
         if isinstance(self.schedule, Adaptive) != ("schedule" in state):
             raise ValueError("`state` was saved by a Pruner with " + ("an" if "schedule" in state else "no")
                              + " Adaptive schedule, unlike this one")
+        decisions = state.get("schedule")
+        history = decisions.get("history") if isinstance(decisions, dict) else None  # checked by the schedule
+        raised = isinstance(history, list) and any(isinstance(r, dict) and r.get("action") == "raise" for r in history)
+        held = state.get("held")
+        if raised and (not isinstance(held, dict) or set(held) != set(state.get("layers") or ())):
+            raise ValueError("`state` has Adaptive raises but no 'held' entry for every layer (the masks a revert "
+                             "goes back to)")
         if self._finalized:
             raise RuntimeError("the Pruner was finalized; build a new one to resume")
         step, updates = state.get("step"), state.get("updates")

@@ -230,7 +230,8 @@ class Adaptive(Schedule):
 
     * within ``tolerance`` of the best (``metric >= best - tolerance``): the current sparsity holds;
       the schedule remembers it and raises the sparsity by ``increment`` (a fraction of the way to
-      ``final``: 0.1 is ten raises from 0 to final). At ``final`` it stops;
+      ``final``: 0.1 is ten raises from 0 to final). When ``final`` holds, or at the last check
+      (none comes before ``end``, so a raise would never be checked), it stops there ("done");
     * worse: it pauses (no raise) while the model trains on, and checks again. After ``patience``
       checks in a row that fail it goes back to the last sparsity that held (the Pruner restores
       those masks, with the weights they had then) and halves the increment, so that it next tries
@@ -317,6 +318,11 @@ class Adaptive(Schedule):
         if not self.is_update(step):
             return None
         value = self.metric()
+        if hasattr(value, "item") and not isinstance(value, numbers.Real):  # a tensor or numpy value
+            count = value.numel() if hasattr(value, "numel") else getattr(value, "size", 1)
+            if count != 1:
+                raise ValueError(f"`metric` must return a finite number, got {count} values at step {step}")
+            value = (value.detach() if hasattr(value, "detach") else value).item()
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             raise ValueError(f"`metric` must return a finite number, got {value!r} at step {step}")
         return self._run.decide(step, float(value) if self.mode == "max" else -float(value), self)
@@ -343,16 +349,17 @@ class _AdaptiveRun:
         self.history: List[dict] = []
 
     def decide(self, step: int, value: float, schedule: Adaptive) -> str:
+        last = step + schedule.every > schedule.end  # no check to come: end at what held
         if self.best is None or value >= self.best - schedule.tolerance:
             self.best = value if self.best is None else max(self.best, value)
             self.held, self.fails = self.level, 0
-            if self.level >= 1.0:
+            if self.level >= 1.0 or last:  # at the last check a raise would never be checked
                 action, self.stopped = "done", True
-            else:
-                action, self.level = "raise", min(1.0, self.level + self.increment)
+            else:  # rounded, and snapped to 1 when within 1e-9 of it: ten raises of 0.1 make exactly 1
+                level = round(self.level + self.increment, 12)
+                action, self.level = "raise", 1.0 if level > 1 - 1e-9 else level
         else:
             self.fails += 1
-            last = step + schedule.every > schedule.end  # no check to come: end at what held
             if self.fails < schedule.patience and not last:
                 action = "pause"
             else:
@@ -367,12 +374,35 @@ class _AdaptiveRun:
         return {**{k: getattr(self, k) for k in self.FIELDS}, "history": [dict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Checks every field first: a bad state raises ValueError and changes nothing."""
         if not isinstance(state, dict) or any(k not in state for k in (*self.FIELDS, "history")):
             raise ValueError(f"`state` must be a dict returned by Adaptive.state_dict(), with keys {self.FIELDS} "
                              "and 'history'")
+        problems = [key for key in ("held", "level") if not _is_number(state[key]) or not 0 <= state[key] <= 1]
+        problems += [] if _is_number(state["increment"]) and 0 < state["increment"] <= 1 else ["increment"]
+        problems += [] if state["best"] is None or _is_number(state["best"]) else ["best"]
+        problems += [] if isinstance(state["stopped"], bool) else ["stopped"]
+        fails = state["fails"]
+        problems += [] if isinstance(fails, int) and not isinstance(fails, bool) and fails >= 0 else ["fails"]
+        history = state["history"]
+        rows_ok = isinstance(history, list) and all(
+            isinstance(r, dict) and isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)
+            and r["step"] >= 0 and _is_number(r.get("metric")) and _is_number(r.get("level"))
+            and 0 <= r["level"] <= 1 and r.get("action") in ACTIONS for r in history)
+        problems += [] if rows_ok else ["history"]
+        if problems:
+            raise ValueError(f"`state` is not a valid Adaptive.state_dict(): bad {', '.join(problems)}")
         for key in self.FIELDS:
             setattr(self, key, state[key])
-        self.history = [dict(r) for r in state["history"]]
+        self.history = [dict(r) for r in history]
+
+
+#: What an `Adaptive` check can decide.
+ACTIONS = ("raise", "pause", "revert", "stop", "done")
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
 
 
 def plot(schedules, steps: Optional[int] = None, path=None, ax=None, title: str = "Sparsity schedule"):
