@@ -9,6 +9,9 @@ LeNet-300-100 shape) and a small CNN on scikit-learn's 1,797 8x8 digits, then co
   number of training epochs as the fine-tuning;
 
 and prunes the dense MLP once with Wanda to 95% to contrast which input pixels each keeps reading.
+On the MLP it also runs the adaptive schedule (`tp.schedules.Adaptive`, driven by validation
+accuracy) against a fixed one, and regrowth (``regrow=``, RigL) against prune-only at 95% over
+three seeds (`adaptive`).
 The CNN also loses half of its channels (filters and neurons, removed physically by
 ``tp.prune(granularity="channel")`` then fine-tuned, and progressively by the channel Pruner), which
 makes it smaller and faster with dense kernels.
@@ -17,8 +20,8 @@ It writes DIR/report.md (accuracy, parameters, nonzeros, MACs, latency) with PNG
 and DIR/results.json. Deterministic for a given ``--seed`` (single-threaded by default).
 
 The parts: `digits` (the data), `common` (settings, models, training, result records), `weights` (the
-weight-level runs), `channels` (the channel-level runs), `writeup` (plots, report.md, results.json);
-this module runs them in order and holds the command line's arguments.
+weight-level runs), `channels` (the channel-level runs), `adaptive` (the adaptive runs), `writeup`
+(plots, report.md, results.json); this module runs them in order and holds the command line's arguments.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import channels, digits, weights, writeup
+from . import adaptive, channels, digits, weights, writeup
 from .common import FULL, QUICK, SPARSITIES, DemoResult, progress_bar
 
 __all__ = ["run", "add_arguments"]
@@ -67,8 +70,10 @@ def train_and_prune(quick: bool, seed: int) -> DemoResult:
         cnn = weights.sweep("cnn", images, epochs["cnn"], seed, SPARSITIES, bar)
         channel_result = channels.run(images, epochs["cnn"][1], seed, cnn.models["dense"], bar)
     wanda = weights.wanda(mlp.models["dense"], flat, epochs["mlp"][1], seed)
+    found = adaptive.adaptive(flat, epochs["mlp"], seed)
+    rigl = adaptive.rigl(flat, epochs["mlp"], seeds=tuple(seed + i for i in adaptive.RIGL_SEEDS))
     return DemoResult(seed=seed, quick=quick, epochs=epochs, flat=flat, images=images, mlp=mlp, cnn=cnn,
-                      channels=channel_result, wanda=wanda)
+                      channels=channel_result, wanda=wanda, adaptive=found, rigl=rigl)
 
 
 def print_accuracies(result: DemoResult) -> None:
@@ -82,6 +87,12 @@ def print_accuracies(result: DemoResult) -> None:
     found = result.channels
     print(f"CNN, 50% of channels removed: one-shot {found['one-shot']:.2f}%, one-shot + fine-tune "
           f"{found['one-shot + fine-tune']:.2f}%, progressive {found['progressive']:.2f}%")
+    test = result.adaptive["test"]
+    print(f"MLP, adaptive schedule: {100 * result.adaptive['sparsity']:.1f}% sparse, {test['adaptive']:.2f}% "
+          f"(dense {test['dense']:.2f}%, fixed cubic to the same sparsity {test['fixed']:.2f}%)")
+    mean = result.rigl["mean"]
+    print(f"MLP at {result.rigl['target']:.0%}, mean of {len(result.rigl['rows'])} seeds: prune-only "
+          f"{mean['prune-only']:.2f}%, RigL {mean['rigl']:.2f}%")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

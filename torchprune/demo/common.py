@@ -115,7 +115,8 @@ class DemoResult:
     """Everything the demo measured, as the write-up reads it.
 
     ``flat`` is the digits split with 64 pixels per row (the MLP's input), ``images`` the same split as
-    (N, 1, 8, 8) images (the CNN's); ``channels`` is `channels.run`'s dict.
+    (N, 1, 8, 8) images (the CNN's); ``channels`` is `channels.run`'s dict, ``adaptive`` and ``rigl``
+    are `adaptive.adaptive`'s and `adaptive.rigl`'s.
     """
 
     seed: int
@@ -127,6 +128,8 @@ class DemoResult:
     cnn: Sweep
     channels: Dict
     wanda: Wanda
+    adaptive: Dict
+    rigl: Dict
 
     @property
     def mean_image(self) -> Tensor:

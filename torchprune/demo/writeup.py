@@ -19,7 +19,7 @@ from ..analysis import report, summary
 from ..analysis import sparsity as model_sparsity
 from ..masking import effective_weight
 from ..sparsify import sparsify
-from . import channels
+from . import adaptive, channels
 from .common import BATCH, LR, METHODS, SPARSITIES, DemoResult, Sweep
 
 __all__ = ["write", "pixel_statistics"]
@@ -93,6 +93,8 @@ the README's benchmarks for layers of real size.
 
 {channels}
 
+{adaptive}
+
 Total time {elapsed:.1f} s.
 """
 
@@ -106,7 +108,7 @@ def write(out: str, result: DemoResult, start: float) -> Dict:
                                     result.images[2][:BATCH], repeats=result.repeats)
     elapsed = time.perf_counter() - start
     texts = {"table": accuracy_table(result), "latency": latency, "latency_cnn": latency_cnn,
-             "channels": channel_text}
+             "channels": channel_text, "adaptive": adaptive.section(result.adaptive, result.rigl)}
     results = results_json(result, elapsed)
     with open(os.path.join(out, "report.md"), "w") as handle:
         handle.write(report_text(result, plots, texts, elapsed))
@@ -202,6 +204,8 @@ def results_json(result: DemoResult, elapsed: float) -> Dict:
     results["mlp"]["wanda one-shot 95% per row"] = result.wanda.before
     results["mlp"]["wanda one-shot 95% per row + fine-tune"] = result.wanda.after
     results["cnn"]["channels 50%"] = {k: v for k, v in result.channels.items() if k != "models"}
+    results["mlp"]["adaptive"] = result.adaptive
+    results["mlp"]["rigl"] = result.rigl
     return results
 
 
