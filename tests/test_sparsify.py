@@ -129,7 +129,7 @@ def test_timing_path_records_real_shapes_and_keeps_the_faster(monkeypatch):
         seen[name] = shapes
         return (1.0, 0.5) if name in ("conv1", "fc") else (0.5, 1.0)  # (dense s, sparse s)
 
-    monkeypatch.setattr(sparsify_module, "_time_layer", fake_time)
+    monkeypatch.setattr(sparsify_module, "time_layer", fake_time)
     x = torch.randn(4, 3, 8, 8)
     sparse = tp.sparsify(model, example_inputs=x)
     assert seen["conv1"] == [torch.Size([4, 3, 8, 8])] and seen["fc"] == [torch.Size([4, 512])]
@@ -254,7 +254,7 @@ class TimmLikeEncoding(nn.Module):
 
 
 def swap_every_timed_layer(monkeypatch):
-    monkeypatch.setattr(sparsify_module, "_time_layer", lambda layer, shapes: (1.0, 0.5))
+    monkeypatch.setattr(sparsify_module, "time_layer", lambda layer, shapes: (1.0, 0.5))
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(min_sparsity=0.0)])

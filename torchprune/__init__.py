@@ -8,6 +8,7 @@
 from . import importance, nn, regularize, schedules
 from ._version import __version__
 from .analysis import sparsity, summary
+from .analysis.auto import AutoPlan, auto
 from .calibration import Inputs
 from .io import load, save
 from .masking import make_permanent, masks
@@ -44,4 +45,6 @@ __all__ = [
     "recover",
     "recalibrate_bn",
     "Regrow",
+    "auto",
+    "AutoPlan",
 ]

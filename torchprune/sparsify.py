@@ -119,7 +119,7 @@ def sparsify(model: nn.Module, min_sparsity: Optional[float] = None,
     for decision in decisions.values():
         if decision.swap:
             layer = modules[decision.name]
-            sparse[id(layer)] = _SPARSE_CLASS[base_type(layer)].from_dense(layer)
+            sparse[id(layer)] = SPARSE_CLASS[base_type(layer)].from_dense(layer)
     for parent in list(modules.values()):  # every name a swapped layer is registered under
         for child_name, child in list(parent._modules.items()):  # named_children() drops aliases
             if id(child) in sparse:
@@ -127,7 +127,7 @@ def sparsify(model: nn.Module, min_sparsity: Optional[float] = None,
     return sparse.get(id(target), target)  # the model may itself be one layer
 
 
-_SPARSE_CLASS = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+SPARSE_CLASS = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 # Parents known to read their Linear children's .weight in their own forward: kept dense also
 # without example_inputs (with them, the traced forward finds any parent that does, see _OutsideReads).
 _READS_CHILD_WEIGHTS = (nn.TransformerEncoderLayer,)
@@ -178,7 +178,7 @@ def _candidates(model: nn.Module) -> Tuple[Dict[str, Decision], Dict[str, nn.Mod
     read_directly = {id(child) for parent in model.modules() if isinstance(parent, _READS_CHILD_WEIGHTS)
                      for child in parent.children()}
     for name, layer in model.named_modules():
-        if not is_prunable(layer) or base_type(layer) not in _SPARSE_CLASS:
+        if not is_prunable(layer) or base_type(layer) not in SPARSE_CLASS:
             continue
         sparsity, reason = _eligibility(layer, users)
         if reason is None and id(layer) in read_directly:
@@ -207,7 +207,7 @@ def _decide_by_timing(decisions: Dict[str, Decision], eligible: Dict[str, nn.Mod
         if not shapes.get(name):
             d.reason = "not called by example_inputs: left as it is"
             continue
-        dense_s, sparse_s = _time_layer(layer, shapes[name])
+        dense_s, sparse_s = time_layer(layer, shapes[name])
         d.swap = sparse_s < dense_s
         d.reason = f"timed: dense {dense_s * 1e3:.3f} ms, sparse {sparse_s * 1e3:.3f} ms"
 
@@ -269,6 +269,12 @@ def _keep_read_layers(decisions: Dict[str, Decision], eligible: Dict[str, nn.Mod
         decisions[name].reason = (f"its {' and '.join(attributes)} {verb} read outside its forward "
                                   f"(by {reader}); kept dense")
         del eligible[name]
+
+
+def input_shapes(model: nn.Module, inputs: Tuple[Tensor, ...], layers: Dict[str, nn.Module]
+                 ) -> Dict[str, List[torch.Size]]:
+    """The distinct input shapes each of ``layers`` is called with in one ``model(*inputs)`` (eval mode)."""
+    return _trace(model, inputs, layers)[0]
 
 
 def _trace(model: nn.Module, inputs: Tuple[Tensor, ...], layers: Dict[str, nn.Module]
@@ -375,9 +381,10 @@ def _where(frame: Any) -> str:
 _MIN_CALLS, _MAX_CALLS, _TARGET_SECONDS = 5, 50, 0.1
 
 
-def _time_layer(layer: nn.Module, shapes: List[torch.Size]) -> Tuple[float, float]:
-    """(dense seconds, sparse seconds): medians of interleaved calls, summed over the shapes."""
-    sparse = _SPARSE_CLASS[base_type(layer)].from_dense(layer)
+def time_layer(layer: nn.Module, shapes: List[torch.Size], sparse: Optional[nn.Module] = None) -> Tuple[float, float]:
+    """(dense seconds, sparse seconds): ``layer`` and ``sparse`` (by default its sparse module)
+    called on random inputs of each shape, medians of interleaved calls, summed over the shapes."""
+    sparse = SPARSE_CLASS[base_type(layer)].from_dense(layer) if sparse is None else sparse
     generator = torch.Generator().manual_seed(0)
     device = layer.weight.device
     totals = [0.0, 0.0]

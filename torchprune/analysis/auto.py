@@ -1,0 +1,321 @@
+"""``tp.auto``: per-layer sparsities that meet a budget (latency, MACs or parameters) with the least
+loss of a metric, in the spirit of NetAdapt (Yang et al. 2018) and AMC (He et al. 2018).
+
+**How it chooses, and why so.** NetAdapt re-measures every candidate move on the whole model at
+every step: layers x steps evaluations (for MiniLM's 36 layers and ~20 steps, 720 passes over the
+evaluation data). We measure instead, once, each layer's sensitivity curve (`tp.sensitivity`:
+layers x levels evaluations) and a cost table (each layer's cost at each level), then allocate
+greedily on them: the next move is always the (layer, higher level) with the least added metric
+loss per unit of budget saved. A move may jump several levels, because a sparse kernel often saves
+nothing at 50% and a lot at 80% (the cost curve is not convex). Damages do not add up exactly, nor
+do layer timings, so the plan is then checked on a pruned copy: its metric with every layer pruned
+together, and its cost. For latency, the sparsified model (`tp.sparsify` with the example
+inputs, which keeps each layer's faster kernel) is timed against the dense model, interleaved.
+When the measured latency misses the budget, the allocation goes on towards a target scaled by
+the miss, up to ``rounds`` times.
+
+**Costs.** "latency": each layer's plain forward and its packed sparse kernel (`tp.nn.SparseLinear`
+/ `SparseConv2d`, built from the layer's own weights pruned by magnitude to the level) timed at the
+input shapes ``example_inputs`` gives it, medians of interleaved calls; the cost at a level is the
+faster of the two, because that is what `tp.sparsify` keeps. Timings are cached per (layer type,
+weight shape, input shapes, level), so the six same-shaped blocks of an encoder are timed once.
+The rest of the model (attention, norms) is the dense model's latency minus its layers' times and
+does not change. Never the sparsity alone: a sparsity that the kernels do not turn into speed
+saves nothing here. "macs" and "params": the layer's dense MACs (`tp.summary` at the example
+inputs) or weights, times the kept fraction; the rest of the model counts as it is.
+
+>>> plan = tp.auto(model, lambda m: accuracy(m, val), budget=0.6, example_inputs=x[:1])
+>>> print(plan.to_markdown())
+>>> tp.prune(model, scope=plan.scope)
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..calibration import as_inputs
+from ..importance import Importance
+from ..masking import attach_mask, base_type, masks
+from ..oneshot import prune
+from ..selection import by_ratio
+from ..sparsify import SPARSE_CLASS, input_shapes, sparsify, time_layer
+from ..timing import time_interleaved
+from .model_summary import summary
+from .sensitivity import Sensitivity, sensitivity
+
+__all__ = ["auto", "AutoPlan", "KINDS", "DEFAULT_LEVELS", "interpolate"]
+
+KINDS = ("latency", "macs", "params")
+DEFAULT_LEVELS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+class AutoPlan:
+    """What `auto` found.
+
+    * ``scope``: {layer: sparsity} for `tp.prune` / `tp.Pruner` (``scope=plan.scope``), the layers it
+      prunes; empty when no move saves anything (a latency budget on layers whose sparse kernels
+      never beat dense here), and then there is nothing to prune;
+    * ``kind``, ``budget``: the budget asked for, a fraction of the dense model's cost;
+    * ``estimated``, ``measured``: the plan's cost as a fraction of dense, from the tables and as
+      measured on the pruned copy (for latency: sparsified and timed against dense); ``met``:
+      ``measured <= budget``;
+    * ``baseline``, ``metric``: ``evaluate`` on the model as given, and on the pruned copy;
+    * ``steps``: each move in order (layer, from, to, cost after as a fraction, predicted damage);
+    * ``rounds``: each check of the plan (estimated and measured cost, metric);
+    * ``layers``: per layer: sparsity, cost at dense, cost at the plan, share of the dense cost;
+    * ``sensitivity``: the measured curves (`tp.Sensitivity`).
+    """
+
+    def __init__(self, kind: str, budget: float, scope: Dict[str, float], layers: List[dict], steps: List[dict],
+                 rounds: List[dict], baseline: float, sens: Sensitivity, dense_cost: float):
+        self.kind, self.budget, self.scope = kind, budget, scope
+        self.layers, self.steps, self.rounds = layers, steps, rounds
+        self.baseline, self.sensitivity, self.dense_cost = baseline, sens, dense_cost
+
+    @property
+    def estimated(self) -> float:
+        return self.rounds[-1]["estimated"]
+
+    @property
+    def measured(self) -> float:
+        return self.rounds[-1]["measured"]
+
+    @property
+    def metric(self) -> float:
+        return self.rounds[-1]["metric"]
+
+    @property
+    def met(self) -> bool:
+        return self.measured <= self.budget
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "budget": self.budget, "scope": dict(self.scope), "baseline": self.baseline,
+                "dense_cost": self.dense_cost, "layers": self.layers, "steps": self.steps, "rounds": self.rounds,
+                "sensitivity": self.sensitivity.to_dict()}
+
+    def to_markdown(self) -> str:
+        """The per-layer table, the checks of the plan, and the moves in order."""
+        unit = {"latency": "ms", "macs": "MACs", "params": "weights"}[self.kind]
+        scale = 1e3 if self.kind == "latency" else 1
+
+        def amount(value: float) -> str:
+            return f"{value * scale:.3f}" if self.kind == "latency" else f"{value:,.0f}"
+
+        lines = [f"Budget: {self.kind} <= {self.budget:.3f} of dense; measured {self.measured:.3f} "
+                 f"({'met' if self.met else 'missed'}); metric {self.metric:.4f} (dense {self.baseline:.4f}).", "",
+                 f"| Layer | Sparsity | Dense ({unit}) | Planned ({unit}) | Share of dense |",
+                 "|:---|---:|---:|---:|---:|"]
+        for row in self.layers:
+            lines.append(f"| {row['layer']} | {100 * row['sparsity']:.0f}% | {amount(row['dense'])} | "
+                         f"{amount(row['planned'])} | {100 * row['share']:.1f}% |")
+        lines += ["", "| Check | Estimated | Measured | Metric |", "|---:|---:|---:|---:|"]
+        lines += [f"| {i + 1} | {r['estimated']:.3f} | {r['measured']:.3f} | {r['metric']:.4f} |"
+                  for i, r in enumerate(self.rounds)]
+        lines += ["", "| Move | Layer | From | To | Cost after | Predicted loss |", "|---:|:---|---:|---:|---:|---:|"]
+        lines += [f"| {i + 1} | {s['layer']} | {100 * s['from']:.0f}% | {100 * s['to']:.0f}% | {s['cost']:.3f} | "
+                  f"{s['damage']:.4f} |" for i, s in enumerate(self.steps)]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"AutoPlan(kind={self.kind!r}, budget={self.budget}, measured={self.measured:.3f}, "
+                f"metric={self.metric:.4f}, layers={len(self.scope)})")
+
+
+def auto(model: nn.Module, evaluate: Callable[[nn.Module], float], budget: float, example_inputs,
+         kind: str = "latency", sparsities: Sequence[float] = DEFAULT_LEVELS,
+         importance: Union[str, Importance] = "magnitude", exclude: Iterable = (), data: Optional[Iterable] = None,
+         loss_fn: Optional[Callable] = None, higher_is_better: bool = True, rounds: int = 3, repeats: int = 30,
+         progress: bool = True) -> AutoPlan:
+    """Per-layer sparsities for ``model`` whose cost is at most ``budget`` (a fraction of the dense
+    model's ``kind``: "latency" on this machine at ``example_inputs``, "macs" or "params") with the
+    least loss of ``evaluate(model)``; see the module docstring for how. ``model`` is left as it is.
+
+    ``sparsities`` are the levels each layer may take (besides 0); ``importance``, ``exclude``,
+    ``data`` and ``loss_fn`` mean what they mean in `tp.prune` and are used for the sensitivity
+    curves and for the check (prune the model with the same ``importance`` and ``scope=plan.scope``).
+    ``repeats`` is the number of interleaved timings of the whole model at each latency check.
+    """
+    kind, budget, rounds = _checked(model, evaluate, budget, kind, rounds)
+    sparsities = tuple(sparsities) if isinstance(sparsities, Iterable) else sparsities  # read twice below
+    inputs = tuple(as_inputs(example_inputs, tensors_only=True))
+    with warnings.catch_warnings(record=True) as caught:  # told again below, pointing at the caller
+        warnings.simplefilter("always")
+        sens = sensitivity(model, evaluate, sparsities, importance=importance, exclude=exclude,
+                           higher_is_better=higher_is_better, data=data, loss_fn=loss_fn, progress=progress)
+    for warning in caught:
+        warnings.warn(warning.message, warning.category, stacklevel=2)
+    layers = {name: module for name, module in model.named_modules() if name in sens.curves}
+    levels = [0.0] + sorted({float(s) for s in sparsities})
+    costs, dense_total = _cost_table(model, layers, levels, inputs, kind, repeats)
+    damage = {name: _monotone([0.0] + [sens.damage(name, s) for s in levels[1:]]) for name in layers}
+    index = {name: 0 for name in layers}
+    steps: List[dict] = []
+    checks: List[dict] = []
+    target = budget
+    for _ in range(rounds):
+        _allocate(index, levels, costs, damage, dense_total, target * dense_total, steps)
+        scope = {name: levels[i] for name, i in index.items() if i > 0}
+        estimated = _estimate(index, costs, dense_total) / dense_total
+        measured, metric = _check(model, evaluate, scope, inputs, kind, importance, data, loss_fn, repeats)
+        checks.append({"estimated": estimated, "measured": measured, "metric": metric, "target": target})
+        if measured <= budget or _exhausted(index, levels, costs):
+            break
+        target *= budget / measured  # the tables were off by measured / estimated: aim lower
+    if checks[-1]["measured"] > budget:
+        warnings.warn(f"tp.auto: the plan's measured {kind} is {checks[-1]['measured']:.3f} of dense, over the budget "
+                      f"{budget}, after {len(checks)} check(s)", stacklevel=2)
+    rows = [{"layer": name, "sparsity": levels[index[name]], "dense": costs[name][0],
+             "planned": costs[name][index[name]], "share": costs[name][0] / dense_total} for name in layers]
+    return AutoPlan(kind, budget, {name: levels[i] for name, i in index.items() if i > 0}, rows, steps, checks,
+                    sens.baseline, sens, dense_total)
+
+
+def interpolate(points: Sequence[Tuple[float, float]], cost: float) -> Optional[float]:
+    """The metric at ``cost``, linear between the two (cost, metric) ``points`` that bracket it
+    (the better metric when both have that cost), or None outside them: how a plan is compared
+    with uniform sparsity at the same measured cost."""
+    ordered = sorted(points)
+    for (low_cost, low), (high_cost, high) in zip(ordered, ordered[1:]):
+        if low_cost <= cost <= high_cost:
+            if high_cost == low_cost:
+                return max(low, high)
+            return low + (cost - low_cost) / (high_cost - low_cost) * (high - low)
+    return None
+
+
+def _checked(model, evaluate, budget, kind, rounds) -> Tuple[str, float, int]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(evaluate):
+        raise TypeError(f"`evaluate` must be callable, got {type(evaluate).__name__}")
+    if kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 < budget < 1:
+        raise ValueError(f"`budget` must be a fraction of the dense model's {kind} in (0, 1), got {budget!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
+        raise ValueError(f"`rounds` must be a positive int, got {rounds!r}")
+    return kind, float(budget), int(rounds)
+
+
+def _monotone(values: List[float]) -> List[float]:
+    """Each damage at least the one before: pruning more cannot really help."""
+    out, running = [], 0.0
+    for value in values:
+        running = max(running, value)
+        out.append(running)
+    return out
+
+
+def _cost_table(model: nn.Module, layers: Dict[str, nn.Module], levels: List[float], inputs, kind: str,
+                repeats: int) -> Tuple[Dict[str, List[float]], float]:
+    """Each layer's cost at each level, and the dense model's total cost."""
+    if kind == "params":
+        total = float(sum(p.numel() for p in model.parameters()))
+        return {name: [layer.weight.numel() * (1 - s) for s in levels] for name, layer in layers.items()}, total
+    if kind == "macs":
+        report = summary(model, example_inputs=inputs)
+        macs = {row["name"]: row["macs_dense"] or 0 for row in report.rows}
+        return ({name: [macs.get(name, 0) * (1 - s) for s in levels] for name in layers},
+                float(report.totals["macs_dense"]))
+    timed = {name: layer for name, layer in layers.items() if base_type(layer) in SPARSE_CLASS}
+    shapes = input_shapes(model, inputs, timed)  # a layer with no sparse kernel never saves: cost 0 throughout
+    cache: Dict[tuple, List[float]] = {}
+    costs = {}
+    for name, layer in layers.items():
+        key = (base_type(layer), tuple(layer.weight.shape), tuple(tuple(s) for s in shapes.get(name, ())),
+               layer.weight.dtype)
+        if key not in cache:
+            cache[key] = _layer_latencies(layer, shapes.get(name, []), levels)
+        costs[name] = cache[key]
+    dense = _plain(model)
+    with torch.no_grad():
+        total = time_interleaved({"dense": lambda: dense(*inputs)}, repeats)["dense"]
+    return costs, total
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The reference the plan is timed against: a copy of ``model`` as given, in eval mode."""
+    return copy.deepcopy(model).eval()
+
+
+def _layer_latencies(layer: nn.Module, shapes: List[torch.Size], levels: List[float]) -> List[float]:
+    """The layer's latency at each level: its sparse kernel's, with the layer's weights pruned by
+    magnitude to the level, where that beats the plain forward timed beside it; else the plain
+    forward's time at level 0 (so timing noise between two dense timings is never a saving). Zero
+    throughout when the layer is never called or has no sparse kernel."""
+    if not shapes or base_type(layer) not in SPARSE_CLASS:
+        return [0.0] * len(levels)
+    plain = copy.deepcopy(layer)
+    plain.__class__ = base_type(layer)  # a masked layer's plain class: the dense reference
+    if hasattr(plain, "weight_mask"):
+        del plain.weight_mask
+    dense, _ = time_layer(plain, shapes, sparse=plain)
+    out = [dense]
+    for level in levels[1:]:
+        masked = copy.deepcopy(plain)
+        attach_mask(masked, by_ratio(masked.weight.detach().abs(), None, level))
+        dense_s, sparse_s = time_layer(plain, shapes, sparse=SPARSE_CLASS[base_type(layer)].from_dense(masked))
+        out.append(sparse_s if sparse_s < dense_s else dense)
+    return out
+
+
+def _estimate(index: Dict[str, int], costs: Dict[str, List[float]], dense_total: float) -> float:
+    return dense_total - sum(costs[name][0] - costs[name][i] for name, i in index.items())
+
+
+def _allocate(index, levels, costs, damage, dense_total: float, target: float, steps: List[dict]) -> None:
+    """Greedy moves until the estimated cost is at most ``target``: each time the (layer, higher
+    level) with the least added damage per unit of cost saved (ties: the smaller jump, then the
+    earlier layer), unless a move that reaches the target adds no more damage than that one: then
+    that move ends it (a big jump would overshoot the budget and lose more than needed). Stops
+    early when no move saves anything."""
+    current = _estimate(index, costs, dense_total)
+    while current > target:
+        moves = [(name, j, costs[name][i] - costs[name][j], damage[name][j] - damage[name][i], j - i, order)
+                 for order, (name, i) in enumerate(index.items()) for j in range(i + 1, len(levels))
+                 if costs[name][i] > costs[name][j]]
+        if not moves:
+            return
+        best = min(moves, key=lambda m: (m[3] / m[2], m[4], m[5]))
+        finishing = [m for m in moves if current - m[2] <= target]
+        if finishing:
+            cheapest = min(finishing, key=lambda m: m[3])
+            if cheapest[3] <= best[3]:
+                best = cheapest
+        name, j, saved, added = best[:4]
+        current -= saved
+        steps.append({"layer": name, "from": levels[index[name]], "to": levels[j], "cost": current / dense_total,
+                      "damage": added})
+        index[name] = j
+
+
+def _exhausted(index, levels, costs) -> bool:
+    """No move left that saves anything."""
+    return not any(costs[name][i] - costs[name][j] > 0
+                   for name, i in index.items() for j in range(i + 1, len(levels)))
+
+
+def _check(model, evaluate, scope, inputs, kind, importance, data, loss_fn, repeats) -> Tuple[float, float]:
+    """The plan applied to a copy: (its cost as a fraction of dense, measured; its metric)."""
+    pruned = copy.deepcopy(model)
+    if scope:
+        prune(pruned, scope=scope, importance=importance, data=data, loss_fn=loss_fn)
+    metric = float(evaluate(pruned))
+    if kind == "params":  # the parameters not masked out, as the estimate counts them
+        total = sum(p.numel() for p in model.parameters())
+        return (total - sum(int((~mask).sum()) for mask in masks(pruned).values())) / total, metric
+    if kind == "macs":
+        after, before = summary(pruned, example_inputs=inputs).totals, summary(model, example_inputs=inputs).totals
+        return after["macs_effective"] / before["macs_dense"], metric
+    fast = sparsify(pruned, example_inputs=inputs).eval()
+    dense = _plain(model)
+    with torch.no_grad():
+        times = time_interleaved({"dense": lambda: dense(*inputs), "plan": lambda: fast(*inputs)}, repeats)
+    return times["plan"] / times["dense"], metric
+
