@@ -70,7 +70,9 @@ def train_and_prune(quick: bool, seed: int) -> DemoResult:
         cnn = weights.sweep("cnn", images, epochs["cnn"], seed, SPARSITIES, bar)
         channel_result = channels.run(images, epochs["cnn"][1], seed, cnn.models["dense"], bar)
     wanda = weights.wanda(mlp.models["dense"], flat, epochs["mlp"][1], seed)
-    found = adaptive.adaptive(flat, epochs["mlp"], seed)
+    fit_dense = adaptive.fit_dense(flat, epochs["mlp"][0], seed)
+    found = adaptive.adaptive(fit_dense, flat, epochs["mlp"][1], seed)
+    found["auto"] = adaptive.auto_vs_uniform(fit_dense, flat, epochs["mlp"][1], seed, repeats=20 if quick else 100)
     rigl = adaptive.rigl(flat, epochs["mlp"], seeds=tuple(seed + i for i in adaptive.RIGL_SEEDS))
     return DemoResult(seed=seed, quick=quick, epochs=epochs, flat=flat, images=images, mlp=mlp, cnn=cnn,
                       channels=channel_result, wanda=wanda, adaptive=found, rigl=rigl)
@@ -90,6 +92,10 @@ def print_accuracies(result: DemoResult) -> None:
     test = result.adaptive["test"]
     print(f"MLP, adaptive schedule: {100 * result.adaptive['sparsity']:.1f}% sparse, {test['adaptive']:.2f}% "
           f"(dense {test['dense']:.2f}%, fixed cubic to the same sparsity {test['fixed']:.2f}%)")
+    auto = result.adaptive["auto"]
+    print(f"MLP, tp.auto at {auto['budget']} of dense latency: measured {auto['rows']['auto']['latency']:.3f}, "
+          f"{auto['rows']['auto']['test']:.2f}% (uniform at that latency: "
+          + ("-" if auto["uniform at plan latency"] is None else f"{auto['uniform at plan latency']:.2f}%") + ")")
     mean = result.rigl["mean"]
     print(f"MLP at {result.rigl['target']:.0%}, mean of {len(result.rigl['rows'])} seeds: prune-only "
           f"{mean['prune-only']:.2f}%, RigL {mean['rigl']:.2f}%")

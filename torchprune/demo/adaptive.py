@@ -6,6 +6,11 @@ and dynamic sparsity with regrowth (RigL) against prune-only at 95%.
   dense model too) stays within one point of its best, and goes back to the last sparsity that
   held when it does not recover. A fixed cubic schedule to the sparsity it found, on the same
   images and budget, is the comparison.
+* `auto_vs_uniform`: `tp.auto` with a latency budget of half the dense MLP's (at the demo's
+  batch of 64 test images, on this machine) chooses each layer's sparsity from the validation
+  accuracy; against it, uniform sparsity at several levels, the same one-shot magnitude pruning and
+  fine-tuning, compared at the plan's measured latency (uniform interpolated between the two levels
+  that bracket it).
 * `rigl`: progressive magnitude pruning to 95% (the sweep's cubic schedule), with and without
   ``regrow=tp.Regrow(0.1, ...)``, from dense MLPs trained with three seeds. The fraction 0.1 was
   chosen over 0.05, 0.2 and 0.3 (and over a longer or sparser regrowth) on that validation split,
@@ -21,18 +26,27 @@ import torch
 from torch import nn
 
 from ..analysis import report
+from ..analysis.auto import auto, interpolate
+from ..analysis.model_summary import sparsity as model_sparsity
+from ..oneshot import prune
 from ..pruner import Pruner
 from ..regrowth import Regrow
 from ..schedules import Adaptive, Cubic
+from ..sparsify import sparsify
+from ..timing import time_interleaved
 from .common import BATCH, LR, Split, accuracy, make_mlp, progressive_schedule, train
 
-__all__ = ["adaptive", "rigl", "section", "validation_split", "TOLERANCE", "RIGL_TARGET", "RIGL_SEEDS"]
+__all__ = ["fit_dense", "adaptive", "auto_vs_uniform", "rigl", "section", "auto_section", "validation_split",
+           "TOLERANCE", "RIGL_TARGET", "RIGL_SEEDS", "AUTO_BUDGET", "UNIFORM"]
 
 #: The adaptive schedule's tolerance: validation accuracy within this many points of its best holds.
 TOLERANCE = 1.0
 #: RigL against prune-only: the sparsity, and the seeds of the dense models.
 RIGL_TARGET = 0.95
 RIGL_SEEDS = (0, 1, 2)
+#: tp.auto's latency budget (a fraction of dense) and the uniform sparsities it is compared with.
+AUTO_BUDGET = 0.5
+UNIFORM = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 
 def validation_split(x: torch.Tensor, y: torch.Tensor, seed: int, fraction: float = 0.2
@@ -54,17 +68,23 @@ def _evaluator(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return metric
 
 
-def adaptive(flat: Split, epochs: Tuple[int, int], seed: int) -> Dict:
-    """A dense MLP trained ``epochs[0]`` epochs on four fifths of the training images, then
-    ``epochs[1]`` epochs under the adaptive schedule (a check every epoch on the held-out fifth,
-    sparsity rising over the first two thirds, as the fixed schedules do) and under a fixed cubic
-    schedule to the sparsity it reached; test accuracies, the sparsity and the schedule's history."""
-    x_train, y_train, x_test, y_test = flat
-    x_fit, y_fit, x_val, y_val = validation_split(x_train, y_train, seed)
-    dense_epochs, budget = epochs
+def fit_dense(flat: Split, epochs: int, seed: int) -> nn.Module:
+    """The dense MLP trained on four fifths of the training images (`validation_split`), so that
+    the fifth held out is a fair validation set for what is chosen on it."""
+    x_fit, y_fit, _, _ = validation_split(flat[0], flat[1], seed)
     torch.manual_seed(seed)
     dense = make_mlp()
-    train(dense, x_fit, y_fit, dense_epochs, LR, seed, "mlp: dense on the fit split")
+    train(dense, x_fit, y_fit, epochs, LR, seed, "mlp: dense on the fit split")
+    return dense
+
+
+def adaptive(dense: nn.Module, flat: Split, budget: int, seed: int) -> Dict:
+    """From ``dense`` (`fit_dense`), ``budget`` epochs under the adaptive schedule (a check every
+    epoch on the held-out fifth, sparsity rising over the first two thirds, as the fixed schedules
+    do) and under a fixed cubic schedule to the sparsity it reached; test accuracies, the sparsity
+    and the schedule's history."""
+    x_train, y_train, x_test, y_test = flat
+    x_fit, y_fit, x_val, y_val = validation_split(x_train, y_train, seed)
     steps_per_epoch = -(-len(x_fit) // BATCH)
     model = copy.deepcopy(dense)
     schedule = Adaptive(_evaluator(model, x_val, y_val), begin=0, end=(2 * budget * steps_per_epoch) // 3,
@@ -84,6 +104,33 @@ def adaptive(flat: Split, epochs: Tuple[int, int], seed: int) -> Dict:
                        "fixed": accuracy(fixed, x_val, y_val)},
         "history": pruner.schedule.history, "every": steps_per_epoch, "tolerance": TOLERANCE,
     }
+
+
+def auto_vs_uniform(dense: nn.Module, flat: Split, budget: int, seed: int, repeats: int = 100) -> Dict:
+    """`tp.auto` at `AUTO_BUDGET` of ``dense``'s latency (batch 64 test images; validation accuracy
+    as the metric) against each of `UNIFORM`: each pruned one-shot by magnitude, fine-tuned for
+    ``budget`` epochs, sparsified and timed against dense, interleaved."""
+    x_train, y_train, x_test, y_test = flat
+    x_fit, y_fit, x_val, y_val = validation_split(x_train, y_train, seed)
+    example = x_test[:BATCH]
+    plan = auto(dense, lambda m: accuracy(m, x_val, y_val), AUTO_BUDGET, example, progress=False, repeats=repeats)
+    rows, models = {}, {"dense": dense}
+    for label, scope in [("auto", plan.scope)] + [(f"uniform {s:.0%}", s) for s in UNIFORM]:
+        model = copy.deepcopy(dense)
+        if isinstance(scope, dict):
+            prune(model, scope=scope)
+        else:
+            prune(model, scope)
+        train(model, x_fit, y_fit, budget, LR, seed + 1, f"mlp: {label} fine-tune")
+        rows[label] = {"sparsity": model_sparsity(model), "test": accuracy(model, x_test, y_test)}
+        models[label] = sparsify(model, example_inputs=example).eval()
+    with torch.no_grad():
+        times = time_interleaved({k: (lambda m=m: m(example)) for k, m in models.items()}, repeats)
+    for label, row in rows.items():
+        row["latency"] = times[label] / times["dense"]
+    at_plan = interpolate([(r["latency"], r["test"]) for k, r in rows.items() if k != "auto"], rows["auto"]["latency"])
+    return {"plan": plan.to_markdown(), "scope": plan.scope, "rows": rows, "dense ms": times["dense"] * 1e3,
+            "dense": accuracy(dense, x_test, y_test), "uniform at plan latency": at_plan, "budget": AUTO_BUDGET}
 
 
 def rigl(flat: Split, epochs: Tuple[int, int], seeds: Sequence[int] = RIGL_SEEDS, target: float = RIGL_TARGET) -> Dict:
@@ -163,4 +210,36 @@ def section(found: Dict, rigl_result: Dict) -> str:
         "",
         f"RigL is {lead:+.2f} points from prune-only on average (target >= +1): "
         f"**{'met' if lead >= 1 else 'missed'}**.",
+    ])
+
+
+def auto_section(found: Dict) -> str:
+    """The report's tp.auto section: the plan, and auto against uniform at the measured latencies."""
+    rows = found["rows"]
+    table = report.markdown_table(
+        ["Model", "Sparsity", "Latency / dense", "Test acc. (%)"],
+        [[label, f"{100 * r['sparsity']:.1f}%", f"{r['latency']:.3f}", f"{r['test']:.2f}"]
+         for label, r in rows.items()],
+        "lrrr")
+    at_plan, mine = found["uniform at plan latency"], rows["auto"]
+    verdict = ("no two uniform levels bracket the plan's measured latency" if at_plan is None else
+               f"uniform sparsity at the plan's measured latency ({mine['latency']:.3f} of dense) would reach "
+               f"{at_plan:.2f}% (interpolated); the plan {mine['test']:.2f}%: {mine['test'] - at_plan:+.2f} points "
+               f"(**{'better' if mine['test'] > at_plan else 'not better'}**)")
+    return "\n".join([
+        "### tp.auto against uniform sparsity at the same latency",
+        "",
+        f"`tp.auto(model, evaluate, budget={found['budget']}, example_inputs=64 test images)` measures each",
+        "layer's validation-accuracy curve and times each layer's dense and sparse kernels at its real input",
+        "shape, then picks per-layer sparsities (see `torchprune/analysis/auto.py`). Every model below is",
+        "pruned one-shot by magnitude, fine-tuned like the others, sparsified with the example batch and timed",
+        f"against dense (dense: {found['dense ms']:.3f} ms per batch of 64).",
+        "",
+        found["plan"],
+        "",
+        table,
+        "",
+        f"- Budget {found['budget']} of dense latency: measured {mine['latency']:.3f} "
+        f"(**{'met' if mine['latency'] <= found['budget'] else 'missed'}**).",
+        f"- {verdict}.",
     ])

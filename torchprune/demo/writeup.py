@@ -108,7 +108,8 @@ def write(out: str, result: DemoResult, start: float) -> Dict:
                                     result.images[2][:BATCH], repeats=result.repeats)
     elapsed = time.perf_counter() - start
     texts = {"table": accuracy_table(result), "latency": latency, "latency_cnn": latency_cnn,
-             "channels": channel_text, "adaptive": adaptive.section(result.adaptive, result.rigl)}
+             "channels": channel_text, "adaptive": "\n\n".join([adaptive.section(result.adaptive, result.rigl),
+                                      adaptive.auto_section(result.adaptive["auto"])])}
     results = results_json(result, elapsed)
     with open(os.path.join(out, "report.md"), "w") as handle:
         handle.write(report_text(result, plots, texts, elapsed))
