@@ -732,10 +732,10 @@ def test_real_latency_run_gives_a_scope_prune_and_pruner_take():
     assert_unchanged(model, before)
     missed = [w for w in record if "over the budget" in str(w.message)]
     assert bool(missed) == (not plan.met) and plan.met == (plan.measured <= 0.7)
-    assert 1 <= len(plan.rounds) <= 3 and all(r["measured"] > 0 for r in plan.rounds)
+    assert 1 <= len(plan.rounds) <= 4 and all(r["measured"] > 0 for r in plan.rounds)
     assert_steps_consistent(plan, (0.5, 0.9))
     assert all(row["planned"] <= row["dense"] for row in plan.layers)
-    if not plan.scope:  # no sparse kernel was faster on this machine: nothing to apply (see the xfail below)
+    if not plan.scope:  # no sparse kernel was faster on this machine: nothing to apply (see the empty-scope test below)
         return
     pruned = copy.deepcopy(model)
     tp.prune(pruned, scope=plan.scope)
