@@ -62,6 +62,26 @@ def make_mlp(seed=0):
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
 
 
+def make_mlp64(seed=0):
+    """`make_mlp` in float64: for runs compared bit for bit and gradients checked against bounds."""
+    return make_mlp(seed).double()
+
+
+def labelled_batches(n, seed=1, dtype=torch.float32):
+    """``n`` seeded (inputs [8, 16], class labels in 0..3) pairs for `make_mlp`'s shape."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 16, generator=g, dtype=dtype), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+
+
+def train_with_pruner(model, optimizer, pruner, data):
+    """One optimizer step per (x, y) of ``data`` (cross-entropy), then ``pruner.step()``."""
+    for x, y in data:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        pruner.step()
+
+
 @pytest.fixture
 def mlp():
     return make_mlp()

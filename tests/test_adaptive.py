@@ -31,12 +31,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import torchprune as tp
 from torchprune.schedules import Adaptive, Cubic
 
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, labelled_batches, make_mlp64, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,18 +47,7 @@ LAYERS = ("0", "2", "4")
 # helpers
 
 
-def make_mlp64(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4)).double()
-
-
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 16, generator=g, dtype=torch.float64), torch.randint(0, 4, (8,), generator=g))
-            for _ in range(n)]
-
-
-DATA = batches(26)
+DATA = labelled_batches(26, dtype=torch.float64)
 
 
 class Script:

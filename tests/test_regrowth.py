@@ -32,7 +32,7 @@ from torchprune import selection
 from torchprune.regrowth import DenseGradients, Regrow, weight_gradient
 from torchprune.schedules import Cubic, OneShot
 
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, labelled_batches, make_mlp64, snapshot, train_with_pruner
 from error_bounds import assert_close_bounded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,18 +44,7 @@ EPS = torch.finfo(torch.float64).eps
 # helpers
 
 
-def make_mlp64(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4)).double()
-
-
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 16, generator=g, dtype=torch.float64), torch.randint(0, 4, (8,), generator=g))
-            for _ in range(n)]
-
-
-DATA = batches(30)
+DATA = labelled_batches(30, dtype=torch.float64)
 SCHEDULE = Cubic(begin=1, end=13, every=3)  # pruning updates at 1 (initial 0), 4, 7, 10, 13
 REGROW = Regrow(0.5, every=2, end=25)  # begin from the schedule (1): regrowth at 1, 3, 5, ..., 25
 TARGET = 0.8
@@ -104,12 +93,7 @@ def make_run(regrow=REGROW, seed=0, optimizer="adam", **kwargs):
     return model, opt, pruner
 
 
-def train(model, optimizer, pruner, data):
-    for x, y in data:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        pruner.step()
+
 
 
 def pruned_counts(model):
@@ -594,11 +578,11 @@ def test_pruner_regrowth_end_to_end(optimizer):
 def test_regrow_float_is_regrow_of_that_fraction():
     data = DATA[:16]
     a, a_opt, a_pruner = make_run(0.3)
-    train(a, a_opt, a_pruner, data)
+    train_with_pruner(a, a_opt, a_pruner, data)
     b, b_opt, b_pruner = make_run(Regrow(0.3))
-    train(b, b_opt, b_pruner, data)
+    train_with_pruner(b, b_opt, b_pruner, data)
     c, c_opt, c_pruner = make_run(None)
-    train(c, c_opt, c_pruner, data)
+    train_with_pruner(c, c_opt, c_pruner, data)
     assert_same_state(a, b)
     assert any(not torch.equal(m, tp.masks(c)[n]) for n, m in tp.masks(a).items())  # it did swap
     assert a_pruner.sparsity == c_pruner.sparsity
@@ -658,10 +642,10 @@ def checkpoint(model, optimizer, pruner):
 def test_resume_ends_like_the_uninterrupted_run(stops):
     regrow = resolved(REGROW)
     straight, straight_opt, straight_pruner = make_run()
-    train(straight, straight_opt, straight_pruner, DATA)
+    train_with_pruner(straight, straight_opt, straight_pruner, DATA)
 
     model, opt, pruner = make_run()
-    train(model, opt, pruner, DATA[:stops[0]])
+    train_with_pruner(model, opt, pruner, DATA[:stops[0]])
     for start, stop in zip(stops, stops[1:] + (len(DATA),)):
         state = checkpoint(model, opt, pruner)
         model, opt, pruner = make_run(seed=start + 100)  # other weights: everything comes from `state`
@@ -680,7 +664,7 @@ def test_resume_ends_like_the_uninterrupted_run(stops):
                 assert updated
                 assert all(bool((m & ~before[n]).any()) for n, m in tp.masks(model).items())
             start += 1
-        train(model, opt, pruner, DATA[start:stop])
+        train_with_pruner(model, opt, pruner, DATA[start:stop])
     assert_same_state(straight, model)
     assert pruner.sparsity == straight_pruner.sparsity > 0.7
 
@@ -693,10 +677,10 @@ def test_resume_ends_like_the_uninterrupted_run(stops):
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copied_pruner_works_on_its_copy_and_leaves_the_original_alone(at, how):
     straight, straight_opt, straight_pruner = make_run()
-    train(straight, straight_opt, straight_pruner, DATA)
+    train_with_pruner(straight, straight_opt, straight_pruner, DATA)
 
     model, opt, pruner = make_run()
-    train(model, opt, pruner, DATA[:at])
+    train_with_pruner(model, opt, pruner, DATA[:at])
     assert resolved(REGROW).is_update(17)
     clone = copy.deepcopy(pruner) if how == "deepcopy" else pickle.loads(pickle.dumps(pruner))
     assert clone.model is not model and clone.steps == at
@@ -704,12 +688,12 @@ def test_a_copied_pruner_works_on_its_copy_and_leaves_the_original_alone(at, how
     clone_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # no tensor shared with the original's state
     before = snapshot(model)
     original_state = pruner.state_dict()
-    train(clone.model, clone_opt, clone, DATA[at:])
+    train_with_pruner(clone.model, clone_opt, clone, DATA[at:])
     assert_unchanged(model, before)
     assert pruner.state_dict() == original_state and pruner.steps == at
     assert_same_state(straight, clone.model)
     # the original goes on as if nothing happened
-    train(model, opt, pruner, DATA[at:])
+    train_with_pruner(model, opt, pruner, DATA[at:])
     assert_same_state(straight, model)
 
 
@@ -781,7 +765,7 @@ def test_regrow_accepts_the_edges():
 
 def run_to(stop, regrow=REGROW):
     model, opt, pruner = make_run(regrow)
-    train(model, opt, pruner, DATA[:stop])
+    train_with_pruner(model, opt, pruner, DATA[:stop])
     return model, opt, pruner
 
 

@@ -19,22 +19,9 @@ from torch import nn
 import torchprune as tp
 from torchprune.schedules import Cubic
 
-from conftest import make_mlp
+from conftest import labelled_batches, make_mlp, train_with_pruner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
-
-
-def train(model, optimizer, pruner, data):
-    for x, y in data:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        pruner.step()
 
 
 SCHEDULE = Cubic(begin=1, end=16, every=3)  # updates at 1, 4, 7, 10, 13, 16
@@ -43,11 +30,12 @@ CASES = {  # Pruner keyword arguments besides the schedule
     "activation": dict(target_sparsity=0.5, importance="activation"),
     "wanda": dict(target_sparsity=0.6, importance="wanda"),
     "random": dict(target_sparsity=0.7, importance="random", scope="global"),
-    "taylor-data": dict(target_sparsity=0.7, importance="taylor", data=batches(2, seed=7), loss_fn=F.cross_entropy),
+    "taylor-data": dict(target_sparsity=0.7, importance="taylor", data=labelled_batches(2, seed=7),
+                        loss_fn=F.cross_entropy),
     "2:4-taylor": dict(importance="taylor", granularity="2:4", exclude=["4"]),
     "dict-apoz": dict(target_sparsity=None, importance="apoz", scope={"0": 0.8, "2": 0.5, "4": 0.2}),
     "channel-activation": dict(target_sparsity=0.5, importance="activation", granularity="channel", scope="global",
-                               example_inputs=torch.zeros(1, 16), data=batches(2, seed=7)),
+                               example_inputs=torch.zeros(1, 16), data=labelled_batches(2, seed=7)),
 }
 
 
@@ -78,13 +66,13 @@ def assert_same_tensors(a, b):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_resumed_twice_between_updates_in_fresh_objects_is_bit_identical(case):
-    data = batches(18)
+    data = labelled_batches(18)
     straight, straight_optimizer, straight_pruner = make_run(case)
-    train(straight, straight_optimizer, straight_pruner, data)
+    train_with_pruner(straight, straight_optimizer, straight_pruner, data)
 
     model, optimizer, pruner = make_run(case)
     stops = (6, 12)  # after steps 0-5 and 0-11: between the updates at 4 and 7, and at 10 and 13
-    train(model, optimizer, pruner, data[:stops[0]])
+    train_with_pruner(model, optimizer, pruner, data[:stops[0]])
     for start, stop in zip(stops, stops[1:] + (len(data),)):
         state = checkpoint(model, optimizer, pruner)
         model, optimizer, pruner = make_run(case, seed=start)  # other initial weights: all must come from `state`
@@ -92,7 +80,7 @@ def test_resumed_twice_between_updates_in_fresh_objects_is_bit_identical(case):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         assert pruner.steps == start
-        train(model, optimizer, pruner, data[start:stop])
+        train_with_pruner(model, optimizer, pruner, data[start:stop])
 
     assert_same_tensors(straight.state_dict(), model.state_dict())
     assert_same_tensors(straight_pruner.state_dict().get("importance", {}), pruner.state_dict().get("importance", {}))
@@ -104,9 +92,9 @@ def test_resumed_twice_between_updates_in_fresh_objects_is_bit_identical(case):
 
 def test_accumulated_statistics_are_part_of_the_state():
     """Resuming without the Pruner's statistics would rank differently: the state carries them."""
-    data = batches(8)
+    data = labelled_batches(8)
     model, optimizer, pruner = make_run("gradient")
-    train(model, optimizer, pruner, data[:6])
+    train_with_pruner(model, optimizer, pruner, data[:6])
     state = checkpoint(model, optimizer, pruner)
     assert set(state["pruner"]["importance"]) == {"0", "2", "4"}  # summed at step 5, after the update at step 4
     fresh, fresh_optimizer, fresh_pruner = make_run("gradient")
@@ -114,8 +102,8 @@ def test_accumulated_statistics_are_part_of_the_state():
     fresh_optimizer.load_state_dict(state["optimizer"])
     state["pruner"]["importance"] = {}  # as if the statistics had not been saved
     fresh_pruner.load_state_dict(state["pruner"])
-    train(model, optimizer, pruner, data[6:])
-    train(fresh, fresh_optimizer, fresh_pruner, data[6:])  # the update at step 7 ranks on step 6 alone
+    train_with_pruner(model, optimizer, pruner, data[6:])
+    train_with_pruner(fresh, fresh_optimizer, fresh_pruner, data[6:])  # the update at step 7 ranks on step 6 alone
     assert any(not torch.equal(a, b) for a, b in zip(tp.masks(model).values(), tp.masks(fresh).values()))
 
 
@@ -127,7 +115,7 @@ class WiderMLP(nn.Sequential):
 @pytest.mark.parametrize("importance", ["magnitude", "taylor"])
 def test_state_of_another_model_shape_is_refused_naming_the_layer(importance):
     model, optimizer, pruner = make_run("gradient")
-    train(model, optimizer, pruner, batches(5))
+    train_with_pruner(model, optimizer, pruner, labelled_batches(5))
     state = pruner.state_dict()
     other = tp.Pruner(WiderMLP(), 0.8, SCHEDULE, importance=importance)
     before = other.state_dict()
@@ -139,9 +127,9 @@ def test_state_of_another_model_shape_is_refused_naming_the_layer(importance):
 
 def test_channel_state_of_another_model_shape_is_refused_naming_the_group():
     model, optimizer, pruner = make_run("channel-activation")
-    train(model, optimizer, pruner, batches(5))
+    train_with_pruner(model, optimizer, pruner, labelled_batches(5))
     other = tp.Pruner(WiderMLP(), 0.5, SCHEDULE, importance="activation", granularity="channel", scope="global",
-                      example_inputs=torch.zeros(1, 16), data=batches(2, seed=7))
+                      example_inputs=torch.zeros(1, 16), data=labelled_batches(2, seed=7))
     with pytest.raises(ValueError, match=r"\['2.weight\[0\]'\] differ"):
         other.load_state_dict(pruner.state_dict())
     assert other.steps == 0 and other.sparsity == 0
@@ -149,7 +137,7 @@ def test_channel_state_of_another_model_shape_is_refused_naming_the_group():
 
 def test_a_state_saved_before_shapes_were_recorded_still_loads():
     model, optimizer, pruner = make_run("gradient")
-    train(model, optimizer, pruner, batches(5))
+    train_with_pruner(model, optimizer, pruner, labelled_batches(5))
     state = pruner.state_dict()
     state["version"] = 1
     del state["shapes"]
@@ -170,7 +158,7 @@ COPIES = {"deepcopy": copy.deepcopy, "pickle": pickled}
 @pytest.mark.parametrize("case", ["activation", "gradient", "2:4-taylor", "channel-activation"])
 def test_copied_model_mid_run_computes_the_same_and_keeps_its_zeros_when_trained(how, case):
     model, optimizer, pruner = make_run(case)
-    train(model, optimizer, pruner, batches(6))
+    train_with_pruner(model, optimizer, pruner, labelled_batches(6))
     clone = COPIES[how](model)
     x = torch.randn(6, 16)
     assert torch.equal(clone(x), model(x))
@@ -181,7 +169,7 @@ def test_copied_model_mid_run_computes_the_same_and_keeps_its_zeros_when_trained
     statistics = pruner.state_dict().get("importance", {})
     clone.train()
     clone_optimizer = torch.optim.Adam(clone.parameters(), lr=0.1)  # Adam moves every weight it may
-    for inputs, targets in batches(3, seed=4):
+    for inputs, targets in labelled_batches(3, seed=4):
         clone_optimizer.zero_grad()
         F.cross_entropy(clone(inputs), targets).backward()
         clone_optimizer.step()
@@ -199,16 +187,16 @@ def test_copied_model_mid_run_computes_the_same_and_keeps_its_zeros_when_trained
 def test_copied_run_mid_schedule_ends_like_the_uninterrupted_run(how, case):
     """Copying model, optimizer and Pruner together between two updates, then training both the
     original and the copy: all three end bit-identical (the copy's statistics are its own)."""
-    data = batches(18)
+    data = labelled_batches(18)
     straight, straight_optimizer, straight_pruner = make_run(case)
-    train(straight, straight_optimizer, straight_pruner, data)
+    train_with_pruner(straight, straight_optimizer, straight_pruner, data)
 
     model, optimizer, pruner = make_run(case)
-    train(model, optimizer, pruner, data[:6])
+    train_with_pruner(model, optimizer, pruner, data[:6])
     clone, clone_optimizer, clone_pruner = COPIES[how]((model, optimizer, pruner))
     assert clone_pruner.model is clone and clone_pruner.steps == 6
-    train(clone, clone_optimizer, clone_pruner, data[6:])
-    train(model, optimizer, pruner, data[6:])
+    train_with_pruner(clone, clone_optimizer, clone_pruner, data[6:])
+    train_with_pruner(model, optimizer, pruner, data[6:])
     assert_same_tensors(straight.state_dict(), clone.state_dict())
     assert_same_tensors(straight.state_dict(), model.state_dict())
     clone_pruner.finalize()
@@ -220,7 +208,7 @@ def test_copied_run_mid_schedule_ends_like_the_uninterrupted_run(how, case):
 @pytest.mark.parametrize("case", ["wanda", "channel-activation"])
 def test_copied_model_after_finalize_is_a_plain_model_with_the_same_outputs(how, case):
     model, optimizer, pruner = make_run(case)
-    train(model, optimizer, pruner, batches(18))
+    train_with_pruner(model, optimizer, pruner, labelled_batches(18))
     pruner.finalize()
     clone = COPIES[how](model)
     x = torch.randn(6, 16)
