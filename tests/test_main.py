@@ -24,7 +24,8 @@ def test_demo_quick_writes_the_report_and_is_deterministic(tmp_path, capsys):
     assert "MLP: dense" in out and "CNN: dense" in out and "report:" in out
     text = (first / "report.md").read_text()
     for heading in ("## Accuracy, parameters and MACs", "## Targets", "## Latency", "## What the pruned MLP reads",
-                    "## Channel pruning (CNN, 50% of the channels)"):
+                    "## Channel pruning (CNN, 50% of the channels)", "## Adaptive pruning (MLP)",
+                    "### Regrowth (RigL) against prune-only at 95%", "### tp.auto against uniform sparsity"):
         assert heading in text
     for plot in PLOTS:
         assert f"({plot})" in text
@@ -37,6 +38,8 @@ def test_demo_quick_writes_the_report_and_is_deterministic(tmp_path, capsys):
     assert "| one-shot + fine-tune | 8-16-32-10 |" in text
     assert set(results["cnn"]["channels 50%"]) == {"one-shot", "one-shot + fine-tune", "progressive",
                                                    "progressive, zeroed (before finalize)"}
+    assert results["mlp"]["adaptive"]["history"] and len(results["mlp"]["rigl"]["rows"]) == 3
+    assert set(results["auto"]["rows"]) == {"auto", *(f"uniform {s:.0%}" for s in (0.5, 0.7, 0.8, 0.9, 0.95, 0.98))}
     main(["demo", "--quick", "--out", str(second), "--seed", "1"])
     again = json.loads((second / "results.json").read_text())
     for kind in ("mlp", "cnn"):

@@ -17,7 +17,8 @@ The CNN also loses half of its channels (filters and neurons, removed physically
 makes it smaller and faster with dense kernels.
 
 It writes DIR/report.md (accuracy, parameters, nonzeros, MACs, latency) with PNG plots beside it,
-and DIR/results.json. Deterministic for a given ``--seed`` (single-threaded by default).
+and DIR/results.json. Deterministic for a given ``--seed`` (single-threaded by default), but for the
+latencies and the `tp.auto` comparison, whose plan follows this machine's timings.
 
 The parts: `digits` (the data), `common` (settings, models, training, result records), `weights` (the
 weight-level runs), `channels` (the channel-level runs), `adaptive` (the adaptive runs), `writeup`
