@@ -1,6 +1,7 @@
 """The structural branch of `tp.prune`: checks what only applies to structural pruning, then hands
 the model to the granularity's module: "channel" (channels.py), "head" (heads.py) or "layer"
-(blocks.py). ``exclude`` and ``freeze`` mean what exclusion.py says."""
+(stacks.py for transformer layers in a ModuleList, else blocks.py). ``exclude`` and ``freeze`` mean
+what exclusion.py says."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from .blocks import prune_layers
 from .channels import prune_channels
 from .exclusion import exclusion
 from .heads import prune_heads
+from .stacks import calibration_batches, layer_stacks, prune_stack_layers
 
 __all__ = ["prune_structural"]
 
@@ -30,4 +32,8 @@ def prune_structural(model: nn.Module, sparsity, threshold, importance, granular
         return prune_channels(model, example_inputs, sparsity, importance, scope, kept, round_to, data, loss_fn)
     if granularity == "head":
         return prune_heads(model, example_inputs, sparsity, importance, scope, kept)
+    batches = calibration_batches(model, example_inputs, data)
+    stacks = layer_stacks(model, batches)  # transformer layers in a ModuleList: removed from it (stacks.py)
+    if stacks:
+        return prune_stack_layers(model, stacks, batches, float(sparsity), kept)
     return prune_layers(model, example_inputs, float(sparsity), kept, data)

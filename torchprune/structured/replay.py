@@ -15,6 +15,7 @@ from .blocks import replace_by_identity
 from .heads import attention_modules, remove_heads, units
 from .hf_config import sync_config
 from .plan import apply_plan, record_step, steps_of
+from .stacks import remove_stack_layers
 
 __all__ = ["structure_of", "replay"]
 
@@ -36,6 +37,15 @@ def _replay_other(model: nn.Module, step: dict, number: int) -> bool:
                              f"of attention module {name!r}")
         remove_heads(model, name, keep)
         sync_config(model)
+        return True
+    if step.get("kind") == "stack_layers":
+        name, removed, depth = step.get("stack"), step.get("removed"), step.get("depth")
+        stack = dict(model.named_modules()).get(name)
+        if (not isinstance(stack, nn.ModuleList) or len(stack) != depth or not isinstance(removed, list)
+                or any(not isinstance(i, int) or not 0 <= i < depth for i in removed) or len(set(removed)) >= depth):
+            raise ValueError(f"`model` does not match the file: {where} removes layers {removed} of the "
+                             f"{depth}-layer stack {name!r}")
+        remove_stack_layers(model, name, removed)
         return True
     if step.get("kind") == "layers":
         names = step.get("replaced")
