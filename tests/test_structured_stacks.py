@@ -137,10 +137,8 @@ def test_a_list_of_mixed_layers_is_no_stack():
 # ----------------------------------------------------------------------------------------------------
 # Hugging Face models, built from configs (no download)
 
-transformers = pytest.importorskip("transformers")
-
-
 def hf_model(kind):
+    transformers = pytest.importorskip("transformers")  # here, not at module level: the tests above run without it
     torch.manual_seed(0)
     if kind == "bert":
         return transformers.BertModel(transformers.BertConfig(
