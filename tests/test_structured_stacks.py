@@ -95,7 +95,8 @@ def test_the_lowest_influence_layers_go_and_everything_follows(sparsity, count):
     removed = sorted(sorted(range(6), key=lambda i: influence[i])[:count])
     reference = without(model, removed)
     tp.prune(model, sparsity, granularity="layer", example_inputs=x)
-    assert steps_of(model) == [{"kind": "stack_layers", "stack": "layers", "removed": removed, "depth": 6}]
+    assert steps_of(model) == [{"kind": "stack_layers", "stack": "layers", "removed": removed, "depth": 6,
+                                "config": True}]
     assert len(model.layers) == 6 - count and model.config.num_hidden_layers == 6 - count
     assert model.config.layer_types == [f"type{i}" for i in range(6) if i not in removed]
     assert [layer.layer_idx for layer in model.layers] == list(range(6 - count))
@@ -126,6 +127,32 @@ def test_exclude_keeps_a_layer_and_data_batches_rank():
     other = Stacked().eval()
     tp.prune(other, 1 / 6, granularity="layer", example_inputs=x, data=[inputs()])
     assert steps_of(other)[0]["removed"] == [lowest]
+
+
+class TwoStacks(nn.Module):
+    """An encoder-decoder shape: two stacks, one config."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Stacked(), Stacked(scales=(0.3, 0.02, 0.6, 0.04))
+        self.config = self.first.config
+        self.second.config = self.config
+
+    def forward(self, x):
+        return self.second(self.first(x)[..., :1].expand(*x.shape[:-1], 4))
+
+
+def test_two_stacks_rank_together_and_leave_the_config(tmp_path):
+    model, x = TwoStacks().eval(), inputs()
+    with pytest.warns(UserWarning, match="several layer stacks"):
+        tp.prune(model, 0.4, granularity="layer", example_inputs=x)  # 4 of the 10 layers
+    steps = steps_of(model)
+    assert sum(len(s["removed"]) for s in steps) == 4 and all(s["config"] is False for s in steps)
+    assert model.config.num_hidden_layers == 6 and len(model.config.layer_types) == 6  # left as it was
+    tp.save(model, tmp_path / "m.pt")
+    loaded = tp.load(tmp_path / "m.pt", TwoStacks().eval())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 def test_a_list_of_mixed_layers_is_no_stack():

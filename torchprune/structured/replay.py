@@ -45,7 +45,7 @@ def _replay_other(model: nn.Module, step: dict, number: int) -> bool:
                 or any(not isinstance(i, int) or not 0 <= i < depth for i in removed) or len(set(removed)) >= depth):
             raise ValueError(f"`model` does not match the file: {where} removes layers {removed} of the "
                              f"{depth}-layer stack {name!r}")
-        remove_stack_layers(model, name, removed)
+        remove_stack_layers(model, name, removed, config=bool(step.get("config", True)))
         return True
     if step.get("kind") == "layers":
         names = step.get("replaced")

@@ -14,13 +14,15 @@ A stack is a ``ModuleList`` whose name ends in ``layer``, ``layers``, ``h``, ``b
 with at least two elements of one class, each of which returns a hidden state (or a tuple that
 starts with one) of its input's shape on the example inputs. ``sparsity`` is the fraction of all
 the stacks' layers removed (ranked together: an encoder-decoder loses layers where they matter
-least); every stack keeps at least one layer.
+least); every stack keeps at least one layer. With more than one stack the config is left as it
+is, with a warning (one depth field cannot describe both): reload with `tp.load`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Dict, List, Tuple
 
 import torch
@@ -105,10 +107,10 @@ def _configs(model: nn.Module) -> list:
     return out
 
 
-def remove_stack_layers(model: nn.Module, stack: str, removed: List[int]) -> None:
+def remove_stack_layers(model: nn.Module, stack: str, removed: List[int], config: bool = True) -> None:
     """Removes the layers at indices ``removed`` from the ModuleList ``stack``, renumbers the
-    remaining layers' ``layer_idx`` and rewrites the depth fields of the model's configs that held
-    the old depth (and per-layer lists of that length, such as ``layer_types``)."""
+    remaining layers' ``layer_idx`` and, with ``config``, rewrites the depth fields of the model's
+    configs that held the old depth (and per-layer lists of that length, such as ``layer_types``)."""
     old = model.get_submodule(stack)
     depth = len(old)
     gone = set(removed)
@@ -120,7 +122,7 @@ def remove_stack_layers(model: nn.Module, stack: str, removed: List[int]) -> Non
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = index
-    for config in _configs(model):
+    for config in _configs(model) if config else ():
         for field in _DEPTH_FIELDS:
             if getattr(config, field, None) == depth:
                 setattr(config, field, len(kept))
@@ -145,11 +147,16 @@ def prune_stack_layers(model: nn.Module, stacks: Dict[str, nn.ModuleList], batch
             removed[name].append(index)
             left[name] -= 1
             count -= 1
+    one = len(stacks) == 1  # with two stacks (encoder-decoder) one depth field cannot describe both
+    if not one and any(removed.values()) and _configs(model):
+        warnings.warn("granularity='layer': the model has several layer stacks " + str(list(stacks)) + "; its "
+                      "config is left as it is (one depth field cannot describe them): reload with tp.load",
+                      stacklevel=4)
     for name, indices in removed.items():
         if indices:
-            remove_stack_layers(model, name, sorted(indices))
+            remove_stack_layers(model, name, sorted(indices), config=one)
             record_step(model, {"kind": "stack_layers", "stack": name, "removed": sorted(indices),
-                                "depth": len(stacks[name])})
+                                "depth": len(stacks[name]), "config": one})
     return model
 
 
