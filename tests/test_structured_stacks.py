@@ -158,7 +158,7 @@ def test_two_stacks_rank_together_and_leave_the_config(tmp_path):
 def test_a_list_of_mixed_layers_is_no_stack():
     model = Stacked().eval()
     model.layers[1] = nn.Identity()  # no longer one class: not a stack
-    assert layer_stacks(model, [(inputs(),)]) == {}
+    assert layer_stacks(model, inputs()) == ({}, {})
 
 
 # ----------------------------------------------------------------------------------------------------

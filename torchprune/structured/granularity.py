@@ -11,7 +11,7 @@ from .blocks import prune_layers
 from .channels import prune_channels
 from .exclusion import exclusion
 from .heads import prune_heads
-from .stacks import calibration_batches, layer_stacks, prune_stack_layers
+from .stacks import layer_stacks, prune_stack_layers
 
 __all__ = ["prune_structural"]
 
@@ -32,8 +32,7 @@ def prune_structural(model: nn.Module, sparsity, threshold, importance, granular
         return prune_channels(model, example_inputs, sparsity, importance, scope, kept, round_to, data, loss_fn)
     if granularity == "head":
         return prune_heads(model, example_inputs, sparsity, importance, scope, kept)
-    batches = calibration_batches(model, example_inputs, data)
-    stacks = layer_stacks(model, batches)  # transformer layers in a ModuleList: removed from it (stacks.py)
+    stacks, influence = layer_stacks(model, example_inputs, data)  # transformer layers in a ModuleList (stacks.py)
     if stacks:
-        return prune_stack_layers(model, stacks, batches, float(sparsity), kept)
+        return prune_stack_layers(model, stacks, influence, float(sparsity), kept)
     return prune_layers(model, example_inputs, float(sparsity), kept, data)

@@ -86,14 +86,21 @@ def block_influence(model: nn.Module, lists: Dict[str, nn.ModuleList], batches: 
     return {key: s / n for key, (s, n) in sums.items() if key not in broken and n}
 
 
-def layer_stacks(model: nn.Module, batches: list) -> Dict[str, nn.ModuleList]:
+def layer_stacks(model: nn.Module, example_inputs, data=None
+                 ) -> Tuple[Dict[str, nn.ModuleList], Dict[Tuple[str, int], float]]:
     """The stacks of ``model`` (see the module docstring) whose every layer passed a hidden state of
-    its input's shape on ``batches``."""
+    its input's shape on the calibration batches (``data``'s inputs, else the example inputs), and
+    their layers' block influence, from that one pass. No pass at all when nothing is named like a stack."""
     lists = _named_lists(model)
     if not lists:
-        return {}
+        return {}, {}
+    if data is None:
+        batches = [as_inputs(example_inputs)]
+    else:
+        batches = [x for x, _ in data_batches(data, targets=False, model=model)]
     influence = block_influence(model, lists, batches)
-    return {name: stack for name, stack in lists.items() if all((name, i) in influence for i in range(len(stack)))}
+    stacks = {name: stack for name, stack in lists.items() if all((name, i) in influence for i in range(len(stack)))}
+    return stacks, {key: value for key, value in influence.items() if key[0] in stacks}
 
 
 def _configs(model: nn.Module) -> list:
@@ -131,11 +138,10 @@ def remove_stack_layers(model: nn.Module, stack: str, removed: List[int], config
                 setattr(config, field, [v for i, v in enumerate(value) if i not in gone])
 
 
-def prune_stack_layers(model: nn.Module, stacks: Dict[str, nn.ModuleList], batches: list, sparsity: float,
-                       kept: Exclusion = Exclusion()) -> nn.Module:
-    """Removes round(sparsity * layers) layers of ``stacks`` with the least block influence on
-    ``batches`` (excluded or frozen layers stay, and every stack keeps one layer); returns ``model``."""
-    influence = block_influence(model, stacks, batches)
+def prune_stack_layers(model: nn.Module, stacks: Dict[str, nn.ModuleList], influence: Dict[Tuple[str, int], float],
+                       sparsity: float, kept: Exclusion = Exclusion()) -> nn.Module:
+    """Removes round(sparsity * layers) layers of ``stacks`` with the least block ``influence`` (from
+    `layer_stacks`; excluded or frozen layers stay, and every stack keeps one layer); returns ``model``."""
     candidates = [key for key in influence if not kept.keeps_block(stacks[key[0]][key[1]])]
     count = int(math.floor(sparsity * sum(len(s) for s in stacks.values()) + 0.5))
     left = {name: len(stack) for name, stack in stacks.items()}
@@ -159,9 +165,3 @@ def prune_stack_layers(model: nn.Module, stacks: Dict[str, nn.ModuleList], batch
                                 "depth": len(stacks[name]), "config": one})
     return model
 
-
-def calibration_batches(model: nn.Module, example_inputs, data) -> list:
-    """The batches block influence is measured on: ``data``'s inputs, else the example inputs."""
-    if data is None:
-        return [as_inputs(example_inputs)]
-    return [x for x, _ in data_batches(data, targets=False, model=model)]
