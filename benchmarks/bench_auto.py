@@ -32,14 +32,11 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchprune as tp  # noqa: E402
-from torchprune.analysis.auto import DEFAULT_LEVELS, interpolate  # noqa: E402
+from torchprune.analysis.auto import DEFAULT_LEVELS, interpolate, latency_against_dense  # noqa: E402
 from torchprune.compress.workload import outputs_of, quality, token_inputs  # noqa: E402
 from torchprune.masking import masked_fraction  # noqa: E402
-from torchprune.timing import time_interleaved  # noqa: E402
 
 from _common import RESULTS, describe, machine_info, set_threads, write_json  # noqa: E402
 from _encoder import batches, load_encoder, missing_packages, sentences, skip_message  # noqa: E402
@@ -96,8 +93,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     print(f"\ntp.auto in {seconds:.0f} s\n\n{plan.to_markdown()}\n")
 
-    models = {"dense": dense}
-    rows = {}
+    models, rows = {}, {}
     for label, scope in [("auto", plan.scope)] + [(f"uniform {s:.0%}", s) for s in uniform_levels]:
         model = copy.deepcopy(dense)
         if isinstance(scope, dict):
@@ -106,12 +102,11 @@ def main(argv=None) -> int:
             tp.prune(model, scope, importance="wanda", data=calibration, exclude=["pooler"])
         rows[label] = {"sparsity": masked_fraction(model), **quality(dense_heldout, outputs_of(model, heldout))}
         models[label] = tp.sparsify(model, example_inputs=inputs).eval()
-    with torch.inference_mode():
-        times = time_interleaved({k: (lambda m=m: m(*inputs)) for k, m in models.items()}, args.repeats)
+    ratios, dense_seconds = latency_against_dense(dense, models, inputs, args.repeats)
     for label, row in rows.items():
-        row["latency"] = times[label] / times["dense"]
-        row["ms"] = times[label] * 1e3
-    print(f"dense: {times['dense'] * 1e3:.2f} ms at 1 x 128 (median of {args.repeats}, interleaved)\n")
+        row["latency"] = ratios[label]
+        row["ms"] = ratios[label] * dense_seconds * 1e3
+    print(f"dense: {dense_seconds * 1e3:.2f} ms at 1 x 128 (median of {args.repeats}, interleaved)\n")
     print("| model | sparsity | latency / dense | ms | cosine | NN agreement |\n|:---|---:|---:|---:|---:|---:|")
     for label, row in rows.items():
         print(f"| {label} | {100 * row['sparsity']:.1f}% | {row['latency']:.3f} | {row['ms']:.2f} | "
@@ -126,7 +121,7 @@ def main(argv=None) -> int:
     name = "bench_auto_quick.json" if args.quick else "bench_auto.json"
     write_json(os.path.join(args.out, name), {
         "machine": info, "budget": args.budget, "auto_seconds": seconds, "plan": plan.to_dict(), "rows": rows,
-        "dense_ms": times["dense"] * 1e3, "uniform_at_plan_latency": at_same, "repeats": args.repeats})
+        "dense_ms": dense_seconds * 1e3, "uniform_at_plan_latency": at_same, "repeats": args.repeats})
     return 0
 
 

@@ -757,3 +757,12 @@ def test_a_plan_that_prunes_nothing_has_an_empty_scope(fake_times):
                        progress=False)
     assert plan.scope == {} and plan.steps == []  # documented: nothing to prune (tp.prune refuses an empty scope)
     assert plan.metric == plan.baseline and not plan.met
+
+
+def test_latency_against_dense_gives_ratios_and_refuses_a_model_named_dense(fake_times):
+    fake = fake_times(MLP_DENSE, SLOW_AT_25, 16.0, (0.625,))
+    model, x = make_mlp(), torch.randn(4, 16)
+    ratios, dense_seconds = A.latency_against_dense(model, {"plan": copy.deepcopy(model)}, (x,), 5)
+    assert ratios == {"plan": 0.625} and dense_seconds == 16.0 and fake.checks == 1
+    with pytest.raises(ValueError, match="must not name one 'dense'"):
+        A.latency_against_dense(model, {"dense": model}, (x,), 5)

@@ -51,7 +51,7 @@ from ..timing import time_interleaved
 from .model_summary import summary
 from .sensitivity import Sensitivity, sensitivity
 
-__all__ = ["auto", "AutoPlan", "KINDS", "DEFAULT_LEVELS", "interpolate"]
+__all__ = ["auto", "AutoPlan", "KINDS", "DEFAULT_LEVELS", "interpolate", "latency_against_dense"]
 
 KINDS = ("latency", "macs", "params")
 #: A sparse kernel counts as faster only below this fraction of the plain forward timed beside it:
@@ -166,7 +166,7 @@ def auto(model: nn.Module, evaluate: Callable[[nn.Module], float], budget: float
     damage = {name: _monotone([0.0] + [sens.damage(name, s) for s in levels[1:]]) for name in layers}
 
     def check(scope):
-        return _check(model, evaluate, scope, inputs, kind, importance, data, loss_fn, repeats)
+        return _check(model, evaluate, scope, inputs, kind, importance, data, loss_fn, repeats, dense_total)
 
     found = _search(budget, rounds, slack, levels, costs, damage, dense_total, check)
     met = [r for r in found if r["measured"] <= budget]
@@ -333,21 +333,32 @@ def _exhausted(index, levels, costs) -> bool:
                    for name, i in index.items() for j in range(i + 1, len(levels)))
 
 
-def _check(model, evaluate, scope, inputs, kind, importance, data, loss_fn, repeats) -> Tuple[float, float]:
-    """The plan applied to a copy: (its cost as a fraction of dense, measured; its metric)."""
+def _check(model, evaluate, scope, inputs, kind, importance, data, loss_fn, repeats,
+           dense_total: float) -> Tuple[float, float]:
+    """The plan applied to a copy: (its cost as a fraction of dense, measured; its metric).
+    ``dense_total`` is `_cost_table`'s: the dense model's parameters or MACs (latency is re-timed
+    beside the plan instead, interleaved)."""
     pruned = copy.deepcopy(model)
     if scope:
         prune(pruned, scope=scope, importance=importance, data=data, loss_fn=loss_fn)
     metric = float(evaluate(pruned))
     if kind == "params":  # the parameters not masked out, as the estimate counts them
-        total = sum(p.numel() for p in model.parameters())
-        return (total - sum(int((~mask).sum()) for mask in masks(pruned).values())) / total, metric
+        return (dense_total - sum(int((~mask).sum()) for mask in masks(pruned).values())) / dense_total, metric
     if kind == "macs":
-        after, before = summary(pruned, example_inputs=inputs).totals, summary(model, example_inputs=inputs).totals
-        return after["macs_effective"] / before["macs_dense"], metric
+        return summary(pruned, example_inputs=inputs).totals["macs_effective"] / dense_total, metric
     fast = sparsify(pruned, example_inputs=inputs).eval()
-    dense = _plain(model)
+    ratios, _ = latency_against_dense(_plain(model), {"plan": fast}, inputs, repeats)
+    return ratios["plan"], metric
+
+
+def latency_against_dense(dense: nn.Module, models: Dict[str, nn.Module], inputs: tuple,
+                          repeats: int) -> Tuple[Dict[str, float], float]:
+    """``dense`` and each of ``models`` called as ``model(*inputs)`` round-robin, under no_grad
+    (`tp.timing`: medians of ``repeats``): ({label: its time / dense time}, dense seconds)."""
+    if "dense" in models:
+        raise ValueError("`models` must not name one 'dense': that label is the reference")
+    runners = {label: (lambda m=m: m(*inputs)) for label, m in {"dense": dense, **models}.items()}
     with torch.no_grad():
-        times = time_interleaved({"dense": lambda: dense(*inputs), "plan": lambda: fast(*inputs)}, repeats)
-    return times["plan"] / times["dense"], metric
+        times = time_interleaved(runners, repeats)
+    return {label: times[label] / times["dense"] for label in models}, times["dense"]
 

@@ -26,14 +26,13 @@ import torch
 from torch import nn
 
 from ..analysis import report
-from ..analysis.auto import auto, interpolate
+from ..analysis.auto import auto, interpolate, latency_against_dense
 from ..analysis.model_summary import sparsity as model_sparsity
 from ..oneshot import prune
 from ..pruner import Pruner
 from ..regrowth import Regrow
 from ..schedules import Adaptive, Cubic
 from ..sparsify import sparsify
-from ..timing import time_interleaved
 from .common import BATCH, LR, Split, accuracy, make_mlp, progressive_schedule, train
 
 __all__ = ["fit_dense", "adaptive", "auto_vs_uniform", "rigl", "section", "auto_section", "validation_split",
@@ -114,7 +113,7 @@ def auto_vs_uniform(dense: nn.Module, flat: Split, budget: int, seed: int, repea
     x_fit, y_fit, x_val, y_val = validation_split(x_train, y_train, seed)
     example = x_test[:BATCH]
     plan = auto(dense, lambda m: accuracy(m, x_val, y_val), AUTO_BUDGET, example, progress=False, repeats=repeats)
-    rows, models = {}, {"dense": dense}
+    rows, models = {}, {}
     for label, scope in [("auto", plan.scope)] + [(f"uniform {s:.0%}", s) for s in UNIFORM]:
         model = copy.deepcopy(dense)
         if isinstance(scope, dict):
@@ -124,12 +123,11 @@ def auto_vs_uniform(dense: nn.Module, flat: Split, budget: int, seed: int, repea
         train(model, x_fit, y_fit, budget, LR, seed + 1, f"mlp: {label} fine-tune")
         rows[label] = {"sparsity": model_sparsity(model), "test": accuracy(model, x_test, y_test)}
         models[label] = sparsify(model, example_inputs=example).eval()
-    with torch.no_grad():
-        times = time_interleaved({k: (lambda m=m: m(example)) for k, m in models.items()}, repeats)
+    ratios, dense_seconds = latency_against_dense(dense, models, (example,), repeats)
     for label, row in rows.items():
-        row["latency"] = times[label] / times["dense"]
+        row["latency"] = ratios[label]
     at_plan = interpolate([(r["latency"], r["test"]) for k, r in rows.items() if k != "auto"], rows["auto"]["latency"])
-    return {"plan": plan.to_markdown(), "scope": plan.scope, "rows": rows, "dense ms": times["dense"] * 1e3,
+    return {"plan": plan.to_markdown(), "scope": plan.scope, "rows": rows, "dense ms": dense_seconds * 1e3,
             "dense": accuracy(dense, x_test, y_test), "uniform at plan latency": at_plan, "budget": AUTO_BUDGET}
 
 
