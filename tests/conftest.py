@@ -163,6 +163,13 @@ def through_bytes(obj, weights_only=True):
     return torch.load(buffer, weights_only=weights_only)
 
 
+def checkpoint(model, optimizer, pruner):
+    """A training checkpoint (model, optimizer and Pruner state_dicts) as torch.save /
+    torch.load(weights_only=True) would give it back."""
+    return through_bytes({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "pruner": pruner.state_dict()})
+
+
 def sparse_state(layer):
     """Everything a load could change in a SparseLayer: its tensors (cloned) and its format."""
     tensors = {k: v.detach().clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}

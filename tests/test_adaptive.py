@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torchprune as tp
 from torchprune.schedules import Adaptive, Cubic
 
-from conftest import assert_unchanged, labelled_batches, make_mlp64, snapshot
+from conftest import assert_unchanged, checkpoint, labelled_batches, make_mlp64, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -380,11 +380,6 @@ def test_weights_that_come_back_train_again():
 
 # ----------------------------------------------------------------------------------------------------
 # 3. resume
-
-
-def checkpoint(model, optimizer, pruner):
-    return through_bytes({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "pruner": pruner.state_dict()})
 
 
 def assert_same_run(a, b):

@@ -13,7 +13,6 @@ test_block_sparse_ops.py.
 """
 
 import copy
-import io
 import os
 
 import pytest
@@ -28,7 +27,15 @@ from torchprune.ops import block_pattern_rows, unpack_bsr
 from torchprune.schedules import Cubic
 from torchprune.sparsify import plan
 
-from conftest import assert_sparse_unchanged, assert_unchanged, make_mlp, snapshot, sparse_state, through_bytes
+from conftest import (
+    assert_sparse_unchanged,
+    assert_unchanged,
+    checkpoint,
+    make_mlp,
+    snapshot,
+    sparse_state,
+    through_bytes,
+)
 from error_bounds import assert_close_bounded, assert_layer_close, assert_same_function, layer_grad_references
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -432,14 +439,6 @@ def test_pruner_with_wanda_observing_training_forwards_keeps_block_rows_even():
         assert_whole_blocks(mask, 4, name)
         kept = as_blocks(mask, 4).all(1)
         assert (kept.sum(1) == kept.shape[1] // 2).all(), name
-
-
-def checkpoint(model, optimizer, pruner):
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()},
-               buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 @pytest.mark.parametrize("case", list(PRUNER_CASES))

@@ -17,7 +17,6 @@ What is checked:
 """
 
 import copy
-import io
 import math
 import pickle
 import random
@@ -32,7 +31,7 @@ from torchprune import selection
 from torchprune.regrowth import DenseGradients, Regrow, weight_gradient
 from torchprune.schedules import Cubic, OneShot
 
-from conftest import assert_unchanged, labelled_batches, make_mlp64, snapshot, train_with_pruner
+from conftest import assert_unchanged, checkpoint, labelled_batches, make_mlp64, snapshot, train_with_pruner
 from error_bounds import assert_close_bounded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -626,14 +625,6 @@ def test_regrow_none_is_unchanged_bit_for_bit():
 
 # ----------------------------------------------------------------------------------------------------
 # 6. resume
-
-
-def checkpoint(model, optimizer, pruner):
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()},
-               buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 @pytest.mark.parametrize("stops", [(5,), (6,), (17,), (18,), (3, 5, 12, 17)],

@@ -8,7 +8,6 @@ pickle of a pruned model, and of the whole run, during and after it keep outputs
 """
 
 import copy
-import io
 import pickle
 
 import pytest
@@ -19,7 +18,7 @@ from torch import nn
 import torchprune as tp
 from torchprune.schedules import Cubic
 
-from conftest import labelled_batches, make_mlp, train_with_pruner
+from conftest import checkpoint, labelled_batches, make_mlp, train_with_pruner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,15 +42,6 @@ def make_run(case, seed=0):
     model = make_mlp(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     return model, optimizer, tp.Pruner(model, schedule=SCHEDULE, **CASES[case])
-
-
-def checkpoint(model, optimizer, pruner):
-    """Through bytes, as torch.save / torch.load(weights_only=True) would store it."""
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()},
-               buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def assert_same_tensors(a, b):
