@@ -136,24 +136,23 @@ def rigl(flat: Split, epochs: Tuple[int, int], seeds: Sequence[int] = RIGL_SEEDS
     progressive pruning to ``target`` without and with regrowth; test accuracies by seed."""
     x_train, y_train, x_test, y_test = flat
     dense_epochs, budget = epochs
+    schedule = progressive_schedule(x_train, budget, target)  # fixed curves: every Pruner may share them
+    regrow = _regrow(schedule, x_train, budget)
     rows = []
     for seed in seeds:
         torch.manual_seed(seed)
         dense = make_mlp()
         train(dense, x_train, y_train, dense_epochs, LR, seed, f"mlp: dense, seed {seed}")
         row = {"seed": seed, "dense": accuracy(dense, x_test, y_test)}
-        for label, regrow in (("prune-only", None), ("rigl", True)):
+        for label, swaps in (("prune-only", None), ("rigl", regrow)):
             model = copy.deepcopy(dense)
-            schedule = progressive_schedule(x_train, budget, target)
-            pruner = Pruner(model, target, schedule, importance="magnitude", scope="global",
-                            regrow=_regrow(schedule, x_train, budget) if regrow else None)
+            pruner = Pruner(model, target, schedule, importance="magnitude", scope="global", regrow=swaps)
             train(model, x_train, y_train, budget, LR, seed + 1, f"mlp: {label} {target:.0%}, seed {seed}", pruner)
             row[label] = accuracy(model, x_test, y_test)
             row[f"{label} sparsity"] = pruner.sparsity
         rows.append(row)
     mean = {key: sum(r[key] for r in rows) / len(rows) for key in ("dense", "prune-only", "rigl")}
-    return {"target": target, "rows": rows, "mean": mean, "regrow": repr(_regrow(
-        progressive_schedule(x_train, budget, target), x_train, budget))}
+    return {"target": target, "rows": rows, "mean": mean, "regrow": repr(regrow)}
 
 
 def _regrow(schedule: Cubic, x_train: torch.Tensor, budget: int) -> Regrow:
