@@ -1,6 +1,6 @@
 """prune(..., granularity="head"): remove whole attention heads.
 
-Four kinds of attention are handled:
+These kinds of attention are handled:
 
 * ``nn.MultiheadAttention`` (packed q/k/v projection, no bias_k/bias_v, no add_zero_attn) and our
   own `PrunedMultiheadAttention`: the module is replaced by a `PrunedMultiheadAttention` holding
@@ -12,12 +12,18 @@ Four kinds of attention are handled:
   ``self.head_dim``; that is verified on the example inputs before anything is changed (removing
   the heads must give the outputs of zeroing them), and a module that fails is left as it is and
   named in a warning;
-* transformers' grouped-query attention (LLaMA, Mistral, Qwen2: ``q_proj``/``k_proj``/``v_proj``/
-  ``o_proj``, ``head_dim``, ``num_key_value_groups``): the unit is a key/value head with its group of
-  query heads, so the groups stay whole;
+* transformers' attention with separate projections (``q_proj``/``k_proj``/``v_proj`` and ``o_proj``
+  or ``out_proj``, an int ``head_dim``): LLaMA, Mistral and Qwen2 with ``num_key_value_groups``
+  query heads per key/value head (grouped-query attention: the unit is a key/value head with its
+  group of query heads, so the groups stay whole), ViT and BART with one (the unit is a head);
 * transformers' BERT-family attention block (``self.query``/``key``/``value`` with
-  ``num_attention_heads`` and ``attention_head_size``, ``output.dense``): the unit is a head.
-  These two are verified like hand-written attention; hf_config.py then rewrites the model's config.
+  ``num_attention_heads`` and ``attention_head_size``, ``output.dense``): the unit is a head;
+* transformers' GPT-2 attention: one Conv1D ``c_attn`` making [q | k | v], ``split_size`` wide
+  each, and a Conv1D ``c_proj`` (Conv1D stores its weight (in, out): the layer-type table says
+  which dims are outputs); the unit is a head.
+  The transformers layouts are verified like hand-written attention, their head-count attributes
+  (``num_heads``, ``num_attention_heads``, ``all_head_size``, ``split_size``, ...) are rewritten,
+  and hf_config.py then rewrites the model's config where it can say the new counts.
 
 A head's score is the mean over its four slices (q, k, v rows and out-projection columns) of the
 slice's sum of |w|^p divided by that member's mean over heads; "random" is also accepted. Heads
@@ -42,6 +48,7 @@ from torch import nn
 
 from ..calibration import as_inputs
 from ..importance import FilterNorm, Magnitude, Random, resolve
+from ..layer_types import lookup, resize
 from ..nn.attention import PrunedMultiheadAttention
 from ..ops import compact
 from ..targets import check_scope
@@ -51,7 +58,8 @@ from .plan import record_step
 from .select import select
 from .tracing.recorder import Member
 
-__all__ = ["attention_modules", "head_members", "prune_heads", "remove_heads", "units"]
+__all__ = ["attention_modules", "hand_written", "head_members", "prune_heads", "remove_heads", "slice_layer",
+           "units"]
 
 
 def _packed(module) -> bool:
@@ -61,28 +69,60 @@ def _packed(module) -> bool:
             and not module.add_zero_attn)
 
 
-def _hand_written(module) -> bool:
+def hand_written(module) -> bool:
+    """timm's attention layout: int ``num_heads`` and ``head_dim``, a fused ``qkv`` Linear making
+    [q | k | v] and a ``proj`` Linear reading the heads."""
     qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
     h, hd = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
     return (isinstance(h, int) and isinstance(hd, int) and isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
             and qkv.out_features == 3 * h * hd and proj.in_features == h * hd)
 
 
-def _linears(module, names) -> List[nn.Linear]:
+def _linears(module, names) -> List[nn.Module]:
+    """The submodules ``names`` of ``module`` if each is a Linear or a transposed one (transformers'
+    Conv1D, weight stored (in, out)), else []."""
     found = [getattr(module, n, None) for n in names]
-    return found if all(isinstance(t, nn.Linear) for t in found) else []
+    return found if all(_projection(t) for t in found) else []
+
+
+def _projection(module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Module) and _is_conv1d(module))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    entry = lookup(type(module))
+    return (entry is not None and entry.output_member == ("weight", 1) and isinstance(getattr(module, "nf", None), int)
+            and getattr(module, "weight", None) is not None and module.weight.dim() == 2)
+
+
+def _outputs(module) -> int:
+    return module.nf if _is_conv1d(module) else module.out_features
+
+
+def _inputs(module) -> int:
+    return module.weight.shape[0] if _is_conv1d(module) else module.in_features
+
+
+#: transformers' names of separate q/k/v/output projections: LLaMA, Mistral, Qwen2, ViT (o_proj);
+#: BART and its relatives (out_proj).
+_SEPARATE = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"))
+
+
+def _separate_projections(module) -> List[nn.Module]:
+    return next((found for found in (_linears(module, names) for names in _SEPARATE) if found), [])
 
 
 def _grouped_query(module) -> bool:
-    """transformers' LLaMA / Mistral / Qwen2 attention: q/k/v/o_proj Linears, an int ``head_dim``
-    and ``num_key_value_groups`` query heads per key/value head (grouped-query attention)."""
-    projections = _linears(module, ("q_proj", "k_proj", "v_proj", "o_proj"))
-    hd, rep = getattr(module, "head_dim", None), getattr(module, "num_key_value_groups", None)
+    """transformers' attention with separate q/k/v/o projections and an int ``head_dim``: LLaMA,
+    Mistral, Qwen2 (``num_key_value_groups`` query heads per key/value head: grouped-query
+    attention), ViT and BART (one key/value head per query head)."""
+    projections = _separate_projections(module)
+    hd, rep = getattr(module, "head_dim", None), getattr(module, "num_key_value_groups", 1)
     if not projections or not isinstance(hd, int) or not isinstance(rep, int) or hd < 1 or rep < 1:
         return False
     q, k, v, o = projections
-    return (k.out_features == v.out_features and k.out_features % hd == 0
-            and q.out_features == k.out_features * rep == o.in_features)
+    return (_outputs(k) == _outputs(v) and _outputs(k) % hd == 0
+            and _outputs(q) == _outputs(k) * rep == _inputs(o))
 
 
 def _separate_qkv(module) -> bool:
@@ -96,29 +136,81 @@ def _separate_qkv(module) -> bool:
             and all(t.out_features == h * hd for t in projections) and dense.in_features == h * hd)
 
 
+def _fused_conv1d(module) -> bool:
+    """transformers' GPT-2 self-attention: one Conv1D ``c_attn`` making [q | k | v] (each
+    ``split_size`` = num_heads * head_dim wide) and a Conv1D ``c_proj`` reading the heads."""
+    c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+    h, hd, split = (getattr(module, n, None) for n in ("num_heads", "head_dim", "split_size"))
+    return (all(isinstance(t, int) and t > 0 for t in (h, hd, split)) and split == h * hd
+            and not getattr(module, "is_cross_attention", False)
+            and all(isinstance(t, nn.Module) and _is_conv1d(t) for t in (c_attn, c_proj))
+            and c_attn.nf == 3 * split and _inputs(c_proj) == split)
+
+
+def _transformers_layout(module) -> bool:
+    return _grouped_query(module) or _separate_qkv(module) or _fused_conv1d(module)
+
+
 def _split_layout(module):
-    """For the two transformers layouts: [(Linear, rows per unit)] of the projections that make a
-    unit's features, (Linear, columns per unit) of the one that reads them, and the unit count. A
-    unit is a head (BERT) or a key/value head with its group of query heads (LLaMA), so groups stay
-    whole and ``num_key_value_groups`` stays valid."""
+    """For the transformers layouts: [(projection, first row, rows per unit)] of the blocks of
+    output features that make the units, (projection, columns per unit) of the one that reads them,
+    and the unit count. A unit is a head, or a key/value head with its group of query heads
+    (grouped-query attention), so groups stay whole and ``num_key_value_groups`` stays valid."""
     if _grouped_query(module):
-        hd, rep = module.head_dim, module.num_key_value_groups
-        return ([(module.q_proj, hd * rep), (module.k_proj, hd), (module.v_proj, hd)], (module.o_proj, hd * rep),
-                module.k_proj.out_features // hd)
+        q, k, v, o = _separate_projections(module)
+        hd, rep = module.head_dim, getattr(module, "num_key_value_groups", 1)
+        return [(q, 0, hd * rep), (k, 0, hd), (v, 0, hd)], (o, hd * rep), _outputs(k) // hd
+    if _fused_conv1d(module):
+        hd, split = module.head_dim, module.split_size
+        return ([(module.c_attn, i * split, hd) for i in range(3)], (module.c_proj, hd), module.num_heads)
     inner, hd = module.self, module.self.attention_head_size
-    return ([(inner.query, hd), (inner.key, hd), (inner.value, hd)], (module.output.dense, hd),
+    return ([(inner.query, 0, hd), (inner.key, 0, hd), (inner.value, 0, hd)], (module.output.dense, hd),
             inner.num_attention_heads)
+
+
+def _as_rows(module) -> torch.Tensor:
+    """A projection's weight as (outputs, inputs)."""
+    return module.weight.detach().t() if _is_conv1d(module) else module.weight.detach()
+
+
+#: Attributes of transformers' attention modules that hold a head count (query heads; BERT's on
+#: its ``self``) or a product of heads and head size; they are rewritten after heads go.
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads")
+_HEAD_WIDTHS = ("all_head_size", "split_size", "inner_dim")
+
+
+def _rewrite_counts(owner: nn.Module, heads: int, new_heads: int, width: int, new_width: int) -> None:
+    for name in _HEAD_COUNTS + _HEAD_WIDTHS:
+        old, new = ((heads, new_heads) if name in _HEAD_COUNTS else (width, new_width))
+        if isinstance(getattr(owner, name, None), int) and getattr(owner, name) == old:
+            setattr(owner, name, new)
+
+
+def _remove_transformers_heads(module, keep_t: torch.Tensor) -> None:
+    projections, (out, c), n = _split_layout(module)
+    owner = module.self if _separate_qkv(module) else module
+    heads_per_unit = projections[0][2] // projections[1][2]  # query heads per unit (grouped-query)
+    width = _outputs(projections[0][0]) if not _fused_conv1d(module) else module.split_size
+    rows: Dict[int, List[torch.Tensor]] = {}
+    for linear, first, r in projections:
+        rows.setdefault(id(linear), []).append(first + _rows(keep_t, r))
+    for linear in {id(t): t for t, _, _ in projections}.values():
+        slice_layer(linear, "outputs", torch.cat(rows[id(linear)]))
+    slice_layer(out, "inputs", _rows(keep_t, c))
+    _rewrite_counts(owner, n * heads_per_unit, len(keep_t) * heads_per_unit, width, width * len(keep_t) // n)
+    if getattr(owner, "num_key_value_heads", None) == n:
+        owner.num_key_value_heads = len(keep_t)
 
 
 def units(module) -> int:
     """The heads (key/value heads with their query groups, for grouped-query attention) of an
     attention module ``attention_modules`` found."""
-    return _split_layout(module)[2] if _grouped_query(module) or _separate_qkv(module) else module.num_heads
+    return _split_layout(module)[2] if _transformers_layout(module) else module.num_heads
 
 
 def attention_modules(model: nn.Module) -> Dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules()
-            if _packed(m) or _hand_written(m) or _grouped_query(m) or _separate_qkv(m)}
+            if _packed(m) or hand_written(m) or _transformers_layout(m)}
 
 
 def head_members(name: str, module: nn.Module) -> List[Member]:
@@ -127,11 +219,12 @@ def head_members(name: str, module: nn.Module) -> List[Member]:
     prefix = f"{name}." if name else ""
     if _packed(module):
         return [(name, "in_proj_weight", 0), (prefix + "out_proj", "weight", 1)]
-    if _grouped_query(module):
-        return [(prefix + p, "weight", 0) for p in ("q_proj", "k_proj", "v_proj")] + [(prefix + "o_proj", "weight", 1)]
-    if _separate_qkv(module):
-        return ([(prefix + "self." + p, "weight", 0) for p in ("query", "key", "value")]
-                + [(prefix + "output.dense", "weight", 1)])
+    if _transformers_layout(module):
+        projections, (out, _), _ = _split_layout(module)
+        names = {id(m): n for n, m in module.named_modules()}
+        makers = {id(t): t for t, _, _ in projections}.values()
+        return ([(prefix + names[id(t)], "weight", int(_is_conv1d(t))) for t in makers]
+                + [(prefix + names[id(out)], "weight", int(not _is_conv1d(out)))])
     return [(prefix + "qkv", "weight", 0), (prefix + "proj", "weight", 1)]
 
 
@@ -147,11 +240,12 @@ def _slices(module):
 
 
 def _head_scores(module, criterion) -> torch.Tensor:
-    if _grouped_query(module) or _separate_qkv(module):
+    if _transformers_layout(module):
         projections, (out, c), n = _split_layout(module)
         p = float(getattr(criterion, "p", 1))
-        parts = [t.weight.detach().double().abs().pow(p).reshape(n, -1).sum(1) for t, _ in projections]
-        parts.append(out.weight.detach().double().abs().pow(p).reshape(out.out_features, n, c).sum((0, 2)))
+        parts = [_as_rows(t)[first:first + n * r].double().abs().pow(p).reshape(n, -1).sum(1)
+                 for t, first, r in projections]
+        parts.append(_as_rows(out).double().abs().pow(p).reshape(_outputs(out), n, c).sum((0, 2)))
         return sum(s / s.mean() if s.mean() > 0 else s for s in parts) / len(parts)
     h = module.num_heads
     (q, k, v), out, vhd = _slices(module)
@@ -174,15 +268,8 @@ def remove_heads(model: nn.Module, name: str, keep: List[int]) -> None:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, PrunedMultiheadAttention.from_attention(module, keep_t))
         return
-    bert = _separate_qkv(module)  # (before slicing: the shapes then no longer match the head count)
-    if bert or _grouped_query(module):
-        projections, (out, c), _ = _split_layout(module)
-        for linear, r in projections:
-            _slice_linear(linear, 0, _rows(keep_t, r))
-        _slice_linear(out, 1, _rows(keep_t, c))
-        if bert:
-            module.self.num_attention_heads = len(keep)
-            module.self.all_head_size = len(keep) * module.self.attention_head_size
+    if _transformers_layout(module):
+        _remove_transformers_heads(module, keep_t)
         return
     hd, inner = module.head_dim, module.num_heads * module.head_dim
     rows = _rows(keep_t, hd)
@@ -203,14 +290,14 @@ def zero_heads(model: nn.Module, name: str, drop: List[int]) -> None:
     """Zeroes heads ``drop`` of attention module ``name`` in place (the masking counterpart)."""
     module = model.get_submodule(name)
     drop_t = torch.as_tensor(drop, dtype=torch.int64)
-    if _grouped_query(module) or _separate_qkv(module):
+    if _transformers_layout(module):
         projections, (out, c), _ = _split_layout(module)
         with torch.no_grad():
-            for linear, r in projections:
-                linear.weight[_rows(drop_t, r)] = 0
+            for linear, first, r in projections:
+                _as_rows(linear)[first + _rows(drop_t, r)] = 0
                 if linear.bias is not None:
-                    linear.bias[_rows(drop_t, r)] = 0
-            out.weight[:, _rows(drop_t, c)] = 0
+                    linear.bias[first + _rows(drop_t, r)] = 0
+            _as_rows(out)[:, _rows(drop_t, c)] = 0
         return
     if _packed(module):
         qkv_rows, rows = PrunedMultiheadAttention.head_rows(module, drop_t)
@@ -236,14 +323,16 @@ def _first_tensor(out):
     return out
 
 
-def _slice_linear(linear: nn.Linear, dim: int, index: torch.Tensor) -> None:
-    """Keeps ``index`` along ``dim`` of a Linear's weight (and of its bias along the outputs)."""
-    tensors = [linear.weight] + ([linear.bias] if dim == 0 and linear.bias is not None else [])
-    out = compact([t.detach() for t in tensors], [dim] + [0] * (len(tensors) - 1), [index] * len(tensors))
-    linear.weight = nn.Parameter(out[0], requires_grad=linear.weight.requires_grad)
-    if len(out) > 1:
-        linear.bias = nn.Parameter(out[1], requires_grad=linear.bias.requires_grad)
-    linear.out_features, linear.in_features = linear.weight.shape
+def slice_layer(layer: nn.Module, role: str, index: torch.Tensor) -> None:
+    """Keeps ``index`` of a projection's "outputs" or "inputs" members (its layer-type entry says
+    which tensor dims those are: a Linear's weight rows and bias, a Conv1D's weight columns and
+    bias, ...), then updates its size attributes."""
+    entry = lookup(type(layer))
+    members = [(t, d) for t, d in getattr(entry, role) if getattr(layer, t, None) is not None]
+    out = compact([getattr(layer, t).detach() for t, _ in members], [d for _, d in members], [index] * len(members))
+    for (t, _), value in zip(members, out):
+        setattr(layer, t, nn.Parameter(value, requires_grad=getattr(layer, t).requires_grad))
+    resize(layer)
 
 
 def _verified(model, name, keep, drop, inputs) -> bool:
@@ -273,8 +362,8 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float, importance, s
     found = {n: m for n, m in attention_modules(model).items() if not kept.keeps(head_members(n, m), modules)}
     if not found:
         raise ValueError("`model` has no attention module whose heads can be pruned (nn.MultiheadAttention, a "
-                         "module with num_heads, head_dim, qkv and proj, or transformers' BERT or LLaMA attention) "
-                         "after `exclude` and `freeze`")
+                         "module with num_heads, head_dim, qkv and proj, or transformers' BERT, GPT-2, LLaMA, ViT or "
+                         "BART attention) after `exclude` and `freeze`")
     if isinstance(criterion, Random):
         scores = dict(zip(found, criterion.unit_scores([units(m) for m in found.values()])))
     else:

@@ -43,27 +43,50 @@ def _width(module: nn.Module):
     return None
 
 
-#: model_types whose attention is LLaMA's (q/k/v/o_proj, head_dim, grouped-query) and whose config
-#: says head_dim, num_attention_heads and num_key_value_heads.
-GROUPED_QUERY_TYPES = ("llama", "mistral", "qwen2")
+#: model_types whose attention has q/k/v/o_proj and head_dim, and whose config says head_dim and
+#: num_attention_heads (and num_key_value_heads where it has one): LLaMA-style and ViT.
+GROUPED_QUERY_TYPES = ("llama", "mistral", "qwen2", "vit")
 #: model_types whose config cannot hold fewer heads: their head size is hidden_size / heads.
-HEAD_SIZE_FROM_HIDDEN = ("bert", "roberta")
+HEAD_SIZE_FROM_HIDDEN = ("bert", "roberta", "gpt2", "bart")
+#: attention module attributes that hold a query head count, and those that hold the head size
+_COUNTS = ("num_attention_heads", "num_heads")
+_SIZES = ("head_dim", "attention_head_size")
+
+
+def _head_shapes(model: nn.Module) -> set:
+    """{(query heads, key/value heads, head size)} over the model's attention modules."""
+    shapes = set()
+    for m in model.modules():
+        size = next((getattr(m, a) for a in _SIZES if isinstance(getattr(m, a, None), int)), None)
+        q = getattr(m, "q_proj", None)
+        if size and isinstance(getattr(q, "out_features", None), int):
+            shapes.add((q.out_features // size, getattr(m, "k_proj", q).out_features // size, size))
+        elif size:
+            count = next((getattr(m, a) for a in _COUNTS if isinstance(getattr(m, a, None), int)), None)
+            if count:
+                shapes.add((count, count, size))
+    return shapes
 
 
 def _sync_heads(model: nn.Module, config, problems: List[str]) -> None:
-    """Head counts after head pruning: LLaMA-style configs take them (with head_dim written out, as
-    it no longer follows from hidden_size / heads); BERT-style ones cannot, and a warning says so."""
+    """Head counts after head pruning: LLaMA-style and ViT configs take them (with head_dim written
+    out, as it no longer follows from hidden_size / heads); BERT-, GPT-2- and BART-style ones
+    cannot, and a warning says so."""
     model_type = getattr(config, "model_type", None)
     if model_type in GROUPED_QUERY_TYPES:
-        found = [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "q_proj")]
-        heads = {(m.q_proj.out_features // m.head_dim, m.k_proj.out_features // m.head_dim, m.head_dim) for m in found}
+        heads = _head_shapes(model)
         if len(heads) == 1:
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads.pop()
+            config.num_attention_heads, kv_heads, config.head_dim = heads.pop()
+            if hasattr(config, "num_key_value_heads"):
+                config.num_key_value_heads = kv_heads
         elif heads:
             problems.append(_per_layer(sorted(h for h, _, _ in heads), "num_attention_heads"))
     elif model_type in HEAD_SIZE_FROM_HIDDEN:
-        counts = {m.num_attention_heads for m in model.modules() if hasattr(m, "attention_head_size")}
-        if counts and counts != {config.num_attention_heads}:
+        shapes = _head_shapes(model)  # (a head count differs per stack in BART: heads x size tells)
+        counts = {h for h, _, _ in shapes}
+        hidden = getattr(config, "hidden_size", None)
+        if shapes and (counts != {getattr(config, "num_attention_heads", None)} if hidden is None
+                       else any(h * size != hidden for h, _, size in shapes)):
             problems.append(f"heads were pruned ({sorted(counts)} per layer, config: {config.num_attention_heads}); "
                             f"a {model_type} config derives the head size from hidden_size / num_attention_heads, so "
                             "it cannot describe them: save with tp.save and load with tp.load")
