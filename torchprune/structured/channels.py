@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from ..importance.base import Requires, check_channel_form
 from ..targets import check_data_args, check_scope
 from .exclusion import Exclusion
 from .graph import DependencyGraph
+from .head_dims import shrink_head_dims
 from .hf_config import sync_config
 from .plan import apply_plan, channel_step, plan_from_removed, record_step
 from .scoring import group_scores
@@ -68,15 +69,18 @@ def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance
     if criterion.requires is not Requires.WEIGHTS:
         check_data_args(data, loss_fn, importance, requires_loss=criterion.requires is Requires.LOSS)
     graph = DependencyGraph(model, example_inputs)
-    warn_unprunable(graph, kept)
     removed = choose_removal(model, graph, float(sparsity), criterion, scope, kept, round_to, data, loss_fn)
-    if not removed:
-        return model
-    modules = graph.modules
-    plan = plan_from_removed(model, removed, modules, arrays=True)
-    apply_plan(model, plan, modules)
-    record_step(model, channel_step(plan))
-    sync_config(model, warn=True)  # apply_plan rewrote a Hugging Face config; say what it cannot hold
+    if removed:
+        modules = graph.modules
+        plan = plan_from_removed(model, removed, modules, arrays=True)
+        apply_plan(model, plan, modules)
+        record_step(model, channel_step(plan))
+    # hand-written attention keeps its traced q/k/v width; its head size shrinks instead (head_dims.py)
+    shrunk = shrink_head_dims(model, example_inputs, float(sparsity), float(getattr(criterion, "p", 2)), kept,
+                              round_to)
+    warn_unprunable(graph, kept, handled=shrunk)
+    if removed:
+        sync_config(model, warn=True)  # apply_plan rewrote a Hugging Face config; say what it cannot hold
     return model
 
 
@@ -84,17 +88,22 @@ def prune_channels(model: nn.Module, example_inputs, sparsity: float, importance
 _EXPECTED = ("reaches the model output",)
 
 
-def warn_unprunable(graph: DependencyGraph, kept: Exclusion = Exclusion(), stacklevel: int = 5) -> None:
+def warn_unprunable(graph: DependencyGraph, kept: Exclusion = Exclusion(), stacklevel: int = 5,
+                    handled: Sequence[str] = ()) -> None:
     """One warning naming the layers whose channels the graph keeps, with why, e.g. "kept conv2, fc:
     view with a fixed size for a pruned dim at ...". Groups that ``exclude`` or ``freeze`` keep
     anyway are not named (the user asked for them), nor are channels that reach the model output
-    (the output width is the model's interface)."""
+    (the output width is the model's interface), nor the attention modules in ``handled`` (and
+    their layers), whose head size shrank instead."""
     modules = graph.modules
     unprunable: Dict[str, List[str]] = {}
+    inside = tuple(f"{name}." for name in handled)
     for group in graph.groups:
         if group.prunable or kept.keeps(group.indices, modules):
             continue
         for name in group.modules:
+            if name in handled or name.startswith(inside):
+                continue
             reasons = unprunable.setdefault(name, [])
             reasons += [r for r in group.reasons if r not in reasons and r not in _EXPECTED]
     by_reasons: Dict[tuple, List[str]] = {}

@@ -12,7 +12,8 @@ from typing import List
 from torch import nn
 
 from .blocks import replace_by_identity
-from .heads import attention_modules, remove_heads, units
+from .head_dims import apply_head_dims
+from .heads import attention_modules, hand_written, remove_heads, units
 from .hf_config import sync_config
 from .plan import apply_plan, record_step, steps_of
 from .stacks import remove_stack_layers
@@ -38,6 +39,9 @@ def _replay_other(model: nn.Module, step: dict, number: int) -> bool:
         remove_heads(model, name, keep)
         sync_config(model)
         return True
+    if step.get("kind") == "head_dims":
+        _replay_head_dims(model, step, where)
+        return True
     if step.get("kind") == "stack_layers":
         name, removed, depth = step.get("stack"), step.get("removed"), step.get("depth")
         stack = dict(model.named_modules()).get(name)
@@ -57,6 +61,22 @@ def _replay_other(model: nn.Module, step: dict, number: int) -> bool:
             replace_by_identity(model, name)
         return True
     return False
+
+
+def _replay_head_dims(model: nn.Module, step: dict, where: str) -> None:
+    name, qk, v, scale = step.get("module"), step.get("qk"), step.get("v"), step.get("scale")
+    module = dict(model.named_modules()).get(name)
+
+    def valid(kept) -> bool:
+        return (isinstance(kept, list) and len(kept) == module.num_heads and all(
+            isinstance(js, list) and len(js) == len(kept[0]) and all(isinstance(j, int) and 0 <= j < module.head_dim
+                                                                      for j in js) for js in kept))
+
+    if module is None or not hand_written(module) or not (valid(qk) and valid(v) and len(qk[0]) == len(v[0])) or not (
+            scale is None or isinstance(scale, float)):
+        raise ValueError(f"`model` does not match the file: {where} shrinks the heads of attention module {name!r} "
+                         f"to positions {qk} (q/k) and {v} (v)")
+    apply_head_dims(module, qk, v, scale)
 
 
 def _check_step(model: nn.Module, step, number: int) -> dict:

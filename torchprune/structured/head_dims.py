@@ -1,0 +1,177 @@
+"""Channel pruning inside hand-written attention: fewer features per head (a smaller ``head_dim``).
+
+A timm-style attention module (heads.py's `hand_written` layout: a fused ``qkv`` Linear, a
+``proj`` Linear, int ``num_heads`` and ``head_dim``) shapes q, k and v with a fixed head size,
+``qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)``, so the channel tracer must keep its qkv
+outputs and proj inputs whole ("reshape with a fixed size for a pruned dim"). With
+``granularity="channel"`` this step shrinks the head size instead, after the traced channels go:
+
+* Every head keeps the same count, ``floor((1 - sparsity) * head_dim)`` (then ``round_to``), of its
+  q/k features and of its v features, whatever the scope: one ``head_dim`` shapes all three.
+  q and k lose the same positions (q @ k^T contracts them together); v loses positions together
+  with the proj columns that read them, and may keep other positions than q/k.
+* Features are scored by weight norm (the criterion's ``p`` where it has one, else 2): a q/k
+  position by its q and k rows, a v position by its v row and proj column, each part divided by
+  its mean over the module (as scoring.py does for channel groups).
+* ``head_dim``, and where the module has them ``attn_dim`` (heads x head size) and ``scale``, are
+  rewritten. The attention scores must not change, but F.scaled_dot_product_attention without a
+  ``scale`` uses 1/sqrt(q.size(-1)), which now reads the smaller size. So q's rows are multiplied
+  by sqrt(new / old) and ``scale`` is set to new ** -0.5, what the module would hold had it been
+  built with the new size: the fused and the explicit (``q * self.scale``) paths then both give
+  the old scores.
+* Each module is checked on the example inputs before it changes: its output with the features
+  removed must equal its output with them zeroed (within float rounding). When the rescaled
+  version fails, the plain one (no rescaling) is tried; a module that fails both (q/k norms over
+  the head, a gate, a forward that does not shape from these attributes) stays whole and is named
+  in a warning.
+
+The removal is recorded as a ``"head_dims"`` step for `tp.load`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..calibration import as_inputs
+from .exclusion import Exclusion
+from .heads import hand_written, head_members, slice_layer
+from .plan import record_step
+from .select import rounded_keep
+
+__all__ = ["shrink_head_dims", "apply_head_dims", "zero_head_dims"]
+
+
+def _captured_inputs(model: nn.Module, names: List[str], example_inputs) -> Dict[str, tuple]:
+    """(args, kwargs) each named module is called with in one eval forward of ``example_inputs``."""
+    captured: Dict[str, tuple] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def record(module, args, kwargs):
+            captured.setdefault(name, (args, kwargs))
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*as_inputs(example_inputs))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _normalized(parts) -> torch.Tensor:
+    return sum(s / s.mean() if s.mean() > 0 else s for s in parts) / len(parts)
+
+
+def _dim_scores(module: nn.Module, p: float):
+    """([heads, head_dim] scores of the q/k positions, [heads, head_dim] of the v positions)."""
+    h, hd = module.num_heads, module.head_dim
+    w = module.qkv.weight.detach().double().abs().pow(p).sum(1).reshape(3, h, hd)
+    proj = module.proj.weight.detach().double().abs().pow(p).sum(0).reshape(h, hd)
+    return _normalized([w[0], w[1]]), _normalized([w[2], proj])
+
+
+def _kept(scores: torch.Tensor, keep: int) -> List[List[int]]:
+    """Per head, the ``keep`` best positions (ties by index), sorted."""
+    order = torch.sort(-scores, dim=1, stable=True).indices[:, :keep]
+    return torch.sort(order, dim=1).values.tolist()
+
+
+def _rows(kept: List[List[int]], hd: int, offset: int = 0) -> torch.Tensor:
+    return torch.tensor([offset + h * hd + j for h, js in enumerate(kept) for j in js], dtype=torch.int64)
+
+
+def apply_head_dims(module: nn.Module, qk: List[List[int]], v: List[List[int]], scale: Optional[float]) -> None:
+    """Keeps positions ``qk`` of every head's q and k and ``v`` of its v (and proj's columns), and
+    rewrites the size attributes; ``scale`` (not None): q's rows are rescaled to the new size and
+    ``module.scale`` becomes ``scale`` (see the module docstring)."""
+    h, hd, new = module.num_heads, module.head_dim, len(qk[0])
+    inner = h * hd
+    rows = torch.cat([_rows(qk, hd), _rows(qk, hd, inner), _rows(v, hd, 2 * inner)])
+    slice_layer(module.qkv, "outputs", rows)
+    slice_layer(module.proj, "inputs", _rows(v, hd))
+    if scale is not None:
+        factor = math.sqrt(new / hd)
+        with torch.no_grad():
+            module.qkv.weight[: h * new] *= factor
+            if module.qkv.bias is not None:
+                module.qkv.bias[: h * new] *= factor
+        module.scale = scale
+    module.head_dim = new
+    if getattr(module, "attn_dim", None) == inner:
+        module.attn_dim = h * new
+
+
+def zero_head_dims(module: nn.Module, qk: List[List[int]], v: List[List[int]]) -> None:
+    """Zeroes every position of q/k and of v that ``qk`` and ``v`` do not keep (the masking
+    counterpart of `apply_head_dims`)."""
+    h, hd = module.num_heads, module.head_dim
+    drop_qk = [[j for j in range(hd) if j not in set(js)] for js in qk]
+    drop_v = [[j for j in range(hd) if j not in set(js)] for js in v]
+    rows = torch.cat([_rows(drop_qk, hd), _rows(drop_qk, hd, h * hd), _rows(drop_v, hd, 2 * h * hd)])
+    with torch.no_grad():
+        module.qkv.weight[rows] = 0
+        if module.qkv.bias is not None:
+            module.qkv.bias[rows] = 0
+        module.proj.weight[:, _rows(drop_v, hd)] = 0
+
+
+def _output(out) -> Optional[torch.Tensor]:
+    return out if isinstance(out, torch.Tensor) else next((t for t in out if isinstance(t, torch.Tensor)), None)
+
+
+def _same(module: nn.Module, qk, v, scale, inputs) -> bool:
+    """Removal (rescaled when ``scale`` is not None) gives the outputs of zeroing on ``inputs``."""
+    try:
+        zeroed, removed = copy.deepcopy(module).eval(), copy.deepcopy(module).eval()
+        zero_head_dims(zeroed, qk, v)
+        apply_head_dims(removed, qk, v, scale)
+        args, kwargs = inputs
+        with torch.no_grad():
+            a, b = _output(zeroed(*args, **kwargs)), _output(removed(*args, **kwargs))
+        bound = 1e-4 * float(a.abs().max()) + 1e-6 if a.is_floating_point() else 0.0
+        return a.shape == b.shape and bool((a - b).abs().max() <= bound)
+    except Exception:  # a forward that cannot run with the new sizes: not this layout
+        return False
+
+
+def shrink_head_dims(model: nn.Module, example_inputs, sparsity: float, p: float, kept: Exclusion = Exclusion(),
+                     round_to: int = 1) -> List[str]:
+    """Shrinks the head size of every hand-written attention module of ``model`` that ``kept`` does
+    not keep (see the module docstring); returns the names of the modules changed."""
+    modules = dict(model.named_modules())
+    found = [n for n, m in modules.items() if hand_written(m) and not kept.keeps(head_members(n, m), modules)]
+    if not found:
+        return []
+    inputs = _captured_inputs(model, found, example_inputs)
+    changed, failed = [], []
+    for name in found:
+        module, hd = modules[name], modules[name].head_dim
+        keep = rounded_keep(int(math.floor((1 - sparsity) * hd + 1e-9)), hd, round_to)
+        if keep >= hd or name not in inputs:
+            continue
+        qk_scores, v_scores = _dim_scores(module, p)
+        qk, v = _kept(qk_scores, keep), _kept(v_scores, keep)
+        scale = next((s for s in (keep ** -0.5, None) if _same(module, qk, v, s, inputs[name])), False)
+        if scale is False:
+            failed.append(name)
+            continue
+        apply_head_dims(module, qk, v, scale)
+        record_step(model, {"kind": "head_dims", "module": name, "qk": qk, "v": v, "scale": scale})
+        changed.append(name)
+    if failed:
+        warnings.warn(f"kept the head size of attention modules {failed}: removing features of their heads does "
+                      "not give the outputs of zeroing them (their forward must shape q, k, v from self.num_heads "
+                      "and self.head_dim, with no norm or gate over the head)", UserWarning, stacklevel=4)
+    return changed
