@@ -69,6 +69,52 @@ class Unrun(ValueError):
         self.modules = modules
 
 
+class _SizeInt(int):
+    """One entry of a traced ``x.shape`` (``B, N, C = x.shape``, ``x.shape[-1]``): it pins its dim
+    when the model uses it (arithmetic, a comparison, a conversion, hashing, a torch call), and not
+    when it is never used, as ``C`` in timm's attention, which shapes q/k/v from its own attributes."""
+
+    def __new__(cls, value: int, pin):
+        entry = super().__new__(cls, value)
+        entry._pin = pin
+        return entry
+
+    def __reduce__(self):  # a copy is a plain int
+        return int, (int.__int__(self),)
+
+
+def _pinning(name: str):
+    plain = getattr(int, name)
+
+    def pinned(self, *args):
+        self._pin()
+        return plain(self, *args)
+
+    pinned.__name__ = name
+    return pinned
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__", "__rfloordiv__",
+              "__truediv__", "__rtruediv__", "__mod__", "__rmod__", "__divmod__", "__rdivmod__", "__pow__", "__rpow__",
+              "__neg__", "__pos__", "__abs__", "__invert__", "__and__", "__rand__", "__or__", "__ror__", "__xor__",
+              "__rxor__", "__lshift__", "__rlshift__", "__rshift__", "__rrshift__", "__eq__", "__ne__", "__lt__",
+              "__le__", "__gt__", "__ge__", "__index__", "__int__", "__float__", "__bool__", "__hash__", "__round__",
+              "__trunc__", "__floor__", "__ceil__"):
+    setattr(_SizeInt, _name, _pinning(_name))
+
+
+def pin_sizes(value) -> None:
+    """Pins every `_SizeInt` in ``value`` (a torch call's arguments: nested tuples, lists, dicts)."""
+    if isinstance(value, _SizeInt):
+        value._pin()
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            pin_sizes(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            pin_sizes(item)
+
+
 class _Size(tuple):
     """``x.shape`` / ``x.size()`` that pins the dims whose entries the model reads (torch.Size
     cannot be subclassed: this is a tuple with its ``numel``; a slice of it is a torch.Size)."""
@@ -87,12 +133,11 @@ class _Size(tuple):
             for d in range(len(self))[index]:
                 self._read(d)
             return torch.Size(super().__getitem__(index))
-        self._read(index)
-        return super().__getitem__(index)
+        d = range(len(self))[index]  # (an IndexError as a tuple gives)
+        return _SizeInt(super().__getitem__(d), lambda: self._read(d))
 
     def __iter__(self):
-        self._read_all()
-        return super().__iter__()
+        return iter([self[d] for d in range(len(self))])
 
     def __eq__(self, other):
         self._read_all()
@@ -120,6 +165,8 @@ class _Mode(TorchFunctionMode):
         recorder = self.recorder
         if recorder.depth or recorder.busy:
             return func(*args, **kwargs)
+        pin_sizes(args)  # a size read from x.shape and handed to torch pins its dim
+        pin_sizes(kwargs)
         if getattr(func, "__name__", None) == "__iter__" and args and isinstance(args[0], torch.Tensor):
             return iter(recorder.call(torch.unbind, (args[0], 0), {}, args[0].unbind(0)))
         return recorder.call(func, args, kwargs, func(*args, **kwargs))
