@@ -184,6 +184,9 @@ if __name__ == "__main__":
             # torchprune.integrations.transformers (PrunerCallback for Trainer, which needs accelerate);
             # install after torch, with --no-build-isolation, so that the local torch satisfies them
             "hf": ["transformers", "accelerate"],
+            # benchmarks/bench_zoo.py's sweep of real architectures, with Torch-Pruning beside it; install with
+            # --no-deps (torchvision pins its own torch; its PyPI wheel is a CUDA build, which the script loads)
+            "zoo": ["torchvision", "timm", "transformers", "torch-pruning"],
         },
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension},

@@ -16,7 +16,8 @@ from typing import List, Optional
 
 #: ``python benchmarks/run.py NAME`` runs ``benchmarks/bench_NAME.py``.
 BENCHMARKS = {"linear": "bench_linear.py", "conv": "bench_conv.py", "models": "bench_models.py",
-              "oneshot": "bench_oneshot.py", "transformer": "bench_transformer.py", "auto": "bench_auto.py"}
+              "oneshot": "bench_oneshot.py", "transformer": "bench_transformer.py", "auto": "bench_auto.py",
+              "zoo": "bench_zoo.py"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -4,7 +4,8 @@ residuals with squeeze-excitation gating, concatenation, flatten -> Linear, nn.M
 hand-written qkv attention, an LSTM, chunk/GLU gates, and a forward with Python control flow that
 torch.fx cannot trace. Sizes are tiny so that tests stay fast.
 
-``ZOO`` maps a name to ``(constructor, example_inputs_maker)``; `build(name)` returns a seeded
+``ZOO`` maps a name to ``(constructor, example_inputs_maker)``, and so does ``CAUSES`` for one small
+model per cause the zoo sweep of real architectures found; `build(name)` (either) returns a seeded
 model in eval mode with non-trivial BatchNorm statistics, and its example inputs.
 """
 
@@ -371,6 +372,178 @@ ZOO = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# One small model per cause that benchmarks/bench_zoo.py's sweep of torchvision / timm / Hugging
+# Face models found (issue 15); tests/test_bench_zoo.py runs the sweep's checks on them in CI.
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass whose forward calls F.batch_norm with its own
+    parameters and buffers, then an activation."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return F.silu(x)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's LayerNorm2d: F.layer_norm over the channels of an NCHW tensor, permuted."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, LayerNorm over channels-last, Linear expansion, layer scale, residual."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1, self.pwconv2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        h = self.gamma * self.pwconv2(F.gelu(self.pwconv1(h)))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class TimmNorms(nn.Module):
+    """Layers that call the functional op with their own parameters (timm's BatchNormAct2d,
+    ConvNeXt's LayerNorm2d) and a ConvNeXt block with layer scale."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), BatchNormAct(16),
+                                  nn.Conv2d(16, 16, 3, padding=1, bias=False), BatchNormAct(16))
+        self.down = nn.Sequential(LayerNorm2d(16), nn.Conv2d(16, 24, 2, 2))
+        self.block = ConvNeXtBlock(24)
+        self.fc = nn.Linear(24, classes)
+
+    def forward(self, x):
+        return self.fc(self.block(self.down(self.stem(x))).mean((2, 3)))
+
+
+class GroupedBlock(nn.Module):
+    """ResNeXt/RegNet: 1x1, grouped 3x3 with GroupNorm, 1x1, residual."""
+
+    def __init__(self, dim=16, width=16, groups=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(dim, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
+        self.gn = nn.GroupNorm(groups, width)
+        self.conv3, self.bn3 = nn.Conv2d(width, dim, 1, bias=False), nn.BatchNorm2d(dim)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.gn(self.conv2(h)))
+        return F.relu(x + self.bn3(self.conv3(h)))
+
+
+class GroupedNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(GroupedBlock(), GroupedBlock())
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class AuxNet(nn.Module):
+    """GoogLeNet / Inception v3: an auxiliary classifier that runs only in training."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.aux = nn.Sequential(nn.Conv2d(12, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(8, classes))
+        self.body = nn.Sequential(nn.Conv2d(12, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        out = self.fc(self.body(h).mean((2, 3)))
+        return (out, self.aux(h)) if self.training else out
+
+
+class RelativeBiasAttention(nn.Module):
+    """Swin / BEiT: a relative-position bias table read through an integer index buffer."""
+
+    def __init__(self, dim=16, heads=4, tokens=16):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads) * 0.1)
+        position = torch.arange(tokens)
+        self.register_buffer("index", (position[:, None] - position[None, :] + tokens - 1).flatten())
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].reshape(n, n, -1).permute(2, 0, 1)
+        attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5 + bias
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class SwinLike(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, 4)
+        self.norm1, self.attn = nn.LayerNorm(16), RelativeBiasAttention()
+        self.norm2, self.mlp = nn.LayerNorm(16), MLPBlock(16, 32)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+class VersionedBatchNorm(nn.BatchNorm2d):
+    """torchvision MNASNet's check: loading needs the state_dict's ``version`` metadata."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version", None) not in (1, 2):
+            raise ValueError("version should be set to 1 or 2")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+class Resampling(nn.Module):
+    """F.pad, F.interpolate, F.normalize and addcmul over pruned channels, and a BatchNorm whose
+    loading checks its version metadata."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 12, 3, padding=1), VersionedBatchNorm(12)
+        self.conv2 = nn.Conv2d(12, 12, 3)
+        self.scale = nn.Parameter(torch.rand(1, 12, 1, 1) + 0.5)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.conv2(F.pad(h, (1, 1, 1, 1)))
+        h = F.interpolate(h, scale_factor=2, mode="nearest")
+        h = torch.addcmul(h, h, self.scale, value=0.5)
+        return self.fc(F.normalize(h.mean((2, 3)), dim=1))
+
+
+CAUSES = {
+    "timm_norms": (TimmNorms, _image),
+    "grouped": (GroupedNet, _image),
+    "aux_branch": (AuxNet, _image),
+    "relative_bias": (SwinLike, _image),
+    "resampling": (Resampling, _image),
+}
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> None:
     """Gives every norm layer non-trivial affine weights and running statistics, so that a test
     cannot pass because gamma = 1, beta = 0, mean = 0, var = 1."""
@@ -388,7 +561,7 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> None:
 
 def build(name: str, seed: int = 0, batch: int = 2):
     """A seeded model of the zoo in eval mode, and example inputs for it."""
-    make, inputs = ZOO[name]
+    make, inputs = ZOO[name] if name in ZOO else CAUSES[name]
     torch.manual_seed(seed)
     model = make()
     randomize_norms(model, seed)
