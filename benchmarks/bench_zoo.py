@@ -3,7 +3,7 @@ working, reloadable model that computes what zeroing the same channels computes,
 remove next to Torch-Pruning?
 
 Every model is built with random weights (seed 0) and goes through, in its own subprocess with a time
-limit (a crash or a hang costs one row, not the sweep):
+limit for each library (a crash or a hang costs that cell, not the sweep):
 
 1. ``tp.prune(model, RATIO, granularity="channel", importance="l2", example_inputs=x)`` at batch 2,
    timed (tracing included);
@@ -371,43 +371,57 @@ def failure(error: BaseException) -> dict:
     return {"error": f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"}
 
 
-def check_model(suite: str, name: str, ratio: float, theirs: bool = True) -> dict:
-    """One row of the sweep: ours, and Torch-Pruning's when it is importable and ``theirs``."""
+def check_part(suite: str, name: str, ratio: float, part: str = "ours") -> dict:
+    """One side of a row: ``part`` "ours" (steps 1-6) or "theirs" (step 7); a failing step ends it
+    with its error."""
     build = builder(suite, name)
-    granularity = name.split("/")[1] if "/" in name else "channel"
-    row = {"suite": suite, "model": name, "ours": {}}
+    result = {}
     try:
-        prune_ours(build, ratio, granularity, row["ours"])
+        if part == "ours":
+            prune_ours(build, ratio, name.split("/")[1] if "/" in name else "channel", result)
+        else:
+            prune_theirs(build, ratio, result)
     except Exception as error:  # a row records what broke; the sweep goes on
-        row["ours"].update(failure(error))
-    if theirs and torch_pruning() is not None and granularity == "channel":
-        row["theirs"] = {}
-        try:
-            prune_theirs(build, ratio, row["theirs"])
-        except Exception as error:
-            row["theirs"].update(failure(error))
+        result.update(failure(error))
+    return result
+
+
+def check_model(suite: str, name: str, ratio: float, theirs: bool = True) -> dict:
+    """One row of the sweep in this process: ours, and Torch-Pruning's when it is importable, ``theirs``
+    is true and the row is a channel one."""
+    row = {"suite": suite, "model": name, "ours": check_part(suite, name, ratio, "ours")}
+    if theirs and torch_pruning() is not None and "/" not in name:
+        row["theirs"] = check_part(suite, name, ratio, "theirs")
     return row
 
 
 # ---------------------------------------------------------------------------------------------
-# the sweep: one subprocess per model
+# the sweep: one subprocess per model and library
 
 
-def run_isolated(suite: str, name: str, ratio: float, timeout: float, theirs: bool) -> dict:
-    """check_model in a fresh interpreter, killed after ``timeout`` seconds."""
+def run_isolated(suite: str, name: str, ratio: float, timeout: float, part: str = "ours") -> dict:
+    """check_part in a fresh interpreter, killed after ``timeout`` seconds (a hang or a crash is
+    that part's error)."""
     with tempfile.TemporaryDirectory() as folder:
-        result = os.path.join(folder, "row.json")
-        command = [sys.executable, os.path.abspath(__file__), "--one", suite, name, "--ratio", str(ratio),
-                   "--row", result, "--threads", str(torch.get_num_threads())] + ([] if theirs else ["--no-theirs"])
+        result = os.path.join(folder, "part.json")
+        command = [sys.executable, os.path.abspath(__file__), "--one", suite, name, "--part", part,
+                   "--ratio", str(ratio), "--row", result, "--threads", str(torch.get_num_threads())]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"suite": suite, "model": name, "ours": {"error": f"timeout after {timeout:.0f} s"}}
+            return {"error": f"timeout after {timeout:.0f} s"}
         if done.returncode != 0 or not os.path.exists(result):
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            return {"suite": suite, "model": name, "ours": {"error": f"exit {done.returncode}: {tail[:200]}"}}
+            return {"error": f"exit {done.returncode}: {tail[:200]}"}
         with open(result) as f:
             return json.load(f)
+
+
+def sweep_row(suite: str, name: str, ratio: float, timeout: float, theirs: bool) -> dict:
+    row = {"suite": suite, "model": name, "ours": run_isolated(suite, name, ratio, timeout, "ours")}
+    if theirs and torch_pruning() is not None and "/" not in name:
+        row["theirs"] = run_isolated(suite, name, ratio, timeout, "theirs")
+    return row
 
 
 def works(part: dict) -> bool:
@@ -468,7 +482,7 @@ def sweep(args) -> None:
             names = [n for n in names if n in args.models.split(",")]
         for name in names:
             start = time.perf_counter()
-            row = run_isolated(suite, name, args.ratio, args.timeout, not args.no_theirs)
+            row = sweep_row(suite, name, args.ratio, args.timeout, not args.no_theirs)
             rows.append(row)
             ours = row["ours"]
             theirs = row.get("theirs", {}).get("params_left", float("nan"))
@@ -528,15 +542,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--one", nargs=2, metavar=("SUITE", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--part", default="ours", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.suites = "test"
     if args.one:
         warnings.simplefilter("ignore", FutureWarning)
-        row = check_model(*args.one, args.ratio, theirs=not args.no_theirs)
         with open(args.row, "w") as f:
-            json.dump(row, f)
+            json.dump(check_part(*args.one, args.ratio, args.part), f)
         return
     print(describe(machine_info()), flush=True)
     if args.prune_time:

@@ -33,10 +33,10 @@ def test_every_zoo_model_passes_the_sweep(bench, name):
 
 
 def test_a_model_runs_in_its_own_process_and_a_bad_name_is_a_row(bench):
-    good = bench.run_isolated("test", "mlp", 0.5, timeout=120, theirs=False)
-    assert bench.works(good["ours"]) and good["ours"]["exact"]
-    bad = bench.run_isolated("test", "no_such_model", 0.5, timeout=120, theirs=False)
-    assert "KeyError" in bad["ours"]["error"] and not bench.works(bad["ours"])
+    good = bench.run_isolated("test", "mlp", 0.5, timeout=120)
+    assert bench.works(good) and good["exact"]
+    bad = bench.run_isolated("test", "no_such_model", 0.5, timeout=120)
+    assert "KeyError" in bad["error"] and not bench.works(bad)
 
 
 def test_the_summary_counts_the_targets(bench):
