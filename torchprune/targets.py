@@ -171,9 +171,9 @@ def check_target(target, schedule: Schedule, n_m: Optional[NM]) -> float:
 
 
 def excluded_ids(model: nn.Module, exclude, argument: str = "exclude") -> Set[int]:
-    """Ids of the modules ``exclude`` names (names, modules or module types); a name or module
-    stands for its whole subtree. ``argument`` names the argument in errors (``freeze`` takes the
-    same forms)."""
+    """Ids of the modules ``exclude`` names (names, modules or module types); each stands for its
+    whole subtree (a type: every instance's, so ``exclude=[Attention]`` covers its projections).
+    ``argument`` names the argument in errors (``freeze`` takes the same forms)."""
     items = _module_items(exclude, argument)
     named = dict(model.named_modules(remove_duplicate=False))  # a module may have several names
     members = {id(m) for m in named.values()}
@@ -188,7 +188,8 @@ def excluded_ids(model: nn.Module, exclude, argument: str = "exclude") -> Set[in
                 raise ValueError(f"`{argument}` holds a {type(item).__name__} that is not part of the model")
             excluded.update(id(m) for m in item.modules())
         elif isinstance(item, type) and issubclass(item, nn.Module):
-            excluded.update(id(m) for m in named.values() if issubclass(base_type(m), item) or isinstance(m, item))
+            excluded.update(id(sub) for m in named.values() if issubclass(base_type(m), item) or isinstance(m, item)
+                            for sub in m.modules())
         else:
             raise TypeError(f"`{argument}` items must be module names, modules or nn.Module types, got {item!r}")
     return excluded

@@ -94,15 +94,16 @@ def warn_unprunable(graph: DependencyGraph, kept: Exclusion = Exclusion(), stack
     view with a fixed size for a pruned dim at ...". Groups that ``exclude`` or ``freeze`` keep
     anyway are not named (the user asked for them), nor are channels that reach the model output
     (the output width is the model's interface), nor the attention modules in ``handled`` (and
-    their layers), whose head size shrank instead."""
+    their ``qkv`` and ``proj``), whose head size shrank instead."""
     modules = graph.modules
     unprunable: Dict[str, List[str]] = {}
-    inside = tuple(f"{name}." for name in handled)
+    shrunk = {f"{prefix}{part}" for name in handled for prefix in ((f"{name}." if name else ""),)
+              for part in ("qkv", "proj")} | set(handled)
     for group in graph.groups:
         if group.prunable or kept.keeps(group.indices, modules):
             continue
         for name in group.modules:
-            if name in handled or name.startswith(inside):
+            if name in shrunk:
                 continue
             reasons = unprunable.setdefault(name, [])
             reasons += [r for r in group.reasons if r not in reasons and r not in _EXPECTED]

@@ -284,6 +284,8 @@ def remove_heads(model: nn.Module, name: str, keep: List[int]) -> None:
         module.qkv.bias = nn.Parameter(out[2], requires_grad=module.qkv.bias.requires_grad)
     module.qkv.out_features, module.proj.in_features = out[0].shape[0], out[1].shape[1]
     module.num_heads = len(keep)
+    if getattr(module, "attn_dim", None) == inner:  # newer timm joins the heads with it
+        module.attn_dim = len(keep) * hd
 
 
 def zero_heads(model: nn.Module, name: str, drop: List[int]) -> None:

@@ -71,8 +71,11 @@ class Unrun(ValueError):
 
 class _SizeInt(int):
     """One entry of a traced ``x.shape`` (``B, N, C = x.shape``, ``x.shape[-1]``): it pins its dim
-    when the model uses it (arithmetic, a comparison, a conversion, hashing, a torch call), and not
-    when it is never used, as ``C`` in timm's attention, which shapes q/k/v from its own attributes."""
+    when the model uses it (arithmetic, a comparison, a conversion, formatting, hashing, a torch
+    call), and not when it is never used, as ``C`` in timm's attention, which shapes q/k/v from its
+    own attributes. CPython reads an int subclass's value directly in ``range(C)``, ``items[C]``,
+    ``operator.index(C)`` and ``math.isqrt(C)``: those uses do not pin (docs/guide/structured.md,
+    Limits)."""
 
     def __new__(cls, value: int, pin):
         entry = super().__new__(cls, value)
@@ -99,8 +102,10 @@ for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__
               "__neg__", "__pos__", "__abs__", "__invert__", "__and__", "__rand__", "__or__", "__ror__", "__xor__",
               "__rxor__", "__lshift__", "__rlshift__", "__rshift__", "__rrshift__", "__eq__", "__ne__", "__lt__",
               "__le__", "__gt__", "__ge__", "__index__", "__int__", "__float__", "__bool__", "__hash__", "__round__",
-              "__trunc__", "__floor__", "__ceil__"):
-    setattr(_SizeInt, _name, _pinning(_name))
+              "__trunc__", "__floor__", "__ceil__", "__str__", "__repr__", "__format__", "bit_length", "bit_count",
+              "to_bytes", "as_integer_ratio", "conjugate", "is_integer"):
+    if hasattr(int, _name):  # (is_integer: Python 3.12+)
+        setattr(_SizeInt, _name, _pinning(_name))
 
 
 def pin_sizes(value) -> None:
