@@ -26,6 +26,7 @@ models), ``hf`` (seven small transformers built from configs: channel and head g
 libraries; CI runs it through tests/test_bench_zoo.py).
 
     python benchmarks/bench_zoo.py [--suites torchvision,timm,hf,test] [--models resnet18,vit_b_16] [--quick]
+                                   [--jobs 2 --threads 1]
     python benchmarks/bench_zoo.py --prune-time resnet50,vit_small_patch16_224 --repeats 5
 
 Prints a table and writes results/bench_zoo.json (--prune-time: results/bench_zoo_prune_time.json).
@@ -39,6 +40,7 @@ packages with ``--no-deps`` so that pip keeps the local torch.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import json
 import os
@@ -475,20 +477,21 @@ def table(rows) -> str:
 
 
 def sweep(args) -> None:
-    rows = []
-    for suite in args.suites.split(","):
-        names = names_of(suite)
-        if args.models:
-            names = [n for n in names if n in args.models.split(",")]
-        for name in names:
-            start = time.perf_counter()
-            row = sweep_row(suite, name, args.ratio, args.timeout, not args.no_theirs)
-            rows.append(row)
-            ours = row["ours"]
-            theirs = row.get("theirs", {}).get("params_left", float("nan"))
-            print(f"{suite:12s} {name:32s} {'ok ' if works(ours) else 'BAD'} params left "
-                  f"{ours.get('params_left', float('nan')):.3f}  TP {theirs:.3f}"
-                  f"  ({time.perf_counter() - start:.0f} s) {ours.get('error', '')}", flush=True)
+    """Every model of ``args.suites`` (or ``args.models``), ``args.jobs`` subprocesses at a time."""
+    cases = [(suite, name) for suite in args.suites.split(",") for name in names_of(suite)
+             if not args.models or name in args.models.split(",")]
+
+    def one(case):
+        start = time.perf_counter()
+        row = sweep_row(*case, args.ratio, args.timeout, not args.no_theirs)
+        ours, theirs = row["ours"], row.get("theirs", {}).get("params_left", float("nan"))
+        print(f"{case[0]:12s} {case[1]:32s} {'ok ' if works(ours) else 'BAD'} params left "
+              f"{ours.get('params_left', float('nan')):.3f}  TP {theirs:.3f}"
+              f"  ({time.perf_counter() - start:.0f} s) {ours.get('error', '')}", flush=True)
+        return row
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(one, cases))  # (in the order of the cases)
     summary = summarize(rows)
     print(table(rows))
     print(json.dumps(summary, indent=1))
@@ -538,6 +541,9 @@ def main(argv=None) -> None:
     parser.add_argument("--prune-time", default=None, help="SUITE:NAME,...: only time the pruning calls")
     parser.add_argument("--repeats", type=int, default=5, help="repeats for --prune-time (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per model (default 2)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="models at a time (default 1; tracing is mostly one Python thread: "
+                             "--jobs 2 --threads 1 on 2 cores)")
     parser.add_argument("--quick", action="store_true", help="the test suite only (needs none of the libraries)")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--one", nargs=2, metavar=("SUITE", "NAME"), help=argparse.SUPPRESS)
