@@ -1,4 +1,4 @@
-"""F.pad, F.interpolate, F.normalize and addcmul in channel pruning (issue 15): ops that leave the
+"""F.pad, F.interpolate (and nn.Upsample), F.normalize and addcmul in channel pruning (issue 15): ops that leave the
 channel dim alone pass its channels on (they used to freeze them: "has no pruning rule")."""
 
 import copy
@@ -27,6 +27,7 @@ class Net(nn.Module):
         self.kind = kind
         self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
         self.out = nn.Conv2d(8, 2, 3)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest") if kind == "upsample" else None
 
     def forward(self, x):
         y = torch.relu(self.a(x))
@@ -36,6 +37,8 @@ class Net(nn.Module):
             y = F.pad(y, (1, 1, 1, 1), value=0.5)
         elif self.kind == "interpolate":
             y = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
+        elif self.kind == "upsample":
+            y = self.up(y)
         elif self.kind == "normalize":
             y = F.normalize(y, dim=1)
         elif self.kind == "addcmul":
@@ -45,7 +48,7 @@ class Net(nn.Module):
         return self.out(y).mean((2, 3))
 
 
-KINDS = ["pad", "pad-constant", "interpolate", "normalize", "addcmul", "addcdiv-method"]
+KINDS = ["pad", "pad-constant", "interpolate", "upsample", "normalize", "addcmul", "addcdiv-method"]
 
 
 def image():

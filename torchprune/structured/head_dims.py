@@ -22,8 +22,9 @@ outputs and proj inputs whole ("reshape with a fixed size for a pruned dim"). Wi
 * Each module is checked on the example inputs before it changes: its output with the features
   removed must equal its output with them zeroed, within a bound on float rounding (4 x the terms
   summed x unit roundoff x the largest output). The rescaled version is tried first, then the
-  plain one (no rescaling: a forward with its own constant scale); a module that fails both (q/k norms over the head, a gate, a forward that does not shape from these
-  attributes) stays whole and is named in a warning.
+  plain one (no rescaling: a forward with its own constant scale); a module that fails both (q/k
+  norms over the head, a gate, a forward that does not shape from these attributes) stays whole
+  and is named in a warning.
 
 The removal is recorded as a ``"head_dims"`` step for `tp.load`.
 """

@@ -147,6 +147,8 @@ def _module_rule(tracer, name: str, module: nn.Module, args, values, out) -> Any
         return pool(tracer, label, x, out, name)
     if isinstance(module, nn.Flatten):
         return compress(torch.flatten(full(label, x), module.start_dim, module.end_dim))
+    if isinstance(module, nn.Upsample):  # F.interpolate as a module (and UpsamplingNearest2d, ...)
+        return spatial(tracer, label, x, range(2, x.dim()), out, "upsampling", name)
     # torch's own layers without a rule here, or a submodule traced as one opaque call
     return layer_types.freeze_layer(tracer, name, module, args, out)
 
