@@ -7,7 +7,9 @@
 * exclusion.py: what ``exclude`` and ``freeze`` keep (channel groups, heads, blocks);
 * plan.py: the removal plan (its format, recorded on the model) and slicing every member through
   the C++ ``compact`` op (torchprune/ops/compact.py);
-* heads.py (with torchprune/nn/attention.py): attention heads; blocks.py: residual blocks; replay.py: `tp.load`;
+* heads.py (with torchprune/nn/attention.py): attention heads, and `register_attention` for a
+  hand-written attention class named otherwise than timm's; head_dims.py: its head size in channel
+  pruning; blocks.py and stacks.py: residual blocks and transformer layers; replay.py: `tp.load`;
 * granularity.py: `prune_structural`, the structural branch of `tp.prune`.
 
 `tp.prune(model, sparsity, granularity="channel" | "head" | "layer", example_inputs=...)` is the
@@ -18,5 +20,7 @@ from ..nn.attention import PrunedMultiheadAttention
 from .channels import prune_channels
 from .granularity import prune_structural
 from .graph import DependencyGraph, Group
+from .heads import AttentionNames, register_attention
 
-__all__ = ["DependencyGraph", "Group", "PrunedMultiheadAttention", "prune_channels", "prune_structural"]
+__all__ = ["AttentionNames", "DependencyGraph", "Group", "PrunedMultiheadAttention", "prune_channels",
+           "prune_structural", "register_attention"]

@@ -31,6 +31,7 @@ from ..targets import check_data_args, check_scope
 from .exclusion import Exclusion
 from .graph import DependencyGraph
 from .head_dims import shrink_head_dims
+from .heads import projection_names
 from .hf_config import sync_config
 from .plan import apply_plan, channel_step, plan_from_removed, record_step
 from .scoring import group_scores
@@ -97,8 +98,8 @@ def warn_unprunable(graph: DependencyGraph, kept: Exclusion = Exclusion(), stack
     their ``qkv`` and ``proj``), whose head size shrank instead."""
     modules = graph.modules
     unprunable: Dict[str, List[str]] = {}
-    shrunk = {f"{prefix}{part}" for name in handled for prefix in ((f"{name}." if name else ""),)
-              for part in ("qkv", "proj")} | set(handled)
+    shrunk = set(handled) | {f"{name}.{part}" if name else part for name in handled
+                             for part in projection_names(modules[name])}
     for group in graph.groups:
         if group.prunable or kept.keeps(group.indices, modules):
             continue

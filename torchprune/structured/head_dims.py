@@ -1,7 +1,8 @@
 """Channel pruning inside hand-written attention: fewer features per head (a smaller ``head_dim``).
 
 A timm-style attention module (heads.py's `hand_written` layout: a fused ``qkv`` Linear, a
-``proj`` Linear, int ``num_heads`` and ``head_dim``) shapes q, k and v with a fixed head size,
+``proj`` Linear, int ``num_heads`` and ``head_dim``, or the names `register_attention` declared
+for its class) shapes q, k and v with a fixed head size,
 ``qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)``, so the channel tracer must keep its qkv
 outputs and proj inputs whole ("reshape with a fixed size for a pruned dim"). With
 ``granularity="channel"`` this step shrinks the head size instead, after the traced channels go:
@@ -41,7 +42,15 @@ from torch import nn
 
 from ..calibration import as_inputs
 from .exclusion import Exclusion
-from .heads import hand_written, head_members, slice_layer
+from .heads import (
+    attention_names,
+    hand_written,
+    head_members,
+    heads_and_size,
+    qkv_and_proj,
+    set_heads_and_size,
+    slice_layer,
+)
 from .plan import record_step
 from .select import rounded_keep
 
@@ -77,9 +86,9 @@ def _normalized(parts) -> torch.Tensor:
 
 def _dim_scores(module: nn.Module, p: float):
     """([heads, head_dim] scores of the q/k positions, [heads, head_dim] of the v positions)."""
-    h, hd = module.num_heads, module.head_dim
-    w = module.qkv.weight.detach().double().abs().pow(p).sum(1).reshape(3, h, hd)
-    proj = module.proj.weight.detach().double().abs().pow(p).sum(0).reshape(h, hd)
+    (h, hd), (qkv, proj) = heads_and_size(module), qkv_and_proj(module)
+    w = qkv.weight.detach().double().abs().pow(p).sum(1).reshape(3, h, hd)
+    proj = proj.weight.detach().double().abs().pow(p).sum(0).reshape(h, hd)
     return _normalized([w[0], w[1]]), _normalized([w[2], proj])
 
 
@@ -96,36 +105,35 @@ def _rows(kept: List[List[int]], hd: int, offset: int = 0) -> torch.Tensor:
 def apply_head_dims(module: nn.Module, qk: List[List[int]], v: List[List[int]], scale: Optional[float]) -> None:
     """Keeps positions ``qk`` of every head's q and k and ``v`` of its v (and proj's columns), and
     rewrites the size attributes; ``scale`` (not None): q's rows are rescaled to the new size and
-    ``module.scale`` becomes ``scale`` (see the module docstring)."""
-    h, hd, new = module.num_heads, module.head_dim, len(qk[0])
+    the module's scale attribute, if it has one, becomes ``scale`` (see the module docstring)."""
+    (h, hd), (qkv, proj), new = heads_and_size(module), qkv_and_proj(module), len(qk[0])
     inner = h * hd
     rows = torch.cat([_rows(qk, hd), _rows(qk, hd, inner), _rows(v, hd, 2 * inner)])
-    slice_layer(module.qkv, "outputs", rows)
-    slice_layer(module.proj, "inputs", _rows(v, hd))
+    slice_layer(qkv, "outputs", rows)
+    slice_layer(proj, "inputs", _rows(v, hd))
     if scale is not None:
         factor = math.sqrt(new / hd)
         with torch.no_grad():
-            module.qkv.weight[: h * new] *= factor
-            if module.qkv.bias is not None:
-                module.qkv.bias[: h * new] *= factor
-        module.scale = scale
-    module.head_dim = new
-    if getattr(module, "attn_dim", None) == inner:
-        module.attn_dim = h * new
+            qkv.weight[: h * new] *= factor
+            if qkv.bias is not None:
+                qkv.bias[: h * new] *= factor
+        if hasattr(module, attention_names(module).scale):  # (a module with no scale attribute gets none)
+            setattr(module, attention_names(module).scale, scale)
+    set_heads_and_size(module, h, new)
 
 
 def zero_head_dims(module: nn.Module, qk: List[List[int]], v: List[List[int]]) -> None:
     """Zeroes every position of q/k and of v that ``qk`` and ``v`` do not keep (the masking
     counterpart of `apply_head_dims`)."""
-    h, hd = module.num_heads, module.head_dim
+    (h, hd), (qkv, proj) = heads_and_size(module), qkv_and_proj(module)
     drop_qk = [[j for j in range(hd) if j not in set(js)] for js in qk]
     drop_v = [[j for j in range(hd) if j not in set(js)] for js in v]
     rows = torch.cat([_rows(drop_qk, hd), _rows(drop_qk, hd, h * hd), _rows(drop_v, hd, 2 * h * hd)])
     with torch.no_grad():
-        module.qkv.weight[rows] = 0
-        if module.qkv.bias is not None:
-            module.qkv.bias[rows] = 0
-        module.proj.weight[:, _rows(drop_v, hd)] = 0
+        qkv.weight[rows] = 0
+        if qkv.bias is not None:
+            qkv.bias[rows] = 0
+        proj.weight[:, _rows(drop_v, hd)] = 0
 
 
 def _output(out) -> Optional[torch.Tensor]:
@@ -146,7 +154,8 @@ def _difference(module: nn.Module, qk, v, scale, inputs) -> float:
             return math.inf
         # summation error: the qkv and proj sums and the sums over tokens, 4 x n x unit roundoff of
         # the largest output (softmax and exp add a few roundings more)
-        terms = module.qkv.in_features + module.proj.in_features + (a.shape[-2] if a.dim() > 1 else 1)
+        qkv, proj = qkv_and_proj(module)
+        terms = qkv.in_features + proj.in_features + (a.shape[-2] if a.dim() > 1 else 1)
         bound = 4 * terms * torch.finfo(a.dtype).eps * float(a.abs().max()) + torch.finfo(a.dtype).tiny
         return float((a - b).abs().max()) / bound
     except Exception:  # a forward that cannot run with the new sizes: not this layout
@@ -170,7 +179,7 @@ def shrink_head_dims(model: nn.Module, example_inputs, sparsity: float, p: float
     inputs = _captured_inputs(model, found, example_inputs)
     changed, failed = [], []
     for name in found:
-        module, hd = modules[name], modules[name].head_dim
+        module, hd = modules[name], heads_and_size(modules[name])[1]
         keep = rounded_keep(int(math.floor((1 - sparsity) * hd + 1e-9)), hd, round_to)
         if keep >= hd or name not in inputs:
             continue

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -58,7 +59,9 @@ from .plan import record_step
 from .select import select
 from .tracing.recorder import Member
 
-__all__ = ["attention_modules", "hand_written", "head_members", "prune_heads", "remove_heads", "slice_layer",
+__all__ = ["AttentionNames", "attention_modules", "attention_names", "hand_written", "head_members", "heads_and_size",
+           "projection_names", "prune_heads", "qkv_and_proj", "register_attention", "remove_heads",
+           "set_heads_and_size", "slice_layer",
            "units"]
 
 
@@ -69,13 +72,96 @@ def _packed(module) -> bool:
             and not module.add_zero_attn)
 
 
+@dataclass(frozen=True)
+class AttentionNames:
+    """How a hand-written attention class names its parts: the fused q/k/v Linear, the output
+    Linear, the int head count and head size, the int attributes that hold heads x head size
+    (rewritten when either changes) and the float softmax scale (rewritten with the head size).
+    timm's names are the default."""
+
+    qkv: str = "qkv"
+    proj: str = "proj"
+    num_heads: str = "num_heads"
+    head_dim: str = "head_dim"
+    widths: Tuple[str, ...] = ("attn_dim",)
+    scale: str = "scale"
+
+
+_TIMM = AttentionNames()
+_DECLARED: Dict[type, AttentionNames] = {}
+
+
+def register_attention(cls: type, *, qkv: str = "qkv", proj: str = "proj", num_heads: str = "num_heads",
+                       head_dim: str = "head_dim", widths: Sequence[str] = ("attn_dim",),
+                       scale: str = "scale") -> AttentionNames:
+    """Declares a hand-written attention class whose parts are named otherwise than timm's, so that
+    granularity "head" removes its heads and "channel" shrinks its head size (head_dims.py), with
+    its attributes rewritten. Its forward must shape q, k, v from these attributes; every module is
+    still checked against zeroing on the example inputs before it changes. Returns the names.
+
+    >>> register_attention(MyAttention, qkv="to_qkv", proj="to_out", num_heads="heads", head_dim="dim_head",
+    ...                    widths=("inner_dim",))
+    >>> tp.prune(model, 0.5, granularity="head", example_inputs=x)
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"`cls` must be a subclass of torch.nn.Module, got {cls!r}")
+    fields = {"qkv": qkv, "proj": proj, "num_heads": num_heads, "head_dim": head_dim, "scale": scale}
+    for argument, value in fields.items():
+        if not isinstance(value, str) or not value.isidentifier():
+            raise TypeError(f"`{argument}` must be an attribute name (a str), got {value!r}")
+    if isinstance(widths, str) or any(not isinstance(w, str) or not w.isidentifier() for w in widths):
+        raise TypeError(f"`widths` must be a sequence of attribute names, got {widths!r}")
+    names = AttentionNames(widths=tuple(widths), **fields)
+    _DECLARED[cls] = names
+    return names
+
+
+def attention_names(module: nn.Module) -> AttentionNames:
+    """The names `register_attention` declared for ``module``'s class (or a base class), else timm's."""
+    return next((_DECLARED[k] for k in type(module).__mro__ if k in _DECLARED), _TIMM)
+
+
 def hand_written(module) -> bool:
-    """timm's attention layout: int ``num_heads`` and ``head_dim``, a fused ``qkv`` Linear making
-    [q | k | v] and a ``proj`` Linear reading the heads."""
-    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-    h, hd = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    """A hand-written attention layout (timm's names, or those `register_attention` declared): an int
+    head count and head size, a fused q/k/v Linear making [q | k | v] and an output Linear reading
+    the heads."""
+    a = attention_names(module)
+    qkv, proj = getattr(module, a.qkv, None), getattr(module, a.proj, None)
+    h, hd = getattr(module, a.num_heads, None), getattr(module, a.head_dim, None)
     return (isinstance(h, int) and isinstance(hd, int) and isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
             and qkv.out_features == 3 * h * hd and proj.in_features == h * hd)
+
+
+def heads_and_size(module) -> Tuple[int, int]:
+    """(head count, head size) of a packed or hand-written attention module."""
+    if _packed(module):
+        return module.num_heads, module.head_dim
+    a = attention_names(module)
+    return getattr(module, a.num_heads), getattr(module, a.head_dim)
+
+
+def set_heads_and_size(module, heads: int, size: int) -> None:
+    """Rewrites a hand-written module's head count, head size and the attributes that hold their
+    product (those equal to the old product)."""
+    a = attention_names(module)
+    old = getattr(module, a.num_heads) * getattr(module, a.head_dim)
+    setattr(module, a.num_heads, heads)
+    setattr(module, a.head_dim, size)
+    for width in a.widths:
+        if getattr(module, width, None) == old:
+            setattr(module, width, heads * size)
+
+
+def projection_names(module) -> Tuple[str, str]:
+    """The attribute names of a hand-written module's q/k/v and output Linears."""
+    a = attention_names(module)
+    return a.qkv, a.proj
+
+
+def qkv_and_proj(module) -> Tuple[nn.Linear, nn.Linear]:
+    """(fused q/k/v Linear, output Linear) of a hand-written attention module."""
+    a = attention_names(module)
+    return getattr(module, a.qkv), getattr(module, a.proj)
 
 
 def _linears(module, names) -> List[nn.Module]:
@@ -205,7 +291,7 @@ def _remove_transformers_heads(module, keep_t: torch.Tensor) -> None:
 def units(module) -> int:
     """The heads (key/value heads with their query groups, for grouped-query attention) of an
     attention module ``attention_modules`` found."""
-    return _split_layout(module)[2] if _transformers_layout(module) else module.num_heads
+    return _split_layout(module)[2] if _transformers_layout(module) else heads_and_size(module)[0]
 
 
 def attention_modules(model: nn.Module) -> Dict[str, nn.Module]:
@@ -225,17 +311,18 @@ def head_members(name: str, module: nn.Module) -> List[Member]:
         makers = {id(t): t for t, _, _ in projections}.values()
         return ([(prefix + names[id(t)], "weight", int(_is_conv1d(t))) for t in makers]
                 + [(prefix + names[id(out)], "weight", int(not _is_conv1d(out)))])
-    return [(prefix + "qkv", "weight", 0), (prefix + "proj", "weight", 1)]
+    a = attention_names(module)
+    return [(prefix + a.qkv, "weight", 0), (prefix + a.proj, "weight", 1)]
 
 
 def _slices(module):
     """(q, k, v row blocks, output projection) of the per-head members, and v's features per head."""
-    h, hd = module.num_heads, module.head_dim
-    vhd = getattr(module, "v_head_dim", hd)
+    h, hd = heads_and_size(module)
+    vhd = getattr(module, "v_head_dim", hd) if _packed(module) else hd
     if _packed(module):
         w, out = module.in_proj_weight.detach(), module.out_proj.weight.detach()
     else:
-        w, out = module.qkv.weight.detach(), module.proj.weight.detach()
+        w, out = (t.weight.detach() for t in qkv_and_proj(module))
     return (w[: h * hd], w[h * hd : 2 * h * hd], w[2 * h * hd :]), out, vhd
 
 
@@ -247,7 +334,7 @@ def _head_scores(module, criterion) -> torch.Tensor:
                  for t, first, r in projections]
         parts.append(_as_rows(out).double().abs().pow(p).reshape(_outputs(out), n, c).sum((0, 2)))
         return sum(s / s.mean() if s.mean() > 0 else s for s in parts) / len(parts)
-    h = module.num_heads
+    h = heads_and_size(module)[0]
     (q, k, v), out, vhd = _slices(module)
     p = float(getattr(criterion, "p", 1))
     parts = [t.double().abs().pow(p).reshape(h, -1).sum(1) for t in (q, k, v)]
@@ -271,21 +358,12 @@ def remove_heads(model: nn.Module, name: str, keep: List[int]) -> None:
     if _transformers_layout(module):
         _remove_transformers_heads(module, keep_t)
         return
-    hd, inner = module.head_dim, module.num_heads * module.head_dim
+    h, hd = heads_and_size(module)
     rows = _rows(keep_t, hd)
-    qkv_rows = torch.cat([rows + i * inner for i in range(3)])
-    tensors = [module.qkv.weight, module.proj.weight] + ([module.qkv.bias] if module.qkv.bias is not None else [])
-    dims = [0, 1] + ([0] if module.qkv.bias is not None else [])
-    out = compact([t.detach() for t in tensors], dims,
-                  [qkv_rows, rows] + ([qkv_rows] if module.qkv.bias is not None else []))
-    module.qkv.weight = nn.Parameter(out[0], requires_grad=module.qkv.weight.requires_grad)
-    module.proj.weight = nn.Parameter(out[1], requires_grad=module.proj.weight.requires_grad)
-    if module.qkv.bias is not None:
-        module.qkv.bias = nn.Parameter(out[2], requires_grad=module.qkv.bias.requires_grad)
-    module.qkv.out_features, module.proj.in_features = out[0].shape[0], out[1].shape[1]
-    module.num_heads = len(keep)
-    if getattr(module, "attn_dim", None) == inner:  # newer timm joins the heads with it
-        module.attn_dim = len(keep) * hd
+    qkv, proj = qkv_and_proj(module)
+    slice_layer(qkv, "outputs", torch.cat([rows + i * h * hd for i in range(3)]))
+    slice_layer(proj, "inputs", rows)
+    set_heads_and_size(module, len(keep), hd)  # (newer timm also joins the heads with attn_dim)
 
 
 def zero_heads(model: nn.Module, name: str, drop: List[int]) -> None:
@@ -305,10 +383,11 @@ def zero_heads(model: nn.Module, name: str, drop: List[int]) -> None:
         qkv_rows, rows = PrunedMultiheadAttention.head_rows(module, drop_t)
         w, b, out = module.in_proj_weight, module.in_proj_bias, module.out_proj.weight
     else:
-        hd, inner = module.head_dim, module.num_heads * module.head_dim
+        h, hd = heads_and_size(module)
         rows = _rows(drop_t, hd)
-        qkv_rows = torch.cat([rows + i * inner for i in range(3)])
-        w, b, out = module.qkv.weight, module.qkv.bias, module.proj.weight
+        qkv_rows = torch.cat([rows + i * h * hd for i in range(3)])
+        qkv, proj = qkv_and_proj(module)
+        w, b, out = qkv.weight, qkv.bias, proj.weight
     with torch.no_grad():
         w[qkv_rows] = 0
         if b is not None:

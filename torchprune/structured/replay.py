@@ -13,7 +13,7 @@ from torch import nn
 
 from .blocks import replace_by_identity
 from .head_dims import apply_head_dims
-from .heads import attention_modules, hand_written, remove_heads, units
+from .heads import attention_modules, hand_written, heads_and_size, remove_heads, units
 from .hf_config import sync_config
 from .plan import apply_plan, record_step, steps_of
 from .stacks import remove_stack_layers
@@ -68,9 +68,10 @@ def _replay_head_dims(model: nn.Module, step: dict, where: str) -> None:
     module = dict(model.named_modules()).get(name)
 
     def valid(kept) -> bool:
-        return (isinstance(kept, list) and len(kept) == module.num_heads and all(
-            isinstance(js, list) and len(js) == len(kept[0]) and all(isinstance(j, int) and 0 <= j < module.head_dim
-                                                                      for j in js) for js in kept))
+        heads, size = heads_and_size(module)
+        return (isinstance(kept, list) and len(kept) == heads and all(
+            isinstance(js, list) and len(js) == len(kept[0]) and all(isinstance(j, int) and 0 <= j < size for j in js)
+            for js in kept))
 
     if module is None or not hand_written(module) or not (valid(qk) and valid(v) and len(qk[0]) == len(v[0])) or not (
             scale is None or isinstance(scale, float)):
