@@ -253,6 +253,17 @@ def same_in_every_group(labels, ids: torch.Tensor, groups: int, what: str) -> to
     return grid.max(0).values
 
 
+def couple_standardized(tracer, entry: LayerType, name: str, module: nn.Module, args, values, out) -> Any:
+    """A conv whose forward standardizes its weight per output channel over everything it reads
+    (timm's StdConv2d, ScaledStdConv2d: ``F.batch_norm`` of the weight, then ``F.conv2d``): coupled
+    like a conv; its input channels are inexact, since removing one changes the mean and variance
+    the other weights are standardized with (zeroing the input does not)."""
+    kind = type(module).__name__
+    ids = tracer.labels.reduce_to_dim(args[0], entry.channel_dim, values[0].shape, f"{kind} {name!r} input")
+    tracer.labels.inexact(ids, f"{kind} {name!r} standardizes its weight over its input channels")
+    return couple_transform(tracer, entry, name, module, args, values, out)
+
+
 def couple_group_norm(tracer, entry: LayerType, name: str, module: nn.Module, args, values, out) -> Any:
     """GroupNorm: channel j of every group is one unit (the groups stay equal, `num_groups` valid);
     it normalizes over its group's channels, so removal is not the same as zeroing (inexact)."""
@@ -455,6 +466,13 @@ _TABLE[nn.MultiheadAttention] = _ATTENTION
 _TABLE[PrunedMultiheadAttention] = replace(_ATTENTION, resize=_resize_attention)
 _TABLE[nn.GroupNorm] = LayerType(couple_group_norm, 1, (), (("weight", 0), ("bias", 0)), _resize_group_norm,
                                  scale="weight", output_member=("weight", 0))
+# timm's weight-standardized convs (ResNetV2/BiT, NFNet): nn.Conv2d subclasses whose forward computes
+# the weight (F.batch_norm over each output channel's weights, then F.conv2d): kept whole and labelled
+# as convs, the gain (NFNet's, (out, 1, 1, 1)) going with the outputs
+_STANDARDIZED = replace(_CONV, couple=couple_standardized,
+                        outputs=_CONV.outputs + (("gain", 0),))
+_BY_NAME.update({f"timm.layers.std_conv.{kind}": _STANDARDIZED
+                 for kind in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")})
 # transformers' Conv1D (GPT-2, GPT, ...): a Linear whose weight is stored (in, out), run as addmm
 _BY_NAME["transformers.pytorch_utils.Conv1D"] = LayerType(
     couple_transform, -1, (("weight", 0),), (("weight", 1), ("bias", 0)), _resize_transposed_linear, ("weight",),
