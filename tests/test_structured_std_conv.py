@@ -4,7 +4,8 @@ pruning (issue 15): nn.Conv2d subclasses whose forward standardizes the weight p
 has no pruning rule"); now they are kept whole and labelled as convs through their layer-type entry
 (keyed by timm's qualified names, so timm is not needed): output channels are exact, input
 channels inexact, since removing one changes the statistics the other weights are standardized
-with. Stand-ins carry timm's module path."""
+with. timm's Linear and Conv2dSame, which call F.linear / F.conv2d with their own weight, are the
+layers they subclass. Stand-ins carry timm's module path."""
 
 import copy
 
@@ -111,3 +112,46 @@ def test_prune_trains_and_reloads(tmp_path):
     tp.save(model, tmp_path / "pruned.pt")
     fresh = tp.load(tmp_path / "pruned.pt", Net().double())
     assert_same_function(fresh, model, x)
+
+
+class Linear(nn.Linear):
+    """timm.layers.linear.Linear: F.linear with its own weight (timm's classifiers)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm.layers.conv2d_same.Conv2dSame: "same" padding of the spatial dims, then F.conv2d."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+Linear.__module__, Conv2dSame.__module__ = "timm.layers.linear", "timm.layers.conv2d_same"
+
+
+class Head(nn.Module):
+    """A MobileNetV3-style head: conv, global pool, conv_head, timm's Linear classifier."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.conv_head, self.classifier = Conv2dSame(3, 8, 3), nn.Conv2d(8, 16, 1), Linear(16, 4)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x)).mean((2, 3), keepdim=True)
+        return self.classifier(F.relu(self.conv_head(h)).flatten(1))
+
+
+def test_timm_functional_subclasses_are_their_layers():
+    model, x = Head().double(), image()
+    graph = DependencyGraph(model, x)
+    head = group_of(graph, ("conv_head", "weight", 0))
+    assert head.prunable and head.exact and ("classifier", "weight", 1) in head.indices
+    removed = choose_removal(model, graph, 0.5, resolve("l2"), only_exact=True)
+    zeroed = copy.deepcopy(model)
+    zero_channels(zeroed, removed)
+    apply_plan(model, plan_from_removed(model, removed))
+    assert (model.stem.out_channels, model.conv_head.out_channels, model.classifier.in_features) == (4, 8, 8)
+    assert_same_function(model, zeroed, x)

@@ -473,6 +473,11 @@ _STANDARDIZED = replace(_CONV, couple=couple_standardized,
                         outputs=_CONV.outputs + (("gain", 0),))
 _BY_NAME.update({f"timm.layers.std_conv.{kind}": _STANDARDIZED
                  for kind in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")})
+# timm's Linear (its classifiers) and Conv2dSame (TF-ported models): subclasses that call F.linear /
+# F.conv2d with their own weight (Conv2dSame after a "same" padding of the spatial dims), so they
+# are the layers they subclass
+_BY_NAME["timm.layers.linear.Linear"] = _LINEAR
+_BY_NAME["timm.layers.conv2d_same.Conv2dSame"] = _CONV
 # transformers' Conv1D (GPT-2, GPT, ...): a Linear whose weight is stored (in, out), run as addmm
 _BY_NAME["transformers.pytorch_utils.Conv1D"] = LayerType(
     couple_transform, -1, (("weight", 0),), (("weight", 1), ("bias", 0)), _resize_transposed_linear, ("weight",),
