@@ -18,7 +18,8 @@ limit for each library (a crash or a hang costs that cell, not the sweep):
 6. params and MACs left (`tp.summary`, MACs at the example input);
 7. when ``torch_pruning`` is importable: Torch-Pruning's ``MetaPruner`` with
    ``GroupMagnitudeImportance(p=2)`` at the same ratio, the classifier ignored (the usual call), its
-   params left, whether its model still runs with the output shape kept, and its pruning time.
+   params left, whether its model still runs with the output shape kept, and its pruning time
+   (channel rows only: its head pruning needs per-model arguments).
 
 Suites: ``torchvision`` (every classification model under 90M parameters), ``timm`` (50 popular
 models), ``hf`` (seven small transformers built from configs: channel and head granularity) and
@@ -392,7 +393,7 @@ def check_model(suite: str, name: str, ratio: float, theirs: bool = True) -> dic
     """One row of the sweep in this process: ours, and Torch-Pruning's when it is importable, ``theirs``
     is true and the row is a channel one."""
     row = {"suite": suite, "model": name, "ours": check_part(suite, name, ratio, "ours")}
-    if theirs and torch_pruning() is not None and "/" not in name:
+    if theirs and torch_pruning() is not None and not name.endswith("/head"):
         row["theirs"] = check_part(suite, name, ratio, "theirs")
     return row
 
@@ -421,7 +422,7 @@ def run_isolated(suite: str, name: str, ratio: float, timeout: float, part: str 
 
 def sweep_row(suite: str, name: str, ratio: float, timeout: float, theirs: bool) -> dict:
     row = {"suite": suite, "model": name, "ours": run_isolated(suite, name, ratio, timeout, "ours")}
-    if theirs and torch_pruning() is not None and "/" not in name:
+    if theirs and torch_pruning() is not None and not name.endswith("/head"):
         row["theirs"] = run_isolated(suite, name, ratio, timeout, "theirs")
     return row
 
