@@ -22,6 +22,7 @@ import torchprune as tp
 from torchprune.structured.heads import attention_modules, head_members, remove_heads, units, zero_heads
 
 from error_bounds import assert_same_function
+from zoo import Conv1D
 
 WIDTH, HEAD_DIM = 32, 4
 
@@ -136,23 +137,6 @@ def test_bert_attention_heads_and_the_config_warning(tmp_path):
     tp.save(model, tmp_path / "pruned.pt")
     fresh = tp.load(tmp_path / "pruned.pt", Decoder("bert"))
     torch.testing.assert_close(fresh(x), model(x))
-
-
-class Conv1D(nn.Module):
-    """transformers.pytorch_utils.Conv1D's layout and forward: a Linear with the weight stored (in, out)."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf, self.nx = nf, nx
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-
-
-Conv1D.__module__ = "transformers.pytorch_utils"  # what the layer-type table keys it by
 
 
 def _attend(x, q, k, v, head_dim, causal=False):

@@ -18,23 +18,7 @@ from torchprune.structured.plan import apply_plan, plan_from_removed, zero_chann
 
 from conftest import by_fx
 from error_bounds import assert_same_function
-
-
-class Conv1D(nn.Module):
-    """transformers.pytorch_utils.Conv1D's layout and forward."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf, self.nx = nf, nx
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-
-
-Conv1D.__module__ = "transformers.pytorch_utils"  # what the layer-type table keys it by
+from zoo import Conv1D
 
 
 def new_gelu(x):

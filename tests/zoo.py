@@ -535,6 +535,24 @@ class Resampling(nn.Module):
         return self.fc(F.normalize(h.mean((2, 3)), dim=1))
 
 
+class Conv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D's layout and forward (GPT-2's projections): a Linear with the
+    weight stored (in, out), run as addmm."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"  # what the layer-type table keys it by (no import)
+
+
 CAUSES = {
     "timm_norms": (TimmNorms, _image),
     "grouped": (GroupedNet, _image),
