@@ -44,9 +44,11 @@ from ..calibration import as_inputs
 from .exclusion import Exclusion
 from .heads import (
     attention_names,
+    first_tensor,
     hand_written,
     head_members,
     heads_and_size,
+    normalized_mean,
     qkv_and_proj,
     set_heads_and_size,
     slice_layer,
@@ -80,16 +82,12 @@ def _captured_inputs(model: nn.Module, names: List[str], example_inputs) -> Dict
     return captured
 
 
-def _normalized(parts) -> torch.Tensor:
-    return sum(s / s.mean() if s.mean() > 0 else s for s in parts) / len(parts)
-
-
 def _dim_scores(module: nn.Module, p: float):
     """([heads, head_dim] scores of the q/k positions, [heads, head_dim] of the v positions)."""
     (h, hd), (qkv, proj) = heads_and_size(module), qkv_and_proj(module)
     w = qkv.weight.detach().double().abs().pow(p).sum(1).reshape(3, h, hd)
     proj = proj.weight.detach().double().abs().pow(p).sum(0).reshape(h, hd)
-    return _normalized([w[0], w[1]]), _normalized([w[2], proj])
+    return normalized_mean([w[0], w[1]]), normalized_mean([w[2], proj])
 
 
 def _kept(scores: torch.Tensor, keep: int) -> List[List[int]]:
@@ -136,20 +134,20 @@ def zero_head_dims(module: nn.Module, qk: List[List[int]], v: List[List[int]]) -
         proj.weight[:, _rows(drop_v, hd)] = 0
 
 
-def _output(out) -> Optional[torch.Tensor]:
-    return out if isinstance(out, torch.Tensor) else next((t for t in out if isinstance(t, torch.Tensor)), None)
+def _run(module: nn.Module, inputs) -> Optional[torch.Tensor]:
+    args, kwargs = inputs
+    with torch.no_grad():
+        return first_tensor(module(*args, **kwargs))
 
 
-def _difference(module: nn.Module, qk, v, scale, inputs) -> float:
-    """How far removal (rescaled when ``scale`` is not None) is from zeroing on ``inputs``, over an
-    error bound for the module's sums (inf if the removal does not run or changes the shape)."""
+def _difference(module: nn.Module, qk, v, scale, inputs, zeroed: torch.Tensor) -> float:
+    """How far removal (rescaled when ``scale`` is not None) is from ``zeroed``, the output of zeroing
+    on ``inputs``, over an error bound for the module's sums (inf if the removal does not run or
+    changes the shape)."""
     try:
-        zeroed, removed = copy.deepcopy(module).eval(), copy.deepcopy(module).eval()
-        zero_head_dims(zeroed, qk, v)
+        removed = copy.deepcopy(module).eval()
         apply_head_dims(removed, qk, v, scale)
-        args, kwargs = inputs
-        with torch.no_grad():
-            a, b = _output(zeroed(*args, **kwargs)), _output(removed(*args, **kwargs))
+        a, b = zeroed, _run(removed, inputs)
         if a.shape != b.shape or not a.is_floating_point():
             return math.inf
         # summation error: the qkv and proj sums and the sums over tokens, 4 x n x unit roundoff of
@@ -164,8 +162,17 @@ def _difference(module: nn.Module, qk, v, scale, inputs) -> float:
 
 def _scale_that_holds(module: nn.Module, qk, v, new: int, inputs):
     """The removal that gives the outputs of zeroing within the bound: rescaled (``new ** -0.5``) if
-    it does, else plain (None); False if neither does."""
-    return next((scale for scale in (new ** -0.5, None) if _difference(module, qk, v, scale, inputs) <= 1), False)
+    it does, else plain (None); False if neither does (or the module does not run)."""
+    try:
+        zeroed = copy.deepcopy(module).eval()
+        zero_head_dims(zeroed, qk, v)
+        reference = _run(zeroed, inputs)  # once, for both candidates
+    except Exception:  # the module does not run on its own captured inputs: not this layout
+        return False
+    if not isinstance(reference, torch.Tensor):
+        return False
+    return next((scale for scale in (new ** -0.5, None)
+                 if _difference(module, qk, v, scale, inputs, reference) <= 1), False)
 
 
 def shrink_head_dims(model: nn.Module, example_inputs, sparsity: float, p: float, kept: Exclusion = Exclusion(),

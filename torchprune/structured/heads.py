@@ -59,10 +59,9 @@ from .plan import record_step
 from .select import select
 from .tracing.recorder import Member
 
-__all__ = ["AttentionNames", "attention_modules", "attention_names", "hand_written", "head_members", "heads_and_size",
-           "projection_names", "prune_heads", "qkv_and_proj", "register_attention", "remove_heads",
-           "set_heads_and_size", "slice_layer",
-           "units"]
+__all__ = ["AttentionNames", "attention_modules", "attention_names", "first_tensor", "hand_written", "head_members",
+           "heads_and_size", "normalized_mean", "projection_names", "prune_heads", "qkv_and_proj", "register_attention",
+           "remove_heads", "set_heads_and_size", "slice_layer", "units"]
 
 
 def _packed(module) -> bool:
@@ -160,8 +159,8 @@ def projection_names(module) -> Tuple[str, str]:
 
 def qkv_and_proj(module) -> Tuple[nn.Linear, nn.Linear]:
     """(fused q/k/v Linear, output Linear) of a hand-written attention module."""
-    a = attention_names(module)
-    return getattr(module, a.qkv), getattr(module, a.proj)
+    qkv, proj = projection_names(module)
+    return getattr(module, qkv), getattr(module, proj)
 
 
 def _linears(module, names) -> List[nn.Module]:
@@ -333,13 +332,19 @@ def _head_scores(module, criterion) -> torch.Tensor:
         parts = [_as_rows(t)[first:first + n * r].double().abs().pow(p).reshape(n, -1).sum(1)
                  for t, first, r in projections]
         parts.append(_as_rows(out).double().abs().pow(p).reshape(_outputs(out), n, c).sum((0, 2)))
-        return sum(s / s.mean() if s.mean() > 0 else s for s in parts) / len(parts)
+        return normalized_mean(parts)
     h = heads_and_size(module)[0]
     (q, k, v), out, vhd = _slices(module)
     p = float(getattr(criterion, "p", 1))
     parts = [t.double().abs().pow(p).reshape(h, -1).sum(1) for t in (q, k, v)]
     parts.append(out.double().abs().pow(p).reshape(out.shape[0], h, vhd).sum((0, 2)))
-    return sum(s / s.mean() if s.mean() > 0 else s for s in parts) / 4
+    return normalized_mean(parts)
+
+
+def normalized_mean(parts) -> torch.Tensor:
+    """The mean of per-unit score vectors, each divided by its own mean first (an all-zero one as it
+    is), so that members of different sizes weigh alike (as scoring.py does for channel groups)."""
+    return sum(s / s.mean() if s.mean() > 0 else s for s in parts) / len(parts)
 
 
 def _rows(keep: torch.Tensor, hd: int) -> torch.Tensor:
@@ -395,7 +400,7 @@ def zero_heads(model: nn.Module, name: str, drop: List[int]) -> None:
         out[:, rows] = 0
 
 
-def _first_tensor(out):
+def first_tensor(out):
     """A model's output tensor: itself, or the first tensor of a tuple, dict or ModelOutput."""
     if isinstance(out, dict):
         out = list(out.values())
@@ -423,7 +428,7 @@ def _verified(model, name, keep, drop, inputs) -> bool:
         zero_heads(masked, name, drop)
         remove_heads(removed, name, keep)
         with torch.no_grad():
-            a, b = _first_tensor(masked(*inputs)), _first_tensor(removed(*inputs))
+            a, b = first_tensor(masked(*inputs)), first_tensor(removed(*inputs))
         return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     except Exception:
         return False
