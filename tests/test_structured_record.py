@@ -525,3 +525,51 @@ def test_a_decorated_forward_that_fx_cannot_trace_is_named():
 
     with pytest.raises(ValueError, match=r"SkipsOne.forward is wrapped by a decorator.*did not run: \['spare'\]"):
         DependencyGraph(SkipsOne(), torch.randn(3, 4))
+
+
+class _PositionTable(nn.Module):
+    """A ViT in miniature: a class token before the patch tokens (so the stream's label differs
+    along the tokens), plus a learned table of one vector per position (a bare parameter, so one id
+    per token and channel), then residual MLP blocks."""
+
+    def __init__(self, tokens=50, dim=16, depth=3):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+                                    for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1) + self.pos
+        for block in self.blocks:
+            x = x + block(x).reshape(x.shape[0], x.shape[1], -1)  # a reshape with a constant token count
+        return self.head(x.mean(1))
+
+
+def test_a_position_table_does_not_label_every_later_op_per_token():
+    """The residual stream after `embed(x) + pos` is labelled per token; the first residual add
+    takes the block output's one id per channel, so later adds and checks are per channel: the
+    unified pairs grow with tokens x channels once, not once per block."""
+    from torchprune.structured.tracing.fx import trace
+
+    tokens, dim = 50, 16
+    model, x = _PositionTable(tokens, dim, depth=3).eval(), torch.randn(2, tokens, 8)
+    deeper = _PositionTable(tokens, dim, depth=9).eval()
+    shallow_pairs = trace(model, (x,)).labels.unified
+    deep_pairs = trace(deeper, (x,)).labels.unified
+    # 6 more blocks, each unifying its input and output (fc1, fc2, add): per channel
+    assert deep_pairs - shallow_pairs <= 6 * 8 * dim
+    graph = DependencyGraph(model, x)
+    stream = group_of(graph, ("embed", "weight", 0))
+    assert stream.prunable and len(stream) == dim
+    assert all(m in stream.indices for m in [("blocks.0.0", "weight", 1), ("blocks.2.2", "weight", 0),
+                                             ("head", "weight", 1)])
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    removed = choose_removal(model, graph, 0.5, resolve("l2"), only_exact=True)
+    zero_channels(masked, removed)
+    apply_plan(pruned, plan_from_removed(pruned, removed))
+    assert pruned.pos.shape[-1] < dim
+    with torch.no_grad():
+        assert_same_function(pruned, masked, x)

@@ -69,6 +69,13 @@ class Labels:
         if keep.any():
             self._edges.append((a[keep], b[keep]))
 
+    @property
+    def unified(self) -> int:
+        """How many position pairs have been unified so far: the size of the graph `resolve`
+        works on, which is what tracing costs grow with (one pair per channel for a residual add,
+        not one per token and channel)."""
+        return sum(len(a) for a, _ in self._edges)
+
     # (numpy for the small bookkeeping arrays: a few µs less per call than torch's ops)
 
     def freeze(self, label: torch.Tensor, reason: str) -> None:
@@ -122,20 +129,17 @@ class Labels:
         else:
             rows = cols = np.zeros(0, dtype=np.int64)
         self.component = _components(n, rows, cols)
-        self.frozen_reasons: Dict[int, List[str]] = {}
-        for ids, reason in self._frozen:
-            self.freeze_components(np.unique(self.component[ids]), reason)
+        frozen = [(self.component[ids], reason) for ids, reason in self._frozen]
         for label, dim, reason in self._checks:
-            comp = self.components_of(label)
-            moved = comp.movedim(dim, -1)
-            varies = moved.amin(-1) != moved.amax(-1)
+            comp = self.components_of(label).numpy()
+            moved = np.moveaxis(comp, dim, -1)
+            varies = moved.min(-1) != moved.max(-1)
             if varies.any():
                 bad = moved[varies]
-                self.freeze_components(np.unique(bad[bad >= 0].numpy()), reason)
-        self.inexact_reasons: Dict[int, List[str]] = {}
-        for ids, reason in self._inexact:
-            for c in np.unique(self.component[ids]):
-                self.inexact_reasons.setdefault(int(c), []).append(reason)
+                frozen.append((bad[bad >= 0], reason))
+        self.frozen_reasons: Dict[int, List[str]] = _reasons_by_component(frozen)
+        self.inexact_reasons: Dict[int, List[str]] = _reasons_by_component(
+            [(self.component[ids], reason) for ids, reason in self._inexact])
 
     def freeze_components(self, components, reason: str) -> None:
         """Freezes the units ``components`` (after `resolve`), with ``reason``."""
@@ -148,6 +152,25 @@ class Labels:
         """The unit of each position of ``label`` (-1 where unowned)."""
         ids = label.numpy()
         return torch.from_numpy(np.where(ids >= 0, self.component[np.maximum(ids, 0)], NONE))
+
+
+def _reasons_by_component(entries: List[Tuple[np.ndarray, str]]) -> Dict[int, List[str]]:
+    """{component: its reasons, each once, in the order of ``entries``} from (components, reason)
+    pairs. Vectorized: a ViT freezes thousands of components per reason, and a Python loop over
+    each component of each entry cost a quarter of a second."""
+    entries = [(comps, reason) for comps, reason in entries if comps.size]
+    if not entries:
+        return {}
+    names = list(dict.fromkeys(reason for _, reason in entries))
+    number = {reason: i for i, reason in enumerate(names)}
+    comps = np.concatenate([c.reshape(-1) for c, _ in entries]).astype(np.int64, copy=False)
+    which = np.repeat(np.array([number[r] for _, r in entries], dtype=np.int64), [c.size for c, _ in entries])
+    _, first = np.unique(comps * len(names) + which, return_index=True)  # each (component, reason) once
+    first.sort()  # back in the order of the entries
+    out: Dict[int, List[str]] = {}
+    for c, r in zip(comps[first].tolist(), which[first].tolist()):
+        out.setdefault(c, []).append(names[r])
+    return out
 
 
 def _components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

@@ -247,6 +247,9 @@ class LabelRecorder:
         if lab is None and isinstance(x, torch.Tensor):
             lab = rules.unowned(x)
         name = method or getattr(target, "__name__", str(target))
+        # checked on the compressed labels: a dim along which every id is equal needs no check, and
+        # a full-size label (197 tokens x 3 x 6 heads x 64 of a ViT's qkv) costs every later step
+        result = _compress_all(result)
         if name in ("view", "reshape", "expand", "unflatten"):
             sizes = args[1:] if name != "unflatten" else ()
             if name == "unflatten":
@@ -277,7 +280,7 @@ class LabelRecorder:
             why = ("split with fixed sizes (torch.chunk keeps working when channels go)" if name.startswith("split")
                    else name)
             labels.check(lab, dim, f"{why} along a pruned dim at {where!r}")
-        return _compress_all(result)
+        return result
 
     def _label_arguments(self, target, args, kwargs, labs, klabs, where):
         """``args`` and ``kwargs`` of a shape op on several tensors with each tensor replaced by its

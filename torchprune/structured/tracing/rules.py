@@ -177,13 +177,16 @@ def elementwise(tracer, operands, values, out, where: str) -> torch.Tensor:
     first = pairs[0][0]
     if len(pairs) == 1:  # a tensor and Python numbers: nothing to unify, nothing faces it
         return first.view((1,) * (nd - first.dim()) + tuple(first.shape)) if first.dim() < nd else first
-    if len(pairs) == 2 and first.dim() == nd and pairs[1][0].shape == first.shape:
-        # the common case (a residual add, a gate): labels of one shape; if both are owned
-        # everywhere, they are unified position by position and the output has the first's
+    if len(pairs) == 2:
+        # the common case (a residual add, a gate): if both are owned everywhere, they are unified
+        # position by position, so either label names the output's units; the smaller one is kept
+        # (a ViT's residual stream, labelled per token by its position table, takes the next
+        # projection's one id per channel, and every later op works on 384 ids, not 197 x 384)
         a, b = first.numpy(), pairs[1][0].numpy()
         if (a >= 0).all() and (b >= 0).all():
-            labels.unify_arrays(a, b)
-            return first
+            labels.unify_arrays(a.reshape((1,) * (nd - a.ndim) + a.shape), b.reshape((1,) * (nd - b.ndim) + b.shape))
+            small = pairs[1][0] if b.size < a.size else first
+            return small.view((1,) * (nd - small.dim()) + tuple(small.shape)) if small.dim() < nd else small
     labs = [lab.numpy().reshape((1,) * (nd - lab.dim()) + tuple(lab.shape)) for lab, _ in pairs]
     shapes = [(1,) * (nd - v.dim()) + tuple(v.shape) for _, v in pairs]
     owned = [bool((lab >= 0).all()) for lab in labs]
