@@ -20,7 +20,12 @@ These kinds of attention are handled:
   ``num_attention_heads`` and ``attention_head_size``, ``output.dense``): the unit is a head;
 * transformers' GPT-2 attention: one Conv1D ``c_attn`` making [q | k | v], ``split_size`` wide
   each, and a Conv1D ``c_proj`` (Conv1D stores its weight (in, out): the layer-type table says
-  which dims are outputs); the unit is a head.
+  which dims are outputs); the unit is a head;
+* transformers' T5 attention (``q``/``k``/``v``/``o``, ``n_heads`` heads of ``key_value_proj_dim``):
+  the unit is a head. A stack's first layer computes a relative-position bias with one row per head
+  (its ``relative_attention_bias`` Embedding has one column per head) and passes it to every later
+  layer, so the layers of a stack are *tied*: they lose the same heads, chosen by their joint score
+  (`tied_heads`), and the Embedding loses those columns.
   The transformers layouts are verified like hand-written attention, their head-count attributes
   (``num_heads``, ``num_attention_heads``, ``all_head_size``, ``split_size``, ...) are rewritten,
   and hf_config.py then rewrites the model's config where it can say the new counts.
@@ -40,6 +45,7 @@ do not change) and its heads may still go; freezing any of them keeps the heads.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
@@ -61,7 +67,7 @@ from .tracing.recorder import Member
 
 __all__ = ["AttentionNames", "attention_modules", "attention_names", "first_tensor", "hand_written", "head_members",
            "heads_and_size", "normalized_mean", "projection_names", "prune_heads", "qkv_and_proj", "register_attention",
-           "remove_heads", "set_heads_and_size", "slice_layer", "units"]
+           "remove_heads", "set_heads_and_size", "slice_layer", "tied_heads", "units"]
 
 
 def _packed(module) -> bool:
@@ -232,8 +238,31 @@ def _fused_conv1d(module) -> bool:
             and c_attn.nf == 3 * split and _inputs(c_proj) == split)
 
 
+def _t5(module) -> bool:
+    """transformers' T5 attention: q/k/v/o Linears, ``n_heads`` heads of ``key_value_proj_dim``
+    and, in a stack's first layer, a ``relative_attention_bias`` Embedding with a column per head."""
+    projections = _linears(module, ("q", "k", "v", "o"))
+    h, hd = getattr(module, "n_heads", None), getattr(module, "key_value_proj_dim", None)
+    if not projections or not isinstance(h, int) or not isinstance(hd, int) or h < 1 or hd < 1:
+        return False
+    bias = getattr(module, "relative_attention_bias", None)
+    return (all(_outputs(t) == h * hd for t in projections[:3]) and _inputs(projections[3]) == h * hd
+            and (bias is None or (isinstance(bias, nn.Embedding) and bias.embedding_dim == h)))
+
+
 def _transformers_layout(module) -> bool:
-    return _grouped_query(module) or _separate_qkv(module) or _fused_conv1d(module)
+    return _grouped_query(module) or _separate_qkv(module) or _fused_conv1d(module) or _t5(module)
+
+
+def tied_heads(modules: Dict[str, nn.Module]) -> List[List[str]]:
+    """The attention modules (by name) that must lose the same heads, in groups, each module once:
+    T5's layers of one stack, which add the first layer's per-head position bias (by name: the
+    ``block.N`` index is what differs), and every other module alone."""
+    ties: Dict[object, List[str]] = {}
+    for name, module in modules.items():
+        key = (re.sub(r"(^|\.)block\.\d+\.", r"\1block.*.", name), units(module)) if _t5(module) else name
+        ties.setdefault(key, []).append(name)
+    return list(ties.values())
 
 
 def _split_layout(module):
@@ -248,6 +277,9 @@ def _split_layout(module):
     if _fused_conv1d(module):
         hd, split = module.head_dim, module.split_size
         return ([(module.c_attn, i * split, hd) for i in range(3)], (module.c_proj, hd), module.num_heads)
+    if _t5(module):
+        hd = module.key_value_proj_dim
+        return [(module.q, 0, hd), (module.k, 0, hd), (module.v, 0, hd)], (module.o, hd), module.n_heads
     inner, hd = module.self, module.self.attention_head_size
     return ([(inner.query, 0, hd), (inner.key, 0, hd), (inner.value, 0, hd)], (module.output.dense, hd),
             inner.num_attention_heads)
@@ -274,6 +306,10 @@ def _rewrite_counts(owner: nn.Module, heads: int, new_heads: int, width: int, ne
 def _remove_transformers_heads(module, keep_t: torch.Tensor) -> None:
     projections, (out, c), n = _split_layout(module)
     owner = module.self if _separate_qkv(module) else module
+    bias = getattr(module, "relative_attention_bias", None) if _t5(module) else None
+    if bias is not None:  # T5: the position bias's column of each head
+        bias.weight = nn.Parameter(bias.weight.detach()[:, keep_t].clone(), requires_grad=bias.weight.requires_grad)
+        bias.embedding_dim = len(keep_t)
     heads_per_unit = projections[0][2] // projections[1][2]  # query heads per unit (grouped-query)
     width = _outputs(projections[0][0]) if not _fused_conv1d(module) else module.split_size
     rows: Dict[int, List[torch.Tensor]] = {}
@@ -421,12 +457,14 @@ def slice_layer(layer: nn.Module, role: str, index: torch.Tensor) -> None:
     resize(layer)
 
 
-def _verified(model, name, keep, drop, inputs) -> bool:
-    """Removing the heads gives the outputs of zeroing them (hand-written attention only)."""
+def _verified(model, names, keep, drop, inputs) -> bool:
+    """Removing the heads from the modules ``names`` (tied ones together) gives the outputs of
+    zeroing them (all but packed attention)."""
     try:
         masked, removed = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
-        zero_heads(masked, name, drop)
-        remove_heads(removed, name, keep)
+        for name in names:
+            zero_heads(masked, name, drop)
+            remove_heads(removed, name, keep)
         with torch.no_grad():
             a, b = first_tensor(masked(*inputs)), first_tensor(removed(*inputs))
         return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -444,28 +482,32 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float, importance, s
                          f"granularity='head', got {importance!r}")
     check_scope(scope, allow_dict=False, context="structural pruning")
     inputs = as_inputs(example_inputs)
-    modules = dict(model.named_modules())
-    found = {n: m for n, m in attention_modules(model).items() if not kept.keeps(head_members(n, m), modules)}
-    if not found:
+    modules, every = dict(model.named_modules()), attention_modules(model)
+    # a tie (T5's stack) is kept whole if `exclude` or `freeze` keeps any of its modules
+    ties = [tie for tie in tied_heads(every) if not any(kept.keeps(head_members(n, every[n]), modules) for n in tie)]
+    if not ties:
         raise ValueError("`model` has no attention module whose heads can be pruned (nn.MultiheadAttention, a "
-                         "module with num_heads, head_dim, qkv and proj, or transformers' BERT, GPT-2, LLaMA, ViT or "
-                         "BART attention) after `exclude` and `freeze`")
+                         "module with num_heads, head_dim, qkv and proj, or transformers' BERT, GPT-2, LLaMA, ViT, "
+                         "BART or T5 attention) after `exclude` and `freeze`")
     if isinstance(criterion, Random):
-        scores = dict(zip(found, criterion.unit_scores([units(m) for m in found.values()])))
-    else:
-        scores = {n: _head_scores(m, criterion) for n, m in found.items()}
+        scores = dict(zip((tie[0] for tie in ties), criterion.unit_scores([units(every[t[0]]) for t in ties])))
+    else:  # tied modules: the mean of their normalized scores
+        scores = {tie[0]: _head_scores(every[tie[0]], criterion) if len(tie) == 1
+                  else normalized_mean([_head_scores(every[n], criterion) for n in tie]) for tie in ties}
     drops = _select_heads(scores, float(sparsity), scope)
-    for name, drop in drops.items():
-        heads = units(found[name])
-        keep = [h for h in range(heads) if h not in set(drop)]
+    for tie in ties:
+        drop = drops[tie[0]]
+        keep = [h for h in range(units(every[tie[0]])) if h not in set(drop)]
         if not drop:
             continue
-        if not _packed(found[name]) and not _verified(model, name, keep, drop, inputs):
-            warnings.warn(f"attention module {name!r} was left whole: removing its heads does not give the outputs "
-                          "of zeroing them (its forward must shape q, k, v from self.num_heads and self.head_dim)")
+        if not _packed(every[tie[0]]) and not _verified(model, tie, keep, drop, inputs):
+            warnings.warn(f"attention module{'s' * (len(tie) > 1)} {', '.join(map(repr, tie))} "
+                          f"{'were' if len(tie) > 1 else 'was'} left whole: removing heads does not give the outputs "
+                          "of zeroing them (a forward must shape q, k, v from its head count and head size)")
             continue
-        remove_heads(model, name, keep)
-        record_step(model, {"kind": "heads", "module": name, "keep": keep})
+        for name in tie:
+            remove_heads(model, name, keep)
+            record_step(model, {"kind": "heads", "module": name, "keep": keep})
     sync_config(model, warn=True)  # a Hugging Face model's config follows its head counts where it can
     return model
 

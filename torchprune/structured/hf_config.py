@@ -1,8 +1,9 @@
 """Hugging Face configs after structural pruning: the width fields a transformers config holds
 (``intermediate_size``, GPT-2's ``n_inner``, T5's ``d_ff``, BART's ``encoder_ffn_dim``, ...) and,
-for LLaMA-style models, the head counts (``num_attention_heads``, ``num_key_value_heads``, with
-``head_dim``) are rewritten from the pruned layers, so that ``save_pretrained`` + ``from_pretrained``
-build the pruned shapes and load the pruned weights.
+for LLaMA-style models, ViT and T5, the head counts (``num_attention_heads``,
+``num_key_value_heads``, with ``head_dim``; T5's ``num_heads``) are rewritten from the pruned
+layers, so that ``save_pretrained`` + ``from_pretrained`` build the pruned shapes and load the
+pruned weights.
 
 A config holds one width for every layer. When the pruned layers' widths differ (``scope="global"``)
 the field cannot say so: it is left as it is and a warning says to save with ``tp.save`` /
@@ -48,9 +49,11 @@ def _width(module: nn.Module):
 GROUPED_QUERY_TYPES = ("llama", "mistral", "qwen2", "vit")
 #: model_types whose config cannot hold fewer heads: their head size is hidden_size / heads.
 HEAD_SIZE_FROM_HIDDEN = ("bert", "roberta", "gpt2", "bart")
+#: model_types whose config holds the head count (``num_heads``) apart from the head size (``d_kv``)
+T5_TYPES = ("t5", "mt5")
 #: attention module attributes that hold a query head count, and those that hold the head size
-_COUNTS = ("num_attention_heads", "num_heads")
-_SIZES = ("head_dim", "attention_head_size")
+_COUNTS = ("num_attention_heads", "num_heads", "n_heads")
+_SIZES = ("head_dim", "attention_head_size", "key_value_proj_dim")
 
 
 def _head_shapes(model: nn.Module) -> set:
@@ -70,8 +73,8 @@ def _head_shapes(model: nn.Module) -> set:
 
 def _sync_heads(model: nn.Module, config, problems: List[str]) -> None:
     """Head counts after head pruning: LLaMA-style and ViT configs take them (with head_dim written
-    out, as it no longer follows from hidden_size / heads); BERT-, GPT-2- and BART-style ones
-    cannot, and a warning says so."""
+    out, as it no longer follows from hidden_size / heads), T5's too (its ``d_kv`` is apart);
+    BERT-, GPT-2- and BART-style ones cannot, and a warning says so."""
     model_type = getattr(config, "model_type", None)
     if model_type in GROUPED_QUERY_TYPES:
         heads = _head_shapes(model)
@@ -81,6 +84,12 @@ def _sync_heads(model: nn.Module, config, problems: List[str]) -> None:
                 config.num_key_value_heads = kv_heads
         elif heads:
             problems.append(_per_layer(sorted(h for h, _, _ in heads), "num_attention_heads"))
+    elif model_type in T5_TYPES:  # one count for the encoder's and the decoder's attention
+        counts = {h for h, _, _ in _head_shapes(model)}
+        if len(counts) == 1:
+            config.num_heads = counts.pop()
+        elif counts:
+            problems.append(_per_layer(sorted(counts), "num_heads"))
     elif model_type in HEAD_SIZE_FROM_HIDDEN:
         shapes = _head_shapes(model)  # (a head count differs per stack in BART: heads x size tells)
         counts = {h for h, _, _ in shapes}
