@@ -48,7 +48,7 @@ from ..recovery import text as corpus
 from ..recovery.losses import output_tensor
 from ..sparsify import sparsify
 from ..timing import time_interleaved
-from . import report
+from . import report, training
 from .models import Loaded, fresh_dense, load_model, reload_huggingface, reload_model, save_model
 from .workload import outputs_of, quality, text_batches, token_inputs
 
@@ -109,6 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive, default=32, help="texts per recovery step (default 32)")
     parser.add_argument("--lr", type=_positive_float, default=2e-3,
                         help="peak AdamW learning rate of recovery (default 2e-3, the best of 1e-4 to 2e-3 on MiniLM)")
+    parser.add_argument("--recover-on", choices=training.ON_CHOICES, default="auto",
+                        help="train the sparse kernels' kept weights (sparse) or the masked dense layers (masked); "
+                             f"auto: sparse from {training.SPARSE_FROM:.0%} sparsity up (default)")
+    parser.add_argument("--train-embeddings", action="store_true",
+                        help="train the embedding tables too (default: frozen; they are not pruned, and their "
+                             "updates cost a full-table gradient and AdamW step each recovery step)")
     parser.add_argument("--layers", choices=("auto", "none"), default="auto",
                         help="auto: add each transformer block's output to the loss (default); none: final output only")
     parser.add_argument("--text", metavar="FILE", help="training and held-out text, one per line "
@@ -274,7 +280,8 @@ def checkpoint_path(folder: str, args: argparse.Namespace, sparsity: float) -> s
     """The recovery checkpoint of one sparsity, named by a digest of every option that shapes the run,
     so that a rerun with other options never resumes from it."""
     options = [args.model, sparsity, args.method, args.granularity, args.recover_steps, args.batch_size, args.lr,
-               args.layers, args.text, args.data, args.calibration, args.heldout, args.max_tokens, args.seed]
+               args.layers, args.text, args.data, args.calibration, args.heldout, args.max_tokens, args.seed,
+               args.recover_on, args.train_embeddings]
     return os.path.join(folder, f"recover-{hashlib.sha256(repr(options).encode()).hexdigest()[:10]}.pt")
 
 
@@ -284,9 +291,16 @@ def _recover(student: nn.Module, loaded: Loaded, work: Workload, dense_outputs, 
     torch.manual_seed(args.seed)
     path = checkpoint_path(folder, args, row["sparsity"])
     loss, layers = recovery_loss(loaded, args)
-    recovery = recover(student, loaded.model, work.training, args.recover_steps, loss=loss, layers=layers,
-                       lr=args.lr, train_mode=False, checkpoint=path, progress=not args.no_progress,
-                       log_every=max(1, args.recover_steps // 50))
+    trained = training.training_copy(student, row["sparsity"], args.recover_on, _positional(work.training[0]))
+    frozen = [] if args.train_embeddings else training.freeze_embeddings(trained)
+    try:
+        recovery = recover(trained, loaded.model, work.training, args.recover_steps, loss=loss, layers=layers,
+                           lr=args.lr, train_mode=False, checkpoint=path, progress=not args.no_progress,
+                           log_every=max(1, args.recover_steps // 50))
+    finally:
+        training.restore_grad(frozen)
+    training.copy_back(trained, student)
+    row["recovered_on"] = "sparse kernels" if trained is not student else "masked layers"
     os.remove(path)  # kept only to resume an interrupted run
     row["recover_s"], row["recover_history"] = recovery.seconds, recovery.history
     row["recovered"] = quality(dense_outputs, outputs_of(student, work.heldout))
@@ -311,11 +325,17 @@ def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[
             "method": f"{args.method}, granularity {args.granularity}, the same sparsity in every prunable layer"
                       + "".join(f" but {name}" for name in default_exclude(loaded.model)),
             "recovery": (f"{args.recover_steps} steps of {batch}, AdamW lr {args.lr} (warm-up, cosine decay), "
-                         f"loss: {loss} + {len(layers)} block outputs (normalized MSE), dropout off"
-                         if args.recover_steps else "none"),
+                         f"loss: {loss} + {len(layers)} block outputs (normalized MSE), dropout off, "
+                         f"on {args.recover_on} ({_on(args.recover_on)}), embeddings "
+                         f"{'trained' if args.train_embeddings else 'frozen'}" if args.recover_steps else "none"),
             "data": work.description,
             "latency": f"{args.repeats} interleaved calls per model and shape, medians; tp.sparsify timed per layer "
                        "at each shape"}
+
+
+def _on(choice: str) -> str:
+    return {"auto": f"sparse kernels from {training.SPARSE_FROM:.0%} sparsity, masked layers below",
+            "sparse": "sparse kernels", "masked": "masked dense layers"}[choice]
 
 
 def folder_name(sparsity: float) -> str:
