@@ -691,3 +691,29 @@ def test_first_sample_cuts_every_tensor_to_one_row():
                          ((x, y), lambda b: isinstance(b, tuple) and b[1].shape == (1, 2)),
                          (tp.Inputs(x, y=y), lambda b: b.args[0].shape == (1, 3) and b.kwargs["y"].shape == (1, 2))):
         assert check(command._first_sample(batch))
+
+
+def test_recovery_runs_on_the_sparse_kernels_from_the_threshold(magnitude_run):
+    """--recover-on auto: the 50% row trains the masked layers, the 90% row a sparse-kernel copy."""
+    _, _, out = magnitude_run
+    rows = {row["sparsity"]: row for row in _results(out)["results"]}
+    assert rows[0.5]["recovered_on"] == "masked layers" and rows[0.9]["recovered_on"] == "sparse kernels"
+    assert "embeddings trained" in _results(out)["settings"]["recovery"]
+
+
+@pytest.mark.parametrize("on", ["sparse", "masked"])
+def test_recover_on_chooses_what_trains(on, torch_files, tmp_path):
+    """--recover-on sparse / masked at 50%, with --freeze-embeddings: the recovered model keeps its
+    masks and its sparsity, and the settings say what trained."""
+    paths, _, _ = torch_files
+    out = tmp_path / "out"
+    code, _ = _run([paths["model"], "--data", paths["data"], "--sparsity", 0.5, "--method", "magnitude",
+                    "--recover-steps", 5, "--lr", 1e-2, "--recover-on", on, "--freeze-embeddings", "--latency",
+                    "--heldout", HELDOUT, "--threads", 1, "--no-progress", "--out", out])
+    assert code == 0
+    results = _results(out)
+    (row,) = results["results"]
+    assert row["recovered_on"] == {"sparse": "sparse kernels", "masked": "masked layers"}[on]
+    assert f"on {on} (" in results["settings"]["recovery"] and "embeddings frozen" in results["settings"]["recovery"]
+    model = tp.load(os.path.join(out, "s50", "model.pt"), torch.load(paths["model"], weights_only=False))
+    assert _pruned_fraction(model) == pytest.approx(0.5, abs=2e-3)

@@ -112,9 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recover-on", choices=training.ON_CHOICES, default="auto",
                         help="train the sparse kernels' kept weights (sparse) or the masked dense layers (masked); "
                              f"auto: sparse from {training.SPARSE_FROM:.0%} sparsity up (default)")
-    parser.add_argument("--train-embeddings", action="store_true",
-                        help="train the embedding tables too (default: frozen; they are not pruned, and their "
-                             "updates cost a full-table gradient and AdamW step each recovery step)")
+    parser.add_argument("--freeze-embeddings", action="store_true",
+                        help="do not train the embedding tables (each step 1.1-1.3x faster; on MiniLM at 80%%, "
+                             "300 steps gave cosine 0.877 frozen against 0.883 trained)")
     parser.add_argument("--layers", choices=("auto", "none"), default="auto",
                         help="auto: add each transformer block's output to the loss (default); none: final output only")
     parser.add_argument("--text", metavar="FILE", help="training and held-out text, one per line "
@@ -281,7 +281,7 @@ def checkpoint_path(folder: str, args: argparse.Namespace, sparsity: float) -> s
     so that a rerun with other options never resumes from it."""
     options = [args.model, sparsity, args.method, args.granularity, args.recover_steps, args.batch_size, args.lr,
                args.layers, args.text, args.data, args.calibration, args.heldout, args.max_tokens, args.seed,
-               args.recover_on, args.train_embeddings]
+               args.recover_on, args.freeze_embeddings]
     return os.path.join(folder, f"recover-{hashlib.sha256(repr(options).encode()).hexdigest()[:10]}.pt")
 
 
@@ -292,7 +292,7 @@ def _recover(student: nn.Module, loaded: Loaded, work: Workload, dense_outputs, 
     path = checkpoint_path(folder, args, row["sparsity"])
     loss, layers = recovery_loss(loaded, args)
     trained = training.training_copy(student, row["sparsity"], args.recover_on, _positional(work.training[0]))
-    frozen = [] if args.train_embeddings else training.freeze_embeddings(trained)
+    frozen = training.freeze_embeddings(trained) if args.freeze_embeddings else []
     try:
         recovery = recover(trained, loaded.model, work.training, args.recover_steps, loss=loss, layers=layers,
                            lr=args.lr, train_mode=False, checkpoint=path, progress=not args.no_progress,
@@ -327,7 +327,7 @@ def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[
             "recovery": (f"{args.recover_steps} steps of {batch}, AdamW lr {args.lr} (warm-up, cosine decay), "
                          f"loss: {loss} + {len(layers)} block outputs (normalized MSE), dropout off, "
                          f"on {args.recover_on} ({_on(args.recover_on)}), embeddings "
-                         f"{'trained' if args.train_embeddings else 'frozen'}" if args.recover_steps else "none"),
+                         f"{'frozen' if args.freeze_embeddings else 'trained'}" if args.recover_steps else "none"),
             "data": work.description,
             "latency": f"{args.repeats} interleaved calls per model and shape, medians; tp.sparsify timed per layer "
                        "at each shape"}

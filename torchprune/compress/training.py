@@ -1,5 +1,5 @@
 """The model the compress command's recovery trains: the pruned student itself, or a copy of it on
-the sparse kernels (sparse fine-tuning), with its embedding tables frozen unless asked otherwise.
+the sparse kernels (sparse fine-tuning), with its embedding tables frozen if asked.
 
 Why: recovery quality on a fixed time budget grows with the steps it gets, and two costs of a
 masked student's step buy nothing:
@@ -9,6 +9,9 @@ masked student's step buy nothing:
   and backward, so the same step is cheaper once most weights are gone;
 * the embedding tables (not pruned) are half of MiniLM's parameters: training them costs a dense
   gradient of the whole table and an AdamW update of it every step, for the few rows a batch reads.
+  Freezing them is an option, not the default: on MiniLM at 80% it made a step 1.28x faster on the
+  sparse kernels but cost more quality than the extra steps won back (300 steps: 0.877 frozen,
+  0.883 trained).
 
 After recovery on a sparse copy, the trained values go back into the masked student (`copy_back`),
 which is what the command saves, reloads and times.
