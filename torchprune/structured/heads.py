@@ -307,9 +307,8 @@ def _remove_transformers_heads(module, keep_t: torch.Tensor) -> None:
     projections, (out, c), n = _split_layout(module)
     owner = module.self if _separate_qkv(module) else module
     bias = getattr(module, "relative_attention_bias", None) if _t5(module) else None
-    if bias is not None:  # T5: the position bias's column of each head
-        bias.weight = nn.Parameter(bias.weight.detach()[:, keep_t].clone(), requires_grad=bias.weight.requires_grad)
-        bias.embedding_dim = len(keep_t)
+    if bias is not None:  # T5: the position bias's column of each head (an Embedding's outputs)
+        slice_layer(bias, "outputs", keep_t)
     heads_per_unit = projections[0][2] // projections[1][2]  # query heads per unit (grouped-query)
     width = _outputs(projections[0][0]) if not _fused_conv1d(module) else module.split_size
     rows: Dict[int, List[torch.Tensor]] = {}

@@ -320,7 +320,7 @@ class LabelRecorder:
         nd = tensors[0].dim()
         dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
         labs = [values[id(t)] for t in tensors]  # (compressed: size 1 along dims where they do not vary)
-        labs = [lab.view((1,) * (nd - lab.dim()) + tuple(lab.shape)) if lab.dim() < nd else lab for lab in labs]
+        labs = [rules.at_rank(lab, nd) for lab in labs]
         for d in range(nd):
             if target is not torch.stack and d == dim % nd:
                 continue
@@ -342,7 +342,7 @@ class LabelRecorder:
         labels = self.labels
         dim = dim % x.dim()
         lab = rules.unowned(x) if lab is None else lab
-        lab = lab.view((1,) * (x.dim() - lab.dim()) + tuple(lab.shape))
+        lab = rules.at_rank(lab, x.dim())
         target = [lab.shape[d] if d != dim else x.shape[dim] for d in range(x.dim())]
         parts = lab.expand(*target).chunk(len(pieces), dim) if len(pieces) else ()
         if lab.shape[dim] == 1 or not pieces:

@@ -77,6 +77,11 @@ def full(label: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 _UNOWNED = {}  # ndim -> the label of a value no unit owns (labels are never changed in place: shared)
 
 
+def at_rank(label: torch.Tensor, nd: int) -> torch.Tensor:
+    """``label`` as a view with leading size-1 dims up to ``nd`` dims (how it broadcasts)."""
+    return label.view((1,) * (nd - label.dim()) + tuple(label.shape)) if label.dim() < nd else label
+
+
 def unowned(value: torch.Tensor) -> torch.Tensor:
     nd = value.dim()
     label = _UNOWNED.get(nd)
@@ -176,7 +181,7 @@ def elementwise(tracer, operands, values, out, where: str) -> torch.Tensor:
     labels, nd = tracer.labels, out.dim()
     first = pairs[0][0]
     if len(pairs) == 1:  # a tensor and Python numbers: nothing to unify, nothing faces it
-        return first.view((1,) * (nd - first.dim()) + tuple(first.shape)) if first.dim() < nd else first
+        return at_rank(first, nd)
     if len(pairs) == 2:
         # the common case (a residual add, a gate): if both are owned everywhere, they are unified
         # position by position, so either label names the output's units; the smaller one is kept
@@ -184,10 +189,9 @@ def elementwise(tracer, operands, values, out, where: str) -> torch.Tensor:
         # projection's one id per channel, and every later op works on 384 ids, not 197 x 384)
         a, b = first.numpy(), pairs[1][0].numpy()
         if (a >= 0).all() and (b >= 0).all():
-            labels.unify_arrays(a.reshape((1,) * (nd - a.ndim) + a.shape), b.reshape((1,) * (nd - b.ndim) + b.shape))
-            small = pairs[1][0] if b.size < a.size else first
-            return small.view((1,) * (nd - small.dim()) + tuple(small.shape)) if small.dim() < nd else small
-    labs = [lab.numpy().reshape((1,) * (nd - lab.dim()) + tuple(lab.shape)) for lab, _ in pairs]
+            labels.unify_arrays(a, b)  # (numpy broadcasting lines up labels of fewer dims)
+            return at_rank(pairs[1][0] if b.size < a.size else first, nd)
+    labs = [at_rank(lab, nd).numpy() for lab, _ in pairs]
     shapes = [(1,) * (nd - v.dim()) + tuple(v.shape) for _, v in pairs]
     owned = [bool((lab >= 0).all()) for lab in labs]
     for i in range(len(labs)):
@@ -250,7 +254,7 @@ def reduce(tracer, kind: str, label, x, out, dims, keepdim: bool, where: str) ->
     if dims is None:
         dims = list(range(x.dim()))
     dims = [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
-    lab = label.reshape((1,) * (x.dim() - label.dim()) + tuple(label.shape)) if label.dim() < x.dim() else label
+    lab = at_rank(label, x.dim())
     for d in dims:
         # (a sum along a dim too: a removed position adds nothing, a zeroed one adds whatever the ops
         # after its layer make of 0, sigmoid(0) or a constant added, so the positions summed go together)
