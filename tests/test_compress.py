@@ -611,6 +611,73 @@ def test_docstring_sentences_are_plain_prose(docstrings):
     assert docstrings != sorted(docstrings)
 
 
+def test_comment_sentences_are_plain_prose():
+    """comment_sentences: over 3000 deduplicated prose sentences of 8-40 words from the real standard library."""
+    comments = corpus.comment_sentences()
+    assert len(comments) > 3000
+    _check_sentences(comments)
+
+
+LIBRARY_DOC = "The library explains itself in a docstring of plain prose."
+TEST_DOC = "A test module describes what it checks in a docstring too."
+SHARED_DOC = "This sentence is written in the library and in its tests."
+
+
+def _fake_stdlib(tmp_path, monkeypatch, held: str = "A held-out sentence of the reference is never trained on."):
+    """A standard library of three folders (its own, test/, site-packages/), read in place of the real one."""
+    root = tmp_path / "lib"
+    (root / "test").mkdir(parents=True)
+    (root / "site-packages").mkdir()
+    (root / "mod.py").write_text(
+        f'"""{LIBRARY_DOC} {SHARED_DOC}"""\n'
+        "# The first line of a comment that goes on\n#   over a second line and ends here.\n"
+        "x = 1  # A trailing comment belongs to its code and is not read as prose.\n"
+        "##\n# A separate comment that is long enough to count as prose.\n"
+        f"def f():\n    # {held}\n    pass\n")
+    (root / "test" / "test_mod.py").write_text(
+        f'"""{TEST_DOC} {SHARED_DOC}"""\n# Tests explain the library in prose as well, like this one.\n')
+    (root / "site-packages" / "pkg.py").write_text(
+        '"""A package that pip installed is not the standard library."""\n'
+        "# A comment of an installed package is left out as well.\n")
+    (root / "broken.py").write_bytes(b"# Not UTF-8 \xff\xfe so the whole file is skipped quietly.\n")
+    monkeypatch.setattr(corpus.sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+
+
+def test_comment_sentences_join_runs_of_full_line_comments(tmp_path, monkeypatch):
+    """comment_sentences: consecutive full-line comments form one paragraph, a trailing comment is code, the
+    test folder counts, site-packages and undecodable files do not."""
+    _fake_stdlib(tmp_path, monkeypatch)
+    assert set(corpus.comment_sentences()) == {
+        "The first line of a comment that goes on over a second line and ends here.",
+        "A separate comment that is long enough to count as prose.",
+        "A held-out sentence of the reference is never trained on.",
+        "Tests explain the library in prose as well, like this one."}
+
+
+def test_docstring_sentences_read_the_tests_only_when_asked(tmp_path, monkeypatch):
+    """docstring_sentences(): the library's own folders; tests=True adds the test folder's; never site-packages."""
+    _fake_stdlib(tmp_path, monkeypatch)
+    assert set(corpus.docstring_sentences()) == {LIBRARY_DOC, SHARED_DOC}
+    assert set(corpus.docstring_sentences(tests=True)) == {LIBRARY_DOC, SHARED_DOC, TEST_DOC}
+
+
+def test_training_corpus_orders_sources_and_never_trains_on_held_out_text(tmp_path, monkeypatch):
+    """training_corpus(k): the first k reference sentences held out; training is the library's docstrings, the
+    rest of the reference, the comments, then the tests' docstrings, each sentence once, none held out."""
+    reference = [f"Sentence number {i} of the reference is plain enough prose." for i in range(5)]
+    _fake_stdlib(tmp_path, monkeypatch, held=reference[1])
+    monkeypatch.setattr(corpus, "reference_sentences", lambda: list(reference))
+    training, held = corpus.training_corpus(2)
+    assert held == reference[:2]
+    assert sorted(training[:2]) == sorted([LIBRARY_DOC, SHARED_DOC])
+    assert training[2:5] == reference[2:]
+    comments = ["The first line of a comment that goes on over a second line and ends here.",
+                "A separate comment that is long enough to count as prose.",
+                "Tests explain the library in prose as well, like this one."]
+    assert sorted(training[5:8]) == sorted(comments)
+    assert training[8:] == [TEST_DOC]
+
+
 def test_text_file_sentences(tmp_path):
     """text_file_sentences: the lines stripped, empty ones dropped, in file order; ValueError naming the file
     when no line has text."""

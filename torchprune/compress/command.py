@@ -17,7 +17,8 @@ It writes results.json, report.md and report.png to ``--out``, one folder per sp
 
 Text (Hugging Face models): ``--text FILE`` (one text per line; the first ``--heldout`` lines are
 held out), or by default the prose that ships with Python: sentences of the language reference
-(the first ``--heldout`` held out) and of the standard library's docstrings (`recovery.text`).
+(the first ``--heldout`` held out) and of the standard library's docstrings and comments
+(`recovery.text.training_corpus`).
 A torch model (a file that torch.load gives an nn.Module) runs instead on ``--data``: a torch.load
 file with a list of input batches, the last ``--heldout`` of them held out; its latency is timed
 on the first held-out batch and on that batch's first sample.
@@ -153,13 +154,11 @@ def text_workload(loaded: Loaded, args: argparse.Namespace) -> Workload:
         training, heldout = corpus.split(lines, args.heldout)
         source = f"{args.text}: {len(training)} training texts, the first {len(heldout)} lines held out"
     else:
-        reference = corpus.reference_sentences()
-        rest, heldout = corpus.split(reference, args.heldout)
-        held = set(heldout)
-        training = [s for s in corpus.docstring_sentences() if s not in held] + rest
+        training, heldout = corpus.training_corpus(args.heldout)
         source = (f"prose that ships with Python {platform.python_version()}: "
                   f"{len(heldout)} held-out sentences of the language reference (digest {corpus.digest(heldout)}), "
-                  f"{len(training)} training sentences (standard-library docstrings and the rest of the reference)")
+                  f"{len(training)} training sentences (the rest of the reference, standard-library docstrings "
+                  "and comments)")
     tokenizer = loaded.tokenizer
     latency = {}
     for shape in args.latency:

@@ -1,12 +1,19 @@
 """English text that ships with Python, for calibrating and recovering language models offline.
 
-Two sources, both present on every machine with Python and the same for a given Python version:
+Three sources, all present on every machine with Python and the same for a given Python version:
 
 * `reference_sentences`: the prose sentences of the Python language reference (`pydoc_data.topics`),
   in a fixed shuffled order. The benchmarks and ``python -m torchprune compress`` hold out the first
   of them to measure quality.
 * `docstring_sentences`: the prose sentences of the docstrings of the standard library's modules,
-  read with `ast` (nothing is imported), about 7,000 of them: enough text to distil on.
+  read with `ast` (nothing is imported), about 7,000 of them (about 9,000 with the test suite's).
+* `comment_sentences`: the prose sentences of the standard library's full-line ``#`` comments,
+  about 6,500 more.
+
+`training_corpus` puts them together for distillation: a recovery of a few thousand steps goes over
+7,000 sentences many times, and a student distilled on them matched the teacher on its training
+sentences much better than on held-out ones (MiniLM at 80%: cosine 0.960 against 0.927), so the
+comments and the tests' docstrings double the text it learns from.
 
 A sentence is kept when it is plain prose of 8-40 words (starts upper-case, ends with a period, no
 code, markup or non-ASCII), so the two sources read alike. `text_file_sentences` reads a user's
@@ -23,7 +30,8 @@ import re
 import sysconfig
 from typing import Dict, Iterable, List, Tuple
 
-__all__ = ["reference_sentences", "docstring_sentences", "text_file_sentences", "split", "digest"]
+__all__ = ["reference_sentences", "docstring_sentences", "comment_sentences", "training_corpus",
+           "text_file_sentences", "split", "digest"]
 
 MIN_WORDS, MAX_WORDS = 8, 40
 SEED = 0  # the order of the sentences: a fixed shuffle, so any prefix mixes all topics
@@ -35,9 +43,10 @@ _QUOTED = re.compile(r'"([^"]*)"')
 _PLAIN_QUOTE = re.compile(r"[A-Za-z][A-Za-z0-9 .\-]*")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _BLANK_LINES = re.compile(r"\n\s*\n")
-# standard-library folders whose docstrings are tests, demos or vendored packages, not library prose
-_SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
-                    "__pycache__", "ensurepip"}
+# folders that are not the standard library's own files
+_NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
+# and those whose docstrings are tests, demos or vendored packages, not library prose
+_SKIPPED_FOLDERS = _NOT_STDLIB | {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip"}
 
 
 def _paragraphs(text: str) -> List[str]:
@@ -111,20 +120,78 @@ def _docstrings(path: str) -> Iterable[str]:
                 yield text
 
 
-def docstring_sentences() -> List[str]:
-    """Every usable sentence of the docstrings of the standard library's ``.py`` files (tests,
-    demos and site-packages left out), deduplicated, in a fixed shuffled order. Parsed, not
-    imported; takes a few seconds."""
-    root = sysconfig.get_paths()["stdlib"]
-    found: Dict[str, None] = {}
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(name for name in subfolders if name not in _SKIPPED_FOLDERS)
+def _stdlib_files(skipped) -> Iterable[str]:
+    """The standard library's ``.py`` files in a fixed order, folders named in ``skipped`` left out."""
+    for folder, subfolders, files in os.walk(sysconfig.get_paths()["stdlib"]):
+        subfolders[:] = sorted(name for name in subfolders if name not in skipped)
         for name in sorted(files):
             if name.endswith(".py"):
-                for text in _docstrings(os.path.join(folder, name)):
-                    _add_sentences((" ".join(line.strip() for line in block.splitlines())
-                                    for block in _BLANK_LINES.split(text)), found)
+                yield os.path.join(folder, name)
+
+
+def _docstring_sentences(tests: bool) -> Tuple[Dict[str, None], Dict[str, None]]:
+    """The docstring sentences of the library's own folders, and (with ``tests``) those found only
+    in its tests, IDLE and demos: one walk, each file parsed once."""
+    root = sysconfig.get_paths()["stdlib"]
+    library: Dict[str, None] = {}
+    others: Dict[str, None] = {}
+    for path in _stdlib_files(_NOT_STDLIB if tests else _SKIPPED_FOLDERS):
+        outside = not _SKIPPED_FOLDERS.isdisjoint(os.path.relpath(path, root).split(os.sep)[:-1])
+        for text in _docstrings(path):
+            _add_sentences((" ".join(line.strip() for line in block.splitlines())
+                            for block in _BLANK_LINES.split(text)), others if outside else library)
+    return library, {sentence: None for sentence in others if sentence not in library}
+
+
+def docstring_sentences(tests: bool = False) -> List[str]:
+    """Every usable sentence of the docstrings of the standard library's ``.py`` files (with
+    ``tests``, those of its test suite, IDLE and demos too; site-packages never), deduplicated, in a
+    fixed shuffled order. Parsed, not imported; takes a few seconds."""
+    library, others = _docstring_sentences(tests)
+    return _shuffled({**library, **others})
+
+
+def _comment_paragraphs(path: str) -> Iterable[str]:
+    """The runs of consecutive full-line ``#`` comments of one file, each joined into a paragraph."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (UnicodeDecodeError, OSError):
+        return
+    block: List[str] = []
+    for line in lines + [""]:
+        body = line.strip()
+        if body.startswith("#") and body.lstrip("#").strip():
+            block.append(body.lstrip("#").strip())
+        elif block:
+            yield " ".join(block)
+            block = []
+
+
+def comment_sentences() -> List[str]:
+    """Every usable sentence of the full-line ``#`` comments of the standard library's ``.py`` files
+    (its tests' included: they explain the library in prose too), deduplicated, in a fixed shuffled
+    order. About a second."""
+    found: Dict[str, None] = {}
+    for path in _stdlib_files(_NOT_STDLIB):
+        _add_sentences(_comment_paragraphs(path), found)
     return _shuffled(found)
+
+
+def training_corpus(heldout: int) -> Tuple[List[str], List[str]]:
+    """(training sentences, held-out sentences): the first ``heldout`` reference sentences held out;
+    training is every other sentence of the three sources, none of the held-out ones, each once. It
+    starts with the library's docstrings and the rest of the reference (where a calibration set is
+    cut from), then the comments and the docstrings of the tests, IDLE and demos."""
+    rest, held = split(reference_sentences(), heldout)
+    library, others = _docstring_sentences(tests=True)
+    seen = set(held)
+    training: List[str] = []
+    for sentence in _shuffled(library) + rest + comment_sentences() + _shuffled(others):
+        if sentence not in seen:
+            seen.add(sentence)
+            training.append(sentence)
+    return training, held
 
 
 def text_file_sentences(path: str) -> List[str]:
