@@ -154,6 +154,25 @@ def test_history_rows_and_default_learning_rate_schedule():
     assert factor(5) == pytest.approx(1.0) and factor(100) == pytest.approx(loop.FLOOR)
 
 
+def test_default_optimizer_is_fused_adamw_where_every_parameter_allows():
+    """The default AdamW (no weight decay) is fused for float CPU parameters, the loop for others, and a fused
+    step moves the weights as the loop does up to rounding."""
+    weights = [torch.nn.Parameter(torch.randn(7, 5, dtype=torch.float64)) for _ in range(2)]
+    fused = loop._adamw(weights, 1e-2)
+    assert fused.defaults["fused"] is True and fused.defaults["weight_decay"] == 0.0
+    assert not loop._adamw([torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))], 1e-2).defaults["fused"]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    plain = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        for group, optimizer in ((weights, fused), (twins, plain)):
+            sum((w ** 3).sum() for w in group).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for w, twin in zip(weights, twins):  # 3 steps, each rounding the weight and an update of at most lr a few times
+        bound = 3 * 8 * torch.finfo(torch.float64).eps * (twin.detach().abs() + 1e-2)
+        assert ((w - twin).abs() <= bound).all()
+
+
 def test_own_optimizer_keeps_its_learning_rate():
     """An optimizer passed in is used as is: no schedule on top of it."""
     teacher = make_teacher()

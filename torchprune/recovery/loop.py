@@ -17,7 +17,9 @@ What one step does: the teacher's output under ``no_grad``, the student's, the l
 `distillation_loss`, or your callable), ``backward``, the optimizer's step, the learning rate's
 step, then ``pruner.step()``. The default optimizer is AdamW (no weight decay: it would shrink the
 surviving weights towards the pruned ones) with a linear warm-up over the first 5% of the steps and
-a cosine decay to a tenth of ``lr``.
+a cosine decay to a tenth of ``lr``. It is torch's fused AdamW when every trained parameter is a
+floating-point CPU or CUDA tensor: on MiniLM's 22.7M parameters its step took 15 ms instead of
+93 ms, about a sixth of a recovery step on 2 cores (`_adamw`).
 
 A checkpoint (written every ``checkpoint_every`` steps and at the end, atomically) holds the
 student's and the optimizer's state, the learning rate's, the Pruner's, the random states and the
@@ -324,6 +326,13 @@ class _Loss:
         return value
 
 
+def _adamw(parameters: List[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """AdamW without weight decay; the fused kernel (one pass over all tensors) where it exists
+    for every parameter, the default loop elsewhere."""
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0, fused=fused or None)
+
+
 class _Run:
     """The objects one recovery updates (student, optimizer, learning-rate schedule, Pruner) and one
     training step on them."""
@@ -335,7 +344,7 @@ class _Run:
             parameters = [p for p in student.parameters() if p.requires_grad]
             if not parameters:
                 raise ValueError("`student` has no parameter that requires grad: nothing to recover")
-            optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+            optimizer = _adamw(parameters, lr)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
         self.optimizer = optimizer
 
