@@ -309,6 +309,8 @@ def _option_error(argv, capsys):
     (["--lr", "x"], "argument --lr: a positive number, got 'x'"),
     (["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
     (["--granularity", "2:4"], "argument --granularity: invalid choice: '2:4'"),
+    (["--attention-offset", "1"], "argument --attention-offset: must be in (-1, 1), got 1"),
+    (["--attention-offset", "x"], "argument --attention-offset: a number in (-1, 1), got 'x'"),
 ])
 def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
     """Bad option values are argparse errors: exit status 2 and a message that names the option."""
@@ -466,6 +468,29 @@ def test_bert_end_to_end_without_latency(bert_run):
     assert ("`s50/huggingface` (from_pretrained, pruned weights stored as zeros: max output difference "
             f"{row['reload_huggingface_max_diff']:.1e})") in text
     assert f"| {row['recovered']['token_cosine']:.4f} |" in text
+
+
+def test_bert_attention_offset_prunes_attention_less_at_the_same_mean(bert, tmp_path):
+    """--attention-offset -0.2 at 0.5: the attention projections at 0.3, the feed-forward layers at the sparsity
+    that keeps the mean at 0.5 (attention holds 4 x 32 x 32 of 8,192 weights per block: 0.7), as results.json
+    and report.md say and as the saved model's masks are."""
+    folder, text, transformers = bert
+    out = tmp_path / "out"
+    argv = _bert_command(folder, text, out, []) + ["--attention-offset", -0.2, "--recover-steps", 0]
+    threads = torch.get_num_threads()
+    try:
+        code, _ = _run(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    results = _results(out)
+    (row,) = results["results"]
+    assert row["attention_sparsity"] == pytest.approx(0.3) and row["other_sparsity"] == pytest.approx(0.7)
+    assert row["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert "attention projections at the row's sparsity -20 points" in results["settings"]["method"]
+    model = tp.load(os.path.join(out, "s50", "model.pt"), transformers.BertModel.from_pretrained(folder))
+    for name, mask in tp.masks(model).items():
+        assert 1 - mask.float().mean().item() == pytest.approx(0.3 if ".attention." in name else 0.7, abs=1e-3), name
 
 
 def test_bert_saved_folders_reload_to_the_pruned_model(bert_run, bert):
