@@ -16,7 +16,7 @@ sentences much better than on held-out ones (MiniLM at 80%: cosine 0.960 against
 comments and the tests' docstrings double the text it learns from.
 
 A sentence is kept when it is plain prose of 8-40 words (starts upper-case, ends with a period, no
-code, markup or non-ASCII), so the two sources read alike. `text_file_sentences` reads a user's
+code, markup or non-ASCII), so the sources read alike. `text_file_sentences` reads a user's
 own file, one text per non-empty line.
 """
 
