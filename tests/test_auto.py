@@ -766,3 +766,23 @@ def test_latency_against_dense_gives_ratios_and_refuses_a_model_named_dense(fake
     assert ratios == {"plan": 0.625} and dense_seconds == 16.0 and fake.checks == 1
     with pytest.raises(ValueError, match="must not name one 'dense'"):
         A.latency_against_dense(model, {"dense": model}, (x,), 5)
+
+
+def test_search_keeps_targets_between_one_that_undershot_and_one_that_went_over():
+    # 8 layers of cost 1 (0.75 at 50%, 0.5 at 75%) in a model of 16. Round 1 (target 0.75) measures
+    # 0.6: re-aimed up to 0.9375, which measures 0.99; the scaled target 0.9375 * 0.75 / 0.99 = 0.710
+    # falls below the target that undershot, so round 3 aims at the midpoint of 0.75 and 0.9375.
+    levels = [0.0, 0.5, 0.75]
+    costs = {str(i): [1.0, 0.75, 0.5] for i in range(8)}
+    damage = {str(i): [0.0, 1 + i / 10, 3 + i / 10] for i in range(8)}
+    measured = iter([0.6, 0.99, 0.74])
+    found = A._search(0.75, 4, 0.02, levels, costs, damage, 16.0, lambda scope: (next(measured), 0.0))
+    assert [r["target"] for r in found] == [0.75, 0.9375, (0.75 + 0.9375) / 2]
+    assert [r["measured"] for r in found] == [0.6, 0.99, 0.74]  # the third is within slack: the search ends
+
+
+def test_next_target_scales_until_bracketed_then_stays_inside():
+    assert A._next_target(0.5, 0.6, 0.3, 0.6, [0.5, float("inf")]) == pytest.approx(1.0)  # capped at 1
+    assert A._next_target(0.5, 0.5, 0.4, 0.5, [0.5, float("inf")]) == pytest.approx(0.625)  # no upper side yet
+    assert A._next_target(0.6, 0.55, 0.6, 0.5, [0.5, 0.6]) == pytest.approx(0.55)  # out of (0.5, 0.6): midpoint
+    assert A._next_target(0.6, 0.6, 0.55, 0.5, [0.5, 0.6]) == pytest.approx(0.5454545)  # inside: kept

@@ -188,22 +188,39 @@ def _search(budget: float, rounds: int, slack: float, levels, costs, damage, den
     """Allocations from scratch towards a target that each check re-aims, until one measures within
     ``slack`` below the budget (or no move is left, or ``rounds`` checks): the tables' estimate is
     off by a factor (layers timed alone are not the model's layers in the model), so the next
-    target is the last estimate scaled by budget / measured, up or down."""
+    target is the last estimate scaled by budget / measured, up or down, kept inside the targets
+    known to undershoot and to go over (`_next_target`)."""
     found: List[dict] = []
-    target = budget
+    target, bracket = budget, [0.0, float("inf")]  # the highest target that undershot, the lowest that went over
     for _ in range(rounds):
         index, steps = {name: 0 for name in costs}, []
         _allocate(index, levels, costs, damage, dense_total, target * dense_total, steps)
-        if found and index == found[-1]["index"]:
-            break  # the re-aimed target gives the same plan: nothing new to measure
+        if any(index == r["index"] for r in found):
+            break  # the re-aimed target gives a plan already checked: nothing new to measure
         estimated = _estimate(index, costs, dense_total) / dense_total
         measured, metric = check({name: levels[i] for name, i in index.items() if i > 0})
         found.append({"index": index, "steps": steps, "target": target, "estimated": estimated,
                       "measured": measured, "metric": metric})
         if budget - slack <= measured <= budget or (measured > budget and _exhausted(index, levels, costs)):
             break
-        target = min(1.0, estimated * budget / measured) if measured > 0 else target
+        if measured > budget:
+            bracket[1] = min(bracket[1], target)
+        else:
+            bracket[0] = max(bracket[0], target)
+        target = _next_target(target, estimated, measured, budget, bracket)
     return found
+
+
+def _next_target(target: float, estimated: float, measured: float, budget: float, bracket: List[float]) -> float:
+    """The last estimate scaled by budget / measured; once one target has undershot the budget and
+    another gone over it, never outside the two: timings are noisy, and a scaled target that leaves
+    the bracket (seen on the digits MLP: 0.50 undershot, 0.58 went over, the next scaled target was
+    0.499) would re-check a plan already known to fall on one side; the midpoint is taken instead."""
+    scaled = min(1.0, estimated * budget / measured) if measured > 0 else target
+    low, high = bracket
+    if high < float("inf") and low > 0 and not low < scaled < high:
+        return (low + high) / 2
+    return scaled
 
 
 def interpolate(points: Sequence[Tuple[float, float]], cost: float) -> Optional[float]:
