@@ -672,7 +672,16 @@ BAD_ARGUMENTS = {  # name: (changes to the call (a callable: of the call's keywo
     "pruner-finalized": (dict(pruner=lambda kw: _finalized_pruner(kw["student"])), ValueError, "finalized"),
     "eval-mode-starves-wanda": (dict(train_mode=False, pruner=lambda kw: _wanda_pruner(kw["student"])), ValueError,
                                 "`train_mode=False`"),
+    "teacher-cache-not-bool": (dict(teacher_cache=1), TypeError, "`teacher_cache` must be a bool"),
+    "teacher-cache-dataloader": (dict(teacher_cache=True, data=lambda kw: torch.utils.data.DataLoader(kw["data"])),
+                                 ValueError, "`teacher_cache=True` needs `data` as a list or tuple"),
+    "teacher-cache-callable-loss": (dict(teacher_cache=True, loss=lambda kw: _squared), ValueError,
+                                    "`teacher_cache=True` works with the built-in losses only"),
 }
+
+
+def _squared(student_out, teacher_out, inputs):
+    return (student_out - teacher_out).pow(2).mean()
 
 
 def _finalized_pruner(student):
@@ -1063,8 +1072,9 @@ def test_a_taylor_pruner_sees_the_gradients_of_each_step():
     assert pruner.sparsity == pytest.approx(0.8, abs=0.01)
 
 
-@pytest.mark.parametrize("change", [dict(lr=5e-3), dict(loss="mse"), dict(layers=["0"]), dict(train_mode=False)],
-                         ids=["lr", "loss", "layers", "train_mode"])
+@pytest.mark.parametrize("change", [dict(lr=5e-3), dict(loss="mse"), dict(layers=["0"]), dict(train_mode=False),
+                                    dict(teacher_cache=True)],
+                         ids=["lr", "loss", "layers", "train_mode", "teacher_cache"])
 def test_resume_with_other_settings_is_refused_without_change(tmp_path, change):
     """A checkpoint written with other settings (lr, loss, layers, train_mode) is refused, naming the
     setting, and the fresh student is left as it was."""

@@ -49,6 +49,7 @@ from ..progress import progress_bar
 from ..pruner import Pruner
 from ..state import preserved_state
 from .losses import KINDS, distillation_loss, output_tensor, token_mask
+from .teacher import TeacherCache
 
 __all__ = ["recover", "Recovery"]
 
@@ -117,6 +118,17 @@ def _check_options(pruner, layers, temperature, optimizer, train_mode) -> None:
         raise ValueError(f"`train_mode=False` with a Pruner scoring by {type(criterion).__name__}: it observes "
                          "forward passes made in train mode only, so it would see none (pass train_mode=True, or "
                          "give the Pruner `data`)")
+
+
+def _check_cache(teacher_cache, data, loss) -> None:
+    if not isinstance(teacher_cache, bool):
+        raise TypeError(f"`teacher_cache` must be a bool, got {type(teacher_cache).__name__}")
+    if teacher_cache and not isinstance(data, (list, tuple)):
+        raise ValueError("`teacher_cache=True` needs `data` as a list or tuple of batches (the same batches in the "
+                         f"same order every round), got {type(data).__name__}")
+    if teacher_cache and callable(loss):
+        raise ValueError("`teacher_cache=True` works with the built-in losses only: a `loss` callable is given the "
+                         "teacher's whole output, which the cache does not keep")
 
 
 def _warmup_cosine(steps: int) -> Callable[[int], float]:
@@ -242,6 +254,7 @@ def recover(
     checkpoint_every: int = 100,
     progress: bool = True,
     log_every: int = 10,
+    teacher_cache: bool = False,
 ) -> Recovery:
     """Trains ``student`` for ``steps`` steps to give ``teacher``'s outputs on ``data``; returns a `Recovery`.
 
@@ -259,22 +272,29 @@ def recover(
     student in eval mode (no dropout, BatchNorm statistics frozen). Both models get their train/eval
     flags back at the end; the teacher is never changed.
 
+    ``teacher_cache``: keep the teacher's targets of each batch from the first round over ``data``
+    (a list or tuple, read in the same order every round) and reuse them, in bfloat16
+    (`tp.recovery.teacher`): the teacher runs once per batch instead of once per step, for memory
+    that grows with the data's tokens. Built-in losses only.
+
     ``checkpoint``: a file path; it is written every ``checkpoint_every`` steps and at the end, and
     when it exists at the call the run resumes from it (ValueError if it was written with other
     steps, loss, output, layers, temperature, lr, train_mode or Pruner). ``progress`` shows a tqdm
     bar when tqdm is installed.
 
-    Long because the signature and this docstring cover fifteen arguments; the body is the loop.
+    Long because the signature and this docstring cover sixteen arguments; the body is the loop.
     """
     _check_arguments(student, teacher, data, steps, pruner, loss, lr, checkpoint_every, log_every)
     _check_options(pruner, layers, temperature, optimizer, train_mode)
+    _check_cache(teacher_cache, data, loss)
     layers = list(layers)
     for model, argument in ((student, "student"), (teacher, "teacher")):
         _check_layer_names(model, layers, argument)
     settings = {"loss": loss if isinstance(loss, str) else getattr(loss, "__qualname__", type(loss).__name__),
                 "output": output, "layers": layers, "temperature": float(temperature), "lr": float(lr),
-                "train_mode": train_mode}  # a resumed run must be the same run
+                "train_mode": train_mode, "teacher_cache": teacher_cache}  # a resumed run must be the same run
     run = _Run(student, teacher, pruner, optimizer, lr, steps, _Loss(loss, output, temperature, layers), settings)
+    run.cache = TeacherCache() if teacher_cache else None
     cycle = _Cycle(data, student)
     result = Recovery(steps=steps)
     path = None if checkpoint is None else os.fspath(checkpoint)
@@ -288,7 +308,7 @@ def recover(
             teacher.eval()
             student.train(train_mode)
             for step in range(start, steps):
-                value = run.step(next(cycle), step)
+                value = run.step(next(cycle), step, cycle.taken - 1)
                 done = step + 1
                 if done % log_every == 0 or done == steps:
                     result.history.append(run.row(done, value, time.perf_counter() - began))
@@ -313,17 +333,26 @@ class _Loss:
         self.student_layers: Optional[_LayerOutputs] = None
         self.teacher_layers: Optional[_LayerOutputs] = None
 
-    def __call__(self, student_out, teacher_out, inputs) -> torch.Tensor:
+    def __call__(self, student_out, teacher_out, inputs, teacher_layers: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of ``student_out`` against ``teacher_out`` (the teacher's output, or the tensor
+        a `TeacherCache` kept of it) and of the student's intermediate layers against ``teacher_layers``."""
         mask = token_mask(inputs)
         if callable(self.loss):
             value = self.loss(student_out, teacher_out, inputs)
         else:
-            value = distillation_loss(output_tensor(student_out, self.output), output_tensor(teacher_out, self.output),
-                                      self.loss, mask, self.temperature)
+            target = teacher_out if isinstance(teacher_out, torch.Tensor) else output_tensor(teacher_out, self.output)
+            value = distillation_loss(output_tensor(student_out, self.output), target, self.loss, mask,
+                                      self.temperature)
         for name in self.layers:  # normalized MSE of each intermediate output, over the kept tokens
-            ours, theirs = self.student_layers.outputs[name], self.teacher_layers.outputs[name]
+            ours, theirs = self.student_layers.outputs[name], teacher_layers[name]
             value = value + distillation_loss(ours, theirs, "mse", mask if _positions_match(mask, ours) else None)
         return value
+
+
+def _distilled(computed, output: Optional[str]):
+    """(the teacher's output, layers) with the output cut to the tensor the loss reads: what a cache keeps."""
+    teacher_out, layers = computed
+    return output_tensor(teacher_out, output), layers
 
 
 def _adamw(parameters: List[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
@@ -339,7 +368,7 @@ class _Run:
 
     def __init__(self, student, teacher, pruner, optimizer, lr, steps, loss: _Loss, settings: dict):
         self.student, self.teacher, self.pruner, self.loss, self.settings = student, teacher, pruner, loss, settings
-        self.scheduler = None
+        self.scheduler, self.cache = None, None
         if optimizer is None:
             parameters = [p for p in student.parameters() if p.requires_grad]
             if not parameters:
@@ -359,11 +388,22 @@ class _Run:
             self.loss.student_layers.remove()
             self.loss.teacher_layers.remove()
 
-    def step(self, inputs, step: int) -> torch.Tensor:
+    def targets(self, inputs, position: int):
+        """The teacher's output on ``inputs`` (the batch at ``position`` in its round) and its
+        intermediate layers' outputs: computed, or from the cache."""
+        def compute():
+            with torch.no_grad():
+                teacher_out = call(self.teacher, inputs)
+            return teacher_out, dict(self.loss.teacher_layers.outputs)
+
+        if self.cache is None:
+            return compute()
+        return self.cache.targets(position, lambda: _distilled(compute(), self.loss.output))
+
+    def step(self, inputs, step: int, position: int) -> torch.Tensor:
         """One step on ``inputs``: the loss, backward, the optimizer's and the schedules' steps."""
-        with torch.no_grad():
-            teacher_out = call(self.teacher, inputs)
-        value = self.loss(call(self.student, inputs), teacher_out, inputs)
+        teacher_out, teacher_layers = self.targets(inputs, position)
+        value = self.loss(call(self.student, inputs), teacher_out, inputs, teacher_layers)
         if not torch.isfinite(value):
             raise FloatingPointError(f"the distillation loss is {float(value.detach())} at step {step}: lower `lr`")
         value.backward()
