@@ -111,6 +111,7 @@ def test_torch_model_end_to_end_writes_results_and_report(magnitude_run):
     assert results["settings"]["model"] == "model.pt (Sequential, torch)"
     assert f"{BATCHES - HELDOUT} training batches, {HELDOUT} held out" in results["settings"]["data"]
     assert "0 block outputs" in results["settings"]["recovery"]  # an MLP has no transformer blocks
+    assert "teacher's outputs kept from the first round (bfloat16)" in results["settings"]["recovery"]
     rows = results["results"]
     assert [row["sparsity"] for row in rows] == [0.5, 0.9]
     for row in rows:
@@ -119,6 +120,8 @@ def test_torch_model_end_to_end_writes_results_and_report(magnitude_run):
         _check_quality(row["recovered"])
         assert row["prune_s"] >= 0 and row["recover_s"] > 0
         assert [entry["step"] for entry in row["recover_history"]][-1] == 20
+        # the teacher cache: an [16, 8] output in bfloat16 per training batch met in 20 steps
+        assert row["teacher_cache_gb"] * 2 ** 30 == min(20, BATCHES - HELDOUT) * 16 * 8 * 2
         assert row["reload_max_diff"] == 0
         assert set(row["latency"]) == TORCH_LATENCY
         for timing in row["latency"].values():
@@ -200,6 +203,18 @@ def test_recover_steps_zero_gives_no_recovery_and_a_dash(torch_files, tmp_path):
     text = (out / "report.md").read_text()
     assert f"| 50% | 0.500 | {row['oneshot']['cosine']:.4f} | - | {row['oneshot']['nn_agreement']:.3f} | - | - | - |" \
         in text
+
+
+def test_no_teacher_cache_runs_the_teacher_every_step(torch_files, tmp_path):
+    paths, _, _ = torch_files
+    out = tmp_path / "out"
+    code, _ = _run([paths["model"], "--data", paths["data"], "--sparsity", 0.5, "--method", "magnitude",
+                    "--recover-steps", 3, "--heldout", HELDOUT, "--repeats", 2, "--threads", 1, "--no-progress",
+                    "--no-teacher-cache", "--latency", "--out", out])
+    assert code == 0
+    results = _results(out)
+    assert "teacher's outputs computed every step" in results["settings"]["recovery"]
+    assert results["results"][0]["teacher_cache_gb"] == 0
 
 
 def test_latency_without_values_skips_timing(torch_files, tmp_path):

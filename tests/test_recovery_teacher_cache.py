@@ -51,10 +51,11 @@ def go(student, teacher, batches, steps=10, **kwargs):
 def test_the_teacher_runs_once_per_batch(container):
     teacher = Counting()
     student = student_of(teacher)
-    go(student, teacher, container(data(3)), steps=10, teacher_cache=True)
+    result = go(student, teacher, container(data(3)), steps=10, teacher_cache=True)
     assert teacher.calls == 3
+    assert result.cache_bytes == 3 * 8 * 8 * 2  # three [8, 8] outputs in bfloat16
     uncached = Counting()
-    go(student_of(uncached), uncached, data(3), steps=10)
+    assert go(student_of(uncached), uncached, data(3), steps=10).cache_bytes == 0
     assert uncached.calls == 10
 
 

@@ -69,6 +69,7 @@ class Recovery:
     steps: int
     history: List[Dict[str, float]] = field(default_factory=list)
     resumed_from: Optional[int] = None
+    cache_bytes: int = 0
     seconds: float = 0.0
 
     @property
@@ -321,6 +322,7 @@ def recover(
         if bar is not None:
             bar.close()
     result.seconds = time.perf_counter() - began
+    result.cache_bytes = 0 if run.cache is None else run.cache.nbytes
     return result
 
 
