@@ -260,15 +260,16 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
     if args.method != "magnitude":
         arguments["data"] = work.calibration
     started = time.perf_counter()
+    split = {}
     if args.attention_offset is None:
         prune(student, sparsity, **arguments)
     else:
         plan = attention_plan(student, sparsity, sparsity + args.attention_offset, exclude)
         prune(student, scope=plan, **arguments)
-    row = {"sparsity": sparsity, "prune_s": time.perf_counter() - started, "recover_s": None, "recovered": None}
-    if args.attention_offset is not None:
-        row["attention_sparsity"] = sparsity + args.attention_offset
-        row["other_sparsity"] = next(v for name, v in plan.items() if not is_attention(name))
+        split = {"attention_sparsity": sparsity + args.attention_offset,
+                 "other_sparsity": next(v for name, v in plan.items() if not is_attention(name))}
+    row = {"sparsity": sparsity, "prune_s": time.perf_counter() - started, "recover_s": None, "recovered": None,
+           **split}
     row["achieved_sparsity"] = masked_fraction(student)
     row["oneshot"] = quality(dense_outputs, outputs_of(student, work.heldout))
     print(f"  {sparsity:.0%} one-shot {args.method}: cosine {row['oneshot']['cosine']:.4f} "

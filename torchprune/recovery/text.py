@@ -161,8 +161,9 @@ def _comment_paragraphs(path: str) -> Iterable[str]:
     block: List[str] = []
     for line in lines + [""]:
         body = line.strip()
-        if body.startswith("#") and body.lstrip("#").strip():
-            block.append(body.lstrip("#").strip())
+        text = body.lstrip("#").strip() if body.startswith("#") else ""
+        if text:
+            block.append(text)
         elif block:
             yield " ".join(block)
             block = []
