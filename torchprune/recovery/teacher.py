@@ -3,14 +3,15 @@
 Why: distillation calls the dense teacher at every step, but the teacher is fixed and runs in eval
 mode, so when ``data`` is a list of batches gone over again and again it gives the same outputs for
 a batch in every round. Keeping them the first time saves the teacher's forward from the second
-round on. On all-MiniLM-L6-v2 at 90% on 2 cores a recovery step took 0.433 s in the first round and
-0.277 s from the second on, and the compress command's recoveries go over their text ten times or more.
+round on. On all-MiniLM-L6-v2 at 90% on 2 cores a recovery step took 0.433 s in the first round
+and 0.277 s from the second on, and the compress command's recoveries go over their text ten times
+or more.
 
-The outputs are kept in bfloat16: half the memory of float32 (on MiniLM, 384 features for the output
-and each of its six blocks: 5.4 KB a token, 1.74 GB for the compress command's 16,225 sentences). Its rounding, 2^-9 relative, is far below
-the distance between a pruned student and its teacher (one minus cosine is 0.05 or more). The
-targets are rounded in the first round too, so a run resumed from a checkpoint, with an empty
-cache, computes exactly what the uninterrupted run did.
+The outputs are kept in bfloat16: half the memory of float32 (on MiniLM, 384 features for the
+output and each of its six blocks: 5.4 KB a token, 1.74 GB for the compress command's 16,225
+sentences). Its rounding, 2^-9 relative, is far below the distance between a pruned student and its
+teacher (one minus cosine is 0.05 or more). The targets are rounded in the first round too, so a
+run resumed from a checkpoint, with an empty cache, computes exactly what the uninterrupted run did.
 """
 
 from __future__ import annotations
