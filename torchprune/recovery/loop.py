@@ -295,7 +295,6 @@ def recover(
                 "output": output, "layers": layers, "temperature": float(temperature), "lr": float(lr),
                 "train_mode": train_mode, "teacher_cache": teacher_cache}  # a resumed run must be the same run
     run = _Run(student, teacher, pruner, optimizer, lr, steps, _Loss(loss, output, temperature, layers), settings)
-    run.cache = TeacherCache() if teacher_cache else None
     cycle = _Cycle(data, student)
     result = Recovery(steps=steps)
     path = None if checkpoint is None else os.fspath(checkpoint)
@@ -336,25 +335,24 @@ class _Loss:
         self.teacher_layers: Optional[_LayerOutputs] = None
 
     def __call__(self, student_out, teacher_out, inputs, teacher_layers: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss of ``student_out`` against ``teacher_out`` (the teacher's output, or the tensor
-        a `TeacherCache` kept of it) and of the student's intermediate layers against ``teacher_layers``."""
+        """The loss of ``student_out`` against ``teacher_out`` (`target`'s: the teacher's whole
+        output for a callable loss, else the tensor it distils) and of the student's intermediate
+        layers against ``teacher_layers``."""
         mask = token_mask(inputs)
         if callable(self.loss):
             value = self.loss(student_out, teacher_out, inputs)
         else:
-            target = teacher_out if isinstance(teacher_out, torch.Tensor) else output_tensor(teacher_out, self.output)
-            value = distillation_loss(output_tensor(student_out, self.output), target, self.loss, mask,
+            value = distillation_loss(output_tensor(student_out, self.output), teacher_out, self.loss, mask,
                                       self.temperature)
         for name in self.layers:  # normalized MSE of each intermediate output, over the kept tokens
             ours, theirs = self.student_layers.outputs[name], teacher_layers[name]
             value = value + distillation_loss(ours, theirs, "mse", mask if _positions_match(mask, ours) else None)
         return value
 
-
-def _distilled(computed, output: Optional[str]):
-    """(the teacher's output, layers) with the output cut to the tensor the loss reads: what a cache keeps."""
-    teacher_out, layers = computed
-    return output_tensor(teacher_out, output), layers
+    def target(self, teacher_out):
+        """What the loss compares the student with: the teacher's whole output for a callable loss,
+        else the tensor ``output`` names (what a `TeacherCache` keeps)."""
+        return teacher_out if callable(self.loss) else output_tensor(teacher_out, self.output)
 
 
 def _adamw(parameters: List[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
@@ -370,7 +368,8 @@ class _Run:
 
     def __init__(self, student, teacher, pruner, optimizer, lr, steps, loss: _Loss, settings: dict):
         self.student, self.teacher, self.pruner, self.loss, self.settings = student, teacher, pruner, loss, settings
-        self.scheduler, self.cache = None, None
+        self.scheduler = None
+        self.cache = TeacherCache() if settings["teacher_cache"] else None
         if optimizer is None:
             parameters = [p for p in student.parameters() if p.requires_grad]
             if not parameters:
@@ -391,16 +390,14 @@ class _Run:
             self.loss.teacher_layers.remove()
 
     def targets(self, inputs, position: int):
-        """The teacher's output on ``inputs`` (the batch at ``position`` in its round) and its
-        intermediate layers' outputs: computed, or from the cache."""
+        """The loss's target on ``inputs`` (the batch at ``position`` in its round: `_Loss.target`)
+        and the teacher's intermediate layers' outputs: computed, or from the cache."""
         def compute():
             with torch.no_grad():
                 teacher_out = call(self.teacher, inputs)
-            return teacher_out, dict(self.loss.teacher_layers.outputs)
+            return self.loss.target(teacher_out), dict(self.loss.teacher_layers.outputs)
 
-        if self.cache is None:
-            return compute()
-        return self.cache.targets(position, lambda: _distilled(compute(), self.loss.output))
+        return compute() if self.cache is None else self.cache.targets(position, compute)
 
     def step(self, inputs, step: int, position: int) -> torch.Tensor:
         """One step on ``inputs``: the loss, backward, the optimizer's and the schedules' steps."""
