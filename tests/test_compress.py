@@ -89,8 +89,11 @@ def _check_quality(quality, token_cosine=False):
         assert -1 <= quality["token_cosine"] <= 1 + 1e-6
 
 
-def _check_timing(timing, layers):
+def _check_timing(timing, layers, rounds=None):
     assert timing["dense_ms"] > 0 and timing["sparse_ms"] > 0 and timing["speedup"] > 0
+    if rounds is not None:
+        assert len(timing["speedups"]) == rounds
+        assert min(timing["speedups"]) <= timing["speedup"] <= max(timing["speedups"])
     assert timing["layers"] == layers and 0 <= timing["swapped"] <= layers
     assert timing["max_abs_diff"] < 1e-4  # tp.sparsify gives the masked model's outputs
 
@@ -326,6 +329,7 @@ def _option_error(argv, capsys):
     (["--granularity", "2:4"], "argument --granularity: invalid choice: '2:4'"),
     (["--attention-offset", "1"], "argument --attention-offset: must be in (-1, 1), got 1"),
     (["--attention-offset", "x"], "argument --attention-offset: a number in (-1, 1), got 'x'"),
+    (["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
 ])
 def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
     """Bad option values are argparse errors: exit status 2 and a message that names the option."""
@@ -372,6 +376,13 @@ def test_text_and_data_together(torch_files):
     paths, _, _ = torch_files
     with pytest.raises(SystemExit, match="--text .* or --data .*, not both"):
         _run([paths["model"], "--data", paths["data"], "--text", "lines.txt", "--threads", 1])
+
+
+def test_text_packages_with_a_file_of_data(torch_files):
+    """--text-packages with --data (or --text): SystemExit saying the file holds all the training data."""
+    paths, _, _ = torch_files
+    with pytest.raises(SystemExit, match="--text-packages adds to the default text .* put all the training data"):
+        _run([paths["model"], "--data", paths["data"], "--text-packages", "torch", "--threads", 1])
 
 
 def test_torch_model_with_text(torch_files, tmp_path):
@@ -542,19 +553,32 @@ def test_bert_pruned_model_times_against_dense(bert_run, bert):
     dense = transformers.BertModel.from_pretrained(folder).eval()
     masked = tp.load(os.path.join(out, "s50", "model.pt"), transformers.BertModel.from_pretrained(folder)).eval()
     ids = torch.tensor([[2] + list(range(10, 24)) + [3]])
-    timing = command.time_dense_and_sparse(dense, masked, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2)
-    _check_timing(timing, layers=12)
+    timing = command.time_dense_and_sparse(dense, masked, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2,
+                                           rounds=3)
+    _check_timing(timing, layers=12, rounds=3)
 
 
 def test_bert_brief_command_with_latency(bert, tmp_path):
     """The full command with --latency 1x16: exit 0 and a 1x16 timing of the 12 masked layers."""
     folder, text, transformers = bert
-    code, _ = _run(_bert_command(folder, text, tmp_path / "out", ["1x16"]))
+    code, _ = _run(_bert_command(folder, text, tmp_path / "out", ["1x16"]) + ["--rounds", 2])
     assert code == 0
     (row,) = _results(tmp_path / "out")["results"]
     assert set(row["latency"]) == {"1x16"}
-    _check_timing(row["latency"]["1x16"], layers=12)
-    assert "| 50% | 1x16 |" in (tmp_path / "out" / "report.md").read_text()
+    _check_timing(row["latency"]["1x16"], layers=12, rounds=2)
+    report_text = (tmp_path / "out" / "report.md").read_text()
+    assert "| 50% | 1x16 |" in report_text and "x (rounds " in report_text
+
+
+def test_bert_text_package_that_is_not_installed(bert, tmp_path):
+    """--text-packages naming no installed package: SystemExit naming the option and the package, before any
+    text is read or model pruned."""
+    folder, _, _ = bert
+    with pytest.raises(SystemExit, match=re.escape("--text-packages: packages: 'no_such_package_here' is not an "
+                                                   "installed package")):
+        _run([folder, "--text-packages", "torch", "no_such_package_here", "--threads", 1, "--no-progress",
+              "--out", tmp_path / "out"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_bert_blocks_and_exclude(bert):
@@ -718,6 +742,57 @@ def test_training_corpus_orders_sources_and_never_trains_on_held_out_text(tmp_pa
     assert training[8:] == [TEST_DOC]
 
 
+def _fake_package(tmp_path, monkeypatch, name="fakepkg"):
+    """An installed package ``name`` of two files and a __pycache__ folder, on sys.path."""
+    root = tmp_path / "site" / name
+    (root / "__pycache__").mkdir(parents=True)
+    (root / "__init__.py").write_text(f'"""{LIBRARY_DOC}"""\n'
+                                      "# A package comment that explains the code in plain prose.\n")
+    (root / "sub.py").write_text('def f():\n    """The function of a submodule has a docstring too."""\n')
+    (root / "__pycache__" / "cached.py").write_text('"""A cached file is never read for its sentences."""\n')
+    (tmp_path / "site" / "single.py").write_text('"""A module of one file is not a package."""\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    return name
+
+
+def test_package_sentences_read_docstrings_and_comments_of_installed_packages(tmp_path, monkeypatch):
+    """package_sentences: every docstring and full-line comment sentence under the package's folder, once each,
+    __pycache__ left out; nothing is imported."""
+    name = _fake_package(tmp_path, monkeypatch)
+    found = corpus.package_sentences([name, name])
+    assert sorted(found) == sorted([LIBRARY_DOC, "A package comment that explains the code in plain prose.",
+                                    "The function of a submodule has a docstring too."])
+    assert name not in sys.modules
+    assert corpus.package_sentences([]) == []
+
+
+@pytest.mark.parametrize("bad", ["no_such_package_here", "single", "not a name", ""])
+def test_package_sentences_refuse_what_is_not_an_installed_package(bad, tmp_path, monkeypatch):
+    """A name that is not an installed package folder: ValueError naming it and saying what is allowed."""
+    name = _fake_package(tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match=re.escape(f"packages: {bad!r} is not an installed package (a folder of .py "
+                                                   "files); give top-level import names such as 'torch'")):
+        corpus.package_sentences([name, bad])
+
+
+def test_training_corpus_adds_the_packages_last_and_never_their_held_out_sentences(tmp_path, monkeypatch):
+    """training_corpus(k, packages): the packages' sentences after every standard-library one, none held out
+    or repeated; a bad package name fails before the standard library is read."""
+    reference = [LIBRARY_DOC] + [f"Sentence number {i} of the reference is plain enough prose." for i in range(3)]
+    _fake_stdlib(tmp_path, monkeypatch)
+    monkeypatch.setattr(corpus, "reference_sentences", lambda: list(reference))
+    name = _fake_package(tmp_path, monkeypatch)
+    plain, _ = corpus.training_corpus(1)
+    training, held = corpus.training_corpus(1, [name])
+    assert held == [LIBRARY_DOC] and LIBRARY_DOC not in training
+    assert training[:len(plain)] == plain
+    assert sorted(training[len(plain):]) == sorted(["A package comment that explains the code in plain prose.",
+                                                    "The function of a submodule has a docstring too."])
+    monkeypatch.setattr(corpus, "reference_sentences", lambda: pytest.fail("read before the names were checked"))
+    with pytest.raises(ValueError, match="'no_such_package_here' is not an installed package"):
+        corpus.training_corpus(1, [name, "no_such_package_here"])
+
+
 def test_text_file_sentences(tmp_path):
     """text_file_sentences: the lines stripped, empty ones dropped, in file order; ValueError naming the file
     when no line has text."""
@@ -783,10 +858,13 @@ def test_checkpoint_name_depends_on_the_options(tmp_path):
     command.add_arguments(parser)
     base = parser.parse_args(["model"])
     names = {command.checkpoint_path(str(tmp_path), base, 0.9)}
-    for change in (["--method", "wanda"], ["--lr", "1e-3"], ["--recover-steps", "5"], ["--granularity", "block:4x1"]):
+    for change in (["--method", "wanda"], ["--lr", "1e-3"], ["--recover-steps", "5"], ["--granularity", "block:4x1"],
+                   ["--text-packages", "torch"], ["--text-packages", "torch", "transformers"]):
         names.add(command.checkpoint_path(str(tmp_path), parser.parse_args(["model", *change]), 0.9))
     names.add(command.checkpoint_path(str(tmp_path), base, 0.8))
-    assert len(names) == 6
+    assert len(names) == 8
+    explicit = parser.parse_args(["model", "--text-packages"])  # no name: the default, none
+    assert command.checkpoint_path(str(tmp_path), explicit, 0.9) == command.checkpoint_path(str(tmp_path), base, 0.9)
     assert command.checkpoint_path(str(tmp_path), base, 0.9) == command.checkpoint_path(str(tmp_path), base, 0.9)
 
 

@@ -30,6 +30,22 @@ def test_medians_and_time_interleaved():
     assert set(result) == {"a", "b"} and all(v >= 0 for v in result.values())
 
 
+def test_time_rounds_warms_up_once_then_times_each_round_round_robin():
+    calls = []
+    rounds = timing.time_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                repeats=2, rounds=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 6
+    assert len(rounds) == 3 and all(set(one) == {"a", "b"} for one in rounds)
+    assert all(v >= 0 for one in rounds for v in one.values())
+
+
+def test_time_rounds_needs_a_round():
+    calls = []
+    with pytest.raises(ValueError, match="rounds must be a positive integer, got 0"):
+        timing.time_rounds({"a": lambda: calls.append("a")}, repeats=2, rounds=0)
+    assert calls == []  # nothing ran
+
+
 @pytest.mark.parametrize("device", [None, torch.device("cpu")])
 def test_synchronize_is_a_no_op_off_cuda(device):
     timing.synchronize(device)  # must not touch torch.cuda on a CPU-only machine

@@ -6,6 +6,9 @@ report's latency table and the benchmark scripts all time code the same way, fro
 * a warm-up call of each candidate first (first-call allocations, caches, lazy initialisation);
 * then round-robin (a, b, a, b, ...), so that drift on a shared machine hits every candidate alike;
 * the median of the samples, which drops the outliers such drift causes;
+* optionally several rounds of that (`time_rounds`): on a 2-core machine the median ratio of one
+  round of 20 calls can differ from the next round's by 5-10% (drift slower than a round), so a
+  ratio worth reporting is the median over rounds, shown with its spread;
 * with ``device`` on CUDA, a synchronize after each call, so that the host clock sees the queued
   GPU work (CUDA runs asynchronously); on the CPU that is a no-op.
 
@@ -23,7 +26,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-__all__ = ["synchronize", "warm_up", "sample_interleaved", "medians", "time_interleaved"]
+__all__ = ["synchronize", "warm_up", "sample_interleaved", "medians", "time_interleaved", "time_rounds"]
 
 Runners = Mapping[str, Callable[[], object]]
 
@@ -68,3 +71,13 @@ def time_interleaved(runners: Runners, repeats: int, warmup: int = 2,
     """Median seconds per call of each runner, measured round-robin after ``warmup`` calls of each."""
     warm_up(runners, warmup, device)
     return medians(sample_interleaved(runners, repeats, device))
+
+
+def time_rounds(runners: Runners, repeats: int, rounds: int, warmup: int = 2,
+                device: Optional[torch.device] = None) -> List[Dict[str, float]]:
+    """``rounds`` rounds of ``repeats`` round-robin calls each, after ``warmup`` calls of each
+    runner: the median seconds per call of each runner, one dict per round."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    warm_up(runners, warmup, device)
+    return [medians(sample_interleaved(runners, repeats, device)) for _ in range(rounds)]

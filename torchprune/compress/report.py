@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 from ..analysis.machine import describe
 from ..analysis.report import markdown_table, pyplot, save_figure
 
-__all__ = ["write_report", "plot"]
+__all__ = ["write_report", "plot", "spread"]
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -35,6 +35,13 @@ def _quality_rows(rows: Sequence[dict]) -> List[list]:
     return table
 
 
+def spread(speedups: Sequence[float]) -> str:
+    """`` (rounds 2.09-2.19x)`` for several rounds' speedups; empty for one round or none."""
+    if len(speedups) < 2:
+        return ""
+    return f" (rounds {min(speedups):.2f}-{max(speedups):.2f}x)"
+
+
 def _speed_rows(rows: Sequence[dict], shapes: Sequence[str]) -> List[list]:
     table = []
     for row in rows:
@@ -43,7 +50,8 @@ def _speed_rows(rows: Sequence[dict], shapes: Sequence[str]) -> List[list]:
             if timing is None:
                 continue
             table.append([f"{row['sparsity']:.0%}", shape, f"{timing['dense_ms']:.2f}", f"{timing['sparse_ms']:.2f}",
-                          f"{timing['speedup']:.2f}x", f"{timing['swapped']}/{timing['layers']}",
+                          f"{timing['speedup']:.2f}x{spread(timing.get('speedups', []))}",
+                          f"{timing['swapped']}/{timing['layers']}",
                           f"{timing['max_abs_diff']:.1e}"])
     return table
 
@@ -61,6 +69,8 @@ def write_report(path: str, info: dict, settings: Dict[str, object], rows: Seque
                               "recovered NN", "one-shot token cosine", "recovered token cosine", "recovery min"],
                              _quality_rows(rows), align="rrrrrrrrr"),
               "", "## Speed: dense against sparsified, interleaved medians", "",
+              "dense and sparse ms: medians over the rounds; speedup: the median round's, with the lowest and "
+              "highest round's (each round times the two models interleaved); "
               "swapped: layers tp.sparsify stored sparse (it keeps a layer dense where its timing says dense is "
               "faster); max diff: largest |sparse - masked| output difference.", "",
               markdown_table(["sparsity", "batch x tokens", "dense ms", "sparse ms", "speedup", "swapped",

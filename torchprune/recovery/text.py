@@ -10,6 +10,10 @@ Three sources, all present on every machine with Python and the same for a given
 * `comment_sentences`: the prose sentences of the standard library's full-line ``#`` comments,
   about 6,500 more.
 
+`package_sentences` reads the same two kinds of prose from installed packages (e.g. torch and
+transformers: about 30,000 more sentences), for a caller that wants more text; on MiniLM at 80% it
+did not help (held-out cosine 0.937 with them against 0.940 without, after 4,300 steps).
+
 `training_corpus` puts them together for distillation: a recovery of a few thousand steps goes over
 7,000 sentences many times, and a student distilled on them matched the teacher on its training
 sentences much better than on held-out ones (MiniLM at 80%: cosine 0.960 against 0.927), so the
@@ -24,14 +28,15 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import os
 import random
 import re
 import sysconfig
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
-__all__ = ["reference_sentences", "docstring_sentences", "comment_sentences", "training_corpus",
-           "text_file_sentences", "split", "digest"]
+__all__ = ["reference_sentences", "docstring_sentences", "comment_sentences", "package_sentences", "package_folder",
+           "training_corpus", "text_file_sentences", "split", "digest"]
 
 MIN_WORDS, MAX_WORDS = 8, 40
 SEED = 0  # the order of the sentences: a fixed shuffle, so any prefix mixes all topics
@@ -120,13 +125,25 @@ def _docstrings(path: str) -> Iterable[str]:
                 yield text
 
 
-def _stdlib_files(skipped) -> Iterable[str]:
-    """The standard library's ``.py`` files in a fixed order, folders named in ``skipped`` left out."""
-    for folder, subfolders, files in os.walk(sysconfig.get_paths()["stdlib"]):
+def _python_files(root: str, skipped) -> Iterable[str]:
+    """The ``.py`` files under ``root`` in a fixed order, folders named in ``skipped`` left out."""
+    for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if name not in skipped)
         for name in sorted(files):
             if name.endswith(".py"):
                 yield os.path.join(folder, name)
+
+
+def _stdlib_files(skipped) -> Iterable[str]:
+    """The standard library's ``.py`` files in a fixed order, folders named in ``skipped`` left out."""
+    return _python_files(sysconfig.get_paths()["stdlib"], skipped)
+
+
+def _docstring_paragraphs(path: str) -> Iterable[str]:
+    """The paragraphs of every docstring of one file, each paragraph's lines joined."""
+    for text in _docstrings(path):
+        for block in _BLANK_LINES.split(text):
+            yield " ".join(line.strip() for line in block.splitlines())
 
 
 def _docstring_sentences(tests: bool) -> Tuple[Dict[str, None], Dict[str, None]]:
@@ -137,9 +154,7 @@ def _docstring_sentences(tests: bool) -> Tuple[Dict[str, None], Dict[str, None]]
     others: Dict[str, None] = {}
     for path in _stdlib_files(_NOT_STDLIB if tests else _SKIPPED_FOLDERS):
         outside = not _SKIPPED_FOLDERS.isdisjoint(os.path.relpath(path, root).split(os.sep)[:-1])
-        for text in _docstrings(path):
-            _add_sentences((" ".join(line.strip() for line in block.splitlines())
-                            for block in _BLANK_LINES.split(text)), others if outside else library)
+        _add_sentences(_docstring_paragraphs(path), others if outside else library)
     return library, {sentence: None for sentence in others if sentence not in library}
 
 
@@ -179,16 +194,44 @@ def comment_sentences() -> List[str]:
     return _shuffled(found)
 
 
-def training_corpus(heldout: int) -> Tuple[List[str], List[str]]:
+def package_folder(name: str) -> str:
+    """The folder of the installed top-level package ``name``, found without importing it.
+    ValueError naming it when it is not an installed package of Python files."""
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations or not os.path.isdir(locations[0]):
+        raise ValueError(f"packages: {name!r} is not an installed package (a folder of .py files); "
+                         "give top-level import names such as 'torch' or 'transformers'")
+    return locations[0]
+
+
+def package_sentences(names: Sequence[str]) -> List[str]:
+    """Every usable sentence of the docstrings and full-line comments of the installed packages
+    ``names`` (import names, e.g. ``["torch", "transformers"]``: every ``.py`` file in their folders,
+    parsed, not imported), deduplicated, in a fixed shuffled order. What a package holds depends on
+    its version: `digest` tells two lists apart. ValueError before any reading when a name is not an
+    installed package."""
+    folders = [package_folder(name) for name in names]
+    found: Dict[str, None] = {}
+    for folder in folders:
+        for path in _python_files(folder, {"__pycache__"}):
+            _add_sentences(_docstring_paragraphs(path), found)
+            _add_sentences(_comment_paragraphs(path), found)
+    return _shuffled(found)
+
+
+def training_corpus(heldout: int, packages: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
     """(training sentences, held-out sentences): the first ``heldout`` reference sentences held out;
     training is every other sentence of the three sources, none of the held-out ones, each once. It
     starts with the library's docstrings and the rest of the reference (where a calibration set is
-    cut from), then the comments and the docstrings of the tests, IDLE and demos."""
+    cut from), then the comments and the docstrings of the tests, IDLE and demos, then those of the
+    installed ``packages`` (`package_sentences`)."""
+    extra = package_sentences(packages)  # first: a bad name fails before the standard library is read
     rest, held = split(reference_sentences(), heldout)
     library, others = _docstring_sentences(tests=True)
     seen = set(held)
     training: List[str] = []
-    for sentence in _shuffled(library) + rest + comment_sentences() + _shuffled(others):
+    for sentence in _shuffled(library) + rest + comment_sentences() + _shuffled(others) + extra:
         if sentence not in seen:
             seen.add(sentence)
             training.append(sentence)
