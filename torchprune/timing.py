@@ -69,8 +69,7 @@ def medians(samples: Mapping[str, List[float]]) -> Dict[str, float]:
 def time_interleaved(runners: Runners, repeats: int, warmup: int = 2,
                      device: Optional[torch.device] = None) -> Dict[str, float]:
     """Median seconds per call of each runner, measured round-robin after ``warmup`` calls of each."""
-    warm_up(runners, warmup, device)
-    return medians(sample_interleaved(runners, repeats, device))
+    return time_rounds(runners, repeats, 1, warmup, device)[0]
 
 
 def time_rounds(runners: Runners, repeats: int, rounds: int, warmup: int = 2,
