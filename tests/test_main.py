@@ -73,6 +73,18 @@ def test_module_entry_point():
     assert done.returncode == 0 and "--quick" in done.stdout and "--out" in done.stdout
 
 
+@pytest.mark.parametrize("command", ["demo", "compress"])
+def test_help_renders_every_option(command, capsys):
+    """argparse %-formats help strings: a bare "70% s" once printed an argparse dict into --help."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "option_strings" not in text and "%(" not in text
+    if command == "compress":
+        assert "auto: sparse from 70%" in " ".join(text.split())
+
+
 def test_bench_runs_the_checkouts_launcher_with_this_interpreter(monkeypatch):
     calls = []
     monkeypatch.setattr(command_line.subprocess, "call", lambda command, env: calls.append((command, env)) or 5)

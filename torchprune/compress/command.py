@@ -120,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peak AdamW learning rate of recovery (default 2e-3, the best of 1e-4 to 2e-3 on MiniLM)")
     parser.add_argument("--recover-on", choices=training.ON_CHOICES, default="auto",
                         help="train the sparse kernels' kept weights (sparse) or the masked dense layers (masked); "
-                             f"auto: sparse from {training.SPARSE_FROM:.0%} sparsity up (default)")
+                             f"auto: sparse from {training.SPARSE_FROM:.0%}% sparsity up (default)")
     parser.add_argument("--freeze-embeddings", action="store_true",
                         help="do not train the embedding tables (each step 1.1-1.3x faster; on MiniLM at 80%%, "
                              "300 steps gave cosine 0.877 frozen against 0.883 trained)")
