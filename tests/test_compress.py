@@ -330,6 +330,13 @@ def _option_error(argv, capsys):
     (["--attention-offset", "1"], "argument --attention-offset: must be in (-1, 1), got 1"),
     (["--attention-offset", "x"], "argument --attention-offset: a number in (-1, 1), got 'x'"),
     (["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+    (["--offset", "query"], "argument --offset: PATTERN=D such as 'query|key=0.1', got 'query'"),
+    (["--offset", "=0.1"], "argument --offset: PATTERN=D such as 'query|key=0.1', got '=0.1'"),
+    (["--offset", "(query=0.1"], "argument --offset: '(query' is not a regular expression (missing ),"),
+    (["--offset", "query=1"], "argument --offset: must be in (-1, 1), got 1"),
+    (["--offset", "query=x"], "argument --offset: a number in (-1, 1), got 'x'"),
+    (["--offset", "query=0.1", "--attention-offset", "0.1"],
+     "argument --attention-offset: not allowed with argument --offset"),
 ])
 def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
     """Bad option values are argparse errors: exit status 2 and a message that names the option."""
@@ -517,6 +524,33 @@ def test_bert_attention_offset_prunes_attention_less_at_the_same_mean(bert, tmp_
     model = tp.load(os.path.join(out, "s50", "model.pt"), transformers.BertModel.from_pretrained(folder))
     for name, mask in tp.masks(model).items():
         assert 1 - mask.float().mean().item() == pytest.approx(0.3 if ".attention." in name else 0.7, abs=1e-3), name
+
+
+def test_bert_offset_prunes_matched_layers_at_their_own_sparsity(bert, tmp_path):
+    """--offset 'query|key=0.2' 'value|attention.output=-0.2' at 0.5: query and key at 0.7, value and the
+    attention output at 0.3 (each 1,024 of 8,192 weights per block), the feed-forward layers at what keeps the
+    mean: 0.5 again."""
+    folder, text, transformers = bert
+    out = tmp_path / "out"
+    argv = _bert_command(folder, text, out, []) + ["--offset", "query|key=0.2", "value|attention.output=-0.2",
+                                                    "--recover-steps", 0]
+    threads = torch.get_num_threads()
+    try:
+        code, _ = _run(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    results = _results(out)
+    (row,) = results["results"]
+    assert row["offset_sparsity"] == pytest.approx({"query|key": 0.7, "value|attention.output": 0.3, "other": 0.5})
+    assert row["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert ("layers matching 'query|key' at the row's sparsity +20 points, layers matching 'value|attention.output' "
+            "at the row's sparsity -20 points, the other layers") in results["settings"]["method"]
+    model = tp.load(os.path.join(out, "s50", "model.pt"), transformers.BertModel.from_pretrained(folder))
+    for name, mask in tp.masks(model).items():
+        lower = name.endswith("value") or ".attention.output" in name
+        expected = 0.7 if name.endswith(("query", "key")) else 0.3 if lower else 0.5
+        assert 1 - mask.float().mean().item() == pytest.approx(expected, abs=1e-3), name
 
 
 def test_bert_saved_folders_reload_to_the_pruned_model(bert_run, bert):
@@ -859,10 +893,11 @@ def test_checkpoint_name_depends_on_the_options(tmp_path):
     base = parser.parse_args(["model"])
     names = {command.checkpoint_path(str(tmp_path), base, 0.9)}
     for change in (["--method", "wanda"], ["--lr", "1e-3"], ["--recover-steps", "5"], ["--granularity", "block:4x1"],
-                   ["--text-packages", "torch"], ["--text-packages", "torch", "transformers"]):
+                   ["--text-packages", "torch"], ["--text-packages", "torch", "transformers"],
+                   ["--offset", "query=0.1"], ["--offset", "query=0.2"], ["--offset", "key=0.1"]):
         names.add(command.checkpoint_path(str(tmp_path), parser.parse_args(["model", *change]), 0.9))
     names.add(command.checkpoint_path(str(tmp_path), base, 0.8))
-    assert len(names) == 8
+    assert len(names) == 11
     explicit = parser.parse_args(["model", "--text-packages"])  # no name: the default, none
     assert command.checkpoint_path(str(tmp_path), explicit, 0.9) == command.checkpoint_path(str(tmp_path), base, 0.9)
     assert command.checkpoint_path(str(tmp_path), base, 0.9) == command.checkpoint_path(str(tmp_path), base, 0.9)

@@ -1,10 +1,10 @@
-"""``--attention-offset``: attention projections at their own sparsity, the mean kept (compress/allocation.py)."""
+"""`--attention-offset` and `--offset`: layers at their own sparsity, the mean kept (compress/allocation.py)."""
 
 import pytest
 import torch
 from torch import nn
 
-from torchprune.compress.allocation import attention_plan, is_attention
+from torchprune.compress.allocation import attention_plan, is_attention, offset_plan
 
 
 class Block(nn.Module):
@@ -72,3 +72,39 @@ def test_plan_needs_attention_and_other_layers():
     with pytest.raises(SystemExit):
         attention_plan(model, 0.95, 0.7, exclude=["pooler"])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # a plan only reads the model
+
+
+def test_offset_plan_first_pattern_wins_and_the_rest_keeps_the_mean():
+    """query at 0.9 + 0.05, the attention output (found by the second pattern only) at 0.9 - 0.2, the rest at
+    what keeps the mean over the pruned weights: 0.9 * 1280 = (0.95 + 0.7) * 128 + s * 1024, so s = 0.91875."""
+    model = Encoder()
+    plan = offset_plan(model, 0.9, [("query", 0.05), ("attention", -0.2)], exclude=["pooler"])
+    assert set(plan) == {name for name, m in model.named_modules() if isinstance(m, nn.Linear)} - {"pooler"}
+    for name, value in plan.items():
+        expected = 0.95 if name.endswith("query") else 0.7 if ".attention." in name else 0.91875
+        assert value == pytest.approx(expected, abs=1e-12), name
+    sizes = {name: model.get_submodule(name).weight.numel() for name in plan}
+    assert sum(plan[n] * sizes[n] for n in plan) / sum(sizes.values()) == pytest.approx(0.9, abs=1e-12)
+
+
+def test_offset_plan_matches_attention_plan_for_the_attention_pattern():
+    model = Encoder()
+    expected = attention_plan(model, 0.6, 0.5, ["pooler"])
+    assert offset_plan(model, 0.6, [(r"\.attention\.", -0.1)], ["pooler"]) == expected
+
+
+@pytest.mark.parametrize("offsets,message", [
+    ([("nothing", 0.1)], "'nothing' finds no prunable layer; prunable layers: ['layer.0.attention.query'"),
+    ([("query", 0.2)], "the layers 'query' finds would be at 1.000 with --sparsity 0.8"),
+    ([("query", -0.9)], "the layers 'query' finds would be at -0.100"),
+    ([("layer", 0.1)], "every prunable layer matches a pattern; leave some to keep the mean at --sparsity"),
+    ([("attention", 0.1), ("query", -0.1)], "every layer 'query' finds is taken by an earlier pattern"),
+    ([("attention", -0.8)], "the offsets with --sparsity 0.8 would need the other layers at 1.000 (the matched "
+                             "layers hold 20.0% of the weights)")])
+def test_offset_plan_refusals_name_the_option(offsets, message):
+    model = Encoder()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(SystemExit) as error:
+        offset_plan(model, 0.8, offsets, exclude=["pooler"])
+    assert str(error.value).startswith("--offset: ") and message in str(error.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -52,7 +52,7 @@ from ..recovery.losses import output_tensor
 from ..sparsify import sparsify
 from ..timing import time_rounds
 from . import report, training
-from .allocation import attention_plan, is_attention
+from .allocation import attention_plan, is_attention, offset_plan
 from .models import Loaded, fresh_dense, load_model, reload_huggingface, reload_model, save_model
 from .workload import outputs_of, quality, text_batches, token_inputs
 
@@ -99,6 +99,18 @@ _offset = _checked(float, "a number in (-1, 1)", lambda v: -1 < v < 1, "in (-1, 
 _positive_float = _checked(float, "a positive number", lambda v: 0 < v < float("inf"), "a positive number")
 
 
+def _offset_rule(text: str) -> Tuple[str, float]:
+    """``--offset``'s PATTERN=D: a regular expression and an offset in (-1, 1)."""
+    pattern, equals, offset = text.rpartition("=")
+    if not equals or not pattern:
+        raise argparse.ArgumentTypeError(f"PATTERN=D such as 'query|key=0.1', got {text!r}")
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise argparse.ArgumentTypeError(f"{pattern!r} is not a regular expression ({error})") from None
+    return pattern, _offset(offset)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the ``compress`` command."""
     parser.add_argument("model", metavar="MODEL",
@@ -106,10 +118,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparsity", type=_sparsity, nargs="+", default=[0.9], metavar="S",
                         help="one or more sparsities of the pruned Linear layers (default 0.9)")
     parser.add_argument("--method", choices=METHODS, default="sparsegpt", help="one-shot criterion (default sparsegpt)")
-    parser.add_argument("--attention-offset", type=_offset, default=None, metavar="D",
-                        help="attention projections at --sparsity + D (e.g. -0.1), the other layers at the sparsity "
-                             "that keeps the mean at --sparsity (default: --sparsity everywhere; on MiniLM at 0.9, "
-                             "-0.1 recovered better)")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--attention-offset", type=_offset, default=None, metavar="D",
+                       help="attention projections at --sparsity + D (e.g. -0.1), the other layers at the sparsity "
+                            "that keeps the mean at --sparsity (default: --sparsity everywhere; on MiniLM at 0.9, "
+                            "-0.1 recovered better)")
+    split.add_argument("--offset", type=_offset_rule, nargs="+", default=None, metavar="PATTERN=D",
+                       help="layers whose name a regular expression finds at --sparsity + D (the first pattern that "
+                            "finds a layer), the other layers at the sparsity that keeps the mean at --sparsity; "
+                            "e.g. 'query|key=0.1' 'value|attention.output=-0.2' (see docs/guide/recovery.md)")
     parser.add_argument("--granularity", default="weight", choices=("weight", "block:4x1", "block:8x1"),
                         help="single weights (default) or R x 1 blocks (the block-sparse kernel's format)")
     parser.add_argument("--recover-steps", type=_non_negative, default=1000, metavar="N",
@@ -296,14 +313,7 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
     if args.method != "magnitude":
         arguments["data"] = work.calibration
     started = time.perf_counter()
-    split = {}
-    if args.attention_offset is None:
-        prune(student, sparsity, **arguments)
-    else:
-        plan = attention_plan(student, sparsity, sparsity + args.attention_offset, exclude)
-        prune(student, scope=plan, **arguments)
-        split = {"attention_sparsity": sparsity + args.attention_offset,
-                 "other_sparsity": next(v for name, v in plan.items() if not is_attention(name))}
+    split = _prune(student, sparsity, args, arguments, exclude)
     row = {"sparsity": sparsity, "prune_s": time.perf_counter() - started, "recover_s": None, "recovered": None,
            **split}
     row["achieved_sparsity"] = masked_fraction(student)
@@ -323,6 +333,25 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
     return row
 
 
+def _prune(student: nn.Module, sparsity: float, args: argparse.Namespace, arguments: dict, exclude: list) -> dict:
+    """Prunes ``student`` one-shot at a mean of ``sparsity``, split by ``--attention-offset`` or
+    ``--offset``; returns the split for the results row (empty without one)."""
+    if args.attention_offset is not None:
+        plan = attention_plan(student, sparsity, sparsity + args.attention_offset, exclude)
+        split = {"attention_sparsity": sparsity + args.attention_offset,
+                 "other_sparsity": next(v for name, v in plan.items() if not is_attention(name))}
+    elif args.offset:
+        plan = offset_plan(student, sparsity, args.offset, exclude)
+        other = next(v for name, v in plan.items() if not any(re.search(p, name) for p, _ in args.offset))
+        split = {"offset_sparsity": {**{pattern: sparsity + offset for pattern, offset in args.offset},
+                                     "other": other}}
+    else:
+        prune(student, sparsity, **arguments)
+        return {}
+    prune(student, scope=plan, **arguments)
+    return split
+
+
 def recovery_loss(loaded: Loaded, args: argparse.Namespace) -> Tuple[str, List[str]]:
     """The recovery's loss kind and intermediate layers: the sentence-embedding loss for a Hugging
     Face model (cosine for a torch model's outputs), plus every transformer block with ``--layers auto``."""
@@ -338,6 +367,7 @@ def checkpoint_path(folder: str, args: argparse.Namespace, sparsity: float) -> s
                args.layers, args.text, args.data, args.calibration, args.heldout, args.max_tokens, args.seed,
                args.recover_on, args.freeze_embeddings, args.teacher_cache]
     options += [text_packages(args)] if text_packages(args) else []  # none: the name earlier versions gave
+    options += [args.offset] if args.offset else []
     return os.path.join(folder, f"recover-{hashlib.sha256(repr(options).encode()).hexdigest()[:10]}.pt")
 
 
@@ -379,10 +409,7 @@ def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[
     loss, layers = recovery_loss(loaded, args)
     batch = f"{args.batch_size} texts" if loaded.kind == "huggingface" else "one --data batch"
     return {"model": f"{loaded.name} ({type(loaded.model).__name__}, {loaded.kind})",
-            "method": f"{args.method}, granularity {args.granularity}, "
-                      + ("the same sparsity in every prunable layer" if args.attention_offset is None else
-                         f"attention projections at the row's sparsity {100 * args.attention_offset:+.0f} points, "
-                         "the other layers at the sparsity that keeps the row's mean")
+            "method": f"{args.method}, granularity {args.granularity}, {_split(args)}"
                       + "".join(f" but {name}" for name in default_exclude(loaded.model)),
             "recovery": (f"{args.recover_steps} steps of {batch}, AdamW lr {args.lr} (warm-up, cosine decay), "
                          f"loss: {loss} + {len(layers)} block outputs (normalized MSE), dropout off, "
@@ -393,6 +420,17 @@ def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[
             "data": work.description,
             "latency": f"{args.rounds} round(s) of {args.repeats} interleaved calls per model and shape; medians, "
                        "and the median round's speedup; tp.sparsify timed per layer at each shape"}
+
+
+def _split(args: argparse.Namespace) -> str:
+    """How report.md's settings describe the sparsity of each layer."""
+    rest = "the other layers at the sparsity that keeps the row's mean"
+    if args.attention_offset is not None:
+        return f"attention projections at the row's sparsity {100 * args.attention_offset:+.0f} points, {rest}"
+    if args.offset:
+        return ", ".join(f"layers matching {pattern!r} at the row's sparsity {100 * offset:+.0f} points"
+                         for pattern, offset in args.offset) + f", {rest}"
+    return "the same sparsity in every prunable layer"
 
 
 def _on(choice: str) -> str:
