@@ -126,7 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     split.add_argument("--offset", type=_offset_rule, nargs="+", default=None, metavar="PATTERN=D",
                        help="layers whose name a regular expression finds at --sparsity + D (the first pattern that "
                             "finds a layer), the other layers at the sparsity that keeps the mean at --sparsity; "
-                            "e.g. 'query|key=0.1' 'value|attention.output=-0.2' (see docs/guide/recovery.md)")
+                            "on MiniLM 'query|key=0' 'value|attention.output=-0.2' recovered best "
+                            "(docs/guide/recovery.md)")
     parser.add_argument("--granularity", default="weight", choices=("weight", "block:4x1", "block:8x1"),
                         help="single weights (default) or R x 1 blocks (the block-sparse kernel's format)")
     parser.add_argument("--recover-steps", type=_non_negative, default=1000, metavar="N",
