@@ -503,25 +503,29 @@ def test_bert_end_to_end_without_latency(bert_run):
     assert f"| {row['recovered']['token_cosine']:.4f} |" in text
 
 
+def _split_run(bert, tmp_path, options):
+    """The BERT command at 0.5 without recovery or timing, with ``options``: results.json, and the saved
+    model.pt loaded into a fresh BertModel."""
+    folder, text, transformers = bert
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    try:
+        code, _ = _run(_bert_command(folder, text, out, []) + options + ["--recover-steps", 0])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return _results(out), tp.load(os.path.join(out, "s50", "model.pt"), transformers.BertModel.from_pretrained(folder))
+
+
 def test_bert_attention_offset_prunes_attention_less_at_the_same_mean(bert, tmp_path):
     """--attention-offset -0.2 at 0.5: the attention projections at 0.3, the feed-forward layers at the sparsity
     that keeps the mean at 0.5 (attention holds 4 x 32 x 32 of 8,192 weights per block: 0.7), as results.json
     and report.md say and as the saved model's masks are."""
-    folder, text, transformers = bert
-    out = tmp_path / "out"
-    argv = _bert_command(folder, text, out, []) + ["--attention-offset", -0.2, "--recover-steps", 0]
-    threads = torch.get_num_threads()
-    try:
-        code, _ = _run(argv)
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
-    results = _results(out)
+    results, model = _split_run(bert, tmp_path, ["--attention-offset", -0.2])
     (row,) = results["results"]
     assert row["attention_sparsity"] == pytest.approx(0.3) and row["other_sparsity"] == pytest.approx(0.7)
     assert row["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert "attention projections at the row's sparsity -20 points" in results["settings"]["method"]
-    model = tp.load(os.path.join(out, "s50", "model.pt"), transformers.BertModel.from_pretrained(folder))
     for name, mask in tp.masks(model).items():
         assert 1 - mask.float().mean().item() == pytest.approx(0.3 if ".attention." in name else 0.7, abs=1e-3), name
 
@@ -530,23 +534,12 @@ def test_bert_offset_prunes_matched_layers_at_their_own_sparsity(bert, tmp_path)
     """--offset 'query|key=0.2' 'value|attention.output=-0.2' at 0.5: query and key at 0.7, value and the
     attention output at 0.3 (each 1,024 of 8,192 weights per block), the feed-forward layers at what keeps the
     mean: 0.5 again."""
-    folder, text, transformers = bert
-    out = tmp_path / "out"
-    argv = _bert_command(folder, text, out, []) + ["--offset", "query|key=0.2", "value|attention.output=-0.2",
-                                                    "--recover-steps", 0]
-    threads = torch.get_num_threads()
-    try:
-        code, _ = _run(argv)
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
-    results = _results(out)
+    results, model = _split_run(bert, tmp_path, ["--offset", "query|key=0.2", "value|attention.output=-0.2"])
     (row,) = results["results"]
     assert row["offset_sparsity"] == pytest.approx({"query|key": 0.7, "value|attention.output": 0.3, "other": 0.5})
     assert row["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert ("layers matching 'query|key' at the row's sparsity +20 points, layers matching 'value|attention.output' "
             "at the row's sparsity -20 points, the other layers") in results["settings"]["method"]
-    model = tp.load(os.path.join(out, "s50", "model.pt"), transformers.BertModel.from_pretrained(folder))
     for name, mask in tp.masks(model).items():
         lower = name.endswith("value") or ".attention.output" in name
         expected = 0.7 if name.endswith(("query", "key")) else 0.3 if lower else 0.5
