@@ -62,8 +62,9 @@ def offset_plan(model: nn.Module, sparsity: float, offsets: Sequence[Tuple[str, 
     """A ``scope`` dict for `tp.prune`: each layer `tp.prune` would prune whose dotted name the
     regular expression of one of ``offsets`` finds (``re.search``; the first that does) at ``sparsity``
     plus that offset, every other one at the sparsity that makes the weight-weighted mean ``sparsity``.
-    SystemExit naming ``--offset`` when a pattern finds no prunable layer, a sparsity falls outside
-    [0, 1), or every layer is matched (nothing would be left to keep the mean)."""
+    SystemExit naming ``--offset`` when a pattern finds no prunable layer or only layers an earlier
+    pattern took, a sparsity falls outside [0, 1), or every layer is matched (nothing would be left
+    to keep the mean)."""
     layers, _ = target_layers(model, exclude, "layer")
     rules = [(re.compile(pattern), pattern, sparsity + offset) for pattern, offset in offsets]
     for compiled, pattern, value in rules:
