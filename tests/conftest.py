@@ -191,13 +191,15 @@ import sys
 import torch
 from torchprune import ops
 cases = torch.load(sys.argv[1])
-torch.save([getattr(ops, {op!r})(*args) for args in cases], sys.argv[2])
+op = getattr(ops, {op!r}, None) or getattr(torch.ops.torchprune, {op!r})
+torch.save([op(*args) for args in cases], sys.argv[2])
 print("ok")
 """
 
 
 def run_op_switched(op, cases, switch, tmp_path):
-    """``torchprune.ops.<op>(*args)`` for every tuple of ``cases``, run in a fresh interpreter with
+    """``torchprune.ops.<op>(*args)`` (or ``torch.ops.torchprune.<op>``, for an op with no Python
+    wrapper) for every tuple of ``cases``, run in a fresh interpreter with
     the environment variable ``switch`` set to 1 (TORCHPRUNE_PORTABLE, TORCHPRUNE_NO_AVX2: the kernels
     are chosen once per process). Returns the outputs."""
     torch.save(cases, tmp_path / "cases.pt")

@@ -4,7 +4,9 @@ of 8 output features and a ragged last group, row panels split over threads, K c
 blocks once K > 512 (partial sums carried between blocks, rows taken 512 at a time), 16- and 32-bit
 column indices, bias. Backward: the input gradient runs the forward kernel on Wᵀ (so N > 512 cuts
 its K-blocks), the value gradient the SDDMM with 8 entries reduced at once and a ragged remainder
-per row, accumulated over batch tiles. On a CPU without AVX2 (or with TORCHPRUNE_PORTABLE=1) the
+per row, accumulated over batch tiles. On a CPU with AVX-512 the 32-wide panels run the AVX-512
+kernel (csrc/cpu/spmm_avx512.cpp); the same cases then run again with TORCHPRUNE_NO_AVX512=1, so
+the AVX2 kernel's 32-wide path is covered there too. On a CPU without AVX2 (or with TORCHPRUNE_PORTABLE=1) the
 same cases run the portable loops, which must agree too. Tolerances come from the rounding bound
 of each dot product (tests/error_bounds.py), against float64 references.
 """
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 from torchprune import ops as _ops
 
+from conftest import run_op_switched
 from error_bounds import assert_close, assert_op_close, bilinear_references
 
 CASES = [  # (m, n, k, sparsity)
@@ -41,6 +44,34 @@ def test_matches_dense(case, bias):
     b = torch.randn(n, generator=g) if bias else None
     y = _ops.sparse_linear(x, *_ops.pack_csr(w), k, b)
     assert_op_close(y, F.linear, (x, w, b) if bias else (x, w))
+
+
+def test_the_avx2_kernel_matches_where_avx512_would_run(tmp_path):
+    """The forward CASES and the input gradients of BACKWARD_CASES (the forward kernel on Wᵀ) in a
+    process with the AVX-512 kernels switched off: on an AVX-512 CPU this is the only run of the
+    AVX2 32-wide kernel; elsewhere it repeats the default run."""
+    forward, reference = [], []
+    for m, n, k, sparsity in CASES + BACKWARD_CASES:
+        g = torch.Generator().manual_seed(m * 1000 + n + k + 1)
+        w, x = sparse(n, k, sparsity, g), torch.randn(m, k, generator=g)
+        b = torch.randn(n, generator=g)
+        forward.append((x, *_ops.pack_csr(w), k, b))
+        reference.append((x, w, b))
+    outputs = run_op_switched("sparse_linear", forward, "TORCHPRUNE_NO_AVX512", tmp_path)
+    for y, args in zip(outputs, reference):
+        assert_op_close(y, F.linear, args)
+    backward = []
+    for m, n, k, sparsity in BACKWARD_CASES:
+        g = torch.Generator().manual_seed(m + 7 * n + k + 1)
+        w = sparse(n, k, sparsity, g)
+        row_ptr, col_idx, values = _ops.pack_csr(w)
+        x, grad = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+        backward.append((grad, x, row_ptr, col_idx, values, k, [True, False, False]))
+        reference.append((x, w, grad))
+    grads = run_op_switched("sparse_linear_backward", backward, "TORCHPRUNE_NO_AVX512", tmp_path)
+    for (grad_x, _, _), (x, w, grad) in zip(grads, reference[len(forward):]):
+        (_, expected), (_, mags), (_, terms) = bilinear_references(F.linear, (x, w), grad)
+        assert_close(torch.float32)(grad_x, expected[0], mags[0], terms[0], "grad_x")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

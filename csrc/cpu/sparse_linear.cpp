@@ -292,7 +292,7 @@ Tensor x_panels(const Tensor& x2, int64_t tile) {
   Tensor panels = at::empty({tiles, k, tile}, x2.options());
   const float* x = x2.data_ptr<float>();
   float* out = panels.data_ptr<float>();
-  for_items(tiles, useful_threads(m * k / 8), [&](int64_t t) {
+  for_items(tiles, useful_threads(m * k), [&](int64_t t) {
     avx2::pack_panel(x, k, m, k, tile, t, out + t * k * tile);
   });
   return panels;

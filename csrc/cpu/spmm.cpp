@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 namespace torchprune {
 namespace cpu {
@@ -214,11 +213,7 @@ TP_DEFINE_KERNELS(double, int32_t, f64_i32)
 // TORCHPRUNE_NO_AVX512=1 (or TORCHPRUNE_PORTABLE=1, which also turns off the AVX2 kernel of
 // sparse_linear) forces the portable kernels (read once per process), so that the tests cover
 // them on machines that have AVX-512 too.
-bool use_avx512() {
-  static const bool use = avx512::supported() && std::getenv("TORCHPRUNE_NO_AVX512") == nullptr &&
-                          std::getenv("TORCHPRUNE_PORTABLE") == nullptr;
-  return use;
-}
+bool use_avx512() { return avx512::enabled(); }
 
 }  // namespace
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/avx2_tiles.h"
+#include "cpu/spmm_avx512.h"
 
 namespace torchprune {
 namespace cpu {
@@ -200,6 +201,8 @@ void spmm_panel(const Csr<float, I>& a, const KBlocks& kb, const float* panel, i
                 int64_t width, const float* init, float* y, int64_t ldy, int64_t r0, int64_t r1) {
   if (tile == kNarrowTile) {
     panel_kernel<2, 4>(a, kb, panel, width, init, y, ldy, r0, r1);
+  } else if (avx512::enabled()) {
+    avx512::spmm_panel(a, kb, panel, width, init, y, ldy, r0, r1);
   } else {
     panel_kernel<4, 2>(a, kb, panel, width, init, y, ldy, r0, r1);
   }

@@ -1,4 +1,5 @@
-// AVX-512 version of the forward hot path for batch > 1, spmm (contract in spmm.h).
+// AVX-512 versions of the forward hot paths for batch > 1: spmm and spmm_offsets (contract in
+// spmm.h), and the wide-tile panel product of sparse_linear (contract in spmm_avx2.h).
 //
 // The portable loop in spmm.cpp leaves the compiler to keep accumulators in registers and to
 // handle ragged tile edges; measured here it ran at 4-5 GF/s, a fraction of what the machine
@@ -6,13 +7,27 @@
 // scalar edge loop), and each row keeps four independent FMA chains in flight (4 nonzeros x 1
 // register, or 2 x 2), enough to hide the FMA latency. (A hand-written gather spmv for batch 1
 // lost to the compiler's vectorization of spmm.cpp's loop, 0.94 vs 0.73 ms at 4096x4096, 90%,
-// so batch 1 stays there.) Only functions marked TP_AVX512 use the instructions, and spmm.cpp
-// calls them only on CPUs that report AVX-512 F, BW, VL and DQ.
+// so batch 1 stays there.)
+//
+// The panel product is the AVX2 kernel's (spmm_avx2.cpp: 32-wide Xᵀ panels, K-blocks, 8x8
+// transposed stores) with each stored value scaling its panel row in two 512-bit FMAs instead of
+// four 256-bit ones, four nonzeros in flight. Measured on an Intel Xeon (family 6 model 167), 2
+// threads, 128 rows of x: 10-35% less time than the AVX2 kernel at MiniLM's shapes and 70-95%
+// sparsity (benchmarks/README.md). Wider panels (64 rows, 4 registers) were slower at every K
+// block tried (192, 384), and prefetching the panel rows of later nonzeros was slower too.
+//
+// Only functions marked TP_AVX512 use the instructions, and callers use them only when
+// enabled(): a CPU with AVX-512 F, BW, VL and DQ, and no switch set.
 #include "cpu/spmm_avx512.h"
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstdint>
+#include <vector>
+
+#include "cpu/avx2_tiles.h"
 
 namespace torchprune {
 namespace cpu {
@@ -103,6 +118,69 @@ TP_AVX512 void tile_rows(const int32_t* row_ptr, const T* val, RowOf row_of, int
   }
 }
 
+// out[0 .. 16V) = carry + the sum over entries e in [e, end) of val[e] * panel row col[e]: U
+// nonzeros in flight, each V registers wide. carry is null for the first K-block.
+template <int V, int U, typename I>
+TP_AVX512_INLINE void panel_segment(const I* col, const float* val, int64_t e, int64_t end,
+                                    const float* panel, const float* carry, float* out) {
+  constexpr int64_t W = 16 * V;
+  __m512 acc[U][V];
+  _Pragma("GCC unroll 8") for (int u = 0; u < U; ++u)
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
+      acc[u][v] = (u == 0 && carry) ? _mm512_loadu_ps(carry + 16 * v) : _mm512_setzero_ps();
+  for (; e + U <= end; e += U) {
+    _Pragma("GCC unroll 8") for (int u = 0; u < U; ++u) {
+      const float* p = panel + static_cast<int64_t>(col[e + u]) * W;
+      const __m512 w = _mm512_set1_ps(val[e + u]);
+      _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
+        acc[u][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p + 16 * v), acc[u][v]);
+    }
+  }
+  for (; e < end; ++e) {
+    const float* p = panel + static_cast<int64_t>(col[e]) * W;
+    const __m512 w = _mm512_set1_ps(val[e]);
+    _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
+      acc[0][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p + 16 * v), acc[0][v]);
+  }
+  _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) {
+    __m512 s = acc[0][v];
+    _Pragma("GCC unroll 8") for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][v]);
+    _mm512_storeu_ps(out + 16 * v, s);
+  }
+}
+
+// Rows [r0, r1) of avx2::spmm_panel's product (same contract, same K-blocks): each chunk of
+// avx2::kChunkRows rows goes through every K-block, and a finished group of avx2::kGroup features
+// is stored by avx2::store_group's 8x8 transposes, since VEX-encoded AVX2 code runs at full
+// speed beside AVX-512 code.
+template <int V, int U, typename I>
+TP_AVX512 void panel_kernel(const Csr<float, I>& a, const avx2::KBlocks& kb, const float* panel,
+                            int64_t width, const float* init, float* y, int64_t ldy, int64_t r0,
+                            int64_t r1) {
+  constexpr int64_t W = 16 * V;
+  constexpr int64_t kGroup = avx2::kGroup, kChunkRows = avx2::kChunkRows;
+  float buf[kGroup][W];
+  std::vector<float> carry(kb.blocks > 1 ? std::min(kChunkRows, r1 - r0) * W : 0);
+  const int32_t* ptr = kb.ptr.data();
+  const int64_t rows_total = kb.rows;
+  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
+    const int64_t c1 = std::min(r1, c0 + kChunkRows);
+    for (int64_t j = 0; j < kb.blocks; ++j) {
+      const bool first = j == 0, last = j + 1 == kb.blocks;
+      for (int64_t n0 = c0; n0 < c1; n0 += kGroup) {
+        const int64_t rows = std::min(kGroup, c1 - n0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = n0 + r;
+          float* partial = carry.data() + (n - c0) * W;
+          panel_segment<V, U>(a.col, a.val, ptr[j * rows_total + n], ptr[(j + 1) * rows_total + n],
+                              panel, first ? nullptr : partial, last ? buf[r] : partial);
+        }
+        if (last) avx2::store_group<2 * V>(buf, rows, width, init, y, ldy, n0);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 template <typename T, typename I>
@@ -154,10 +232,26 @@ TP_INSTANTIATE(float, int32_t)
 TP_INSTANTIATE(double, uint16_t)
 TP_INSTANTIATE(double, int32_t)
 
+template <typename I>
+void spmm_panel(const Csr<float, I>& a, const avx2::KBlocks& kb, const float* panel, int64_t width,
+                const float* init, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  panel_kernel<2, 4>(a, kb, panel, width, init, y, ldy, r0, r1);
+}
+template void spmm_panel<uint16_t>(const Csr<float, uint16_t>&, const avx2::KBlocks&, const float*,
+                                   int64_t, const float*, float*, int64_t, int64_t, int64_t);
+template void spmm_panel<int32_t>(const Csr<float, int32_t>&, const avx2::KBlocks&, const float*,
+                                  int64_t, const float*, float*, int64_t, int64_t, int64_t);
+
 bool supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+bool enabled() {
+  static const bool use = supported() && std::getenv("TORCHPRUNE_NO_AVX512") == nullptr &&
+                          std::getenv("TORCHPRUNE_PORTABLE") == nullptr;
+  return use;
 }
 
 }  // namespace avx512
