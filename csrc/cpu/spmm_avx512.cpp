@@ -12,9 +12,12 @@
 // The panel product is the AVX2 kernel's (spmm_avx2.cpp: 32-wide Xᵀ panels, K-blocks, 8x8
 // transposed stores) with each stored value scaling its panel row in two 512-bit FMAs instead of
 // four 256-bit ones, four nonzeros in flight. Measured on an Intel Xeon (family 6 model 167), 2
-// threads, 128 rows of x: 10-35% less time than the AVX2 kernel at MiniLM's shapes and 70-95%
-// sparsity (benchmarks/README.md). Wider panels (64 rows, 4 registers) were slower at every K
-// block tried (192, 384), and prefetching the panel rows of later nonzeros was slower too.
+// threads, MiniLM's layer shapes at 70-95% sparsity, each layer alone: 4-15% less time than the
+// AVX2 kernel at 128 rows of x, 10-26% at 512; in the whole 90% MiniLM model only 0-1% at 1 x 128
+// tokens and 2-3% at 8 x 128 (benchmarks/README.md). Wider panels (64 rows, 4 registers) were
+// slower at every K block tried (192, 384), prefetching the panel rows of later nonzeros was
+// slower too, and 16-wide panels (8 nonzeros in flight), faster layer by layer, were 4% slower
+// in the model.
 //
 // Only functions marked TP_AVX512 use the instructions, and callers use them only when
 // enabled(): a CPU with AVX-512 F, BW, VL and DQ, and no switch set.
@@ -23,8 +26,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/avx2_tiles.h"

@@ -1,5 +1,6 @@
 // The AVX-512 kernels of spmm and spmm_offsets (contracts in spmm.h) and of the wide-tile
-// spmm_panel (spmm_avx2.h). Call them only when supported() is true.
+// spmm_panel (spmm_avx2.h). Call them only when supported() is true; the dispatchers call them
+// when enabled().
 #pragma once
 
 #include <cstdint>
