@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/avx2_tiles.h"
+#include "cpu/panel_rows.h"
 #include "cpu/spmm_avx512.h"
 
 namespace torchprune {
@@ -59,36 +60,29 @@ TP_AVX2_INLINE void row_segment(const I* col, const float* val, int64_t e, int64
   }
 }
 
-// Rows [r0, r1) in chunks of kChunkRows, each chunk through every K-block, so that the partial
-// sums carried between blocks (kChunkRows x W floats, 64 KiB) stay in L2 however many rows
-// the layer has (a whole 4096-row layer would carry 512 KiB, more than L2).
+// The AVX2 side of panel_rows (cpu/panel_rows.h): 8-float registers, V per row, U nonzeros in
+// flight.
 template <int V, int U, typename I>
-TP_AVX2 void panel_kernel(const Csr<float, I>& a, const KBlocks& kb, const float* panel,
-                          int64_t width, const float* init, float* y, int64_t ldy, int64_t r0,
-                          int64_t r1) {
-  constexpr int64_t W = 8 * V;
-  float buf[kGroup][W];
-  // The partial sums of one chunk between K-blocks (none with a single block).
-  std::vector<float> carry(kb.blocks > 1 ? std::min(kChunkRows, r1 - r0) * W : 0);
-  const int32_t* ptr = kb.ptr.data();
-  const int64_t rows_total = kb.rows;
-  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
-    const int64_t c1 = std::min(r1, c0 + kChunkRows);
-    for (int64_t j = 0; j < kb.blocks; ++j) {
-      const bool first = j == 0, last = j + 1 == kb.blocks;
-      for (int64_t n0 = c0; n0 < c1; n0 += kGroup) {
-        const int64_t rows = std::min(kGroup, c1 - n0);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t n = n0 + r;
-          float* partial = carry.data() + (n - c0) * W;
-          row_segment<V, U>(a.col, a.val, ptr[j * rows_total + n],
-                            ptr[(j + 1) * rows_total + n], panel, first ? nullptr : partial,
-                            last ? buf[r] : partial);
-        }
-        if (last) store_group<V>(buf, rows, width, init, y, ldy, n0);
-      }
-    }
+struct PanelKernel {
+  const Csr<float, I>& a;
+  const float* panel;
+  int64_t width;
+  const float* init;
+  float* y;
+  int64_t ldy;
+  TP_AVX2 inline void segment(int64_t e, int64_t end, const float* carry, float* out) const {
+    row_segment<V, U>(a.col, a.val, e, end, panel, carry, out);
   }
+  TP_AVX2 inline void store(const float (*buf)[8 * V], int64_t rows, int64_t n0) const {
+    store_group<V>(buf, rows, width, init, y, ldy, n0);
+  }
+};
+
+template <int V, int U, typename I>
+TP_AVX2 TP_FLATTEN void panel_kernel(const Csr<float, I>& a, const KBlocks& kb, const float* panel,
+                                     int64_t width, const float* init, float* y, int64_t ldy,
+                                     int64_t r0, int64_t r1) {
+  panel_rows<8 * V>(kb, r0, r1, PanelKernel<V, U, I>{a, panel, width, init, y, ldy});
 }
 
 // The 8 horizontal sums of s[0..7] as one vector: lane i is the sum of s[i]'s lanes.

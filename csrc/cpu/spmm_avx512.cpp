@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu/avx2_tiles.h"
+#include "cpu/panel_rows.h"
 
 namespace torchprune {
 namespace cpu {
@@ -152,36 +153,31 @@ TP_AVX512_INLINE void panel_segment(const I* col, const float* val, int64_t e, i
   }
 }
 
-// Rows [r0, r1) of avx2::spmm_panel's product (same contract, same K-blocks): each chunk of
-// avx2::kChunkRows rows goes through every K-block, and a finished group of avx2::kGroup features
-// is stored by avx2::store_group's 8x8 transposes, since VEX-encoded AVX2 code runs at full
-// speed beside AVX-512 code.
+// The AVX-512 side of panel_rows (cpu/panel_rows.h), the traversal avx2::spmm_panel's kernel
+// uses too (same K-blocks, same groups): 16-float registers, V per row, U nonzeros in flight. A
+// finished group is stored by avx2::store_group's 8x8 transposes, since VEX-encoded AVX2 code
+// runs at full speed beside AVX-512 code.
 template <int V, int U, typename I>
-TP_AVX512 void panel_kernel(const Csr<float, I>& a, const avx2::KBlocks& kb, const float* panel,
-                            int64_t width, const float* init, float* y, int64_t ldy, int64_t r0,
-                            int64_t r1) {
-  constexpr int64_t W = 16 * V;
-  constexpr int64_t kGroup = avx2::kGroup, kChunkRows = avx2::kChunkRows;
-  float buf[kGroup][W];
-  std::vector<float> carry(kb.blocks > 1 ? std::min(kChunkRows, r1 - r0) * W : 0);
-  const int32_t* ptr = kb.ptr.data();
-  const int64_t rows_total = kb.rows;
-  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
-    const int64_t c1 = std::min(r1, c0 + kChunkRows);
-    for (int64_t j = 0; j < kb.blocks; ++j) {
-      const bool first = j == 0, last = j + 1 == kb.blocks;
-      for (int64_t n0 = c0; n0 < c1; n0 += kGroup) {
-        const int64_t rows = std::min(kGroup, c1 - n0);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t n = n0 + r;
-          float* partial = carry.data() + (n - c0) * W;
-          panel_segment<V, U>(a.col, a.val, ptr[j * rows_total + n], ptr[(j + 1) * rows_total + n],
-                              panel, first ? nullptr : partial, last ? buf[r] : partial);
-        }
-        if (last) avx2::store_group<2 * V>(buf, rows, width, init, y, ldy, n0);
-      }
-    }
+struct PanelKernel {
+  const Csr<float, I>& a;
+  const float* panel;
+  int64_t width;
+  const float* init;
+  float* y;
+  int64_t ldy;
+  TP_AVX512 inline void segment(int64_t e, int64_t end, const float* carry, float* out) const {
+    panel_segment<V, U>(a.col, a.val, e, end, panel, carry, out);
   }
+  TP_AVX512 inline void store(const float (*buf)[16 * V], int64_t rows, int64_t n0) const {
+    avx2::store_group<2 * V>(buf, rows, width, init, y, ldy, n0);
+  }
+};
+
+template <int V, int U, typename I>
+TP_AVX512 TP_FLATTEN void panel_kernel(const Csr<float, I>& a, const avx2::KBlocks& kb,
+                                       const float* panel, int64_t width, const float* init,
+                                       float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  panel_rows<16 * V>(kb, r0, r1, PanelKernel<V, U, I>{a, panel, width, init, y, ldy});
 }
 
 }  // namespace
