@@ -60,16 +60,16 @@ def test_the_avx2_kernel_matches_where_avx512_would_run(tmp_path):
     outputs = run_op_switched("sparse_linear", forward, "TORCHPRUNE_NO_AVX512", tmp_path)
     for y, args in zip(outputs, reference):
         assert_op_close(y, F.linear, args)
-    backward = []
+    backward, backward_reference = [], []
     for m, n, k, sparsity in BACKWARD_CASES:
         g = torch.Generator().manual_seed(m + 7 * n + k + 1)
         w = sparse(n, k, sparsity, g)
         row_ptr, col_idx, values = _ops.pack_csr(w)
         x, grad = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
         backward.append((grad, x, row_ptr, col_idx, values, k, [True, False, False]))
-        reference.append((x, w, grad))
+        backward_reference.append((x, w, grad))
     grads = run_op_switched("sparse_linear_backward", backward, "TORCHPRUNE_NO_AVX512", tmp_path)
-    for (grad_x, _, _), (x, w, grad) in zip(grads, reference[len(forward):]):
+    for (grad_x, _, _), (x, w, grad) in zip(grads, backward_reference):
         (_, expected), (_, mags), (_, terms) = bilinear_references(F.linear, (x, w), grad)
         assert_close(torch.float32)(grad_x, expected[0], mags[0], terms[0], "grad_x")
 
