@@ -12,6 +12,13 @@
 #   TORCH_CUDA_ARCH_LIST  target GPUs; default: the compute capability of GPU 0 only (halves the
 #                         build time against setup.py's default of sm_80 + sm_90)
 #   MAX_JOBS              parallel compiler processes (default: 8)
+#   GPU_CHECK_PREBUILT    a folder holding a torchprune/_C*.so built elsewhere for this machine's
+#                         python, torch and GPU (saves the build on a machine rented by the minute);
+#                         it is used when its CUDA ops register, else the script builds as usual
+#   TEST_WORKERS          pytest-xdist processes for the tests where xdist is installed (default: 8)
+#   STEP_TIMEOUT          seconds each test or benchmark step may run before it is stopped (default: none)
+#   BENCH_LINEAR_ARGS     bench_linear's arguments instead of the --quick grid (e.g. "--sparsities 0.9
+#                         --batches 1,16,64,128,512,2048": every shape, M 1-2048, at 90%)
 #
 # Every step runs even if an earlier one failed (except everything after a failed build); the
 # exit status is non-zero if any step failed, and summary.txt says which.
@@ -76,29 +83,60 @@ if [[ "${GPU_CHECK_PIP:-0}" == "1" ]]; then
 else
   build=(env FORCE_CUDA=1 "$python" setup.py build_ext --inplace)
 fi
-if ! step build "$out/build.log" "${build[@]}" ||
-   ! step "CUDA ops registered" "$out/build_check.log" "$python" -c "
+registered() {  # the CUDA kernels of the ops are there
+  "$python" -c "
 import torch, torchprune.ops
 for op in ('masked_linear', 'compact', 'sparse_linear', 'pack_csr'):
     print(op, 'CUDA kernel:', torch._C._dispatch_has_kernel_for_dispatch_key('torchprune::' + op, 'CUDA'))
 assert torch._C._dispatch_has_kernel_for_dispatch_key('torchprune::masked_linear', 'CUDA'), 'no CUDA kernels'
-"; then
+"
+}
+prebuilt=0
+if [[ -n "${GPU_CHECK_PREBUILT:-}" ]] && compgen -G "$GPU_CHECK_PREBUILT/_C*.so" > /dev/null; then
+  cp "$GPU_CHECK_PREBUILT"/_C*.so torchprune/
+  if registered > "$out/prebuilt_check.log" 2>&1; then
+    prebuilt=1
+    echo "== build: skipped, $(ls "$GPU_CHECK_PREBUILT"/_C*.so) registers its CUDA ops" | tee -a "$summary"
+  else
+    echo "== prebuilt extension rejected (see prebuilt_check.log): building" | tee -a "$summary"
+    rm -f torchprune/_C*.so
+  fi
+fi
+if ((!prebuilt)) && { ! step build "$out/build.log" "${build[@]}" ||
+                      ! step "CUDA ops registered" "$out/build_check.log" registered; }; then
   echo "build failed: no tests or benchmarks run (see $out/build.log)" | tee -a "$summary"
   exit 1
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# ---- tests: every kernel test file (their "cuda" parameters run now), the build checks -------
-step tests "$out/tests.log" "$python" -m pytest -q -rs --junitxml="$out/tests.xml" \
+# ---- tests: every test file with "cuda" parameters (they run now), the build checks -----------
+limit=(timeout "${STEP_TIMEOUT:-0}")
+workers=()
+"$python" -c "import xdist" 2> /dev/null && workers=(-n "${TEST_WORKERS:-8}")
+step tests "$out/tests.log" "${limit[@]}" "$python" -m pytest -q -rs "${workers[@]}" --junitxml="$out/tests.xml" \
   tests/test_masked_ops.py tests/test_compact.py tests/test_sparse_ops.py tests/test_pack.py \
-  tests/test_cuda_build.py
+  tests/test_nn.py tests/test_timing.py tests/test_cuda_build.py
 
 # ---- benchmarks ------------------------------------------------------------------------------
-for name in linear conv models; do
-  step "bench_$name" "$out/bench_$name.log" "$python" "benchmarks/bench_$name.py" --device cuda \
+if [[ -n "${BENCH_LINEAR_ARGS:-}" ]]; then
+  read -r -a linear_args <<< "$BENCH_LINEAR_ARGS"
+else
+  linear_args=("${quick[@]}")
+fi
+step bench_linear "$out/bench_linear.log" "${limit[@]}" "$python" benchmarks/bench_linear.py --device cuda \
+  "${linear_args[@]}" --out "$out"
+ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -n 1)
+if [[ -n "$ncu_bin" ]]; then  # why the small batches run as they do: bandwidth, occupancy, launch shape
+  step profile "$out/profile.log" "${limit[@]}" "$ncu_bin" --clock-control none --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --launch-count 80 "$python" benchmarks/gpu_profile.py
+else
+  echo "== profile: skipped, Nsight Compute (ncu) not found" | tee -a "$summary"
+fi
+for name in conv models; do
+  step "bench_$name" "$out/bench_$name.log" "${limit[@]}" "$python" "benchmarks/bench_$name.py" --device cuda \
     "${quick[@]}" --out "$out"
 done
-step bench_masked "$out/bench_masked.log" "$python" benchmarks/bench_masked.py --device cuda \
+step bench_masked "$out/bench_masked.log" "${limit[@]}" "$python" benchmarks/bench_masked.py --device cuda \
   $([[ "${QUICK:-0}" == "1" ]] && echo "--repeats 5") --out "$out"
 
 nvidia-smi > "$out/nvidia-smi-after.txt" 2>&1
