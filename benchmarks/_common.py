@@ -58,6 +58,52 @@ def time_cuda(runners: Dict[str, Callable[[], object]], repeats: int, warmup: in
     return medians(times)
 
 
+def time_cuda_graph(runners: Dict[str, Callable[[], object]], repeats: int, calls: int = 20,
+                    warmup: int = 3) -> Tuple[Dict[str, float], Dict[str, str]]:
+    """time_cuda without the host: median GPU seconds per call, each sample one replay of a CUDA
+    graph holding ``calls`` back-to-back calls, divided by ``calls``.
+
+    A call timed alone between two events also holds the host's launch latency (tens of
+    microseconds through Python and the dispatcher, more than a small kernel runs); a graph replay
+    holds only the GPU's work, which is what a model captured in a graph, or a host that runs ahead
+    of the GPU, waits for. Runners that cannot be captured (a library that synchronizes, say) are
+    timed with time_cuda instead and returned in the second dict with the reason.
+    """
+    warm_up(runners, warmup, torch.device("cuda"))
+    graphs, fallback = {}, {}
+    for name, run in runners.items():
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # capture wants its first calls made off the default stream
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    run()
+            graph.replay()
+            torch.cuda.synchronize()
+            graphs[name] = graph
+        except Exception as error:  # not capturable: timed per call below
+            torch.cuda.synchronize()
+            fallback[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    times = {name: [] for name in graphs}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(repeats):
+        for name, graph in graphs.items():
+            torch.cuda.synchronize()
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / calls)
+    result = medians(times)
+    if fallback:
+        result.update(time_cuda({name: runners[name] for name in fallback}, repeats, warmup))
+    return result, fallback
+
+
 def first_calls(runners: Dict[str, Callable[[], object]]) -> Dict[str, float]:
     """One timed call of each runner, in turn: its warm-up, and the measure a time budget is cut by."""
     return {name: warm_up({name: run}) for name, run in runners.items()}

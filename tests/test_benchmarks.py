@@ -392,3 +392,63 @@ def test_bench_auto_skips_without_its_packages(hidden, package, tmp_path, monkey
     out = capsys.readouterr().out
     assert out.startswith("skipped:") and package in out
     assert not os.listdir(tmp_path)
+
+
+def bench_linear_module(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    return __import__("bench_linear")
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float16"])
+def test_the_gpu_check_holds_a_correct_product_and_catches_a_dropped_term(dtype_name, monkeypatch):
+    """within_bound, the check each GPU candidate passes before it is timed: the product itself
+    (computed in float32 from rounded inputs) passes; the same product missing one term fails."""
+    import torch
+
+    module = bench_linear_module(monkeypatch)
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 300, generator=g).to(dtype), torch.randn(16, 300, generator=g).to(dtype)
+    out = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    module.within_bound(out, x, w, dtype, torch.float32)
+    dropped = w.clone()
+    dropped[3, 7] = 0
+    wrong = torch.nn.functional.linear(x.float(), dropped.float()).to(dtype)
+    with pytest.raises(AssertionError, match="error bound"):
+        module.within_bound(wrong, x, w, dtype, torch.float32)
+
+
+def test_the_gpu_check_says_nothing_past_the_bound_but_catches_non_finite(monkeypatch):
+    """K * u >= 1 (K = 4096 sums accumulated in fp16): no bound exists, only finiteness is checked."""
+    import torch
+
+    module = bench_linear_module(monkeypatch)
+    x, w = torch.ones(2, 4096, dtype=torch.float16), torch.ones(3, 4096, dtype=torch.float16)
+    module.within_bound(torch.zeros(2, 3, dtype=torch.float16), x, w, torch.float16, torch.float16)
+    with pytest.raises(AssertionError, match="not finite"):
+        module.within_bound(torch.full((2, 3), float("inf"), dtype=torch.float16), x, w, torch.float16,
+                            torch.float16)
+
+
+def test_dtypes_and_timer_options(monkeypatch):
+    import torch
+
+    module = bench_linear_module(monkeypatch)
+    assert module.dtype_list("float16") == [torch.float16]
+    assert module.dtype_list("float32,float16") == [torch.float32, torch.float16]
+    with pytest.raises(argparse.ArgumentTypeError, match="float32, float16"):
+        module.dtype_list("float64")
+    args = argparse.Namespace(quick=False, shapes=None, batches=[1], sparsities=None, block=None, nm=None,
+                              timer="graph")
+    assert module.result_name(args, "cuda") == "bench_linear_cuda_graph_subgrid"
+    assert module.result_name(args) == "bench_linear_subgrid"  # the CPU run has no timer choice
+
+
+def test_gpu_profile_is_refused_cleanly_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the profile runs")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_profile.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "needs a CUDA device" in done.stderr and "Traceback" not in done.stderr
