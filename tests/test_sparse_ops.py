@@ -207,7 +207,8 @@ def check_large(op, reference, x, w2d, bias, dtype, device, g):
 @pytest.mark.parametrize("device", [CUDA])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("case", [(1, 64, 4096, 0.5), (3, 200, 3000, 0.9), (8, 33, 70000, 0.99),
-                                  (300, 1000, 2000, 0.9), (65, 128, 257, 0.0)], ids=str)
+                                  (13, 384, 1536, 0.9), (300, 1000, 2000, 0.9), (65, 128, 257, 0.0)],
+                         ids=str)
 def test_sparse_linear_large_shapes(case, dtype, device):
     m, n, k, sparsity = case
     g = torch.Generator().manual_seed(0)
