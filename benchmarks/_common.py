@@ -45,6 +45,12 @@ def time_cuda(runners: Dict[str, Callable[[], object]], repeats: int, warmup: in
     included, and never overlaps the previous call. Round-robin over the runners like the CPU timer.
     """
     warm_up(runners, warmup, torch.device("cuda"))
+    return event_medians(runners, repeats)
+
+
+def event_medians(runners: Dict[str, Callable[[], object]], repeats: int, per: int = 1) -> Dict[str, float]:
+    """Median seconds of each runner over ``repeats`` round-robin samples, each one call bracketed
+    by two CUDA events after the queue has drained, divided by ``per`` (calls inside one sample)."""
     times = {name: [] for name in runners}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(repeats):
@@ -54,7 +60,7 @@ def time_cuda(runners: Dict[str, Callable[[], object]], repeats: int, warmup: in
             run()
             end.record()
             end.synchronize()
-            times[name].append(start.elapsed_time(end) / 1e3)
+            times[name].append(start.elapsed_time(end) / 1e3 / per)
     return medians(times)
 
 
@@ -88,17 +94,7 @@ def time_cuda_graph(runners: Dict[str, Callable[[], object]], repeats: int, call
         except Exception as error:  # not capturable: timed per call below
             torch.cuda.synchronize()
             fallback[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-    times = {name: [] for name in graphs}
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(repeats):
-        for name, graph in graphs.items():
-            torch.cuda.synchronize()
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end) / 1e3 / calls)
-    result = medians(times)
+    result = event_medians({name: graph.replay for name, graph in graphs.items()}, repeats, per=calls)
     if fallback:
         result.update(time_cuda({name: runners[name] for name in fallback}, repeats, warmup))
     return result, fallback
