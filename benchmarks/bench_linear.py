@@ -87,10 +87,9 @@ With ``--device cuda`` the same grid runs on the GPU, fp32 (TF32 off) and fp16, 
                fp16 only, 'n/a' where this torch or GPU lacks it).
 
 The candidates run interleaved, medians of ``--repeats`` (--case-seconds and --slow-seconds are
-for the CPU). Two
-timers: ``--timer events`` (default; _common.time_cuda) brackets each call alone with CUDA events
-after a synchronize, so the host's launch through Python is inside; ``--timer graph``
-(_common.time_cuda_graph) replays 20 calls captured in a CUDA graph, the GPU's time alone.
+for the CPU). Two timers: ``--timer events`` (default; _common.time_cuda) brackets each call alone
+with CUDA events after a synchronize, so the host's launch through Python is inside; ``--timer
+graph`` (_common.time_cuda_graph) replays 20 calls captured in a CUDA graph, the GPU's time alone.
 ``--dtypes`` picks float32 and/or float16. Each candidate is first checked against the rounding
 bound of its accumulation (``within_bound``). Output in
 bench_linear_cuda[_graph][_quick|_subgrid].json / .png. A dense weight larger than the L2 (50 MiB
@@ -591,7 +590,8 @@ def make_cuda_runners(shape, batch, sparsity, dtype, seed=0):
 def main_cuda(args, grid) -> None:
     info = gpu_info()
     timer = getattr(args, "timer", "events")
-    print(f"machine: {describe_gpu(info)}; fp32 and fp16")
+    dtypes = getattr(args, "dtypes", CUDA_DTYPES)
+    print(f"machine: {describe_gpu(info)}; " + " and ".join(str(d)[6:] for d in dtypes))
     how = ("each sample one replay of 20 calls captured in a CUDA graph: GPU time per call, no host launch"
            if timer == "graph" else "CUDA events around each call: host launch included")
     print(f"medians of {args.repeats} interleaved repeats ({how}); speedup = other time / torchprune time;"
@@ -601,7 +601,6 @@ def main_cuda(args, grid) -> None:
     print(header)
     print("-" * len(header))
     results, notes = [], {}
-    dtypes = getattr(args, "dtypes", CUDA_DTYPES)
     for dtype in dtypes:
         for shape in grid["shapes"]:
             for batch in grid["batches"]:

@@ -93,13 +93,16 @@ assert torch._C._dispatch_has_kernel_for_dispatch_key('torchprune::masked_linear
 }
 prebuilt=0
 if [[ -n "${GPU_CHECK_PREBUILT:-}" ]] && compgen -G "$GPU_CHECK_PREBUILT/_C*.so" > /dev/null; then
-  cp "$GPU_CHECK_PREBUILT"/_C*.so torchprune/
+  copied=()
+  for so in "$GPU_CHECK_PREBUILT"/_C*.so; do
+    cp "$so" torchprune/ && copied+=("torchprune/$(basename "$so")")
+  done
   if registered > "$out/prebuilt_check.log" 2>&1; then
     prebuilt=1
-    echo "== build: skipped, $(ls "$GPU_CHECK_PREBUILT"/_C*.so) registers its CUDA ops" | tee -a "$summary"
+    echo "== build: skipped, ${copied[*]} from $GPU_CHECK_PREBUILT registers its CUDA ops" | tee -a "$summary"
   else
     echo "== prebuilt extension rejected (see prebuilt_check.log): building" | tee -a "$summary"
-    rm -f torchprune/_C*.so
+    rm -f "${copied[@]}"
   fi
 fi
 if ((!prebuilt)) && { ! step build "$out/build.log" "${build[@]}" ||
