@@ -1,6 +1,6 @@
 """The fp32 sparse_linear kernels for more than one row of x (csrc/cpu/spmm_avx2.cpp) on the shapes
 that pick their code paths. Forward: the 16- and 32-wide panels and their ragged last tile, groups
-of 8 output features and a ragged last group, row panels split over threads, K cut into 384-column
+of 8 output features and a ragged last group, row panels or whole batch panels split over threads, K cut into 384-column
 blocks once K > 512 (partial sums carried between blocks, rows taken 512 at a time), 16- and 32-bit
 column indices, bias. Backward: the input gradient runs the forward kernel on Wᵀ (so N > 512 cuts
 its K-blocks), the value gradient the SDDMM with 8 entries reduced at once and a ragged remainder
@@ -74,16 +74,20 @@ def test_the_avx2_kernel_matches_where_avx512_would_run(tmp_path):
         assert_close(torch.float32)(grad_x, expected[0], mags[0], terms[0], "grad_x")
 
 
+@pytest.mark.parametrize("m", [70, 128])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_any_thread_count_gives_the_same_bits(threads):
-    """Threads split output features, never a dot product: the result cannot depend on them."""
+def test_any_thread_count_gives_the_same_bits(threads, m):
+    """Threads split output features (70 rows: 3 panels of 32, which 2 threads cannot share
+    evenly) or whole panels (128 rows: 4 panels, and 70 rows on 3 threads), never a dot product:
+    the result cannot depend on them."""
     g = torch.Generator().manual_seed(3)
-    w, x = sparse(203, 777, 0.8, g), torch.randn(70, 777, generator=g)
+    w, x = sparse(203, 777, 0.8, g), torch.randn(m, 777, generator=g)
     packed = _ops.pack_csr(w)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = _ops.sparse_linear(x, *packed, 777)
+        assert_op_close(one, F.linear, (x, w))
         torch.set_num_threads(threads)
         assert torch.equal(_ops.sparse_linear(x, *packed, 777), one)
     finally:

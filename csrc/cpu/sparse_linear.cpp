@@ -6,8 +6,9 @@
 // fp32 on AVX2 CPUs through cpu/spmm_avx2 (16/32-wide panels packed by register transposes,
 // K-blocks, y written row-major 8 features at a time; its backward runs the same kernel on Wᵀ
 // and an SDDMM over the same panels), everything else through cpu/spmm (32-wide panels, y
-// written from the register tile with strided stores). Rows are split across threads by stored
-// entries, not by rows. Half precision computes in float32 and rounds once at the end.
+// written from the register tile with strided stores). Threads take whole panels when the
+// panels divide evenly among them (each thread packs the panels it multiplies), else rows split
+// by stored entries, not by rows. Half precision computes in float32 and rounds once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -64,6 +65,30 @@ void forward_avx2(const Csr<float, I>& a, const Tensor& panels_x, int64_t m, con
   });
 }
 
+// forward_avx2 with x as it comes, when its tiles divide evenly among the threads: one work item
+// per tile, which packs that tile's panel and then runs every row of W over it, so each panel is
+// packed and read by one thread (no panel crosses cores) inside one parallel region. forward_avx2
+// splits rows instead, after packing in a region of its own, and at 128 rows its threads spent
+// about as long waiting and moving panels as computing: on an Intel Xeon (2 threads, 90%),
+// 384x384 took 72 us that way and 42 us this way, 384x1536 221 and 158 us, 1536x384 148 and 125
+// us; all-MiniLM-L6-v2 at 1 x 128 tokens went from 9.10 to 7.86 ms (1.78x to 2.06x dense),
+// within 1% at 8 x 128.
+template <typename I>
+void forward_avx2_by_tile(const Csr<float, I>& a, const Tensor& x2, int64_t m, int64_t tile,
+                          int64_t threads, const float* bias, Tensor& out) {
+  const int64_t n = a.rows, k = a.cols, tiles = (m + tile - 1) / tile;
+  const cpu::avx2::KBlocks blocks = cpu::avx2::k_blocks(a);
+  Tensor panels = at::empty({tiles, k, tile}, x2.options());
+  const float* x = x2.data_ptr<float>();
+  float* p = panels.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  cpu::for_items(tiles, threads, [&](int64_t t) {
+    cpu::avx2::pack_panel(x, k, m, k, tile, t, p + t * k * tile);
+    cpu::avx2::spmm_panel(a, blocks, p + t * k * tile, tile, std::min(tile, m - t * tile), bias,
+                          y + t * tile * n, n, 0, n);
+  });
+}
+
 // out [M, N] = x2 [M, K] @ W^T (+ bias).
 template <typename T, typename I>
 void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
@@ -79,7 +104,11 @@ void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
   }
   if constexpr (std::is_same_v<T, float>) {
     if (cpu::avx2::supported()) {
-      return forward_avx2(a, cpu::x_panels(x2, cpu::avx2::tile_for(m)), m, bias, out);
+      const int64_t tile = cpu::avx2::tile_for(m), tiles = (m + tile - 1) / tile;
+      if (threads > 1 && tiles % threads == 0) {
+        return forward_avx2_by_tile(a, x2, m, tile, threads, bias, out);
+      }
+      return forward_avx2(a, cpu::x_panels(x2, tile, threads), m, bias, out);
     }
   }
   // Xᵀ as [tiles, K, W] panels of W = kPanelWidth batch rows (the last one zero-padded); a batch
@@ -287,12 +316,12 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
 
 namespace cpu {
 
-Tensor x_panels(const Tensor& x2, int64_t tile) {
+Tensor x_panels(const Tensor& x2, int64_t tile, int64_t threads) {
   const int64_t m = x2.size(0), k = x2.size(1), tiles = (m + tile - 1) / tile;
   Tensor panels = at::empty({tiles, k, tile}, x2.options());
   const float* x = x2.data_ptr<float>();
   float* out = panels.data_ptr<float>();
-  for_items(tiles, useful_threads(m * k), [&](int64_t t) {
+  for_items(tiles, threads > 0 ? threads : useful_threads(m * k), [&](int64_t t) {
     avx2::pack_panel(x, k, m, k, tile, t, out + t * k * tile);
   });
   return panels;
