@@ -65,27 +65,45 @@ void forward_avx2(const Csr<float, I>& a, const Tensor& panels_x, int64_t m, con
   });
 }
 
+// Stored entries per row chunk of forward_avx2_by_tile: 384 KiB of values and 16-bit indices,
+// a fifth of a 2 MiB L2.
+constexpr int64_t kChunkEntries = 64 * 1024;
+
 // forward_avx2 with x as it comes, when its tiles divide evenly among the threads: one work item
 // per tile, which packs that tile's panel and then runs every row of W over it, so each panel is
 // packed and read by one thread (no panel crosses cores) inside one parallel region. forward_avx2
 // splits rows instead, after packing in a region of its own, and at 128 rows its threads spent
-// about as long waiting and moving panels as computing: on an Intel Xeon (2 threads, 90%),
-// 384x384 took 72 us that way and 42 us this way, 384x1536 221 and 158 us, 1536x384 148 and 125
-// us; all-MiniLM-L6-v2 at 1 x 128 tokens went from 9.10 to 7.86 ms (1.78x to 2.06x dense),
-// within 1% at 8 x 128.
+// about as long waiting and moving panels as computing. On an Intel Xeon (2 threads, 128 rows,
+// 90%), 384x384 took 72 us that way and 42 us this way, 384x1536 320 and 179 us, 768x768 223
+// and 144 us; at 70% 768x3072 2008 and 1762 us; at 1024 rows both within 3%. In one process,
+// switched per call: all-MiniLM-L6-v2 at 1 x 128 tokens 10.85 -> 8.84 ms at 90% and 14.80 ->
+// 13.41 ms at 70%, BERT-base 53.2 -> 50.6 ms and 97.2 -> 91.3 ms, within 1% at 8 x 128.
 template <typename I>
 void forward_avx2_by_tile(const Csr<float, I>& a, const Tensor& x2, int64_t m, int64_t tile,
                           int64_t threads, const float* bias, Tensor& out) {
   const int64_t n = a.rows, k = a.cols, tiles = (m + tile - 1) / tile;
   const cpu::avx2::KBlocks blocks = cpu::avx2::k_blocks(a);
+  // Rows in chunks of about kChunkEntries stored entries (aligned to the groups of 8), each chunk
+  // through all of a thread's panels before the next, so that a large weight is read from L3
+  // once per thread rather than once per panel.
+  auto chunks = cpu::row_panels(a.row_ptr, n, std::max<int64_t>(1, a.row_ptr[n] / kChunkEntries));
+  for (auto& bound : chunks) bound = std::min(n, (bound + 4) / 8 * 8);
+  chunks.back() = n;
   Tensor panels = at::empty({tiles, k, tile}, x2.options());
   const float* x = x2.data_ptr<float>();
   float* p = panels.data_ptr<float>();
   float* y = out.data_ptr<float>();
-  cpu::for_items(tiles, threads, [&](int64_t t) {
-    cpu::avx2::pack_panel(x, k, m, k, tile, t, p + t * k * tile);
-    cpu::avx2::spmm_panel(a, blocks, p + t * k * tile, tile, std::min(tile, m - t * tile), bias,
-                          y + t * tile * n, n, 0, n);
+  const int64_t per_thread = tiles / threads;
+  cpu::for_items(threads, threads, [&](int64_t item) {
+    const int64_t t0 = item * per_thread, t1 = t0 + per_thread;
+    for (int64_t t = t0; t < t1; ++t) cpu::avx2::pack_panel(x, k, m, k, tile, t, p + t * k * tile);
+    for (size_t c = 0; c + 1 < chunks.size(); ++c) {
+      if (chunks[c] >= chunks[c + 1]) continue;
+      for (int64_t t = t0; t < t1; ++t) {
+        cpu::avx2::spmm_panel(a, blocks, p + t * k * tile, tile, std::min(tile, m - t * tile),
+                              bias, y + t * tile * n, n, chunks[c], chunks[c + 1]);
+      }
+    }
   });
 }
 
