@@ -29,60 +29,29 @@ namespace {
 constexpr int64_t kBlockCols = 384;  // K-block width once the panel outgrows L1 (best of 128-512)
 constexpr int64_t kL1Cols = 512;     // up to this K, one block (a 32-wide panel is 64 KiB)
 
-// out[0 .. 8V) = carry + sum over entries e in [e, end) of val[e] * panel row col[e], with U
-// nonzeros in flight (U chains of V registers). carry is null for the first K-block.
-template <int V, int U, typename I>
-TP_AVX2_INLINE void row_segment(const I* col, const float* val, int64_t e, int64_t end,
-                                const float* panel, const float* carry, float* out) {
-  constexpr int64_t W = 8 * V;
-  __m256 acc[U][V];
-  _Pragma("GCC unroll 8") for (int u = 0; u < U; ++u)
-    _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
-      acc[u][v] = (u == 0 && carry) ? _mm256_loadu_ps(carry + 8 * v) : _mm256_setzero_ps();
-  for (; e + U <= end; e += U) {
-    _Pragma("GCC unroll 8") for (int u = 0; u < U; ++u) {
-      const float* p = panel + static_cast<int64_t>(col[e + u]) * W;
-      const __m256 w = _mm256_broadcast_ss(val + e + u);
-      _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
-        acc[u][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8 * v), acc[u][v]);
-    }
-  }
-  for (; e < end; ++e) {
-    const float* p = panel + static_cast<int64_t>(col[e]) * W;
-    const __m256 w = _mm256_broadcast_ss(val + e);
-    _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
-      acc[0][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8 * v), acc[0][v]);
-  }
-  _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) {
-    __m256 s = acc[0][v];
-    _Pragma("GCC unroll 8") for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][v]);
-    _mm256_storeu_ps(out + 8 * v, s);
-  }
-}
-
-// The AVX2 side of panel_rows (cpu/panel_rows.h): 8-float registers, V per row, U nonzeros in
-// flight.
-template <int V, int U, typename I>
-struct PanelKernel {
-  const Csr<float, I>& a;
-  const float* panel;
-  int64_t width;
-  const float* init;
-  float* y;
-  int64_t ldy;
-  TP_AVX2 inline void segment(int64_t e, int64_t end, const float* carry, float* out) const {
-    row_segment<V, U>(a.col, a.val, e, end, panel, carry, out);
-  }
-  TP_AVX2 inline void store(const float (*buf)[8 * V], int64_t rows, int64_t n0) const {
-    store_group<V>(buf, rows, width, init, y, ldy, n0);
+// The AVX2 registers of panel_rows' PanelKernel (cpu/panel_rows.h): 8 floats.
+struct Ymm {
+  using T = __m256;
+  static constexpr int64_t kLanes = 8;
+  TP_AVX2 static inline T zero() { return _mm256_setzero_ps(); }
+  TP_AVX2 static inline T load(const float* p) { return _mm256_loadu_ps(p); }
+  TP_AVX2 static inline T broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  TP_AVX2 static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  TP_AVX2 static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
+  TP_AVX2 static inline void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  template <int G>
+  TP_AVX2 static inline void store_group(const float (*buf)[8 * G], int64_t rows, int64_t width,
+                                         const float* init, float* y, int64_t ldy, int64_t n0) {
+    avx2::store_group<G>(buf, rows, width, init, y, ldy, n0);
   }
 };
 
+// The forward over rows [r0, r1) of one panel: V registers per row, U nonzeros in flight.
 template <int V, int U, typename I>
 TP_AVX2 TP_FLATTEN void panel_kernel(const Csr<float, I>& a, const KBlocks& kb, const float* panel,
                                      int64_t width, const float* init, float* y, int64_t ldy,
                                      int64_t r0, int64_t r1) {
-  panel_rows<8 * V>(kb, r0, r1, PanelKernel<V, U, I>{a, panel, width, init, y, ldy});
+  panel_rows<8 * V>(kb, r0, r1, PanelKernel<Ymm, V, U, I>{a, panel, width, init, y, ldy});
 }
 
 // The 8 horizontal sums of s[0..7] as one vector: lane i is the sum of s[i]'s lanes.

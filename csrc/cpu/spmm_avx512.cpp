@@ -122,54 +122,21 @@ TP_AVX512 void tile_rows(const int32_t* row_ptr, const T* val, RowOf row_of, int
   }
 }
 
-// out[0 .. 16V) = carry + the sum over entries e in [e, end) of val[e] * panel row col[e]: U
-// nonzeros in flight, each V registers wide. carry is null for the first K-block.
-template <int V, int U, typename I>
-TP_AVX512_INLINE void panel_segment(const I* col, const float* val, int64_t e, int64_t end,
-                                    const float* panel, const float* carry, float* out) {
-  constexpr int64_t W = 16 * V;
-  __m512 acc[U][V];
-  _Pragma("GCC unroll 8") for (int u = 0; u < U; ++u)
-    _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
-      acc[u][v] = (u == 0 && carry) ? _mm512_loadu_ps(carry + 16 * v) : _mm512_setzero_ps();
-  for (; e + U <= end; e += U) {
-    _Pragma("GCC unroll 8") for (int u = 0; u < U; ++u) {
-      const float* p = panel + static_cast<int64_t>(col[e + u]) * W;
-      const __m512 w = _mm512_set1_ps(val[e + u]);
-      _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
-        acc[u][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p + 16 * v), acc[u][v]);
-    }
-  }
-  for (; e < end; ++e) {
-    const float* p = panel + static_cast<int64_t>(col[e]) * W;
-    const __m512 w = _mm512_set1_ps(val[e]);
-    _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
-      acc[0][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p + 16 * v), acc[0][v]);
-  }
-  _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) {
-    __m512 s = acc[0][v];
-    _Pragma("GCC unroll 8") for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][v]);
-    _mm512_storeu_ps(out + 16 * v, s);
-  }
-}
-
-// The AVX-512 side of panel_rows (cpu/panel_rows.h), the traversal avx2::spmm_panel's kernel
-// uses too (same K-blocks, same groups): 16-float registers, V per row, U nonzeros in flight. A
-// finished group is stored by avx2::store_group's 8x8 transposes, since VEX-encoded AVX2 code
-// runs at full speed beside AVX-512 code.
-template <int V, int U, typename I>
-struct PanelKernel {
-  const Csr<float, I>& a;
-  const float* panel;
-  int64_t width;
-  const float* init;
-  float* y;
-  int64_t ldy;
-  TP_AVX512 inline void segment(int64_t e, int64_t end, const float* carry, float* out) const {
-    panel_segment<V, U>(a.col, a.val, e, end, panel, carry, out);
-  }
-  TP_AVX512 inline void store(const float (*buf)[16 * V], int64_t rows, int64_t n0) const {
-    avx2::store_group<2 * V>(buf, rows, width, init, y, ldy, n0);
+// The AVX-512 registers of panel_rows' PanelKernel (cpu/panel_rows.h), the traversal
+// avx2::spmm_panel's kernel uses too (same K-blocks, same groups): 16 floats.
+struct Zmm {
+  using T = __m512;
+  static constexpr int64_t kLanes = 16;
+  TP_AVX512 static inline T zero() { return _mm512_setzero_ps(); }
+  TP_AVX512 static inline T load(const float* p) { return _mm512_loadu_ps(p); }
+  TP_AVX512 static inline T broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  TP_AVX512 static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  TP_AVX512 static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
+  TP_AVX512 static inline void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  template <int G>
+  TP_AVX512 static inline void store_group(const float (*buf)[8 * G], int64_t rows, int64_t width,
+                                           const float* init, float* y, int64_t ldy, int64_t n0) {
+    avx2::store_group<G>(buf, rows, width, init, y, ldy, n0);
   }
 };
 
@@ -177,7 +144,7 @@ template <int V, int U, typename I>
 TP_AVX512 TP_FLATTEN void panel_kernel(const Csr<float, I>& a, const avx2::KBlocks& kb,
                                        const float* panel, int64_t width, const float* init,
                                        float* y, int64_t ldy, int64_t r0, int64_t r1) {
-  panel_rows<16 * V>(kb, r0, r1, PanelKernel<V, U, I>{a, panel, width, init, y, ldy});
+  panel_rows<16 * V>(kb, r0, r1, PanelKernel<Zmm, V, U, I>{a, panel, width, init, y, ldy});
 }
 
 }  // namespace
