@@ -42,9 +42,19 @@ int64_t product_threads(const Csr<T, I>& a, int64_t m) {
   return cpu::useful_threads((a.row_ptr[a.rows] + a.rows) * m);
 }
 
+// cpu::row_panels of W's rows with the inner bounds moved to multiples of 8, so that every row
+// panel but the last holds whole groups of 8 features and the kernel's stores stay vectors.
+template <typename I>
+std::vector<int64_t> group_panels(const Csr<float, I>& a, int64_t parts) {
+  auto bounds = cpu::row_panels(a.row_ptr, a.rows, parts);
+  for (auto& bound : bounds) bound = std::min(a.rows, (bound + 4) / 8 * 8);
+  bounds.back() = a.rows;
+  return bounds;
+}
+
 // out [m, N] = x @ Wᵀ (+ bias) for fp32 on AVX2 CPUs and m > 1, x given as its panels
-// (cpu::x_panels, tile = tile_for(m)): work items are (row panel, tile) pairs; row panels hold whole
-// groups of 8 features where they can, so that the kernel's stores stay vectors.
+// (cpu::x_panels, tile = tile_for(m)): work items are (row panel, tile) pairs, row panels from
+// group_panels.
 template <typename I>
 void forward_avx2(const Csr<float, I>& a, const Tensor& panels_x, int64_t m, const float* bias,
                   Tensor& out) {
@@ -52,9 +62,7 @@ void forward_avx2(const Csr<float, I>& a, const Tensor& panels_x, int64_t m, con
   const int64_t tiles = panels_x.size(0), tile = panels_x.size(2);
   const cpu::avx2::KBlocks blocks = cpu::avx2::k_blocks(a);
   const int64_t parts = std::max<int64_t>(1, (threads * 4 + tiles - 1) / tiles);
-  auto panels = cpu::row_panels(a.row_ptr, n, parts);
-  for (auto& bound : panels) bound = std::min(n, (bound + 4) / 8 * 8);
-  panels.back() = n;
+  const auto panels = group_panels(a, parts);
   const float* b = panels_x.data_ptr<float>();
   float* y = out.data_ptr<float>();
   cpu::for_items(parts * tiles, threads, [&](int64_t item) {
@@ -86,9 +94,7 @@ void forward_avx2_by_tile(const Csr<float, I>& a, const Tensor& x2, int64_t m, i
   // Rows in chunks of about kChunkEntries stored entries (aligned to the groups of 8), each chunk
   // through all of a thread's panels before the next, so that a large weight is read from L3
   // once per thread rather than once per panel.
-  auto chunks = cpu::row_panels(a.row_ptr, n, std::max<int64_t>(1, a.row_ptr[n] / kChunkEntries));
-  for (auto& bound : chunks) bound = std::min(n, (bound + 4) / 8 * 8);
-  chunks.back() = n;
+  const auto chunks = group_panels(a, std::max<int64_t>(1, a.row_ptr[n] / kChunkEntries));
   Tensor panels = at::empty({tiles, k, tile}, x2.options());
   const float* x = x2.data_ptr<float>();
   float* p = panels.data_ptr<float>();
