@@ -330,6 +330,10 @@ def _option_error(argv, capsys):
     (["--attention-offset", "1"], "argument --attention-offset: must be in (-1, 1), got 1"),
     (["--attention-offset", "x"], "argument --attention-offset: a number in (-1, 1), got 'x'"),
     (["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+    (["--gradual", "0"], "argument --gradual: must be in (0, 1], got 0"),
+    (["--gradual", "1.5"], "argument --gradual: must be in (0, 1], got 1.5"),
+    (["--gradual", "x"], "argument --gradual: a number in (0, 1], got 'x'"),
+    (["--ramp", "0"], "argument --ramp: must be in (0, 1], got 0"),
     (["--offset", "query"], "argument --offset: PATTERN=D such as 'query|key=0.1', got 'query'"),
     (["--offset", "=0.1"], "argument --offset: PATTERN=D such as 'query|key=0.1', got '=0.1'"),
     (["--offset", "(query=0.1"], "argument --offset: '(query' is not a regular expression (missing ),"),
@@ -887,10 +891,14 @@ def test_checkpoint_name_depends_on_the_options(tmp_path):
     names = {command.checkpoint_path(str(tmp_path), base, 0.9)}
     for change in (["--method", "wanda"], ["--lr", "1e-3"], ["--recover-steps", "5"], ["--granularity", "block:4x1"],
                    ["--text-packages", "torch"], ["--text-packages", "torch", "transformers"],
-                   ["--offset", "query=0.1"], ["--offset", "query=0.2"], ["--offset", "key=0.1"]):
+                   ["--offset", "query=0.1"], ["--offset", "query=0.2"], ["--offset", "key=0.1"],
+                   ["--gradual", "0.5"], ["--ramp", "0.5"]):
         names.add(command.checkpoint_path(str(tmp_path), parser.parse_args(["model", *change]), 0.9))
     names.add(command.checkpoint_path(str(tmp_path), base, 0.8))
-    assert len(names) == 11
+    assert len(names) == 13
+    all_one_shot = parser.parse_args(["model", "--gradual", "1", "--ramp", "0.5"])  # no ramp: the name of before
+    assert command.checkpoint_path(str(tmp_path), all_one_shot, 0.9) == \
+        command.checkpoint_path(str(tmp_path), parser.parse_args(["model", "--gradual", "1"]), 0.9)
     explicit = parser.parse_args(["model", "--text-packages"])  # no name: the default, none
     assert command.checkpoint_path(str(tmp_path), explicit, 0.9) == command.checkpoint_path(str(tmp_path), base, 0.9)
     assert command.checkpoint_path(str(tmp_path), base, 0.9) == command.checkpoint_path(str(tmp_path), base, 0.9)
@@ -906,12 +914,81 @@ def test_first_sample_cuts_every_tensor_to_one_row():
         assert check(command._first_sample(batch))
 
 
-def test_recovery_runs_on_the_sparse_kernels_from_the_threshold(magnitude_run):
-    """--recover-on auto: the 50% row trains the masked layers, the 90% row a sparse-kernel copy."""
+def test_gradual_recovery_trains_the_masked_layers(magnitude_run):
+    """By default (--gradual 0.78) the masks change while recovering, so both rows train the masked layers."""
     _, _, out = magnitude_run
     rows = {row["sparsity"]: row for row in _results(out)["results"]}
-    assert rows[0.5]["recovered_on"] == "masked layers" and rows[0.9]["recovered_on"] == "sparse kernels"
+    assert rows[0.5]["recovered_on"] == rows[0.9]["recovered_on"] == "masked layers"
     assert "embeddings trained" in _results(out)["settings"]["recovery"]
+
+
+def test_gradual_pruning_starts_lighter_and_reaches_the_sparsity_by_the_ramp(magnitude_run):
+    """--gradual 0.78 --ramp 0.35 over 20 steps: recovery starts one-shot at 78% of each sparsity, the
+    Pruner raises it (never lowers it) to the sparsity by the step after the 7th (a Pruner steps after
+    each optimizer step, from its own step 0), and the saved masks hold it; the one-shot
+    column is still the one-shot pruning at the full sparsity, and the report says where recovery started."""
+    _, _, out = magnitude_run
+    results = _results(out)
+    assert "pruned gradually: one-shot to 78% of each layer's sparsity" in results["settings"]["recovery"]
+    assert "over the first 35% of the steps" in results["settings"]["recovery"]
+    with open(os.path.join(out, "report.md")) as handle:
+        text = handle.read()
+    for row in results["results"]:
+        target = row["sparsity"]
+        assert row["start"]["sparsity"] == pytest.approx(0.78 * target, abs=5e-3)
+        _check_quality(row["start"])
+        sparsities = [entry["sparsity"] for entry in row["recover_history"]]
+        assert sparsities[0] == pytest.approx(row["start"]["sparsity"], abs=5e-3)
+        assert all(a <= b + 1e-9 for a, b in zip(sparsities, sparsities[1:]))
+        assert all(entry["sparsity"] == pytest.approx(target, abs=2e-3)
+                   for entry in row["recover_history"] if entry["step"] >= 8)
+        assert row["achieved_sparsity"] == pytest.approx(target, abs=2e-3)
+        assert f"{target:.0%} from {row['start']['sparsity']:.1%} (cosine {row['start']['cosine']:.4f})" in text
+        model = tp.load(os.path.join(out, f"s{100 * target:.4g}", "model.pt"), _teacher())
+        assert _pruned_fraction(model) == pytest.approx(target, abs=2e-3)
+
+
+def test_all_one_shot_recovers_on_the_sparse_kernels_from_the_threshold(torch_files, tmp_path):
+    """--gradual 1: the masks stay as the one-shot pruning left them; --recover-on auto trains the masked
+    layers at 50% and a sparse-kernel copy at 90%; no recovery start is reported."""
+    paths, _, _ = torch_files
+    out = tmp_path / "out"
+    code, printed = _run([paths["model"], "--data", paths["data"], "--sparsity", 0.5, 0.9, "--method", "magnitude",
+                          "--recover-steps", 4, "--gradual", 1, "--heldout", HELDOUT, "--latency", "--threads", 1,
+                          "--no-progress", "--out", out])
+    assert code == 0 and "recovery starts" not in printed
+    results = _results(out)
+    rows = {row["sparsity"]: row for row in results["results"]}
+    assert rows[0.5]["recovered_on"] == "masked layers" and rows[0.9]["recovered_on"] == "sparse kernels"
+    assert all("start" not in row and "sparsity" not in row["recover_history"][0] for row in rows.values())
+    assert "pruned gradually" not in results["settings"]["recovery"]
+    assert "Pruned gradually" not in (out / "report.md").read_text()
+
+
+def test_gradual_pruning_reaches_each_layer_of_an_offset_plan(torch_files, tmp_path):
+    """--offset with --gradual 0.5: recovery starts at half of each layer's planned sparsity and ends
+    with every layer at its own."""
+    paths, _, _ = torch_files
+    out = tmp_path / "out"
+    code, _ = _run([paths["model"], "--data", paths["data"], "--sparsity", 0.8, "--method", "magnitude",
+                    "--offset", "^0$=-0.3", "--recover-steps", 6, "--gradual", 0.5, "--ramp", 0.5,
+                    "--heldout", HELDOUT, "--latency", "--threads", 1, "--no-progress", "--out", out])
+    assert code == 0
+    (row,) = _results(out)["results"]
+    plan = {"0": 0.5, **{name: row["offset_sparsity"]["other"] for name in ("2", "4")}}
+    assert plan["2"] == pytest.approx((0.8 * 5632 - 0.5 * 1024) / 4608)  # the MLP's 1,024 + 4,096 + 512 weights
+    assert row["start"]["sparsity"] == pytest.approx(0.4, abs=5e-3)
+    model = tp.load(os.path.join(out, "s80", "model.pt"), _teacher())
+    for name, mask in tp.masks(model).items():
+        assert 1 - mask.float().mean().item() == pytest.approx(plan[name], abs=2e-3), name
+    assert row["recover_history"][-1]["sparsity"] == pytest.approx(0.8, abs=2e-3)
+
+
+def test_gradual_refuses_the_sparse_kernels(torch_files, tmp_path):
+    """--recover-on sparse trains fixed masks: with --gradual below 1 the command refuses, naming both options."""
+    paths, _, _ = torch_files
+    with pytest.raises(SystemExit, match=r"--recover-on sparse trains fixed masks, but --gradual 0.78"):
+        _run([paths["model"], "--data", paths["data"], "--recover-on", "sparse", "--out", tmp_path / "out"])
 
 
 @pytest.mark.parametrize("on", ["sparse", "masked"])
@@ -921,7 +998,8 @@ def test_recover_on_chooses_what_trains(on, torch_files, tmp_path):
     paths, _, _ = torch_files
     out = tmp_path / "out"
     code, _ = _run([paths["model"], "--data", paths["data"], "--sparsity", 0.5, "--method", "magnitude",
-                    "--recover-steps", 5, "--lr", 1e-2, "--recover-on", on, "--freeze-embeddings", "--latency",
+                    "--recover-steps", 5, "--lr", 1e-2, "--recover-on", on, "--gradual", 1, "--freeze-embeddings",
+                    "--latency",
                     "--heldout", HELDOUT, "--threads", 1, "--no-progress", "--out", out])
     assert code == 0
     results = _results(out)

@@ -3,10 +3,12 @@
 For each sparsity asked for, starting each time from the dense model:
 
 1. prune one-shot (``--method``: magnitude, wanda or sparsegpt, the last two calibrated on
-   ``--calibration`` training texts);
+   ``--calibration`` training texts): the "one-shot" model of the report;
 2. recover for ``--recover-steps`` steps by distillation from the dense model (`tp.recover`): the
    loss is the sentence-embedding loss plus every transformer block's output (``--layers``, found
-   by name), on the training texts;
+   by name), on the training texts. By default (``--gradual``) recovery starts from a fresh
+   one-shot pruning to 78% of each layer's sparsity, and a magnitude `tp.Pruner` takes every layer
+   the rest of the way during the first ``--ramp`` of the steps;
 3. measure quality against the dense model on held-out texts, one-shot and recovered;
 4. save (``model.pt`` for `tp.load`, and a ``save_pretrained`` folder for Hugging Face) and check
    that the file loads back to the same outputs;
@@ -35,7 +37,7 @@ import platform
 import re
 import statistics
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -46,9 +48,11 @@ from ..calibration import batches as split_batches
 from ..masking import masked_fraction, masks
 from ..nn.sparse import SparseLayer
 from ..oneshot import prune
+from ..pruner import Pruner
 from ..recovery import recover
 from ..recovery import text as corpus
 from ..recovery.losses import output_tensor
+from ..schedules import Cubic
 from ..sparsify import sparsify
 from ..timing import time_rounds
 from . import report, training
@@ -60,6 +64,12 @@ __all__ = ["add_arguments", "run"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 _SHAPE = re.compile(r"(\d+)x(\d+)")
+#: --gradual and --ramp: one-shot to 78% of each layer's sparsity, the rest over the first 35% of the steps
+#: (on MiniLM at 90%: cosine 0.926 after 5,200 steps, against 0.908 after 11,000 with the one-shot masks fixed,
+#: each in 27 minutes on 2 cores: docs/guide/recovery.md)
+GRADUAL, RAMP = 0.78, 0.35
+#: --gradual: the masks are updated this many times during the ramp
+RAMP_UPDATES = 20
 _BLOCK_NAME = re.compile(r"(^|\.)(layer|layers|h|blocks|block)\.\d+$")  # transformer blocks in a ModuleList
 
 
@@ -97,6 +107,7 @@ _positive = _checked(int, "a positive int", lambda v: v >= 1, ">= 1")
 _non_negative = _checked(int, "a non-negative int", lambda v: v >= 0, ">= 0")
 _offset = _checked(float, "a number in (-1, 1)", lambda v: -1 < v < 1, "in (-1, 1)")
 _positive_float = _checked(float, "a positive number", lambda v: 0 < v < float("inf"), "a positive number")
+_share = _checked(float, "a number in (0, 1]", lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def _offset_rule(text: str) -> Tuple[str, float]:
@@ -109,6 +120,35 @@ def _offset_rule(text: str) -> Tuple[str, float]:
     except re.error as error:
         raise argparse.ArgumentTypeError(f"{pattern!r} is not a regular expression ({error})") from None
     return pattern, _offset(offset)
+
+
+def add_recovery_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the ``compress`` command's recovery step."""
+    parser.add_argument("--recover-steps", type=_non_negative, default=1000, metavar="N",
+                        help="distillation steps after pruning, 0 for none "
+                             "(default 1000: about 10 minutes for MiniLM on 2 cores)")
+    parser.add_argument("--gradual", type=_share, default=GRADUAL, metavar="START",
+                        help="prune one-shot to START times each layer's sparsity, then raise every layer to its "
+                             "own by magnitude during recovery, along a cubic schedule over the first --ramp of the "
+                             f"steps, on the masked layers (default {GRADUAL}; 1: all one-shot, the masks fixed "
+                             "while recovering; docs/guide/recovery.md)")
+    parser.add_argument("--ramp", type=_share, default=RAMP, metavar="FRACTION",
+                        help=f"the share of the recovery steps over which --gradual raises the sparsity "
+                             f"(default {RAMP})")
+    parser.add_argument("--batch-size", type=_positive, default=32, help="texts per recovery step (default 32)")
+    parser.add_argument("--lr", type=_positive_float, default=2e-3,
+                        help="peak AdamW learning rate of recovery (default 2e-3, the best of 1e-4 to 2e-3 on MiniLM)")
+    parser.add_argument("--recover-on", choices=training.ON_CHOICES, default="auto",
+                        help="train the sparse kernels' kept weights (sparse) or the masked dense layers (masked); "
+                             f"auto: sparse from {training.SPARSE_FROM:.0%}% sparsity up (default)")
+    parser.add_argument("--freeze-embeddings", action="store_true",
+                        help="do not train the embedding tables (each step 1.1-1.3x faster; on MiniLM at 80%%, "
+                             "300 steps gave cosine 0.877 frozen against 0.883 trained)")
+    parser.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false",
+                        help="run the dense teacher at every recovery step instead of keeping its outputs of each "
+                             "training batch from the first round (bfloat16, about 0.5 GB per 100k tokens on MiniLM)")
+    parser.add_argument("--layers", choices=("auto", "none"), default="auto",
+                        help="auto: add each transformer block's output to the loss (default); none: final output only")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,23 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(docs/guide/recovery.md)")
     parser.add_argument("--granularity", default="weight", choices=("weight", "block:4x1", "block:8x1"),
                         help="single weights (default) or R x 1 blocks (the block-sparse kernel's format)")
-    parser.add_argument("--recover-steps", type=_non_negative, default=1000, metavar="N",
-                        help="distillation steps after pruning, 0 for none "
-                             "(default 1000: about 10 minutes for MiniLM on 2 cores)")
-    parser.add_argument("--batch-size", type=_positive, default=32, help="texts per recovery step (default 32)")
-    parser.add_argument("--lr", type=_positive_float, default=2e-3,
-                        help="peak AdamW learning rate of recovery (default 2e-3, the best of 1e-4 to 2e-3 on MiniLM)")
-    parser.add_argument("--recover-on", choices=training.ON_CHOICES, default="auto",
-                        help="train the sparse kernels' kept weights (sparse) or the masked dense layers (masked); "
-                             f"auto: sparse from {training.SPARSE_FROM:.0%}% sparsity up (default)")
-    parser.add_argument("--freeze-embeddings", action="store_true",
-                        help="do not train the embedding tables (each step 1.1-1.3x faster; on MiniLM at 80%%, "
-                             "300 steps gave cosine 0.877 frozen against 0.883 trained)")
-    parser.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false",
-                        help="run the dense teacher at every recovery step instead of keeping its outputs of each "
-                             "training batch from the first round (bfloat16, about 0.5 GB per 100k tokens on MiniLM)")
-    parser.add_argument("--layers", choices=("auto", "none"), default="auto",
-                        help="auto: add each transformer block's output to the loss (default); none: final output only")
+    add_recovery_arguments(parser)
     parser.add_argument("--text", metavar="FILE", help="training and held-out text, one per line "
                                                           "(default: prose that ships with Python)")
     parser.add_argument("--text-packages", nargs="*", default=None, metavar="PACKAGE",
@@ -314,15 +338,24 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
     if args.method != "magnitude":
         arguments["data"] = work.calibration
     started = time.perf_counter()
-    split = _prune(student, sparsity, args, arguments, exclude)
+    split, plan = _prune(student, sparsity, args, arguments)
     row = {"sparsity": sparsity, "prune_s": time.perf_counter() - started, "recover_s": None, "recovered": None,
            **split}
-    row["achieved_sparsity"] = masked_fraction(student)
     row["oneshot"] = quality(dense_outputs, outputs_of(student, work.heldout))
     print(f"  {sparsity:.0%} one-shot {args.method}: cosine {row['oneshot']['cosine']:.4f} "
           f"({row['prune_s']:.1f} s)", flush=True)
     if args.recover_steps:
-        _recover(student, loaded, work, dense_outputs, args, folder, row)
+        pruner = None
+        if args.gradual < 1:  # recovery starts from a lighter one-shot pruning and prunes the rest itself
+            student = fresh_dense(loaded)
+            _prune(student, sparsity, args, arguments, scale=args.gradual)
+            row["start"] = {"sparsity": masked_fraction(student),
+                            **quality(dense_outputs, outputs_of(student, work.heldout))}
+            print(f"  {sparsity:.0%} recovery starts one-shot at {row['start']['sparsity']:.1%}: cosine "
+                  f"{row['start']['cosine']:.4f}", flush=True)
+            pruner = gradual_pruner(student, sparsity, plan, args, exclude)
+        _recover(student, pruner, loaded, work, dense_outputs, args, folder, row)
+    row["achieved_sparsity"] = masked_fraction(student)
     _save_and_check(student, loaded, work, folder, row)
     row["latency"] = {}
     for shape, inputs in work.latency.items():
@@ -334,9 +367,12 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
     return row
 
 
-def _prune(student: nn.Module, sparsity: float, args: argparse.Namespace, arguments: dict, exclude: list) -> dict:
-    """Prunes ``student`` one-shot at a mean of ``sparsity``, split by ``--attention-offset`` or
-    ``--offset``; returns the split for the results row (empty without one)."""
+def _prune(student: nn.Module, sparsity: float, args: argparse.Namespace, arguments: dict,
+           scale: float = 1.0) -> Tuple[dict, Optional[Dict[str, float]]]:
+    """Prunes ``student`` one-shot at a mean of ``scale * sparsity``, split by ``--attention-offset``
+    or ``--offset`` (each layer at ``scale`` times its share of the split); returns the split for the
+    results row (empty without one) and the per-layer plan at ``sparsity`` (None: uniform)."""
+    exclude = arguments["exclude"]
     if args.attention_offset is not None:
         plan = attention_plan(student, sparsity, sparsity + args.attention_offset, exclude)
         split = {"attention_sparsity": sparsity + args.attention_offset,
@@ -347,10 +383,22 @@ def _prune(student: nn.Module, sparsity: float, args: argparse.Namespace, argume
         split = {"offset_sparsity": {**{pattern: sparsity + offset for pattern, offset in args.offset},
                                      "other": other}}
     else:
-        prune(student, sparsity, **arguments)
-        return {}
-    prune(student, scope=plan, **arguments)
-    return split
+        prune(student, scale * sparsity, **arguments)
+        return {}, None
+    prune(student, scope={name: scale * value for name, value in plan.items()}, **arguments)
+    return split, plan
+
+
+def gradual_pruner(student: nn.Module, sparsity: float, plan: Optional[Dict[str, float]],
+                   args: argparse.Namespace, exclude: List[str]) -> Pruner:
+    """The `tp.Pruner` that takes ``student`` (pruned one-shot to ``--gradual`` of its sparsity) to
+    ``sparsity`` (or each layer to its ``plan``) by magnitude, along a cubic schedule that ends after
+    ``--ramp`` of the recovery steps and updates the masks `RAMP_UPDATES` times. Masks only grow, so
+    each layer stays as pruned as the one-shot start left it until the schedule passes that."""
+    end = max(1, round(args.ramp * args.recover_steps))
+    schedule = Cubic(end=end, every=max(1, end // RAMP_UPDATES))
+    return Pruner(student, None if plan else sparsity, schedule, importance="magnitude",
+                  granularity=args.granularity, scope=plan or "layer", exclude=exclude)
 
 
 def recovery_loss(loaded: Loaded, args: argparse.Namespace) -> Tuple[str, List[str]]:
@@ -369,21 +417,25 @@ def checkpoint_path(folder: str, args: argparse.Namespace, sparsity: float) -> s
                args.recover_on, args.freeze_embeddings, args.teacher_cache]
     options += [text_packages(args)] if text_packages(args) else []  # none: the name earlier versions gave
     options += [args.offset] if args.offset else []
+    options += [("gradual", args.gradual, args.ramp)] if args.gradual < 1 else []  # none: as before --gradual
     return os.path.join(folder, f"recover-{hashlib.sha256(repr(options).encode()).hexdigest()[:10]}.pt")
 
 
-def _recover(student: nn.Module, loaded: Loaded, work: Workload, dense_outputs, args: argparse.Namespace,
-             folder: str, row: dict) -> None:
-    """Distils the dense model into ``student`` (resuming an interrupted run of the same options)."""
+def _recover(student: nn.Module, pruner: Optional[Pruner], loaded: Loaded, work: Workload, dense_outputs,
+             args: argparse.Namespace, folder: str, row: dict) -> None:
+    """Distils the dense model into ``student`` (resuming an interrupted run of the same options),
+    with ``pruner`` raising its sparsity on the way (then on the masked layers, whose masks it changes)."""
     torch.manual_seed(args.seed)
     path = checkpoint_path(folder, args, row["sparsity"])
     loss, layers = recovery_loss(loaded, args)
-    trained = training.training_copy(student, row["sparsity"], args.recover_on, _positional(work.training[0]))
+    on = "masked" if pruner is not None else args.recover_on
+    trained = training.training_copy(student, row["sparsity"], on, _positional(work.training[0]))
     frozen = training.freeze_embeddings(trained) if args.freeze_embeddings else []
     try:
-        recovery = recover(trained, loaded.model, work.training, args.recover_steps, loss=loss, layers=layers,
-                           lr=args.lr, train_mode=False, checkpoint=path, progress=not args.no_progress,
-                           log_every=max(1, args.recover_steps // 50), teacher_cache=args.teacher_cache)
+        recovery = recover(trained, loaded.model, work.training, args.recover_steps, pruner=pruner, loss=loss,
+                           layers=layers, lr=args.lr, train_mode=False, checkpoint=path,
+                           progress=not args.no_progress, log_every=max(1, args.recover_steps // 50),
+                           teacher_cache=args.teacher_cache)
     finally:
         training.restore_grad(frozen)
     training.copy_back(trained, student)
@@ -414,7 +466,7 @@ def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[
                       + "".join(f" but {name}" for name in default_exclude(loaded.model)),
             "recovery": (f"{args.recover_steps} steps of {batch}, AdamW lr {args.lr} (warm-up, cosine decay), "
                          f"loss: {loss} + {len(layers)} block outputs (normalized MSE), dropout off, "
-                         f"on {args.recover_on} ({_on(args.recover_on)}), embeddings "
+                         f"{_gradual(args)}on {_recover_on(args)}, embeddings "
                          f"{'frozen' if args.freeze_embeddings else 'trained'}, the teacher's outputs "
                          f"{'kept from the first round (bfloat16)' if args.teacher_cache else 'computed every step'}"
                          if args.recover_steps else "none"),
@@ -439,6 +491,20 @@ def _on(choice: str) -> str:
             "sparse": "sparse kernels", "masked": "masked dense layers"}[choice]
 
 
+def _recover_on(args: argparse.Namespace) -> str:
+    if args.gradual < 1:
+        return "masked dense layers (--gradual changes the masks)"
+    return f"{args.recover_on} ({_on(args.recover_on)})"
+
+
+def _gradual(args: argparse.Namespace) -> str:
+    """How report.md's settings describe --gradual (empty when all the pruning is one-shot)."""
+    if args.gradual == 1:
+        return ""
+    return (f"pruned gradually: one-shot to {args.gradual:.0%} of each layer's sparsity, then by magnitude to it "
+            f"along a cubic schedule over the first {args.ramp:.0%} of the steps, ")
+
+
 def folder_name(sparsity: float) -> str:
     """The output folder of one sparsity: s90 for 0.9, s87.5 for 0.875."""
     return f"s{100 * sparsity:.4g}"
@@ -452,6 +518,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--sparsity values too close to tell apart in folder names: {args.sparsity}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gradual < 1 and args.recover_steps and args.recover_on == "sparse":
+        raise SystemExit(f"--recover-on sparse trains fixed masks, but --gradual {args.gradual} changes them while "
+                         "recovering: give --recover-on masked (or auto), or --gradual 1")
     if args.text and args.data:
         raise SystemExit("give --text (a Hugging Face model) or --data (a torch model), not both")
     if args.text_packages is not None and (args.text or args.data):

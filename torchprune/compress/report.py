@@ -67,8 +67,15 @@ def write_report(path: str, info: dict, settings: Dict[str, object], rows: Seque
               "NN: nearest-neighbour agreement; token cosine: last hidden states, token by token.", "",
               markdown_table(["sparsity", "achieved", "one-shot cosine", "recovered cosine", "one-shot NN",
                               "recovered NN", "one-shot token cosine", "recovered token cosine", "recovery min"],
-                             _quality_rows(rows), align="rrrrrrrrr"),
-              "", "## Speed: dense against sparsified, interleaved medians", "",
+                             _quality_rows(rows), align="rrrrrrrrr")]
+    starts = [row for row in rows if row.get("start")]
+    if starts:
+        lines += ["", "Pruned gradually: recovery started from a lighter one-shot pruning and raised the sparsity "
+                      "itself; the one-shot column is the one-shot pruning at the full sparsity, for comparison. "
+                      "Where recovery started: "
+                  + "; ".join(f"{row['sparsity']:.0%} from {row['start']['sparsity']:.1%} (cosine "
+                              f"{row['start']['cosine']:.4f})" for row in starts) + "."]
+    lines += ["", "## Speed: dense against sparsified, interleaved medians", "",
               "dense and sparse ms: medians over the rounds; speedup: the median round's, with the lowest and "
               "highest round's (each round times the two models interleaved); "
               "swapped: layers tp.sparsify stored sparse (it keeps a layer dense where its timing says dense is "
