@@ -452,3 +452,57 @@ def test_gpu_profile_is_refused_cleanly_without_a_gpu():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_profile.py")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "needs a CUDA device" in done.stderr and "Traceback" not in done.stderr
+
+
+def recovery_recipes():
+    """benchmarks/recovery_recipes.py as a module."""
+    path = os.path.join(ROOT, "benchmarks", "recovery_recipes.py")
+    spec = importlib.util.spec_from_file_location("recovery_recipes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[1]", "RECIPE must be a JSON object"),
+    ("{sparsity: 0.9}", "RECIPE must be a JSON object"),
+    ('{"steps": 5}', "RECIPE needs 'sparsity'"),
+    ('{"sparsity": 0.9}', "RECIPE needs 'steps'"),
+    ('{"sparsity": 1.0, "steps": 5}', "'sparsity' must be in (0, 1), got 1.0"),
+    ('{"sparsity": 0.9, "steps": 0}', "'steps' must be a positive int, got 0"),
+    ('{"sparsity": 0.9, "steps": 5, "gradual": 0}', "'gradual' must be in (0, 1], got 0"),
+    ('{"sparsity": 0.9, "steps": 5, "warmup": 0.1}', "unknown keys ['warmup']"),
+])
+def test_recovery_recipe_refuses_bad_recipes_naming_the_key(text, message):
+    with pytest.raises(ValueError) as error:
+        recovery_recipes().recipe(text)
+    assert message in str(error.value)
+
+
+def test_recovery_recipe_runs_gradually_on_a_tiny_bert(tmp_path):
+    """One gradual recipe end to end on a random 2-block BERT and random token batches: recovery starts
+    at half of each layer's planned sparsity and ends at the plan's mean."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    transformers.BertModel(config).save_pretrained(tmp_path / "model")
+
+    def batch():
+        ids = torch.randint(0, 100, (4, 12), dtype=torch.int16)
+        return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids, dtype=torch.uint8),
+                "attention_mask": torch.ones_like(ids, dtype=torch.uint8)}
+
+    torch.save({"calibration": [batch() for _ in range(2)], "training": [batch() for _ in range(3)],
+                "heldout": [batch()], "description": "random"}, tmp_path / "workload.pt")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        result = recovery_recipes().run(str(tmp_path), "cpu", {"sparsity": 0.6, "steps": 6, "gradual": 0.5})
+    finally:
+        torch.set_num_threads(threads)
+    assert result["achieved"] == pytest.approx(0.6, abs=2e-3)
+    assert -1 <= result["start_cosine"] <= 1 and -1 <= result["cosine"] <= 1 + 1e-6
+    assert len(result["loss"]) == 6 and result["device"] == "cpu"
