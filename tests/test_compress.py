@@ -1008,3 +1008,45 @@ def test_recover_on_chooses_what_trains(on, torch_files, tmp_path):
     assert f"on {on} (" in results["settings"]["recovery"] and "embeddings frozen" in results["settings"]["recovery"]
     model = tp.load(os.path.join(out, "s50", "model.pt"), torch.load(paths["model"], weights_only=False))
     assert _pruned_fraction(model) == pytest.approx(0.5, abs=2e-3)
+
+
+def test_interrupted_gradual_run_resumes_to_the_same_model(torch_files, tmp_path, monkeypatch):
+    """A gradual run stopped after the checkpoint of step 6 (mid-ramp: the Pruner has raised the
+    masks) and run again with the same options resumes from it and saves the model an
+    uninterrupted run saves, masks and weights alike, with the same logged losses and sparsities."""
+    import functools
+
+    from torchprune.recovery import loop
+
+    paths, _, _ = torch_files
+    monkeypatch.setattr(command, "recover", functools.partial(tp.recover, checkpoint_every=3))
+    argv = [paths["model"], "--data", paths["data"], "--sparsity", 0.9, "--method", "magnitude",
+            "--recover-steps", 12, "--lr", 1e-2, "--ramp", 0.75, "--heldout", HELDOUT, "--latency", "--threads", 1,
+            "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        assert _run(argv + ["--out", tmp_path / "straight"])[0] == 0
+        original = loop._save
+
+        def stop_after_step_6(path, state):
+            original(path, state)
+            if state["done"] == 6:
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(loop, "_save", stop_after_step_6)
+            with pytest.raises(KeyboardInterrupt):
+                _run(argv + ["--out", tmp_path / "resumed"])
+        (checkpoint,) = [name for name in os.listdir(tmp_path / "resumed" / "s90") if name.startswith("recover-")]
+        assert torch.load(tmp_path / "resumed" / "s90" / checkpoint, weights_only=False)["done"] == 6
+        assert _run(argv + ["--out", tmp_path / "resumed"])[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    (straight,), (resumed,) = _results(tmp_path / "straight")["results"], _results(tmp_path / "resumed")["results"]
+    assert [(r["step"], r["loss"], r["sparsity"]) for r in resumed["recover_history"]] == \
+        [(r["step"], r["loss"], r["sparsity"]) for r in straight["recover_history"] if r["step"] > 6]
+    assert resumed["recovered"] == straight["recovered"]
+    models = [tp.load(os.path.join(tmp_path, run, "s90", "model.pt"), _teacher()) for run in ("straight", "resumed")]
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not any(name.startswith("recover-") for name in os.listdir(tmp_path / "resumed" / "s90"))
