@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from torchprune.compress.allocation import offset_plan  # noqa: E402
-from torchprune.compress.command import RAMP, RAMP_UPDATES, block_names, default_exclude  # noqa: E402
+from torchprune.compress.command import RAMP, block_names, default_exclude, gradual_pruner  # noqa: E402
 
 OFFSETS = [("query|key", 0.0), ("value|attention.output", -0.2)]  # the command's recommended --offset
 KEYS = {"sparsity", "steps", "lr", "gradual", "ramp", "freeze", "seed", "name"}
@@ -115,11 +115,7 @@ def run(folder: str, device: str, values: dict) -> dict:
     tp.prune(student, scope={name: gradual * value for name, value in plan.items()}, importance="sparsegpt",
              exclude=exclude, data=calibration)
     start = quality(dense, outputs_of(student, heldout))["cosine"]
-    pruner = None
-    if gradual < 1:
-        end = max(1, round(values.get("ramp", RAMP) * steps))
-        pruner = tp.Pruner(student, schedule=tp.schedules.Cubic(end=end, every=max(1, end // RAMP_UPDATES)),
-                           importance="magnitude", scope=plan, exclude=exclude)
+    pruner = gradual_pruner(student, sparsity, plan, steps, values.get("ramp", RAMP), exclude) if gradual < 1 else None
     frozen = freeze_embeddings(student) if values.get("freeze") else []
     try:
         result = tp.recover(student, teacher, training, steps, pruner=pruner, loss="embedding",

@@ -353,7 +353,8 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
                             **quality(dense_outputs, outputs_of(student, work.heldout))}
             print(f"  {sparsity:.0%} recovery starts one-shot at {row['start']['sparsity']:.1%}: cosine "
                   f"{row['start']['cosine']:.4f}", flush=True)
-            pruner = gradual_pruner(student, sparsity, plan, args, exclude)
+            pruner = gradual_pruner(student, sparsity, plan, args.recover_steps, args.ramp, exclude,
+                                    args.granularity)
         _recover(student, pruner, loaded, work, dense_outputs, args, folder, row)
     row["achieved_sparsity"] = masked_fraction(student)
     _save_and_check(student, loaded, work, folder, row)
@@ -389,16 +390,16 @@ def _prune(student: nn.Module, sparsity: float, args: argparse.Namespace, argume
     return split, plan
 
 
-def gradual_pruner(student: nn.Module, sparsity: float, plan: Optional[Dict[str, float]],
-                   args: argparse.Namespace, exclude: List[str]) -> Pruner:
+def gradual_pruner(student: nn.Module, sparsity: float, plan: Optional[Dict[str, float]], steps: int,
+                   ramp: float, exclude: List[str], granularity: str = "weight") -> Pruner:
     """The `tp.Pruner` that takes ``student`` (pruned one-shot to ``--gradual`` of its sparsity) to
     ``sparsity`` (or each layer to its ``plan``) by magnitude, along a cubic schedule that ends after
-    ``--ramp`` of the recovery steps and updates the masks `RAMP_UPDATES` times. Masks only grow, so
-    each layer stays as pruned as the one-shot start left it until the schedule passes that."""
-    end = max(1, round(args.ramp * args.recover_steps))
+    ``ramp`` of the ``steps`` recovery steps and updates the masks `RAMP_UPDATES` times. Masks only
+    grow, so each layer stays as pruned as the one-shot start left it until the schedule passes that."""
+    end = max(1, round(ramp * steps))
     schedule = Cubic(end=end, every=max(1, end // RAMP_UPDATES))
     return Pruner(student, None if plan else sparsity, schedule, importance="magnitude",
-                  granularity=args.granularity, scope=plan or "layer", exclude=exclude)
+                  granularity=granularity, scope=plan or "layer", exclude=exclude)
 
 
 def recovery_loss(loaded: Loaded, args: argparse.Namespace) -> Tuple[str, List[str]]:
