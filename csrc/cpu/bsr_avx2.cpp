@@ -18,17 +18,19 @@ namespace cpu {
 namespace avx2 {
 namespace {
 
-// out[i * W .. i * W + W) (i < R) = carry + sum over blocks e in [e, end) of val[e * R + i] *
-// panel row col[e]. carry (same layout) is null for the first K-block.
-template <int R, int V, typename I>
-TP_AVX2_INLINE void block_segment(const I* col, const float* val, int64_t e, int64_t end,
-                                  const float* panel, const float* carry, float* out) {
+// out[i * W .. i * W + W) (i < R) = carry + sum over blocks from e to `end` (up to column
+// `limit` when Bounded) of val[e * R + i] * panel row col[e]. carry (same layout) is null for the
+// first K-block. Returns the first block not taken.
+template <int R, int V, bool Bounded, typename I>
+TP_AVX2_INLINE int64_t block_segment(const I* col, const float* val, int64_t e, int64_t end,
+                                     int64_t limit, const float* panel, const float* carry,
+                                     float* out) {
   constexpr int64_t W = 8 * V;
   __m256 acc[R][V];
   _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i)
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)
       acc[i][v] = carry ? _mm256_loadu_ps(carry + i * W + 8 * v) : _mm256_setzero_ps();
-  for (; e < end; ++e) {
+  for (; e < end && in_block<Bounded>(col, e, 1, limit); ++e) {
     const float* p = panel + static_cast<int64_t>(col[e]) * W;
     __m256 x[V];
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) x[v] = _mm256_loadu_ps(p + 8 * v);
@@ -42,17 +44,20 @@ TP_AVX2_INLINE void block_segment(const I* col, const float* val, int64_t e, int
   _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i)
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)
       _mm256_storeu_ps(out + i * W + 8 * v, acc[i][v]);
+  return e;
 }
 
-// Block rows [b0, b1) in chunks of kChunkRows output rows, each chunk through every K-block.
+// Block rows [b0, b1) in chunks of kChunkRows output rows, each chunk through every K-block, each
+// block row keeping a cursor to its next block's entries (as cpu/panel_rows.h).
 template <int R, int V, typename I>
 TP_AVX2 void bsr_kernel(const Csr<float, I>& a, const KBlocks& kb, const float* panel,
                         int64_t width, const float* init, float* y, int64_t ldy, int64_t b0,
                         int64_t b1) {
   constexpr int64_t W = 8 * V, G = kGroup / R, chunk = kChunkRows / R;
   float buf[kGroup][W];
-  std::vector<float> carry(kb.blocks > 1 ? std::min(chunk, b1 - b0) * R * W : 0);
-  const int32_t* ptr = kb.ptr.data();
+  const int64_t carried = kb.blocks > 1 ? std::min(chunk, b1 - b0) : 0;
+  std::vector<float> carry(carried * R * W);
+  std::vector<int64_t> cursor(carried);
   for (int64_t c0 = b0; c0 < b1; c0 += chunk) {
     const int64_t c1 = std::min(b1, c0 + chunk);
     for (int64_t j = 0; j < kb.blocks; ++j) {
@@ -61,9 +66,16 @@ TP_AVX2 void bsr_kernel(const Csr<float, I>& a, const KBlocks& kb, const float* 
         const int64_t count = std::min(G, c1 - g0);
         for (int64_t g = 0; g < count; ++g) {
           const int64_t b = g0 + g;
+          const int64_t e = first ? a.row_ptr[b] : cursor[b - c0];
           float* partial = carry.data() + (b - c0) * R * W;
-          block_segment<R, V>(a.col, a.val, ptr[j * kb.rows + b], ptr[(j + 1) * kb.rows + b],
-                              panel, first ? nullptr : partial, last ? buf[g * R] : partial);
+          if (last) {
+            block_segment<R, V, false>(a.col, a.val, e, a.row_ptr[b + 1], 0, panel,
+                                       first ? nullptr : partial, buf[g * R]);
+          } else {
+            cursor[b - c0] = block_segment<R, V, true>(a.col, a.val, e, a.row_ptr[b + 1],
+                                                       kb.limit(j), panel,
+                                                       first ? nullptr : partial, partial);
+          }
         }
         if (last) store_group<V>(buf, count * R, width, init, y, ldy, g0 * R);
       }

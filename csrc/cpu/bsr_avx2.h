@@ -26,7 +26,7 @@ inline int64_t bsr_tile(int64_t r) { return r == 8 ? 8 : 16; }
 // y[t * ldy + n] = init[n] + sum over blocks of W[n, c] * panel[c * tile + t] for t < width and
 // the output rows n of block rows [block_begin, block_end). a is the BSR as a Csr over block rows
 // (val: r values per entry), panel is [a.cols, bsr_tile(r)] with columns width.. zero, and kb is
-// k_blocks(a). init may be null.
+// k_blocks(a.cols). init may be null.
 template <typename I>
 void bsr_panel(const Csr<float, I>& a, int64_t r, const KBlocks& kb, const float* panel,
                int64_t width, const float* init, float* y, int64_t ldy, int64_t block_begin,

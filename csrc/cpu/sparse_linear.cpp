@@ -60,7 +60,7 @@ void forward_avx2(const Csr<float, I>& a, const Tensor& panels_x, int64_t m, con
                   Tensor& out) {
   const int64_t n = a.rows, k = a.cols, threads = product_threads(a, m);
   const int64_t tiles = panels_x.size(0), tile = panels_x.size(2);
-  const cpu::avx2::KBlocks blocks = cpu::avx2::k_blocks(a);
+  const cpu::avx2::KBlocks blocks = cpu::avx2::k_blocks(a.cols);
   const int64_t parts = std::max<int64_t>(1, (threads * 4 + tiles - 1) / tiles);
   const auto panels = group_panels(a, parts);
   const float* b = panels_x.data_ptr<float>();
@@ -90,7 +90,7 @@ template <typename I>
 void forward_avx2_by_tile(const Csr<float, I>& a, const Tensor& x2, int64_t m, int64_t tile,
                           int64_t threads, const float* bias, Tensor& out) {
   const int64_t n = a.rows, k = a.cols, tiles = (m + tile - 1) / tile;
-  const cpu::avx2::KBlocks blocks = cpu::avx2::k_blocks(a);
+  const cpu::avx2::KBlocks blocks = cpu::avx2::k_blocks(a.cols);
   // Rows in chunks of about kChunkEntries stored entries (aligned to the groups of 8), each chunk
   // through all of a thread's panels before the next, so that a large weight is read from L3
   // once per thread rather than once per panel.

@@ -26,9 +26,6 @@ namespace cpu {
 namespace avx2 {
 namespace {
 
-constexpr int64_t kBlockCols = 384;  // K-block width once the panel outgrows L1 (best of 128-512)
-constexpr int64_t kL1Cols = 512;     // up to this K, one block (a 32-wide panel is 64 KiB)
-
 // The AVX2 registers of panel_rows' PanelKernel (cpu/panel_rows.h): 8 floats.
 struct Ymm {
   using T = __m256;
@@ -137,29 +134,6 @@ TP_AVX2 void pack_panel(const float* x, int64_t ldx, int64_t m, int64_t k, int64
 }
 
 template <typename I>
-KBlocks k_blocks(const Csr<float, I>& a) {
-  KBlocks kb;
-  kb.rows = a.rows;
-  kb.blocks = a.cols > kL1Cols ? (a.cols + kBlockCols - 1) / kBlockCols : 1;
-  kb.ptr.resize((kb.blocks + 1) * a.rows);
-  for (int64_t n = 0; n < a.rows; ++n) {
-    int64_t e = a.row_ptr[n];
-    const int64_t end = a.row_ptr[n + 1];
-    for (int64_t j = 0; j < kb.blocks; ++j) {
-      kb.ptr[j * a.rows + n] = static_cast<int32_t>(e);
-      if (kb.blocks > 1) {  // columns ascend within a row: the block's end by bisection
-        const int64_t limit = (j + 1) * kBlockCols;
-        e = std::lower_bound(a.col + e, a.col + end, limit,
-                             [](I c, int64_t v) { return static_cast<int64_t>(c) < v; }) -
-            a.col;
-      }
-    }
-    kb.ptr[kb.blocks * a.rows + n] = static_cast<int32_t>(end);
-  }
-  return kb;
-}
-
-template <typename I>
 void spmm_panel(const Csr<float, I>& a, const KBlocks& kb, const float* panel, int64_t tile,
                 int64_t width, const float* init, float* y, int64_t ldy, int64_t r0, int64_t r1) {
   if (tile == kNarrowTile) {
@@ -185,8 +159,6 @@ template void sddmm_panel<uint16_t>(const Csr<float, uint16_t>&, const float*, c
                                     int64_t, bool, float*, int64_t, int64_t);
 template void sddmm_panel<int32_t>(const Csr<float, int32_t>&, const float*, const float*,
                                    int64_t, bool, float*, int64_t, int64_t);
-template KBlocks k_blocks<uint16_t>(const Csr<float, uint16_t>&);
-template KBlocks k_blocks<int32_t>(const Csr<float, int32_t>&);
 template void spmm_panel<uint16_t>(const Csr<float, uint16_t>&, const KBlocks&, const float*,
                                    int64_t, int64_t, const float*, float*, int64_t, int64_t,
                                    int64_t);
