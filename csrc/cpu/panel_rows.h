@@ -88,11 +88,25 @@ inline int64_t panel_segment(const I* col, const float* val, int64_t e, int64_t 
         acc[u][v] = Reg::fma(w, Reg::load(p + L * v), acc[u][v]);
     }
   }
-  for (; e < end && avx2::in_block<Bounded>(col, e, 1, limit); ++e) {
-    const float* p = panel + static_cast<int64_t>(col[e]) * W;
-    const typename Reg::T w = Reg::broadcast(val + e);
-    _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
-      acc[0][v] = Reg::fma(w, Reg::load(p + L * v), acc[0][v]);
+  if constexpr (Bounded) {
+    for (; e < end && avx2::in_block<Bounded>(col, e, 1, limit); ++e) {
+      const float* p = panel + static_cast<int64_t>(col[e]) * W;
+      const typename Reg::T w = Reg::broadcast(val + e);
+      _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
+        acc[0][v] = Reg::fma(w, Reg::load(p + L * v), acc[0][v]);
+    }
+  } else if (end > 0) {
+    // The last 0 to U-1 entries as one group with the FMAs past `end` masked off (reading entry
+    // end-1, which exists), not a loop whose random trip count the branch predictor misses.
+    _Pragma("GCC unroll 8") for (int u = 0; u + 1 < U; ++u) {
+      const int64_t q = std::min(e + u, end - 1);
+      const bool on = e + u < end;
+      const float* p = panel + static_cast<int64_t>(col[q]) * W;
+      const typename Reg::T w = Reg::broadcast(val + q);
+      _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v)
+        acc[u][v] = Reg::fma_if(on, w, Reg::load(p + L * v), acc[u][v]);
+    }
+    e = end;
   }
   _Pragma("GCC unroll 8") for (int v = 0; v < V; ++v) {
     typename Reg::T sum = acc[0][v];

@@ -34,6 +34,10 @@ struct Ymm {
   TP_AVX2 static inline T load(const float* p) { return _mm256_loadu_ps(p); }
   TP_AVX2 static inline T broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   TP_AVX2 static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  TP_AVX2 static inline T fma_if(bool on, T a, T b, T c) {
+    return _mm256_blendv_ps(c, _mm256_fmadd_ps(a, b, c),
+                            _mm256_castsi256_ps(_mm256_set1_epi32(-static_cast<int>(on))));
+  }
   TP_AVX2 static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
   TP_AVX2 static inline void store(float* p, T v) { _mm256_storeu_ps(p, v); }
   template <int G>

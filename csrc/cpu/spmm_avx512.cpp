@@ -131,6 +131,9 @@ struct Zmm {
   TP_AVX512 static inline T load(const float* p) { return _mm512_loadu_ps(p); }
   TP_AVX512 static inline T broadcast(const float* p) { return _mm512_set1_ps(*p); }
   TP_AVX512 static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  TP_AVX512 static inline T fma_if(bool on, T a, T b, T c) {
+    return _mm512_mask3_fmadd_ps(a, b, c, on ? __mmask16(0xFFFF) : __mmask16(0));
+  }
   TP_AVX512 static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
   TP_AVX512 static inline void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   template <int G>
