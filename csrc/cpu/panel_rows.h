@@ -10,10 +10,10 @@
 // Kernel supplies the work: Kernel::segment<Bounded>(e, n, limit, carry, out) writes to
 // out[0 .. W) carry (null for the first K-block) plus the sum over row n's entries from e up to
 // column `limit` (to the row's end when not Bounded) of val * panel row col, and returns the
-// first entry it did not take; Kernel::store(buf, rows, n0) writes a finished group. PanelKernel below
-// is that Kernel for any register type Reg, which each ISA supplies (Ymm in cpu/spmm_avx2.cpp,
-// Zmm in cpu/spmm_avx512.cpp): its lanes and a handful of intrinsics, each carrying its target
-// attribute and plain `inline`. An always_inline call from these target-neutral templates into
+// first entry it did not take; Kernel::store(buf, rows, n0) writes a finished group.
+// PanelKernel below is that Kernel for any register type Reg, which each ISA supplies (Ymm in
+// cpu/spmm_avx2.cpp, Zmm in cpu/spmm_avx512.cpp): its lanes and a handful of intrinsics, each
+// carrying its target attribute and plain `inline`. An always_inline call from these target-neutral templates into
 // target-specific code does not compile; the callers, compiled for the target, are marked
 // TP_FLATTEN, which inlines all of it back into one loop.
 #pragma once
