@@ -4,14 +4,14 @@
 // (tile/8 vectors) and does R x tile/8 FMAs into R x tile/8 accumulators: 8 independent chains
 // for both R = 4 (tile 16) and R = 8 (tile 8), enough to hide the FMA latency. Eight output
 // features (8/R block rows) are finished into a buffer and stored row-major by the 8x8 register
-// transposes of avx2_tiles.h; K-blocks and row chunks are the CSR kernel's (spmm_avx2.cpp).
+// transposes of avx2_tiles.h; K-blocks, row chunks and cursors are the CSR kernel's traversal
+// (cpu/panel_rows.h).
 #include "cpu/bsr_avx2.h"
 
-#include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "cpu/avx2_tiles.h"
+#include "cpu/panel_rows.h"
 
 namespace torchprune {
 namespace cpu {
@@ -20,9 +20,10 @@ namespace {
 
 // out[i * W .. i * W + W) (i < R) = carry + sum over blocks from e to `end` (up to column
 // `limit` when Bounded) of val[e * R + i] * panel row col[e]. carry (same layout) is null for the
-// first K-block. Returns the first block not taken.
+// first K-block. Returns the first block not taken. Plain `inline`: it is reached through
+// panel_rows, whose TP_FLATTEN caller inlines it (see cpu/panel_rows.h).
 template <int R, int V, bool Bounded, typename I>
-TP_AVX2_INLINE int64_t block_segment(const I* col, const float* val, int64_t e, int64_t end,
+TP_AVX2 inline int64_t block_segment(const I* col, const float* val, int64_t e, int64_t end,
                                      int64_t limit, const float* panel, const float* carry,
                                      float* out) {
   constexpr int64_t W = 8 * V;
@@ -47,40 +48,40 @@ TP_AVX2_INLINE int64_t block_segment(const I* col, const float* val, int64_t e, 
   return e;
 }
 
-// Block rows [b0, b1) in chunks of kChunkRows output rows, each chunk through every K-block, each
-// block row keeping a cursor to its next block's entries (as cpu/panel_rows.h).
+// store_group behind plain `inline`, for BlockKernel (see block_segment).
+template <int V>
+TP_AVX2 inline void store_rows(const float (*buf)[8 * V], int64_t rows, int64_t width,
+                               const float* init, float* y, int64_t ldy, int64_t n0) {
+  store_group<V>(buf, rows, width, init, y, ldy, n0);
+}
+
+// The Kernel of panel_rows over block rows of R output rows.
 template <int R, int V, typename I>
-TP_AVX2 void bsr_kernel(const Csr<float, I>& a, const KBlocks& kb, const float* panel,
-                        int64_t width, const float* init, float* y, int64_t ldy, int64_t b0,
-                        int64_t b1) {
-  constexpr int64_t W = 8 * V, G = kGroup / R, chunk = kChunkRows / R;
-  float buf[kGroup][W];
-  const int64_t carried = kb.blocks > 1 ? std::min(chunk, b1 - b0) : 0;
-  std::vector<float> carry(carried * R * W);
-  std::vector<int64_t> cursor(carried);
-  for (int64_t c0 = b0; c0 < b1; c0 += chunk) {
-    const int64_t c1 = std::min(b1, c0 + chunk);
-    for (int64_t j = 0; j < kb.blocks; ++j) {
-      const bool first = j == 0, last = j + 1 == kb.blocks;
-      for (int64_t g0 = c0; g0 < c1; g0 += G) {
-        const int64_t count = std::min(G, c1 - g0);
-        for (int64_t g = 0; g < count; ++g) {
-          const int64_t b = g0 + g;
-          const int64_t e = first ? a.row_ptr[b] : cursor[b - c0];
-          float* partial = carry.data() + (b - c0) * R * W;
-          if (last) {
-            block_segment<R, V, false>(a.col, a.val, e, a.row_ptr[b + 1], 0, panel,
-                                       first ? nullptr : partial, buf[g * R]);
-          } else {
-            cursor[b - c0] = block_segment<R, V, true>(a.col, a.val, e, a.row_ptr[b + 1],
-                                                       kb.limit(j), panel,
-                                                       first ? nullptr : partial, partial);
-          }
-        }
-        if (last) store_group<V>(buf, count * R, width, init, y, ldy, g0 * R);
-      }
-    }
+struct BlockKernel {
+  static constexpr int64_t W = 8 * V;
+  const Csr<float, I>& a;
+  const float* panel;
+  int64_t width;
+  const float* init;
+  float* y;
+  int64_t ldy;
+  template <bool Bounded>
+  inline int64_t segment(int64_t e, int64_t b, int64_t limit, const float* carry,
+                         float* out) const {
+    return block_segment<R, V, Bounded>(a.col, a.val, e, a.row_ptr[b + 1], limit, panel, carry,
+                                        out);
   }
+  inline void store(const float (*buf)[W], int64_t rows, int64_t n0) const {
+    store_rows<V>(buf, rows, width, init, y, ldy, n0);
+  }
+};
+
+// Block rows [b0, b1) through panel_rows.
+template <int R, int V, typename I>
+TP_AVX2 TP_FLATTEN void bsr_kernel(const Csr<float, I>& a, const KBlocks& kb, const float* panel,
+                                   int64_t width, const float* init, float* y, int64_t ldy,
+                                   int64_t b0, int64_t b1) {
+  panel_rows<8 * V, R>(kb, b0, b1, BlockKernel<R, V, I>{a, panel, width, init, y, ldy});
 }
 
 // Sum of the four accumulators and init, stored to the R outputs of one block row.

@@ -1,21 +1,24 @@
-// The row traversal shared by the CSR panel kernels of sparse_linear (cpu/spmm_avx2.cpp for AVX2,
-// cpu/spmm_avx512.cpp for AVX-512), which differ only in the registers one row segment uses.
+// The row traversal shared by the panel kernels of sparse_linear (cpu/spmm_avx2.cpp for AVX2,
+// cpu/spmm_avx512.cpp for AVX-512), which differ only in the registers one row segment uses, and
+// of block_sparse_linear (cpu/bsr_avx2.cpp), whose stored entries each cover R output rows.
 //
-// Rows [r0, r1) go in chunks of kChunkRows, each chunk through every K-block, so that the partial
-// sums carried between blocks (kChunkRows x W floats, 64 KiB at W = 32) stay in L2 however many
-// rows the layer has (a whole 4096-row layer would carry 512 KiB, more than L2). Each row of a
-// chunk keeps a cursor: where its entries of the next K-block start. A finished group of kGroup
-// features is stored as rows of y.
+// Rows [r0, r1) (block rows of R output rows each; R = 1 for CSR) go in chunks of kChunkRows
+// output rows, each chunk through every K-block, so that the partial sums carried between blocks
+// (kChunkRows x W floats, 64 KiB at W = 32) stay in L2 however many rows the layer has (a whole
+// 4096-row layer would carry 512 KiB, more than L2). Each row of a chunk keeps a cursor: where its
+// entries of the next K-block start. A finished group of kGroup output features is stored as rows
+// of y.
 //
 // Kernel supplies the work: Kernel::segment<Bounded>(e, n, limit, carry, out) writes to
-// out[0 .. W) carry (null for the first K-block) plus the sum over row n's entries from e up to
-// column `limit` (to the row's end when not Bounded) of val * panel row col, and returns the
-// first entry it did not take; Kernel::store(buf, rows, n0) writes a finished group.
-// PanelKernel below is that Kernel for any register type Reg, which each ISA supplies (Ymm in
-// cpu/spmm_avx2.cpp, Zmm in cpu/spmm_avx512.cpp): its lanes and a handful of intrinsics, each
-// carrying its target attribute and plain `inline`. An always_inline call from these target-neutral templates into
-// target-specific code does not compile; the callers, compiled for the target, are marked
-// TP_FLATTEN, which inlines all of it back into one loop.
+// out[0 .. R * W) carry (null for the first K-block) plus the sum over row n's entries from e up
+// to column `limit` (to the row's end when not Bounded) of val * panel row col, and returns the
+// first entry it did not take; Kernel::store(buf, rows, n0) writes a finished group of `rows`
+// output features from n0. PanelKernel below is that Kernel for CSR and any register type Reg,
+// which each ISA supplies (Ymm in cpu/spmm_avx2.cpp, Zmm in cpu/spmm_avx512.cpp): its lanes and a
+// handful of intrinsics, each carrying its target attribute and plain `inline`. An always_inline
+// call from these target-neutral templates into target-specific code does not compile; the
+// callers, compiled for the target, are marked TP_FLATTEN, which inlines all of it back into one
+// loop.
 #pragma once
 
 #include <algorithm>
@@ -30,14 +33,14 @@
 namespace torchprune {
 namespace cpu {
 
-template <int64_t W, typename Kernel>
+template <int64_t W, int64_t R = 1, typename Kernel>
 inline void panel_rows(const avx2::KBlocks& kb, int64_t r0, int64_t r1, const Kernel& kernel) {
-  constexpr int64_t kGroup = avx2::kGroup, kChunkRows = avx2::kChunkRows;
-  float buf[kGroup][W];
+  constexpr int64_t kGroup = avx2::kGroup / R, kChunkRows = avx2::kChunkRows / R;
+  float buf[avx2::kGroup][W];
   // The partial sums of one chunk between K-blocks, and each row's next entry (none with a
   // single block).
   const int64_t carried = kb.blocks > 1 ? std::min(kChunkRows, r1 - r0) : 0;
-  std::vector<float> carry(carried * W);
+  std::vector<float> carry(carried * R * W);
   std::vector<int64_t> cursor(carried);
   const int32_t* row_ptr = kernel.a.row_ptr;
   for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
@@ -49,15 +52,15 @@ inline void panel_rows(const avx2::KBlocks& kb, int64_t r0, int64_t r1, const Ke
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t n = n0 + r;
           const int64_t e = first ? row_ptr[n] : cursor[n - c0];
-          float* partial = carry.data() + (n - c0) * W;
+          float* partial = carry.data() + (n - c0) * R * W;
           if (last) {
-            kernel.template segment<false>(e, n, 0, first ? nullptr : partial, buf[r]);
+            kernel.template segment<false>(e, n, 0, first ? nullptr : partial, buf[r * R]);
           } else {
             cursor[n - c0] = kernel.template segment<true>(e, n, kb.limit(j),
                                                            first ? nullptr : partial, partial);
           }
         }
-        if (last) kernel.store(buf, rows, n0);
+        if (last) kernel.store(buf, rows * R, n0 * R);
       }
     }
   }
