@@ -18,8 +18,9 @@ from torch import nn
 
 import torchprune as tp
 from torchprune.__main__ import main
-from torchprune.compress import command, workload
+from torchprune.compress import command, latency, workload
 from torchprune.compress.command import block_names, default_exclude
+from torchprune.compress.models import load_model, reload_model
 from torchprune.recovery import text as corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,6 +116,8 @@ def test_torch_model_end_to_end_writes_results_and_report(magnitude_run):
     assert f"{BATCHES - HELDOUT} training batches, {HELDOUT} held out" in results["settings"]["data"]
     assert "0 block outputs" in results["settings"]["recovery"]  # an MLP has no transformer blocks
     assert "teacher's outputs kept from the first round (bfloat16)" in results["settings"]["recovery"]
+    assert results["settings"]["latency"].endswith("in a fresh process that loads the dense model and the saved "
+                                                   "model.pt")
     rows = results["results"]
     assert [row["sparsity"] for row in rows] == [0.5, 0.9]
     for row in rows:
@@ -191,16 +194,21 @@ def test_recovery_improves_the_90_percent_model(magnitude_run):
 
 
 def test_recover_steps_zero_gives_no_recovery_and_a_dash(torch_files, tmp_path):
-    """--recover-steps 0: recovered and recover_s are None, no checkpoint, the report shows "-"."""
+    """--recover-steps 0: recovered and recover_s are None, no checkpoint, the report shows "-". Timed
+    with --time-in-process: the settings say so, and both shapes are timed."""
     paths, _, _ = torch_files
     out = tmp_path / "out"
     code, printed = _run([paths["model"], "--data", paths["data"], "--sparsity", 0.5, "--method", "magnitude",
                           "--recover-steps", 0, "--heldout", HELDOUT, "--repeats", 2, "--threads", 1, "--no-progress",
-                          "--out", out])
+                          "--time-in-process", "--out", out])
     assert code == 0 and "recovered" not in printed
     results = _results(out)
     assert results["settings"]["recovery"] == "none"
+    assert results["settings"]["latency"].endswith("in the command's process, after recovery")
     (row,) = results["results"]
+    assert set(row["latency"]) == TORCH_LATENCY
+    for timing in row["latency"].values():
+        _check_timing(timing, layers=3)
     assert row["recovered"] is None and row["recover_s"] is None and "recover_history" not in row
     assert sorted(os.listdir(out / "s50")) == ["model.pt"]
     text = (out / "report.md").read_text()
@@ -218,6 +226,32 @@ def test_no_teacher_cache_runs_the_teacher_every_step(torch_files, tmp_path):
     results = _results(out)
     assert "teacher's outputs computed every step" in results["settings"]["recovery"]
     assert results["results"][0]["teacher_cache_gb"] == 0
+
+
+def test_time_saved_matches_timing_in_this_process(magnitude_run, torch_files):
+    """latency.time_saved (a fresh process on the saved model) counts the same layers and gives the same
+    sparse outputs as time_dense_and_sparse on the model loaded here."""
+    paths, model, batches = torch_files
+    _, _, out = magnitude_run
+    saved = os.path.join(out, "s90", "model.pt")
+    loaded = load_model(paths["model"])
+    shapes = {"batch 1": batches[-1][:1], "batch 16": batches[-1]}
+    fresh = latency.time_saved(loaded, saved, shapes, 2, rounds=2)
+    assert set(fresh) == set(shapes)
+    for shape, inputs in shapes.items():
+        here = latency.time_dense_and_sparse(model, reload_model(loaded, saved), inputs, 2, rounds=2)
+        _check_timing(fresh[shape], layers=3, rounds=2)
+        assert (fresh[shape]["layers"], fresh[shape]["swapped"]) == (here["layers"], here["swapped"])
+        assert fresh[shape]["max_abs_diff"] == pytest.approx(here["max_abs_diff"], abs=1e-6)
+
+
+def test_time_saved_failure_names_the_model_and_shows_the_error(torch_files, tmp_path):
+    """A fresh process that cannot load the saved model: RuntimeError naming it, with the child's error."""
+    paths, _, batches = torch_files
+    missing = str(tmp_path / "missing.pt")
+    with pytest.raises(RuntimeError, match=r"timing the saved model .*missing\.pt.* in a fresh process failed "
+                                           r"\(exit code 1\)(.|\n)*Error"):
+        latency.time_saved(load_model(paths["model"]), missing, {"batch 1": batches[0][:1]}, 2)
 
 
 def test_latency_without_values_skips_timing(torch_files, tmp_path):
@@ -584,7 +618,7 @@ def test_bert_pruned_model_times_against_dense(bert_run, bert):
     dense = transformers.BertModel.from_pretrained(folder).eval()
     masked = tp.load(os.path.join(out, "s50", "model.pt"), transformers.BertModel.from_pretrained(folder)).eval()
     ids = torch.tensor([[2] + list(range(10, 24)) + [3]])
-    timing = command.time_dense_and_sparse(dense, masked, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2,
+    timing = latency.time_dense_and_sparse(dense, masked, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2,
                                            rounds=3)
     _check_timing(timing, layers=12, rounds=3)
 

@@ -13,7 +13,9 @@ For each sparsity asked for, starting each time from the dense model:
 4. save (``model.pt`` for `tp.load`, and a ``save_pretrained`` folder for Hugging Face) and check
    that the file loads back to the same outputs;
 5. sparsify (`tp.sparsify`, timed per layer at each latency shape) and time dense against sparse,
-   interleaved, at each ``--latency`` shape (batch x tokens).
+   interleaved, at each ``--latency`` shape (batch x tokens): in a fresh process that loads the
+   saved model, as a deployment would (compress/latency.py says why), or with
+   ``--time-in-process`` in this one.
 
 It writes results.json, report.md and report.png to ``--out``, one folder per sparsity.
 
@@ -35,7 +37,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -43,22 +44,19 @@ import torch
 from torch import nn
 
 from ..analysis.machine import describe, machine_info
-from ..calibration import Inputs, call
+from ..calibration import Inputs
 from ..calibration import batches as split_batches
-from ..masking import masked_fraction, masks
-from ..nn.sparse import SparseLayer
+from ..masking import masked_fraction
 from ..oneshot import prune
 from ..pruner import Pruner
 from ..recovery import recover
 from ..recovery import text as corpus
-from ..recovery.losses import output_tensor
 from ..schedules import Cubic
-from ..sparsify import sparsify
-from ..timing import time_rounds
 from . import report, training
 from .allocation import attention_plan, is_attention, offset_plan
+from .latency import time_dense_and_sparse, time_saved
 from .models import Loaded, fresh_dense, load_model, reload_huggingface, reload_model, save_model
-from .workload import outputs_of, quality, text_batches, token_inputs
+from .workload import max_abs_diff, outputs_of, positional, quality, text_batches, token_inputs
 
 __all__ = ["add_arguments", "run"]
 
@@ -188,6 +186,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed calls per model and shape in each round (default 20)")
     parser.add_argument("--rounds", type=_positive, default=3,
                         help="rounds of --repeats interleaved calls; the speedup is the median round's (default 3)")
+    parser.add_argument("--time-in-process", action="store_true",
+                        help="time the models in this process, after recovery, instead of in a fresh process that "
+                             "loads the saved model (the default: a long recovery left this process slower)")
     parser.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of recovery (default 0)")
     parser.add_argument("--out", default="compressed", help="output folder (default ./compressed)")
@@ -292,41 +293,6 @@ def default_exclude(model: nn.Module) -> List[str]:
     return ["pooler"] if isinstance(getattr(model, "pooler", None), nn.Module) else []
 
 
-def _max_diff(a: nn.Module, b: nn.Module, inputs) -> float:
-    with torch.inference_mode():
-        return float((output_tensor(call(a, inputs)) - output_tensor(call(b, inputs))).abs().max())
-
-
-def _positional(inputs) -> tuple:
-    """Example inputs for tp.sparsify's trace (positional tensors): token inputs as (input_ids,
-    attention_mask), the order of every Hugging Face encoder's forward; a tuple or `tp.Inputs` by its
-    positional arguments; a tensor as itself."""
-    if isinstance(inputs, dict):
-        return tuple(inputs[k] for k in ("input_ids", "attention_mask") if k in inputs)
-    if isinstance(inputs, Inputs):
-        return tuple(inputs.args)
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
-def time_dense_and_sparse(dense: nn.Module, pruned: nn.Module, inputs, repeats: int,
-                          rounds: int = 1) -> Dict[str, object]:
-    """Dense against ``tp.sparsify(pruned)`` timed at ``inputs`` in inference mode: ``rounds`` rounds
-    of ``repeats`` interleaved calls. The milliseconds are medians over every round's medians, the
-    speedup the median of the rounds' speedups (each compares the two models timed together), and
-    ``speedups`` lists them all, so the report can show the spread."""
-    sparse = sparsify(pruned, example_inputs=_positional(inputs))
-    layers = len(masks(pruned))
-    swapped = sum(1 for m in sparse.modules() if isinstance(m, SparseLayer))
-    with torch.inference_mode():
-        found = time_rounds({"dense": lambda: call(dense, inputs), "sparse": lambda: call(sparse, inputs)},
-                            repeats, rounds)
-    speedups = [one["dense"] / one["sparse"] for one in found]
-    return {"dense_ms": 1e3 * statistics.median(one["dense"] for one in found),
-            "sparse_ms": 1e3 * statistics.median(one["sparse"] for one in found),
-            "speedup": statistics.median(speedups), "speedups": speedups, "layers": layers, "swapped": swapped,
-            "max_abs_diff": _max_diff(pruned, sparse, inputs)}
-
-
 def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
                  args: argparse.Namespace, folder: str) -> dict:
     """Prune, recover, measure, save and time one sparsity; the row of results.json."""
@@ -358,14 +324,24 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
         _recover(student, pruner, loaded, work, dense_outputs, args, folder, row)
     row["achieved_sparsity"] = masked_fraction(student)
     _save_and_check(student, loaded, work, folder, row)
-    row["latency"] = {}
-    for shape, inputs in work.latency.items():
-        row["latency"][shape] = timing = time_dense_and_sparse(loaded.model, student, inputs, args.repeats,
-                                                               args.rounds)
+    row["latency"] = _latency(student, loaded, work, args, row["saved"]["tp"])
+    for shape, timing in row["latency"].items():
         print(f"  {sparsity:.0%} {shape}: dense {timing['dense_ms']:.2f} ms, sparse {timing['sparse_ms']:.2f} ms, "
               f"{timing['speedup']:.2f}x{report.spread(timing['speedups'])} "
               f"({timing['swapped']}/{timing['layers']} layers sparse)", flush=True)
     return row
+
+
+def _latency(student: nn.Module, loaded: Loaded, work: Workload, args: argparse.Namespace,
+             saved: str) -> Dict[str, dict]:
+    """Dense against sparse at every latency shape: in a fresh process on the ``saved`` model, or
+    with ``--time-in-process`` in this one on ``student``."""
+    if not work.latency:
+        return {}
+    if args.time_in_process:
+        return {shape: time_dense_and_sparse(loaded.model, student, inputs, args.repeats, args.rounds)
+                for shape, inputs in work.latency.items()}
+    return time_saved(loaded, saved, work.latency, args.repeats, args.rounds)
 
 
 def _prune(student: nn.Module, sparsity: float, args: argparse.Namespace, arguments: dict,
@@ -430,7 +406,7 @@ def _recover(student: nn.Module, pruner: Optional[Pruner], loaded: Loaded, work:
     path = checkpoint_path(folder, args, row["sparsity"])
     loss, layers = recovery_loss(loaded, args)
     on = "masked" if pruner is not None else args.recover_on
-    trained = training.training_copy(student, row["sparsity"], on, _positional(work.training[0]))
+    trained = training.training_copy(student, row["sparsity"], on, positional(work.training[0]))
     frozen = training.freeze_embeddings(trained) if args.freeze_embeddings else []
     try:
         recovery = recover(trained, loaded.model, work.training, args.recover_steps, pruner=pruner, loss=loss,
@@ -452,9 +428,9 @@ def _recover(student: nn.Module, pruner: Optional[Pruner], loaded: Loaded, work:
 def _save_and_check(student: nn.Module, loaded: Loaded, work: Workload, folder: str, row: dict) -> None:
     """Saves ``student`` and loads every saved form back: the largest output difference of each."""
     row["saved"] = save_model(student, loaded, folder)
-    row["reload_max_diff"] = _max_diff(student, reload_model(loaded, row["saved"]["tp"]), work.heldout[0])
+    row["reload_max_diff"] = max_abs_diff(student, reload_model(loaded, row["saved"]["tp"]), work.heldout[0])
     if "huggingface" in row["saved"]:
-        row["reload_huggingface_max_diff"] = _max_diff(student, reload_huggingface(row["saved"]["huggingface"]),
+        row["reload_huggingface_max_diff"] = max_abs_diff(student, reload_huggingface(row["saved"]["huggingface"]),
                                                        work.heldout[0])
 
 
@@ -473,7 +449,9 @@ def _settings(loaded: Loaded, work: Workload, args: argparse.Namespace) -> Dict[
                          if args.recover_steps else "none"),
             "data": work.description,
             "latency": f"{args.rounds} round(s) of {args.repeats} interleaved calls per model and shape; medians, "
-                       "and the median round's speedup; tp.sparsify timed per layer at each shape"}
+                       "and the median round's speedup; tp.sparsify timed per layer at each shape; "
+                       + ("in the command's process, after recovery" if args.time_in_process else
+                          "in a fresh process that loads the dense model and the saved model.pt")}
 
 
 def _split(args: argparse.Namespace) -> str:

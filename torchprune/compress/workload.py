@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..calibration import Inputs, call
 from ..calibration import batches as split_batches
-from ..calibration import call
 from ..recovery.losses import mean_pool, output_tensor, token_mask
 
-__all__ = ["text_batches", "token_inputs", "outputs_of", "quality"]
+__all__ = ["text_batches", "token_inputs", "positional", "outputs_of", "max_abs_diff", "quality"]
 
 SEED = 0  # the order of the length-sorted training batches
 
@@ -79,6 +79,23 @@ def token_inputs(tokenizer, texts: Sequence[str], batch: int, tokens: int) -> Di
     rows = [before + ids[i * body:(i + 1) * body] + after for i in range(batch)]
     input_ids = torch.tensor(rows, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def positional(inputs) -> tuple:
+    """Example inputs for tp.sparsify's trace (positional tensors): token inputs as (input_ids,
+    attention_mask), the order of every Hugging Face encoder's forward; a tuple or `tp.Inputs` by its
+    positional arguments; a tensor as itself."""
+    if isinstance(inputs, dict):
+        return tuple(inputs[k] for k in ("input_ids", "attention_mask") if k in inputs)
+    if isinstance(inputs, Inputs):
+        return tuple(inputs.args)
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def max_abs_diff(a: nn.Module, b: nn.Module, inputs) -> float:
+    """The largest absolute difference between the outputs of ``a`` and ``b`` on ``inputs``."""
+    with torch.inference_mode():
+        return float((output_tensor(call(a, inputs)) - output_tensor(call(b, inputs))).abs().max())
 
 
 def outputs_of(model: nn.Module, data: Sequence[Any]) -> Tuple[Tensor, List[Tuple[Tensor, Any]]]:
