@@ -132,6 +132,7 @@ def test_torch_model_end_to_end_writes_results_and_report(magnitude_run):
         assert set(row["latency"]) == TORCH_LATENCY
         for timing in row["latency"].values():
             _check_timing(timing, layers=3)
+        assert row["timed_in"] == "a fresh process" and "fresh_process_error" not in row
         assert row["saved"] == {"tp": os.path.join(out, f"s{round(100 * row['sparsity'])}", "model.pt")}
         assert os.path.isfile(row["saved"]["tp"])
         assert not [name for name in os.listdir(os.path.dirname(row["saved"]["tp"])) if name.startswith("recover")]
@@ -206,6 +207,7 @@ def test_recover_steps_zero_gives_no_recovery_and_a_dash(torch_files, tmp_path):
     assert results["settings"]["recovery"] == "none"
     assert results["settings"]["latency"].endswith("in the command's process, after recovery")
     (row,) = results["results"]
+    assert row["timed_in"] == "this process"
     assert set(row["latency"]) == TORCH_LATENCY
     for timing in row["latency"].values():
         _check_timing(timing, layers=3)
@@ -252,6 +254,30 @@ def test_time_saved_failure_names_the_model_and_shows_the_error(torch_files, tmp
     with pytest.raises(RuntimeError, match=r"timing the saved model .*missing\.pt.* in a fresh process failed "
                                            r"\(exit code 1\)(.|\n)*Error"):
         latency.time_saved(load_model(paths["model"]), missing, {"batch 1": batches[0][:1]}, 2)
+
+
+def test_failed_fresh_process_times_here_and_says_why(torch_files, tmp_path, monkeypatch):
+    """When the fresh process fails, the command times in its own process: the row and report.md give the
+    child's last error line, and the run still ends with exit 0."""
+    paths, _, _ = torch_files
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("timing the saved model 'x' in a fresh process failed (exit code 1):\nTraceback ...\n"
+                           "AttributeError: Can't get attribute 'Net' on <module '__main__'>\n")
+
+    monkeypatch.setattr(command, "time_saved", fails)
+    out = tmp_path / "out"
+    code, printed = _run([paths["model"], "--data", paths["data"], "--sparsity", 0.5, "--method", "magnitude",
+                          "--recover-steps", 0, "--heldout", HELDOUT, "--repeats", 2, "--threads", 1, "--no-progress",
+                          "--out", out])
+    assert code == 0
+    reason = "AttributeError: Can't get attribute 'Net' on <module '__main__'>"
+    assert f"50%: timing in a fresh process failed ({reason}); timing in this process" in printed
+    (row,) = _results(out)["results"]
+    assert row["timed_in"] == "this process" and row["fresh_process_error"] == reason
+    assert set(row["latency"]) == TORCH_LATENCY
+    assert f"50% was timed in the command's process: the fresh process failed ({reason})." in \
+        (out / "report.md").read_text()
 
 
 def test_latency_without_values_skips_timing(torch_files, tmp_path):

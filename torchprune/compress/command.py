@@ -324,7 +324,7 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
         _recover(student, pruner, loaded, work, dense_outputs, args, folder, row)
     row["achieved_sparsity"] = masked_fraction(student)
     _save_and_check(student, loaded, work, folder, row)
-    row["latency"] = _latency(student, loaded, work, args, row["saved"]["tp"])
+    row["latency"] = _latency(student, loaded, work, args, row)
     for shape, timing in row["latency"].items():
         print(f"  {sparsity:.0%} {shape}: dense {timing['dense_ms']:.2f} ms, sparse {timing['sparse_ms']:.2f} ms, "
               f"{timing['speedup']:.2f}x{report.spread(timing['speedups'])} "
@@ -333,15 +333,25 @@ def compress_one(sparsity: float, loaded: Loaded, work: Workload, dense_outputs,
 
 
 def _latency(student: nn.Module, loaded: Loaded, work: Workload, args: argparse.Namespace,
-             saved: str) -> Dict[str, dict]:
-    """Dense against sparse at every latency shape: in a fresh process on the ``saved`` model, or
-    with ``--time-in-process`` in this one on ``student``."""
+             row: dict) -> Dict[str, dict]:
+    """Dense against sparse at every latency shape: in a fresh process on the saved model, or with
+    ``--time-in-process`` in this one on ``student``; also in this one, with the reason in
+    ``row["fresh_process_error"]`` and printed, when the fresh process fails (a torch model whose
+    class only this process can import, say), so that the run's results are not lost."""
     if not work.latency:
         return {}
-    if args.time_in_process:
-        return {shape: time_dense_and_sparse(loaded.model, student, inputs, args.repeats, args.rounds)
-                for shape, inputs in work.latency.items()}
-    return time_saved(loaded, saved, work.latency, args.repeats, args.rounds)
+    if not args.time_in_process:
+        try:
+            found = time_saved(loaded, row["saved"]["tp"], work.latency, args.repeats, args.rounds)
+            row["timed_in"] = "a fresh process"
+            return found
+        except RuntimeError as error:
+            row["fresh_process_error"] = str(error).strip().splitlines()[-1]
+            print(f"  {row['sparsity']:.0%}: timing in a fresh process failed ({row['fresh_process_error']}); "
+                  "timing in this process", flush=True)
+    row["timed_in"] = "this process"
+    return {shape: time_dense_and_sparse(loaded.model, student, inputs, args.repeats, args.rounds)
+            for shape, inputs in work.latency.items()}
 
 
 def _prune(student: nn.Module, sparsity: float, args: argparse.Namespace, arguments: dict,

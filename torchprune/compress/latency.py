@@ -10,10 +10,14 @@ a fresh process did, the sparse one more. all-MiniLM-L6-v2 at 90%, 1 x 128 token
 (family 6 model 167), 2 threads, after 26 minutes of recovery: dense 16.5-16.6 ms and sparse
 8.3-8.4 ms in the command's process (1.98x), 15.6-15.9 and 7.5-7.9 ms for the same saved model in
 a fresh process (2.07x); an earlier run's report said 1.94x where a fresh process then measured
-2.04-2.06x. A short recovery (2 minutes) left no such gap. The cause is not known: collecting
-garbage and returning freed memory to the system (malloc_trim) changed nothing, deep copies of
-both models timed in the same process recovered most of it (2.09x). Whatever the training leaves
-behind, a fresh process keeps it out of the measurement.
+2.04-2.06x; after a 2-minute recovery the command's process timed 2.03x. The cause, sampled with
+perf: glibc's ``_int_malloc`` took 5.0% of the sparse model's samples in the command's process
+against 0.5% in a fresh one (3.3% against 0.3% for the dense model), while the second thread
+waited. Recovery
+allocates tensors of every batch's length for half an hour; the likely reason is the free lists
+this leaves in the heap, which every activation the timed models allocate then searches.
+Returning freed memory to the system (malloc_trim) did not help. A fresh process starts with a
+clean heap, as a deployment does.
 """
 
 from __future__ import annotations

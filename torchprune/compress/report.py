@@ -82,6 +82,8 @@ def write_report(path: str, info: dict, settings: Dict[str, object], rows: Seque
               "faster); max diff: largest |sparse - masked| output difference.", "",
               markdown_table(["sparsity", "batch x tokens", "dense ms", "sparse ms", "speedup", "swapped",
                               "max diff"], _speed_rows(rows, shapes), align="rlrrrrr")]
+    lines += [f"\n{row['sparsity']:.0%} was timed in the command's process: the fresh process failed "
+              f"({row['fresh_process_error']})." for row in rows if row.get("fresh_process_error")]
     if plot_path:
         lines += ["", f"![quality and speed against sparsity]({os.path.basename(plot_path)})"]
     lines += ["", "## Reloading", ""]
