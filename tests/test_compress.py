@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import subprocess
 import sys
 
 import pytest
@@ -278,6 +279,15 @@ def test_failed_fresh_process_times_here_and_says_why(torch_files, tmp_path, mon
     assert set(row["latency"]) == TORCH_LATENCY
     assert f"50% was timed in the command's process: the fresh process failed ({reason})." in \
         (out / "report.md").read_text()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/oom_score_adj"), reason="Linux only")
+def test_the_timing_process_offers_itself_to_the_oom_killer():
+    """prefer_to_be_killed, in a child as the fresh timing process runs it: its oom_score_adj becomes 1000."""
+    code = ("from torchprune.compress.latency import prefer_to_be_killed; print(prefer_to_be_killed()); "
+            "print(open('/proc/self/oom_score_adj').read())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "1000"]
 
 
 def test_latency_without_values_skips_timing(torch_files, tmp_path):

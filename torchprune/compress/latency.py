@@ -41,7 +41,7 @@ from ..timing import time_rounds
 from .models import Loaded, load_model, reload_model
 from .workload import max_abs_diff, positional
 
-__all__ = ["time_dense_and_sparse", "time_saved"]
+__all__ = ["time_dense_and_sparse", "time_saved", "prefer_to_be_killed"]
 
 
 def time_dense_and_sparse(dense: nn.Module, pruned: nn.Module, inputs, repeats: int,
@@ -83,8 +83,22 @@ def time_saved(loaded: Loaded, saved: str, shapes: Dict[str, Any], repeats: int,
             return json.load(handle)
 
 
+def prefer_to_be_killed() -> bool:
+    """Asks Linux to pick this process first if memory runs out (``oom_score_adj`` 1000): the fresh
+    process holds a second copy of both models beside the command's, and when the two do not fit,
+    losing the timing (the command then times in its own process) is better than losing the
+    command's half hour of recovery. False where the setting cannot be written (not Linux)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")
+        return True
+    except OSError:
+        return False
+
+
 def _main(spec_path: str, result_path: str) -> None:
     """The fresh process of `time_saved`: loads both models, times them, writes the JSON result."""
+    prefer_to_be_killed()
     spec = torch.load(spec_path, map_location="cpu", weights_only=False)
     torch.set_num_threads(spec["threads"])
     loaded = load_model(spec["model"])
