@@ -281,6 +281,18 @@ def test_failed_fresh_process_times_here_and_says_why(torch_files, tmp_path, mon
         (out / "report.md").read_text()
 
 
+def test_time_saved_that_cannot_start_a_process_raises_runtime_error(torch_files, monkeypatch):
+    """A fresh process that cannot start (OSError from subprocess): RuntimeError, which the command catches."""
+    paths, _, batches = torch_files
+
+    def no_process(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(latency.subprocess, "run", no_process)
+    with pytest.raises(RuntimeError, match=r"in a fresh process failed to start: \[Errno 12\] Cannot allocate memory"):
+        latency.time_saved(load_model(paths["model"]), "unused.pt", {"batch 1": batches[0][:1]}, 2)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/oom_score_adj"), reason="Linux only")
 def test_the_timing_process_offers_itself_to_the_oom_killer():
     """prefer_to_be_killed, in a child as the fresh timing process runs it: its oom_score_adj becomes 1000."""

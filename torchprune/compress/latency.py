@@ -67,15 +67,20 @@ def time_saved(loaded: Loaded, saved: str, shapes: Dict[str, Any], repeats: int,
                rounds: int = 1) -> Dict[str, Dict[str, object]]:
     """`time_dense_and_sparse` at each of ``shapes`` (name -> inputs), run in a fresh Python process
     on the model at ``loaded.source`` and the pruned model `save_model` wrote to ``saved``, with this
-    process's number of torch threads. RuntimeError, with the child's error output, when it fails."""
+    process's number of torch threads. RuntimeError, with the child's error output, when it fails or
+    cannot start."""
     with tempfile.TemporaryDirectory(prefix="torchprune-latency-") as folder:
         spec, result = os.path.join(folder, "spec.pt"), os.path.join(folder, "result.json")
         torch.save({"model": loaded.source, "saved": saved, "shapes": dict(shapes), "repeats": repeats,
                     "rounds": rounds, "threads": torch.get_num_threads()}, spec)
         # the child sees this process's import path: the model file may pickle classes found through it
         path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
-        done = subprocess.run([sys.executable, "-m", __name__, spec, result], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": path})
+        try:
+            done = subprocess.run([sys.executable, "-m", __name__, spec, result], capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": path})
+        except OSError as error:  # no process to start (out of memory, say)
+            raise RuntimeError(f"timing the saved model {saved!r} in a fresh process failed to start: "
+                               f"{error}") from error
         if done.returncode != 0:
             raise RuntimeError(f"timing the saved model {saved!r} in a fresh process failed (exit code "
                                f"{done.returncode}):\n{done.stderr[-4000:]}")
