@@ -13,11 +13,10 @@ a fresh process (2.07x); an earlier run's report said 1.94x where a fresh proces
 2.04-2.06x; after a 2-minute recovery the command's process timed 2.03x. The cause, sampled with
 perf: glibc's ``_int_malloc`` took 5.0% of the sparse model's samples in the command's process
 against 0.5% in a fresh one (3.3% against 0.3% for the dense model), while the second thread
-waited. Recovery
-allocates tensors of every batch's length for half an hour; the likely reason is the free lists
-this leaves in the heap, which every activation the timed models allocate then searches.
-Returning freed memory to the system (malloc_trim) did not help. A fresh process starts with a
-clean heap, as a deployment does.
+waited. Recovery allocates tensors of every batch's length for half an hour; the likely reason is
+the free lists this leaves in the heap, which every activation the timed models allocate then
+searches. Returning freed memory to the system (malloc_trim) did not help. A fresh process starts
+with a clean heap, as a deployment does.
 """
 
 from __future__ import annotations
