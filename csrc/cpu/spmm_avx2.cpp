@@ -109,31 +109,35 @@ bool supported() {
   return use;
 }
 
+// Column blocks outside, row groups inside: each block of 8 columns fills 8 whole panel rows,
+// tile floats each, which lie one after another (contiguous stores), before the next block. The
+// other order (row groups outside) wrote each 128-byte panel row in four pieces, in four passes
+// over the whole panel (k * 128 bytes: 48 KiB at k = 384, 192 KiB at 1536). On an Intel Xeon
+// (family 6 model 167; medians of 3 alternating processes) this order took a 384x1536 weight at
+// 95%, 128 rows, 2 threads, from 109.6 to 100.1 us, and a 100x300 one at 98%, 450 rows, 1
+// thread, from 61.5 to 46.8 us.
 TP_AVX2 void pack_panel(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t tile,
                         int64_t t, float* panel) {
   const int64_t t0 = t * tile;
   const int64_t k8 = k / 8 * 8;
-  for (int64_t i0 = 0; i0 < tile; i0 += 8) {
-    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(8, m - t0 - i0));
-    if (rows == 8) {
-      const float* src = x + (t0 + i0) * ldx;
-      for (int64_t j = 0; j < k8; j += 8) {
-        __m256 r[8];
-        _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ldx + j);
-        transpose8(r);
-        _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i)
-          _mm256_storeu_ps(panel + (j + i) * tile + i0, r[i]);
-      }
-      for (int64_t j = k8; j < k; ++j) {
-        for (int64_t i = 0; i < 8; ++i) panel[j * tile + i0 + i] = src[i * ldx + j];
-      }
-    } else {
-      for (int64_t j = 0; j < k; ++j) {
-        for (int64_t i = 0; i < 8; ++i) {
-          panel[j * tile + i0 + i] = i < rows ? x[(t0 + i0 + i) * ldx + j] : 0.f;
-        }
-      }
+  const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(tile, m - t0)), groups = rows / 8;
+  const float* src = x + t0 * ldx;
+  for (int64_t j = 0; j < k8; j += 8) {
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 r[8];
+      load_transposed8(src + 8 * g * ldx + j, ldx, r);
+      _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i)
+        _mm256_storeu_ps(panel + (j + i) * tile + 8 * g, r[i]);
     }
+  }
+  for (int64_t j = k8; j < k; ++j) {
+    for (int64_t i = 0; i < 8 * groups; ++i) panel[j * tile + i] = src[i * ldx + j];
+  }
+  for (int64_t i = 8 * groups; i < rows; ++i) {  // the last rows, fewer than 8
+    for (int64_t j = 0; j < k; ++j) panel[j * tile + i] = src[i * ldx + j];
+  }
+  if (rows < tile) {  // zero padding past m
+    for (int64_t j = 0; j < k; ++j) std::fill(panel + j * tile + rows, panel + (j + 1) * tile, 0.f);
   }
 }
 

@@ -11,13 +11,20 @@
 //
 // The panel product is the AVX2 kernel's (spmm_avx2.cpp: 32-wide Xᵀ panels, K-blocks, 8x8
 // transposed stores) with each stored value scaling its panel row in two 512-bit FMAs instead of
-// four 256-bit ones, four nonzeros in flight. Measured on an Intel Xeon (family 6 model 167), 2
-// threads, MiniLM's layer shapes at 70-95% sparsity, each layer alone: 4-15% less time than the
-// AVX2 kernel at 128 rows of x, 10-26% at 512; in the whole 90% MiniLM model only 0-1% at 1 x 128
-// tokens and 2-3% at 8 x 128 (benchmarks/README.md). Wider panels (64 rows, 4 registers) were
-// slower at every K block tried (192, 384), prefetching the panel rows of later nonzeros was
-// slower too, and 16-wide panels (8 nonzeros in flight), faster layer by layer, were 4% slower
-// in the model.
+// four 256-bit ones. Measured on an Intel Xeon (family 6 model 167), 2 threads, MiniLM's layer
+// shapes at 70-95% sparsity, each layer alone: 4-15% less time than the AVX2 kernel at 128 rows
+// of x, 10-26% at 512; in the whole 90% MiniLM model only 0-1% at 1 x 128 tokens and 2-3% at
+// 8 x 128 (benchmarks/README.md). Wider panels (64 rows, 4 registers) were slower at every K
+// block tried (192, 384), prefetching the panel rows of later nonzeros was slower too, and
+// 16-wide panels (8 nonzeros in flight), faster layer by layer, were 4% slower in the model.
+//
+// Two nonzeros in flight (U = 2, as the AVX2 kernel has), not four: each row then pays for half
+// the accumulators, one masked tail FMA pair instead of three and two adds instead of six, and
+// the FMA latency of one row is hidden by the next row's independent work. On the same Xeon
+// (medians of 5 alternating processes, with the packing changes of spmm_avx2.cpp): MiniLM's
+// intermediate weight (1536x384) at 95%, 128 rows, 2 threads, 87.7 -> 77.1 us; a 98% 300x64
+// weight at 450 rows, 1 thread, 50.3 -> 38.3 us, where rows hold one or two entries and the
+// per-row work was most of the time.
 //
 // Only functions marked TP_AVX512 use the instructions, and callers use them only when
 // enabled(): a CPU with AVX-512 F, BW, VL and DQ, and no switch set.
@@ -204,7 +211,7 @@ TP_INSTANTIATE(double, int32_t)
 template <typename I>
 void spmm_panel(const Csr<float, I>& a, const avx2::KBlocks& kb, const float* panel, int64_t width,
                 const float* init, float* y, int64_t ldy, int64_t r0, int64_t r1) {
-  panel_kernel<2, 4>(a, kb, panel, width, init, y, ldy, r0, r1);
+  panel_kernel<2, 2>(a, kb, panel, width, init, y, ldy, r0, r1);
 }
 template void spmm_panel<uint16_t>(const Csr<float, uint16_t>&, const avx2::KBlocks&, const float*,
                                    int64_t, const float*, float*, int64_t, int64_t, int64_t);

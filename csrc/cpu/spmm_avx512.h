@@ -30,7 +30,7 @@ bool enabled();
 
 // avx2::spmm_panel (contract in spmm_avx2.h) for the wide tile, avx2::kWideTile = 32 rows of x:
 // each stored value scales its panel row in two 512-bit registers where the AVX2 kernel needs
-// four, and four nonzeros are in flight. avx2::spmm_panel calls it when enabled().
+// four, and two nonzeros are in flight. avx2::spmm_panel calls it when enabled().
 template <typename I>
 void spmm_panel(const Csr<float, I>& a, const avx2::KBlocks& kb, const float* panel, int64_t width,
                 const float* init, float* y, int64_t ldy, int64_t r0, int64_t r1);
