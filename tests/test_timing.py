@@ -21,6 +21,28 @@ def test_samples_are_taken_round_robin():
     assert all(v >= 0 for values in samples.values() for v in values)
 
 
+def test_settle_times_only_the_last_of_each_runners_back_to_back_calls():
+    calls = []
+
+    def runner(name):
+        return lambda: calls.append(name)
+
+    samples = timing.sample_interleaved({"a": runner("a"), "b": runner("b")}, repeats=2, settle=2)
+    assert calls == ["a", "a", "a", "b", "b", "b"] * 2
+    assert {name: len(values) for name, values in samples.items()} == {"a": 2, "b": 2}
+    calls.clear()
+    timing.time_rounds({"a": runner("a"), "b": runner("b")}, repeats=1, rounds=2, warmup=1, settle=1)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+
+
+@pytest.mark.parametrize("settle", [-1, 1.5, True, "1"])
+def test_settle_must_be_a_non_negative_int(settle):
+    calls = []
+    with pytest.raises(ValueError, match="`settle` must be a non-negative int"):
+        timing.sample_interleaved({"a": lambda: calls.append("a")}, repeats=1, settle=settle)
+    assert calls == []
+
+
 def test_medians_and_time_interleaved():
     assert timing.medians({"a": [3.0, 1.0, 2.0], "b": [5.0]}) == {"a": 2.0, "b": 5.0}
     calls = []

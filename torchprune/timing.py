@@ -49,11 +49,26 @@ def warm_up(runners: Runners, calls: int = 1, device: Optional[torch.device] = N
     return time.perf_counter() - start
 
 
-def sample_interleaved(runners: Runners, repeats: int, device: Optional[torch.device] = None) -> Dict[str, List[float]]:
-    """``repeats`` samples of the seconds per call of each runner, taken round-robin (no warm-up)."""
+def sample_interleaved(runners: Runners, repeats: int, device: Optional[torch.device] = None,
+                       settle: int = 0) -> Dict[str, List[float]]:
+    """``repeats`` samples of the seconds per call of each runner, taken round-robin (no warm-up).
+
+    With ``settle`` > 0 each sample is timed after that many untimed calls of the same runner, so
+    that a whole model is timed as it runs when deployed alone, not right after another model. On
+    an Intel Xeon (family 6 model 167) the call right after a switch between models was slower:
+    the digits MLP at 450 rows took 417 us back to back and about 450 us right after a sparse
+    model, and of four identical sparse copies timed round-robin with dense, the one called right
+    after dense measured 0.47 of dense, the others 0.44. Layers inside a model do run right after
+    other work, so layer timings keep settle=0.
+    """
+    if isinstance(settle, bool) or not isinstance(settle, int) or settle < 0:
+        raise ValueError(f"`settle` must be a non-negative int, got {settle!r}")
     times: Dict[str, List[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
+            for _ in range(settle):
+                run()
+            synchronize(device)
             start = time.perf_counter()
             run()
             synchronize(device)
@@ -67,16 +82,18 @@ def medians(samples: Mapping[str, List[float]]) -> Dict[str, float]:
 
 
 def time_interleaved(runners: Runners, repeats: int, warmup: int = 2,
-                     device: Optional[torch.device] = None) -> Dict[str, float]:
-    """Median seconds per call of each runner, measured round-robin after ``warmup`` calls of each."""
-    return time_rounds(runners, repeats, 1, warmup, device)[0]
+                     device: Optional[torch.device] = None, settle: int = 0) -> Dict[str, float]:
+    """Median seconds per call of each runner, measured round-robin after ``warmup`` calls of each
+    (``settle``: see `sample_interleaved`)."""
+    return time_rounds(runners, repeats, 1, warmup, device, settle)[0]
 
 
 def time_rounds(runners: Runners, repeats: int, rounds: int, warmup: int = 2,
-                device: Optional[torch.device] = None) -> List[Dict[str, float]]:
+                device: Optional[torch.device] = None, settle: int = 0) -> List[Dict[str, float]]:
     """``rounds`` rounds of ``repeats`` round-robin calls each, after ``warmup`` calls of each
-    runner: the median seconds per call of each runner, one dict per round."""
+    runner: the median seconds per call of each runner, one dict per round (``settle``: see
+    `sample_interleaved`)."""
     if rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     warm_up(runners, warmup, device)
-    return [medians(sample_interleaved(runners, repeats, device)) for _ in range(rounds)]
+    return [medians(sample_interleaved(runners, repeats, device, settle)) for _ in range(rounds)]

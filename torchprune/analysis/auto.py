@@ -371,11 +371,13 @@ def _check(model, evaluate, scope, inputs, kind, importance, data, loss_fn, repe
 def latency_against_dense(dense: nn.Module, models: Dict[str, nn.Module], inputs: tuple,
                           repeats: int) -> Tuple[Dict[str, float], float]:
     """``dense`` and each of ``models`` called as ``model(*inputs)`` round-robin, under no_grad
-    (`tp.timing`: medians of ``repeats``): ({label: its time / dense time}, dense seconds)."""
+    (`tp.timing`: medians of ``repeats``), each sample the second of two calls in a row (settle=1:
+    a model is timed as it runs deployed, not right after another model): ({label: its time /
+    dense time}, dense seconds)."""
     if "dense" in models:
         raise ValueError("`models` must not name one 'dense': that label is the reference")
     runners = {label: (lambda m=m: m(*inputs)) for label, m in {"dense": dense, **models}.items()}
     with torch.no_grad():
-        times = time_interleaved(runners, repeats)
+        times = time_interleaved(runners, repeats, settle=1)
     return {label: times[label] / times["dense"] for label in models}, times["dense"]
 
