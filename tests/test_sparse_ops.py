@@ -122,6 +122,52 @@ def test_sparse_linear_is_the_same_on_any_thread_count(threads):
     assert_op_close(y, F.linear, (x, w))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_linear_forwards_that_reuse_the_panel_buffer_stay_right(threads):
+    # The fp32 forwards pack x into a buffer each thread keeps between calls (scratch_panels):
+    # calls that need more, then less, then more of it, in a block-sparse forward too, and
+    # calls from two Python threads at once, must each equal F.linear, and an output kept from
+    # an earlier call must not change.
+    import threading
+
+    g = torch.Generator().manual_seed(0)
+    cases = [((96, 384), 300), ((64, 1536), 1024), ((40, 72), 9), ((96, 384), 300), ((24, 200), 517)]
+    weights = [sparse_weight(shape, 0.9, torch.float32, g) for shape, _ in cases]
+    inputs = [torch.randn(m, shape[1], generator=g) for (shape, m) in cases]
+    blocks = torch.rand(16, 1, 384, generator=g).gt(0.8).expand(16, 4, 384).reshape(64, 384)  # whole 4x1 blocks
+    block = torch.randn(64, 384, generator=g) * blocks
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        kept = []
+        for w, x in zip(weights, inputs):
+            y = _ops.sparse_linear(x, *_ops.pack_csr(w), w.shape[1])
+            assert_op_close(y, F.linear, (x, w))
+            kept.append((y.clone(), y))
+            y = _ops.block_sparse_linear(inputs[0], *_ops.pack_bsr(block, 4), 384)
+            assert_op_close(y, F.linear, (inputs[0], block))
+        assert all(torch.equal(copy, y) for copy, y in kept)
+
+        failures = []
+
+        def run(order):
+            for i in order * 20:
+                y = _ops.sparse_linear(inputs[i], *_ops.pack_csr(weights[i]), weights[i].shape[1])
+                try:
+                    assert_op_close(y, F.linear, (inputs[i], weights[i]))
+                except AssertionError as error:
+                    failures.append(error)
+
+        workers = [threading.Thread(target=run, args=(order,)) for order in ([0, 1, 2], [1, 4, 3])]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert failures == []
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [5, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -93,7 +93,7 @@ void forward_avx2(const Csr<float, I>& a, int64_t r, const Tensor& x2, const flo
                   Tensor& out) {
   const int64_t m = x2.size(0), k = a.cols, n = a.rows * r, threads = block_threads(a, r, m);
   const int64_t tile = cpu::avx2::bsr_tile(r), tiles = (m + tile - 1) / tile;
-  const Tensor panels_x = cpu::x_panels(x2, tile);
+  const Tensor panels_x = cpu::x_panels(x2, tile, 0, /*scratch=*/true);
   const cpu::avx2::KBlocks kb = cpu::avx2::k_blocks(a.cols);
   const int64_t parts = std::max<int64_t>(1, (threads * 4 + tiles - 1) / tiles);
   const int64_t group = 8 / r;  // block rows per group of 8 features

@@ -95,7 +95,7 @@ void forward_avx2_by_tile(const Csr<float, I>& a, const Tensor& x2, int64_t m, i
   // through all of a thread's panels before the next, so that a large weight is read from L3
   // once per thread rather than once per panel.
   const auto chunks = group_panels(a, std::max<int64_t>(1, a.row_ptr[n] / kChunkEntries));
-  Tensor panels = at::empty({tiles, k, tile}, x2.options());
+  Tensor panels = cpu::scratch_panels(tiles, k, tile, x2.options());
   const float* x = x2.data_ptr<float>();
   float* p = panels.data_ptr<float>();
   float* y = out.data_ptr<float>();
@@ -132,7 +132,7 @@ void forward(const Csr<T, I>& a, const Tensor& x2, const T* bias, Tensor& out) {
       if (threads > 1 && tiles % threads == 0) {
         return forward_avx2_by_tile(a, x2, m, tile, threads, bias, out);
       }
-      return forward_avx2(a, cpu::x_panels(x2, tile, threads), m, bias, out);
+      return forward_avx2(a, cpu::x_panels(x2, tile, threads, /*scratch=*/true), m, bias, out);
     }
   }
   // Xᵀ as [tiles, K, W] panels of W = kPanelWidth batch rows (the last one zero-padded); a batch
@@ -340,9 +340,19 @@ std::tuple<Tensor, Tensor, Tensor> sparse_linear_backward_cpu(
 
 namespace cpu {
 
-Tensor x_panels(const Tensor& x2, int64_t tile, int64_t threads) {
+Tensor scratch_panels(int64_t tiles, int64_t k, int64_t tile, const at::TensorOptions& options) {
+  thread_local Tensor buffer;
+  const int64_t need = tiles * k * tile;
+  if (!buffer.defined() || buffer.numel() < need || buffer.dtype() != options.dtype()) {
+    buffer = at::empty({need}, options);
+  }
+  return buffer.narrow(0, 0, need).view({tiles, k, tile});
+}
+
+Tensor x_panels(const Tensor& x2, int64_t tile, int64_t threads, bool scratch) {
   const int64_t m = x2.size(0), k = x2.size(1), tiles = (m + tile - 1) / tile;
-  Tensor panels = at::empty({tiles, k, tile}, x2.options());
+  Tensor panels = scratch ? scratch_panels(tiles, k, tile, x2.options())
+                          : at::empty({tiles, k, tile}, x2.options());
   const float* x = x2.data_ptr<float>();
   float* out = panels.data_ptr<float>();
   for_items(tiles, threads > 0 ? threads : useful_threads(m * k), [&](int64_t t) {
