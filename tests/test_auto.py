@@ -153,13 +153,15 @@ class FakeTimes:
     """Deterministic stand-ins for `time_layer` and `time_interleaved` in auto's namespace.
 
     A layer's dense time is ``dense[weight shape] * (number of input shapes)``; its sparse kernel at
-    level s takes ``factor[s]`` times that. The whole dense model takes ``total``; the plan at the
-    k-th check takes ``measured[k]`` (the last one repeated) times that."""
+    level s takes ``factor[s]`` times that. The whole dense model takes ``total``; the plan of the
+    k-th check takes ``measured[k]`` (the last one repeated) times that whenever it is timed, unless
+    ``by_call`` is given: then in the k-th timing of plans, plan i takes ``by_call[k][i]`` times it."""
 
-    def __init__(self, dense, factor, total, measured=(0.5,)):
+    def __init__(self, dense, factor, total, measured=(0.5,), by_call=None):
         self.dense, self.factor, self.total, self.measured = dense, factor, total, list(measured)
+        self.by_call = by_call
         self.layer_calls = []  # (type, weight shape, input shapes, dtype, level)
-        self.checks = 0
+        self.checks = 0  # timings of plans (each check times every plan so far, in one call)
 
     def time_layer(self, layer, shapes, sparse=None):
         assert sparse is not None  # auto always passes the module to compare with
@@ -174,10 +176,14 @@ class FakeTimes:
             run()
         if set(runners) == {"dense"}:
             return {"dense": self.total}
-        assert set(runners) == {"dense", "plan"}
-        fraction = self.measured[min(self.checks, len(self.measured) - 1)]
-        self.checks += 1
-        return {"dense": self.total, "plan": fraction * self.total}
+        plans = [label for label in runners if label != "dense"]
+        assert "dense" in runners and (plans == ["plan"] or plans == [f"check {i + 1}" for i in range(len(plans))])
+        call, self.checks = self.checks, self.checks + 1
+        if plans == ["plan"]:  # latency_against_dense called directly
+            return {"dense": self.total, "plan": self.measured[min(call, len(self.measured) - 1)] * self.total}
+        fractions = (self.by_call[call] if self.by_call is not None else
+                     [self.measured[min(i, len(self.measured) - 1)] for i in range(len(plans))])
+        return {"dense": self.total, **{label: f * self.total for label, f in zip(plans, fractions)}}
 
 
 @pytest.fixture
@@ -542,7 +548,8 @@ def test_latency_plan_by_hand(fake_times):
     assert [(s["layer"], s["from"], s["to"], s["cost"], s["damage"]) for s in plan.steps] == [
         ("2", 0.0, 0.75, 13 / 16, 0.75), ("0", 0.0, 0.5, 12 / 16, 0.5)]
     assert plan.scope == {"0": 0.5, "2": 0.75}
-    assert plan.rounds == [{"estimated": 0.75, "measured": 0.7, "metric": 1.0 - 0.5 - 0.75, "target": 0.75}]
+    assert plan.rounds == [{"estimated": 0.75, "first": 0.7, "measured": 0.7, "metric": 1.0 - 0.5 - 0.75,
+                            "target": 0.75}]
     assert plan.met and plan.dense_cost == 16.0 and fake.checks == 1
     assert [(r["layer"], r["sparsity"], r["dense"], r["planned"], r["share"]) for r in plan.layers] == [
         ("0", 0.5, 4.0, 3.0, 0.25), ("2", 0.75, 6.0, 3.0, 6 / 16), ("4", 0.0, 1.0, 1.0, 1 / 16)]
@@ -578,6 +585,37 @@ def test_latency_an_undershoot_re_aims_upwards_and_the_best_metric_that_meets_wi
     fake, plan = latency_plan(fake_times, (0.5, 0.74))
     assert [r["target"] for r in plan.rounds] == [0.75, 1.0] and fake.checks == 2
     assert plan.chosen == 1 and plan.scope == {} and plan.metric == 1.0 and plan.met
+
+
+def test_latency_each_check_re_times_the_earlier_plans_and_the_choice_uses_the_latest(fake_times):
+    # round 1's plan ({"0": 50%, "2": 75%}, the better metric) measures 0.76 at its check, over 0.75;
+    # round 2's ({"0": 75%, "2": 75%}) measures 0.70 beside it, while round 1's now measures 0.74:
+    # taken together both meet the budget, so the better metric, round 1's, is chosen
+    fake = fake_times(MLP_DENSE, SLOW_AT_25, 16.0, by_call=[[0.76], [0.74, 0.70]])
+    plan = tp.auto(make_mlp(), layer_metric(MLP_METRIC), 0.75, torch.randn(4, 16), kind="latency",
+                   sparsities=LEVELS, rounds=2, progress=False)
+    assert fake.checks == 2
+    assert [r["first"] for r in plan.rounds] == [0.76, 0.70]
+    assert [r["measured"] for r in plan.rounds] == [0.74, 0.70]
+    assert plan.chosen == 0 and plan.scope == {"0": 0.5, "2": 0.75} and plan.met and plan.measured == 0.74
+
+
+def test_latency_checks_keep_each_plan_sparsified_and_time_them_together(fake_times, monkeypatch):
+    fake_times(MLP_DENSE, SLOW_AT_25, 16.0, (0.8, 0.7))
+    timed = []
+    real = A.latency_against_dense
+
+    def spy(dense, models, inputs, repeats):
+        timed.append({label: tp.summary(m).totals["sparsity"] for label, m in models.items()})
+        assert all(any(isinstance(x, tuple(A.SPARSE_CLASS.values())) for x in m.modules()) for m in models.values())
+        return real(dense, models, inputs, repeats)
+
+    monkeypatch.setattr(A, "latency_against_dense", spy)
+    plan = tp.auto(make_mlp(), layer_metric(MLP_METRIC), 0.75, torch.randn(4, 16), kind="latency",
+                   sparsities=LEVELS, progress=False)
+    assert [list(t) for t in timed] == [["check 1"], ["check 1", "check 2"]]
+    assert timed[1]["check 1"] == timed[0]["check 1"] < timed[1]["check 2"]  # the same first plan, re-timed
+    assert len(plan.rounds) == 2
 
 
 def test_latency_warns_when_the_budget_is_missed_after_the_last_round(fake_times):
@@ -699,8 +737,8 @@ def test_autoplan_markdown_dict_and_repr(kind, fake_times):
         assert f"\n| {name} | " in text
     assert text.count("\n| Move |") == 1 and text.count("\n| Check |") == 1
     for i, r in enumerate(plan.rounds):
-        assert (f"| {i + 1} | {r['target']:.3f} | {r['estimated']:.3f} | {r['measured']:.3f} | {r['metric']:.4f} | "
-                f"{'chosen' if i == plan.chosen else ''} |") in text
+        assert (f"| {i + 1} | {r['target']:.3f} | {r['estimated']:.3f} | {r['first']:.3f} | {r['measured']:.3f} | "
+                f"{r['metric']:.4f} | {'chosen' if i == plan.chosen else ''} |") in text
     assert ("met" if plan.met else "missed") in text.splitlines()[0]
     assert {"latency": "(ms)", "macs": "(MACs)", "params": "(weights)"}[kind] in text
     assert len([line for line in text.splitlines() if line.startswith("| ") and "% |" in line]) == \
@@ -770,19 +808,54 @@ def test_latency_against_dense_gives_ratios_and_refuses_a_model_named_dense(fake
 
 def test_search_keeps_targets_between_one_that_undershot_and_one_that_went_over():
     # 8 layers of cost 1 (0.75 at 50%, 0.5 at 75%) in a model of 16. Round 1 (target 0.75) measures
-    # 0.6: re-aimed up to 0.9375, which measures 0.99; the scaled target 0.9375 * 0.75 / 0.99 = 0.710
-    # falls below the target that undershot, so round 3 aims at the midpoint of 0.75 and 0.9375.
+    # 0.6: re-aimed up to 0.9375, which measures 0.99; the budget is now bracketed, so round 3 aims
+    # where the line through (0.75, 0.6) and (0.9375, 0.99) reaches 0.74 (the middle of the slack window).
     levels = [0.0, 0.5, 0.75]
     costs = {str(i): [1.0, 0.75, 0.5] for i in range(8)}
     damage = {str(i): [0.0, 1 + i / 10, 3 + i / 10] for i in range(8)}
-    measured = iter([0.6, 0.99, 0.74])
-    found = A._search(0.75, 4, 0.02, levels, costs, damage, 16.0, lambda scope: (next(measured), 0.0))
-    assert [r["target"] for r in found] == [0.75, 0.9375, (0.75 + 0.9375) / 2]
+    measured, history = iter([0.6, 0.99, 0.74]), []
+
+    def check(scope):  # each plan measures the same whenever it is timed
+        history.append(next(measured))
+        return list(history), 0.0
+
+    found = A._search(0.75, 4, 0.02, levels, costs, damage, 16.0, check)
+    third = 0.75 + (0.74 - 0.6) * (0.9375 - 0.75) / (0.99 - 0.6)
+    assert [r["target"] for r in found] == pytest.approx([0.75, 0.9375, third], rel=1e-12)
     assert [r["measured"] for r in found] == [0.6, 0.99, 0.74]  # the third is within slack: the search ends
 
 
-def test_next_target_scales_until_bracketed_then_stays_inside():
-    assert A._next_target(0.5, 0.6, 0.3, 0.6, [0.5, float("inf")]) == pytest.approx(1.0)  # capped at 1
-    assert A._next_target(0.5, 0.5, 0.4, 0.5, [0.5, float("inf")]) == pytest.approx(0.625)  # no upper side yet
-    assert A._next_target(0.6, 0.55, 0.6, 0.5, [0.5, 0.6]) == pytest.approx(0.55)  # out of (0.5, 0.6): midpoint
-    assert A._next_target(0.6, 0.6, 0.55, 0.5, [0.5, 0.6]) == pytest.approx(0.5454545)  # inside: kept
+def test_search_brackets_by_the_latest_measurements(monkeypatch):
+    # As above, but at the third check the first plan (target 0.75) is re-timed over the budget: every
+    # plan now went over, none undershot, so `_next_target` is given no lower side and scales.
+    levels = [0.0, 0.5, 0.75]
+    costs = {str(i): [1.0, 0.75, 0.5] for i in range(8)}
+    damage = {str(i): [0.0, 1 + i / 10, 3 + i / 10] for i in range(8)}
+    given, real = [], A._next_target
+
+    def spy(target, estimated, measured, budget, slack, under, over):
+        given.append((under, over))
+        return real(target, estimated, measured, budget, slack, under, over)
+
+    monkeypatch.setattr(A, "_next_target", spy)
+    calls = iter([[0.6], [0.6, 0.99], [0.8, 0.99, 0.9]])
+    found = A._search(0.75, 3, 0.02, levels, costs, damage, 16.0, lambda scope: (next(calls), 0.0))
+    third = 0.75 + (0.74 - 0.6) * (0.9375 - 0.75) / (0.99 - 0.6)
+    assert [r["first"] for r in found] == [0.6, 0.99, 0.9]
+    assert [r["measured"] for r in found] == [0.8, 0.99, 0.9]
+    assert given[:2] == [((0.75, 0.6), None), ((0.75, 0.6), (0.9375, 0.99))]
+    assert given[2] == (None, (0.75, 0.8)) and found[2]["target"] == pytest.approx(third, rel=1e-12)
+
+
+def test_next_target_scales_until_bracketed_then_interpolates_inside():
+    assert A._next_target(0.5, 0.6, 0.3, 0.6, 0.02, (0.5, 0.3), None) == pytest.approx(1.0)  # capped at 1
+    assert A._next_target(0.5, 0.5, 0.4, 0.5, 0.02, (0.5, 0.4), None) == pytest.approx(0.625)  # no upper side yet
+    assert A._next_target(0.6, 0.6, 0.55, 0.5, 0.02, None, (0.6, 0.55)) == pytest.approx(0.6 * 0.5 / 0.55)
+    # bracketed by (0.5, 0.4) and (0.6, 0.55): the line reaches 0.49 at 0.5 + 0.09 / 0.15 * 0.1
+    assert A._next_target(0.6, 0.6, 0.55, 0.5, 0.02, (0.5, 0.4), (0.6, 0.55)) == pytest.approx(0.56)
+    # an under-plan already inside the slack window: the line's target falls below it; kept at the lower side
+    assert A._next_target(0.6, 0.6, 0.55, 0.5, 0.04, (0.5, 0.49), (0.6, 0.55)) == pytest.approx(0.5)
+    # re-timed plans can contradict each other (a higher target under, a lower one over): no bracket then
+    assert A._next_target(0.6, 0.6, 0.55, 0.5, 0.02, (0.7, 0.45), (0.6, 0.55)) == pytest.approx(0.6 * 0.5 / 0.55)
+
+

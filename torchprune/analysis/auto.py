@@ -12,9 +12,23 @@ do layer timings, so the plan is then checked on a pruned copy: its metric with 
 together, and its cost. For latency, the sparsified model (`tp.sparsify` with the example
 inputs, which keeps each layer's faster kernel) is timed against the dense model, interleaved.
 The estimate is off by a factor (on all-MiniLM-L6-v2 at 1 x 128 tokens, a plan estimated at 0.63
-of dense measured 0.48), so each check re-aims the next allocation, from scratch, at the last
-estimate times budget / measured, until a plan measures within ``slack`` below the budget, up to
-``rounds`` checks; the best metric among the plans that met the budget wins.
+of dense measured 0.48), so each check re-aims the next allocation, from scratch: at the last
+estimate times budget / measured, and once one plan has gone over the budget and another stayed
+under it, between the two, where the line through their measurements meets the budget; until a
+plan measures within ``slack`` below the budget, up to ``rounds`` checks; the best metric among
+the plans that met the budget wins.
+
+**Every latency check times all the plans so far.** On a shared 2-core machine the ratio of the
+same two models moves between timings, because dense GEMMs and sparse kernels do not slow down
+alike when the machine's state changes (on an Intel Xeon the same 450 x 64 x 300 matmul took 117
+or 157 us, in steps, within one process; a MiniLM plan measured 0.309 of dense at its own check
+and 0.462 a few minutes later). Plans timed at different moments are then not comparable, and the
+choice would go to whichever was timed at a lucky moment. So each latency check times the new plan
+together with every plan checked before it, beside dense, in one interleaved run, and replaces
+their measurements: the targets that bracket the budget, the stop and the final choice all use
+measurements taken together. The cost is up to ``rounds`` sparsified copies kept in memory and
+longer checks (the k-th check times k + 1 models); ``rounds[i]["first"]`` keeps what each plan
+measured at its own check.
 
 **Costs.** "latency": each layer's plain forward and its packed sparse kernel (`tp.nn.SparseLinear`
 / `SparseConv2d`, built from the layer's own weights pruned by magnitude to the level) timed at the
@@ -72,8 +86,10 @@ class AutoPlan:
       ``measured <= budget``;
     * ``baseline``, ``metric``: ``evaluate`` on the model as given, and on the pruned copy;
     * ``steps``: each move in order (layer, from, to, cost after as a fraction, predicted damage);
-    * ``rounds``: each plan checked (target, estimated and measured cost, metric); ``chosen``: which
-      of them this plan is (the best metric among those that meet the budget);
+    * ``rounds``: each plan checked (target, estimated cost, ``measured``: its cost as last measured,
+      for latency timed together with every plan checked, ``first``: as measured at its own check,
+      metric); ``chosen``: which of them this plan is (the best metric among those that meet the
+      budget, by ``measured``);
     * ``layers``: per layer: sparsity, cost at dense, cost at the plan, share of the dense cost;
     * ``sensitivity``: the measured curves (`tp.Sensitivity`).
     """
@@ -122,9 +138,10 @@ class AutoPlan:
         for row in self.layers:
             lines.append(f"| {row['layer']} | {100 * row['sparsity']:.0f}% | {amount(row['dense'])} | "
                          f"{amount(row['planned'])} | {100 * row['share']:.1f}% |")
-        lines += ["", "| Check | Target | Estimated | Measured | Metric | |", "|---:|---:|---:|---:|---:|:---|"]
-        lines += [f"| {i + 1} | {r['target']:.3f} | {r['estimated']:.3f} | {r['measured']:.3f} | {r['metric']:.4f} | "
-                  f"{'chosen' if i == self.chosen else ''} |" for i, r in enumerate(self.rounds)]
+        lines += ["", "| Check | Target | Estimated | Measured at the check | Measured with the last | Metric | |",
+                  "|---:|---:|---:|---:|---:|---:|:---|"]
+        lines += [f"| {i + 1} | {r['target']:.3f} | {r['estimated']:.3f} | {r['first']:.3f} | {r['measured']:.3f} | "
+                  f"{r['metric']:.4f} | {'chosen' if i == self.chosen else ''} |" for i, r in enumerate(self.rounds)]
         lines += ["", "| Move | Layer | From | To | Cost after | Predicted loss |", "|---:|:---|---:|---:|---:|---:|"]
         lines += [f"| {i + 1} | {s['layer']} | {100 * s['from']:.0f}% | {100 * s['to']:.0f}% | {s['cost']:.3f} | "
                   f"{s['damage']:.4f} |" for i, s in enumerate(self.steps)]
@@ -165,9 +182,7 @@ def auto(model: nn.Module, evaluate: Callable[[nn.Module], float], budget: float
     costs, dense_total = _cost_table(model, layers, levels, inputs, kind, repeats)
     damage = {name: _monotone([0.0] + [sens.damage(name, s) for s in levels[1:]]) for name in layers}
 
-    def check(scope):
-        return _check(model, evaluate, scope, inputs, kind, importance, data, loss_fn, repeats, dense_total)
-
+    check = _Checks(model, evaluate, inputs, kind, importance, data, loss_fn, repeats, dense_total)
     found = _search(budget, rounds, slack, levels, costs, damage, dense_total, check)
     met = [r for r in found if r["measured"] <= budget]
     sign = 1 if higher_is_better else -1
@@ -188,39 +203,51 @@ def _search(budget: float, rounds: int, slack: float, levels, costs, damage, den
     """Allocations from scratch towards a target that each check re-aims, until one measures within
     ``slack`` below the budget (or no move is left, or ``rounds`` checks): the tables' estimate is
     off by a factor (layers timed alone are not the model's layers in the model), so the next
-    target is the last estimate scaled by budget / measured, up or down, kept inside the targets
-    known to undershoot and to go over (`_next_target`)."""
+    target is the last estimate scaled by budget / measured, up or down, until the budget is
+    bracketed, then found between the two (`_next_target`). ``check(scope)`` gives the measured cost of
+    every plan so far (this one last; `_Checks`), which replaces the earlier measurements."""
     found: List[dict] = []
-    target, bracket = budget, [0.0, float("inf")]  # the highest target that undershot, the lowest that went over
+    target = budget
     for _ in range(rounds):
         index, steps = {name: 0 for name in costs}, []
         _allocate(index, levels, costs, damage, dense_total, target * dense_total, steps)
         if any(index == r["index"] for r in found):
             break  # the re-aimed target gives a plan already checked: nothing new to measure
         estimated = _estimate(index, costs, dense_total) / dense_total
-        measured, metric = check({name: levels[i] for name, i in index.items() if i > 0})
+        everyone, metric = check({name: levels[i] for name, i in index.items() if i > 0})
         found.append({"index": index, "steps": steps, "target": target, "estimated": estimated,
-                      "measured": measured, "metric": metric})
+                      "first": everyone[-1], "metric": metric})
+        for row, measured in zip(found, everyone):
+            row["measured"] = measured
+        measured = everyone[-1]
         if budget - slack <= measured <= budget or (measured > budget and _exhausted(index, levels, costs)):
             break
-        if measured > budget:
-            bracket[1] = min(bracket[1], target)
-        else:
-            bracket[0] = max(bracket[0], target)
-        target = _next_target(target, estimated, measured, budget, bracket)
+        # the plan with the highest target that undershot, and the one with the lowest that went over,
+        # by the latest measurements: (target, measured)
+        under = max([(r["target"], r["measured"]) for r in found if r["measured"] <= budget], default=None)
+        over = min([(r["target"], r["measured"]) for r in found if r["measured"] > budget], default=None)
+        target = _next_target(target, estimated, measured, budget, slack, under, over)
     return found
 
 
-def _next_target(target: float, estimated: float, measured: float, budget: float, bracket: List[float]) -> float:
-    """The last estimate scaled by budget / measured; once one target has undershot the budget and
-    another gone over it, never outside the two: timings are noisy, and a scaled target that leaves
-    the bracket (seen on the digits MLP: 0.50 undershot, 0.58 went over, the next scaled target was
-    0.499) would re-check a plan already known to fall on one side; the midpoint is taken instead."""
+def _next_target(target: float, estimated: float, measured: float, budget: float, slack: float,
+                 under: Optional[Tuple[float, float]], over: Optional[Tuple[float, float]]) -> float:
+    """The next allocation's target. Until the budget is bracketed, the last estimate scaled by
+    budget / measured (at most 1). Once a plan has measured under the budget and one with a higher
+    target over it (``under``, ``over``: their (target, measured)), the target where the line through
+    those two points reaches the middle of the slack window below the budget (regula falsi), inside
+    the two: the tables' estimate is not off by the same factor at every level (all-MiniLM-L6-v2 on
+    an Intel Xeon: a plan estimated at 0.652 measured 0.471, one at 0.829 measured 0.780), and
+    scaling by the last factor alone aimed at 0.638, which gave the first plan again and ended the
+    search 0.13 under the budget. Plans re-timed together can contradict each other (the higher
+    target under the budget, the lower one over it): no bracket holds then, and the scaled target
+    is taken."""
     scaled = min(1.0, estimated * budget / measured) if measured > 0 else target
-    low, high = bracket
-    if high < float("inf") and low > 0 and not low < scaled < high:
-        return (low + high) / 2
-    return scaled
+    if under is None or over is None or not under[0] < over[0]:
+        return scaled
+    (low, low_measured), (high, high_measured) = under, over  # low_measured <= budget < high_measured
+    aim = budget - slack / 2
+    return min(high, max(low, low + (aim - low_measured) * (high - low) / (high_measured - low_measured)))
 
 
 def interpolate(points: Sequence[Tuple[float, float]], cost: float) -> Optional[float]:
@@ -350,22 +377,37 @@ def _exhausted(index, levels, costs) -> bool:
                    for name, i in index.items() for j in range(i + 1, len(levels)))
 
 
-def _check(model, evaluate, scope, inputs, kind, importance, data, loss_fn, repeats,
-           dense_total: float) -> Tuple[float, float]:
-    """The plan applied to a copy: (its cost as a fraction of dense, measured; its metric).
-    ``dense_total`` is `_cost_table`'s: the dense model's parameters or MACs (latency is re-timed
-    beside the plan instead, interleaved)."""
-    pruned = copy.deepcopy(model)
-    if scope:
-        prune(pruned, scope=scope, importance=importance, data=data, loss_fn=loss_fn)
-    metric = float(evaluate(pruned))
-    if kind == "params":  # the parameters not masked out, as the estimate counts them
-        return (dense_total - sum(int((~mask).sum()) for mask in masks(pruned).values())) / dense_total, metric
-    if kind == "macs":
-        return summary(pruned, example_inputs=inputs).totals["macs_effective"] / dense_total, metric
-    fast = sparsify(pruned, example_inputs=inputs).eval()
-    ratios, _ = latency_against_dense(_plain(model), {"plan": fast}, inputs, repeats)
-    return ratios["plan"], metric
+class _Checks:
+    """The plans applied to copies of the model, one call per plan: ``checks(scope)`` gives (the
+    measured cost of every plan so far, as a fraction of dense, this one last; this plan's metric).
+    Parameters and MACs are counted once. Latency: the new plan is sparsified and kept, and all the
+    kept plans are timed together beside dense in one interleaved run (module docstring), so every
+    call re-measures the earlier plans too. ``dense_total`` is `_cost_table`'s: the dense model's
+    parameters or MACs (latency is re-timed beside the plans instead)."""
+
+    def __init__(self, model, evaluate, inputs, kind, importance, data, loss_fn, repeats, dense_total: float):
+        self.model, self.evaluate, self.inputs, self.kind = model, evaluate, inputs, kind
+        self.importance, self.data, self.loss_fn, self.repeats = importance, data, loss_fn, repeats
+        self.dense_total = dense_total
+        self.counted: List[float] = []  # params / macs: each plan's cost, measured once
+        self.fast: List[nn.Module] = []  # latency: each plan, sparsified
+
+    def __call__(self, scope) -> Tuple[List[float], float]:
+        pruned = copy.deepcopy(self.model)
+        if scope:
+            prune(pruned, scope=scope, importance=self.importance, data=self.data, loss_fn=self.loss_fn)
+        metric = float(self.evaluate(pruned))
+        if self.kind == "params":  # the parameters not masked out, as the estimate counts them
+            masked_out = sum(int((~mask).sum()) for mask in masks(pruned).values())
+            self.counted.append((self.dense_total - masked_out) / self.dense_total)
+            return list(self.counted), metric
+        if self.kind == "macs":
+            self.counted.append(summary(pruned, example_inputs=self.inputs).totals["macs_effective"] / self.dense_total)
+            return list(self.counted), metric
+        self.fast.append(sparsify(pruned, example_inputs=self.inputs).eval())
+        labels = {f"check {i + 1}": fast for i, fast in enumerate(self.fast)}
+        ratios, _ = latency_against_dense(_plain(self.model), labels, self.inputs, self.repeats)
+        return [ratios[label] for label in labels], metric
 
 
 def latency_against_dense(dense: nn.Module, models: Dict[str, nn.Module], inputs: tuple,
