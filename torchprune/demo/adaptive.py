@@ -10,7 +10,7 @@ and dynamic sparsity with regrowth (RigL) against prune-only at 95%.
   set in one batch, as `accuracy` calls it, on this machine) chooses each layer's sparsity from the validation
   accuracy; against it, uniform sparsity at several levels, the same one-shot magnitude pruning and
   fine-tuning, compared at the plan's measured latency (uniform interpolated between the two levels
-  that bracket it).
+  that bracket it; a plan that gives every layer one of those levels is that uniform model, a tie).
 * `rigl`: progressive magnitude pruning to 95% (the sweep's cubic schedule), with and without
   ``regrow=tp.Regrow(0.1, ...)``, from dense MLPs trained with three seeds. The fraction 0.1 was
   chosen over 0.05, 0.2 and 0.3 (and over a longer or sparser regrowth) on that validation split,
@@ -28,6 +28,7 @@ from torch import nn
 from ..analysis import report
 from ..analysis.auto import auto, interpolate, latency_against_dense
 from ..analysis.model_summary import sparsity as model_sparsity
+from ..masking import masks
 from ..oneshot import prune
 from ..pruner import Pruner
 from ..regrowth import Regrow
@@ -113,23 +114,28 @@ def auto_vs_uniform(dense: nn.Module, flat: Split, budget: int, seed: int, repea
     x_fit, y_fit, x_val, y_val = validation_split(x_train, y_train, seed)
     example = x_test  # at a batch of 64 the MLP's ~0.2 ms are mostly call overhead: uniform 98% measured 0.55x
     plan = auto(dense, lambda m: accuracy(m, x_val, y_val), AUTO_BUDGET, example, progress=False, repeats=repeats)
-    rows, models = {}, {}
+    rows, models, levels = {}, {}, {}
     for label, scope in [("auto", plan.scope)] + [(f"uniform {s:.0%}", s) for s in UNIFORM]:
         model = copy.deepcopy(dense)
         if isinstance(scope, dict):
             prune(model, scope=scope)
         else:
             prune(model, scope)
+            levels[label] = {name: scope for name in masks(model)}
         train(model, x_fit, y_fit, budget, LR, seed + 1, f"mlp: {label} fine-tune")
         rows[label] = {"sparsity": model_sparsity(model), "test": accuracy(model, x_test, y_test)}
         models[label] = sparsify(model, example_inputs=example).eval()
     ratios, dense_seconds = latency_against_dense(dense, models, (example,), repeats)
     for label, row in rows.items():
         row["latency"] = ratios[label]
-    at_plan = interpolate([(r["latency"], r["test"]) for k, r in rows.items() if k != "auto"], rows["auto"]["latency"])
+    # a plan that gives every layer the same level is that uniform model (same masks, same fine-tuning):
+    # a tie, whatever the two timings say; interpolating would turn their noise into points
+    twin = next((label for label, scope in levels.items() if scope == plan.scope), None)
+    at_plan = rows[twin]["test"] if twin else interpolate(
+        [(r["latency"], r["test"]) for k, r in rows.items() if k != "auto"], rows["auto"]["latency"])
     return {"plan": plan.to_markdown(), "scope": plan.scope, "rows": rows, "dense ms": dense_seconds * 1e3,
-            "dense": accuracy(dense, x_test, y_test), "uniform at plan latency": at_plan, "budget": AUTO_BUDGET,
-            "batch": len(example)}
+            "dense": accuracy(dense, x_test, y_test), "uniform at plan latency": at_plan, "same as": twin,
+            "budget": AUTO_BUDGET, "batch": len(example)}
 
 
 def rigl(flat: Split, epochs: Tuple[int, int], seeds: Sequence[int] = RIGL_SEEDS, target: float = RIGL_TARGET) -> Dict:
@@ -219,11 +225,17 @@ def auto_section(found: Dict) -> str:
         [[label, f"{100 * r['sparsity']:.1f}%", f"{r['latency']:.3f}", f"{r['test']:.2f}"]
          for label, r in rows.items()],
         "lrrr")
-    at_plan, mine = found["uniform at plan latency"], rows["auto"]
-    verdict = ("no two uniform levels bracket the plan's measured latency" if at_plan is None else
-               f"uniform sparsity at the plan's measured latency ({mine['latency']:.3f} of dense) would reach "
-               f"{at_plan:.2f}% (interpolated); the plan {mine['test']:.2f}%: {mine['test'] - at_plan:+.2f} points "
-               f"(**{'better' if mine['test'] > at_plan else 'not better'}**)")
+    at_plan, mine, twin = found["uniform at plan latency"], rows["auto"], found.get("same as")
+    if twin:
+        verdict = (f"the plan gives every layer the same sparsity as {twin}: it is that model ({mine['test']:.2f}%), "
+                   f"so at equal latency it is a tie (**not better**); the two measured {mine['latency']:.3f} and "
+                   f"{rows[twin]['latency']:.3f} of dense, timing noise")
+    elif at_plan is None:
+        verdict = "no two uniform levels bracket the plan's measured latency"
+    else:
+        verdict = (f"uniform sparsity at the plan's measured latency ({mine['latency']:.3f} of dense) would reach "
+                   f"{at_plan:.2f}% (interpolated); the plan {mine['test']:.2f}%: {mine['test'] - at_plan:+.2f} points "
+                   f"(**{'better' if mine['test'] > at_plan else 'not better'}**)")
     return "\n".join([
         "### tp.auto against uniform sparsity at the same latency",
         "",
