@@ -20,9 +20,9 @@ the plans that met the budget wins.
 
 **Every latency check times all the plans so far.** On a shared 2-core machine the ratio of the
 same two models moves between timings, because dense GEMMs and sparse kernels do not slow down
-alike when the machine's state changes (on an Intel Xeon the same 450 x 64 x 300 matmul took 117
-or 157 us, in steps, within one process; a MiniLM plan measured 0.309 of dense at its own check
-and 0.462 a few minutes later). Plans timed at different moments are then not comparable, and the
+alike when the machine's state changes (on an Intel Xeon the same 450 x 64 x 300 matmul took
+114-120 or 154-160 us, switching within one process; a MiniLM plan measured 0.309 of dense at its
+own check and 0.462 a few minutes later). Plans timed at different moments are then not comparable, and the
 choice would go to whichever was timed at a lucky moment. So each latency check times the new plan
 together with every plan checked before it, beside dense, in one interleaved run, and replaces
 their measurements: the targets that bracket the budget, the stop and the final choice all use
