@@ -16,6 +16,9 @@ What is checked:
   cost table is min(dense, sparse), layers sharing (type, weight shape, input shapes, dtype) are
   timed once, a layer never called costs 0, a measured miss starts a round towards the scaled
   target, the warning after the last round, ``met``;
+* ``search="greedy"`` (NetAdapt): losses that do not add up (the curves' plan loses 12, greedy's
+  3), a loss metric, a move that improves the metric, re-aiming along one path with no plan
+  evaluated twice and no level that saves nothing tried, the stop when nothing is left;
 * `AutoPlan`: Markdown, JSON-serialisable dict, repr; and one real (unfaked) latency run whose scope
   `tp.prune` and `tp.Pruner` take. Nothing here asserts a speed.
 """
@@ -127,17 +130,27 @@ def monotone_damage(sens, name, levels):
 
 def assert_steps_consistent(plan, levels):
     """Each move takes one layer from where it was to a higher given level; the cost only goes down;
-    the moves end where the scope says; the damages add up to the plan's predicted damage."""
-    at, last = {}, 1.0
+    the moves end where the scope says; the damages add up to the plan's predicted damage (greedy:
+    each is the drop of the whole model's metric from the move before, and the last metric is the
+    plan's)."""
+    at, last, metric = {}, 1.0, plan.baseline
     for step in plan.steps:
         assert step["from"] == at.get(step["layer"], 0.0)
         assert step["to"] > step["from"] and step["to"] in levels
-        assert step["cost"] < last and step["damage"] >= 0
+        assert step["cost"] < last
+        if plan.search == "greedy":
+            assert step["damage"] == metric - step["metric"]
+            metric = step["metric"]
+        else:
+            assert step["damage"] >= 0
         at[step["layer"]], last = step["to"], step["cost"]
     assert at == plan.scope
     assert set(plan.scope.values()) <= set(levels)
     if plan.steps:
         assert plan.steps[-1]["cost"] == pytest.approx(plan.estimated, rel=1e-12)
+    if plan.search == "greedy":
+        assert metric == plan.metric
+        return
     sens = plan.sensitivity
     sorted_levels = sorted(levels)
     predicted = sum(monotone_damage(sens, name, sorted_levels)[[0.0, *sorted_levels].index(s)]
@@ -239,6 +252,14 @@ def test_argument_errors_name_the_argument_and_nothing_is_evaluated():
             run(sparsities=sparsities)
     with pytest.raises(ValueError, match="`importance` must be one of"):
         run(importance="hessian")
+    with pytest.raises(ValueError, match="`importance` must be one of"):
+        run(importance="hessian", search="greedy")
+    for sparsities in ((), (0.5, 1.0)):
+        with pytest.raises(ValueError, match="`sparsities` must be"):
+            run(sparsities=sparsities, search="greedy")
+    for search in ("netadapt", None, 1):
+        with pytest.raises(ValueError, match=r"`search` must be one of \('curves', 'greedy'\), got"):
+            run(search=search)
     assert calls == []
     assert_unchanged(model, before)
 
@@ -255,8 +276,9 @@ def test_an_evaluate_that_does_not_return_a_number_is_refused():
 # 2. the model passed in is left as it was
 
 
+@pytest.mark.parametrize("search", A.SEARCHES)
 @pytest.mark.parametrize("kind", A.KINDS)
-def test_the_model_is_left_unchanged(kind, fake_times):
+def test_the_model_is_left_unchanged(kind, search, fake_times):
     if kind == "latency":  # fake layer and model timings (the check's tp.sparsify still times for real)
         fake_times({(8, 3, 3, 3): 2.0, (4, 128): 1.0}, {0.5: 0.75, 0.75: 0.5}, 8.0, (0.6,))
     # BatchNorm in train mode: a forward in train mode would move its running stats. No Conv1d for
@@ -269,7 +291,8 @@ def test_the_model_is_left_unchanged(kind, fake_times):
     masks = {k: v.clone() for k, v in tp.masks(model).items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a missed budget warns; not what is checked here
-        plan = tp.auto(model, output_metric(x), 0.6, x, kind=kind, sparsities=(0.5, 0.75), progress=False)
+        plan = tp.auto(model, output_metric(x), 0.6, x, kind=kind, sparsities=(0.5, 0.75), search=search,
+                       progress=False)
     assert plan.scope  # something was pruned on the copy
     assert_unchanged(model, before)
     now = tp.masks(model)
@@ -304,14 +327,15 @@ CASES = [  # (model, input, budget)
 ]
 
 
+@pytest.mark.parametrize("search", A.SEARCHES)
 @pytest.mark.parametrize("kind", ["params", "macs"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_counted_kinds_meet_the_budget_and_the_estimate_is_the_measurement(kind, case):
+def test_counted_kinds_meet_the_budget_and_the_estimate_is_the_measurement(kind, case, search):
     build, x, budget = CASES[case]
     model = build()
     evaluate = output_metric(x)
-    plan = tp.auto(model, evaluate, budget, x, kind=kind, sparsities=LEVELS, progress=False)
-    assert isinstance(plan, tp.AutoPlan) and plan.kind == kind and plan.budget == budget
+    plan = tp.auto(model, evaluate, budget, x, kind=kind, sparsities=LEVELS, search=search, progress=False)
+    assert isinstance(plan, tp.AutoPlan) and plan.kind == kind and plan.budget == budget and plan.search == search
     assert plan.met and plan.measured <= budget
     assert len(plan.rounds) == 1 and plan.rounds[0]["target"] == budget
 
@@ -724,6 +748,91 @@ def test_latency_masked_layers_are_timed_as_their_plain_class(fake_times):
 
 
 # ----------------------------------------------------------------------------------------------------
+# 5b. search="greedy" (NetAdapt: each move chosen by evaluating the whole model)
+
+
+def make_three(seed=0):
+    torch.manual_seed(seed)  # three layers of 64 weights and 8 biases: 216 parameters
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+
+def joint_metric(alone, together):
+    """Minus the sum of ``alone[name]`` over the pruned layers, minus ``together[pair]`` when both
+    layers of a pair are pruned: losses that do not add up, as measured on a whole model."""
+    def evaluate(model):
+        modules = dict(model.named_modules())
+        pruned = {name for name in alone if zero_fraction(modules[name]) > 0}
+        return -sum(alone[n] for n in pruned) - sum(v for pair, v in together.items() if set(pair) <= pruned)
+    return evaluate
+
+
+def test_greedy_sees_losses_that_do_not_add_up_and_the_curves_do_not():
+    # two of the three layers must go to 50% (0.75 of 216 parameters). Alone, 0 and 2 cost 1 and 4
+    # costs 2: the curves take 0 and 2, which together cost 12. Greedy takes 0 (the earlier of the
+    # two cheapest), then measures 2 on top of it (+11) against 4 (+2) and takes 4.
+    metric = joint_metric({"0": 1.0, "2": 1.0, "4": 2.0}, {("0", "2"): 10.0})
+    x = torch.randn(2, 8)
+    by_curves = tp.auto(make_three(), metric, 0.75, x, kind="params", sparsities=(0.5,), progress=False)
+    greedy = tp.auto(make_three(), metric, 0.75, x, kind="params", sparsities=(0.5,), search="greedy",
+                     progress=False)
+    assert by_curves.scope == {"0": 0.5, "2": 0.5} and by_curves.metric == -12.0
+    assert greedy.scope == {"0": 0.5, "4": 0.5} and greedy.metric == -3.0 and greedy.met
+    assert greedy.sensitivity is None and greedy.search == "greedy" and greedy.baseline == 0.0
+    assert [(s["layer"], s["from"], s["to"], s["damage"], s["metric"]) for s in greedy.steps] == \
+        [("0", 0.0, 0.5, 1.0, -1.0), ("4", 0.0, 0.5, 2.0, -3.0)]
+    assert [s["cost"] for s in greedy.steps] == pytest.approx([184 / 216, 152 / 216], rel=1e-12)
+    pruned = make_three()
+    tp.prune(pruned, scope=greedy.scope)
+    assert metric(pruned) == greedy.metric  # the plan's metric is what applying it gives
+
+
+def test_greedy_with_a_loss_metric_gives_the_plan_of_the_accuracy_metric():
+    accuracy = joint_metric({"0": 1.0, "2": 1.0, "4": 2.0}, {("0", "2"): 10.0})
+    x = torch.randn(2, 8)
+    options = dict(kind="params", sparsities=(0.5,), search="greedy", progress=False)
+    by_accuracy = tp.auto(make_three(), accuracy, 0.75, x, **options)
+    by_loss = tp.auto(make_three(), lambda m: -accuracy(m), 0.75, x, higher_is_better=False, **options)
+    assert by_loss.scope == by_accuracy.scope and by_loss.metric == -by_accuracy.metric
+    assert [s["damage"] for s in by_loss.steps] == [s["damage"] for s in by_accuracy.steps]
+
+
+def test_greedy_a_move_that_improves_the_metric_is_taken_first():
+    # pruning 4 raises the metric (a negative loss): it is the best move per unit saved
+    metric = joint_metric({"0": 1.0, "2": 1.0, "4": -0.5}, {})
+    plan = tp.auto(make_three(), metric, 0.9, torch.randn(2, 8), kind="params", sparsities=(0.5,), search="greedy",
+                   progress=False)
+    assert plan.scope == {"4": 0.5} and plan.steps[0]["damage"] == -0.5 and plan.metric == 0.5
+
+
+def test_greedy_re_aims_along_one_path_and_evaluates_no_plan_twice(fake_times, monkeypatch):
+    # the first check measures over the budget, the second under it: the path is extended, then an
+    # earlier point of it taken. Every candidate is evaluated once, on the path's plan plus one move.
+    fake_times(MLP_DENSE, SLOW_AT_25, 16.0, (0.8, 0.6, 0.72))
+    tried, real = [], A._Greedy._metric
+
+    def spy(self, index):
+        tried.append(tuple(sorted(index.items())))
+        return real(self, index)
+
+    monkeypatch.setattr(A._Greedy, "_metric", spy)
+    plan = tp.auto(make_mlp(), layer_metric(MLP_METRIC), 0.75, torch.randn(4, 16), kind="latency",
+                   sparsities=LEVELS, search="greedy", progress=False)
+    assert len(tried) == len(set(tried)) and len(plan.rounds) >= 2
+    # 25% never saves here (its kernel is slower than dense): each layer's first move jumps to 50%
+    assert all(s["to"] != 0.25 for s in plan.steps) and all(s["from"] in (0.0, 0.5) for s in plan.steps)
+    targets = [r["target"] for r in plan.rounds]
+    assert targets[1] < targets[0]  # re-aimed down after measuring over the budget
+    assert all(r["measured"] == m for r, m in zip(plan.rounds, (0.8, 0.6, 0.72)))
+
+
+def test_greedy_stops_when_no_layer_has_a_level_left_that_saves():
+    with pytest.warns(UserWarning, match="over the budget"):
+        plan = tp.auto(make_three(), lambda m: 1.0, 0.1, torch.randn(2, 8), kind="params", sparsities=(0.5,),
+                       search="greedy", progress=False)
+    assert plan.scope == {"0": 0.5, "2": 0.5, "4": 0.5} and len(plan.steps) == 3 and not plan.met
+
+
+# ----------------------------------------------------------------------------------------------------
 # 6. AutoPlan
 
 
@@ -751,14 +860,28 @@ def test_autoplan_markdown_dict_and_repr(kind, fake_times):
     assert data["baseline"] == plan.baseline == 1.0 and data["dense_cost"] == plan.dense_cost
 
     text = repr(plan)
-    assert text.startswith(f"AutoPlan(kind={kind!r}, budget=0.75, measured=") and f"layers={len(plan.scope)})" in text
+    assert text.startswith(f"AutoPlan(kind={kind!r}, budget=0.75, search='curves', measured=")
+    assert f"layers={len(plan.scope)})" in text
+
+
+def test_autoplan_of_a_greedy_search_markdown_dict_and_repr():
+    metric = joint_metric({"0": 1.0, "2": 1.0, "4": 2.0}, {("0", "2"): 10.0})
+    plan = tp.auto(make_three(), metric, 0.75, torch.randn(2, 8), kind="params", sparsities=(0.5,), search="greedy",
+                   progress=False)
+    text = plan.to_markdown()
+    assert "| Cost after | Measured loss |" in text and "Predicted loss" not in text
+    assert "| 2 | 4 | 0% | 50% | 0.704 | 2.0000 |" in text
+    data = json.loads(json.dumps(plan.to_dict(), allow_nan=False))
+    assert data["search"] == "greedy" and data["sensitivity"] is None and data["steps"] == plan.steps
+    assert repr(plan).startswith("AutoPlan(kind='params', budget=0.75, search='greedy', measured=")
 
 
 # ----------------------------------------------------------------------------------------------------
 # 7. a real latency run
 
 
-def test_real_latency_run_gives_a_scope_prune_and_pruner_take():
+@pytest.mark.parametrize("search", A.SEARCHES)
+def test_real_latency_run_gives_a_scope_prune_and_pruner_take(search):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
     x = torch.randn(64, 256)
@@ -766,7 +889,8 @@ def test_real_latency_run_gives_a_scope_prune_and_pruner_take():
     evaluate = output_metric(x)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        plan = tp.auto(model, evaluate, 0.7, x, kind="latency", sparsities=(0.5, 0.9), repeats=10, progress=False)
+        plan = tp.auto(model, evaluate, 0.7, x, kind="latency", sparsities=(0.5, 0.9), repeats=10, search=search,
+                       progress=False)
     assert_unchanged(model, before)
     missed = [w for w in record if "over the budget" in str(w.message)]
     assert bool(missed) == (not plan.met) and plan.met == (plan.measured <= 0.7)
@@ -806,6 +930,11 @@ def test_latency_against_dense_gives_ratios_and_refuses_a_model_named_dense(fake
         A.latency_against_dense(model, {"dense": model}, (x,), 5)
 
 
+def curves(levels, costs, damage, total):
+    """`_search`'s ``allocate`` over given damages, as `_Curves` calls it."""
+    return lambda index, target, steps: A._allocate(index, levels, costs, damage, total, target, steps)
+
+
 def test_search_keeps_targets_between_one_that_undershot_and_one_that_went_over():
     # 8 layers of cost 1 (0.75 at 50%, 0.5 at 75%) in a model of 16. Round 1 (target 0.75) measures
     # 0.6: re-aimed up to 0.9375, which measures 0.99; the budget is now bracketed, so round 3 aims
@@ -819,7 +948,7 @@ def test_search_keeps_targets_between_one_that_undershot_and_one_that_went_over(
         history.append(next(measured))
         return list(history), 0.0
 
-    found = A._search(0.75, 4, 0.02, levels, costs, damage, 16.0, check)
+    found = A._search(0.75, 4, 0.02, levels, costs, 16.0, curves(levels, costs, damage, 16.0), check)
     third = 0.75 + (0.74 - 0.6) * (0.9375 - 0.75) / (0.99 - 0.6)
     assert [r["target"] for r in found] == pytest.approx([0.75, 0.9375, third], rel=1e-12)
     assert [r["measured"] for r in found] == [0.6, 0.99, 0.74]  # the third is within slack: the search ends
@@ -839,7 +968,8 @@ def test_search_brackets_by_the_latest_measurements(monkeypatch):
 
     monkeypatch.setattr(A, "_next_target", spy)
     calls = iter([[0.6], [0.6, 0.99], [0.8, 0.99, 0.9]])
-    found = A._search(0.75, 3, 0.02, levels, costs, damage, 16.0, lambda scope: (next(calls), 0.0))
+    found = A._search(0.75, 3, 0.02, levels, costs, 16.0, curves(levels, costs, damage, 16.0),
+                      lambda scope: (next(calls), 0.0))
     third = 0.75 + (0.74 - 0.6) * (0.9375 - 0.75) / (0.99 - 0.6)
     assert [r["first"] for r in found] == [0.6, 0.99, 0.9]
     assert [r["measured"] for r in found] == [0.8, 0.99, 0.9]

@@ -25,7 +25,7 @@ from ..owl import check_owl_arguments, owl_sparsities
 from ..progress import progress_bar
 from ..targets import leave_out_tied, target_layers, weight_owners
 
-__all__ = ["Sensitivity", "sensitivity", "allocate"]
+__all__ = ["Sensitivity", "sensitivity", "allocate", "scored_layers", "check_sparsities", "metric_of"]
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 
@@ -63,7 +63,8 @@ class Sensitivity:
         return f"Sensitivity(baseline={self.baseline!r}, layers={list(self.curves)})"
 
 
-def _check_sparsities(sparsities) -> List[float]:
+def check_sparsities(sparsities) -> List[float]:
+    """``sparsities`` as a sorted list of distinct floats in (0, 1), or the error that names them."""
     try:
         items = list(sparsities)
         values = [float(s) for s in items if not isinstance(s, bool)]
@@ -74,13 +75,25 @@ def _check_sparsities(sparsities) -> List[float]:
     return sorted(set(values))
 
 
-def _metric(evaluate: Callable, model: nn.Module) -> float:
+def metric_of(evaluate: Callable, model: nn.Module) -> float:
+    """``evaluate(model)`` as a float (a one-element tensor is read out), or the error that says it is no number."""
     value = evaluate(model)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`evaluate` must return a number, got {type(value).__name__}")
     return float(value)
+
+
+def scored_layers(model: nn.Module, exclude: Iterable, stacklevel: int) -> Dict[str, nn.Module]:
+    """The layers a per-layer sweep scores: every prunable layer not in ``exclude``, less those tied
+    to a module that is never pruned (a warning says so; ``stacklevel`` counts from the caller of
+    this function, as `warnings.warn` would there) and the second and later holders of a shared
+    weight (the first one stands for it)."""
+    layers, _ = target_layers(model, exclude, "layer")
+    layers = leave_out_tied(model, layers, "layer", stacklevel=stacklevel + 1)
+    owners = weight_owners(model, layers, "layer")
+    return {name: layer for name, layer in layers.items() if owners[name] == name}
 
 
 def sensitivity(
@@ -106,13 +119,10 @@ def sensitivity(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(evaluate):
         raise TypeError(f"`evaluate` must be callable, got {type(evaluate).__name__}")
-    levels = _check_sparsities(sparsities)
+    levels = check_sparsities(sparsities)
     resolve(importance)  # checked now, not after the first evaluation
-    layers, _ = target_layers(model, exclude, "layer")
-    layers = leave_out_tied(model, layers, "layer", stacklevel=2)
-    owners = weight_owners(model, layers, "layer")
-    layers = {name: layer for name, layer in layers.items() if owners[name] == name}
-    baseline = _metric(evaluate, model)
+    layers = scored_layers(model, exclude, stacklevel=2)
+    baseline = metric_of(evaluate, model)
     curves: Dict[str, Dict[float, float]] = {}
     jobs = [(name, s) for name in layers for s in levels]
     bar = progress_bar(len(jobs), "sensitivity") if progress else None
@@ -124,7 +134,7 @@ def sensitivity(
             saved_mask = None if saved_mask is None else saved_mask.clone()
             try:
                 prune(model, scope={name: level}, importance=importance, data=data, loss_fn=loss_fn)
-                curves[name][level] = _metric(evaluate, model)
+                curves[name][level] = metric_of(evaluate, model)
             finally:
                 put_back(layer, saved_weight, saved_mask)
             if bar is not None:
