@@ -186,7 +186,6 @@ def auto(model: nn.Module, evaluate: Callable[[nn.Module], float], budget: float
     losses do not add up and ``evaluate`` is cheap enough.
     """
     kind, budget, rounds, search = _checked(model, evaluate, budget, kind, rounds, slack, search)
-    sparsities = tuple(sparsities) if isinstance(sparsities, Iterable) else sparsities  # read twice below
     inputs = tuple(as_inputs(example_inputs, tensors_only=True))
     options = {"importance": importance, "data": data, "loss_fn": loss_fn}
     sign = 1 if higher_is_better else -1
