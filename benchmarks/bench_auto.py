@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchprune as tp  # noqa: E402
-from torchprune.analysis.auto import DEFAULT_LEVELS, interpolate, latency_against_dense  # noqa: E402
+from torchprune.analysis.auto import DEFAULT_LEVELS, SEARCHES, interpolate, latency_against_dense  # noqa: E402
 from torchprune.compress.workload import outputs_of, quality, token_inputs  # noqa: E402
 
 from _common import RESULTS, describe, machine_info, set_threads, write_json  # noqa: E402
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--uniform", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9],
                         help="uniform sparsities to compare with")
     parser.add_argument("--repeats", type=int, default=30, help="interleaved timing rounds (default 30)")
-    parser.add_argument("--search", choices=("curves", "greedy"), default="curves",
+    parser.add_argument("--search", choices=SEARCHES, default="curves",
                         help="tp.auto's search (default curves; greedy evaluates up to 36 pruned copies per move)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--out", default=RESULTS, help="where bench_auto.json goes")

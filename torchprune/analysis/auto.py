@@ -198,7 +198,7 @@ def auto(model: nn.Module, evaluate: Callable[[nn.Module], float], budget: float
     allocate = _Greedy(model, evaluate, levels, costs, dense_total, baseline, sign, options, progress) \
         if sens is None else _Curves(levels, costs, sens, dense_total)
 
-    check = _Checks(model, evaluate, inputs, kind, importance, data, loss_fn, repeats, dense_total)
+    check = _Checks(model, evaluate, inputs, kind, options, repeats, dense_total)
     found = _search(budget, rounds, slack, levels, costs, dense_total, allocate, check)
     met = [r for r in found if r["measured"] <= budget]
     chosen = max(met, key=lambda r: sign * r["metric"]) if met else min(found, key=lambda r: r["measured"])
@@ -450,8 +450,8 @@ class _Greedy:
     def __call__(self, index: Dict[str, int], target: float, steps: List[dict]) -> None:
         """``index`` (all 0) set to the first plan of the path whose estimate is at most ``target``
         (the last one when none is), and its moves appended to ``steps``."""
-        bar = progress_bar(sum(len(self.levels) - 1 for _ in self.costs), "auto: greedy", len(self.moves)) \
-            if self.progress else None
+        most = len(self.costs) * (len(self.levels) - 1)  # every layer to the highest level, one at a time
+        bar = progress_bar(most, "auto: greedy", len(self.moves)) if self.progress else None
         while self.path[-1][1] > target and self._extend():
             if bar is not None:
                 bar.update(1)
@@ -482,9 +482,18 @@ class _Greedy:
         return True
 
     def _metric(self, index: Dict[str, int]) -> float:
-        pruned = copy.deepcopy(self.model)
-        prune(pruned, scope={name: self.levels[i] for name, i in index.items() if i > 0}, **self.options)
-        return metric_of(self.evaluate, pruned)
+        scope = {name: self.levels[i] for name, i in index.items() if i > 0}
+        return metric_of(self.evaluate, _pruned_copy(self.model, scope, self.options))
+
+
+def _pruned_copy(model: nn.Module, scope: Dict[str, float], options: dict) -> nn.Module:
+    """A copy of ``model`` pruned to ``scope`` with `auto`'s ``importance``, ``data`` and
+    ``loss_fn`` (``options``), as ``tp.prune(model, scope=plan.scope)`` will; the copy as it is when
+    ``scope`` is empty (`tp.prune` refuses an empty scope)."""
+    pruned = copy.deepcopy(model)
+    if scope:
+        prune(pruned, scope=scope, **options)
+    return pruned
 
 
 class _Checks:
@@ -495,18 +504,15 @@ class _Checks:
     call re-measures the earlier plans too. ``dense_total`` is `_cost_table`'s: the dense model's
     parameters or MACs (latency is re-timed beside the plans instead)."""
 
-    def __init__(self, model, evaluate, inputs, kind, importance, data, loss_fn, repeats, dense_total: float):
+    def __init__(self, model, evaluate, inputs, kind, options: dict, repeats, dense_total: float):
         self.model, self.evaluate, self.inputs, self.kind = model, evaluate, inputs, kind
-        self.importance, self.data, self.loss_fn, self.repeats = importance, data, loss_fn, repeats
-        self.dense_total = dense_total
+        self.options, self.repeats, self.dense_total = options, repeats, dense_total
         self.counted: List[float] = []  # params / macs: each plan's cost, measured once
         self.fast: List[nn.Module] = []  # latency: each plan, sparsified
 
     def __call__(self, scope) -> Tuple[List[float], float]:
-        pruned = copy.deepcopy(self.model)
-        if scope:
-            prune(pruned, scope=scope, importance=self.importance, data=self.data, loss_fn=self.loss_fn)
-        metric = float(self.evaluate(pruned))
+        pruned = _pruned_copy(self.model, scope, self.options)
+        metric = metric_of(self.evaluate, pruned)
         if self.kind == "params":  # the parameters not masked out, as the estimate counts them
             masked_out = sum(int((~mask).sum()) for mask in masks(pruned).values())
             self.counted.append((self.dense_total - masked_out) / self.dense_total)
